@@ -1,0 +1,235 @@
+"""The forward process q and the Gaussian reverse-step parameterisation p.
+
+All functions are pure, take the `Schedule` first, accept data of any shape
+[B, ...] with integer timesteps t of shape [B] (0-indexed), and return arrays of
+the input's dtype (float32 or bfloat16): the per-timestep coefficients are gathered
+in float32 and cast to the data dtype.
+
+References:
+  [DDPM] Ho et al. 2020, eqs. 4, 6, 7, 11.
+  [IDDPM] Nichol & Dhariwal 2021, eqs. 13, 15 (learned variance interpolation).
+  [Progressive Distillation] Salimans & Ho 2022, Sec. 4 (v-prediction).
+  [Score SDE] Song et al. 2021 (score = -eps / sigma).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jdiff.schedules import Schedule
+
+Array = jax.Array
+
+PREDICTIONS = ("eps", "x0", "v")
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")
+
+
+def gather(coef: Array, t: Array, x: Array) -> Array:
+  """coef[t] reshaped to broadcast against x and cast to x's dtype.
+
+  Args:
+    coef: [T] per-timestep coefficient.
+    t: [B] integer timesteps.
+    x: [B, ...] data.
+
+  Returns:
+    [B, 1, ..., 1] array of x.dtype.
+  """
+  t = jnp.asarray(t)
+  if not jnp.issubdtype(t.dtype, jnp.integer):
+    raise TypeError(f"timesteps t must be integers, got dtype {t.dtype}")
+  if t.ndim != 1 or (x.ndim and t.shape[0] != x.shape[0]):
+    raise ValueError(f"t must have shape [B] matching x's batch; got t {t.shape}, x {x.shape}")
+  out = coef[t].astype(x.dtype)
+  return out.reshape(t.shape + (1,) * (x.ndim - 1))
+
+
+def check_prediction(prediction: str) -> None:
+  if prediction not in PREDICTIONS:
+    raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
+
+
+# ----------------------------------------------------------------------------- q(x_t | x_0)
+
+def q_sample(schedule: Schedule, x0: Array, t: Array, noise: Array) -> Array:
+  """Samples x_t ~ q(x_t | x_0) = N(sqrt(ab_t) x_0, (1 - ab_t) I) ([DDPM] eq. 4).
+
+  Args:
+    schedule: the `Schedule`.
+    x0: [B, ...] clean data.
+    t: [B] integer timesteps.
+    noise: [B, ...] standard normal noise (explicit, for reproducibility).
+
+  Returns:
+    x_t, [B, ...], dtype of x0.
+  """
+  if noise.shape != x0.shape:
+    raise ValueError(f"noise shape {noise.shape} != x0 shape {x0.shape}")
+  noise = noise.astype(x0.dtype)
+  return (gather(schedule.sqrt_alphas_cumprod, t, x0) * x0
+          + gather(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+
+
+def q_mean_variance(schedule: Schedule, x0: Array, t: Array) -> tuple[Array, Array, Array]:
+  """Mean, variance and log-variance of q(x_t | x_0); variances broadcast as [B, 1, ...]."""
+  mean = gather(schedule.sqrt_alphas_cumprod, t, x0) * x0
+  var = gather(1.0 - schedule.alphas_cumprod, t, x0)
+  logvar = gather(jnp.log1p(-schedule.alphas_cumprod), t, x0)
+  return mean, var, logvar
+
+
+class Gaussian(NamedTuple):
+  """A diagonal Gaussian step distribution; variance terms broadcast against the mean."""
+  mean: Array
+  variance: Array
+  log_variance: Array
+
+
+def q_posterior(schedule: Schedule, x0: Array, x_t: Array, t: Array) -> Gaussian:
+  """q(x_{t-1} | x_t, x_0) = N(mu_tilde, beta_tilde I) ([DDPM] eqs. 6-7).
+
+  Args:
+    schedule: the `Schedule`.
+    x0: [B, ...] clean data (or a prediction of it).
+    x_t: [B, ...] noisy data at t.
+    t: [B] integer timesteps.
+
+  Returns:
+    `Gaussian(mean [B, ...], variance [B, 1, ...], log_variance [B, 1, ...])`; the
+    log-variance is IDDPM's clipped one (finite at t = 0).
+  """
+  mean = (gather(schedule.posterior_mean_coef1, t, x_t) * x0.astype(x_t.dtype)
+          + gather(schedule.posterior_mean_coef2, t, x_t) * x_t)
+  return Gaussian(mean, gather(schedule.posterior_variance, t, x_t),
+                  gather(schedule.posterior_log_variance_clipped, t, x_t))
+
+
+# ----------------------------------------------------------------------------- conversions
+
+def x0_from_eps(schedule: Schedule, x_t: Array, t: Array, eps: Array) -> Array:
+  """x_0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab)."""
+  return (x_t - gather(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * eps) / gather(
+      schedule.sqrt_alphas_cumprod, t, x_t)
+
+
+def eps_from_x0(schedule: Schedule, x_t: Array, t: Array, x0: Array) -> Array:
+  """eps = (x_t - sqrt(ab) x_0) / sqrt(1 - ab)."""
+  return (x_t - gather(schedule.sqrt_alphas_cumprod, t, x_t) * x0) / gather(
+      schedule.sqrt_one_minus_alphas_cumprod, t, x_t)
+
+
+def v_from_x0_eps(schedule: Schedule, x0: Array, t: Array, eps: Array) -> Array:
+  """The v target: v = sqrt(ab) eps - sqrt(1 - ab) x_0 ([Progressive Distillation] Sec. 4)."""
+  return (gather(schedule.sqrt_alphas_cumprod, t, x0) * eps
+          - gather(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * x0)
+
+
+def x0_from_v(schedule: Schedule, x_t: Array, t: Array, v: Array) -> Array:
+  """x_0 = sqrt(ab) x_t - sqrt(1 - ab) v."""
+  return (gather(schedule.sqrt_alphas_cumprod, t, x_t) * x_t
+          - gather(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * v)
+
+
+def eps_from_v(schedule: Schedule, x_t: Array, t: Array, v: Array) -> Array:
+  """eps = sqrt(1 - ab) x_t + sqrt(ab) v."""
+  return (gather(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t
+          + gather(schedule.sqrt_alphas_cumprod, t, x_t) * v)
+
+
+def score_from_eps(schedule: Schedule, t: Array, eps: Array) -> Array:
+  """Score of q(x_t): grad log q(x_t) = -eps / sqrt(1 - ab) ([Score SDE])."""
+  return -eps / gather(schedule.sqrt_one_minus_alphas_cumprod, t, eps)
+
+
+def eps_from_score(schedule: Schedule, t: Array, score: Array) -> Array:
+  """Inverse of `score_from_eps`."""
+  return -score * gather(schedule.sqrt_one_minus_alphas_cumprod, t, score)
+
+
+def to_x0_eps(schedule: Schedule, x_t: Array, t: Array, pred: Array, *,
+              prediction: str = "eps") -> tuple[Array, Array]:
+  """Converts a model prediction of any kind into the pair (x0_hat, eps_hat).
+
+  Args:
+    schedule: the `Schedule`.
+    x_t: [B, ...] noisy input.
+    t: [B] integer timesteps.
+    pred: [B, ...] model output of kind `prediction`.
+    prediction: 'eps', 'x0' or 'v'.
+
+  Returns:
+    (x0_hat, eps_hat), each [B, ...].
+  """
+  check_prediction(prediction)
+  if prediction == "eps":
+    return x0_from_eps(schedule, x_t, t, pred), pred
+  if prediction == "x0":
+    return pred, eps_from_x0(schedule, x_t, t, pred)
+  return x0_from_v(schedule, x_t, t, pred), eps_from_v(schedule, x_t, t, pred)
+
+
+def target_for(schedule: Schedule, x0: Array, t: Array, noise: Array, *, prediction: str) -> Array:
+  """The regression target of the given prediction kind for (x0, t, noise)."""
+  check_prediction(prediction)
+  if prediction == "eps":
+    return noise.astype(x0.dtype)
+  if prediction == "x0":
+    return x0
+  return v_from_x0_eps(schedule, x0, t, noise.astype(x0.dtype))
+
+
+# ----------------------------------------------------------------------------- p(x_{t-1} | x_t)
+
+def split_learned_variance(model_out: Array, *, variance: str) -> tuple[Array, Array | None]:
+  """Splits a [B, ..., 2C] output into (prediction, variance values) for 'learned_range'."""
+  if variance not in VARIANCES:
+    raise ValueError(f"unknown variance {variance!r}; choose one of {VARIANCES}")
+  if variance != "learned_range":
+    return model_out, None
+  if model_out.shape[-1] % 2:
+    raise ValueError("variance='learned_range' needs a model output with 2C channels, got "
+                     f"{model_out.shape[-1]}")
+  pred, var_values = jnp.split(model_out, 2, axis=-1)
+  return pred, var_values
+
+
+def p_mean_variance(schedule: Schedule, model_out: Array, x_t: Array, t: Array, *,
+                    prediction: str = "eps", variance: str = "fixed_small",
+                    clip_x0: float | None = None) -> tuple[Gaussian, Array]:
+  """The reverse step p(x_{t-1} | x_t) from a model output ([DDPM] eq. 11, [IDDPM] eq. 15).
+
+  Args:
+    schedule: the `Schedule`.
+    model_out: [B, ..., C] (or [B, ..., 2C] for 'learned_range', the second half in [-1, 1]
+      interpolating the log-variance between beta_tilde and beta).
+    x_t: [B, ..., C] noisy input.
+    t: [B] integer timesteps.
+    prediction: what the model predicts: 'eps', 'x0' or 'v'.
+    variance: 'fixed_small' (beta_tilde), 'fixed_large' (beta, with beta_tilde_1 at t = 0),
+      or 'learned_range'.
+    clip_x0: if set, x0_hat is clipped to [-clip_x0, clip_x0] before forming the mean.
+
+  Returns:
+    (`Gaussian` of x_{t-1}, x0_hat [B, ...]).
+  """
+  pred, var_values = split_learned_variance(model_out, variance=variance)
+  x0, _ = to_x0_eps(schedule, x_t, t, pred, prediction=prediction)
+  if clip_x0 is not None:
+    x0 = jnp.clip(x0, -clip_x0, clip_x0)
+  mean = q_posterior(schedule, x0, x_t, t).mean
+  min_log = gather(schedule.posterior_log_variance_clipped, t, x_t)
+  if variance == "fixed_small":
+    log_var = min_log
+  else:
+    large = jnp.concatenate([schedule.posterior_variance[1:2], schedule.betas[1:]])
+    max_log = gather(jnp.log(large), t, x_t)
+    if variance == "fixed_large":
+      log_var = max_log
+    else:
+      frac = (var_values.astype(jnp.float32) + 1.0) / 2.0
+      log_var = (frac * max_log.astype(jnp.float32)
+                 + (1.0 - frac) * min_log.astype(jnp.float32)).astype(x_t.dtype)
+  return Gaussian(mean, jnp.exp(log_var), log_var), x0

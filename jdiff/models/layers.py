@@ -1,0 +1,254 @@
+"""Building blocks of the diffusion U-Net (DDPM / improved DDPM / ADM family).
+
+All layers take and return NHWC activations ``[B, H, W, C]``. Parameters are
+stored in ``param_dtype`` (float32 by default) while the convolutions and
+matmuls run in ``dtype`` (float32 or bfloat16); GroupNorm statistics and the
+attention softmax are always computed in float32.
+
+References:
+  Ho, Jain, Abbeel, "Denoising Diffusion Probabilistic Models", 2020 (DDPM).
+  Nichol, Dhariwal, "Improved Denoising Diffusion Probabilistic Models", 2021.
+  Dhariwal, Nichol, "Diffusion Models Beat GANs on Image Synthesis", 2021 (ADM).
+  Brock, Donahue, Simonyan, "Large Scale GAN Training ...", 2019 (BigGAN).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+
+def timestep_embedding(t: Array, dim: int, *, max_period: float = 10000.0) -> Array:
+  """Sinusoidal embedding of (possibly fractional) timesteps.
+
+  Follows ADM's ``timestep_embedding`` (``[cos, sin]`` halves, frequencies
+  ``max_period ** (-i / (dim // 2))``), which is also what diffusers'
+  ``UNet2DModel`` uses with its defaults (``flip_sin_to_cos=True``,
+  ``freq_shift=0``). Transformer positional encoding: Vaswani et al. 2017, §3.5.
+
+  Args:
+    t: timesteps [B], int or float (continuous-time samplers pass fractional t).
+    dim: embedding width; an odd ``dim`` gets one trailing zero column.
+    max_period: controls the lowest frequency.
+
+  Returns:
+    float32 embedding [B, dim].
+  """
+  if dim < 2:
+    raise ValueError(f"timestep_embedding needs dim >= 2, got dim={dim}")
+  t = jnp.asarray(t)
+  if t.ndim != 1:
+    raise ValueError(f"timesteps must have shape [B], got shape {t.shape}")
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def _zero_or_default(zero: bool):
+  return nn.initializers.zeros if zero else nn.linear.default_kernel_init
+
+
+class GroupNorm32(nn.Module):
+  """GroupNorm computed in float32, result cast back to the compute dtype.
+
+  Attributes:
+    num_groups: number of groups (32 in DDPM / ADM).
+    dtype: dtype of the returned activations.
+    param_dtype: dtype of scale and bias.
+  """
+
+  num_groups: int = 32
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """[B, H, W, C] -> [B, H, W, C] normalised over (H, W, C // groups)."""
+    c = x.shape[-1]
+    if c % self.num_groups:
+      raise ValueError(
+          f"GroupNorm: channels={c} is not divisible by num_groups={self.num_groups}")
+    y = nn.GroupNorm(num_groups=self.num_groups, epsilon=self.epsilon,
+                     dtype=jnp.float32, param_dtype=self.param_dtype,
+                     name="norm")(x.astype(jnp.float32))
+    return y.astype(self.dtype)
+
+
+def _conv(features: int, kernel: int, *, dtype, param_dtype, name: str,
+          strides: int = 1, zero: bool = False) -> nn.Conv:
+  pad = kernel // 2
+  return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
+                 padding=((pad, pad), (pad, pad)), dtype=dtype,
+                 param_dtype=param_dtype, kernel_init=_zero_or_default(zero),
+                 name=name)
+
+
+def _upsample_nearest(x: Array) -> Array:
+  b, h, w, c = x.shape
+  x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+  return x.reshape(b, 2 * h, 2 * w, c)
+
+
+def _downsample_avg(x: Array) -> Array:
+  b, h, w, c = x.shape
+  y = x.reshape(b, h // 2, 2, w // 2, 2, c).astype(jnp.float32).mean(axis=(2, 4))
+  return y.astype(x.dtype)
+
+
+class Upsample(nn.Module):
+  """Nearest-neighbour 2x upsampling followed by an optional 3x3 conv (DDPM)."""
+
+  channels: int
+  use_conv: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """[B, H, W, C] -> [B, 2H, 2W, channels]."""
+    x = _upsample_nearest(x)
+    if self.use_conv:
+      x = _conv(self.channels, 3, dtype=self.dtype, param_dtype=self.param_dtype,
+                name="conv")(x)
+    return x
+
+
+class Downsample(nn.Module):
+  """2x downsampling: strided 3x3 conv (padding 1, as ADM/diffusers) or avg-pool."""
+
+  channels: int
+  use_conv: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """[B, H, W, C] -> [B, H/2, W/2, channels]."""
+    if self.use_conv:
+      return _conv(self.channels, 3, strides=2, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name="conv")(x)
+    return _downsample_avg(x)
+
+
+class ResBlock(nn.Module):
+  """Residual block with time(+class) conditioning.
+
+  ``h = conv(act(norm(x)))``; the embedding is projected and added
+  (DDPM, Ho et al. 2020, App. B), or used as FiLM scale/shift after the second
+  norm, ``norm(h) * (1 + s) + b`` (``use_scale_shift_norm``, ADM §3 / Nichol &
+  Dhariwal 2021); then ``conv(dropout(act(.)))``. With ``up``/``down`` the
+  block resamples both branches without a conv (BigGAN-style, ADM).
+
+  Attributes:
+    out_channels: output channels.
+    dropout: dropout rate on the second conv's input.
+    use_scale_shift_norm: FiLM conditioning instead of additive.
+    up: nearest 2x upsampling inside the block.
+    down: average-pool 2x downsampling inside the block.
+    num_groups: GroupNorm groups.
+    zero_init: zero-initialise the last conv (residual branch starts as 0).
+  """
+
+  out_channels: int
+  dropout: float = 0.0
+  use_scale_shift_norm: bool = False
+  up: bool = False
+  down: bool = False
+  num_groups: int = 32
+  zero_init: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, emb: Array, train: bool) -> Array:
+    """Applies the block.
+
+    Args:
+      x: activations [B, H, W, C_in].
+      emb: conditioning embedding [B, E].
+      train: enables dropout (needs a 'dropout' rng).
+
+    Returns:
+      [B, H', W', out_channels] with H' = 2H (up), H/2 (down) or H.
+    """
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = nn.silu(GroupNorm32(self.num_groups, name="norm1", **kw)(x))
+    if self.up:
+      h, x = _upsample_nearest(h), _upsample_nearest(x)
+    elif self.down:
+      h, x = _downsample_avg(h), _downsample_avg(x)
+    h = _conv(self.out_channels, 3, name="conv1", **kw)(h)
+
+    n_emb = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
+    e = nn.Dense(n_emb, name="emb_proj", **kw)(nn.silu(emb.astype(self.dtype)))
+    e = e[:, None, None, :]
+    norm2 = GroupNorm32(self.num_groups, name="norm2", **kw)
+    if self.use_scale_shift_norm:
+      scale, shift = jnp.split(e, 2, axis=-1)
+      h = norm2(h) * (1 + scale) + shift
+    else:
+      h = norm2(h + e)
+    h = nn.silu(h)
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = _conv(self.out_channels, 3, name="conv2", zero=self.zero_init, **kw)(h)
+
+    if x.shape[-1] != self.out_channels:
+      x = _conv(self.out_channels, 1, name="skip", **kw)(x)
+    return x + h
+
+
+class AttentionBlock(nn.Module):
+  """Multi-head self-attention over the H*W positions, with a residual.
+
+  DDPM (Ho et al. 2020) uses one head; ADM (Dhariwal & Nichol 2021, §3) uses
+  several, set by ``num_heads`` or by a fixed ``head_channels``. Logits and
+  softmax are float32 (``jax.nn.dot_product_attention``).
+
+  Attributes:
+    num_heads: number of heads (used when head_channels is None).
+    head_channels: channels per head; overrides num_heads.
+    num_groups: GroupNorm groups.
+    zero_init: zero-initialise the output projection.
+  """
+
+  num_heads: int = 1
+  head_channels: int | None = None
+  num_groups: int = 32
+  zero_init: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """[B, H, W, C] -> [B, H, W, C]."""
+    b, hh, ww, c = x.shape
+    if self.head_channels is not None:
+      if c % self.head_channels:
+        raise ValueError(f"channels={c} not divisible by head_channels={self.head_channels}")
+      heads = c // self.head_channels
+    else:
+      if c % self.num_heads:
+        raise ValueError(f"channels={c} not divisible by num_heads={self.num_heads}")
+      heads = self.num_heads
+    d = c // heads
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = GroupNorm32(self.num_groups, name="norm", **kw)(x).reshape(b, hh * ww, c)
+    # Separate q/k/v projections (as DDPM's NIN layers and diffusers' to_q/k/v).
+    q = nn.Dense(c, name="q", **kw)(h).reshape(b, hh * ww, heads, d)
+    k = nn.Dense(c, name="k", **kw)(h).reshape(b, hh * ww, heads, d)
+    v = nn.Dense(c, name="v", **kw)(h).reshape(b, hh * ww, heads, d)
+    a = jax.nn.dot_product_attention(q, k, v).reshape(b, hh * ww, c)
+    out = nn.Dense(c, name="proj_out", kernel_init=_zero_or_default(self.zero_init), **kw)(a)
+    return x + out.reshape(b, hh, ww, c)
