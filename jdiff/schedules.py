@@ -64,17 +64,18 @@ class Schedule(NamedTuple):
   @property
   def snr(self) -> Array:
     """Signal-to-noise ratio alpha_bar / (1 - alpha_bar), [T]."""
-    return self.alphas_cumprod / (1.0 - self.alphas_cumprod)
+    # From the float64-derived square roots: 1 - alpha_bar in float32 loses precision at t = 0.
+    return (self.sqrt_alphas_cumprod / self.sqrt_one_minus_alphas_cumprod) ** 2
 
   @property
   def log_snr(self) -> Array:
     """log SNR, [T]; -inf where alpha_bar = 0 (zero terminal SNR)."""
-    return jnp.log(self.alphas_cumprod) - jnp.log1p(-self.alphas_cumprod)
+    return 2.0 * (jnp.log(self.sqrt_alphas_cumprod) - jnp.log(self.sqrt_one_minus_alphas_cumprod))
 
   @property
   def sigmas(self) -> Array:
     """Noise levels of the variance-exploding view, sqrt((1 - alpha_bar) / alpha_bar), [T]."""
-    return jnp.sqrt((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
+    return self.sqrt_one_minus_alphas_cumprod / self.sqrt_alphas_cumprod
 
 
 def from_betas(betas) -> Schedule:

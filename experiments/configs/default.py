@@ -1,0 +1,90 @@
+"""The default config: the embedded 8x8-digits dataset (resized to 16x16) on a CPU.
+
+Every other config overrides a few fields of this one.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.conditional = False  # class-conditional U-Net (needs a labelled dataset)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "jdiff_digits"  # embedded: scikit-learn's digits, built offline as a tfds dataset
+  c.data.data_dir = ""  # tfds data_dir; "" = TFDS' default (~/tensorflow_datasets)
+  c.data.image_size = 16  # square resize; 0 keeps the stored size
+  c.data.random_flip = False
+  c.data.train_split = "train"
+  c.data.eval_split = "test"
+
+  # Constructor arguments of jdiff.models.UNet (num_classes and out_channels come from data).
+  c.model = ml_collections.ConfigDict()
+  c.model.ch = 32
+  c.model.ch_mult = (1, 2, 2)
+  c.model.num_res_blocks = 1
+  c.model.attn_resolutions = (4,)
+  c.model.num_heads = 1
+  c.model.head_channels = ml_collections.FieldReference(None, field_type=int)
+  c.model.dropout = 0.0
+  c.model.num_groups = 8
+  c.model.use_scale_shift_norm = True
+  c.model.resblock_updown = False
+  c.model.learn_sigma = False
+  c.model.dtype = "float32"
+  c.model.remat = False
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.schedule = "cosine"
+  c.diffusion.num_steps = 1000
+  c.diffusion.zero_terminal_snr = False
+  c.diffusion.prediction = "eps"  # eps | x0 | v
+  c.diffusion.weighting = "simple"  # simple | snr | min_snr
+  c.diffusion.min_snr_gamma = 5.0
+  c.diffusion.variance = "fixed_small"  # fixed_small | fixed_large | learned_range
+  c.diffusion.vlb_weight = 0.001  # hybrid loss weight when learn_sigma
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.optimizer = "adam"
+  c.optim.lr = 2e-3
+  c.optim.warmup_steps = 100
+  c.optim.schedule = "cosine"
+  c.optim.grad_clip = 1.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.99
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.0
+
+  c.ema_decay = 0.999
+  c.ema_warmup = True
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 3000
+  c.train.batch_size = 64  # global, over all devices and processes
+  c.train.log_every = 100
+  c.train.ckpt_every = 1000
+  c.train.sample_every = 0  # 0: only at the end
+  c.train.keep_checkpoints = 3
+  c.train.label_dropout = 0.0  # classifier-free guidance training (conditional only)
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.sampler = "ddim"
+  c.sample.num_steps = 50
+  c.sample.eta = 0.0
+  c.sample.spacing = "trailing"
+  c.sample.clip_x0 = 1.0  # <= 0 disables
+  c.sample.guidance_scale = 1.0
+  c.sample.guidance_rescale = 0.0
+  c.sample.num_samples = 64
+  c.sample.grid_size = 64
+  c.sample.batch_size = 64
+  c.sample.use_ema = True
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 100
+  c.eval.bound_examples = 16  # full T-step bound on this many eval examples (0: skip)
+  c.eval.use_ema = True
+
+  c.lock()
+  return c

@@ -1,0 +1,444 @@
+"""Input pipeline: TFDS array_record sources read by grain, sharded per process.
+
+Every dataset, embedded or from the TFDS catalog, goes through one path:
+
+1. :func:`load_source` resolves a name to a random-access data source
+   (``builder.as_data_source(split)``, the same object ``tfds.data_source``
+   returns). ``jdiff_digits[/16x16|/32x32|/8x8]`` is built locally from
+   scikit-learn's digits (:mod:`jdiff.data.digits`). Any other name is a TFDS
+   catalog dataset: read as is when already prepared as ``array_record`` under
+   ``data_dir``, otherwise downloaded and prepared as ``array_record``. Preparing
+   catalog image datasets (mnist, cifar10, celeb_a, fashion_mnist, ...) encodes
+   PNG/JPEG through TensorFlow; without it a :class:`TensorFlowRequiredError`
+   names the install command, before anything is downloaded.
+2. :func:`make_train_iterator` wraps the source in a grain ``DataLoader``:
+   the process reads only its own shard, in an order shuffled per epoch from
+   ``seed``, with optional seeded horizontal flips, batched to this process's
+   share of the global batch. Its position is saved with ``it.get_state()``
+   (``bytes``: UTF-8 JSON) and restored with ``it.set_state(state)``.
+3. :func:`make_eval_iterator` makes one pass over a split without shuffling;
+   the last batch is padded and flagged with ``mask`` so metrics are exact.
+
+Nothing here imports TensorFlow. Grain runs in-process by default
+(``worker_count=0``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import grain.python as grain
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from jdiff.data import digits as digits_lib
+
+TF_INSTALL_HINT = "pip install tensorflow  (or: pip install 'jdiff[tf]')"
+
+
+class TensorFlowRequiredError(ImportError):
+  """Preparing a TFDS dataset needs TensorFlow, which is not installed."""
+
+
+class DatasetMetadata(NamedTuple):
+  """What a model needs to know about a dataset, read from TFDS' metadata.
+
+  Attributes:
+    name: the dataset name as given.
+    image_shape: (H, W, C) of the images the pipeline yields (after resizing).
+    num_classes: number of labels, or ``None`` when the dataset has no
+      ``label`` ClassLabel (the pipeline then yields no ``label``).
+    num_examples: examples per split, e.g. ``{"train": 1597, "test": 200}``.
+  """
+
+  name: str
+  image_shape: tuple[int, int, int]
+  num_classes: int | None
+  num_examples: dict[str, int]
+
+
+# ----------------------------------------------------------------------------
+# Resolving names to prepared builders and sources.
+
+
+def _digits_size(name: str) -> int | None:
+  """Returns the image size for ``jdiff_digits[/SxS]``, None for other names."""
+  base, _, config = name.partition("/")
+  if base != digits_lib.NAME:
+    return None
+  if not config:
+    return 16
+  sizes = {f"{s}x{s}": s for s in digits_lib.IMAGE_SIZES}
+  if config not in sizes:
+    raise ValueError(f"unknown config {config!r} of {digits_lib.NAME}; choose one of {sorted(sizes)}")
+  return sizes[config]
+
+
+def _features_need_tensorflow(features: Any) -> bool:
+  """Whether encoding these features needs TF (image/video PNG/JPEG encoding)."""
+  if isinstance(features, tfds.features.Image):
+    return True
+  if isinstance(features, tfds.features.FeaturesDict):
+    return any(_features_need_tensorflow(f) for f in features.values())
+  inner = getattr(features, "feature", None)  # Sequence, Video, Dataset, Optional.
+  return inner is not None and _features_need_tensorflow(inner)
+
+
+def _tensorflow_available() -> bool:
+  return importlib.util.find_spec("tensorflow") is not None
+
+
+def _tf_error(name: str, reason: str) -> TensorFlowRequiredError:
+  return TensorFlowRequiredError(
+      f"dataset {name!r} is not prepared as array_record and preparing it needs "
+      f"TensorFlow ({reason}), which is not installed. Install it with: "
+      f"{TF_INSTALL_HINT}; or prepare the dataset elsewhere with "
+      f"tfds.builder({name!r}).download_and_prepare(file_format='array_record') "
+      "and point data_dir at the result. (jdiff_digits needs no TensorFlow.)"
+  )
+
+
+def prepared_builder(name: str, *, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+  """Returns the builder of ``name``, prepared as array_record under ``data_dir``.
+
+  Prepares it first if needed (once; later calls find the files).
+
+  Args:
+    name: ``jdiff_digits``, ``jdiff_digits/32x32``, or a TFDS name such as
+      ``mnist``, ``cifar10``, ``celeb_a``, ``fashion_mnist`` (optionally with
+      ``/config`` and ``:version``).
+    data_dir: TFDS data directory; ``None`` uses TFDS' default
+      (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
+
+  Raises:
+    ValueError: unknown dataset, or prepared in a format grain cannot read.
+    TensorFlowRequiredError: preparing the dataset needs TensorFlow.
+  """
+  if not isinstance(name, str) or not name:
+    raise TypeError(f"dataset name must be a non-empty str, got {name!r}")
+  data_dir = None if data_dir is None else str(data_dir)
+  size = _digits_size(name)
+  if size is not None:
+    return digits_lib.prepare_digits(image_size=size, data_dir=data_dir)
+
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(
+        f"unknown dataset {name!r}: not in the TFDS catalog and not prepared under "
+        f"data_dir={data_dir!r} (embedded: {digits_lib.NAME}/16x16, /32x32, /8x8)"
+    ) from None
+  if builder.is_prepared():
+    fmt = builder.info.file_format
+    if fmt != tfds.core.FileFormat.ARRAY_RECORD:
+      raise ValueError(
+          f"dataset {name!r} under {builder.data_dir} is prepared as {fmt}, but grain "
+          "needs random access: prepare it with "
+          "download_and_prepare(file_format='array_record') into another data_dir"
+      )
+    return builder
+
+  # Check before downloading: a failure after fetching GiBs helps nobody.
+  if not _tensorflow_available() and _features_need_tensorflow(builder.info.features):
+    raise _tf_error(name, "its tfds.features.Image features are encoded with TensorFlow")
+  try:
+    builder.download_and_prepare(file_format="array_record")
+  except ImportError as e:
+    if e.name == "tensorflow" or "tensorflow" in str(e):
+      raise _tf_error(name, f"the builder raised: {e}") from e
+    raise
+  return builder
+
+
+def load_source(
+    name: str, *, split: str, data_dir: str | None = None
+) -> Sequence[dict[str, Any]]:
+  """Returns a random-access source of one split (preparing the dataset if needed).
+
+  Equivalent to ``tfds.data_source(name, split=split, data_dir=data_dir)``
+  once prepared; see :func:`prepared_builder` for how preparation works.
+
+  Raises:
+    ValueError: unknown dataset or split.
+  """
+  builder = prepared_builder(name, data_dir=data_dir)
+  splits = list(builder.info.splits)
+  if split not in splits:
+    # tfds also accepts slices like "train[:10%]"; check only plain names.
+    base = split.split("[")[0].split("+")[0]
+    if base not in splits:
+      raise ValueError(f"unknown split {split!r} of dataset {name!r}; has {splits}")
+  return builder.as_data_source(split=split)
+
+
+def dataset_metadata(
+    name: str, *, data_dir: str | None = None, image_size: int | None = None
+) -> DatasetMetadata:
+  """Image shape, number of classes and split sizes, from TFDS' metadata.
+
+  Prepares the dataset if needed but reads no examples.
+
+  Args:
+    name: dataset name, as for :func:`load_source`.
+    data_dir: TFDS data directory.
+    image_size: the ``image_size`` you will give the iterators (square resize),
+      or ``None`` for the stored size.
+  """
+  info = prepared_builder(name, data_dir=data_dir).info
+  features = info.features
+  if "image" not in features:
+    raise ValueError(f"dataset {name!r} has no 'image' feature; has {list(features)}")
+  shape = tuple(features["image"].shape)
+  if len(shape) == 2:
+    shape = (*shape, 1)
+  if len(shape) != 3 or shape[-1] is None:
+    raise ValueError(f"dataset {name!r}: expected images [H, W, C], got shape {shape}")
+  if image_size is not None:
+    shape = (image_size, image_size, shape[-1])
+  label = features["label"] if "label" in features else None
+  num_classes = label.num_classes if isinstance(label, tfds.features.ClassLabel) else None
+  return DatasetMetadata(
+      name=name,
+      image_shape=tuple(int(d) if d is not None else None for d in shape),
+      num_classes=num_classes,
+      num_examples={k: int(v.num_examples) for k, v in info.splits.items()},
+  )
+
+
+# ----------------------------------------------------------------------------
+# Per-example transforms (module-level dataclasses so grain workers can pickle them).
+
+
+def _center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [H, W, C] -> uint8 [size, size, C]: central square crop, PIL bicubic."""
+  h, w, c = image.shape
+  side = min(h, w)
+  top, left = (h - side) // 2, (w - side) // 2
+  image = image[top : top + side, left : left + side]
+  if side == size:
+    return image
+  pil = Image.fromarray(image[:, :, 0] if c == 1 else image)
+  out = np.asarray(pil.resize((size, size), Image.BICUBIC), np.uint8)
+  return out.reshape(size, size, c)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Preprocess(grain.MapTransform):
+  """Example dict -> {'image': float32 [H, W, C] in [-1, 1], 'label': int32 []}."""
+
+  image_size: int | None = None
+
+  def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
+    image = np.asarray(element["image"])
+    if image.ndim == 2:
+      image = image[:, :, None]
+    if image.dtype != np.uint8 or image.ndim != 3:
+      raise ValueError(
+          f"expected uint8 images [H, W, C], got {image.dtype} with shape {image.shape}"
+      )
+    if self.image_size is not None:
+      image = _center_crop_resize(image, self.image_size)
+    out = {"image": image.astype(np.float32) * np.float32(2 / 255) - np.float32(1)}
+    if "label" in element:
+      out["label"] = np.asarray(element["label"], np.int32)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _RandomFlip(grain.RandomMapTransform):
+  """Mirrors the image left-right with probability 1/2.
+
+  grain seeds ``rng`` from the sampler seed and the record's position in the
+  stream, so the flips are reproducible and survive a restore.
+  """
+
+  def random_map(self, element: dict[str, np.ndarray], rng: np.random.Generator):
+    if rng.random() < 0.5:
+      element = {**element, "image": np.ascontiguousarray(element["image"][:, ::-1])}
+    return element
+
+
+# ----------------------------------------------------------------------------
+# Iterators.
+
+
+def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
+  for arg, value in (("global_batch_size", global_batch_size),
+                     ("process_count", process_count), ("process_index", process_index)):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+      raise TypeError(f"{arg} must be an int, got {value!r}")
+  if process_count < 1:
+    raise ValueError(f"process_count must be >= 1, got {process_count}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
+  if global_batch_size < 1:
+    raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+  if global_batch_size % process_count:
+    raise ValueError(
+        f"global_batch_size={global_batch_size} is not divisible by "
+        f"process_count={process_count}"
+    )
+  return global_batch_size // process_count
+
+
+def _resolve(source_or_name, split: str, data_dir: str | None) -> Sequence[dict[str, Any]]:
+  if isinstance(source_or_name, str):
+    return load_source(source_or_name, split=split, data_dir=data_dir)
+  if not (hasattr(source_or_name, "__len__") and hasattr(source_or_name, "__getitem__")):
+    raise TypeError(
+        "source_or_name must be a dataset name or a random-access source "
+        f"(__len__ and __getitem__), got {type(source_or_name).__name__}"
+    )
+  return source_or_name
+
+
+def make_train_iterator(
+    source_or_name: str | Sequence[dict[str, Any]],
+    *,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    split: str = "train",
+    data_dir: str | None = None,
+    image_size: int | None = None,
+    random_flip: bool = False,
+    num_epochs: int | None = None,
+    worker_count: int = 0,
+) -> grain.PyGrainDatasetIterator:
+  """Shuffled, repeated, sharded training batches for this process.
+
+  The records are split into ``process_count`` disjoint contiguous shards of
+  ``len(source) // process_count`` records (the remainder, fewer than
+  ``process_count`` records, is dropped); this process reads shard
+  ``process_index``, reshuffled every epoch. Order and flips depend only on
+  ``seed`` and the position in the stream.
+
+  Args:
+    source_or_name: dataset name (see :func:`load_source`) or a random-access
+      source of dicts with ``image`` (uint8 [H, W, C]) and optionally ``label``.
+    global_batch_size: batch size summed over all processes.
+    seed: shuffling and flip seed, an int in [0, 2**32).
+    process_index: this process, ``jax.process_index()``.
+    process_count: ``jax.process_count()``.
+    split: split to read when ``source_or_name`` is a name.
+    data_dir: TFDS data directory (``None``: TFDS' default).
+    image_size: square side to center-crop and resize to (PIL bicubic);
+      ``None`` keeps the stored size.
+    random_flip: random horizontal flips (on for cifar10, off for digits).
+    num_epochs: epochs to yield; ``None`` repeats forever.
+    worker_count: grain worker processes; 0 runs in this process.
+
+  Returns:
+    An iterator of ``{'image': float32 [b, H, W, C] in [-1, 1],
+    'label': int32 [b]}`` with ``b = global_batch_size // process_count``
+    (``label`` only when the dataset has one). ``it.get_state()`` returns
+    ``bytes`` (UTF-8 JSON, also naming the sampler settings and source);
+    ``it.set_state(state)`` on a new iterator with the same arguments resumes
+    exactly after the last batch taken. For orbax, save it as bytes, or with
+    ``grain.PyGrainCheckpointSave(it)`` / ``PyGrainCheckpointRestore(it)``.
+
+  Raises:
+    ValueError: ``global_batch_size`` not divisible by ``process_count``, a
+      shard smaller than one batch with ``num_epochs`` set, or bad arguments.
+  """
+  batch_size = _local_batch_size(global_batch_size, process_index, process_count)
+  if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+    raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+  if num_epochs is not None and num_epochs < 1:
+    raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
+  if image_size is not None and image_size < 1:
+    raise ValueError(f"image_size must be positive or None, got {image_size}")
+  source = _resolve(source_or_name, split, data_dir)
+  shard_size = len(source) // process_count
+  if shard_size == 0:
+    raise ValueError(
+        f"{len(source)} records cannot be split over process_count={process_count}"
+    )
+  if num_epochs is not None and shard_size * num_epochs < batch_size:
+    raise ValueError(
+        f"per-process batch {batch_size} exceeds the {shard_size * num_epochs} "
+        f"records this process reads in num_epochs={num_epochs}"
+    )
+  shard_options = grain.ShardOptions(
+      shard_index=int(process_index), shard_count=int(process_count), drop_remainder=True
+  )
+  sampler = grain.IndexSampler(
+      num_records=len(source),
+      shard_options=shard_options,
+      shuffle=True,
+      num_epochs=num_epochs,
+      seed=int(seed),
+  )
+  operations: list[grain.Transformation] = [_Preprocess(image_size=image_size)]
+  if random_flip:
+    operations.append(_RandomFlip())
+  operations.append(grain.Batch(batch_size=batch_size, drop_remainder=True))
+  loader = grain.DataLoader(
+      data_source=source,
+      sampler=sampler,
+      operations=operations,
+      worker_count=worker_count,
+      shard_options=shard_options,
+  )
+  return iter(loader)
+
+
+def make_eval_iterator(
+    source_or_name: str | Sequence[dict[str, Any]],
+    *,
+    global_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    split: str = "test",
+    data_dir: str | None = None,
+    image_size: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over a split in stored order, padded so every record counts once.
+
+  Records are split into ``process_count`` contiguous parts
+  (``numpy.array_split``: sizes differ by at most one); every process yields
+  the same number of batches, ``ceil(ceil(N / process_count) / b)``, so
+  collective eval steps line up across processes. Padding rows are zeros with
+  ``label`` 0 and ``mask`` False; weight metrics by ``mask``.
+
+  Args:
+    source_or_name: dataset name or random-access source, as for
+      :func:`make_train_iterator`.
+    global_batch_size: batch size summed over all processes.
+    process_index: this process, ``jax.process_index()``.
+    process_count: ``jax.process_count()``.
+    split: split to read when ``source_or_name`` is a name.
+    data_dir: TFDS data directory.
+    image_size: square resize as in :func:`make_train_iterator`.
+
+  Yields:
+    ``{'image': float32 [b, H, W, C] in [-1, 1], 'label': int32 [b],
+    'mask': bool [b]}`` with ``b = global_batch_size // process_count``.
+  """
+  batch_size = _local_batch_size(global_batch_size, process_index, process_count)
+  source = _resolve(source_or_name, split, data_dir)
+  num_records = len(source)
+  if num_records == 0:
+    raise ValueError(f"split {split!r} is empty")
+  part = np.array_split(np.arange(num_records), process_count)[process_index]
+  num_batches = math.ceil(math.ceil(num_records / process_count) / batch_size)
+  preprocess = _Preprocess(image_size=image_size)
+  template = preprocess.map(source[0])
+  return _eval_batches(source, preprocess, template, part, num_batches, batch_size)
+
+
+def _eval_batches(source, preprocess, template, part, num_batches, batch_size):
+  for i in range(num_batches):
+    rows = part[i * batch_size : (i + 1) * batch_size]
+    batch = {k: np.zeros((batch_size, *v.shape), v.dtype) for k, v in template.items()}
+    batch["mask"] = np.zeros((batch_size,), bool)
+    for j, row in enumerate(rows):
+      for k, v in preprocess.map(source[int(row)]).items():
+        batch[k][j] = v
+      batch["mask"][j] = True
+    yield batch

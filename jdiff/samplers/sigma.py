@@ -1,0 +1,175 @@
+"""Continuous-time view of a discrete schedule: sigma <-> fractional timestep, denoisers.
+
+A discrete VP schedule alpha_bar_t (t = 0..T-1) is made continuous the way k-diffusion's
+`DiscreteSchedule` does it: the variance-exploding noise level
+sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) is interpolated *linearly in log-sigma*
+between integer timesteps. So a fractional timestep t in [0, T-1] has
+
+  log sigma(t) = interp(t, [0..T-1], log sigma_[0..T-1]),   alpha_bar(t) = 1 / (1 + sigma(t)^2),
+
+and `sigma_to_t` is the exact inverse of `t_to_sigma` on [sigma_min, sigma_max]. At integer t
+both agree with the `Schedule` exactly. Timestep -1 (or any t < 0) means the clean data
+(sigma = 0, alpha_bar = 1), as in `timestep_grid`.
+
+The VE view used by the Karras / DPM-Solver samplers is x_ve = x_t / sqrt(alpha_bar) = x_0 +
+sigma eps; the model, which is trained on x_t, is called on x_ve * sqrt(alpha_bar) at the
+fractional timestep t(sigma) (float32 [B]).
+
+References:
+  [EDM] Karras, Aittala, Aila, Laine. Elucidating the Design Space of Diffusion-Based
+    Generative Models, 2022, Sec. 2 and Table 1 (VP as VE with scaling s(t)).
+  [k-diffusion] Crowson, `k_diffusion.external.DiscreteSchedule` (t <-> sigma).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jdiff import diffusion
+from jdiff.schedules import Schedule
+
+Array = jax.Array
+# denoise(x_ve [B, ...], sigma scalar or [B]) -> x0_hat [B, ...]
+Denoiser = Callable[[Array, Array], Array]
+
+# alpha_bar is floored at 2**-24 (as diffusers does for zero-terminal-SNR schedules) so that
+# sigma_max stays finite; the model still sees the (clipped) last timestep.
+_MIN_SQRT_ALPHA_BAR = 2.0**-12
+
+
+def log_sigmas(schedule: Schedule) -> Array:
+  """log sigma_t = log sqrt(1 - ab_t) - log sqrt(ab_t), float32 [T], increasing in t.
+
+  Computed from the schedule's float64-derived square roots, so it stays accurate near
+  t = 0 where 1 - ab is small.
+  """
+  sqrt_ab = jnp.maximum(schedule.sqrt_alphas_cumprod, _MIN_SQRT_ALPHA_BAR)
+  return (jnp.log(schedule.sqrt_one_minus_alphas_cumprod) - jnp.log(sqrt_ab)).astype(jnp.float32)
+
+
+def sigma_min_max(schedule: Schedule) -> tuple[Array, Array]:
+  """(sigma at t = 0, sigma at t = T-1), float32 scalars."""
+  ls = log_sigmas(schedule)
+  return jnp.exp(ls[0]), jnp.exp(ls[-1])
+
+
+def t_to_sigma(schedule: Schedule, t: Array) -> Array:
+  """sigma(t) at fractional timesteps (log-linear interpolation); 0 where t < 0.
+
+  Args:
+    schedule: the `Schedule`.
+    t: timesteps of any shape, int or float, in [-1, T-1] (values above T-1 are clamped).
+
+  Returns:
+    float32 sigmas of t's shape.
+  """
+  t = jnp.asarray(t, jnp.float32)
+  ls = log_sigmas(schedule)
+  sig = jnp.exp(jnp.interp(t, jnp.arange(ls.shape[0], dtype=jnp.float32), ls))
+  return jnp.where(t < 0, 0.0, sig)
+
+
+def sigma_to_t(schedule: Schedule, sigma: Array) -> Array:
+  """Fractional timestep t(sigma), the inverse of `t_to_sigma`; float32 of sigma's shape.
+
+  Sigmas outside [sigma_min, sigma_max] are clamped to t = 0 or T-1; sigma = 0 gives -1.
+  """
+  sigma = jnp.asarray(sigma, jnp.float32)
+  ls = log_sigmas(schedule)
+  safe = jnp.where(sigma > 0, sigma, 1.0)
+  t = jnp.interp(jnp.log(safe), ls, jnp.arange(ls.shape[0], dtype=jnp.float32))
+  return jnp.where(sigma > 0, t, -1.0)
+
+
+def alpha_bar_at(schedule: Schedule, t: Array) -> Array:
+  """alpha_bar(t) = 1 / (1 + sigma(t)^2) at fractional t; 1 where t < 0. float32, t's shape."""
+  return 1.0 / (1.0 + t_to_sigma(schedule, t) ** 2)
+
+
+def _bcast(a: Array, x: Array) -> Array:
+  a = jnp.asarray(a, jnp.float32)
+  if a.ndim == 0:
+    return a
+  return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
+
+
+def to_x0_eps_at(alpha_bar: Array, x_t: Array, pred: Array, *,
+                 prediction: str = "eps") -> tuple[Array, Array]:
+  """`diffusion.to_x0_eps` at an explicit alpha_bar (scalar or [B]) instead of a timestep.
+
+  Args:
+    alpha_bar: scalar or [B] float, in (0, 1].
+    x_t: [B, ...] VP-noisy input.
+    pred: [B, ...] model output of kind `prediction`.
+    prediction: 'eps', 'x0' or 'v'.
+
+  Returns:
+    (x0_hat, eps_hat), each [B, ...] float32.
+  """
+  diffusion.check_prediction(prediction)
+  ab = _bcast(alpha_bar, x_t)
+  a, s = jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
+  x_t = x_t.astype(jnp.float32)
+  pred = pred.astype(jnp.float32)
+  if prediction == "eps":
+    return (x_t - s * pred) / a, pred
+  if prediction == "x0":
+    # eps is undefined at ab = 1 (no noise); return 0 there instead of nan.
+    return pred, jnp.where(s > 0, (x_t - a * pred) / jnp.where(s > 0, s, 1.0), 0.0)
+  return a * x_t - s * pred, s * x_t + a * pred
+
+
+def to_x0_eps(schedule: Schedule, x_t: Array, t: Array, pred: Array, *,
+              prediction: str = "eps") -> tuple[Array, Array]:
+  """`diffusion.to_x0_eps` at fractional timesteps t [B] (float or int)."""
+  return to_x0_eps_at(alpha_bar_at(schedule, t), x_t, pred, prediction=prediction)
+
+
+def batch_sigma(sigma: Array, x: Array) -> Array:
+  """A scalar or [B] sigma as float32 [B]."""
+  return jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (x.shape[0],))
+
+
+def make_denoiser(schedule: Schedule, model_fn, *, cond: Array | None = None,
+                  prediction: str = "eps") -> Denoiser:
+  """Wraps a VP `model_fn(x_t, t, cond)` as an EDM-style denoiser D(x_ve, sigma) -> x0_hat.
+
+  D calls the model once, on x_t = x_ve / sqrt(1 + sigma^2) at the fractional timestep
+  t(sigma) (float32 [B]), and converts its prediction to x0 at alpha_bar = 1 / (1 + sigma^2)
+  ([EDM] Table 1, VP preconditioning with a discrete-time model as in k-diffusion).
+
+  Args:
+    schedule: the `Schedule` the model was trained with.
+    model_fn: `model_fn(x_t, t, cond) -> [B, ...]`.
+    cond: conditioning passed through to model_fn.
+    prediction: what the model predicts: 'eps', 'x0' or 'v'.
+
+  Returns:
+    `denoise(x_ve [B, ...], sigma scalar or [B]) -> x0_hat [B, ...]` (dtype of x_ve).
+  """
+  diffusion.check_prediction(prediction)
+
+  def denoise(x: Array, sigma: Array) -> Array:
+    sig = batch_sigma(sigma, x)
+    ab = 1.0 / (1.0 + sig**2)
+    x_t = (x.astype(jnp.float32) * jnp.sqrt(_bcast(ab, x))).astype(x.dtype)
+    out = model_fn(x_t, sigma_to_t(schedule, sig), cond)
+    return to_x0_eps_at(ab, x_t, out, prediction=prediction)[0].astype(x.dtype)
+
+  return denoise
+
+
+def check_sigma_grid(grid: Array) -> Array:
+  """Validates a decreasing float sigma grid [N + 1] ending with 0 (concrete grids only)."""
+  grid = jnp.asarray(grid, jnp.float32)
+  if grid.ndim != 1 or grid.shape[0] < 2:
+    raise ValueError(f"sigma grid must be 1-D with at least 2 entries, got shape {grid.shape}")
+  if not isinstance(grid, jax.core.Tracer):
+    if float(grid[-1]) != 0.0:
+      raise ValueError(f"sigma grid must end with 0, got last value {float(grid[-1])}")
+    if bool(jnp.any(grid[1:] >= grid[:-1])):
+      raise ValueError(f"sigma grid must be strictly decreasing, got {grid}")
+  return grid

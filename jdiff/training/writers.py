@@ -1,0 +1,104 @@
+"""Process-0 outputs: metrics as JSON lines and TensorBoard events, image grids as PNG.
+
+Files are written atomically (to a temporary name, then renamed) and existing files
+are never overwritten: a name that exists gets a numeric suffix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Mapping
+
+import jax
+import numpy as np
+
+
+def unique_path(path: str) -> str:
+  """`path` if it does not exist, else `stem-1.ext`, `stem-2.ext`, ... (first free)."""
+  if not os.path.exists(path):
+    return path
+  stem, ext = os.path.splitext(path)
+  i = 1
+  while os.path.exists(f"{stem}-{i}{ext}"):
+    i += 1
+  return f"{stem}-{i}{ext}"
+
+
+def _atomic_write(path: str, write) -> str:
+  path = unique_path(path)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  write(tmp)
+  os.replace(tmp, path)
+  return path
+
+
+def image_grid(images: np.ndarray, *, ncols: int | None = None, pad: int = 1) -> np.ndarray:
+  """Tiles images [N, H, W, C] in [-1, 1] into one uint8 image [rows*(H+pad)+pad, ..., C]."""
+  images = np.asarray(images, np.float32)
+  if images.ndim != 4:
+    raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
+  n, h, w, c = images.shape
+  ncols = ncols or int(math.ceil(math.sqrt(n)))
+  nrows = int(math.ceil(n / ncols))
+  u8 = np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+  grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
+  for k in range(n):
+    r, q = divmod(k, ncols)
+    grid[pad + r * (h + pad):pad + r * (h + pad) + h,
+         pad + q * (w + pad):pad + q * (w + pad) + w] = u8[k]
+  return grid
+
+
+def save_image_grid(path: str, images: np.ndarray, *, scale: int = 4, ncols: int | None = None
+                    ) -> str:
+  """Writes an upscaled PNG grid of images in [-1, 1]; returns the path written."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  grid = image_grid(images, ncols=ncols)
+  if scale > 1:
+    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+  img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+  return _atomic_write(path, lambda p: img.save(p, format="PNG"))
+
+
+def save_npz(path: str, **arrays) -> str:
+  def write(p):
+    with open(p, "wb") as f:
+      np.savez(f, **arrays)
+  return _atomic_write(path, write)
+
+
+class MetricWriter:
+  """Writes scalars to `workdir/metrics.jsonl` and TensorBoard events (process 0 only)."""
+
+  def __init__(self, workdir: str):
+    self.active = jax.process_index() == 0
+    self._tb = None
+    self._jsonl = None
+    if self.active:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      except ImportError:
+        self._tb = None
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    if not self.active:
+      return
+    row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+    self._jsonl.write(json.dumps(row) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in scalars.items():
+        self._tb.add_scalar(k, float(v), int(step))
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
