@@ -7,6 +7,9 @@ Multi-host: pass --coordinator_address/--num_processes/--process_id, or let
 `jax.distributed.initialize()` read them from the cluster environment with --distributed.
 """
 
+import logging as pylogging
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -23,7 +26,29 @@ flags.DEFINE_integer("num_processes", None, "Number of processes, for multi-host
 flags.DEFINE_integer("process_id", None, "This process's index, for multi-host.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+class _QuietLibraries:
+  """Drops INFO chatter from orbax's internals (keeps their warnings and errors)."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
+
 MODES = {"train": trainer.train_and_evaluate, "sample": trainer.sample, "eval": trainer.evaluate}
+
+
+def parse_flags(argv):
+  """absl's parser, plus a one-line message for bad --config.KEY=VALUE overrides."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    sys.stderr.write(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see "
+                     "help on flags.\n")
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    msg = str(e.args[0] if e.args else e)
+    msg = " ".join(msg.replace("\\n", "\n").replace("\\", "").replace("'", "").split())
+    override = [a for a in argv[1:] if a.startswith("--config.")]
+    sys.stderr.write(f"FATAL bad config override {' '.join(override)}: {msg}\n")
+  sys.exit(1)
 
 
 def main(argv):
@@ -33,10 +58,9 @@ def main(argv):
   if FLAGS.coordinator_address or FLAGS.distributed:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  if jax.process_index() != 0:
-    logging.set_verbosity(logging.WARNING)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   MODES[FLAGS.mode](FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -173,7 +173,7 @@ def make_autoencoder_train_step(
     grads, metrics = jax.grad(loss_fn, has_aux=True)(params, batch_images, rng)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    metrics = {**metrics, 'grad_norm': optax.global_norm(grads)}
+    metrics = {**metrics, 'grad_norm': optax.tree.norm(grads)}
     return params, opt_state, metrics
 
   return train_step

@@ -76,8 +76,11 @@ def q_sample(schedule: Schedule, x0: Array, t: Array, noise: Array) -> Array:
 def q_mean_variance(schedule: Schedule, x0: Array, t: Array) -> tuple[Array, Array, Array]:
   """Mean, variance and log-variance of q(x_t | x_0); variances broadcast as [B, 1, ...]."""
   mean = gather(schedule.sqrt_alphas_cumprod, t, x0) * x0
-  var = gather(1.0 - schedule.alphas_cumprod, t, x0)
-  logvar = gather(jnp.log1p(-schedule.alphas_cumprod), t, x0)
+  # 1 - ab in float32 loses precision at small t: use sqrt(1 - ab) (derived in float64)
+  # there, and log1p(-ab) where ab is small.
+  ab, sqrt_1m_ab = schedule.alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod
+  var = gather(sqrt_1m_ab**2, t, x0)
+  logvar = gather(jnp.where(ab < 0.5, jnp.log1p(-ab), 2.0 * jnp.log(sqrt_1m_ab)), t, x0)
   return mean, var, logvar
 
 
@@ -223,13 +226,13 @@ def p_mean_variance(schedule: Schedule, model_out: Array, x_t: Array, t: Array, 
   min_log = gather(schedule.posterior_log_variance_clipped, t, x_t)
   if variance == "fixed_small":
     log_var = min_log
-  else:
+  elif variance == "fixed_large":
     large = jnp.concatenate([schedule.posterior_variance[1:2], schedule.betas[1:]])
-    max_log = gather(jnp.log(large), t, x_t)
-    if variance == "fixed_large":
-      log_var = max_log
-    else:
-      frac = (var_values.astype(jnp.float32) + 1.0) / 2.0
-      log_var = (frac * max_log.astype(jnp.float32)
-                 + (1.0 - frac) * min_log.astype(jnp.float32)).astype(x_t.dtype)
+    log_var = gather(jnp.log(large), t, x_t)
+  else:
+    # [IDDPM] eq. 15 interpolates up to log beta_t at every t, t = 0 included.
+    max_log = gather(jnp.log(schedule.betas), t, x_t)
+    frac = (var_values.astype(jnp.float32) + 1.0) / 2.0
+    log_var = (frac * max_log.astype(jnp.float32)
+               + (1.0 - frac) * min_log.astype(jnp.float32)).astype(x_t.dtype)
   return Gaussian(mean, jnp.exp(log_var), log_var), x0

@@ -188,10 +188,14 @@ def discretized_gaussian_log_likelihood(x: Array, mean: Array, log_scale: Array,
   lower = (x - mean - half) * inv_std
   log_cdf_upper = log_ndtr(upper)
   log_sf_lower = log_ndtr(-lower)
-  # log(Phi(u) - Phi(l)), computed on the side of the mean where it is stable.
-  mid = jnp.where(lower > 0,
-                  log_sf_lower + jnp.log(-jnp.expm1(log_ndtr(-upper) - log_sf_lower)),
-                  log_cdf_upper + jnp.log(-jnp.expm1(log_ndtr(lower) - log_cdf_upper)))
+  # log(Phi(u) - Phi(l)) = log(Phi(b) - Phi(a)), on the side of the mean where it is stable:
+  # (a, b) = (-u, -l) for bins above the mean. One expression, not a jnp.where of two, so
+  # the branch not taken cannot produce log(0) and turn the gradient into NaN.
+  above = lower > 0
+  a = jnp.where(above, -upper, lower)
+  b = jnp.where(above, -lower, upper)
+  log_cdf_b = log_ndtr(b)
+  mid = log_cdf_b + jnp.log(-jnp.expm1(log_ndtr(a) - log_cdf_b))
   return jnp.where(x < -1 + 1e-3, log_cdf_upper, jnp.where(x > 1 - 1e-3, log_sf_lower, mid))
 
 

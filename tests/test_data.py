@@ -94,6 +94,19 @@ def test_digits_metadata_and_counts(data_dir):
   assert resized.image_shape == (32, 32, 1)
 
 
+def test_digits_image_size_picks_stored_config(data_dir, sk_digits):
+  # Plain "jdiff_digits" at image_size=8 reads the 8x8 build (built here, once),
+  # not the 16x16 build resized down.
+  it = pipeline.make_eval_iterator("jdiff_digits", data_dir=data_dir, global_batch_size=4,
+                                   image_size=8)
+  batch = next(it)
+  source = tfds.data_source("jdiff_digits/8x8", split="test", data_dir=data_dir, download=False)
+  for i in range(4):
+    row = int(source[i]["index"])
+    want = _expected_digit(sk_digits.images[row], 8).astype(np.float32) / 127.5 - 1
+    np.testing.assert_allclose(batch["image"][i, :, :, 0], want, atol=1e-6)
+
+
 def test_digits_split_is_documented_permutation(data_dir):
   perm = np.random.default_rng(0).permutation(1797)
   for split, want in (("test", perm[:200]), ("train", perm[200:])):
@@ -431,7 +444,9 @@ def test_missing_tensorflow_reported_when_tf_import_fails(tmp_path, monkeypatch)
   # Runs whether or not TF is installed: the builder's `import tensorflow`
   # fails as it would without TF, and the ImportError must be translated.
   monkeypatch.setattr(pipeline, "_tensorflow_available", lambda: True)
-  real_import = __builtins__["__import__"] if isinstance(__builtins__, dict) else __builtins__.__import__
+  import builtins  # pylint: disable=g-import-not-at-top
+
+  real_import = builtins.__import__
 
   def no_tf(name, *args, **kwargs):
     if name == "tensorflow" or name.startswith("tensorflow."):

@@ -137,7 +137,10 @@ class JdiffDigits(tfds.core.GeneratorBasedBuilder, skip_registration=_registered
             "index": tfds.features.Scalar(dtype=np.int32),
         }),
         supervised_keys=("image", "label"),
-        homepage="https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html",
+        homepage=(
+            "https://scikit-learn.org/stable/modules/generated/"
+            "sklearn.datasets.load_digits.html"
+        ),
         citation=(
             "@misc{optdigits, author={Alpaydin, E. and Kaynak, C.}, year={1998},"
             " title={Optical Recognition of Handwritten Digits},"

@@ -74,7 +74,9 @@ def _digits_size(name: str) -> int | None:
     return 16
   sizes = {f"{s}x{s}": s for s in digits_lib.IMAGE_SIZES}
   if config not in sizes:
-    raise ValueError(f"unknown config {config!r} of {digits_lib.NAME}; choose one of {sorted(sizes)}")
+    raise ValueError(
+        f"unknown config {config!r} of {digits_lib.NAME}; choose one of {sorted(sizes)}"
+    )
   return sizes[config]
 
 
@@ -183,12 +185,13 @@ def dataset_metadata(
   Prepares the dataset if needed but reads no examples.
 
   Args:
-    name: dataset name, as for :func:`load_source`.
+    name: dataset name, as for :func:`load_source`; plain ``jdiff_digits``
+      with ``image_size`` 8, 16 or 32 uses the config stored at that size.
     data_dir: TFDS data directory.
     image_size: the ``image_size`` you will give the iterators (square resize),
       or ``None`` for the stored size.
   """
-  info = prepared_builder(name, data_dir=data_dir).info
+  info = prepared_builder(_stored_name(name, image_size), data_dir=data_dir).info
   features = info.features
   if "image" not in features:
     raise ValueError(f"dataset {name!r} has no 'image' feature; has {list(features)}")
@@ -285,9 +288,23 @@ def _local_batch_size(global_batch_size: int, process_index: int, process_count:
   return global_batch_size // process_count
 
 
-def _resolve(source_or_name, split: str, data_dir: str | None) -> Sequence[dict[str, Any]]:
+def _stored_name(name: str, image_size: int | None) -> str:
+  """``jdiff_digits`` without a config picks the config stored at ``image_size``.
+
+  So ``image_size=32`` reads the 32x32 build (resized once from 8x8) rather
+  than resizing the 16x16 build a second time.
+  """
+  if name == digits_lib.NAME and image_size in digits_lib.IMAGE_SIZES:
+    return f"{name}/{image_size}x{image_size}"
+  return name
+
+
+def _resolve(
+    source_or_name, split: str, data_dir: str | None, image_size: int | None
+) -> Sequence[dict[str, Any]]:
   if isinstance(source_or_name, str):
-    return load_source(source_or_name, split=split, data_dir=data_dir)
+    name = _stored_name(source_or_name, image_size)
+    return load_source(name, split=split, data_dir=data_dir)
   if not (hasattr(source_or_name, "__len__") and hasattr(source_or_name, "__getitem__")):
     raise TypeError(
         "source_or_name must be a dataset name or a random-access source "
@@ -321,6 +338,8 @@ def make_train_iterator(
   Args:
     source_or_name: dataset name (see :func:`load_source`) or a random-access
       source of dicts with ``image`` (uint8 [H, W, C]) and optionally ``label``.
+      Plain ``jdiff_digits`` with ``image_size`` 8, 16 or 32 reads the config
+      stored at that size.
     global_batch_size: batch size summed over all processes.
     seed: shuffling and flip seed, an int in [0, 2**32).
     process_index: this process, ``jax.process_index()``.
@@ -353,7 +372,7 @@ def make_train_iterator(
     raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
   if image_size is not None and image_size < 1:
     raise ValueError(f"image_size must be positive or None, got {image_size}")
-  source = _resolve(source_or_name, split, data_dir)
+  source = _resolve(source_or_name, split, data_dir, image_size)
   shard_size = len(source) // process_count
   if shard_size == 0:
     raise ValueError(
@@ -421,7 +440,7 @@ def make_eval_iterator(
     'mask': bool [b]}`` with ``b = global_batch_size // process_count``.
   """
   batch_size = _local_batch_size(global_batch_size, process_index, process_count)
-  source = _resolve(source_or_name, split, data_dir)
+  source = _resolve(source_or_name, split, data_dir, image_size)
   num_records = len(source)
   if num_records == 0:
     raise ValueError(f"split {split!r} is empty")

@@ -29,9 +29,10 @@ from jdiff.schedules import Schedule
 Array = jax.Array
 
 
-def _per_example_norm(a: Array) -> Array:
-  n = jnp.sqrt(jnp.sum(jnp.square(a.astype(jnp.float32)).reshape(a.shape[0], -1), axis=1))
-  return n.reshape((-1,) + (1,) * (a.ndim - 1))
+def _mean_norm(a: Array) -> Array:
+  """Batch mean of the per-example L2 norms, as score_sde's LangevinCorrector."""
+  return jnp.mean(jnp.sqrt(jnp.sum(jnp.square(a.astype(jnp.float32)).reshape(a.shape[0], -1),
+                                   axis=1)))
 
 
 def langevin_corrector_step(schedule: Schedule, model_fn, x: Array, t: Array, t_next: Array,
@@ -39,8 +40,9 @@ def langevin_corrector_step(schedule: Schedule, model_fn, x: Array, t: Array, t_
                             prediction: str = "eps") -> Array:
   """One Langevin step x <- x + e s(x, t) + sqrt(2 e) z targeting q_t ([ScoreSDE] Alg. 5). NFE 1.
 
-  The step size e = 2 alpha (snr ||z|| / ||s||)^2 uses per-example norms over all
-  dimensions; alpha = alpha_bar_t / alpha_bar_{t_next} is the grid step's alpha (for the full
+  The step size e = 2 alpha (snr ||z|| / ||s||)^2 uses the batch means of the per-example
+  norms, as score_sde does (per-example norms make e unbounded in low dimensions, where
+  ||s|| can be ~0); so e is shared by the batch. alpha = alpha_bar_t / alpha_bar_{t_next} is the grid step's alpha (for the full
   T-step grid this is 1 - beta_t, as in [ScoreSDE]).
 
   Args:
@@ -60,7 +62,7 @@ def langevin_corrector_step(schedule: Schedule, model_fn, x: Array, t: Array, t_
   _, eps = sigma_lib.to_x0_eps_at(ab, x, model_fn(x, tb, cond), prediction=prediction)
   score = -eps / jnp.sqrt(1.0 - ab).reshape((-1,) + (1,) * (x.ndim - 1))
   alpha = sigma_lib.alpha_bar_at(schedule, t) / sigma_lib.alpha_bar_at(schedule, t_next)
-  step = 2.0 * alpha * (snr * _per_example_norm(noise) / _per_example_norm(score)) ** 2
+  step = 2.0 * alpha * (snr * _mean_norm(noise) / _mean_norm(score)) ** 2
   out = x.astype(jnp.float32) + step * score + jnp.sqrt(2.0 * step) * noise.astype(jnp.float32)
   return out.astype(x.dtype)
 

@@ -210,6 +210,12 @@ class _Preemption:
     return stop
 
 
+def params_checksum(params) -> float:
+  """A float64 checksum of this process's copy of (replicated) parameters."""
+  leaves = [np.asarray(x.addressable_data(0), np.float64) for x in jax.tree.leaves(params)]
+  return float(sum(np.sum(x * (1.0 + 1e-3 * i)) for i, x in enumerate(leaves)))
+
+
 def _check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
   """Fetches pending metrics; raises NonFiniteLossError at the first bad loss."""
   fetched = [(step, jax.device_get(m)) for step, m in pending]
@@ -283,7 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       if log_now or save_now or stop:
         fetched = _check_finite(pending)
         pending.clear()
-        if log_now:
+        if log_now and is_main:
           now = time.perf_counter()
           rate = (step - step_log) * cfg.train.batch_size / max(now - t_log, 1e-9)
           eta_s = (total - step) * cfg.train.batch_size / max(rate, 1e-9)
@@ -301,6 +307,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         logging.warning("SIGTERM: saved checkpoint %d in %s, exiting", step, ckpt.directory)
         break
   ckpt.wait()
+  logging.info("process %d: params checksum %.10e at step %d", jax.process_index(),
+               params_checksum(state.params), step)
   if step == total and not preempt.requested:
     sample_grid(step)
   writer.close()

@@ -1,0 +1,238 @@
+"""Tests of the fast samplers (Karras / DPM-Solver++ / PC), sigma grids and sigma helpers.
+
+The reference is analytic: for Gaussian data N(mu, s^2 I) the probability-flow ODE has the
+closed-form flow map x0 = mu + (x_ve(sigma_max) - mu) s / sqrt(s^2 + sigma_max^2), so the
+deterministic samplers are checked sample by sample (error -> 0 at their order); the
+stochastic ones are checked in distribution (moments / 2-Wasserstein between Gaussian fits,
+and a KS test against a 1-D Gaussian-mixture CDF).
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import analytic
+from jdiff import diffusion, schedules
+from jdiff.samplers import dpm_solver, grids, karras, pc
+from jdiff.samplers import sigma as sigma_lib
+
+SCHED = schedules.linear(1000)
+MU, S = 0.5, 0.3
+W, MEANS, STDS = [0.3, 0.7], [-0.6, 0.5], [0.15, 0.2]
+
+
+def gauss_model(x, t, cond=None):
+  del cond
+  return analytic.gaussian_eps_at_alpha_bar(sigma_lib.alpha_bar_at(SCHED, t), x, MU, S)
+
+
+def mixture_model(x, t, cond=None):
+  del cond
+  return analytic.mixture_eps_at_alpha_bar(sigma_lib.alpha_bar_at(SCHED, t), x, W, MEANS, STDS)
+
+
+def exact_flow(x_T):
+  smax = sigma_lib.sigma_min_max(SCHED)[1]
+  return MU + (x_T * jnp.sqrt(1.0 + smax**2) - MU) * S / jnp.sqrt(S**2 + smax**2)
+
+
+X_T = jax.random.normal(jax.random.PRNGKey(0), (512, 2))
+
+
+@functools.lru_cache(maxsize=None)
+def _run(name, n, model=gauss_model, batch=512, **kw):
+  fn = getattr(karras, name, None) or getattr(dpm_solver, name, None) or getattr(pc, name)
+  kw = dict(kw)
+  x_T = X_T if batch == 512 else jax.random.normal(jax.random.PRNGKey(0), (batch,) + kw.pop(
+      "event", (2,)))
+  out = jax.jit(lambda x, r: fn(SCHED, model, x, r, num_steps=n, **kw))(x_T, jax.random.PRNGKey(1))
+  return np.asarray(out), x_T
+
+
+# ----------------------------------------------------------------------------- helpers / grids
+
+def test_t_to_sigma_matches_schedule_and_inverts():
+  t = jnp.arange(0, 1000, 37)
+  np.testing.assert_allclose(sigma_lib.t_to_sigma(SCHED, t), SCHED.sigmas[t], rtol=1e-5)
+  tf = jnp.linspace(0.0, 999.0, 101)
+  np.testing.assert_allclose(sigma_lib.sigma_to_t(SCHED, sigma_lib.t_to_sigma(SCHED, tf)), tf,
+                             atol=2e-3)
+  np.testing.assert_allclose(sigma_lib.alpha_bar_at(SCHED, jnp.array([-1, 0, 999])),
+                             [1.0, SCHED.alphas_cumprod[0], SCHED.alphas_cumprod[999]], rtol=1e-4)
+  assert float(sigma_lib.sigma_to_t(SCHED, 0.0)) == -1.0
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_to_x0_eps_matches_core_at_integer_t(prediction):
+  x = jax.random.normal(jax.random.PRNGKey(2), (6, 3))
+  pred = jax.random.normal(jax.random.PRNGKey(3), (6, 3))
+  t = jnp.array([0, 10, 100, 500, 900, 999])
+  want = diffusion.to_x0_eps(SCHED, x, t, pred, prediction=prediction)
+  got = sigma_lib.to_x0_eps(SCHED, x, t.astype(jnp.float32), pred, prediction=prediction)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=2e-3, atol=2e-3)
+
+
+def test_karras_sigmas_closed_form():
+  got = np.asarray(grids.karras_sigmas(0.002, 80.0, 6, rho=7.0))
+  i = np.arange(6)
+  want = (80.0 ** (1 / 7) + i / 5 * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7
+  np.testing.assert_allclose(got[:-1], want, rtol=1e-5)
+  assert got[-1] == 0.0
+
+
+@pytest.mark.parametrize("spacing", grids.SIGMA_SPACINGS)
+def test_sigma_grid_shapes_and_ends(spacing):
+  g = np.asarray(grids.sigma_grid(SCHED, 8, spacing=spacing))
+  assert g.shape == (9,) and g[-1] == 0.0 and np.all(np.diff(g) < 0)
+  smin, smax = map(float, sigma_lib.sigma_min_max(SCHED))
+  if spacing != "quadratic":  # DDIM's quadratic grid stops at 0.8 T.
+    np.testing.assert_allclose(g[0], smax, rtol=1e-4)
+  if spacing in ("karras", "log_snr", "uniform"):
+    np.testing.assert_allclose(g[-2], smin, rtol=1e-4)
+  if spacing == "log_snr":
+    np.testing.assert_allclose(np.diff(np.log(g[:-1])), np.log(smin / smax) / 7, rtol=1e-4)
+  if spacing == "trailing":
+    np.testing.assert_allclose(g[:-1], SCHED.sigmas[grids.timestep_grid(1000, 8,
+                               spacing="trailing")[:-1]], rtol=1e-5)
+
+
+def test_grid_errors():
+  with pytest.raises(ValueError, match="cosine"):
+    grids.sigma_grid(SCHED, 5, spacing="cosine")
+  with pytest.raises(ValueError, match="num_steps"):
+    grids.sigma_grid(SCHED, 0)
+  with pytest.raises(ValueError, match="end with 0"):
+    karras.euler_sample(SCHED, gauss_model, X_T, jax.random.PRNGKey(0),
+                        grid=jnp.array([10.0, 1.0, 0.1]))
+  with pytest.raises(ValueError, match="n_corrector"):
+    pc.pc_sample(SCHED, gauss_model, X_T, jax.random.PRNGKey(0), n_corrector=-1)
+
+
+# ----------------------------------------------------------------------------- ODE samplers
+
+@pytest.mark.parametrize("name,min_ratio", [("euler_sample", 1.7), ("heun_sample", 3.0),
+                                            ("dpmpp_2m_sample", 3.0),
+                                            ("dpmpp_3m_sample", 4.0)])
+def test_ode_samplers_converge_to_exact_flow_map(name, min_ratio):
+  exact = np.asarray(exact_flow(X_T))
+  errs = [np.mean(np.abs(_run(name, n, spacing="log_snr")[0] - exact)) for n in (20, 40, 80)]
+  assert errs[0] > errs[1] > errs[2], errs
+  assert errs[2] < 0.02, errs
+  # Order of convergence: halving the step divides the error by ~2^order.
+  assert errs[1] / errs[2] > min_ratio, errs
+
+
+@pytest.mark.parametrize("prediction", ["x0", "v"])
+def test_prediction_kinds_agree(prediction):
+
+  def model(x, t, cond=None):
+    ab = sigma_lib.alpha_bar_at(SCHED, t)
+    x0 = analytic.gaussian_x0_at_alpha_bar(ab, x, MU, S)
+    if prediction == "x0":
+      return x0
+    eps = analytic.gaussian_eps_at_alpha_bar(ab, x, MU, S)
+    abb = ab[:, None]
+    return jnp.sqrt(abb) * eps - jnp.sqrt(1 - abb) * x0
+  key = jax.random.PRNGKey(0)
+  ref = karras.heun_sample(SCHED, gauss_model, X_T[:64], key, num_steps=10)
+  got = karras.heun_sample(SCHED, model, X_T[:64], key, num_steps=10, prediction=prediction)
+  np.testing.assert_allclose(got, ref, atol=2e-3)
+
+
+# ----------------------------------------------------------------------------- stochastic
+
+def _gauss_w2(samples):
+  """2-Wasserstein between the Gaussian fit of samples [n, d] and N(MU, S^2 I)."""
+  from scipy import linalg
+  m = samples.mean(0)
+  c = np.cov(samples.T)
+  root = np.real(linalg.sqrtm(c))
+  return math.sqrt(max(np.sum((m - MU) ** 2) + np.trace(c) + 2 * S**2 - 2 * S * np.trace(root),
+                       0.0))
+
+
+STOCHASTIC = [
+    ("euler_ancestral_sample", {}),
+    ("edm_sample", dict(s_churn=20.0, s_tmin=0.05, s_tmax=50.0)),
+    ("dpmpp_2m_sde_sample", {}),
+    ("dpmpp_3m_sample", dict(eta=1.0)),
+    ("pc_sample", dict(n_corrector=1, snr=0.1)),
+]
+
+
+@pytest.mark.parametrize("name,kw", STOCHASTIC)
+def test_stochastic_samplers_converge_in_distribution(name, kw):
+  few = _gauss_w2(_run(name, 4, batch=4000, **kw)[0])
+  many = _gauss_w2(_run(name, 100, batch=4000, **kw)[0])
+  # Sampling noise of the W2 of a 2-D Gaussian fit with n = 4000 is ~0.01.
+  assert many < 0.03, (few, many)
+  assert many < few, (few, many)
+
+
+@pytest.mark.parametrize("name,kw", [("dpmpp_2m_sde_sample", {}), ("heun_sample", {})])
+def test_mixture_ks(name, kw):
+  from scipy import stats
+  x, _ = _run(name, 60, model=mixture_model, batch=3000, event=(1,), **kw)
+  res = stats.kstest(x[:, 0], lambda v: analytic.mixture_cdf_1d(v, W, MEANS, STDS))
+  assert res.statistic < 0.035, res
+
+
+# ----------------------------------------------------------------------------- NFE and steps
+
+def _count_calls(sample_fn, **kw):
+  calls = []
+
+  def model(x, t, cond=None):
+    jax.debug.callback(lambda: calls.append(1))
+    return gauss_model(x, t, cond)
+
+  jax.block_until_ready(jax.jit(lambda x: sample_fn(SCHED, model, x, jax.random.PRNGKey(0),
+                                                    **kw))(X_T[:4]))
+  return len(calls)
+
+
+@pytest.mark.parametrize("fn,kw,nfe", [
+    (karras.heun_sample, dict(num_steps=7), 13),
+    (karras.edm_sample, dict(num_steps=7, s_churn=10.0), 13),
+    (dpm_solver.dpmpp_3m_sample, dict(num_steps=7, eta=1.0), 7),
+    (pc.pc_sample, dict(num_steps=7, n_corrector=2), 21),
+])
+def test_nfe(fn, kw, nfe):
+  assert _count_calls(fn, **kw) == nfe
+
+
+def test_euler_ancestral_replays_with_explicit_noise():
+  rng = jax.random.PRNGKey(5)
+  x_T = X_T[:16]
+  out = karras.euler_ancestral_sample(SCHED, gauss_model, x_T, rng, num_steps=5)
+
+  @jax.jit
+  def replay(x_T):
+    grid = grids.sigma_grid(SCHED, 5)
+    den = sigma_lib.make_denoiser(SCHED, gauss_model)
+    x = x_T * jnp.sqrt(1 + grid[0] ** 2)
+    for i in range(5):  # a Python loop on purpose: the reference is not the driver
+      noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape)
+      x = karras.euler_ancestral_step(den, x, grid[i], grid[i + 1], noise)
+    return x
+
+  np.testing.assert_allclose(out, replay(x_T), rtol=1e-5, atol=1e-5)
+
+
+def test_dpmpp_2m_first_step_is_ddim():
+  """The first (1st-order) DPM-Solver++ step equals DDIM (eta = 0) between the same levels."""
+  grid = grids.sigma_grid(SCHED, 4)
+  den = sigma_lib.make_denoiser(SCHED, gauss_model)
+  x = X_T[:16] * jnp.sqrt(1 + grid[0] ** 2)
+  st = dpm_solver.dpmpp_2m_step(den, dpm_solver.init_state(x), grid[0], grid[1])
+  ab0, ab1 = 1 / (1 + grid[0] ** 2), 1 / (1 + grid[1] ** 2)
+  x_t = x * jnp.sqrt(ab0)
+  t0 = sigma_lib.sigma_to_t(SCHED, grid[0])
+  x0, eps = sigma_lib.to_x0_eps_at(ab0, x_t, gauss_model(x_t, jnp.full((16,), t0)))
+  ddim = jnp.sqrt(ab1) * x0 + jnp.sqrt(1 - ab1) * eps
+  np.testing.assert_allclose(st.x * jnp.sqrt(ab1), ddim, rtol=1e-4, atol=1e-5)
