@@ -9,6 +9,12 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A persistent XLA compilation cache shared by the in-process tests and their subprocesses:
+# the suite compiles the same tiny models many times.
+CACHE_DIR = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                                  os.path.join(REPO, ".pytest_cache", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 @pytest.fixture(scope="session")

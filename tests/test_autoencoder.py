@@ -11,7 +11,8 @@ from jdiff.autoencoder_losses import (autoencoder_loss, latent_scale_factor,
                                       make_autoencoder_train_step, mse, psnr,
                                       reconstruction_loss)
 from jdiff.models.autoencoder import (AttnBlock, AutoencoderKL, DiagonalGaussian,
-                                      Downsample, ResnetBlock, Upsample, ldm_key, ldm_state_dict_from_diffusers,
+                                      Downsample, ResnetBlock, Upsample, ldm_key,
+                                      ldm_state_dict_from_diffusers,
                                       ldm_state_dict_from_params, ldm_state_dict_keys,
                                       make_autoencoder, param_count,
                                       params_from_ldm_state_dict)
@@ -157,7 +158,7 @@ def _random_params(params, seed):
 def test_downsample_pads_bottom_right_like_ldm():
   x = np.random.default_rng(0).normal(size=(1, 6, 6, 2)).astype(np.float32)
   layer = Downsample()
-  p = _random_params(layer.init(jax.random.key(0), x)['params'], 1)
+  p = _random_params(layer.init(_INIT_KEY(0), x)['params'], 1)
   y = np.asarray(layer.apply({'params': p}, x))
   # torch: F.pad(x, (0, 1, 0, 1)) then Conv2d(k=3, stride=2, padding=0).
   ref = _np_conv(x, p['conv']['kernel'], p['conv']['bias'], pad=((0, 1), (0, 1)), stride=2)
@@ -168,7 +169,7 @@ def test_downsample_pads_bottom_right_like_ldm():
 def test_upsample_is_nearest_neighbour_then_same_conv():
   x = np.random.default_rng(2).normal(size=(1, 2, 3, 2)).astype(np.float32)
   layer = Upsample()
-  p = _random_params(layer.init(jax.random.key(0), x)['params'], 3)
+  p = _random_params(layer.init(_INIT_KEY(0), x)['params'], 3)
   y = np.asarray(layer.apply({'params': p}, x))
   up = x[:, [0, 0, 1, 1]][:, :, [0, 0, 1, 1, 2, 2]]  # F.interpolate(scale_factor=2, 'nearest')
   ref = _np_conv(up, p['conv']['kernel'], p['conv']['bias'], pad=((1, 1), (1, 1)))
@@ -178,7 +179,7 @@ def test_upsample_is_nearest_neighbour_then_same_conv():
 def test_resnet_block_matches_numpy():
   x = np.random.default_rng(4).normal(size=(1, 4, 4, 4)).astype(np.float32)
   layer = ResnetBlock(8, num_groups=2)
-  p = _random_params(layer.init(jax.random.key(0), x)['params'], 5)
+  p = _random_params(layer.init(_INIT_KEY(0), x)['params'], 5)
   assert set(p) == {'norm1', 'conv1', 'norm2', 'conv2', 'nin_shortcut'}
   y = np.asarray(layer.apply({'params': p}, x))
   swish = lambda a: a / (1 + np.exp(-a))  # noqa: E731
@@ -195,7 +196,7 @@ def test_resnet_block_matches_numpy():
 def test_attention_matches_numpy_single_head():
   x = np.random.default_rng(1).normal(size=(2, 3, 4, 8)).astype(np.float32)
   layer = AttnBlock(num_groups=4)
-  p = _random_params(layer.init(jax.random.key(0), x)['params'], 6)
+  p = _random_params(layer.init(_INIT_KEY(0), x)['params'], 6)
   y = np.asarray(layer.apply({'params': p}, x))
   h = _np_group_norm(x, p['norm']['scale'], p['norm']['bias'], 4).reshape(2, 12, 8)
   lin = lambda n, a: a @ p[n]['kernel'][0, 0] + p[n]['bias']  # noqa: E731

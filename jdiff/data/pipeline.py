@@ -350,7 +350,11 @@ def make_train_iterator(
       ``None`` keeps the stored size.
     random_flip: random horizontal flips (on for cifar10, off for digits).
     num_epochs: epochs to yield; ``None`` repeats forever.
-    worker_count: grain worker processes; 0 runs in this process.
+    worker_count: grain worker processes; 0 runs in this process. With
+      workers each one batches its own records, so the stream (still
+      deterministic) depends on ``worker_count`` and a restored state needs the
+      same value (grain checks). grain reads absl flags in its workers: run
+      under ``absl.app.run`` (or parse ``absl.flags.FLAGS`` first).
 
   Returns:
     An iterator of ``{'image': float32 [b, H, W, C] in [-1, 1],

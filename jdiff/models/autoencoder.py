@@ -541,7 +541,8 @@ def params_from_ldm_state_dict(state_dict: Mapping[str, Any], *, config: Autoenc
   `decoder.up.3.upsample.conv.bias`, `quant_conv.weight`.
 
   Args:
-    state_dict: {key: array-like} (numpy, or anything `np.asarray` accepts).
+    state_dict: {key: array-like} (numpy, or anything `np.asarray` accepts; convert
+      torch tensors with `t.float().numpy()` first, since numpy has no bfloat16).
     config: the `AutoencoderKL` whose params to build (defines expected keys/shapes).
     prefix: only keys starting with it are used, with it stripped (e.g.
       'first_stage_model.' for a full SD checkpoint); others are ignored, as are

@@ -27,6 +27,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jdiff import diffusion
 from jdiff.schedules import Schedule
@@ -167,9 +168,12 @@ def check_sigma_grid(grid: Array) -> Array:
   grid = jnp.asarray(grid, jnp.float32)
   if grid.ndim != 1 or grid.shape[0] < 2:
     raise ValueError(f"sigma grid must be 1-D with at least 2 entries, got shape {grid.shape}")
-  if not isinstance(grid, jax.core.Tracer):
-    if float(grid[-1]) != 0.0:
-      raise ValueError(f"sigma grid must end with 0, got last value {float(grid[-1])}")
-    if bool(jnp.any(grid[1:] >= grid[:-1])):
-      raise ValueError(f"sigma grid must be strictly decreasing, got {grid}")
+  try:
+    g = np.asarray(grid)
+  except jax.errors.TracerArrayConversionError:  # traced inside jit: values unknown
+    return grid
+  if g[-1] != 0.0:
+    raise ValueError(f"sigma grid must end with 0, got last value {g[-1]}")
+  if np.any(g[1:] >= g[:-1]):
+    raise ValueError(f"sigma grid must be strictly decreasing, got {g}")
   return grid
