@@ -86,5 +86,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.bound_examples = 16  # full T-step bound on this many eval examples (0: skip)
   c.eval.use_ema = True
 
+  # Latent diffusion: the data are the latents of a frozen stage-1 autoencoder (see
+  # experiments/configs/ae_digits.py); empty = pixel-space diffusion.
+  c.latent = ml_collections.ConfigDict()
+  c.latent.autoencoder_workdir = ""
+  c.latent.scale_factor = 0.0  # 0: use the 1/std computed from the data by stage 1
+
   c.lock()
   return c

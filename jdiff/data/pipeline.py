@@ -231,7 +231,10 @@ def _center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class _Preprocess(grain.MapTransform):
-  """Example dict -> {'image': float32 [H, W, C] in [-1, 1], 'label': int32 []}."""
+  """Example dict -> {'image': float32 [H, W, C] in [-1, 1], 'label': int32 []}.
+
+  uint8 images are scaled to [-1, 1]; float32 images (precomputed latents) pass unchanged.
+  """
 
   image_size: int | None = None
 
@@ -239,6 +242,12 @@ class _Preprocess(grain.MapTransform):
     image = np.asarray(element["image"])
     if image.ndim == 2:
       image = image[:, :, None]
+    if image.dtype == np.float32 and image.ndim == 3 and self.image_size is None:
+      # Already model-ready values (e.g. precomputed autoencoder latents): pass through.
+      out = {"image": image}
+      if "label" in element:
+        out["label"] = np.asarray(element["label"], np.int32)
+      return out
     if image.dtype != np.uint8 or image.ndim != 3:
       raise ValueError(
           f"expected uint8 images [H, W, C], got {image.dtype} with shape {image.shape}"

@@ -1,0 +1,8 @@
+"""Flax networks and the bridge to the library's `model_fn(x_t, t, cond)`."""
+
+from jdiff.models.autoencoder import (AutoencoderKL, DiagonalGaussian, autoencoder_presets,
+                                      ldm_state_dict_from_diffusers, ldm_state_dict_from_params,
+                                      ldm_state_dict_keys, make_autoencoder,
+                                      params_from_ldm_state_dict)
+from jdiff.models.bridge import make_model_fn
+from jdiff.models.unet import UNet, make_unet

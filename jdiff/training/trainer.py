@@ -94,6 +94,17 @@ class Setup:
     if config.conditional and not self.meta.num_classes:
       raise ValueError(f"config.conditional=True but dataset {config.data.name!r} has no labels")
     self.image_shape = tuple(self.meta.image_shape)
+    self.pixel_shape = self.image_shape
+    self.codec = None
+    if config.latent.autoencoder_workdir:
+      from jdiff.training import latents  # pylint: disable=g-import-not-at-top
+      self.codec = latents.load_codec(config.latent.autoencoder_workdir,
+                                      scale_factor=config.latent.scale_factor)
+      if tuple(self.codec.image_shape) != self.pixel_shape:
+        raise ValueError(f"the autoencoder in {config.latent.autoencoder_workdir} was trained on "
+                         f"images {self.codec.image_shape}, but config.data gives "
+                         f"{self.pixel_shape}")
+      self.image_shape = tuple(self.codec.latent_shape)
     self.num_classes = self.meta.num_classes if config.conditional else None
     self.module = build_model(config, num_classes=self.meta.num_classes,
                               channels=self.image_shape[-1])
@@ -103,9 +114,26 @@ class Setup:
     self.repl = sharding.replicated(self.mesh)
     self.optimizer = make_optimizer(total_steps=config.train.num_steps, **config.optim)
     rng = jax.random.key(config.seed)
-    self.init_rng, self.train_rng, self.sample_rng, self.eval_rng = jax.random.split(rng, 4)
+    self.train_rng, self.sample_rng, self.eval_rng = jax.random.split(rng, 3)
+    # Parameter init uses the 'rbg' PRNG: threefry-based init of every kernel compiles
+    # for tens of seconds on a CPU, rbg in about one.
+    self.init_rng = jax.random.key(config.seed, impl="rbg")
     self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                      max_to_keep=config.train.keep_checkpoints)
+
+  @property
+  def iter_image_size(self) -> int | None:
+    """The resize the input pipeline applies (none for precomputed latents)."""
+    return None if self.codec is not None else (self.config.data.image_size or None)
+
+  def source(self, split: str):
+    """The dataset name, or for latent diffusion the encoded split (a random-access source)."""
+    if self.codec is None:
+      return self.config.data.name
+    from jdiff.training import latents  # pylint: disable=g-import-not-at-top
+    return latents.encode_source(self.codec, self.config.data.name, split=split,
+                                 data_dir=data_dir(self.config),
+                                 image_size=self.config.data.image_size or None)
 
   def init_state(self) -> TrainState:
     sample_x = jnp.zeros((1, *self.image_shape), jnp.float32)
@@ -150,7 +178,11 @@ class Setup:
       x_T = jax.random.normal(key, (batch, *self.image_shape), jnp.float32)
       labels = (jnp.arange(k * batch, (k + 1) * batch, dtype=jnp.int32)
                 % (self.num_classes or 1))
-      out.append(np.asarray(jax.device_get(fn(params, x_T, jax.random.fold_in(key, 1), labels))))
+      x0 = fn(params, x_T, jax.random.fold_in(key, 1), labels)
+      if self.codec is not None:
+        from jdiff.training import latents  # pylint: disable=g-import-not-at-top
+        x0 = jax.jit(functools.partial(latents.decode, self.codec))(x0)
+      out.append(np.asarray(jax.device_get(x0)))
     return np.concatenate(out)[:num]
 
 
@@ -240,9 +272,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   logging.info("model: %d parameters; image shape %s; %s", param_count(state.params),
                setup.image_shape, setup.module.__class__.__name__)
   train_iter = pipeline.make_train_iterator(
-      cfg.data.name, global_batch_size=cfg.train.batch_size, seed=cfg.seed,
+      setup.source(cfg.data.train_split), global_batch_size=cfg.train.batch_size, seed=cfg.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      split=cfg.data.train_split, data_dir=data_dir(cfg), image_size=cfg.data.image_size or None,
+      split=cfg.data.train_split, data_dir=data_dir(cfg), image_size=setup.iter_image_size,
       random_flip=cfg.data.random_flip)
   ckpt = setup.checkpointer
   if ckpt.latest_step() is not None:
@@ -352,9 +384,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
                       in_shardings=(setup.repl, data_sh, setup.repl, setup.repl),
                       out_shardings=setup.repl)
   it = pipeline.make_eval_iterator(
-      cfg.data.name, global_batch_size=cfg.eval.batch_size, process_index=jax.process_index(),
+      setup.source(cfg.data.eval_split), global_batch_size=cfg.eval.batch_size, process_index=jax.process_index(),
       process_count=jax.process_count(), split=cfg.data.eval_split, data_dir=data_dir(cfg),
-      image_size=cfg.data.image_size or None)
+      image_size=setup.iter_image_size)
   loss_sum, count, bound_sum, bound_count = 0.0, 0.0, 0.0, 0
   bound_fn = jax.jit(functools.partial(_bound, setup), in_shardings=(setup.repl, data_sh,
                                                                      setup.repl),
@@ -365,7 +397,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
                                    jax.random.fold_in(setup.eval_rng, i)))
     loss_sum += float(out["loss_sum"])
     count += float(out["count"])
-    if bound_count < cfg.eval.bound_examples:
+    # The bound in bits/dim is defined for 8-bit pixels, not for continuous latents.
+    if setup.codec is None and bound_count < cfg.eval.bound_examples:
       total, n = jax.device_get(bound_fn(params, batch, jax.random.fold_in(setup.eval_rng, -1 - i)))
       bound_sum += float(total)
       bound_count += int(n)
