@@ -6,10 +6,11 @@ here; models, training and data live in the subpackages `jdiff.models`,
 initialises no device.
 """
 
-from jdiff import diffusion, losses, samplers, schedules
+from jdiff import diffusion, likelihood, losses, samplers, schedules
 from jdiff.diffusion import (eps_from_score, eps_from_v, eps_from_x0, p_mean_variance,
                              q_mean_variance, q_posterior, q_sample, score_from_eps,
                              to_x0_eps, v_from_x0_eps, x0_from_eps, x0_from_v)
+from jdiff.likelihood import ode_bpd, ode_nll
 from jdiff.losses import (denoising_loss, hybrid_loss, importance_sample_timesteps,
                           sample_timesteps, variational_bound, vlb_term)
 from jdiff.schedules import (Schedule, cosine, from_betas, get_schedule, linear,

@@ -5,4 +5,5 @@ from jdiff.models.autoencoder import (AutoencoderKL, DiagonalGaussian, autoencod
                                       ldm_state_dict_keys, make_autoencoder,
                                       params_from_ldm_state_dict)
 from jdiff.models.bridge import make_model_fn
+from jdiff.models.guidance import cfg_model_fn
 from jdiff.models.unet import UNet, make_unet

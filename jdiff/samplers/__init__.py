@@ -1,6 +1,18 @@
-"""Samplers: one step function each, driven by one `lax.scan` loop (`sample_loop`)."""
+"""Samplers: one step function each, driven by one `lax.scan` loop (`sample_loop`).
+
+Discrete-time samplers (DDPM, DDIM, predictor-corrector) walk integer timestep grids;
+the continuous ones (Euler, Heun, Euler-ancestral, EDM, DPM-Solver++) walk sigma grids
+and call the model at fractional t.
+"""
 
 from jdiff.samplers.ddim import ddim_sample, ddim_step
 from jdiff.samplers.ddpm import ddpm_sample, ddpm_step
+from jdiff.samplers.dpm_solver import (DPMState, dpmpp_2m_sample, dpmpp_2m_sde_sample,
+                                       dpmpp_2m_step, dpmpp_3m_sample, dpmpp_3m_step)
 from jdiff.samplers.driver import sample_loop
-from jdiff.samplers.grids import timestep_grid
+from jdiff.samplers.grids import SIGMA_SPACINGS, karras_sigmas, sigma_grid, timestep_grid
+from jdiff.samplers.karras import (edm_sample, edm_stochastic_step, euler_ancestral_sample,
+                                   euler_ancestral_step, euler_sample, euler_step, heun_sample,
+                                   heun_step)
+from jdiff.samplers.pc import langevin_corrector_step, pc_sample, pc_step
+from jdiff.samplers.sigma import alpha_bar_at, make_denoiser, sigma_to_t, t_to_sigma

@@ -7,7 +7,7 @@ from typing import Callable
 import jax
 
 from jdiff.models.bridge import make_model_fn
-from jdiff.samplers import ddim, ddpm
+from jdiff.samplers import ddim, ddpm, dpm_solver, karras, pc
 from jdiff.schedules import Schedule
 
 Array = jax.Array
@@ -27,7 +27,42 @@ def _ddim(schedule, model_fn, x_T, rng, *, cond, prediction, variance, clip_x0, 
                           spacing=spacing, cond=cond, prediction=prediction, clip_x0=clip_x0)
 
 
-SAMPLERS: dict[str, Callable] = {"ddpm": _ddpm, "ddim": _ddim}
+def _sigma_space(fn, **fixed):
+  """Adapter for the continuous samplers (no x0 clipping, no variance choice)."""
+
+  def run(schedule, model_fn, x_T, rng, *, cond, prediction, variance, clip_x0, num_steps, eta,
+          spacing):
+    del variance, clip_x0, eta
+    return fn(schedule, model_fn, x_T, rng, num_steps=num_steps, spacing=spacing, cond=cond,
+              prediction=prediction, **fixed)
+
+  return run
+
+
+def _eta_sampler(fn):
+  """Adapter for the stochastic continuous samplers that take eta."""
+
+  def run(schedule, model_fn, x_T, rng, *, cond, prediction, variance, clip_x0, num_steps, eta,
+          spacing):
+    del variance, clip_x0
+    return fn(schedule, model_fn, x_T, rng, num_steps=num_steps, spacing=spacing, cond=cond,
+              prediction=prediction, eta=eta)
+
+  return run
+
+
+SAMPLERS: dict[str, Callable] = {
+    "ddpm": _ddpm,
+    "ddim": _ddim,
+    "euler": _sigma_space(karras.euler_sample),
+    "heun": _sigma_space(karras.heun_sample),
+    "euler_a": _eta_sampler(karras.euler_ancestral_sample),
+    "edm": _sigma_space(karras.edm_sample, s_churn=10.0),
+    "dpmpp_2m": _sigma_space(dpm_solver.dpmpp_2m_sample),
+    "dpmpp_2m_sde": _sigma_space(dpm_solver.dpmpp_2m_sde_sample),
+    "dpmpp_3m": _sigma_space(dpm_solver.dpmpp_3m_sample),
+    "pc": _eta_sampler(pc.pc_sample),
+}
 
 
 def make_sample_fn(module, schedule: Schedule, *, sampler: str = "ddim", num_steps: int = 50,
@@ -40,10 +75,13 @@ def make_sample_fn(module, schedule: Schedule, *, sampler: str = "ddim", num_ste
   Args:
     module: the network.
     schedule: the training schedule.
-    sampler: a name in `SAMPLERS`.
+    sampler: a name in `SAMPLERS`: 'ddpm', 'ddim', 'euler', 'heun', 'euler_a', 'edm'
+      (S_churn = 10), 'dpmpp_2m', 'dpmpp_2m_sde', 'dpmpp_3m' or 'pc'.
     num_steps: sampling steps (ignored by 'ddpm', which takes all T).
-    eta: DDIM stochasticity.
-    spacing: timestep spacing of the discrete samplers.
+    eta: stochasticity of 'ddim', 'euler_a' and 'pc' (0 = deterministic for ddim).
+    spacing: timestep spacing ('leading', 'trailing', 'linspace', 'quadratic') for the
+      discrete samplers; sigma spacing ('karras', 'log_snr', 'uniform', 'trailing',
+      'quadratic') for the continuous ones.
     clip_x0: clip predicted x0 (1.0 for images in [-1, 1]); None disables.
     prediction: what the model predicts.
     variance: reverse-process variance for 'ddpm'.
