@@ -62,6 +62,7 @@ def timestep_grid(num_train_steps: int, num_steps: int, *, spacing: str = "leadi
 
 
 SIGMA_SPACINGS = ("karras", "log_snr", "uniform", "trailing", "quadratic")
+FINAL_SIGMAS = ("zero", "sigma_min")
 
 
 def karras_sigmas(sigma_min, sigma_max, num_steps: int, *, rho: float = 7.0) -> jax.Array:
@@ -86,8 +87,15 @@ def karras_sigmas(sigma_min, sigma_max, num_steps: int, *, rho: float = 7.0) -> 
 
 
 def sigma_grid(schedule: Schedule, num_steps: int, *, spacing: str = "karras",
-               rho: float = 7.0, sigma_min=None, sigma_max=None) -> jax.Array:
+               rho: float = 7.0, sigma_min=None, sigma_max=None,
+               final: str = "zero") -> jax.Array:
   """A decreasing sigma grid of `num_steps` noise levels on the schedule, then 0.
+
+  With final='sigma_min' the grid has no trailing 0: its N + 1 levels span [sigma_min,
+  sigma_max] (the `num_steps + 1`-level grid without its 0), so a one-call-per-step solver
+  spends every call on a real step and ends at sigma_min, the noise level of the first
+  training timestep, instead of spending its last call on the jump sigma_min -> 0
+  (diffusers' `final_sigmas_type='sigma_min'`, for grids that end at t = 0).
 
   Args:
     schedule: the `Schedule`; by default the grid spans its [sigma(0), sigma(T-1)].
@@ -98,13 +106,19 @@ def sigma_grid(schedule: Schedule, num_steps: int, *, spacing: str = "karras",
       'quadratic' (the integer timesteps of `timestep_grid`, mapped to sigmas).
     rho: curvature of the 'karras' spacing.
     sigma_min, sigma_max: override the end points ('karras' and 'log_snr' only).
+    final: 'zero' (the grid ends with 0) or 'sigma_min' (see above).
 
   Returns:
-    float32 [N + 1], strictly decreasing, ending with 0.
+    float32 [N + 1], strictly decreasing, ending with 0 (final='zero') or sigma_min.
   """
   if spacing not in SIGMA_SPACINGS:
     raise ValueError(f"unknown sigma spacing {spacing!r}; choose one of {SIGMA_SPACINGS}")
+  if final not in FINAL_SIGMAS:
+    raise ValueError(f"unknown final sigma {final!r}; choose one of {FINAL_SIGMAS}")
   _check_num_steps(num_steps)
+  if final == "sigma_min":
+    return sigma_grid(schedule, num_steps + 1, spacing=spacing, rho=rho, sigma_min=sigma_min,
+                      sigma_max=sigma_max)[:-1]
   s_min, s_max = sigma_lib.sigma_min_max(schedule)
   s_min = s_min if sigma_min is None else jnp.asarray(sigma_min, jnp.float32)
   s_max = s_max if sigma_max is None else jnp.asarray(sigma_max, jnp.float32)

@@ -399,7 +399,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     count += float(out["count"])
     # The bound in bits/dim is defined for 8-bit pixels, not for continuous latents.
     if setup.codec is None and bound_count < cfg.eval.bound_examples:
-      total, n = jax.device_get(bound_fn(params, batch, jax.random.fold_in(setup.eval_rng, -1 - i)))
+      total, n = jax.device_get(bound_fn(params, batch, jax.random.fold_in(setup.eval_rng, 2**30 + i)))
       bound_sum += float(total)
       bound_count += int(n)
   results = {"eval/loss": loss_sum / max(count, 1.0), "eval/examples": count}

@@ -1,0 +1,72 @@
+"""Stage 1 of latent diffusion on the embedded digits: a small KL autoencoder at 32x32.
+
+  python -m experiments.main --mode=train_autoencoder \
+      --config=experiments/configs/ae_digits.py --workdir=runs/ae_digits
+
+The 'tiny_f4' preset (f = 4, 4 latent channels) maps 32x32x1 digits to 8x8x4 latents
+(4x fewer numbers, 16x fewer positions), which experiments/configs/ldm_digits.py trains on.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # Same fields as default.py's data section.
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "jdiff_digits"
+  c.data.data_dir = ""  # tfds data_dir; "" = TFDS' default
+  c.data.image_size = 32  # square resize; 0 keeps the stored size
+  c.data.random_flip = False
+  c.data.train_split = "train"
+  c.data.eval_split = "test"
+
+  # jdiff.models.autoencoder.make_autoencoder(preset, **overrides); None keeps the preset's
+  # value; in_channels defaults to the data's channel count.
+  c.autoencoder = ml_collections.ConfigDict()
+  c.autoencoder.preset = "tiny_f4"
+  c.autoencoder.overrides = ml_collections.ConfigDict()
+  o = c.autoencoder.overrides
+  o.ch = ml_collections.FieldReference(None, field_type=int)
+  o.ch_mult = ml_collections.FieldReference(None, field_type=tuple)
+  o.num_res_blocks = ml_collections.FieldReference(None, field_type=int)
+  o.z_channels = ml_collections.FieldReference(None, field_type=int)
+  o.embed_dim = ml_collections.FieldReference(None, field_type=int)
+  o.in_channels = ml_collections.FieldReference(None, field_type=int)
+  o.num_groups = ml_collections.FieldReference(None, field_type=int)
+  o.dtype = ml_collections.FieldReference(None, field_type=str)  # float32 | bfloat16
+
+  # LDM's first-stage loss without LPIPS and the GAN (jdiff/autoencoder_losses.py).
+  c.loss = ml_collections.ConfigDict()
+  c.loss.recon_loss = "l1"  # l1 (LDM) | l2
+  c.loss.kl_weight = 1e-6  # LDM / SD
+  c.loss.perceptual_weight = 0.0  # must stay 0: no pretrained LPIPS network available
+  c.loss.adversarial_weight = 0.0  # must stay 0: no discriminator implemented
+
+  # Arguments of jdiff.training.optim.make_optimizer.
+  c.optim = ml_collections.ConfigDict()
+  c.optim.optimizer = "adam"
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 100
+  c.optim.schedule = "cosine"
+  c.optim.grad_clip = 1.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.99
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 2000
+  c.train.batch_size = 64  # global, over all devices and processes
+  c.train.log_every = 100
+  c.train.ckpt_every = 500
+  c.train.keep_checkpoints = 3
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 100
+  c.eval.num_recon_images = 16  # originals over reconstructions in recon/recon_<step>.png
+
+  c.lock()
+  return c

@@ -1,0 +1,28 @@
+"""Stage 2 of latent diffusion on the embedded digits: a U-Net on 8x8x4 latents.
+
+  python -m experiments.main --mode=train_autoencoder \
+      --config=experiments/configs/ae_digits.py --workdir=runs/ae_digits
+  python -m experiments.main --config=experiments/configs/ldm_digits.py \
+      --workdir=runs/ldm_digits --config.latent.autoencoder_workdir=runs/ae_digits
+
+The data are the (posterior-mean, 1/std-scaled) latents of the frozen stage-1
+autoencoder; samples are decoded back to 32x32 pixels. data.image_size must match the
+size the autoencoder was trained on (ae_digits: 32).
+"""
+
+from experiments.configs import default
+
+
+def get_config():
+  c = default.get_config()
+  c.data.image_size = 32  # as in ae_digits.py; latents are 8x8x4 with f = 4
+  # 8x8 latents: levels 8 -> 4 -> 2, attention at 4x4.
+  c.model.ch = 64
+  c.model.ch_mult = (1, 2, 2)
+  c.model.num_res_blocks = 2
+  c.model.attn_resolutions = (4,)
+  c.model.num_groups = 8
+  # Scaled latents have unit std, not a [-1, 1] range: clipping x0 would distort them.
+  c.sample.clip_x0 = 0.0
+  c.train.num_steps = 3000
+  return c
