@@ -236,3 +236,105 @@ def test_dpmpp_2m_first_step_is_ddim():
   x0, eps = sigma_lib.to_x0_eps_at(ab0, x_t, gauss_model(x_t, jnp.full((16,), t0)))
   ddim = jnp.sqrt(ab1) * x0 + jnp.sqrt(1 - ab1) * eps
   np.testing.assert_allclose(st.x * jnp.sqrt(ab1), ddim, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- final sigma, lower order, UniPC
+
+def test_sigma_grid_final_sigma_min():
+  smin, smax = map(float, sigma_lib.sigma_min_max(SCHED))
+  g = np.asarray(grids.sigma_grid(SCHED, 5, spacing="log_snr", final="sigma_min"))
+  assert g.shape == (6,) and np.all(np.diff(g) < 0)
+  np.testing.assert_allclose([g[0], g[-1]], [smax, smin], rtol=1e-4)
+  np.testing.assert_allclose(np.diff(np.log(g)), np.log(smin / smax) / 5, rtol=1e-4)
+  with pytest.raises(ValueError, match="final"):
+    grids.sigma_grid(SCHED, 5, final="one")
+  with pytest.raises(ValueError, match="explicit grid"):
+    dpm_solver.dpmpp_2m_sample(SCHED, gauss_model, X_T, jax.random.PRNGKey(0),
+                               grid=jnp.array([10.0, 1.0, 0.0]), final_sigma="sigma_min")
+
+
+def test_final_sigma_min_last_step_is_a_solver_step():
+  """With final_sigma='sigma_min', N calls take N solver steps and stop at sigma_min."""
+  n = 4
+  out = dpm_solver.dpmpp_2m_sample(SCHED, gauss_model, X_T[:16], jax.random.PRNGKey(0),
+                                   num_steps=n, spacing="log_snr", final_sigma="sigma_min")
+  grid = grids.sigma_grid(SCHED, n, spacing="log_snr", final="sigma_min")
+  den = sigma_lib.make_denoiser(SCHED, gauss_model)
+  st = dpm_solver.init_state(X_T[:16] * jnp.sqrt(1 + grid[0] ** 2))
+  for i in range(n):  # a Python loop on purpose: the reference is not the driver
+    st = dpm_solver.dpmpp_2m_step(den, st, grid[i], grid[i + 1])
+  np.testing.assert_allclose(out, st.x, rtol=1e-5, atol=1e-5)
+  assert _count_calls(dpm_solver.dpmpp_2m_sample, num_steps=n, final_sigma="sigma_min") == n
+
+
+def test_dpmpp_3m_max_order_1_is_ddim():
+  """lower_order_final's 1st-order step: 3M with max_order=1 and a full history is DDIM."""
+  grid = grids.sigma_grid(SCHED, 6, spacing="log_snr")
+  den = sigma_lib.make_denoiser(SCHED, gauss_model)
+  st = dpm_solver.init_state(X_T[:16] * jnp.sqrt(1 + grid[0] ** 2))
+  for i in range(2):
+    st = dpm_solver.dpmpp_3m_step(den, st, grid[i], grid[i + 1])
+  got = dpm_solver.dpmpp_3m_step(den, st, grid[2], grid[3], max_order=1)
+  ab0, ab1 = 1 / (1 + grid[2] ** 2), 1 / (1 + grid[3] ** 2)
+  x_t = st.x * jnp.sqrt(ab0)
+  t0 = sigma_lib.sigma_to_t(SCHED, grid[2])
+  x0, eps = sigma_lib.to_x0_eps_at(ab0, x_t, gauss_model(x_t, jnp.full((16,), t0)))
+  ddim = jnp.sqrt(ab1) * x0 + jnp.sqrt(1 - ab1) * eps
+  np.testing.assert_allclose(got.x * jnp.sqrt(ab1), ddim, rtol=1e-4, atol=1e-5)
+  full = dpm_solver.dpmpp_3m_step(den, st, grid[2], grid[3])
+  assert np.max(np.abs(np.asarray(full.x - got.x))) > 1e-4  # the cap did something
+
+
+def test_dpmpp_3m_lower_order_final_wiring():
+  n = 5
+  out = dpm_solver.dpmpp_3m_sample(SCHED, gauss_model, X_T[:16], jax.random.PRNGKey(0),
+                                   num_steps=n, spacing="log_snr", lower_order_final=True)
+  grid = grids.sigma_grid(SCHED, n, spacing="log_snr")
+  den = sigma_lib.make_denoiser(SCHED, gauss_model)
+  st = dpm_solver.init_state(X_T[:16] * jnp.sqrt(1 + grid[0] ** 2))
+  for i in range(n):
+    st = dpm_solver.dpmpp_3m_step(den, st, grid[i], grid[i + 1], max_order=min(3, n - i))
+  np.testing.assert_allclose(out, st.x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("final_sigma", ["zero", "sigma_min"])
+def test_unip2_without_corrector_is_dpmpp_2m(final_sigma):
+  """[UniPC]: UniP-2 with B(h) = e^h - 1 is DPM-Solver++(2M)."""
+  kw = dict(num_steps=7, spacing="log_snr", final_sigma=final_sigma)
+  a = dpm_solver.unipc_sample(SCHED, mixture_model, X_T, jax.random.PRNGKey(0),
+                              corrector=False, **kw)
+  b = dpm_solver.dpmpp_2m_sample(SCHED, mixture_model, X_T, jax.random.PRNGKey(0), **kw)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_unic_1_closed_form():
+  """UniC-1 (bh2) after a 1st-order step: x_c = e^-h x_prev + (1 - e^-h)(D_0 + D_1) / 2."""
+  grid = grids.sigma_grid(SCHED, 6, spacing="log_snr")
+  den = sigma_lib.make_denoiser(SCHED, gauss_model)
+  x0 = X_T[:16] * jnp.sqrt(1 + grid[0] ** 2)
+  st = dpm_solver.unipc_step(den, dpm_solver.unipc_init_state(x0, order=2), grid[0], grid[1])
+  st2 = dpm_solver.unipc_step(den, st, grid[1], grid[2])
+  d0, d1 = den(x0, grid[0]), den(st.x, grid[1])
+  r = grid[1] / grid[0]
+  want = r * x0 + (1 - r) * 0.5 * (d0 + d1)
+  np.testing.assert_allclose(st2.x_prev, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw,min_ratio", [(dict(order=1), 3.0), (dict(order=2), 6.0),
+                                          (dict(order=2, variant="bh1"), 6.0)])
+def test_unipc_order_of_convergence(kw, min_ratio):
+  """UniC raises the order by one: UniPC-1 is 2nd order, UniPC-2 3rd order (2M: ~4x)."""
+  exact = np.asarray(exact_flow(X_T))
+  errs = [np.mean(np.abs(_run("unipc_sample", n, spacing="log_snr", **kw)[0] - exact))
+          for n in (10, 20, 40)]
+  assert errs[0] > errs[1] > errs[2], errs
+  assert errs[1] / errs[2] > min_ratio, errs
+
+
+def test_unipc_nfe_and_errors():
+  assert _count_calls(dpm_solver.unipc_sample, num_steps=7) == 7
+  assert _count_calls(dpm_solver.unipc_sample, num_steps=7, final_sigma="sigma_min") == 7
+  with pytest.raises(ValueError, match="order"):
+    dpm_solver.unipc_sample(SCHED, gauss_model, X_T, jax.random.PRNGKey(0), order=4)
+  with pytest.raises(ValueError, match="bh3"):
+    dpm_solver.unipc_sample(SCHED, gauss_model, X_T, jax.random.PRNGKey(0), variant="bh3")
