@@ -238,7 +238,7 @@ def test_dpmpp_2m_first_step_is_ddim():
   np.testing.assert_allclose(st.x * jnp.sqrt(ab1), ddim, rtol=1e-4, atol=1e-5)
 
 
-# ----------------------------------------------------------------------------- final sigma, lower order, UniPC
+# ---------------------------------------------------------------- final sigma, lower order, UniPC
 
 def test_sigma_grid_final_sigma_min():
   smin, smax = map(float, sigma_lib.sigma_min_max(SCHED))
@@ -299,10 +299,11 @@ def test_dpmpp_3m_lower_order_final_wiring():
 
 @pytest.mark.parametrize("final_sigma", ["zero", "sigma_min"])
 def test_unip2_without_corrector_is_dpmpp_2m(final_sigma):
-  """[UniPC]: UniP-2 with B(h) = e^h - 1 is DPM-Solver++(2M)."""
+  """[UniPC]: UniP-2 with B(h) = e^h - 1 is DPM-Solver++(2M) (at the same orders, so no
+  lower order at the end: 2M's last step is 2nd order when it does not jump to 0)."""
   kw = dict(num_steps=7, spacing="log_snr", final_sigma=final_sigma)
   a = dpm_solver.unipc_sample(SCHED, mixture_model, X_T, jax.random.PRNGKey(0),
-                              corrector=False, **kw)
+                              corrector=False, lower_order_final=False, **kw)
   b = dpm_solver.dpmpp_2m_sample(SCHED, mixture_model, X_T, jax.random.PRNGKey(0), **kw)
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 

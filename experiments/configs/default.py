@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.head_channels = ml_collections.FieldReference(None, field_type=int)
   c.model.dropout = 0.0
   c.model.num_groups = 8
-  c.model.use_scale_shift_norm = True
+  c.model.use_scale_shift_norm = False
   c.model.resblock_updown = False
   c.model.learn_sigma = False
   c.model.dtype = "float32"
@@ -60,10 +60,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.ema_warmup = True
 
   c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 3000
+  c.train.num_steps = 1500
   c.train.batch_size = 64  # global, over all devices and processes
   c.train.log_every = 100
-  c.train.ckpt_every = 1000
+  c.train.ckpt_every = 500
   c.train.sample_every = 0  # 0: only at the end
   c.train.keep_checkpoints = 3
   c.train.label_dropout = 0.0  # classifier-free guidance training (conditional only)

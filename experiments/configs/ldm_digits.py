@@ -17,9 +17,10 @@ def get_config():
   c = default.get_config()
   c.data.image_size = 32  # as in ae_digits.py; latents are 8x8x4 with f = 4
   # 8x8 latents: levels 8 -> 4 -> 2, attention at 4x4.
-  c.model.ch = 64
+  # default.py's U-Net (ch 32, one res block per level): ~1M parameters.
+  c.model.ch = 32
   c.model.ch_mult = (1, 2, 2)
-  c.model.num_res_blocks = 2
+  c.model.num_res_blocks = 1
   c.model.attn_resolutions = (4,)
   c.model.num_groups = 8
   # Scaled latents have unit std, not a [-1, 1] range: clipping x0 would distort them.

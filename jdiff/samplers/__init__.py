@@ -7,10 +7,11 @@ and call the model at fractional t.
 
 from jdiff.samplers.ddim import ddim_sample, ddim_step
 from jdiff.samplers.ddpm import ddpm_sample, ddpm_step
-from jdiff.samplers.dpm_solver import (DPMState, dpmpp_2m_sample, dpmpp_2m_sde_sample,
-                                       dpmpp_2m_step, dpmpp_3m_sample, dpmpp_3m_step)
+from jdiff.samplers.dpm_solver import (DPMState, UniPCState, dpmpp_2m_sample,
+                                       dpmpp_2m_sde_sample, dpmpp_2m_step, dpmpp_3m_sample,
+                                       dpmpp_3m_step, unipc_init_state, unipc_sample, unipc_step)
 from jdiff.samplers.driver import sample_loop
-from jdiff.samplers.grids import SIGMA_SPACINGS, karras_sigmas, sigma_grid, timestep_grid
+from jdiff.samplers.grids import FINAL_SIGMAS, SIGMA_SPACINGS, karras_sigmas, sigma_grid, timestep_grid
 from jdiff.samplers.karras import (edm_sample, edm_stochastic_step, euler_ancestral_sample,
                                    euler_ancestral_step, euler_sample, euler_step, heun_sample,
                                    heun_step)

@@ -278,32 +278,35 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str) -> Autoen
   return state
 
 
+def _local_params(params):
+  """This process's copy of replicated params, replicated over its local devices."""
+  return jax.tree.map(lambda x: jax.device_put(x.addressable_data(0),
+                                               latents.local_replicated()), params)
+
+
 def _write_reconstructions(ctx: _Context, params, step: int) -> str | None:
   """PNG grid: the first `num_recon_images` eval images (top) over their reconstructions."""
   n = ctx.config.eval.num_recon_images
-  if not n:
+  if not n or jax.process_index() != 0:
     return None
-  n_dev = ctx.mesh.devices.size
-  batch = max(n_dev, -(-n // n_dev) * n_dev)
-  images = next(ctx.eval_iterator(batch))["image"]
-  recon, _ = ctx.reconstruct_fn()(params, sharding.to_global(images, ctx.mesh))
-  recon = np.asarray(jax.device_get(recon))
-  if jax.process_index() != 0:
-    return None
-  images, recon = images[:n], np.clip(recon[:n], -1.0, 1.0)
+  d = ctx.config.data
+  images = next(pipeline.make_eval_iterator(d.name, global_batch_size=n, split=d.eval_split,
+                                            data_dir=ctx.data_dir,
+                                            image_size=ctx.image_size))["image"]
+  fn = jax.jit(lambda p, x: ctx.module.apply({"params": p}, x, sample_posterior=False)[0])
+  recon = np.clip(np.asarray(jax.device_get(fn(_local_params(params), images))), -1.0, 1.0)
   path = save_image_grid(os.path.join(ctx.workdir, "recon", f"recon_{step:07d}.png"),
-                         np.concatenate([images, recon]), ncols=len(images))
+                         np.concatenate([images, recon]), ncols=n)
   logging.info("wrote reconstructions %s", path)
   return path
 
 
 def _write_scale_factor(ctx: _Context, params, step: int, writer: MetricWriter) -> float:
   """Computes 1 / std of the train split's posterior means and stores it."""
-  local = jax.tree.map(lambda x: jax.device_put(x.addressable_data(0),
-                                                latents.local_replicated()), params)
   d = ctx.config.data
-  scale, n = latents.scale_factor_of_split(ctx.module, local, d.name, split=d.train_split,
-                                           data_dir=ctx.data_dir, image_size=ctx.image_size)
+  scale, n = latents.scale_factor_of_split(ctx.module, _local_params(params), d.name,
+                                           split=d.train_split, data_dir=ctx.data_dir,
+                                           image_size=ctx.image_size)
   if jax.process_index() == 0:
     latents.write_json(os.path.join(ctx.workdir, latents.SCALE_FILE),
                        {"scale_factor": scale, "latent_std": 1.0 / scale, "step": step,
@@ -320,9 +323,10 @@ def evaluate_autoencoder(config: ml_collections.ConfigDict, workdir: str) -> dic
   """Reconstruction MSE / PSNR / KL over the whole eval split from the latest checkpoint.
 
   Returns:
-    {'eval/mse': mean per-pixel squared error (reconstructions clipped to [-1, 1]), 'eval/psnr': mean per-example PSNR (dB,
-    data range 2), 'eval/psnr_of_mse': PSNR of the mean MSE, 'eval/kl': mean KL per
-    example (nats), 'eval/examples'}; also written to metrics.jsonl.
+    {'eval/mse': mean per-pixel squared error (reconstructions clipped to [-1, 1]),
+    'eval/psnr': mean per-example PSNR (dB, data range 2), 'eval/psnr_of_mse': PSNR of
+    the mean MSE, 'eval/kl': mean KL per example (nats), 'eval/examples'}; also
+    written to metrics.jsonl.
 
   Raises:
     FileNotFoundError: no checkpoint in `workdir`.

@@ -62,6 +62,7 @@ SAMPLERS: dict[str, Callable] = {
     "dpmpp_2m_sde": _sigma_space(dpm_solver.dpmpp_2m_sde_sample),
     "dpmpp_3m": _sigma_space(dpm_solver.dpmpp_3m_sample),
     "pc": _eta_sampler(pc.pc_sample),
+    "unipc": _sigma_space(dpm_solver.unipc_sample, final_sigma="sigma_min"),
 }
 
 
@@ -76,7 +77,8 @@ def make_sample_fn(module, schedule: Schedule, *, sampler: str = "ddim", num_ste
     module: the network.
     schedule: the training schedule.
     sampler: a name in `SAMPLERS`: 'ddpm', 'ddim', 'euler', 'heun', 'euler_a', 'edm'
-      (S_churn = 10), 'dpmpp_2m', 'dpmpp_2m_sde', 'dpmpp_3m' or 'pc'.
+      (S_churn = 10), 'dpmpp_2m', 'dpmpp_2m_sde', 'dpmpp_3m', 'unipc' (UniPC-2, final sigma_min)
+      or 'pc'.
     num_steps: sampling steps (ignored by 'ddpm', which takes all T).
     eta: stochasticity of 'ddim', 'euler_a' and 'pc' (0 = deterministic for ddim).
     spacing: timestep spacing ('leading', 'trailing', 'linspace', 'quadratic') for the
