@@ -360,14 +360,13 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   images = setup.generate(params, s.num_samples, jax.random.fold_in(setup.sample_rng, 10**9 + step))
   logging.info("sampled %d images with %s (%d steps) in %.1fs", s.num_samples, s.sampler,
                s.num_steps, time.perf_counter() - t0)
-  name = f"samples_{s.sampler}{s.num_steps}_step{step}"
-  out = os.path.join(setup.workdir, "samples", name)
+  setup.checkpointer.close()
+  out = os.path.join(setup.workdir, "samples", f"samples_{s.sampler}{s.num_steps}_step{step}")
   if jax.process_index() != 0:
-    return out
+    return out + ".npz"
   npz = save_npz(out + ".npz", images=images, step=np.int64(step))
   png = save_image_grid(out + ".png", images[: s.grid_size])
   logging.info("wrote %s and %s", npz, png)
-  setup.checkpointer.close()
   return npz
 
 
@@ -407,7 +406,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     results["eval/bpd_bound"] = bound_sum / bound_count
     results["eval/bound_examples"] = float(bound_count)
   logging.info("eval at step %d: %s", step, results)
-  MetricWriter(setup.workdir).write_scalars(step, results)
+  writer = MetricWriter(setup.workdir)
+  writer.write_scalars(step, results)
+  writer.close()
   setup.checkpointer.close()
   return results
 
