@@ -2,6 +2,8 @@
 
   python -m experiments.main --config=experiments/configs/digits.py --workdir=runs/digits \
       [--mode=train|sample|eval] [--config.optim.lr=1e-4]
+  python -m experiments.main --config=experiments/configs/ae_digits.py --workdir=runs/ae \
+      --mode=train_autoencoder|eval_autoencoder
 
 Multi-host: pass --coordinator_address/--num_processes/--process_id, or let
 `jax.distributed.initialize()` read them from the cluster environment with --distributed.
@@ -13,13 +15,15 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jdiff.training import trainer
+from jdiff.training import autoencoder_trainer, trainer
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml-collections config file.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to run.")
+flags.DEFINE_enum("mode", "train",
+                  ["train", "sample", "eval", "train_autoencoder", "eval_autoencoder"],
+                  "What to run: diffusion train/sample/eval, or stage-1 autoencoder train/eval.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (cluster env).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host.")
 flags.DEFINE_integer("num_processes", None, "Number of processes, for multi-host.")
@@ -33,7 +37,9 @@ class _QuietLibraries:
     return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
 
 
-MODES = {"train": trainer.train_and_evaluate, "sample": trainer.sample, "eval": trainer.evaluate}
+MODES = {"train": trainer.train_and_evaluate, "sample": trainer.sample, "eval": trainer.evaluate,
+         "train_autoencoder": autoencoder_trainer.train_autoencoder,
+         "eval_autoencoder": autoencoder_trainer.evaluate_autoencoder}
 
 
 def parse_flags(argv):
