@@ -52,8 +52,11 @@ def parse_flags(argv):
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     msg = str(e.args[0] if e.args else e)
     msg = " ".join(msg.replace("\\n", "\n").replace("\\", "").replace("'", "").split())
+    key = msg.split()[0] if msg else ""
     override = [a for a in argv[1:] if a.startswith("--config.")]
-    sys.stderr.write(f"FATAL bad config override {' '.join(override)}: {msg}\n")
+    culprit = [a for a in override if f".{key}=" in a or a.endswith(f".{key}")] or override
+    sys.stderr.write(f"FATAL bad config override {' '.join(culprit)}: unknown key {key!r}. "
+                     f"{msg[len(key):].strip()}\n")
   sys.exit(1)
 
 

@@ -286,3 +286,22 @@ def test_stage1_on_four_devices_matches_one(ae_run, digits_dir, tmp_path):
                                rtol=1e-2)
   # A checkpoint written on 4 devices loads as a codec on 1.
   assert latents.load_codec(wd).latent_shape == (4, 4, 4)
+
+
+def test_autoencoder_modes_through_the_cli(ae_run, digits_dir):
+  """--mode=eval_autoencoder on a stage-1 workdir, and --mode=train_autoencoder resuming it."""
+  wd = str(ae_run["root"] / "ae_cli")
+  shutil.copytree(ae_run["workdir"], wd)
+  common = ["-m", "experiments.main", "--config=experiments/configs/ae_digits.py",
+            f"--workdir={wd}", f"--config.data.data_dir={digits_dir}",
+            "--config.data.image_size=16", "--config.autoencoder.overrides.ch=8",
+            "--config.autoencoder.overrides.num_groups=4", "--config.optim.schedule=constant",
+            "--config.optim.warmup_steps=2", "--config.train.batch_size=8",
+            "--config.train.log_every=1", "--config.eval.batch_size=40",
+            "--config.eval.num_recon_images=4"]
+  run_python(common + ["--mode=train_autoencoder", f"--config.train.num_steps={AE_STEPS + 1}"])
+  assert str(AE_STEPS + 1) in os.listdir(os.path.join(wd, "checkpoints"))
+  assert read_metrics(wd)[-1]["step"] == AE_STEPS + 1
+  run_python(common + ["--mode=eval_autoencoder"])
+  row = read_metrics(wd)[-1]
+  assert row["eval/examples"] == 200.0 and np.isfinite(row["eval/psnr"])

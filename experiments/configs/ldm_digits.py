@@ -23,6 +23,9 @@ def get_config():
   c.model.num_res_blocks = 1
   c.model.attn_resolutions = (4,)
   c.model.num_groups = 8
+  # LDM's latent schedule. With cosine, alpha_bar_T ~ 0 and, without clipping, the first
+  # eps-step's x0 = (x_T - sqrt(1 - a) eps) / sqrt(a) explodes (samples with std ~1e3).
+  c.diffusion.schedule = "scaled_linear"
   # Scaled latents have unit std, not a [-1, 1] range: clipping x0 would distort them.
   c.sample.clip_x0 = 0.0
   c.train.num_steps = 3000

@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import time
 from typing import Any
 
 import flax
@@ -41,7 +40,8 @@ from jdiff.models.autoencoder import AutoencoderKL, make_autoencoder, param_coun
 from jdiff.training import latents, sharding
 from jdiff.training.checkpoint import Checkpointer
 from jdiff.training.optim import make_optimizer
-from jdiff.training.trainer import NonFiniteLossError, _Preemption, log_process_info
+from jdiff.training.loop import train_loop
+from jdiff.training.trainer import log_process_info
 from jdiff.training.writers import MetricWriter, save_image_grid
 
 Array = jax.Array
@@ -188,15 +188,6 @@ def make_state_train_step(module: AutoencoderKL, optimizer: optax.GradientTransf
 
 # ----------------------------------------------------------------------------- training
 
-def _fetch_finite(pending):
-  fetched = [(step, jax.device_get(m)) for step, m in pending]
-  for step, m in fetched:
-    if not np.isfinite(m["loss"]):
-      raise NonFiniteLossError(f"autoencoder loss is {m['loss']} at step {step}; stopping "
-                               "without saving. Lower config.optim.lr.")
-  return fetched
-
-
 def train_autoencoder(config: ml_collections.ConfigDict, workdir: str) -> AutoencoderState:
   """Trains the stage-1 autoencoder (resuming from `workdir`), returns the final state.
 
@@ -233,44 +224,31 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str) -> Autoen
   train_rng = jax.random.fold_in(ctx.rng, 1)
 
   writer = MetricWriter(ctx.workdir)
-  total = cfg.train.num_steps
-  pending: list[tuple[int, dict]] = []
-  last_saved = start
-  t_log, step_log = time.perf_counter(), start
-  with _Preemption() as preempt:
-    step = start
-    while step < total:
-      images = sharding.to_global(next(train_iter)["image"], mesh)
-      state, metrics = train_step(state, images, train_rng)
-      step += 1
-      pending.append((step, metrics))
-      log_now = step % cfg.train.log_every == 0 or step == total
-      save_now = (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or step == total
-      stop = preempt.should_stop()
-      if log_now or save_now or stop:
-        fetched = _fetch_finite(pending)
-        pending.clear()
-        if log_now and is_main:
-          now = time.perf_counter()
-          rate = (step - step_log) * cfg.train.batch_size / max(now - t_log, 1e-9)
-          mean = {k: float(np.mean([m[k] for _, m in fetched]))
-                  for k in ("loss", "rec_loss", "kl", "mse", "psnr")}
-          logging.info("step %d/%d  loss %.4f  rec %.4f  kl %.1f  psnr %.2f dB  %.1f img/s",
-                       step, total, mean["loss"], mean["rec_loss"], mean["kl"], mean["psnr"],
-                       rate)
-          writer.write_scalars(step, {**{f"train/{k}": v for k, v in mean.items()},
-                                      "train/img_per_s": rate,
-                                      "train/grad_norm": float(fetched[-1][1]["grad_norm"]),
-                                      "train/latent_std": float(fetched[-1][1]["latent_std"])})
-          t_log, step_log = now, step
-      if (save_now or stop) and step != last_saved:
-        ckpt.save(step, state, train_iter)
-        last_saved = step
-      if stop:
-        logging.warning("SIGTERM: saved checkpoint %d in %s, exiting", step, ckpt.directory)
-        break
+
+  def step_fn(state):
+    return train_step(state, sharding.to_global(next(train_iter)["image"], mesh), train_rng)
+
+  def log(step, metrics, rate, eta_s):
+    del eta_s
+    if not is_main:
+      return
+    mean = {k: float(np.mean([m[k] for m in metrics]))
+            for k in ("loss", "rec_loss", "kl", "mse", "psnr")}
+    logging.info("step %d/%d  loss %.4f  rec %.4f  kl %.1f  psnr %.2f dB  %.1f img/s", step,
+                 cfg.train.num_steps, mean["loss"], mean["rec_loss"], mean["kl"], mean["psnr"],
+                 rate)
+    writer.write_scalars(step, {**{f"train/{k}": v for k, v in mean.items()},
+                                "train/img_per_s": rate,
+                                "train/grad_norm": float(metrics[-1]["grad_norm"]),
+                                "train/latent_std": float(metrics[-1]["latent_std"])})
+
+  state, step, preempted = train_loop(
+      state, step_fn, start=start, total=cfg.train.num_steps, batch_size=cfg.train.batch_size,
+      log_every=cfg.train.log_every, ckpt_every=cfg.train.ckpt_every,
+      save=lambda step, state: ckpt.save(step, state, train_iter), log=log,
+      what="autoencoder loss")
   ckpt.wait()
-  if step == total and not preempt.requested:
+  if step == cfg.train.num_steps and not preempted:
     _write_reconstructions(ctx, state.params, step)
     _write_scale_factor(ctx, state.params, step, writer)
   writer.close()

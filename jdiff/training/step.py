@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -84,7 +84,7 @@ def make_train_step(module, optimizer: optax.GradientTransformation, *,
     new_state = state.replace(step=state.step + 1, params=params,
                               ema_params=ema_update(state.ema_params, params, decay),
                               opt_state=opt_state)
-    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
   return train_step
 

@@ -9,12 +9,9 @@ the latest checkpoint and use its EMA parameters.
 from __future__ import annotations
 
 import functools
-import logging as pylogging
 import math
 import os
-import signal
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +26,7 @@ from jdiff.models.unet import UNet
 from jdiff.schedules import Schedule, get_schedule
 from jdiff.training import sharding
 from jdiff.training.checkpoint import Checkpointer
+from jdiff.training.loop import NonFiniteLossError, train_loop  # noqa: F401 (re-export)
 from jdiff.training.optim import make_optimizer
 from jdiff.training.sampling import make_sample_fn
 from jdiff.training.state import TrainState, init_train_state, param_count
@@ -37,10 +35,6 @@ from jdiff.training.writers import MetricWriter, save_image_grid, save_npz
 
 Array = jax.Array
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or inf; the run stopped without saving the bad state."""
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -105,6 +99,7 @@ class Setup:
                          f"images {self.codec.image_shape}, but config.data gives "
                          f"{self.pixel_shape}")
       self.image_shape = tuple(self.codec.latent_shape)
+      self._decode = jax.jit(functools.partial(latents.decode, self.codec))
     self.num_classes = self.meta.num_classes if config.conditional else None
     self.module = build_model(config, num_classes=self.meta.num_classes,
                               channels=self.image_shape[-1])
@@ -180,8 +175,7 @@ class Setup:
                 % (self.num_classes or 1))
       x0 = fn(params, x_T, jax.random.fold_in(key, 1), labels)
       if self.codec is not None:
-        from jdiff.training import latents  # pylint: disable=g-import-not-at-top
-        x0 = jax.jit(functools.partial(latents.decode, self.codec))(x0)
+        x0 = self._decode(x0)
       out.append(np.asarray(jax.device_get(x0)))
     return np.concatenate(out)[:num]
 
@@ -206,41 +200,14 @@ def validate_config(config) -> None:
     raise ValueError(f"config.train.label_dropout must be in [0, 1), got {t.label_dropout}")
   if t.label_dropout and not config.conditional:
     raise ValueError("config.train.label_dropout > 0 needs config.conditional=True")
+  if config.latent.autoencoder_workdir and config.sample.clip_x0 > 0:
+    raise ValueError("config.sample.clip_x0 must be 0 for latent diffusion (scaled latents have "
+                     f"unit std, not a [-1, 1] range); got {config.sample.clip_x0}")
   if not 0.0 <= config.ema_decay < 1.0:
     raise ValueError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
 
 
 # ----------------------------------------------------------------------------- training
-
-class _Preemption:
-  """Turns SIGTERM into a flag checked once per step (save and exit cleanly)."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: no handler
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-  def should_stop(self) -> bool:
-    stop = self.requested
-    if jax.process_count() > 1:  # every process must agree to stop at the same step
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      stop = bool(np.any(multihost_utils.process_allgather(np.array([stop]))))
-    return stop
-
 
 def params_checksum(params) -> float:
   """A float64 checksum of this process's copy of (replicated) parameters."""
@@ -248,23 +215,12 @@ def params_checksum(params) -> float:
   return float(sum(np.sum(x * (1.0 + 1e-3 * i)) for i, x in enumerate(leaves)))
 
 
-def _check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
-  """Fetches pending metrics; raises NonFiniteLossError at the first bad loss."""
-  fetched = [(step, jax.device_get(m)) for step, m in pending]
-  for step, m in fetched:
-    if not np.isfinite(m["loss"]):
-      raise NonFiniteLossError(
-          f"loss is {m['loss']} at step {step}; stopping without saving (the last good "
-          "checkpoint is kept). Lower config.optim.lr or check the data.")
-  return fetched
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (resuming from `workdir` if it holds a checkpoint) and returns the final state."""
   log_process_info()
   setup = Setup(config, workdir)
   cfg, mesh = config, setup.mesh
-  local_batch = sharding.check_global_batch(cfg.train.batch_size, mesh)
+  sharding.check_global_batch(cfg.train.batch_size, mesh)
   data_sh = sharding.data_sharding(mesh)
   is_main = jax.process_index() == 0
 
@@ -290,59 +246,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       out_shardings=(setup.repl, setup.repl), donate_argnums=(0,))
 
   writer = MetricWriter(setup.workdir)
-  total = cfg.train.num_steps
-  pending: list[tuple[int, dict]] = []
-  last_saved = start
-  t_log, step_log = time.perf_counter(), start
 
-  def save(step):
-    nonlocal last_saved
-    if step != last_saved:
-      ckpt.save(step, state, train_iter)
-      last_saved = step
+  def step_fn(state):
+    batch = sharding.to_global({k: v for k, v in next(train_iter).items() if k != "mask"}, mesh)
+    return train_step(state, batch, setup.schedule, setup.train_rng)
 
-  def sample_grid(step):
+  def log(step, metrics, rate, eta_s):
+    if not is_main:
+      return
+    loss = float(np.mean([m["loss"] for m in metrics]))
+    logging.info("step %d/%d  loss %.5f  %.1f img/s  ETA %s", step, cfg.train.num_steps, loss,
+                 rate, time.strftime("%H:%M:%S", time.gmtime(eta_s)))
+    writer.write_scalars(step, {"train/loss": loss, "train/img_per_s": rate,
+                                "train/grad_norm": float(metrics[-1]["grad_norm"])})
+
+  def sample_grid(step, state):
     images = setup.generate(state.ema_params, cfg.sample.grid_size,
                             jax.random.fold_in(setup.sample_rng, step))
     if is_main:
       path = save_image_grid(os.path.join(setup.workdir, "samples", f"grid_{step:07d}.png"), images)
       logging.info("wrote sample grid %s", path)
 
-  with _Preemption() as preempt:
-    step = start
-    while step < total:
-      batch = sharding.to_global({k: v for k, v in next(train_iter).items() if k != "mask"}, mesh)
-      state, metrics = train_step(state, batch, setup.schedule, setup.train_rng)
-      step += 1
-      pending.append((step, metrics))
-      log_now = step % cfg.train.log_every == 0 or step == total
-      save_now = (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or step == total
-      stop = preempt.should_stop()
-      if log_now or save_now or stop:
-        fetched = _check_finite(pending)
-        pending.clear()
-        if log_now and is_main:
-          now = time.perf_counter()
-          rate = (step - step_log) * cfg.train.batch_size / max(now - t_log, 1e-9)
-          eta_s = (total - step) * cfg.train.batch_size / max(rate, 1e-9)
-          loss = float(np.mean([m["loss"] for _, m in fetched]))
-          logging.info("step %d/%d  loss %.5f  %.1f img/s  ETA %s", step, total, loss, rate,
-                       time.strftime("%H:%M:%S", time.gmtime(eta_s)))
-          writer.write_scalars(step, {"train/loss": loss, "train/img_per_s": rate,
-                                      "train/grad_norm": float(fetched[-1][1]["grad_norm"])})
-          t_log, step_log = now, step
-      if save_now or stop:
-        save(step)
-      if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step != total:
-        sample_grid(step)
-      if stop:
-        logging.warning("SIGTERM: saved checkpoint %d in %s, exiting", step, ckpt.directory)
-        break
+  def periodic(step, state):
+    if cfg.train.sample_every and step % cfg.train.sample_every == 0:
+      sample_grid(step, state)
+
+  state, step, preempted = train_loop(
+      state, step_fn, start=start, total=cfg.train.num_steps, batch_size=cfg.train.batch_size,
+      log_every=cfg.train.log_every, ckpt_every=cfg.train.ckpt_every,
+      save=lambda step, state: ckpt.save(step, state, train_iter), log=log, periodic=periodic)
   ckpt.wait()
   logging.info("process %d: params checksum %.10e at step %d", jax.process_index(),
                params_checksum(state.params), step)
-  if step == total and not preempt.requested:
-    sample_grid(step)
+  if step == cfg.train.num_steps and not preempted:
+    sample_grid(step, state)
   writer.close()
   ckpt.close()
   return state

@@ -1,0 +1,120 @@
+"""The host-side training loop shared by the diffusion and autoencoder trainers.
+
+It owns the periodic actions (log, checkpoint, extras), the NaN/inf check and SIGTERM
+handling; the caller supplies pure pieces: the jitted step, how to save and what to log.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from absl import logging
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or inf; the run stopped without saving the bad state."""
+
+
+class Preemption:
+  """Turns SIGTERM into a flag checked once per step (save and exit cleanly)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no handler
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def should_stop(self) -> bool:
+    stop = self.requested
+    if jax.process_count() > 1:  # every process must agree to stop at the same step
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      stop = bool(np.any(multihost_utils.process_allgather(np.array([stop]))))
+    return stop
+
+
+def fetch_finite(pending: list[tuple[int, dict]], *, what: str = "loss"
+                 ) -> list[tuple[int, dict]]:
+  """Fetches pending device metrics; raises NonFiniteLossError at the first bad loss."""
+  fetched = [(step, jax.device_get(m)) for step, m in pending]
+  for step, m in fetched:
+    if not np.isfinite(m["loss"]):
+      raise NonFiniteLossError(
+          f"{what} is {m['loss']} at step {step}; stopping without saving (the last good "
+          "checkpoint is kept). Lower config.optim.lr or check the data.")
+  return fetched
+
+
+def train_loop(state: Any, step_fn: Callable[[Any], tuple[Any, dict]], *, start: int, total: int,
+               batch_size: int, log_every: int, ckpt_every: int,
+               save: Callable[[int, Any], None],
+               log: Callable[[int, list[dict], float, float], None],
+               periodic: Callable[[int, Any], None] | None = None,
+               what: str = "loss") -> tuple[Any, int, bool]:
+  """Runs `state, metrics = step_fn(state)` from step `start` to `total`.
+
+  Metrics stay on the device until a log, a checkpoint or a stop needs them; then every
+  pending loss is checked for NaN/inf before anything is written. Checkpoints are saved
+  every `ckpt_every` steps (0: never), at the end and on SIGTERM.
+
+  Args:
+    state: the initial (possibly restored) state.
+    step_fn: one training step on the next batch, `state -> (state, metrics)`.
+    start: the state's step.
+    total: the last step.
+    batch_size: global batch size, for img/s.
+    log_every: log period in steps (the last step is always logged).
+    ckpt_every: checkpoint period in steps.
+    save: `save(step, state)`.
+    log: `log(step, metrics since the last log, img/s, ETA seconds)`.
+    periodic: optional `periodic(step, state)` after every step but the last (e.g. samples).
+    what: the name of the loss in error messages.
+
+  Returns:
+    (final state, final step, whether it stopped on SIGTERM).
+  """
+  pending: list[tuple[int, dict]] = []
+  since_log: list[dict] = []
+  last_saved, step = start, start
+  t_log, step_log = time.perf_counter(), start
+  with Preemption() as preempt:
+    while step < total:
+      state, metrics = step_fn(state)
+      step += 1
+      pending.append((step, metrics))
+      log_now = step % log_every == 0 or step == total
+      save_now = (ckpt_every and step % ckpt_every == 0) or step == total
+      stop = preempt.should_stop()
+      if log_now or save_now or stop:
+        since_log += [m for _, m in fetch_finite(pending, what=what)]
+        pending.clear()
+      if log_now:
+        now = time.perf_counter()
+        rate = (step - step_log) * batch_size / max(now - t_log, 1e-9)
+        log(step, since_log, rate, (total - step) * batch_size / max(rate, 1e-9))
+        since_log, t_log, step_log = [], now, step
+      if (save_now or stop) and step != last_saved:
+        save(step, state)
+        last_saved = step
+      if stop:
+        logging.warning("SIGTERM: saved checkpoint %d, exiting", step)
+        break
+      if periodic is not None and step != total:
+        periodic(step, state)
+  return state, step, preempt.requested
