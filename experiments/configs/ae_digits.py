@@ -9,19 +9,16 @@ The 'tiny_f4' preset (f = 4, 4 latent channels) maps 32x32x1 digits to 8x8x4 lat
 
 import ml_collections
 
+from experiments.configs import default
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  # Same fields as default.py's data section.
-  c.data = ml_collections.ConfigDict()
-  c.data.name = "jdiff_digits"
-  c.data.data_dir = ""  # tfds data_dir; "" = TFDS' default
-  c.data.image_size = 32  # square resize; 0 keeps the stored size
-  c.data.random_flip = False
-  c.data.train_split = "train"
-  c.data.eval_split = "test"
+  # default.py's data section (the embedded digits), at 32x32.
+  c.data = ml_collections.ConfigDict(default.get_config().data.to_dict())
+  c.data.image_size = 32
 
   # jdiff.models.autoencoder.make_autoencoder(preset, **overrides); None keeps the preset's
   # value; in_channels defaults to the data's channel count.
@@ -45,17 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.perceptual_weight = 0.0  # must stay 0: no pretrained LPIPS network available
   c.loss.adversarial_weight = 0.0  # must stay 0: no discriminator implemented
 
-  # Arguments of jdiff.training.optim.make_optimizer.
-  c.optim = ml_collections.ConfigDict()
-  c.optim.optimizer = "adam"
+  # Arguments of jdiff.training.optim.make_optimizer: the diffusion default's, at lr 1e-3.
+  c.optim = ml_collections.ConfigDict(default.get_config().optim.to_dict())
   c.optim.lr = 1e-3
-  c.optim.warmup_steps = 100
-  c.optim.schedule = "cosine"
-  c.optim.grad_clip = 1.0
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.99
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.0
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 2000

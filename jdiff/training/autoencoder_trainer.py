@@ -211,10 +211,7 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str) -> Autoen
       split=cfg.data.train_split, data_dir=ctx.data_dir, image_size=ctx.image_size,
       random_flip=cfg.data.random_flip)
   ckpt = ctx.checkpointer
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(state, train_iter)
-    logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
-  start = int(jax.device_get(state.step))
+  state, start = ckpt.restore_or_keep(state, train_iter)
 
   train_step = jax.jit(
       make_state_train_step(ctx.module, ctx.optimizer, recon_loss=cfg.loss.recon_loss,

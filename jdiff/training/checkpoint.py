@@ -12,6 +12,7 @@ from typing import Any
 
 import grain
 import jax
+from absl import logging
 import orbax.checkpoint as ocp
 
 
@@ -67,6 +68,17 @@ class Checkpointer:
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+  def restore_or_keep(self, state: Any, data_iter=None) -> tuple[Any, int]:
+    """Resume always wins: the latest checkpoint if there is one, else `state` as given.
+
+    Returns:
+      (state, its step as a Python int).
+    """
+    if self.latest_step() is not None:
+      state = self.restore(state, data_iter)
+      logging.info("resumed from %s at step %d", self.directory, int(state.step))
+    return state, int(jax.device_get(state.step))
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

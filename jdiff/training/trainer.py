@@ -233,10 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       split=cfg.data.train_split, data_dir=data_dir(cfg), image_size=setup.iter_image_size,
       random_flip=cfg.data.random_flip)
   ckpt = setup.checkpointer
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(state, train_iter)
-    logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
-  start = int(jax.device_get(state.step))
+  state, start = ckpt.restore_or_keep(state, train_iter)
 
   train_step = jax.jit(
       make_train_step(setup.module, setup.optimizer, ema_decay=cfg.ema_decay,
