@@ -77,14 +77,26 @@ def loss_kwargs(config) -> dict:
               learn_sigma=config.model.learn_sigma, vlb_weight=d.vlb_weight)
 
 
+def prepared_metadata(config) -> pipeline.DatasetMetadata:
+  """Dataset metadata, preparing the dataset once: process 0 first, the others after a barrier
+  (so processes sharing a data_dir never build it concurrently)."""
+  get = functools.partial(pipeline.dataset_metadata, config.data.name, data_dir=data_dir(config),
+                          image_size=config.data.image_size or None)
+  if jax.process_count() == 1:
+    return get()
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  meta = get() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("jdiff: dataset prepared")
+  return meta if meta is not None else get()
+
+
 class Setup:
   """Everything derived from (config, workdir) that the three modes share."""
 
   def __init__(self, config, workdir: str):
     validate_config(config)
     self.config, self.workdir = config, os.path.abspath(workdir)
-    self.meta = pipeline.dataset_metadata(config.data.name, data_dir=data_dir(config),
-                                          image_size=config.data.image_size or None)
+    self.meta = prepared_metadata(config)
     if config.conditional and not self.meta.num_classes:
       raise ValueError(f"config.conditional=True but dataset {config.data.name!r} has no labels")
     self.image_shape = tuple(self.meta.image_shape)
