@@ -42,7 +42,7 @@ from jdiff.training.checkpoint import Checkpointer
 from jdiff.training.optim import make_optimizer
 from jdiff.training.loop import train_loop
 from jdiff.training.trainer import log_process_info
-from jdiff.training.writers import MetricWriter, save_image_grid
+from jdiff.training.writers import MetricWriter, save_image_grid, write_scalars_once
 
 Array = jax.Array
 PyTree = Any
@@ -335,8 +335,6 @@ def evaluate_autoencoder(config: ml_collections.ConfigDict, workdir: str) -> dic
              "eval/psnr_of_mse": float(10.0 * np.log10(4.0 / mse)),
              "eval/kl": total["kl"] / count, "eval/examples": total["count"]}
   logging.info("autoencoder eval at step %d: %s", step, results)
-  writer = MetricWriter(ctx.workdir)
-  writer.write_scalars(step, results)
-  writer.close()
+  write_scalars_once(ctx.workdir, step, results)
   ctx.checkpointer.close()
   return results

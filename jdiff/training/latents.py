@@ -131,13 +131,9 @@ def architecture_record(preset: str, module: AutoencoderKL, image_shape) -> dict
 
 def read_architecture(ae_workdir: str) -> tuple[AutoencoderKL, tuple, tuple]:
   """(module, image_shape, latent_shape) from `ae_workdir/autoencoder.json`."""
-  path = os.path.join(os.path.abspath(ae_workdir), ARCH_FILE)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-        f"no autoencoder architecture file {path}: is {ae_workdir!r} the workdir of a "
-        "stage-1 run (python -m experiments.main --mode=train_autoencoder)?")
-  with open(path, encoding="utf-8") as f:
-    record = json.load(f)
+  record = _read_json(ae_workdir, ARCH_FILE, "autoencoder architecture file",
+                      f"is {ae_workdir!r} the workdir of a stage-1 run (python -m "
+                      "experiments.main --mode=train_autoencoder)?")
   kwargs = dict(record["kwargs"])
   kwargs["dtype"] = DTYPES[kwargs.get("dtype") or "float32"]
   kwargs["ch_mult"] = tuple(kwargs["ch_mult"])
@@ -204,14 +200,20 @@ def restore_autoencoder_params(ae_workdir: str, module: AutoencoderKL, image_sha
   return out["params"], step
 
 
-def read_scale_factor(ae_workdir: str) -> float:
-  path = os.path.join(os.path.abspath(ae_workdir), SCALE_FILE)
+def _read_json(ae_workdir: str, filename: str, what: str, hint: str) -> dict:
+  """Reads a JSON file that stage 1 writes into its workdir; FileNotFoundError if missing."""
+  path = os.path.join(os.path.abspath(ae_workdir), filename)
   if not os.path.isfile(path):
-    raise FileNotFoundError(
-        f"no latent scale file {path}: stage 1 writes it when it finishes (rerun "
-        "--mode=train_autoencoder to completion), or set config.latent.scale_factor > 0")
+    raise FileNotFoundError(f"no {what} {path}: {hint}")
   with open(path, encoding="utf-8") as f:
-    return float(json.load(f)["scale_factor"])
+    return json.load(f)
+
+
+def read_scale_factor(ae_workdir: str) -> float:
+  return float(_read_json(
+      ae_workdir, SCALE_FILE, "latent scale file",
+      "stage 1 writes it when it finishes (rerun --mode=train_autoencoder to completion), "
+      "or set config.latent.scale_factor > 0")["scale_factor"])
 
 
 def load_codec(ae_workdir: str, *, scale_factor: float = 0.0) -> LatentCodec:

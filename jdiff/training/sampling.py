@@ -27,26 +27,16 @@ def _ddim(schedule, model_fn, x_T, rng, *, cond, prediction, variance, clip_x0, 
                           spacing=spacing, cond=cond, prediction=prediction, clip_x0=clip_x0)
 
 
-def _sigma_space(fn, **fixed):
-  """Adapter for the continuous samplers (no x0 clipping, no variance choice)."""
-
-  def run(schedule, model_fn, x_T, rng, *, cond, prediction, variance, clip_x0, num_steps, eta,
-          spacing):
-    del variance, clip_x0, eta
-    return fn(schedule, model_fn, x_T, rng, num_steps=num_steps, spacing=spacing, cond=cond,
-              prediction=prediction, **fixed)
-
-  return run
-
-
-def _eta_sampler(fn):
-  """Adapter for the stochastic continuous samplers that take eta."""
+def _continuous(fn, *, takes_eta: bool = False, **fixed):
+  """Adapter for the sigma-grid samplers (no x0 clipping, no variance choice); `eta` is
+  passed only to the stochastic ones that take it."""
 
   def run(schedule, model_fn, x_T, rng, *, cond, prediction, variance, clip_x0, num_steps, eta,
           spacing):
     del variance, clip_x0
+    extra = {"eta": eta} if takes_eta else {}
     return fn(schedule, model_fn, x_T, rng, num_steps=num_steps, spacing=spacing, cond=cond,
-              prediction=prediction, eta=eta)
+              prediction=prediction, **fixed, **extra)
 
   return run
 
@@ -54,15 +44,15 @@ def _eta_sampler(fn):
 SAMPLERS: dict[str, Callable] = {
     "ddpm": _ddpm,
     "ddim": _ddim,
-    "euler": _sigma_space(karras.euler_sample),
-    "heun": _sigma_space(karras.heun_sample),
-    "euler_a": _eta_sampler(karras.euler_ancestral_sample),
-    "edm": _sigma_space(karras.edm_sample, s_churn=10.0),
-    "dpmpp_2m": _sigma_space(dpm_solver.dpmpp_2m_sample),
-    "dpmpp_2m_sde": _sigma_space(dpm_solver.dpmpp_2m_sde_sample),
-    "dpmpp_3m": _sigma_space(dpm_solver.dpmpp_3m_sample),
-    "pc": _eta_sampler(pc.pc_sample),
-    "unipc": _sigma_space(dpm_solver.unipc_sample, final_sigma="sigma_min"),
+    "euler": _continuous(karras.euler_sample),
+    "heun": _continuous(karras.heun_sample),
+    "euler_a": _continuous(karras.euler_ancestral_sample, takes_eta=True),
+    "edm": _continuous(karras.edm_sample, s_churn=10.0),
+    "dpmpp_2m": _continuous(dpm_solver.dpmpp_2m_sample),
+    "dpmpp_2m_sde": _continuous(dpm_solver.dpmpp_2m_sde_sample),
+    "dpmpp_3m": _continuous(dpm_solver.dpmpp_3m_sample),
+    "pc": _continuous(pc.pc_sample, takes_eta=True),
+    "unipc": _continuous(dpm_solver.unipc_sample, final_sigma="sigma_min"),
 }
 
 

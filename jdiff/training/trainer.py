@@ -31,7 +31,7 @@ from jdiff.training.optim import make_optimizer
 from jdiff.training.sampling import make_sample_fn
 from jdiff.training.state import TrainState, init_train_state, param_count
 from jdiff.training.step import make_eval_step, make_train_step
-from jdiff.training.writers import MetricWriter, save_image_grid, save_npz
+from jdiff.training.writers import MetricWriter, save_image_grid, save_npz, write_scalars_once
 
 Array = jax.Array
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -100,7 +100,7 @@ class Setup:
     if config.conditional and not self.meta.num_classes:
       raise ValueError(f"config.conditional=True but dataset {config.data.name!r} has no labels")
     self.image_shape = tuple(self.meta.image_shape)
-    self.pixel_shape = self.image_shape
+    self.pixel_shape = self.image_shape  # what samples decode to; image_shape is the model's
     self.codec = None
     if config.latent.autoencoder_workdir:
       from jdiff.training import latents  # pylint: disable=g-import-not-at-top
@@ -352,9 +352,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     results["eval/bpd_bound"] = bound_sum / bound_count
     results["eval/bound_examples"] = float(bound_count)
   logging.info("eval at step %d: %s", step, results)
-  writer = MetricWriter(setup.workdir)
-  writer.write_scalars(step, results)
-  writer.close()
+  write_scalars_once(setup.workdir, step, results)
   setup.checkpointer.close()
   return results
 

@@ -102,3 +102,10 @@ class MetricWriter:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def write_scalars_once(workdir: str, step: int, scalars: Mapping[str, float]) -> None:
+  """Appends one row of scalars to the workdir's metrics (process 0 only) and closes."""
+  writer = MetricWriter(workdir)
+  writer.write_scalars(step, scalars)
+  writer.close()
