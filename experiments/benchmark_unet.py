@@ -37,6 +37,8 @@ def _parse_args(argv=None):
   p.add_argument("--warmup", type=int, default=2, help="untimed calls after compile")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--remat", action="store_true")
+  p.add_argument("--conv_impl", default="auto", choices=("auto", "xla", "winograd"),
+                 help="UNet.conv_impl for the 3x3 convs (auto: Winograd for float32 on CPU)")
   p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for the peer")
   p.add_argument("--peer", action="store_true",
                  help="also time diffusers' UNet2DModel (needs torch + diffusers)")
@@ -111,7 +113,7 @@ def bench_jdiff(args) -> dict:
   res, chans = _defaults(args)
   b = args.batch
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-  net = make_unet(args.preset, dtype=dtype, remat=args.remat)
+  net = make_unet(args.preset, dtype=dtype, remat=args.remat, conv_impl=args.conv_impl)
   cond = net.num_classes is not None
   rng = jax.random.key(0)
   x = jax.random.normal(rng, (b, res, res, chans), jnp.float32)

@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jdiff.models.winograd import winograd_conv_general_dilated
+
 Array = jax.Array
 Dtype = Any
 
@@ -86,13 +88,23 @@ class GroupNorm32(nn.Module):
     return y.astype(self.dtype)
 
 
+def conv_fn(conv_impl: str):
+  """The ``conv_general_dilated`` that ``nn.Conv`` should call for a resolved impl."""
+  if conv_impl == "winograd":
+    return winograd_conv_general_dilated
+  if conv_impl == "xla":
+    return None  # nn.Conv's default, lax.conv_general_dilated
+  raise ValueError(f"conv_impl must be 'xla' or 'winograd' here (resolve 'auto' "
+                   f"with resolve_conv_impl), got conv_impl={conv_impl!r}")
+
+
 def _conv(features: int, kernel: int, *, dtype, param_dtype, name: str,
-          strides: int = 1, zero: bool = False) -> nn.Conv:
+          strides: int = 1, zero: bool = False, conv_impl: str = "xla") -> nn.Conv:
   pad = kernel // 2
   return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
                  padding=((pad, pad), (pad, pad)), dtype=dtype,
                  param_dtype=param_dtype, kernel_init=_zero_or_default(zero),
-                 name=name)
+                 conv_general_dilated=conv_fn(conv_impl), name=name)
 
 
 def _upsample_nearest(x: Array) -> Array:
@@ -114,6 +126,7 @@ class Upsample(nn.Module):
   use_conv: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -121,7 +134,7 @@ class Upsample(nn.Module):
     x = _upsample_nearest(x)
     if self.use_conv:
       x = _conv(self.channels, 3, dtype=self.dtype, param_dtype=self.param_dtype,
-                name="conv")(x)
+                conv_impl=self.conv_impl, name="conv")(x)
     return x
 
 
@@ -132,13 +145,14 @@ class Downsample(nn.Module):
   use_conv: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """[B, H, W, C] -> [B, H/2, W/2, channels]."""
     if self.use_conv:
       return _conv(self.channels, 3, strides=2, dtype=self.dtype,
-                   param_dtype=self.param_dtype, name="conv")(x)
+                   param_dtype=self.param_dtype, conv_impl=self.conv_impl, name="conv")(x)
     return _downsample_avg(x)
 
 
@@ -159,6 +173,7 @@ class ResBlock(nn.Module):
     down: average-pool 2x downsampling inside the block.
     num_groups: GroupNorm groups.
     zero_init: zero-initialise the last conv (residual branch starts as 0).
+    conv_impl: "xla" or "winograd" for the 3x3 convs (``jdiff.models.winograd``).
   """
 
   out_channels: int
@@ -170,6 +185,7 @@ class ResBlock(nn.Module):
   zero_init: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: Array, emb: Array, train: bool) -> Array:
@@ -189,7 +205,7 @@ class ResBlock(nn.Module):
       h, x = _upsample_nearest(h), _upsample_nearest(x)
     elif self.down:
       h, x = _downsample_avg(h), _downsample_avg(x)
-    h = _conv(self.out_channels, 3, name="conv1", **kw)(h)
+    h = _conv(self.out_channels, 3, name="conv1", conv_impl=self.conv_impl, **kw)(h)
 
     n_emb = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
     e = nn.Dense(n_emb, name="emb_proj", **kw)(nn.silu(emb.astype(self.dtype)))
@@ -202,10 +218,11 @@ class ResBlock(nn.Module):
       h = norm2(h + e)
     h = nn.silu(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = _conv(self.out_channels, 3, name="conv2", zero=self.zero_init, **kw)(h)
+    h = _conv(self.out_channels, 3, name="conv2", zero=self.zero_init,
+              conv_impl=self.conv_impl, **kw)(h)
 
     if x.shape[-1] != self.out_channels:
-      x = _conv(self.out_channels, 1, name="skip", **kw)(x)
+      x = _conv(self.out_channels, 1, name="skip", conv_impl=self.conv_impl, **kw)(x)
     return x + h
 
 
