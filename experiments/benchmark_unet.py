@@ -1,10 +1,12 @@
 r"""Throughput benchmark of the jdiff U-Net (and optionally diffusers' UNet2DModel).
 
 Prints compile time, train-step (forward + backward + Adam, jitted, donated)
-and forward images/s as medians over timed repeats after warm-up, XLA's FLOPs
-per image, and utilisation against a matmul peak measured in the same run.
-With ``--peer`` it measures diffusers' PyTorch ``UNet2DModel`` of the same
-architecture in the same process and prints the jdiff/peer ratios.
+and forward images/s as medians over timed repeats after warm-up, the model's
+FLOPs per image (XLA's cost analysis of the direct-convolution network) and
+model-FLOP utilisation (MFU) against a matmul peak measured in the same run.
+``--conv_impl`` picks ``UNet.conv_impl`` (default "auto": Winograd for float32
+on CPU). With ``--peer`` it measures diffusers' PyTorch ``UNet2DModel`` of the
+same architecture in the same process, interleaved, and prints the ratios.
 
 Usage::
 
@@ -109,6 +111,7 @@ def bench_jdiff(args) -> dict:
 
   from jdiff.models.bridge import make_model_fn
   from jdiff.models.unet import make_unet
+  from jdiff.models.winograd import resolve_conv_impl
 
   res, chans = _defaults(args)
   b = args.batch
@@ -124,20 +127,25 @@ def bench_jdiff(args) -> dict:
   tx = optax.adam(2e-4)
   opt_state = tx.init(params)
 
-  def loss_fn(params, x, t, y, rng):
-    eps = jax.random.normal(jax.random.fold_in(rng, 1), x.shape, x.dtype)
-    model_fn = make_model_fn(net, params, train=True, rng=jax.random.fold_in(rng, 2))
-    out = model_fn(x + eps, t, y).astype(jnp.float32)
-    return jnp.mean((out - eps) ** 2)
+  def steps(net):
+    """(train_step, forward) of `net`: forward + backward + Adam, and eval forward."""
+    def loss_fn(params, x, t, y, rng):
+      eps = jax.random.normal(jax.random.fold_in(rng, 1), x.shape, x.dtype)
+      model_fn = make_model_fn(net, params, train=True, rng=jax.random.fold_in(rng, 2))
+      out = model_fn(x + eps, t, y).astype(jnp.float32)
+      return jnp.mean((out - eps) ** 2)
 
-  def train_step(params, opt_state, x, t, y, rng):
-    loss, grads = jax.value_and_grad(loss_fn)(params, x, t, y, rng)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    def train_step(params, opt_state, x, t, y, rng):
+      loss, grads = jax.value_and_grad(loss_fn)(params, x, t, y, rng)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
 
-  def forward(params, x, t, y):
-    return make_model_fn(net, params, train=False)(x, t, y)
+    def forward(params, x, t, y):
+      return make_model_fn(net, params, train=False)(x, t, y)
 
+    return train_step, forward
+
+  train_step, forward = steps(net)
   train_jit = jax.jit(train_step, donate_argnums=(0, 1))
   fwd_jit = jax.jit(forward)
 
@@ -147,6 +155,13 @@ def bench_jdiff(args) -> dict:
   t0 = time.perf_counter()
   fwd_c = fwd_jit.lower(params, x, t, y).compile()
   compile_fwd = time.perf_counter() - t0
+
+  # Model FLOPs: those of the direct-convolution network (XLA's cost analysis
+  # of the unoptimised HLO), whatever conv_impl runs. Winograd executes 16/36
+  # of the 3x3 convs' multiplies, so its utilisation can exceed 100%.
+  train_ref, fwd_ref = steps(make_unet(args.preset, dtype=dtype, conv_impl="xla"))
+  train_flops = _flops(jax.jit(train_ref).lower(params, opt_state, x, t, y, rng))
+  fwd_flops = _flops(jax.jit(fwd_ref).lower(params, x, t, y))
 
   state = [params, opt_state]
 
@@ -159,8 +174,9 @@ def bench_jdiff(args) -> dict:
     fwd_c(state[0], x, t, y).block_until_ready()
 
   return dict(params=nparams, compile_train=compile_train, compile_fwd=compile_fwd,
-              run_train=run_train, run_fwd=run_fwd,
-              train_flops=_flops(train_c) / b, fwd_flops=_flops(fwd_c) / b)
+              run_train=run_train, run_fwd=run_fwd, conv_impl=resolve_conv_impl(
+                  args.conv_impl, dtype),
+              train_flops=train_flops / b, fwd_flops=fwd_flops / b)
 
 
 def _peer_config(args, chans):
@@ -244,22 +260,23 @@ def main(argv=None):
   if r:
     print(f"jdiff params: {r['params']:,}")
     print(f"jdiff compile: train step {r['compile_train']:.1f} s, forward {r['compile_fwd']:.1f} s")
-    print(f"jdiff FLOPs/image (XLA cost analysis): train step {r['train_flops'] / 1e9:.2f} G, "
-          f"forward {r['fwd_flops'] / 1e9:.2f} G")
+    print(f"jdiff conv_impl: {r['conv_impl']} (--conv_impl={args.conv_impl})")
+    print(f"model FLOPs/image (direct convs, XLA cost analysis): train step "
+          f"{r['train_flops'] / 1e9:.2f} G, forward {r['fwd_flops'] / 1e9:.2f} G")
     for k in ("train", "fwd"):
       util = r[f"{k}_ips"] * r[f"{k}_flops"] / 1e9 / peak
       print(f"jdiff {k}: {r[f'{k}_ips']:.2f} img/s, {r[f'{k}_ips'] * r[f'{k}_flops'] / 1e9:.1f} "
-            f"GFLOP/s, utilisation {100 * util:.0f}% of matmul peak")
+            f"model GFLOP/s, model-FLOP utilisation {100 * util:.0f}% of matmul peak")
   if p is not None:
     print(f"peer ({p['version']}, {args.threads} threads) params: {p['params']:,}")
     print(f"peer train: {p['train_ips']:.2f} img/s, forward: {p['fwd_ips']:.2f} img/s")
   # Markdown row.
   print()
-  print("| preset | batch | dtype | params | compile train/fwd (s) | train img/s | fwd img/s | "
-        "GFLOP/img train/fwd | util train/fwd | peer train img/s | peer fwd img/s | "
-        "ratio train | ratio fwd |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-  cells = [args.preset, str(args.batch), args.dtype]
+  print("| preset | batch | dtype | conv | params | compile train/fwd (s) | train img/s | "
+        "fwd img/s | model GFLOP/img train/fwd | MFU train/fwd | peer train img/s | "
+        "peer fwd img/s | ratio train | ratio fwd |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+  cells = [args.preset, str(args.batch), args.dtype, r["conv_impl"] if r else "-"]
   if r:
     cells += [f"{r['params']:,}", f"{r['compile_train']:.1f} / {r['compile_fwd']:.1f}",
               f"{r['train_ips']:.2f}", f"{r['fwd_ips']:.2f}",

@@ -1,31 +1,36 @@
-"""Winograd F(2x2, 3x3) convolution: a drop-in for 3x3 / stride 1 / "SAME" convs.
+"""Winograd convolution: a drop-in for 3x3 / stride 1 / "SAME" convolutions.
 
 A 3x3 convolution computes each 2x2 output tile from a 4x4 input tile with 36
 multiplies per (input, output) channel pair. Winograd's minimal filtering
-algorithm (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks",
-CVPR 2016) computes the same tile with 16, as an elementwise product in a
-transformed domain::
+algorithm F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural
+Networks", CVPR 2016) computes the same tile with 16, as an elementwise product
+in a transformed domain::
 
     Y = A^T [ (G g G^T) * (B^T d B) ] A
 
 where ``d`` is the 4x4 input tile, ``g`` the 3x3 filter and ``A, B, G`` small
 constant matrices. Summed over input channels the elementwise product becomes
 16 independent matrix products ``M_p = V_p @ U_p`` (one per point ``p`` of the
-4x4 transformed tile), so the matmul work of a convolution drops by 36/16 =
-2.25x at the price of cheap, memory-bound tile transforms.
+transformed tile), so the matmul work drops by 36/16 = 2.25x at the price of
+memory-bound tile transforms. F(4x4, 3x3) (``tile=4``) cuts it by 4x with 6x6
+tiles, at ~10x the rounding error and a much longer XLA compile.
 
 The gradient is Winograd too (``jax.custom_vjp``):
 
-* ``dx`` is the 3x3 "SAME" convolution of ``dy`` with the spatially flipped,
-  in/out-transposed filter, so it reuses the forward;
-* ``dw = G^T (sum_tiles V_p^T dM_p) G`` with ``dM = A dy A^T``, the exact
+* ``dx`` is the "SAME" convolution of ``dy`` with the spatially flipped filter,
+  contracted over the output channels;
+* ``dw = G^T (sum_tiles V_p^T dM_p) G`` with ``dM = A dY A^T``, the exact
   transpose of the forward's linear maps.
 
-The result equals ``lax.conv_general_dilated`` up to float rounding (the
+Images are processed in chunks (``lax.map``) whose transformed tiles fit in
+about 12 MiB: on XLA:CPU the batched matmuls slow down by half once their
+operands spill the last-level cache.
+
+The result equals ``lax.conv_general_dilated`` up to float rounding (F(2x2)'s
 transforms use only 0, +-1 and +-1/2). It pays off where convolutions are
-matmul-bound and the backend has no Winograd kernel of its own, e.g. XLA:CPU;
-GPUs and TPUs should keep their native convolution (cuDNN picks Winograd
-itself). ``UNet(conv_impl="auto")`` makes that choice.
+matmul-bound and the backend has no Winograd kernel of its own, i.e. XLA:CPU;
+GPUs and TPUs keep their native convolution (cuDNN picks Winograd itself).
+``UNet(conv_impl="auto")`` makes that choice.
 """
 
 from __future__ import annotations
@@ -40,23 +45,39 @@ from jax import lax
 
 Array = jax.Array
 
-# Lavin & Gray (2016), F(2x2, 3x3).
-_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
-_G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)
-_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
-# 2-D transforms as Kronecker products over flattened tiles:
-# V[p] = sum_k _B16[p, k] d[k] (p = 4a + b, k = 4i + j); Y[q] = sum_p _A16[q, p] M[p].
-_B16 = np.kron(_BT, _BT)
-_A16 = np.kron(_AT, _AT)
-_G16 = np.kron(_G, _G)  # U[p] = sum_k _G16[p, k] g[k], k = 3i + j
-# G J = P G for the reversal J and the row swap P = (3, 1, 2, 0), so the
-# transformed spatially flipped filter is U[_FLIP] with _FLIP[4a + b] =
-# 4 P(a) + P(b) (an involution): the input gradient needs no filter transform
-# of its own, only permuted tile transforms.
-_P = (3, 1, 2, 0)
-_FLIP = np.array([4 * _P[a] + _P[b] for a in range(4) for b in range(4)])
+class _Tiles:
+  """Winograd F(m x m, 3 x 3) transforms (Lavin & Gray, 2016).
+
+  ``bt`` [a, a], ``g`` [a, 3] and ``at`` [m, a] with input tile side
+  ``a = m + 2``; ``b2``, ``g2`` and ``a2`` are the 2-D transforms as Kronecker
+  products over row-major flattened tiles, e.g. ``V[p] = sum_k b2[p, k] d[k]``.
+  """
+
+  def __init__(self, m: int, bt, g, at):
+    self.m, self.alpha = m, m + 2
+    self.b2 = np.kron(np.asarray(bt, np.float64), np.asarray(bt, np.float64))
+    self.g2 = np.kron(np.asarray(g, np.float64), np.asarray(g, np.float64))
+    self.a2 = np.kron(np.asarray(at, np.float64), np.asarray(at, np.float64))
+    self.points = self.alpha ** 2
+
+
+TILES = {
+    # Interpolation points 0, 1, -1, inf: transforms of 0, +-1 and +-1/2 only.
+    2: _Tiles(2, bt=[[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+              g=[[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]],
+              at=[[1, 1, 1, 0], [0, 1, -1, -1]]),
+    # Points 0, 1, -1, 2, -2, inf: 4x fewer multiplies than direct, larger constants.
+    4: _Tiles(4, bt=[[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                     [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]],
+              g=[[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                 [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
+              at=[[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
+                  [0, 1, -1, 8, -8, 1]]),
+}
 
 CONV_IMPLS = ("auto", "xla", "winograd")
+# Break-even of F(2x2): the matmul saving grows as C * O, the transforms as C + O.
+MIN_WINOGRAD_CHANNELS = 32
 
 
 def _lincomb(coefs: np.ndarray, terms) -> Array:
@@ -73,89 +94,83 @@ def _lincomb(coefs: np.ndarray, terms) -> Array:
   return out
 
 
-def _stack44(fn) -> Array:
-  """``fn(a, b)`` for a, b in 0..3 stacked to [4, 4, ...].
+def _stack2(fn, n: int, axes=(0, 0)) -> Array:
+  """``fn(a, b)`` for a, b < n stacked on ``axes`` (inner, then outer).
 
-  Nested stacks of 4 (not one stack of 16) let XLA:CPU fuse the whole
+  Nested stacks of n <= 8 (not one stack of n * n) let XLA:CPU fuse a whole
   transform into one loop: it does not fuse concatenations of more than 8.
   """
-  return jnp.stack([jnp.stack([fn(a, b) for b in range(4)]) for a in range(4)])
+  return jnp.stack([jnp.stack([fn(a, b) for b in range(n)], axis=axes[0])
+                    for a in range(n)], axis=axes[1])
 
 
-def _input_transform(x: Array, flip: bool = False) -> Array:
-  """``B^T d B`` for every overlapping 4x4 tile (stride 2) of the zero-padded x.
+def _input_transform(x: Array, t: _Tiles) -> Array:
+  """``B^T d B`` for every overlapping (m+2)^2 tile (stride m) of the zero-padded x.
 
   Args:
-    x: [N, H, W, C] with even H and W.
-    flip: return the 16 transformed points in ``_FLIP`` order.
+    x: [N, H, W, C] with H and W multiples of m.
+    t: the transforms.
 
   Returns:
-    [16, N * H/2 * W/2, C].
+    [(m+2)^2, N * H/m * W/m, C].
   """
-  b16 = _B16[_FLIP] if flip else _B16
   n, h, w, c = x.shape
-  h2, w2 = h // 2, w // 2
-  # Tile (i, j) covers rows 2i..2i+3 of the padded image: 2x2 blocks i, i+1.
-  blk = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(n, h2 + 1, 2, w2 + 1, 2, c)
+  m, hm, wm = t.m, h // t.m, w // t.m
+  # Tile (i, j) covers rows m*i .. m*i + m + 1 of the padded image: the
+  # m-row blocks i and i + 1.
+  xp = jnp.pad(x, ((0, 0), (1, m - 1), (1, m - 1), (0, 0)))
+  blk = xp.reshape(n, hm + 1, m, wm + 1, m, c)
 
-  def tap(k):  # padded pixel (2i + ky, 2j + kx) of every tile: [N, h2, w2, C]
-    (dy, ry), (dx, rx) = divmod(k // 4, 2), divmod(k % 4, 2)
-    return blk[:, dy:dy + h2, ry, dx:dx + w2, rx, :]
+  def tap(k):  # padded pixel (m*i + ky, m*j + kx) of every tile: [N, H/m, W/m, C]
+    (dy, ry), (dx, rx) = divmod(k // t.alpha, m), divmod(k % t.alpha, m)
+    return blk[:, dy:dy + hm, ry, dx:dx + wm, rx, :]
 
-  v = _stack44(lambda a, b: _lincomb(b16[4 * a + b], tap))
-  return v.reshape(16, n * h2 * w2, c)
-
-
-def _output_transform(m: Array, n: int, h2: int, w2: int, flip: bool = False) -> Array:
-  """``A^T M A`` for every tile, tiles laid back out: [16, T, O] -> [N, 2h2, 2w2, O].
-
-  With ``flip`` the 16 points of ``m`` come in ``_FLIP`` order.
-  """
-  a16 = _A16[:, _FLIP] if flip else _A16
-  o = m.shape[-1]
-  m = m.reshape(16, n, h2, w2, o)
-  y = [[_lincomb(a16[2 * r + s], lambda p: m[p]) for s in range(2)] for r in range(2)]
-  y = jnp.stack([jnp.stack(row, axis=3) for row in y], axis=2)  # [N, h2, 2, w2, 2, O]
-  return y.reshape(n, 2 * h2, 2 * w2, o)
+  v = _stack2(lambda a, b: _lincomb(t.b2[t.alpha * a + b], tap), t.alpha)
+  return v.reshape(t.points, n * hm * wm, c)
 
 
-def _output_transform_t(dy: Array) -> Array:
-  """Transpose of the output transform: [N, H, W, O] -> [16, T, O] (``A dY A^T``)."""
+def _output_transform(mm: Array, n: int, hm: int, wm: int, t: _Tiles) -> Array:
+  """``A^T M A`` for every tile, laid back out: [(m+2)^2, T, O] -> [N, m*hm, m*wm, O]."""
+  o = mm.shape[-1]
+  mm = mm.reshape(t.points, n, hm, wm, o)
+  y = _stack2(lambda r, s: _lincomb(t.a2[t.m * r + s], lambda p: mm[p]), t.m, axes=(3, 2))
+  return y.reshape(n, t.m * hm, t.m * wm, o)  # from [N, hm, m, wm, m, O]
+
+
+def _output_transform_t(dy: Array, t: _Tiles) -> Array:
+  """Transpose of the output transform (``A dY A^T``): [N, H, W, O] -> [(m+2)^2, T, O]."""
   n, h, w, o = dy.shape
-  d = dy.reshape(n, h // 2, 2, w // 2, 2, o)
-  dm = _stack44(lambda a, b: _lincomb(_A16[:, 4 * a + b], lambda q: d[:, :, q // 2, :, q % 2]))
-  return dm.reshape(16, -1, o)
+  d = dy.reshape(n, h // t.m, t.m, w // t.m, t.m, o)
+  dm = _stack2(lambda a, b: _lincomb(t.a2[:, t.alpha * a + b],
+                                     lambda q: d[:, :, q // t.m, :, q % t.m]), t.alpha)
+  return dm.reshape(t.points, -1, o)
 
 
-def _filter_transform(w: Array) -> Array:
-  """``G g G^T``: [3, 3, C, O] -> [16, C, O]."""
-  u = _stack44(lambda a, b: _lincomb(_G16[4 * a + b], lambda k: w[k // 3, k % 3]))
-  return u.reshape(16, *w.shape[2:])
+def _filter_transform(w: Array, t: _Tiles, flip: bool = False) -> Array:
+  """``G g G^T`` of g = w, or of w flipped in space: [3, 3, C, O] -> [(m+2)^2, C, O]."""
+  tap = (lambda k: w[2 - k // 3, 2 - k % 3]) if flip else (lambda k: w[k // 3, k % 3])
+  u = _stack2(lambda a, b: _lincomb(t.g2[t.alpha * a + b], tap), t.alpha)
+  return u.reshape(t.points, *w.shape[2:])
 
 
-def _filter_transform_t(du: Array) -> Array:
-  """Transpose of the filter transform: [16, C, O] -> [3, 3, C, O]."""
-  return jnp.stack([jnp.stack([_lincomb(_G16[:, 3 * i + j], lambda p: du[p]) for j in range(3)])
-                    for i in range(3)])
+def _filter_transform_t(du: Array, t: _Tiles) -> Array:
+  """Transpose of the filter transform: [(m+2)^2, C, O] -> [3, 3, C, O]."""
+  return _stack2(lambda i, j: _lincomb(t.g2[:, 3 * i + j], lambda p: du[p]), 3)
 
 
-def _forward(x: Array, u: Array) -> Array:
-  """Winograd conv of x [N, H, W, C] (H, W even) with transformed filters u [16, C, O]."""
+def _forward(x: Array, u: Array, t: _Tiles) -> Array:
+  """Winograd conv of x [N, H, W, C] with transformed filters u [(m+2)^2, C, O]."""
   n, h, w, _ = x.shape
-  m = jnp.einsum("ptc,pco->pto", _input_transform(x), u)
-  return _output_transform(m, n, h // 2, w // 2)
+  mm = jnp.einsum("ptc,pco->pto", _input_transform(x, t), u)
+  return _output_transform(mm, n, h // t.m, w // t.m, t)
 
 
-def _input_grad(dy: Array, u: Array) -> Array:
-  """dx [N, H, W, C] of the conv with transformed filters u [16, C, O], from dy [N, H, W, O].
-
-  The "SAME" conv of dy with the spatially flipped, in/out-transposed filter,
-  whose transform is ``u[_FLIP]`` transposed: the permutation moves into the
-  tile transforms and the transpose into the matmul's contraction.
-  """
+def _input_grad(dy: Array, u_flip: Array, t: _Tiles) -> Array:
+  """dx [N, H, W, C] from dy [N, H, W, O]: the "SAME" conv of dy with the
+  spatially flipped filter, channels contracted over O (u_flip: [(m+2)^2, C, O])."""
   n, h, w, _ = dy.shape
-  m = jnp.einsum("pto,pco->ptc", _input_transform(dy, flip=True), u)
-  return _output_transform(m, n, h // 2, w // 2, flip=True)
+  mm = jnp.einsum("pto,pco->ptc", _input_transform(dy, t), u_flip)
+  return _output_transform(mm, n, h // t.m, w // t.m, t)
 
 
 # Working-set budget of one chunk of images (transformed inputs + products):
@@ -164,10 +179,10 @@ def _input_grad(dy: Array, u: Array) -> Array:
 _CHUNK_BYTES = 12 * 2**20
 
 
-def _images_per_chunk(x_shape, o: int, itemsize: int, budget: int) -> int:
+def _images_per_chunk(x_shape, o: int, itemsize: int, t: _Tiles, budget: int) -> int:
   """Largest divisor of the batch whose transformed tiles fit in ``budget`` bytes."""
   n, h, w, c = x_shape
-  per_image = 16 * (h // 2) * (w // 2) * (c + o) * itemsize
+  per_image = t.points * (h // t.m) * (w // t.m) * (c + o) * itemsize
   fit = max(1, budget // per_image)
   return max(d for d in range(1, n + 1) if n % d == 0 and d <= fit)
 
@@ -176,36 +191,60 @@ def _chunked(x: Array, chunk: int) -> Array:
   return x.reshape(x.shape[0] // chunk, chunk, *x.shape[1:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _winograd_even(x: Array, w: Array, chunk: int) -> Array:
-  u = _filter_transform(w)
-  y = lax.map(lambda xc: _forward(xc, u), _chunked(x, chunk))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _winograd_tiled(x: Array, w: Array, m: int, chunk: int) -> Array:
+  t = TILES[m]
+  u = _filter_transform(w, t)
+  y = lax.map(lambda xc: _forward(xc, u, t), _chunked(x, chunk))
   return y.reshape(x.shape[0], *y.shape[2:])
 
 
-def _winograd_even_fwd(x, w, chunk):
-  return _winograd_even(x, w, chunk), (x, w)
+def _winograd_tiled_fwd(x, w, m, chunk):
+  return _winograd_tiled(x, w, m, chunk), (x, w)
 
 
-def _winograd_even_bwd(chunk, res, dy):
+def _winograd_tiled_bwd(m, chunk, res, dy):
   x, w = res
-  u = _filter_transform(w)
+  t = TILES[m]
+  u_flip = _filter_transform(w, t, flip=True)
 
-  def body(du, xs):
+  def chunk_grads(xs):
     xc, dyc = xs
-    dxc = _input_grad(dyc, u)
-    du = du + jnp.einsum("ptc,pto->pco", _input_transform(xc), _output_transform_t(dyc))
-    return du, dxc
+    du = jnp.einsum("ptc,pto->pco", _input_transform(xc, t), _output_transform_t(dyc, t))
+    return _input_grad(dyc, u_flip, t), du
 
-  du0 = jnp.zeros((16, *w.shape[2:]), w.dtype)
-  du, dx = lax.scan(body, du0, (_chunked(x, chunk), _chunked(dy, chunk)))
-  return dx.reshape(x.shape), _filter_transform_t(du)
-
-
-_winograd_even.defvjp(_winograd_even_fwd, _winograd_even_bwd)
+  # Per-chunk filter gradients are summed after the map (not carried through a
+  # scan), so the VJP also runs under shard_map without varying-axis casts.
+  dx, du = lax.map(chunk_grads, (_chunked(x, chunk), _chunked(dy, chunk)))
+  return dx.reshape(x.shape), _filter_transform_t(du.sum(0), t)
 
 
-def winograd_conv3x3(x: Array, w: Array) -> Array:
+_winograd_tiled.defvjp(_winograd_tiled_fwd, _winograd_tiled_bwd)
+
+
+def _varying_axes(a: Array) -> frozenset:
+  """Mesh axes over which a shard_map value varies (jax >= 0.10; older: ``aval.vma``)."""
+  aval = jax.typeof(a)
+  mat = getattr(aval, "manual_axis_type", None)
+  return frozenset(getattr(mat, "varying", None) or getattr(aval, "vma", None) or ())
+
+
+def _same_varying_axes(x: Array, w: Array) -> tuple[Array, Array]:
+  """Under shard_map, marks x and w as varying over the same mesh axes.
+
+  A custom VJP must return cotangents of its inputs' types; with w replicated
+  and x sharded, dw varies per shard. Casting w to varying *outside* the custom
+  VJP lets autodiff add the psum that turns dw back into a replicated gradient.
+  """
+  vx, vw = _varying_axes(x), _varying_axes(w)
+  if vx - vw:
+    w = lax.pcast(w, tuple(sorted(vx - vw)), to="varying")
+  if vw - vx:
+    x = lax.pcast(x, tuple(sorted(vw - vx)), to="varying")
+  return x, w
+
+
+def winograd_conv3x3(x: Array, w: Array, tile: int = 2) -> Array:
   """3x3 convolution, stride 1, zero padding 1 ("SAME"), by Winograd F(2x2, 3x3).
 
   Same result as ``lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
@@ -228,12 +267,16 @@ def winograd_conv3x3(x: Array, w: Array) -> Array:
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"winograd_conv3x3 needs floating inputs, got dtype={dtype}")
   x, w = x.astype(dtype), w.astype(dtype)
+  if tile not in TILES:
+    raise ValueError(f"winograd_conv3x3: tile must be one of {sorted(TILES)}, got tile={tile}")
   n, h, ww, _ = x.shape
-  ph, pw = h % 2, ww % 2
+  ph, pw = -h % tile, -ww % tile
   if ph or pw:
     x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
-  chunk = _images_per_chunk(x.shape, w.shape[-1], jnp.dtype(dtype).itemsize, _CHUNK_BYTES)
-  y = _winograd_even(x, w, chunk)
+  chunk = _images_per_chunk(x.shape, w.shape[-1], jnp.dtype(dtype).itemsize, TILES[tile],
+                            _CHUNK_BYTES)
+  x, w = _same_varying_axes(x, w)
+  y = _winograd_tiled(x, w, tile, chunk)
   return y[:, :h, :ww, :] if ph or pw else y
 
 
@@ -263,7 +306,10 @@ def winograd_conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequen
 
   Stride-1 NHWC/HWIO convolutions run as:
 
-  * 3x3 with padding 1 ("SAME"): ``winograd_conv3x3``;
+  * 3x3 with padding 1 ("SAME") and at least ``MIN_WINOGRAD_CHANNELS`` input
+    and output channels: ``winograd_conv3x3``. Narrower convs (RGB stems,
+    output heads, tiny test models) stay on XLA: their matmuls are too small
+    to pay for the tile transforms (and the longer compile);
   * 1x1 without padding: one matmul over the channels (XLA:CPU's 1x1
     weight-gradient convolution is several times slower than the matmul).
 
@@ -274,7 +320,8 @@ def winograd_conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequen
   if _plain_nhwc(lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimension_numbers,
                  feature_group_count, batch_group_count, preferred_element_type):
     pad = _padding(padding)
-    if rhs.shape[:2] == (3, 3) and pad in ("SAME", ((1, 1), (1, 1))):
+    wide = min(rhs.shape[2:]) >= MIN_WINOGRAD_CHANNELS
+    if rhs.shape[:2] == (3, 3) and pad in ("SAME", ((1, 1), (1, 1))) and wide:
       return winograd_conv3x3(lhs, rhs)
     if rhs.shape[:2] == (1, 1) and pad in ("SAME", "VALID", ((0, 0), (0, 0))):
       return jnp.einsum("nhwc,co->nhwo", lhs, rhs[0, 0])

@@ -23,6 +23,7 @@ from jdiff import losses
 from jdiff.data import pipeline
 from jdiff.models.bridge import make_model_fn
 from jdiff.models.unet import UNet
+from jdiff.models.winograd import CONV_IMPLS
 from jdiff.schedules import Schedule, get_schedule
 from jdiff.training import sharding
 from jdiff.training.checkpoint import Checkpointer
@@ -59,6 +60,9 @@ def build_model(config, *, num_classes: int | None, channels: int) -> UNet:
     raise ValueError("config.model.learn_sigma=True goes with config.diffusion.variance="
                      f"'learned_range' and vice versa; got learn_sigma={config.model.learn_sigma}"
                      f", variance={config.diffusion.variance!r}")
+  if kwargs.get("conv_impl", "auto") not in CONV_IMPLS:
+    raise ValueError(f"config.model.conv_impl must be one of {CONV_IMPLS}, got "
+                     f"{kwargs['conv_impl']!r}")
   kwargs["num_classes"] = num_classes if config.conditional else None
   kwargs["out_channels"] = channels
   for key in ("ch_mult", "attn_resolutions"):
