@@ -159,18 +159,15 @@ def _filter_transform_t(du: Array, t: _Tiles) -> Array:
   return _stack2(lambda i, j: _lincomb(t.g2[:, 3 * i + j], lambda p: du[p]), 3)
 
 
-def _forward(x: Array, u: Array, t: _Tiles) -> Array:
-  """Winograd conv of x [N, H, W, C] with transformed filters u [(m+2)^2, C, O]."""
+def _tiled_conv(x: Array, u: Array, t: _Tiles, spec: str = "ptc,pco->pto") -> Array:
+  """Winograd conv of x [N, H, W, K] with transformed filters u, contracted by ``spec``.
+
+  The forward passes u [(m+2)^2, C, O] and contracts over C; the input gradient
+  passes the flipped filter's transform and ``"pto,pco->ptc"``, contracting
+  over O (the "SAME" conv of dy with the spatially flipped filter).
+  """
   n, h, w, _ = x.shape
-  mm = jnp.einsum("ptc,pco->pto", _input_transform(x, t), u)
-  return _output_transform(mm, n, h // t.m, w // t.m, t)
-
-
-def _input_grad(dy: Array, u_flip: Array, t: _Tiles) -> Array:
-  """dx [N, H, W, C] from dy [N, H, W, O]: the "SAME" conv of dy with the
-  spatially flipped filter, channels contracted over O (u_flip: [(m+2)^2, C, O])."""
-  n, h, w, _ = dy.shape
-  mm = jnp.einsum("pto,pco->ptc", _input_transform(dy, t), u_flip)
+  mm = jnp.einsum(spec, _input_transform(x, t), u)
   return _output_transform(mm, n, h // t.m, w // t.m, t)
 
 
@@ -196,7 +193,7 @@ def _chunked(x: Array, chunk: int) -> Array:
 def _winograd_tiled(x: Array, w: Array, m: int, chunk: int) -> Array:
   t = TILES[m]
   u = _filter_transform(w, t)
-  y = lax.map(lambda xc: _forward(xc, u, t), _chunked(x, chunk))
+  y = lax.map(lambda xc: _tiled_conv(xc, u, t), _chunked(x, chunk))
   return y.reshape(x.shape[0], *y.shape[2:])
 
 
@@ -212,7 +209,7 @@ def _winograd_tiled_bwd(m, chunk, res, dy):
   def chunk_grads(xs):
     xc, dyc = xs
     du = jnp.einsum("ptc,pto->pco", _input_transform(xc, t), _output_transform_t(dyc, t))
-    return _input_grad(dyc, u_flip, t), du
+    return _tiled_conv(dyc, u_flip, t, "pto,pco->ptc"), du
 
   # Per-chunk filter gradients are summed after the map (not carried through a
   # scan), so the VJP also runs under shard_map without varying-axis casts.
