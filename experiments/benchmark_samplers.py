@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdiff import schedules
-from jdiff.samplers import dpm_solver, karras, pc
-from jdiff.samplers import sigma as sigma_lib
+from jdiff.samplers import dpm_solver, euler, pc, unipc
+from jdiff import continuous
 from jdiff.samplers.ddim import ddim_sample
 
 NFES = (5, 10, 20, 50)
@@ -79,10 +79,10 @@ def jdiff_samplers():
   return {
       "DDIM (trailing)": steps(ddim_sample, spacing="trailing"),
       "DDPM ancestral, respaced (trailing)": steps(ddim_sample, eta=1.0, spacing="trailing"),
-      "Euler (Karras)": steps(karras.euler_sample),
-      "Heun / EDM Alg. 1 (Karras)": steps(karras.heun_sample, per_step=2, extra=1),
-      "Euler-ancestral (Karras)": steps(karras.euler_ancestral_sample),
-      "EDM Alg. 2, S_churn=10 (Karras)": steps(karras.edm_sample, per_step=2, extra=1,
+      "Euler (Karras)": steps(euler.euler_sample),
+      "Heun / EDM Alg. 1 (Karras)": steps(euler.heun_sample, per_step=2, extra=1),
+      "Euler-ancestral (Karras)": steps(euler.euler_ancestral_sample),
+      "EDM Alg. 2, S_churn=10 (Karras)": steps(euler.edm_sample, per_step=2, extra=1,
                                                s_churn=10.0, s_tmin=0.05, s_tmax=10.0),
       "DPM-Solver++(2M) (Karras)": steps(dpm_solver.dpmpp_2m_sample),
       "DPM-Solver++(2M) (log-SNR)": steps(dpm_solver.dpmpp_2m_sample, spacing="log_snr"),
@@ -92,10 +92,10 @@ def jdiff_samplers():
           dpm_solver.dpmpp_3m_sample, spacing="log_snr", lower_order_final=True),
       "DPM-Solver++(2M) (log-SNR, final sigma_min)": steps(
           dpm_solver.dpmpp_2m_sample, spacing="log_snr", final_sigma="sigma_min"),
-      "UniPC-2 bh2 (log-SNR)": steps(dpm_solver.unipc_sample),
-      "UniPC-2 bh2 (log-SNR, final sigma_min)": steps(dpm_solver.unipc_sample,
+      "UniPC-2 bh2 (log-SNR)": steps(unipc.unipc_sample),
+      "UniPC-2 bh2 (log-SNR, final sigma_min)": steps(unipc.unipc_sample,
                                                       final_sigma="sigma_min"),
-      "UniPC-3 bh2 (log-SNR, final sigma_min)": steps(dpm_solver.unipc_sample, order=3,
+      "UniPC-3 bh2 (log-SNR, final sigma_min)": steps(unipc.unipc_sample, order=3,
                                                       final_sigma="sigma_min"),
       "DPM-Solver++(2M) SDE (Karras)": steps(dpm_solver.dpmpp_2m_sde_sample),
       "PC: ancestral + 1 Langevin (snr 0.1)": steps(pc.pc_sample, per_step=2, n_corrector=1,
@@ -107,7 +107,7 @@ def run_jdiff(n: int, seed: int, ref: np.ndarray):
   sched = schedules.linear(1000)
 
   def model(x, t, cond=None):
-    return mixture_eps(sigma_lib.alpha_bar_at(sched, t), x).astype(x.dtype)
+    return mixture_eps(continuous.alpha_bar_at(sched, t), x).astype(x.dtype)
 
   x_T = start_noise(n, seed)
   rng = jax.random.PRNGKey(seed + 1)

@@ -111,7 +111,7 @@ def bench_jdiff(args) -> dict:
 
   from jdiff.models.bridge import make_model_fn
   from jdiff.models.unet import make_unet
-  from jdiff.models.winograd import resolve_conv_impl
+  from jdiff.ops.winograd import resolve_conv_impl
 
   res, chans = _defaults(args)
   b = args.batch

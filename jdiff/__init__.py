@@ -6,7 +6,7 @@ here; models, training and data live in the subpackages `jdiff.models`,
 initialises no device.
 """
 
-from jdiff import diffusion, likelihood, losses, samplers, schedules
+from jdiff import continuous, diffusion, likelihood, losses, ops, samplers, schedules
 from jdiff.diffusion import (eps_from_score, eps_from_v, eps_from_x0, p_mean_variance,
                              q_mean_variance, q_posterior, q_sample, score_from_eps,
                              to_x0_eps, v_from_x0_eps, x0_from_eps, x0_from_v)

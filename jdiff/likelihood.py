@@ -13,7 +13,7 @@ App. D.2) gives, integrating x and the divergence from u_min (the data end) to u
 
   log p_{u_min}(x) = log N(x(u_max); 0, I) + int_{u_min}^{u_max} div F(x(u), u) du.
 
-The model is called at fractional timesteps t(u) (`sigma.sigma_to_t`), from t_min (default
+The model is called at fractional timesteps t(u) (`continuous.sigma_to_t`), from t_min (default
 0, the first training step) to T-1. The divergence is exact (forward-mode Jacobian, for small
 D) or Hutchinson's estimator z^T (d eps/dx) z with a fixed Rademacher or Gaussian z per call
 ([FFJORD]). Both solvers run inside jit: fixed-step RK4 (`lax.fori_loop`) and adaptive
@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from jdiff import diffusion
-from jdiff.samplers import sigma as sigma_lib
+from jdiff import continuous
 from jdiff.schedules import Schedule
 
 Array = jax.Array
@@ -102,11 +102,11 @@ def make_dynamics(schedule: Schedule, model_fn, *, cond: Array | None = None,
     x, _ = state
     sig = jnp.exp(u)
     ab = 1.0 / (1.0 + sig**2)
-    t = jnp.broadcast_to(sigma_lib.sigma_to_t(schedule, sig), (x.shape[0],))
+    t = jnp.broadcast_to(continuous.sigma_to_t(schedule, sig), (x.shape[0],))
 
     def eps_fn(y):
       out = model_fn(y, t, cond)
-      return sigma_lib.to_x0_eps_at(ab, y, out, prediction=prediction)[1]
+      return continuous.to_x0_eps_at(ab, y, out, prediction=prediction)[1]
 
     if divergence == "hutchinson":
       eps, jz = jax.jvp(eps_fn, (x,), (probe.astype(x.dtype),))
@@ -295,8 +295,8 @@ def ode_nll(schedule: Schedule, model_fn, x: Array, rng: Array, *,
       probe = jax.random.normal(rng, x.shape, jnp.float32)
   f = make_dynamics(schedule, model_fn, cond=cond, prediction=prediction,
                     divergence=divergence, probe=probe)
-  u0 = jnp.log(sigma_lib.t_to_sigma(schedule, jnp.float32(t_min)))
-  u1 = jnp.log(sigma_lib.t_to_sigma(schedule, jnp.float32(t_max)))
+  u0 = jnp.log(continuous.t_to_sigma(schedule, jnp.float32(t_min)))
+  u1 = jnp.log(continuous.t_to_sigma(schedule, jnp.float32(t_max)))
   y0 = (x, jnp.zeros((x.shape[0],), jnp.float32))
   if solver == "rk4":
     (x_end, delta), nfe = rk4_solve(f, y0, u0, u1, num_steps)

@@ -7,9 +7,9 @@ import optax
 import pytest
 from sklearn.datasets import load_digits
 
-from jdiff.autoencoder_losses import (autoencoder_loss, latent_scale_factor,
-                                      make_autoencoder_train_step, mse, psnr,
-                                      reconstruction_loss)
+from jdiff.models.autoencoder_losses import (autoencoder_loss, latent_scale_factor, mse, psnr,
+                                             reconstruction_loss)
+from jdiff.training.step import make_autoencoder_train_step
 from jdiff.models.autoencoder import (AttnBlock, AutoencoderKL, DiagonalGaussian,
                                       Downsample, ResnetBlock, Upsample, ldm_key,
                                       ldm_state_dict_from_diffusers,

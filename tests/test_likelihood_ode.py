@@ -15,21 +15,21 @@ import pytest
 
 import analytic
 from jdiff import likelihood, schedules
-from jdiff.samplers import sigma as sigma_lib
+from jdiff import continuous
 
 SCHED = schedules.linear(1000)
 MU, S = 0.3, 0.5
 W, MEANS, STDS = [0.4, 0.6], [[-0.5, 0.2, 0.0], [0.4, -0.3, 0.5]], [0.3, 0.5]
-AB0 = float(1.0 / (1.0 + sigma_lib.sigma_min_max(SCHED)[0] ** 2))
+AB0 = float(1.0 / (1.0 + continuous.sigma_min_max(SCHED)[0] ** 2))
 TOL = 0.02
 
 
 def gauss_model(x, t, cond=None):
-  return analytic.gaussian_eps_at_alpha_bar(sigma_lib.alpha_bar_at(SCHED, t), x, MU, S)
+  return analytic.gaussian_eps_at_alpha_bar(continuous.alpha_bar_at(SCHED, t), x, MU, S)
 
 
 def mixture_model(x, t, cond=None):
-  return analytic.mixture_eps_at_alpha_bar(sigma_lib.alpha_bar_at(SCHED, t), x, W, MEANS, STDS)
+  return analytic.mixture_eps_at_alpha_bar(continuous.alpha_bar_at(SCHED, t), x, W, MEANS, STDS)
 
 
 def exact_gauss_nll(x):

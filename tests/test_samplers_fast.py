@@ -17,8 +17,8 @@ import pytest
 
 import analytic
 from jdiff import diffusion, schedules
-from jdiff.samplers import dpm_solver, grids, karras, pc
-from jdiff.samplers import sigma as sigma_lib
+from jdiff.samplers import dpm_solver, euler, grids, pc, unipc
+from jdiff import continuous
 
 SCHED = schedules.linear(1000)
 MU, S = 0.5, 0.3
@@ -27,16 +27,16 @@ W, MEANS, STDS = [0.3, 0.7], [-0.6, 0.5], [0.15, 0.2]
 
 def gauss_model(x, t, cond=None):
   del cond
-  return analytic.gaussian_eps_at_alpha_bar(sigma_lib.alpha_bar_at(SCHED, t), x, MU, S)
+  return analytic.gaussian_eps_at_alpha_bar(continuous.alpha_bar_at(SCHED, t), x, MU, S)
 
 
 def mixture_model(x, t, cond=None):
   del cond
-  return analytic.mixture_eps_at_alpha_bar(sigma_lib.alpha_bar_at(SCHED, t), x, W, MEANS, STDS)
+  return analytic.mixture_eps_at_alpha_bar(continuous.alpha_bar_at(SCHED, t), x, W, MEANS, STDS)
 
 
 def exact_flow(x_T):
-  smax = sigma_lib.sigma_min_max(SCHED)[1]
+  smax = continuous.sigma_min_max(SCHED)[1]
   return MU + (x_T * jnp.sqrt(1.0 + smax**2) - MU) * S / jnp.sqrt(S**2 + smax**2)
 
 
@@ -45,7 +45,7 @@ X_T = jax.random.normal(jax.random.PRNGKey(0), (512, 2))
 
 @functools.lru_cache(maxsize=None)
 def _run(name, n, model=gauss_model, batch=512, **kw):
-  fn = getattr(karras, name, None) or getattr(dpm_solver, name, None) or getattr(pc, name)
+  fn = next(getattr(m, name) for m in (euler, dpm_solver, unipc, pc) if hasattr(m, name))
   kw = dict(kw)
   x_T = X_T if batch == 512 else jax.random.normal(jax.random.PRNGKey(0), (batch,) + kw.pop(
       "event", (2,)))
@@ -57,13 +57,13 @@ def _run(name, n, model=gauss_model, batch=512, **kw):
 
 def test_t_to_sigma_matches_schedule_and_inverts():
   t = jnp.arange(0, 1000, 37)
-  np.testing.assert_allclose(sigma_lib.t_to_sigma(SCHED, t), SCHED.sigmas[t], rtol=1e-5)
+  np.testing.assert_allclose(continuous.t_to_sigma(SCHED, t), SCHED.sigmas[t], rtol=1e-5)
   tf = jnp.linspace(0.0, 999.0, 101)
-  np.testing.assert_allclose(sigma_lib.sigma_to_t(SCHED, sigma_lib.t_to_sigma(SCHED, tf)), tf,
+  np.testing.assert_allclose(continuous.sigma_to_t(SCHED, continuous.t_to_sigma(SCHED, tf)), tf,
                              atol=2e-3)
-  np.testing.assert_allclose(sigma_lib.alpha_bar_at(SCHED, jnp.array([-1, 0, 999])),
+  np.testing.assert_allclose(continuous.alpha_bar_at(SCHED, jnp.array([-1, 0, 999])),
                              [1.0, SCHED.alphas_cumprod[0], SCHED.alphas_cumprod[999]], rtol=1e-4)
-  assert float(sigma_lib.sigma_to_t(SCHED, 0.0)) == -1.0
+  assert float(continuous.sigma_to_t(SCHED, 0.0)) == -1.0
 
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
@@ -72,7 +72,7 @@ def test_to_x0_eps_matches_core_at_integer_t(prediction):
   pred = jax.random.normal(jax.random.PRNGKey(3), (6, 3))
   t = jnp.array([0, 10, 100, 500, 900, 999])
   want = diffusion.to_x0_eps(SCHED, x, t, pred, prediction=prediction)
-  got = sigma_lib.to_x0_eps(SCHED, x, t.astype(jnp.float32), pred, prediction=prediction)
+  got = continuous.to_x0_eps(SCHED, x, t.astype(jnp.float32), pred, prediction=prediction)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=2e-3, atol=2e-3)
 
@@ -89,7 +89,7 @@ def test_karras_sigmas_closed_form():
 def test_sigma_grid_shapes_and_ends(spacing):
   g = np.asarray(grids.sigma_grid(SCHED, 8, spacing=spacing))
   assert g.shape == (9,) and g[-1] == 0.0 and np.all(np.diff(g) < 0)
-  smin, smax = map(float, sigma_lib.sigma_min_max(SCHED))
+  smin, smax = map(float, continuous.sigma_min_max(SCHED))
   if spacing != "quadratic":  # DDIM's quadratic grid stops at 0.8 T.
     np.testing.assert_allclose(g[0], smax, rtol=1e-4)
   if spacing in ("karras", "log_snr", "uniform"):
@@ -107,7 +107,7 @@ def test_grid_errors():
   with pytest.raises(ValueError, match="num_steps"):
     grids.sigma_grid(SCHED, 0)
   with pytest.raises(ValueError, match="end with 0"):
-    karras.euler_sample(SCHED, gauss_model, X_T, jax.random.PRNGKey(0),
+    euler.euler_sample(SCHED, gauss_model, X_T, jax.random.PRNGKey(0),
                         grid=jnp.array([10.0, 1.0, 0.1]))
   with pytest.raises(ValueError, match="n_corrector"):
     pc.pc_sample(SCHED, gauss_model, X_T, jax.random.PRNGKey(0), n_corrector=-1)
@@ -131,7 +131,7 @@ def test_ode_samplers_converge_to_exact_flow_map(name, min_ratio):
 def test_prediction_kinds_agree(prediction):
 
   def model(x, t, cond=None):
-    ab = sigma_lib.alpha_bar_at(SCHED, t)
+    ab = continuous.alpha_bar_at(SCHED, t)
     x0 = analytic.gaussian_x0_at_alpha_bar(ab, x, MU, S)
     if prediction == "x0":
       return x0
@@ -139,8 +139,8 @@ def test_prediction_kinds_agree(prediction):
     abb = ab[:, None]
     return jnp.sqrt(abb) * eps - jnp.sqrt(1 - abb) * x0
   key = jax.random.PRNGKey(0)
-  ref = karras.heun_sample(SCHED, gauss_model, X_T[:64], key, num_steps=10)
-  got = karras.heun_sample(SCHED, model, X_T[:64], key, num_steps=10, prediction=prediction)
+  ref = euler.heun_sample(SCHED, gauss_model, X_T[:64], key, num_steps=10)
+  got = euler.heun_sample(SCHED, model, X_T[:64], key, num_steps=10, prediction=prediction)
   np.testing.assert_allclose(got, ref, atol=2e-3)
 
 
@@ -197,8 +197,8 @@ def _count_calls(sample_fn, **kw):
 
 
 @pytest.mark.parametrize("fn,kw,nfe", [
-    (karras.heun_sample, dict(num_steps=7), 13),
-    (karras.edm_sample, dict(num_steps=7, s_churn=10.0), 13),
+    (euler.heun_sample, dict(num_steps=7), 13),
+    (euler.edm_sample, dict(num_steps=7, s_churn=10.0), 13),
     (dpm_solver.dpmpp_3m_sample, dict(num_steps=7, eta=1.0), 7),
     (pc.pc_sample, dict(num_steps=7, n_corrector=2), 21),
 ])
@@ -209,16 +209,16 @@ def test_nfe(fn, kw, nfe):
 def test_euler_ancestral_replays_with_explicit_noise():
   rng = jax.random.PRNGKey(5)
   x_T = X_T[:16]
-  out = karras.euler_ancestral_sample(SCHED, gauss_model, x_T, rng, num_steps=5)
+  out = euler.euler_ancestral_sample(SCHED, gauss_model, x_T, rng, num_steps=5)
 
   @jax.jit
   def replay(x_T):
     grid = grids.sigma_grid(SCHED, 5)
-    den = sigma_lib.make_denoiser(SCHED, gauss_model)
+    den = continuous.make_denoiser(SCHED, gauss_model)
     x = x_T * jnp.sqrt(1 + grid[0] ** 2)
     for i in range(5):  # a Python loop on purpose: the reference is not the driver
       noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape)
-      x = karras.euler_ancestral_step(den, x, grid[i], grid[i + 1], noise)
+      x = euler.euler_ancestral_step(den, x, grid[i], grid[i + 1], noise)
     return x
 
   np.testing.assert_allclose(out, replay(x_T), rtol=1e-5, atol=1e-5)
@@ -227,13 +227,13 @@ def test_euler_ancestral_replays_with_explicit_noise():
 def test_dpmpp_2m_first_step_is_ddim():
   """The first (1st-order) DPM-Solver++ step equals DDIM (eta = 0) between the same levels."""
   grid = grids.sigma_grid(SCHED, 4)
-  den = sigma_lib.make_denoiser(SCHED, gauss_model)
+  den = continuous.make_denoiser(SCHED, gauss_model)
   x = X_T[:16] * jnp.sqrt(1 + grid[0] ** 2)
   st = dpm_solver.dpmpp_2m_step(den, dpm_solver.init_state(x), grid[0], grid[1])
   ab0, ab1 = 1 / (1 + grid[0] ** 2), 1 / (1 + grid[1] ** 2)
   x_t = x * jnp.sqrt(ab0)
-  t0 = sigma_lib.sigma_to_t(SCHED, grid[0])
-  x0, eps = sigma_lib.to_x0_eps_at(ab0, x_t, gauss_model(x_t, jnp.full((16,), t0)))
+  t0 = continuous.sigma_to_t(SCHED, grid[0])
+  x0, eps = continuous.to_x0_eps_at(ab0, x_t, gauss_model(x_t, jnp.full((16,), t0)))
   ddim = jnp.sqrt(ab1) * x0 + jnp.sqrt(1 - ab1) * eps
   np.testing.assert_allclose(st.x * jnp.sqrt(ab1), ddim, rtol=1e-4, atol=1e-5)
 
@@ -241,7 +241,7 @@ def test_dpmpp_2m_first_step_is_ddim():
 # ---------------------------------------------------------------- final sigma, lower order, UniPC
 
 def test_sigma_grid_final_sigma_min():
-  smin, smax = map(float, sigma_lib.sigma_min_max(SCHED))
+  smin, smax = map(float, continuous.sigma_min_max(SCHED))
   g = np.asarray(grids.sigma_grid(SCHED, 5, spacing="log_snr", final="sigma_min"))
   assert g.shape == (6,) and np.all(np.diff(g) < 0)
   np.testing.assert_allclose([g[0], g[-1]], [smax, smin], rtol=1e-4)
@@ -259,7 +259,7 @@ def test_final_sigma_min_last_step_is_a_solver_step():
   out = dpm_solver.dpmpp_2m_sample(SCHED, gauss_model, X_T[:16], jax.random.PRNGKey(0),
                                    num_steps=n, spacing="log_snr", final_sigma="sigma_min")
   grid = grids.sigma_grid(SCHED, n, spacing="log_snr", final="sigma_min")
-  den = sigma_lib.make_denoiser(SCHED, gauss_model)
+  den = continuous.make_denoiser(SCHED, gauss_model)
   st = dpm_solver.init_state(X_T[:16] * jnp.sqrt(1 + grid[0] ** 2))
   for i in range(n):  # a Python loop on purpose: the reference is not the driver
     st = dpm_solver.dpmpp_2m_step(den, st, grid[i], grid[i + 1])
@@ -270,15 +270,15 @@ def test_final_sigma_min_last_step_is_a_solver_step():
 def test_dpmpp_3m_max_order_1_is_ddim():
   """lower_order_final's 1st-order step: 3M with max_order=1 and a full history is DDIM."""
   grid = grids.sigma_grid(SCHED, 6, spacing="log_snr")
-  den = sigma_lib.make_denoiser(SCHED, gauss_model)
+  den = continuous.make_denoiser(SCHED, gauss_model)
   st = dpm_solver.init_state(X_T[:16] * jnp.sqrt(1 + grid[0] ** 2))
   for i in range(2):
     st = dpm_solver.dpmpp_3m_step(den, st, grid[i], grid[i + 1])
   got = dpm_solver.dpmpp_3m_step(den, st, grid[2], grid[3], max_order=1)
   ab0, ab1 = 1 / (1 + grid[2] ** 2), 1 / (1 + grid[3] ** 2)
   x_t = st.x * jnp.sqrt(ab0)
-  t0 = sigma_lib.sigma_to_t(SCHED, grid[2])
-  x0, eps = sigma_lib.to_x0_eps_at(ab0, x_t, gauss_model(x_t, jnp.full((16,), t0)))
+  t0 = continuous.sigma_to_t(SCHED, grid[2])
+  x0, eps = continuous.to_x0_eps_at(ab0, x_t, gauss_model(x_t, jnp.full((16,), t0)))
   ddim = jnp.sqrt(ab1) * x0 + jnp.sqrt(1 - ab1) * eps
   np.testing.assert_allclose(got.x * jnp.sqrt(ab1), ddim, rtol=1e-4, atol=1e-5)
   full = dpm_solver.dpmpp_3m_step(den, st, grid[2], grid[3])
@@ -290,7 +290,7 @@ def test_dpmpp_3m_lower_order_final_wiring():
   out = dpm_solver.dpmpp_3m_sample(SCHED, gauss_model, X_T[:16], jax.random.PRNGKey(0),
                                    num_steps=n, spacing="log_snr", lower_order_final=True)
   grid = grids.sigma_grid(SCHED, n, spacing="log_snr")
-  den = sigma_lib.make_denoiser(SCHED, gauss_model)
+  den = continuous.make_denoiser(SCHED, gauss_model)
   st = dpm_solver.init_state(X_T[:16] * jnp.sqrt(1 + grid[0] ** 2))
   for i in range(n):
     st = dpm_solver.dpmpp_3m_step(den, st, grid[i], grid[i + 1], max_order=min(3, n - i))
@@ -302,7 +302,7 @@ def test_unip2_without_corrector_is_dpmpp_2m(final_sigma):
   """[UniPC]: UniP-2 with B(h) = e^h - 1 is DPM-Solver++(2M) (at the same orders, so no
   lower order at the end: 2M's last step is 2nd order when it does not jump to 0)."""
   kw = dict(num_steps=7, spacing="log_snr", final_sigma=final_sigma)
-  a = dpm_solver.unipc_sample(SCHED, mixture_model, X_T, jax.random.PRNGKey(0),
+  a = unipc.unipc_sample(SCHED, mixture_model, X_T, jax.random.PRNGKey(0),
                               corrector=False, lower_order_final=False, **kw)
   b = dpm_solver.dpmpp_2m_sample(SCHED, mixture_model, X_T, jax.random.PRNGKey(0), **kw)
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -311,10 +311,10 @@ def test_unip2_without_corrector_is_dpmpp_2m(final_sigma):
 def test_unic_1_closed_form():
   """UniC-1 (bh2) after a 1st-order step: x_c = e^-h x_prev + (1 - e^-h)(D_0 + D_1) / 2."""
   grid = grids.sigma_grid(SCHED, 6, spacing="log_snr")
-  den = sigma_lib.make_denoiser(SCHED, gauss_model)
+  den = continuous.make_denoiser(SCHED, gauss_model)
   x0 = X_T[:16] * jnp.sqrt(1 + grid[0] ** 2)
-  st = dpm_solver.unipc_step(den, dpm_solver.unipc_init_state(x0, order=2), grid[0], grid[1])
-  st2 = dpm_solver.unipc_step(den, st, grid[1], grid[2])
+  st = unipc.unipc_step(den, unipc.unipc_init_state(x0, order=2), grid[0], grid[1])
+  st2 = unipc.unipc_step(den, st, grid[1], grid[2])
   d0, d1 = den(x0, grid[0]), den(st.x, grid[1])
   r = grid[1] / grid[0]
   want = r * x0 + (1 - r) * 0.5 * (d0 + d1)
@@ -333,9 +333,9 @@ def test_unipc_order_of_convergence(kw, min_ratio):
 
 
 def test_unipc_nfe_and_errors():
-  assert _count_calls(dpm_solver.unipc_sample, num_steps=7) == 7
-  assert _count_calls(dpm_solver.unipc_sample, num_steps=7, final_sigma="sigma_min") == 7
+  assert _count_calls(unipc.unipc_sample, num_steps=7) == 7
+  assert _count_calls(unipc.unipc_sample, num_steps=7, final_sigma="sigma_min") == 7
   with pytest.raises(ValueError, match="order"):
-    dpm_solver.unipc_sample(SCHED, gauss_model, X_T, jax.random.PRNGKey(0), order=4)
+    unipc.unipc_sample(SCHED, gauss_model, X_T, jax.random.PRNGKey(0), order=4)
   with pytest.raises(ValueError, match="bh3"):
-    dpm_solver.unipc_sample(SCHED, gauss_model, X_T, jax.random.PRNGKey(0), variant="bh3")
+    unipc.unipc_sample(SCHED, gauss_model, X_T, jax.random.PRNGKey(0), variant="bh3")

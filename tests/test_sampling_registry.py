@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jdiff import schedules
-from jdiff.samplers import sigma as sigma_lib
+from jdiff import continuous
 from jdiff.training.sampling import SAMPLERS, make_sample_fn
 from tests import analytic
 
@@ -30,7 +30,7 @@ class ExactEps(nn.Module):
   @nn.compact
   def __call__(self, x, t, y=None, *, train: bool):
     del train
-    ab = sigma_lib.alpha_bar_at(self.schedule, t.astype(jnp.float32))
+    ab = continuous.alpha_bar_at(self.schedule, t.astype(jnp.float32))
     mu = MU if y is None else MU + self.shift * (y != 10).astype(jnp.float32)[:, None, None, None]
     return analytic.gaussian_eps_at_alpha_bar(ab, x, mu, STD)
 

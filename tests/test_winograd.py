@@ -1,4 +1,4 @@
-"""Tests for jdiff.models.winograd: Winograd F(2x2,3x3) / F(4x4,3x3) convolutions equal
+"""Tests for jdiff.ops.winograd: Winograd F(2x2,3x3) / F(4x4,3x3) convolutions equal
 XLA's direct convolution (values and both gradients), through the chunked custom VJP,
 the conv dispatcher, the U-Net's conv_impl switch and the mapping transforms."""
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jdiff.models import winograd
+from jdiff.ops import winograd
 from jdiff.models.unet import UNet
-from jdiff.models.winograd import (resolve_conv_impl, winograd_conv3x3,
+from jdiff.ops.winograd import (resolve_conv_impl, winograd_conv3x3,
                                    winograd_conv_general_dilated)
 from conftest import run_python
 
@@ -189,7 +189,7 @@ def test_pmap_and_shard_map_equal_unmapped():
   script = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, PartitionSpec as P
-    from jdiff.models.winograd import winograd_conv3x3
+    from jdiff.ops.winograd import winograd_conv3x3
     assert jax.device_count() == 4
     x = jax.random.normal(jax.random.key(0), (4, 2, 6, 6, 3))
     k = jax.random.normal(jax.random.key(1), (3, 3, 3, 5))

@@ -7,4 +7,3 @@ from jdiff.models.autoencoder import (AutoencoderKL, DiagonalGaussian, autoencod
 from jdiff.models.bridge import make_model_fn
 from jdiff.models.guidance import cfg_model_fn
 from jdiff.models.unet import UNet, make_unet
-from jdiff.models.winograd import winograd_conv3x3, winograd_conv_general_dilated

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdiff.models.winograd import winograd_conv_general_dilated
+from jdiff.ops.winograd import winograd_conv_general_dilated
 
 Array = jax.Array
 Dtype = Any
@@ -173,7 +173,7 @@ class ResBlock(nn.Module):
     down: average-pool 2x downsampling inside the block.
     num_groups: GroupNorm groups.
     zero_init: zero-initialise the last conv (residual branch starts as 0).
-    conv_impl: "xla" or "winograd" for the 3x3 convs (``jdiff.models.winograd``).
+    conv_impl: "xla" or "winograd" for the 3x3 convs (``jdiff.ops.winograd``).
   """
 
   out_channels: int

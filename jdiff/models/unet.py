@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from jdiff.models.layers import (AttentionBlock, Downsample, GroupNorm32, ResBlock,
                                  Upsample, conv_fn, timestep_embedding)
-from jdiff.models.winograd import resolve_conv_impl
+from jdiff.ops.winograd import resolve_conv_impl
 
 Array = jax.Array
 Dtype = Any
@@ -61,7 +61,7 @@ class UNet(nn.Module):
     param_dtype: parameter dtype (float32).
     remat: rematerialise residual blocks in the backward pass (``nn.remat``).
     conv_impl: how the 3x3 stride-1 convolutions run: "xla" (the backend's
-      native convolution), "winograd" (``jdiff.models.winograd``: 2.25x fewer
+      native convolution), "winograd" (``jdiff.ops.winograd``: 2.25x fewer
       multiplies, same result up to rounding) or "auto" (Winograd for float32
       on CPU, where XLA has no Winograd kernel; native elsewhere). Parameters
       and results are the same either way.

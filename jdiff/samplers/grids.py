@@ -20,7 +20,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from jdiff.samplers import sigma as sigma_lib
+from jdiff import continuous
 from jdiff.schedules import Schedule
 
 SPACINGS = ("leading", "trailing", "linspace", "quadratic")
@@ -119,7 +119,7 @@ def sigma_grid(schedule: Schedule, num_steps: int, *, spacing: str = "karras",
   if final == "sigma_min":
     return sigma_grid(schedule, num_steps + 1, spacing=spacing, rho=rho, sigma_min=sigma_min,
                       sigma_max=sigma_max)[:-1]
-  s_min, s_max = sigma_lib.sigma_min_max(schedule)
+  s_min, s_max = continuous.sigma_min_max(schedule)
   s_min = s_min if sigma_min is None else jnp.asarray(sigma_min, jnp.float32)
   s_max = s_max if sigma_max is None else jnp.asarray(sigma_max, jnp.float32)
   zero = jnp.zeros((1,), jnp.float32)
@@ -132,7 +132,7 @@ def sigma_grid(schedule: Schedule, num_steps: int, *, spacing: str = "karras",
     t = jnp.linspace(schedule.num_steps - 1, 0, num_steps, dtype=jnp.float32)
   else:
     t = timestep_grid(schedule.num_steps, num_steps, spacing=spacing)[:-1]
-  return jnp.concatenate([sigma_lib.t_to_sigma(schedule, t), zero])
+  return jnp.concatenate([continuous.t_to_sigma(schedule, t), zero])
 
 
 def _check_num_steps(num_steps) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jdiff.samplers import sigma as sigma_lib
+from jdiff import continuous
 from jdiff.samplers.driver import batch_t, sample_loop
 from jdiff.samplers.grids import timestep_grid
 from jdiff.schedules import Schedule
@@ -58,10 +58,10 @@ def langevin_corrector_step(schedule: Schedule, model_fn, x: Array, t: Array, t_
     the corrected sample [B, ...].
   """
   tb = batch_t(t, x)
-  ab = sigma_lib.alpha_bar_at(schedule, tb)
-  _, eps = sigma_lib.to_x0_eps_at(ab, x, model_fn(x, tb, cond), prediction=prediction)
+  ab = continuous.alpha_bar_at(schedule, tb)
+  _, eps = continuous.to_x0_eps_at(ab, x, model_fn(x, tb, cond), prediction=prediction)
   score = -eps / jnp.sqrt(1.0 - ab).reshape((-1,) + (1,) * (x.ndim - 1))
-  alpha = sigma_lib.alpha_bar_at(schedule, t) / sigma_lib.alpha_bar_at(schedule, t_next)
+  alpha = continuous.alpha_bar_at(schedule, t) / continuous.alpha_bar_at(schedule, t_next)
   step = 2.0 * alpha * (snr * _mean_norm(noise) / _mean_norm(score)) ** 2
   out = x.astype(jnp.float32) + step * score + jnp.sqrt(2.0 * step) * noise.astype(jnp.float32)
   return out.astype(x.dtype)
@@ -82,9 +82,9 @@ def ancestral_predictor_step(schedule: Schedule, model_fn, x: Array, t: Array, t
     cond, prediction: see `ddim_step`.
   """
   tb = batch_t(t, x)
-  ab = sigma_lib.alpha_bar_at(schedule, t)
-  ab_next = sigma_lib.alpha_bar_at(schedule, t_next)
-  x0, eps = sigma_lib.to_x0_eps_at(ab, x, model_fn(x, tb, cond), prediction=prediction)
+  ab = continuous.alpha_bar_at(schedule, t)
+  ab_next = continuous.alpha_bar_at(schedule, t_next)
+  x0, eps = continuous.to_x0_eps_at(ab, x, model_fn(x, tb, cond), prediction=prediction)
   std = eta * jnp.sqrt(jnp.maximum((1.0 - ab_next) / (1.0 - ab) * (1.0 - ab / ab_next), 0.0))
   dir_coef = jnp.sqrt(jnp.maximum(1.0 - ab_next - std**2, 0.0))
   out = jnp.sqrt(ab_next) * x0 + dir_coef * eps + std * noise.astype(jnp.float32)

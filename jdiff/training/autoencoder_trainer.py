@@ -34,12 +34,13 @@ import numpy as np
 import optax
 from absl import logging
 
-from jdiff import autoencoder_losses as ae_losses
+from jdiff.models import autoencoder_losses as ae_losses
 from jdiff.data import pipeline
 from jdiff.models.autoencoder import AutoencoderKL, make_autoencoder, param_count
 from jdiff.training import latents, sharding
 from jdiff.training.checkpoint import Checkpointer
 from jdiff.training.optim import make_optimizer
+from jdiff.training.step import make_autoencoder_train_step
 from jdiff.training.loop import train_loop
 from jdiff.training.trainer import log_process_info
 from jdiff.training.writers import MetricWriter, save_image_grid, write_scalars_once
@@ -175,7 +176,7 @@ class _Context:
 def make_state_train_step(module: AutoencoderKL, optimizer: optax.GradientTransformation, *,
                           recon_loss: str, kl_weight: float):
   """`step(state, images [B, H, W, C], rng) -> (state, metrics)`; rng folded with the step."""
-  inner = ae_losses.make_autoencoder_train_step(module, optimizer, recon_loss=recon_loss,
+  inner = make_autoencoder_train_step(module, optimizer, recon_loss=recon_loss,
                                                 kl_weight=kl_weight)
 
   def step(state: AutoencoderState, images: Array, rng: Array):

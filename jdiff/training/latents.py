@@ -44,7 +44,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jdiff.autoencoder_losses import latent_scale_factor
+from jdiff.models.autoencoder_losses import latent_scale_factor
 from jdiff.data import pipeline
 from jdiff.models.autoencoder import AutoencoderKL, make_autoencoder
 

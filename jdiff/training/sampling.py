@@ -7,7 +7,7 @@ from typing import Callable
 import jax
 
 from jdiff.models.bridge import make_model_fn
-from jdiff.samplers import ddim, ddpm, dpm_solver, karras, pc
+from jdiff.samplers import ddim, ddpm, dpm_solver, euler, pc, unipc
 from jdiff.schedules import Schedule
 
 Array = jax.Array
@@ -44,15 +44,15 @@ def _continuous(fn, *, takes_eta: bool = False, **fixed):
 SAMPLERS: dict[str, Callable] = {
     "ddpm": _ddpm,
     "ddim": _ddim,
-    "euler": _continuous(karras.euler_sample),
-    "heun": _continuous(karras.heun_sample),
-    "euler_a": _continuous(karras.euler_ancestral_sample, takes_eta=True),
-    "edm": _continuous(karras.edm_sample, s_churn=10.0),
+    "euler": _continuous(euler.euler_sample),
+    "heun": _continuous(euler.heun_sample),
+    "euler_a": _continuous(euler.euler_ancestral_sample, takes_eta=True),
+    "edm": _continuous(euler.edm_sample, s_churn=10.0),
     "dpmpp_2m": _continuous(dpm_solver.dpmpp_2m_sample),
     "dpmpp_2m_sde": _continuous(dpm_solver.dpmpp_2m_sde_sample),
     "dpmpp_3m": _continuous(dpm_solver.dpmpp_3m_sample),
     "pc": _continuous(pc.pc_sample, takes_eta=True),
-    "unipc": _continuous(dpm_solver.unipc_sample, final_sigma="sigma_min"),
+    "unipc": _continuous(unipc.unipc_sample, final_sigma="sigma_min"),
 }
 
 

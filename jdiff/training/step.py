@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from jdiff import losses
+from jdiff.models import autoencoder_losses as ae_losses
+from jdiff.models.autoencoder import AutoencoderKL
 from jdiff.models.bridge import make_model_fn
 from jdiff.schedules import Schedule
 from jdiff.training.optim import ema_decay_at, ema_update
 from jdiff.training.state import TrainState
 
 Array = jax.Array
+PyTree = Any
 
 
 def drop_labels(rng: Array, labels: Array, *, rate: float, null_label: int) -> Array:
@@ -103,3 +106,46 @@ def make_eval_step(module, *, conditional: bool = False, **loss_kwargs) -> Calla
     return {"loss_sum": jnp.sum(per_ex * mask), "count": jnp.sum(mask)}
 
   return eval_step
+
+
+def make_autoencoder_train_step(
+    module: AutoencoderKL,
+    optimizer: optax.GradientTransformation,
+    *,
+    recon_loss: str = "l1",
+    kl_weight: float = 1e-6,
+) -> Callable[[PyTree, PyTree, Array, Array], tuple[PyTree, PyTree, dict[str, Array]]]:
+  """Returns a pure stage-1 train step (not jitted: jit it where you call it).
+
+  train_step(params, opt_state, batch_images, rng) -> (params, opt_state, metrics)
+
+  `params` is the `params` collection (`variables["params"]`); `batch_images` is
+  [B, H, W, in_channels]; `rng` draws the posterior sample (derive it per step, e.g.
+  `fold_in(base, step)`). Metrics are those of `autoencoder_loss` plus "grad_norm".
+
+  Args:
+    module: the AutoencoderKL.
+    optimizer: an optax transformation, e.g. `optax.adam(4.5e-6 * batch)` (LDM"s lr).
+    recon_loss: "l1" or "l2", see `autoencoder_loss`.
+    kl_weight: KL weight, see `autoencoder_loss`.
+  """
+  if not isinstance(module, AutoencoderKL):
+    raise TypeError(f"module must be an AutoencoderKL, got {type(module).__name__}")
+  if recon_loss not in ae_losses.RECON_LOSSES:
+    raise ValueError(f"recon_loss must be one of {ae_losses.RECON_LOSSES}, got {recon_loss!r}")
+  if kl_weight < 0:
+    raise ValueError(f"kl_weight must be >= 0, got {kl_weight!r}")
+
+  def loss_fn(params, x, rng):
+    recon, posterior = module.apply({"params": params}, x, rng, sample_posterior=True)
+    return ae_losses.autoencoder_loss(recon, x, posterior, recon_loss=recon_loss,
+                            kl_weight=kl_weight)
+
+  def train_step(params, opt_state, batch_images, rng):
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(params, batch_images, rng)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
+    return params, opt_state, metrics
+
+  return train_step

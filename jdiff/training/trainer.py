@@ -23,7 +23,7 @@ from jdiff import losses
 from jdiff.data import pipeline
 from jdiff.models.bridge import make_model_fn
 from jdiff.models.unet import UNet
-from jdiff.models.winograd import CONV_IMPLS
+from jdiff.ops.winograd import CONV_IMPLS
 from jdiff.schedules import Schedule, get_schedule
 from jdiff.training import sharding
 from jdiff.training.checkpoint import Checkpointer

@@ -1,7 +1,7 @@
 """Karras-style samplers in sigma space: Euler, Heun (EDM Alg. 1), Euler-ancestral, EDM Alg. 2.
 
 All work on the variance-exploding view x_ve = x_t / sqrt(alpha_bar) = x_0 + sigma eps of a
-VP model (see `jdiff.samplers.sigma`), along a decreasing sigma grid ending with 0
+VP model (see `jdiff.continuous`), along a decreasing sigma grid ending with 0
 (`grids.sigma_grid`, Karras rho = 7 by default). The probability-flow ODE there is
 dx/dsigma = (x - D(x, sigma)) / sigma, D the denoiser ([EDM] eq. 4 with s = 1, sigma(t) = t).
 
@@ -27,13 +27,13 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jdiff.samplers import sigma as sigma_lib
+from jdiff import continuous
 from jdiff.samplers.driver import sample_loop
 from jdiff.samplers.grids import sigma_grid
 from jdiff.schedules import Schedule
 
 Array = jax.Array
-Denoiser = sigma_lib.Denoiser
+Denoiser = continuous.Denoiser
 
 
 def _safe(s: Array) -> Array:
@@ -148,14 +148,14 @@ def prepare(schedule: Schedule, x_T: Array, *, num_steps: int, spacing: str, rho
   """Resolves the sigma grid and maps standard normal x_T to the VE start x_T sqrt(1 + sigma_0^2)."""
   if grid is None:
     grid = sigma_grid(schedule, num_steps, spacing=spacing, rho=rho)
-  grid = sigma_lib.check_sigma_grid(grid)
+  grid = continuous.check_sigma_grid(grid)
   x = x_T * jnp.sqrt(1.0 + grid[0] ** 2).astype(x_T.dtype)
   return grid, x
 
 
 def _sample(step, schedule, model_fn, x_T, rng, *, num_steps, spacing, rho, grid, cond,
             prediction):
-  denoise = sigma_lib.make_denoiser(schedule, model_fn, cond=cond, prediction=prediction)
+  denoise = continuous.make_denoiser(schedule, model_fn, cond=cond, prediction=prediction)
   grid, x = prepare(schedule, x_T, num_steps=num_steps, spacing=spacing, rho=rho, grid=grid)
   return sample_loop(lambda c, i, s, s_next, key: step(denoise, c, i, s, s_next, key, grid),
                      x, grid, rng)[0]
@@ -228,7 +228,7 @@ def edm_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *, num_step
   """
   if s_churn < 0 or s_noise < 0:
     raise ValueError(f"s_churn and s_noise must be >= 0, got {s_churn}, {s_noise}")
-  cap = sigma_lib.sigma_min_max(schedule)[1]
+  cap = continuous.sigma_min_max(schedule)[1]
 
   def step(d, x, i, s, s_next, key, g):
     noise = jax.random.normal(key, x.shape, x.dtype)

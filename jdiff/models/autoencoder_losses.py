@@ -23,19 +23,18 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from jdiff.models.autoencoder import AutoencoderKL, DiagonalGaussian
+from jdiff.models.autoencoder import DiagonalGaussian
 
 Array = jax.Array
 PyTree = Any
 
-_RECON_LOSSES = ('l1', 'l2')
+RECON_LOSSES = ('l1', 'l2')
 
 
 def _check_pair(x: Array, recon: Array) -> None:
@@ -67,8 +66,8 @@ def psnr(x: Array, recon: Array, *, data_range: float = 2.0) -> Array:
 def reconstruction_loss(x: Array, recon: Array, *, recon_loss: str = 'l1') -> Array:
   """Per-example reconstruction error summed over all non-batch axes, [B]."""
   _check_pair(x, recon)
-  if recon_loss not in _RECON_LOSSES:
-    raise ValueError(f'recon_loss must be one of {_RECON_LOSSES}, got {recon_loss!r}')
+  if recon_loss not in RECON_LOSSES:
+    raise ValueError(f'recon_loss must be one of {RECON_LOSSES}, got {recon_loss!r}')
   d = jnp.asarray(x, jnp.float32) - jnp.asarray(recon, jnp.float32)
   err = jnp.abs(d) if recon_loss == 'l1' else jnp.square(d)
   return jnp.sum(err, axis=tuple(range(1, d.ndim)))
@@ -134,46 +133,3 @@ def latent_scale_factor(latents: Array) -> float:
   if not np.isfinite(std) or std == 0.0:
     raise ValueError(f'latents have std {std}; cannot compute a scale factor')
   return 1.0 / std
-
-
-def make_autoencoder_train_step(
-    module: AutoencoderKL,
-    optimizer: optax.GradientTransformation,
-    *,
-    recon_loss: str = 'l1',
-    kl_weight: float = 1e-6,
-) -> Callable[[PyTree, PyTree, Array, Array], tuple[PyTree, PyTree, dict[str, Array]]]:
-  """Returns a pure stage-1 train step (not jitted: jit it where you call it).
-
-  train_step(params, opt_state, batch_images, rng) -> (params, opt_state, metrics)
-
-  `params` is the `params` collection (`variables['params']`); `batch_images` is
-  [B, H, W, in_channels]; `rng` draws the posterior sample (derive it per step, e.g.
-  `fold_in(base, step)`). Metrics are those of `autoencoder_loss` plus 'grad_norm'.
-
-  Args:
-    module: the AutoencoderKL.
-    optimizer: an optax transformation, e.g. `optax.adam(4.5e-6 * batch)` (LDM's lr).
-    recon_loss: 'l1' or 'l2', see `autoencoder_loss`.
-    kl_weight: KL weight, see `autoencoder_loss`.
-  """
-  if not isinstance(module, AutoencoderKL):
-    raise TypeError(f'module must be an AutoencoderKL, got {type(module).__name__}')
-  if recon_loss not in _RECON_LOSSES:
-    raise ValueError(f'recon_loss must be one of {_RECON_LOSSES}, got {recon_loss!r}')
-  if kl_weight < 0:
-    raise ValueError(f'kl_weight must be >= 0, got {kl_weight!r}')
-
-  def loss_fn(params, x, rng):
-    recon, posterior = module.apply({'params': params}, x, rng, sample_posterior=True)
-    return autoencoder_loss(recon, x, posterior, recon_loss=recon_loss,
-                            kl_weight=kl_weight)
-
-  def train_step(params, opt_state, batch_images, rng):
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(params, batch_images, rng)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    metrics = {**metrics, 'grad_norm': optax.tree.norm(grads)}
-    return params, opt_state, metrics
-
-  return train_step
