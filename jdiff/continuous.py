@@ -135,7 +135,8 @@ def batch_sigma(sigma: Array, x: Array) -> Array:
 
 
 def make_denoiser(schedule: Schedule, model_fn, *, cond: Array | None = None,
-                  prediction: str = "eps") -> Denoiser:
+                  prediction: str = "eps", clip_x0: float | None = None,
+                  dynamic_percentile: float | None = None) -> Denoiser:
   """Wraps a VP `model_fn(x_t, t, cond)` as an EDM-style denoiser D(x_ve, sigma) -> x0_hat.
 
   D calls the model once, on x_t = x_ve / sqrt(1 + sigma^2) at the fractional timestep
@@ -147,6 +148,9 @@ def make_denoiser(schedule: Schedule, model_fn, *, cond: Array | None = None,
     model_fn: `model_fn(x_t, t, cond) -> [B, ...]`.
     cond: conditioning passed through to model_fn.
     prediction: what the model predicts: 'eps', 'x0' or 'v'.
+    clip_x0, dynamic_percentile: static clipping / dynamic thresholding of x0_hat inside the
+      denoiser (`diffusion.threshold_x0`), so every sigma-grid sampler sees the thresholded
+      data prediction.
 
   Returns:
     `denoise(x_ve [B, ...], sigma scalar or [B]) -> x0_hat [B, ...]` (dtype of x_ve).
@@ -158,7 +162,9 @@ def make_denoiser(schedule: Schedule, model_fn, *, cond: Array | None = None,
     ab = 1.0 / (1.0 + sig**2)
     x_t = (x.astype(jnp.float32) * jnp.sqrt(_bcast(ab, x))).astype(x.dtype)
     out = model_fn(x_t, sigma_to_t(schedule, sig), cond)
-    return to_x0_eps_at(ab, x_t, out, prediction=prediction)[0].astype(x.dtype)
+    x0 = to_x0_eps_at(ab, x_t, out, prediction=prediction)[0]
+    x0 = diffusion.threshold_x0(x0, clip_x0=clip_x0, dynamic_percentile=dynamic_percentile)
+    return x0.astype(x.dtype)
 
   return denoise
 

@@ -14,7 +14,7 @@ References:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,9 @@ import jax.numpy as jnp
 from jdiff.schedules import Schedule
 
 Array = jax.Array
+# The one interface between the library and a network: model_fn(x_t [B, ...], t [B], cond)
+# -> prediction [B, ...] (eps, x0 or v; twice the channels for learned-variance models).
+ModelFn = Callable[[Array, Array, Array | None], Array]
 
 PREDICTIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
@@ -236,3 +239,35 @@ def p_mean_variance(schedule: Schedule, model_out: Array, x_t: Array, t: Array, 
     log_var = (frac * max_log.astype(jnp.float32)
                + (1.0 - frac) * min_log.astype(jnp.float32)).astype(x_t.dtype)
   return Gaussian(mean, jnp.exp(log_var), log_var), x0
+
+
+def threshold_x0(x0: Array, *, clip_x0: float | None = None,
+                 dynamic_percentile: float | None = None) -> Array:
+  """Static clipping or dynamic thresholding of a data prediction.
+
+  Dynamic thresholding ([Imagen] Sec. 2.3): per example, s is the `dynamic_percentile`
+  quantile of |x0_hat|, floored at the data range c = `clip_x0` (1 when None); x0_hat is
+  clipped to [-s, s] and rescaled by c / s. Where s = c this is plain clipping to [-c, c], so
+  predictions inside the range pass unchanged; saturated pixels are pushed inwards.
+
+  Args:
+    x0: [B, ...] data prediction.
+    clip_x0: data range c: clip to [-c, c] (None: no static clipping).
+    dynamic_percentile: p in (0, 1] for dynamic thresholding (None: off).
+
+  Returns:
+    [B, ...] thresholded x0, x0's dtype.
+
+  References:
+    [Imagen] Saharia et al. Photorealistic Text-to-Image Diffusion Models with Deep Language
+      Understanding, NeurIPS 2022, Sec. 2.3.
+  """
+  if dynamic_percentile is None:
+    return x0 if clip_x0 is None else jnp.clip(x0, -clip_x0, clip_x0)
+  if not 0.0 < dynamic_percentile <= 1.0:
+    raise ValueError(f"dynamic_percentile must be in (0, 1], got {dynamic_percentile}")
+  c = 1.0 if clip_x0 is None else float(clip_x0)
+  flat = jnp.abs(x0.astype(jnp.float32)).reshape(x0.shape[0], -1)
+  s = jnp.maximum(jnp.quantile(flat, dynamic_percentile, axis=1), c)
+  s = s.reshape((-1,) + (1,) * (x0.ndim - 1))
+  return (jnp.clip(x0.astype(jnp.float32), -s, s) * (c / s)).astype(x0.dtype)

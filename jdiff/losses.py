@@ -22,7 +22,7 @@ from jdiff import diffusion
 from jdiff.schedules import Schedule
 
 Array = jax.Array
-ModelFn = Callable[[Array, Array, Array | None], Array]
+ModelFn = diffusion.ModelFn
 
 WEIGHTINGS = ("simple", "snr", "min_snr")
 

@@ -13,8 +13,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from jdiff.diffusion import ModelFn
+
 Array = jax.Array
-ModelFn = Callable[[Array, Array, Array | None], Array]
 
 
 def make_model_fn(module: nn.Module, params: Any, *, train: bool = False,

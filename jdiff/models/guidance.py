@@ -29,8 +29,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jdiff.diffusion import ModelFn
+
 Array = jax.Array
-ModelFn = Callable[[Array, Array, Array | None], Array]
 
 
 def _std(a: Array) -> Array:

@@ -23,6 +23,9 @@ import jax.numpy as jnp
 
 from jdiff.ops.winograd import winograd_conv_general_dilated
 
+# config names of the compute dtypes (`config.model.dtype`, the autoencoder's `dtype`)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
 Array = jax.Array
 Dtype = Any
 
