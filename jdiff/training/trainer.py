@@ -24,6 +24,7 @@ from jdiff.data import pipeline
 from jdiff.models.bridge import make_model_fn
 from jdiff.models.unet import UNet
 from jdiff.ops.winograd import CONV_IMPLS
+from jdiff.runs.sample_options import sample_options, validate_sample_config
 from jdiff.schedules import Schedule, get_schedule
 from jdiff.training import sharding
 from jdiff.training.checkpoint import Checkpointer
@@ -165,11 +166,7 @@ class Setup:
     return (state.ema_params if use_ema else state.params), step
 
   def sample_fn(self, **overrides):
-    s = self.config.sample
-    opts = dict(sampler=s.sampler, num_steps=s.num_steps, eta=s.eta, spacing=s.spacing,
-                clip_x0=s.clip_x0 if s.clip_x0 > 0 else None,
-                guidance_scale=s.guidance_scale, guidance_rescale=s.guidance_rescale)
-    opts.update(overrides)
+    opts = {**sample_options(self.config.sample), **overrides}
     return make_sample_fn(self.module, self.schedule, prediction=self.config.diffusion.prediction,
                           variance=self.config.diffusion.variance, null_label=self.null_label,
                           **opts)
@@ -216,9 +213,7 @@ def validate_config(config) -> None:
     raise ValueError(f"config.train.label_dropout must be in [0, 1), got {t.label_dropout}")
   if t.label_dropout and not config.conditional:
     raise ValueError("config.train.label_dropout > 0 needs config.conditional=True")
-  if config.latent.autoencoder_workdir and config.sample.clip_x0 > 0:
-    raise ValueError("config.sample.clip_x0 must be 0 for latent diffusion (scaled latents have "
-                     f"unit std, not a [-1, 1] range); got {config.sample.clip_x0}")
+  validate_sample_config(config.sample, latent=bool(config.latent.autoencoder_workdir))
   if not 0.0 <= config.ema_decay < 1.0:
     raise ValueError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
 
