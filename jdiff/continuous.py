@@ -23,7 +23,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,18 +36,21 @@ Array = jax.Array
 # denoise(x_ve [B, ...], sigma scalar or [B]) -> x0_hat [B, ...]
 Denoiser = Callable[[Array, Array], Array]
 
-# alpha_bar is floored at 2**-24 (as diffusers does for zero-terminal-SNR schedules) so that
-# sigma_max stays finite; the model still sees the (clipped) last timestep.
-_MIN_SQRT_ALPHA_BAR = 2.0**-12
+# A zero-terminal-SNR schedule has alpha_bar = 0 at its last step (sigma = inf). There, and only
+# there, alpha_bar is replaced by 2**-24 (sqrt 2**-12), as diffusers does, so that sigma_max
+# stays finite; the model still sees the last timestep. Schedules with alpha_bar > 0 (plain
+# cosine ends at ~2.4e-9) keep their exact sigma_max.
+_ZERO_SNR_SQRT_ALPHA_BAR = 2.0**-12
 
 
 def log_sigmas(schedule: Schedule) -> Array:
   """log sigma_t = log sqrt(1 - ab_t) - log sqrt(ab_t), float32 [T], increasing in t.
 
   Computed from the schedule's float64-derived square roots, so it stays accurate near
-  t = 0 where 1 - ab is small.
+  t = 0 where 1 - ab is small. A zero alpha_bar (zero terminal SNR) counts as 2**-24.
   """
-  sqrt_ab = jnp.maximum(schedule.sqrt_alphas_cumprod, _MIN_SQRT_ALPHA_BAR)
+  sqrt_ab = schedule.sqrt_alphas_cumprod
+  sqrt_ab = jnp.where(sqrt_ab > 0, sqrt_ab, _ZERO_SNR_SQRT_ALPHA_BAR)
   return (jnp.log(schedule.sqrt_one_minus_alphas_cumprod) - jnp.log(sqrt_ab)).astype(jnp.float32)
 
 
@@ -97,9 +100,34 @@ def _bcast(a: Array, x: Array) -> Array:
   return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
 
 
+def vp_coefs(sigma: Array, x: Array) -> tuple[Array, Array]:
+  """(sqrt(ab), sqrt(1 - ab)) at noise level sigma, broadcastable against x [B, ...], float32.
+
+  With ab = 1 / (1 + sigma^2): sqrt(ab) = 1 / sqrt(1 + sigma^2) and
+  sqrt(1 - ab) = sigma / sqrt(1 + sigma^2), both to float32 rounding for every sigma >= 0;
+  forming 1 - ab instead loses ~1e-7 / sigma^2 relative precision near sigma = 0 (t = 0).
+
+  Args:
+    sigma: scalar or [B] noise levels (0: clean data).
+    x: [B, ...] the array the coefficients multiply.
+  """
+  sig = _bcast(sigma, x)
+  a = jax.lax.rsqrt(1.0 + sig**2)
+  return a, sig * a
+
+
+def _convert(a: Array, s: Array, x_t: Array, pred: Array, prediction: str):
+  return diffusion.convert_prediction(a, s, x_t.astype(jnp.float32), pred.astype(jnp.float32),
+                                      prediction=prediction)
+
+
 def to_x0_eps_at(alpha_bar: Array, x_t: Array, pred: Array, *,
                  prediction: str = "eps") -> tuple[Array, Array]:
-  """`diffusion.to_x0_eps` at an explicit alpha_bar (scalar or [B]) instead of a timestep.
+  """`diffusion.convert_prediction` at an explicit alpha_bar (scalar or [B]), in float32.
+
+  sqrt(1 - alpha_bar) is formed from alpha_bar here, so near alpha_bar = 1 it carries the
+  cancellation error of 1 - alpha_bar; where sigma or t is known, `to_x0_eps` (or
+  `vp_coefs` with `diffusion.convert_prediction`) is exact to float32 rounding.
 
   Args:
     alpha_bar: scalar or [B] float, in (0, 1].
@@ -110,23 +138,36 @@ def to_x0_eps_at(alpha_bar: Array, x_t: Array, pred: Array, *,
   Returns:
     (x0_hat, eps_hat), each [B, ...] float32.
   """
-  diffusion.check_prediction(prediction)
   ab = _bcast(alpha_bar, x_t)
-  a, s = jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
-  x_t = x_t.astype(jnp.float32)
-  pred = pred.astype(jnp.float32)
-  if prediction == "eps":
-    return (x_t - s * pred) / a, pred
-  if prediction == "x0":
-    # eps is undefined at ab = 1 (no noise); return 0 there instead of nan.
-    return pred, jnp.where(s > 0, (x_t - a * pred) / jnp.where(s > 0, s, 1.0), 0.0)
-  return a * x_t - s * pred, s * x_t + a * pred
+  return _convert(jnp.sqrt(ab), jnp.sqrt(1.0 - ab), x_t, pred, prediction)
+
+
+def to_x0_eps_sigma(sigma: Array, x_t: Array, pred: Array, *,
+                    prediction: str = "eps") -> tuple[Array, Array]:
+  """`diffusion.convert_prediction` at noise level sigma (scalar or [B]), in float32.
+
+  The coefficients come from sigma (`vp_coefs`), exact to float32 rounding near sigma = 0.
+
+  Args:
+    sigma: scalar or [B] noise levels; x_t = x0 / sqrt(1 + sigma^2) + eps sigma / sqrt(...).
+    x_t: [B, ...] VP-noisy input.
+    pred: [B, ...] model output of kind `prediction`.
+    prediction: 'eps', 'x0' or 'v'.
+
+  Returns:
+    (x0_hat, eps_hat), each [B, ...] float32.
+  """
+  return _convert(*vp_coefs(sigma, x_t), x_t, pred, prediction)
 
 
 def to_x0_eps(schedule: Schedule, x_t: Array, t: Array, pred: Array, *,
               prediction: str = "eps") -> tuple[Array, Array]:
-  """`diffusion.to_x0_eps` at fractional timesteps t [B] (float or int)."""
-  return to_x0_eps_at(alpha_bar_at(schedule, t), x_t, pred, prediction=prediction)
+  """`diffusion.to_x0_eps` at fractional timesteps t [B] (float or int), in float32.
+
+  Converts at sigma(t), so at integer t it agrees with `diffusion.to_x0_eps` to float32
+  rounding, t = 0 included.
+  """
+  return to_x0_eps_sigma(t_to_sigma(schedule, t), x_t, pred, prediction=prediction)
 
 
 def batch_sigma(sigma: Array, x: Array) -> Array:
@@ -156,13 +197,13 @@ def make_denoiser(schedule: Schedule, model_fn, *, cond: Array | None = None,
     `denoise(x_ve [B, ...], sigma scalar or [B]) -> x0_hat [B, ...]` (dtype of x_ve).
   """
   diffusion.check_prediction(prediction)
+  diffusion.check_threshold(clip_x0=clip_x0, dynamic_percentile=dynamic_percentile)
 
   def denoise(x: Array, sigma: Array) -> Array:
     sig = batch_sigma(sigma, x)
-    ab = 1.0 / (1.0 + sig**2)
-    x_t = (x.astype(jnp.float32) * jnp.sqrt(_bcast(ab, x))).astype(x.dtype)
+    x_t = (x.astype(jnp.float32) * vp_coefs(sig, x)[0]).astype(x.dtype)
     out = model_fn(x_t, sigma_to_t(schedule, sig), cond)
-    x0 = to_x0_eps_at(ab, x_t, out, prediction=prediction)[0]
+    x0 = to_x0_eps_sigma(sig, x_t, out, prediction=prediction)[0]
     x0 = diffusion.threshold_x0(x0, clip_x0=clip_x0, dynamic_percentile=dynamic_percentile)
     return x0.astype(x.dtype)
 

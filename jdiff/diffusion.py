@@ -14,7 +14,8 @@ References:
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -71,9 +72,8 @@ def q_sample(schedule: Schedule, x0: Array, t: Array, noise: Array) -> Array:
   """
   if noise.shape != x0.shape:
     raise ValueError(f"noise shape {noise.shape} != x0 shape {x0.shape}")
-  noise = noise.astype(x0.dtype)
-  return (gather(schedule.sqrt_alphas_cumprod, t, x0) * x0
-          + gather(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+  a, s = _coefs(schedule, t, x0)
+  return a * x0 + s * noise.astype(x0.dtype)
 
 
 def q_mean_variance(schedule: Schedule, x0: Array, t: Array) -> tuple[Array, Array, Array]:
@@ -115,34 +115,67 @@ def q_posterior(schedule: Schedule, x0: Array, x_t: Array, t: Array) -> Gaussian
 
 # ----------------------------------------------------------------------------- conversions
 
+def convert_prediction(sqrt_ab: Array, sqrt_1m_ab: Array, x_t: Array, pred: Array, *,
+                       prediction: str = "eps") -> tuple[Array, Array]:
+  """The one conversion of a model prediction into (x0_hat, eps_hat) at explicit coefficients.
+
+  With a = sqrt(ab) and s = sqrt(1 - ab): x_t = a x0 + s eps and v = a eps - s x0, so
+    eps: x0 = (x_t - s eps) / a;   x0: eps = (x_t - a x0) / s;   v: x0 = a x_t - s v,
+    eps = s x_t + a v.
+  Computes in the dtype the arguments promote to (no casts): callers choose it. Passing both
+  square roots, rather than ab, lets each caller compute s without the cancellation of 1 - ab
+  near ab = 1 (the schedule derives it in float64; the continuous view from sigma).
+
+  Args:
+    sqrt_ab: sqrt(alpha_bar), broadcastable against x_t (e.g. scalar or [B, 1, ..., 1]).
+    sqrt_1m_ab: sqrt(1 - alpha_bar), same shape; 0 means no noise (then eps_hat is 0 for an
+      x0 prediction, where it is undefined).
+    x_t: [B, ...] VP-noisy input.
+    pred: [B, ...] model output of kind `prediction`.
+    prediction: 'eps', 'x0' or 'v'.
+
+  Returns:
+    (x0_hat, eps_hat), each [B, ...].
+  """
+  check_prediction(prediction)
+  a, s = sqrt_ab, sqrt_1m_ab
+  if prediction == "eps":
+    return (x_t - s * pred) / a, pred
+  if prediction == "x0":
+    return pred, jnp.where(s > 0, (x_t - a * pred) / jnp.where(s > 0, s, 1), 0)
+  return a * x_t - s * pred, s * x_t + a * pred
+
+
+def _coefs(schedule: Schedule, t: Array, x: Array) -> tuple[Array, Array]:
+  """(sqrt(ab_t), sqrt(1 - ab_t)) gathered at integer t, [B, 1, ..., 1] of x's dtype."""
+  return (gather(schedule.sqrt_alphas_cumprod, t, x),
+          gather(schedule.sqrt_one_minus_alphas_cumprod, t, x))
+
+
 def x0_from_eps(schedule: Schedule, x_t: Array, t: Array, eps: Array) -> Array:
   """x_0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab)."""
-  return (x_t - gather(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * eps) / gather(
-      schedule.sqrt_alphas_cumprod, t, x_t)
+  return convert_prediction(*_coefs(schedule, t, x_t), x_t, eps, prediction="eps")[0]
 
 
 def eps_from_x0(schedule: Schedule, x_t: Array, t: Array, x0: Array) -> Array:
   """eps = (x_t - sqrt(ab) x_0) / sqrt(1 - ab)."""
-  return (x_t - gather(schedule.sqrt_alphas_cumprod, t, x_t) * x0) / gather(
-      schedule.sqrt_one_minus_alphas_cumprod, t, x_t)
+  return convert_prediction(*_coefs(schedule, t, x_t), x_t, x0, prediction="x0")[1]
 
 
 def v_from_x0_eps(schedule: Schedule, x0: Array, t: Array, eps: Array) -> Array:
   """The v target: v = sqrt(ab) eps - sqrt(1 - ab) x_0 ([Progressive Distillation] Sec. 4)."""
-  return (gather(schedule.sqrt_alphas_cumprod, t, x0) * eps
-          - gather(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * x0)
+  a, s = _coefs(schedule, t, x0)
+  return a * eps - s * x0
 
 
 def x0_from_v(schedule: Schedule, x_t: Array, t: Array, v: Array) -> Array:
   """x_0 = sqrt(ab) x_t - sqrt(1 - ab) v."""
-  return (gather(schedule.sqrt_alphas_cumprod, t, x_t) * x_t
-          - gather(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * v)
+  return convert_prediction(*_coefs(schedule, t, x_t), x_t, v, prediction="v")[0]
 
 
 def eps_from_v(schedule: Schedule, x_t: Array, t: Array, v: Array) -> Array:
   """eps = sqrt(1 - ab) x_t + sqrt(ab) v."""
-  return (gather(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t
-          + gather(schedule.sqrt_alphas_cumprod, t, x_t) * v)
+  return convert_prediction(*_coefs(schedule, t, x_t), x_t, v, prediction="v")[1]
 
 
 def score_from_eps(schedule: Schedule, t: Array, eps: Array) -> Array:
@@ -159,6 +192,9 @@ def to_x0_eps(schedule: Schedule, x_t: Array, t: Array, pred: Array, *,
               prediction: str = "eps") -> tuple[Array, Array]:
   """Converts a model prediction of any kind into the pair (x0_hat, eps_hat).
 
+  `convert_prediction` at the schedule's float64-derived sqrt(ab_t), sqrt(1 - ab_t), cast to
+  x_t's dtype (so bfloat16 stays bfloat16).
+
   Args:
     schedule: the `Schedule`.
     x_t: [B, ...] noisy input.
@@ -169,12 +205,7 @@ def to_x0_eps(schedule: Schedule, x_t: Array, t: Array, pred: Array, *,
   Returns:
     (x0_hat, eps_hat), each [B, ...].
   """
-  check_prediction(prediction)
-  if prediction == "eps":
-    return x0_from_eps(schedule, x_t, t, pred), pred
-  if prediction == "x0":
-    return pred, eps_from_x0(schedule, x_t, t, pred)
-  return x0_from_v(schedule, x_t, t, pred), eps_from_v(schedule, x_t, t, pred)
+  return convert_prediction(*_coefs(schedule, t, x_t), x_t, pred, prediction=prediction)
 
 
 def target_for(schedule: Schedule, x0: Array, t: Array, noise: Array, *, prediction: str) -> Array:
@@ -241,6 +272,15 @@ def p_mean_variance(schedule: Schedule, model_out: Array, x_t: Array, t: Array, 
   return Gaussian(mean, jnp.exp(log_var), log_var), x0
 
 
+def check_threshold(*, clip_x0: float | None = None,
+                    dynamic_percentile: float | None = None) -> None:
+  """Raises ValueError unless clip_x0 > 0 (or None) and dynamic_percentile in (0, 1] (or None)."""
+  if clip_x0 is not None and not clip_x0 > 0:
+    raise ValueError(f"clip_x0 must be positive, got {clip_x0}")
+  if dynamic_percentile is not None and not 0.0 < dynamic_percentile <= 1.0:
+    raise ValueError(f"dynamic_percentile must be in (0, 1], got {dynamic_percentile}")
+
+
 def threshold_x0(x0: Array, *, clip_x0: float | None = None,
                  dynamic_percentile: float | None = None) -> Array:
   """Static clipping or dynamic thresholding of a data prediction.
@@ -262,10 +302,9 @@ def threshold_x0(x0: Array, *, clip_x0: float | None = None,
     [Imagen] Saharia et al. Photorealistic Text-to-Image Diffusion Models with Deep Language
       Understanding, NeurIPS 2022, Sec. 2.3.
   """
+  check_threshold(clip_x0=clip_x0, dynamic_percentile=dynamic_percentile)
   if dynamic_percentile is None:
     return x0 if clip_x0 is None else jnp.clip(x0, -clip_x0, clip_x0)
-  if not 0.0 < dynamic_percentile <= 1.0:
-    raise ValueError(f"dynamic_percentile must be in (0, 1], got {dynamic_percentile}")
   c = 1.0 if clip_x0 is None else float(clip_x0)
   flat = jnp.abs(x0.astype(jnp.float32)).reshape(x0.shape[0], -1)
   s = jnp.maximum(jnp.quantile(flat, dynamic_percentile, axis=1), c)

@@ -35,13 +35,13 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jdiff import diffusion
-from jdiff import continuous
+from jdiff import continuous, diffusion
 from jdiff.schedules import Schedule
 
 Array = jax.Array
@@ -101,12 +101,13 @@ def make_dynamics(schedule: Schedule, model_fn, *, cond: Array | None = None,
   def f(u, state):
     x, _ = state
     sig = jnp.exp(u)
-    ab = 1.0 / (1.0 + sig**2)
+    # 1 - ab = s^2 and sqrt(1 - ab) = s, from sigma without cancellation near u_min.
+    s = continuous.vp_coefs(sig, x)[1]
     t = jnp.broadcast_to(continuous.sigma_to_t(schedule, sig), (x.shape[0],))
 
     def eps_fn(y):
       out = model_fn(y, t, cond)
-      return continuous.to_x0_eps_at(ab, y, out, prediction=prediction)[1]
+      return continuous.to_x0_eps_sigma(sig, y, out, prediction=prediction)[1]
 
     if divergence == "hutchinson":
       eps, jz = jax.jvp(eps_fn, (x,), (probe.astype(x.dtype),))
@@ -120,8 +121,8 @@ def make_dynamics(schedule: Schedule, model_fn, *, cond: Array | None = None,
       jac = jax.jacfwd(shift)(jnp.zeros((d,), jnp.float32))
       div_eps = jnp.trace(jac, axis1=1, axis2=2).astype(jnp.float32)
     d_total = math.prod(x.shape[1:])
-    dx = -(1.0 - ab) * x.astype(jnp.float32) + jnp.sqrt(1.0 - ab) * eps.astype(jnp.float32)
-    ddelta = -(1.0 - ab) * d_total + jnp.sqrt(1.0 - ab) * div_eps
+    dx = -(s**2) * x.astype(jnp.float32) + s * eps.astype(jnp.float32)
+    ddelta = -(s**2) * d_total + s * div_eps
     return dx.astype(x.dtype), ddelta
 
   return f

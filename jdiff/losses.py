@@ -12,7 +12,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,13 +51,21 @@ def init_loss_history(num_steps: int, history: int = 10) -> LossHistory:
 
 
 def update_loss_history(hist: LossHistory, t: Array, losses: Array) -> LossHistory:
-  """Pushes losses [B] observed at timesteps t [B] into the ring buffer.
+  """Pushes losses [B] observed at timesteps t [B] into the ring buffer, in batch order.
 
-  Duplicate timesteps in one batch keep one of their values (scatter semantics).
+  The result equals pushing the examples one at a time: a timestep that appears n times in
+  the batch gets n consecutive slots and n more counts; where n exceeds the history K, only
+  its last K losses are kept (each slot is written once, so the scatter has no collisions).
   """
   k = hist.values.shape[1]
-  slot = hist.counts[t] % k
-  values = hist.values.at[t, slot].set(jax.lax.stop_gradient(losses).astype(jnp.float32) ** 2)
+  same = t[:, None] == t[None, :]                                    # [B, B]
+  earlier = jnp.tril(same, -1)                                       # j < i with t_j == t_i
+  rank = jnp.sum(earlier, axis=1)                                    # position within its t
+  later = jnp.sum(same, axis=1) - 1 - rank                           # same t after i
+  slot = (hist.counts[t] + rank) % k
+  slot = jnp.where(later < k, slot, k)                               # overwritten: dropped
+  sq = jax.lax.stop_gradient(losses).astype(jnp.float32) ** 2
+  values = hist.values.at[t, slot].set(sq, mode="drop")
   counts = hist.counts.at[t].add(1)
   return LossHistory(values, counts)
 
@@ -121,6 +129,21 @@ def mean_flat(x: Array) -> Array:
   return jnp.mean(x.astype(jnp.float32), axis=tuple(range(1, x.ndim)))
 
 
+def _noise_and_predict(schedule: Schedule, model_fn: ModelFn, x0: Array, rng: Array, *,
+                       t: Array | None, cond: Array | None) -> tuple[Array, Array, Array]:
+  """The training losses' common start: draw t (unless given) and noise, call the model.
+
+  Returns:
+    (t int [B], noise [B, ...] of x0's dtype, model_fn(q_sample(x0, t, noise), t, cond)).
+  """
+  t_rng, noise_rng = jax.random.split(rng)
+  if t is None:
+    t = sample_timesteps(t_rng, x0.shape[0], schedule.num_steps)
+  noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+  x_t = diffusion.q_sample(schedule, x0, t, noise)
+  return t, noise, model_fn(x_t, t, cond)
+
+
 def denoising_loss(schedule: Schedule, model_fn: ModelFn, x0: Array, rng: Array, *,
                    cond: Array | None = None, t: Array | None = None,
                    prediction: str = "eps", weighting: str = "simple",
@@ -141,12 +164,7 @@ def denoising_loss(schedule: Schedule, model_fn: ModelFn, x0: Array, rng: Array,
   Returns:
     float32 [B] weighted MSE per example (mean over non-batch dims).
   """
-  t_rng, noise_rng = jax.random.split(rng)
-  if t is None:
-    t = sample_timesteps(t_rng, x0.shape[0], schedule.num_steps)
-  noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
-  x_t = diffusion.q_sample(schedule, x0, t, noise)
-  pred = model_fn(x_t, t, cond)
+  t, noise, pred = _noise_and_predict(schedule, model_fn, x0, rng, t=t, cond=cond)
   if pred.shape != x0.shape:
     raise ValueError(f"model_fn returned shape {pred.shape}, expected {x0.shape}; for a "
                      "learned-variance model use hybrid_loss")
@@ -196,7 +214,9 @@ def discretized_gaussian_log_likelihood(x: Array, mean: Array, log_scale: Array,
   b = jnp.where(above, -lower, upper)
   log_cdf_b = log_ndtr(b)
   mid = log_cdf_b + jnp.log(-jnp.expm1(log_ndtr(a) - log_cdf_b))
-  return jnp.where(x < -1 + 1e-3, log_cdf_upper, jnp.where(x > 1 - 1e-3, log_sf_lower, mid))
+  # The edge bins are those whose nearest grid level is -1 or 1: x beyond the midpoint to the
+  # next level, +-(1 - half). (A fixed tolerance would swallow whole bins once 2 half < it.)
+  return jnp.where(x < -1 + half, log_cdf_upper, jnp.where(x > 1 - half, log_sf_lower, mid))
 
 
 def prior_bpd(schedule: Schedule, x0: Array) -> Array:
@@ -285,12 +305,7 @@ def hybrid_loss(schedule: Schedule, model_fn: ModelFn, x0: Array, rng: Array, *,
   L_vlb is the bound term in bits/dim scaled by T (an unbiased estimate of the whole bound),
   so vlb_weight = 0.001 reproduces IDDPM's `RESCALED_MSE` hybrid objective.
   """
-  t_rng, noise_rng = jax.random.split(rng)
-  if t is None:
-    t = sample_timesteps(t_rng, x0.shape[0], schedule.num_steps)
-  noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
-  x_t = diffusion.q_sample(schedule, x0, t, noise)
-  out = model_fn(x_t, t, cond)
+  t, noise, out = _noise_and_predict(schedule, model_fn, x0, rng, t=t, cond=cond)
   pred, var_values = diffusion.split_learned_variance(out, variance="learned_range")
   target = diffusion.target_for(schedule, x0, t, noise, prediction=prediction)
   simple = mean_flat((pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2)

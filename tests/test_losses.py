@@ -127,6 +127,32 @@ def test_importance_sampling_is_unbiased():
   assert abs(est.mean() - g.mean()) < 5 * est.std() / math.sqrt(n)
 
 
+def test_loss_history_with_repeated_timesteps_equals_one_at_a_time():
+  """A timestep repeated in a batch takes consecutive ring slots, as if pushed one by one."""
+  k = 3
+  hist = losses.init_loss_history(8, k)
+  hist = losses.update_loss_history(hist, jnp.array([2, 6]), jnp.array([7.0, 8.0]))
+  t = jnp.array([2, 2, 5, 2, 2, 5, 6])
+  vals = jnp.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 9.0])
+  got = jax.jit(losses.update_loss_history)(hist, t, vals)
+  ref = hist
+  for ti, li in zip(np.asarray(t), np.asarray(vals)):
+    ref = losses.update_loss_history(ref, jnp.array([ti]), jnp.array([li]))
+  np.testing.assert_array_equal(got.counts, ref.counts)
+  np.testing.assert_array_equal(got.values, ref.values)
+  # By hand: t = 2 held 7 in slot 0, then 1, 2, 4, 5 go to slots 1, 2, 0, 1 (7 and 1 are
+  # overwritten); t = 5 fills slots 0, 1; t = 6 (count 1) gets 9 in slot 1.
+  np.testing.assert_array_equal(got.counts, [0, 0, 5, 0, 0, 2, 2, 0])
+  np.testing.assert_array_equal(got.values[2], [16.0, 25.0, 4.0])
+  np.testing.assert_array_equal(got.values[5], [9.0, 36.0, 0.0])
+  np.testing.assert_array_equal(got.values[6], [64.0, 81.0, 0.0])
+  # More repeats than slots in one batch: the last k losses are kept, in ring order.
+  many = losses.update_loss_history(losses.init_loss_history(4, k), jnp.full((5,), 1),
+                                    jnp.arange(1.0, 6.0))
+  assert int(many.counts[1]) == 5
+  np.testing.assert_array_equal(many.values[1], [16.0, 25.0, 9.0])
+
+
 def test_normal_kl_closed_form():
   rng = np.random.default_rng(0)
   m1, m2 = rng.normal(size=(2, 20))
@@ -139,8 +165,13 @@ def test_normal_kl_closed_form():
                              atol=1e-6)
 
 
-def test_discretized_gaussian_log_likelihood_vs_scipy():
-  levels = 256
+@pytest.mark.parametrize("levels", [256, 4096])
+def test_discretized_gaussian_log_likelihood_vs_scipy(levels):
+  """Every bin against scipy; with 4096 levels the bins (2 / 4095 ~ 4.9e-4 wide) are finer than
+  a fixed 1e-3 edge tolerance, so the edge bins must be found from the grid itself. The
+  tolerance there is 1e-3: in float32 the bin edges x -+ half carry ~6e-8 absolute rounding,
+  ~1e-4 relative to a 4.9e-4-wide bin, and each log-probability that much."""
+  tol = 2e-4 if levels == 256 else 1e-3
   grid = -1 + 2 * np.arange(levels) / (levels - 1)
   h = 1 / (levels - 1)
   for mean, scale in ((0.1, 0.2), (-0.95, 0.01), (0.999, 0.003), (0.3, 1e-4), (-3.0, 0.5)):
@@ -153,12 +184,12 @@ def test_discretized_gaussian_log_likelihood_vs_scipy():
     expected = np.log(np.maximum(prob, 1e-300))
     got = np.asarray(losses.discretized_gaussian_log_likelihood(
         jnp.asarray(grid[None], jnp.float32), jnp.full((1, levels), mean),
-        jnp.log(scale)), np.float64)[0]
+        jnp.log(scale), num_levels=levels), np.float64)[0]
     # The probabilities sum to one.
-    np.testing.assert_allclose(np.exp(got).sum(), 1.0, rtol=1e-4)
+    np.testing.assert_allclose(np.exp(got).sum(), 1.0, rtol=tol)
     # Compare where the probability is representable; far tails stay finite and very negative.
     ok = expected > -60
-    np.testing.assert_allclose(got[ok], expected[ok], rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(got[ok], expected[ok], rtol=tol, atol=tol)
     assert np.all(np.isfinite(got))
 
 
