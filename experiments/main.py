@@ -9,13 +9,17 @@ Multi-host: pass --coordinator_address/--num_processes/--process_id, or let
 `jax.distributed.initialize()` read them from the cluster environment with --distributed.
 """
 
+from __future__ import annotations
+
+import difflib
 import logging as pylogging
+import runpy
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+from ml_collections import ConfigDict, config_flags
 
-from jdiff.training import autoencoder_trainer, trainer
+from jdiff.runs import autoencoder, diffusion
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml-collections config file.",
@@ -30,6 +34,11 @@ flags.DEFINE_integer("num_processes", None, "Number of processes, for multi-host
 flags.DEFINE_integer("process_id", None, "This process's index, for multi-host.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+MODES = {"train": diffusion.train_and_evaluate, "sample": diffusion.sample,
+         "eval": diffusion.evaluate, "train_autoencoder": autoencoder.train_autoencoder,
+         "eval_autoencoder": autoencoder.evaluate_autoencoder}
+
+
 class _QuietLibraries:
   """Drops INFO chatter from orbax's internals (keeps their warnings and errors)."""
 
@@ -37,26 +46,33 @@ class _QuietLibraries:
     return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
 
 
-MODES = {"train": trainer.train_and_evaluate, "sample": trainer.sample, "eval": trainer.evaluate,
-         "train_autoencoder": autoencoder_trainer.train_autoencoder,
-         "eval_autoencoder": autoencoder_trainer.evaluate_autoencoder}
+def unknown_override(argv) -> str | None:
+  """Names the first `--config.KEY=VALUE` whose KEY the config file does not define."""
+  paths = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+  if not paths:
+    return None
+  config = runpy.run_path(paths[-1].split(":")[0])["get_config"]()
+  for arg in (a for a in argv if a.startswith("--config.")):
+    node, where = config, "config"
+    for key in arg[len("--config."):].split("=")[0].split("."):
+      if not isinstance(node, ConfigDict) or key not in node:
+        keys = list(node.keys()) if isinstance(node, ConfigDict) else []
+        close = difflib.get_close_matches(key, keys, n=1)
+        hint = f' Did you mean "{close[0]}"?' if close else ""
+        return f"bad config override {arg}: {where} has no key {key!r}.{hint}"
+      node, where = node[key], f"{where}.{key}"
+  return None
 
 
 def parse_flags(argv):
-  """absl's parser, plus a one-line message for bad --config.KEY=VALUE overrides."""
+  """absl's parser, with one clear line for a bad --config.KEY=VALUE override."""
   try:
     return FLAGS(argv)
-  except flags.Error as e:
-    sys.stderr.write(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see "
-                     "help on flags.\n")
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    msg = str(e.args[0] if e.args else e)
-    msg = " ".join(msg.replace("\\n", "\n").replace("\\", "").replace("'", "").split())
-    key = msg.split()[0] if msg else ""
-    override = [a for a in argv[1:] if a.startswith("--config.")]
-    culprit = [a for a in override if f".{key}=" in a or a.endswith(f".{key}")] or override
-    sys.stderr.write(f"FATAL bad config override {' '.join(culprit)}: unknown key {key!r}. "
-                     f"{msg[len(key):].strip()}\n")
+  except flags.Error as e:  # bad flag names or values, absl's own clear message
+    message = f"Flags parsing error: {e}"
+  except (AttributeError, KeyError) as e:  # ml_collections: the override names no config key
+    message = unknown_override(argv) or f"bad config override: {e!r}"
+  sys.stderr.write(f"FATAL {message}\nPass --helpshort or --helpfull to see help on flags.\n")
   sys.exit(1)
 
 

@@ -16,9 +16,9 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from jdiff.data import digits as digits_lib
-from jdiff.data import pipeline
+from jdiff.data import pipeline, sources
 
-TF_INSTALLED = pipeline._tensorflow_available()
+TF_INSTALLED = sources._tensorflow_available()
 
 
 @pytest.fixture(scope="session")
@@ -84,13 +84,13 @@ def _assert_same_batches(xs, ys):
 
 
 def test_digits_metadata_and_counts(data_dir):
-  meta = pipeline.dataset_metadata("jdiff_digits/16x16", data_dir=data_dir)
+  meta = sources.dataset_metadata("jdiff_digits/16x16", data_dir=data_dir)
   assert meta.image_shape == (16, 16, 1)
   assert meta.num_classes == 10
   assert meta.num_examples == {"train": 1597, "test": 200}
-  assert len(pipeline.load_source("jdiff_digits", split="train", data_dir=data_dir)) == 1597
-  assert len(pipeline.load_source("jdiff_digits", split="test", data_dir=data_dir)) == 200
-  resized = pipeline.dataset_metadata("jdiff_digits", data_dir=data_dir, image_size=32)
+  assert len(sources.load_source("jdiff_digits", split="train", data_dir=data_dir)) == 1597
+  assert len(sources.load_source("jdiff_digits", split="test", data_dir=data_dir)) == 200
+  resized = sources.dataset_metadata("jdiff_digits", data_dir=data_dir, image_size=32)
   assert resized.image_shape == (32, 32, 1)
 
 
@@ -110,7 +110,7 @@ def test_digits_image_size_picks_stored_config(data_dir, sk_digits):
 def test_digits_split_is_documented_permutation(data_dir):
   perm = np.random.default_rng(0).permutation(1797)
   for split, want in (("test", perm[:200]), ("train", perm[200:])):
-    source = pipeline.load_source("jdiff_digits", split=split, data_dir=data_dir)
+    source = sources.load_source("jdiff_digits", split=split, data_dir=data_dir)
     got = sorted(int(source[i]["index"]) for i in range(len(source)))
     assert got == sorted(want.tolist())
 
@@ -179,7 +179,7 @@ def test_import_and_use_does_not_import_tensorflow(data_dir):
 
 
 def test_train_batches_shapes_and_values(data_dir):
-  source = pipeline.load_source("jdiff_digits", split="train", data_dir=data_dir)
+  source = sources.load_source("jdiff_digits", split="train", data_dir=data_dir)
   it = pipeline.make_train_iterator(
       "jdiff_digits", data_dir=data_dir, global_batch_size=32, seed=0
   )
@@ -249,7 +249,7 @@ def test_digits_two_processes_disjoint(data_dir):
     assert imgs.shape == (798, 16, 16, 1)
     per_proc.append({np.round((x + 1) * 127.5).astype(np.uint8).tobytes() for x in imgs})
   # Disjoint up to duplicate digit images in the source itself.
-  source = pipeline.load_source("jdiff_digits", split="train", data_dir=data_dir)
+  source = sources.load_source("jdiff_digits", split="train", data_dir=data_dir)
   counts = {}
   for i in range(len(source)):
     key = source[i]["image"].tobytes()
@@ -322,7 +322,7 @@ def test_image_size_center_crops_and_resizes():
 
 @pytest.mark.parametrize("procs,global_batch", [(1, 64), (2, 64), (2, 2 * 200)])
 def test_eval_exact_single_pass(data_dir, procs, global_batch):
-  source = pipeline.load_source("jdiff_digits", split="test", data_dir=data_dir)
+  source = sources.load_source("jdiff_digits", split="test", data_dir=data_dir)
   want = np.stack([source[i]["image"] for i in range(200)]).astype(np.float32) / 127.5 - 1
   want_labels = np.array([int(source[i]["label"]) for i in range(200)])
   got, labels, counts = [], [], []
@@ -362,11 +362,11 @@ def test_batch_not_divisible_error(data_dir):
 
 def test_unknown_dataset_and_split(data_dir):
   with pytest.raises(ValueError, match="unknown dataset 'no_such_dataset_xyz'"):
-    pipeline.load_source("no_such_dataset_xyz", split="train", data_dir=data_dir)
+    sources.load_source("no_such_dataset_xyz", split="train", data_dir=data_dir)
   with pytest.raises(ValueError, match="unknown config '64x64'"):
-    pipeline.load_source("jdiff_digits/64x64", split="train", data_dir=data_dir)
+    sources.load_source("jdiff_digits/64x64", split="train", data_dir=data_dir)
   with pytest.raises(ValueError, match="unknown split 'validation'"):
-    pipeline.load_source("jdiff_digits", split="validation", data_dir=data_dir)
+    sources.load_source("jdiff_digits", split="validation", data_dir=data_dir)
   with pytest.raises(TypeError, match="int"):
     pipeline.make_train_iterator(3, global_batch_size=4, seed=0)
 
@@ -412,8 +412,8 @@ class JdiffTestPng(JdiffTestTiny):
 def test_catalog_path_prepares_then_reads(tmp_path):
   d = str(tmp_path)
   assert not tfds.builder("jdiff_test_tiny", data_dir=d).is_prepared()
-  meta = pipeline.dataset_metadata("jdiff_test_tiny", data_dir=d)  # Prepares.
-  assert meta == pipeline.DatasetMetadata("jdiff_test_tiny", (4, 4, 3), 3, {"train": 12, "test": 5})
+  meta = sources.dataset_metadata("jdiff_test_tiny", data_dir=d)  # Prepares.
+  assert meta == sources.DatasetMetadata("jdiff_test_tiny", (4, 4, 3), 3, {"train": 12, "test": 5})
   source = tfds.data_source("jdiff_test_tiny", split="train", data_dir=d, download=False)
   assert len(source) == 12
   it = pipeline.make_train_iterator("jdiff_test_tiny", data_dir=d, global_batch_size=12,
@@ -428,14 +428,14 @@ def test_catalog_path_prepares_then_reads(tmp_path):
 def test_missing_tensorflow_clear_error(tmp_path):
   d = str(tmp_path)
   # Raised by the builder's own code.
-  with pytest.raises(pipeline.TensorFlowRequiredError, match=r"pip install tensorflow"):
-    pipeline.load_source("jdiff_test_needs_tf", split="train", data_dir=d)
+  with pytest.raises(sources.TensorFlowRequiredError, match=r"pip install tensorflow"):
+    sources.load_source("jdiff_test_needs_tf", split="train", data_dir=d)
   # Detected up front from Image features, before any download.
-  with pytest.raises(pipeline.TensorFlowRequiredError, match=r"jdiff\[tf\]"):
+  with pytest.raises(sources.TensorFlowRequiredError, match=r"jdiff\[tf\]"):
     pipeline.make_train_iterator("jdiff_test_png", data_dir=d, global_batch_size=4, seed=0)
   # A real catalog dataset: mnist is refused before anything is downloaded.
-  with pytest.raises(pipeline.TensorFlowRequiredError, match="'mnist'"):
-    pipeline.load_source("mnist", split="train", data_dir=d)
+  with pytest.raises(sources.TensorFlowRequiredError, match="'mnist'"):
+    sources.load_source("mnist", split="train", data_dir=d)
   downloads = tmp_path / "downloads"
   assert not downloads.exists() or not any(downloads.rglob("*.*"))
 
@@ -443,7 +443,7 @@ def test_missing_tensorflow_clear_error(tmp_path):
 def test_missing_tensorflow_reported_when_tf_import_fails(tmp_path, monkeypatch):
   # Runs whether or not TF is installed: the builder's `import tensorflow`
   # fails as it would without TF, and the ImportError must be translated.
-  monkeypatch.setattr(pipeline, "_tensorflow_available", lambda: True)
+  monkeypatch.setattr(sources, "_tensorflow_available", lambda: True)
   import builtins  # pylint: disable=g-import-not-at-top
 
   real_import = builtins.__import__
@@ -454,5 +454,5 @@ def test_missing_tensorflow_reported_when_tf_import_fails(tmp_path, monkeypatch)
     return real_import(name, *args, **kwargs)
 
   monkeypatch.setattr("builtins.__import__", no_tf)
-  with pytest.raises(pipeline.TensorFlowRequiredError, match="pip install tensorflow"):
-    pipeline.load_source("jdiff_test_needs_tf", split="train", data_dir=str(tmp_path))
+  with pytest.raises(sources.TensorFlowRequiredError, match="pip install tensorflow"):
+    sources.load_source("jdiff_test_needs_tf", split="train", data_dir=str(tmp_path))

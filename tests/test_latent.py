@@ -14,10 +14,11 @@ from PIL import Image
 
 from conftest import run_python
 from experiments.configs import ae_digits, tiny
-from jdiff.data import pipeline
+from jdiff.data import latents, sources
 from jdiff.models.autoencoder import AutoencoderKL
-from jdiff.training import autoencoder_trainer as aet
-from jdiff.training import latents, trainer
+from jdiff.runs import autoencoder as aet
+from jdiff.runs import diffusion, stage1
+from jdiff.runs.setup import Setup
 from jdiff.training.writers import image_grid
 
 AE_STEPS = 6
@@ -69,18 +70,15 @@ def read_metrics(workdir):
 
 
 def restore_full_state(config, workdir):
-  """The whole stage-1 TrainState via the lead's Checkpointer (not latents' partial restore)."""
-  ctx = aet._Context(config, workdir)  # pylint: disable=protected-access
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=ctx.repl),
-                          jax.eval_shape(ctx.init_state))
-  state = ctx.checkpointer.restore(abstract)
-  ctx.checkpointer.close()
-  return ctx.module, state
+  """The whole stage-1 AutoencoderState via `Checkpointer.restore` (not the partial restore
+  of params that `stage1.load_codec` uses)."""
+  with Setup(config, workdir) as setup:
+    return setup.module, setup.checkpointer.restore(setup.abstract_state())
 
 
 def pixels(data_dir, split, n=None):
   """Images in [-1, 1] and labels, read straight from the tfds source (no pipeline)."""
-  src = pipeline.load_source("jdiff_digits/16x16", split=split, data_dir=data_dir)
+  src = sources.load_source("jdiff_digits/16x16", split=split, data_dir=data_dir)
   n = len(src) if n is None else n
   x = np.stack([src[i]["image"] for i in range(n)]).astype(np.float32) / 127.5 - 1.0
   y = np.array([src[i]["label"] for i in range(n)])
@@ -124,11 +122,11 @@ def test_stage1_checkpoints_resume_and_outputs(ae_run, digits_dir):
   png = np.asarray(Image.open(os.path.join(wd, "recon", "recon_0000006.png")))
   expected = image_grid(np.zeros((8, 16, 16, 1)), ncols=4).shape[:2]
   assert png.shape[:2] == (expected[0] * 4, expected[1] * 4)
-  with open(os.path.join(wd, latents.ARCH_FILE)) as f:
+  with open(os.path.join(wd, stage1.ARCH_FILE)) as f:
     arch = json.load(f)
   assert arch["preset"] == "tiny_f4" and arch["image_shape"] == [16, 16, 1]
   assert arch["latent_shape"] == [4, 4, 4] and arch["kwargs"]["ch"] == 8
-  with open(os.path.join(wd, latents.SCALE_FILE)) as f:
+  with open(os.path.join(wd, stage1.SCALE_FILE)) as f:
     scale = json.load(f)
   assert scale["step"] == AE_STEPS and scale["num_examples"] == 1597
   assert any(r.get("latent/scale_factor") == pytest.approx(scale["scale_factor"])
@@ -142,10 +140,10 @@ def test_scale_factor_gives_unit_std_train_latents(ae_run, digits_dir):
   post = module.apply({"params": state.params}, jnp.asarray(x), method=AutoencoderKL.encode)
   z = np.asarray(post.mean, np.float64)
   expected = 1.0 / z.std()
-  with open(os.path.join(wd, latents.SCALE_FILE)) as f:
+  with open(os.path.join(wd, stage1.SCALE_FILE)) as f:
     stored = json.load(f)["scale_factor"]
   np.testing.assert_allclose(stored, expected, rtol=1e-4)
-  codec = latents.load_codec(wd)
+  codec = stage1.load_codec(wd)
   assert codec.scale_factor == stored
   src = latents.encode_source(codec, "jdiff_digits", split="train", data_dir=digits_dir,
                               image_size=16)
@@ -171,7 +169,7 @@ def test_evaluate_autoencoder_matches_numpy(ae_run, digits_dir):
 
 def test_load_codec_round_trip(ae_run, digits_dir):
   wd = ae_run["workdir"]
-  codec = latents.load_codec(wd)
+  codec = stage1.load_codec(wd)
   assert codec.image_shape == (16, 16, 1) and codec.latent_shape == (4, 4, 4)
   x, _ = pixels(digits_dir, "test", n=8)
   z = jax.jit(lambda x: latents.encode(codec, x))(x)
@@ -182,7 +180,7 @@ def test_load_codec_round_trip(ae_run, digits_dir):
   np.testing.assert_allclose(x_hat, np.clip(np.asarray(own), -1, 1), atol=1e-5)
   assert np.abs(x_hat).max() <= 1.0
   # An explicit scale factor overrides the stored one and cancels out in the round trip.
-  codec3 = latents.load_codec(wd, scale_factor=3.0)
+  codec3 = stage1.load_codec(wd, scale_factor=3.0)
   assert codec3.scale_factor == 3.0
   z3 = latents.encode(codec3, x)
   np.testing.assert_allclose(np.asarray(z3), np.asarray(z) * 3.0 / codec.scale_factor,
@@ -195,22 +193,21 @@ def test_load_codec_round_trip(ae_run, digits_dir):
 def test_stage2_trains_samples_and_evaluates_in_pixels(ae_run, digits_dir, tmp_path):
   wd = str(tmp_path / "ldm")
   config = ldm_config(digits_dir, ae_run["workdir"])
-  setup = trainer.Setup(config, wd)
-  assert setup.image_shape == (4, 4, 4) and setup.pixel_shape == (16, 16, 1)
-  setup.checkpointer.close()
-  trainer.train_and_evaluate(config, wd)
+  with Setup(config, wd) as setup:
+    assert setup.image_shape == (4, 4, 4) and setup.pixel_shape == (16, 16, 1)
+  diffusion.train_and_evaluate(config, wd)
   assert sorted(os.listdir(os.path.join(wd, "checkpoints")), key=int) == ["3", "6"]
   assert all(np.isfinite(r["train/loss"]) for r in read_metrics(wd))
   grid = np.asarray(Image.open(os.path.join(wd, "samples", "grid_0000006.png")))
   expected = image_grid(np.zeros((8, 16, 16, 1))).shape[:2]
   assert grid.shape[:2] == (expected[0] * 4, expected[1] * 4)
 
-  trainer.sample(config, wd)
+  diffusion.sample(config, wd)
   images = np.load(os.path.join(wd, "samples", "samples_ddim5_step6.npz"))["images"]
   assert images.shape == (8, 16, 16, 1)
   assert np.all(np.isfinite(images)) and np.abs(images).max() <= 1.0
 
-  results = trainer.evaluate(config, wd)
+  results = diffusion.evaluate(config, wd)
   assert results["eval/examples"] == 200 and np.isfinite(results["eval/loss"])
   assert "eval/bpd_bound" not in results  # the bound is for 8-bit pixels, not latents
 
@@ -220,28 +217,28 @@ def test_stage2_trains_samples_and_evaluates_in_pixels(ae_run, digits_dir, tmp_p
 def test_missing_autoencoder_workdir_and_checkpoint(ae_run, digits_dir, tmp_path):
   missing = str(tmp_path / "nope")
   with pytest.raises(FileNotFoundError, match="nope"):
-    latents.load_codec(missing)
+    stage1.load_codec(missing)
   with pytest.raises(FileNotFoundError, match="nope"):
-    trainer.Setup(ldm_config(digits_dir, missing), str(tmp_path / "ldm"))
+    Setup(ldm_config(digits_dir, missing), str(tmp_path / "ldm"))
   # An architecture file without checkpoints: the error names the checkpoint directory.
   empty = tmp_path / "empty"
   empty.mkdir()
-  shutil.copy(os.path.join(ae_run["workdir"], latents.ARCH_FILE), empty)
+  shutil.copy(os.path.join(ae_run["workdir"], stage1.ARCH_FILE), empty)
   with pytest.raises(FileNotFoundError, match=str(empty / "checkpoints")):
-    latents.load_codec(str(empty))
-  with pytest.raises(FileNotFoundError, match=latents.ARCH_FILE):
-    latents.load_codec(str(tmp_path))
+    stage1.load_codec(str(empty))
+  with pytest.raises(FileNotFoundError, match=stage1.ARCH_FILE):
+    stage1.load_codec(str(tmp_path))
   with pytest.raises(FileNotFoundError, match="checkpoint"):
     aet.evaluate_autoencoder(ae_config(digits_dir), str(tmp_path / "fresh"))
   with pytest.raises(ValueError, match="scale_factor"):
-    latents.load_codec(ae_run["workdir"], scale_factor=-1.0)
+    stage1.load_codec(ae_run["workdir"], scale_factor=-1.0)
 
 
 def test_shape_mismatch_and_bad_configs(ae_run, digits_dir, tmp_path):
   with pytest.raises(ValueError, match=r"\(16, 16, 1\).*\(32, 32, 1\)"):
-    trainer.Setup(ldm_config(digits_dir, ae_run["workdir"], **{"data.image_size": 32}),
+    Setup(ldm_config(digits_dir, ae_run["workdir"], **{"data.image_size": 32}),
                   str(tmp_path / "ldm"))
-  codec = latents.load_codec(ae_run["workdir"])
+  codec = stage1.load_codec(ae_run["workdir"])
   with pytest.raises(ValueError, match="trained on"):
     latents.encode_source(codec, "jdiff_digits", split="test", data_dir=digits_dir,
                           image_size=32)
@@ -270,7 +267,7 @@ def test_stage1_on_four_devices_matches_one(ae_run, digits_dir, tmp_path):
       "import sys; sys.path.insert(0, 'tests');"
       "import jax; assert jax.device_count() == 4;"
       "from test_latent import ae_config;"
-      "from jdiff.training import autoencoder_trainer as aet;"
+      "from jdiff.runs import autoencoder as aet;"
       f"aet.train_autoencoder(ae_config({digits_dir!r}), {wd!r})")
   run_python(["-c", code], devices=4)
   # Adam's normalised update magnifies float reassociation in near-zero gradients, so
@@ -280,12 +277,12 @@ def test_stage1_on_four_devices_matches_one(ae_run, digits_dir, tmp_path):
   assert [r["step"] for r in rows4] == [r["step"] for r in rows1] == [2, 4, 6]
   np.testing.assert_allclose([r["train/loss"] for r in rows4],
                              [r["train/loss"] for r in rows1], rtol=1e-4)
-  with open(os.path.join(wd, latents.SCALE_FILE)) as f, \
-      open(os.path.join(ae_run["straight"], latents.SCALE_FILE)) as g:
+  with open(os.path.join(wd, stage1.SCALE_FILE)) as f, \
+      open(os.path.join(ae_run["straight"], stage1.SCALE_FILE)) as g:
     np.testing.assert_allclose(json.load(f)["scale_factor"], json.load(g)["scale_factor"],
                                rtol=1e-2)
   # A checkpoint written on 4 devices loads as a codec on 1.
-  assert latents.load_codec(wd).latent_shape == (4, 4, 4)
+  assert stage1.load_codec(wd).latent_shape == (4, 4, 4)
 
 
 def test_autoencoder_modes_through_the_cli(ae_run, digits_dir):

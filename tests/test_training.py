@@ -17,8 +17,10 @@ import pytest
 
 from conftest import REPO, main_args, run_python
 from experiments.configs import tiny
-from jdiff.training import trainer
+from jdiff.runs import diffusion
+from jdiff.runs.setup import Setup
 from jdiff.training.checkpoint import Checkpointer
+from jdiff.training.loop import NonFiniteLossError
 
 
 def tiny_config(data_dir: str, **overrides):
@@ -39,11 +41,8 @@ def read_metrics(workdir):
 
 
 def restore_state(workdir, config):
-  setup = trainer.Setup(config, workdir)
-  abstract = jax.eval_shape(setup.init_state)
-  state = setup.checkpointer.restore(abstract)
-  setup.checkpointer.close()
-  return state
+  with Setup(config, workdir) as setup:
+    return setup.checkpointer.restore(setup.abstract_state())
 
 
 def assert_trees_equal(a, b):
@@ -93,10 +92,10 @@ def test_resume_is_bit_exact(tmp_path, digits_dir):
   """Interrupted at step 3 and resumed == uninterrupted, bit for bit (1 device)."""
   straight = str(tmp_path / "straight")
   interrupted = str(tmp_path / "interrupted")
-  trainer.train_and_evaluate(tiny_config(digits_dir), straight)
-  trainer.train_and_evaluate(tiny_config(digits_dir, **{"train.num_steps": 3}), interrupted)
+  diffusion.train_and_evaluate(tiny_config(digits_dir), straight)
+  diffusion.train_and_evaluate(tiny_config(digits_dir, **{"train.num_steps": 3}), interrupted)
   assert Checkpointer(os.path.join(interrupted, "checkpoints")).latest_step() == 3
-  trainer.train_and_evaluate(tiny_config(digits_dir), interrupted)
+  diffusion.train_and_evaluate(tiny_config(digits_dir), interrupted)
   a = restore_state(straight, tiny_config(digits_dir))
   b = restore_state(interrupted, tiny_config(digits_dir))
   assert int(a.step) == int(b.step) == 6
@@ -130,19 +129,19 @@ def test_sigterm_saves_and_resume_matches(tmp_path, digits_dir):
   step = Checkpointer(os.path.join(wd, "checkpoints")).latest_step()
   assert step is not None and 3 <= step < 400
   cfg = tiny_config(digits_dir, **{"train.num_steps": step + 2, "train.ckpt_every": 0})
-  trainer.train_and_evaluate(cfg, wd)
+  diffusion.train_and_evaluate(cfg, wd)
   ref = str(tmp_path / "reference")
-  trainer.train_and_evaluate(cfg, ref)
+  diffusion.train_and_evaluate(cfg, ref)
   assert_trees_equal(restore_state(wd, cfg).params, restore_state(ref, cfg).params)
 
 
 def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, digits_dir):
   wd = str(tmp_path / "nan")
-  trainer.train_and_evaluate(tiny_config(digits_dir, **{"train.num_steps": 3}), wd)
+  diffusion.train_and_evaluate(tiny_config(digits_dir, **{"train.num_steps": 3}), wd)
   good = restore_state(wd, tiny_config(digits_dir))
   bad = tiny_config(digits_dir, **{"optim.lr": 1e38, "optim.warmup_steps": 0})
-  with pytest.raises(trainer.NonFiniteLossError, match=r"loss is (nan|inf|-inf) at step \d"):
-    trainer.train_and_evaluate(bad, wd)
+  with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf|-inf) at step \d"):
+    diffusion.train_and_evaluate(bad, wd)
   assert Checkpointer(os.path.join(wd, "checkpoints")).all_steps() == [3]
   assert_trees_equal(restore_state(wd, tiny_config(digits_dir)).params, good.params)
 
@@ -152,11 +151,13 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, digits_dir):
 ONE_VS_FOUR = r"""
 import functools, sys, jax, jax.numpy as jnp, numpy as np
 from experiments.configs import tiny
-from jdiff.training import trainer, sharding
+from jdiff.runs import diffusion
+from jdiff.runs.setup import Setup
+from jdiff.training import sharding
 from jdiff.training.step import make_train_step
 from jdiff.data import pipeline
 c = tiny.get_config(); c.data.data_dir = sys.argv[1]; c.train.batch_size = 16
-setup = trainer.Setup(c, sys.argv[2])
+setup = Setup(c, sys.argv[2])
 it = pipeline.make_train_iterator(c.data.name, global_batch_size=16, seed=0,
                                   data_dir=c.data.data_dir, image_size=16)
 batches = [next(it) for _ in range(3)]
@@ -164,14 +165,14 @@ out = {}
 for n in (1, 4):
   mesh = sharding.make_mesh(jax.devices()[:n])
   repl, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
-  step = jax.jit(make_train_step(setup.module, setup.optimizer, **trainer.loss_kwargs(c)),
+  step = jax.jit(make_train_step(setup.module, setup.optimizer, **diffusion.loss_kwargs(c)),
                  in_shardings=(repl, data, repl, repl), out_shardings=(repl, repl))
   state = jax.device_put(setup.init_state(), repl)
   losses = []
   for b in batches:
     b = sharding.to_global({k: v for k, v in b.items()}, mesh)
     assert len(b["image"].sharding.device_set) == n
-    state, m = step(state, b, setup.schedule, setup.train_rng)
+    state, m = step(state, b, setup.schedule, setup.keys.train)
     losses.append(float(m["loss"]))
   out[n] = (losses, jax.device_get(state.params))
 print("losses", out[1][0], out[4][0])
@@ -182,6 +183,7 @@ try:
   sharding.check_global_batch(6, sharding.make_mesh())
 except ValueError as e:
   print("ERR", e)
+setup.close()
 print("OK")
 """
 
@@ -259,6 +261,6 @@ def test_bad_flags_and_config_give_clear_errors(tmp_path, digits_dir):
 ])
 def test_bad_config_values(tmp_path, digits_dir, key, value, message):
   cfg = tiny_config(digits_dir, **{key: value})
-  with pytest.raises(Exception, match=re.escape(message)):
-    setup = trainer.Setup(cfg, str(tmp_path / "w"))
-    setup.sample_fn()
+  with pytest.raises(ValueError, match=re.escape(message)):
+    with Setup(cfg, str(tmp_path / "w")) as setup:
+      diffusion.sample_fn(setup)

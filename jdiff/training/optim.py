@@ -64,6 +64,9 @@ def ema_decay_at(step: Array, *, decay: float, warmup: bool = False) -> Array:
 
 
 def ema_update(ema_params: Any, params: Any, decay: Array) -> Any:
-  """ema <- decay * ema + (1 - decay) * params, leaf by leaf in the params' dtype."""
-  return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(p.dtype),
-                      ema_params, params)
+  """ema <- decay * ema + (1 - decay) * params (`optax.incremental_update`), in the params' dtype.
+
+  The weights stay in the params' dtype so that bfloat16 params keep a bfloat16 EMA.
+  """
+  ema = optax.incremental_update(params, ema_params, 1.0 - decay)
+  return jax.tree.map(lambda e, p: e.astype(p.dtype), ema, params)

@@ -22,12 +22,19 @@ def make_mesh(devices=None) -> Mesh:
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
+def local_mesh() -> Mesh:
+  """A 1-D 'data' mesh over this process's devices only (process-local work, e.g. encoding
+  a dataset once per process)."""
+  return make_mesh(jax.local_devices())
+
+
 def data_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) axis split over 'data'."""
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """Every device of `mesh` holds the whole array."""
   return NamedSharding(mesh, P())
 
 

@@ -1,4 +1,4 @@
-"""The training state: everything a step reads and writes, as one pytree."""
+"""Training states: everything a step reads and writes, as one pytree per kind of model."""
 
 from __future__ import annotations
 
@@ -48,5 +48,22 @@ def init_train_state(module, optimizer: optax.GradientTransformation, rng: Array
                     opt_state=optimizer.init(params))
 
 
+@flax.struct.dataclass
+class AutoencoderState:
+  """The stage-1 autoencoder's state: no EMA; the step is the only clock, as in TrainState."""
+  step: Array
+  params: Any
+  opt_state: optax.OptState
+
+
+def init_autoencoder_state(module, optimizer: optax.GradientTransformation, rng: Array,
+                           sample_x: Array) -> AutoencoderState:
+  """Initialises an `AutoencoderKL` on `sample_x` [b, H, W, C] (only its shape matters)."""
+  params = module.init(rng, sample_x, sample_posterior=False)["params"]
+  return AutoencoderState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=optimizer.init(params))
+
+
 def param_count(params: Any) -> int:
+  """The number of scalars in a parameter pytree."""
   return int(sum(x.size for x in jax.tree.leaves(params)))

@@ -1,4 +1,7 @@
-"""Pure train and eval steps. jit, shardings and donation are applied by the caller."""
+"""Pure train and eval steps (diffusion and stage-1 autoencoder).
+
+jit, shardings and donation are applied by the caller.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from jdiff.models.autoencoder import AutoencoderKL
 from jdiff.models.bridge import make_model_fn
 from jdiff.schedules import Schedule
 from jdiff.training.optim import ema_decay_at, ema_update
-from jdiff.training.state import TrainState
+from jdiff.training.state import AutoencoderState, TrainState
 
 Array = jax.Array
 PyTree = Any
@@ -125,7 +128,7 @@ def make_autoencoder_train_step(
 
   Args:
     module: the AutoencoderKL.
-    optimizer: an optax transformation, e.g. `optax.adam(4.5e-6 * batch)` (LDM"s lr).
+    optimizer: an optax transformation, e.g. `optax.adam(4.5e-6 * batch)` (LDM's lr).
     recon_loss: "l1" or "l2", see `autoencoder_loss`.
     kl_weight: KL weight, see `autoencoder_loss`.
   """
@@ -139,7 +142,7 @@ def make_autoencoder_train_step(
   def loss_fn(params, x, rng):
     recon, posterior = module.apply({"params": params}, x, rng, sample_posterior=True)
     return ae_losses.autoencoder_loss(recon, x, posterior, recon_loss=recon_loss,
-                            kl_weight=kl_weight)
+                                      kl_weight=kl_weight)
 
   def train_step(params, opt_state, batch_images, rng):
     grads, metrics = jax.grad(loss_fn, has_aux=True)(params, batch_images, rng)
@@ -149,3 +152,20 @@ def make_autoencoder_train_step(
     return params, opt_state, metrics
 
   return train_step
+
+
+def make_autoencoder_state_step(module: AutoencoderKL, optimizer: optax.GradientTransformation,
+                                *, recon_loss: str = "l1", kl_weight: float = 1e-6) -> Callable:
+  """`step(state, images [B, H, W, C], rng) -> (state, metrics)` on an `AutoencoderState`.
+
+  The posterior sample's key is `fold_in(rng, state.step)` (the step is the only clock).
+  """
+  inner = make_autoencoder_train_step(module, optimizer, recon_loss=recon_loss,
+                                      kl_weight=kl_weight)
+
+  def step(state: AutoencoderState, images: Array, rng: Array):
+    params, opt_state, metrics = inner(state.params, state.opt_state, images,
+                                       jax.random.fold_in(rng, state.step))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return step

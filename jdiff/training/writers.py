@@ -1,7 +1,8 @@
 """Process-0 outputs: metrics as JSON lines and TensorBoard events, image grids as PNG.
 
-Files are written atomically (to a temporary name, then renamed) and existing files
-are never overwritten: a name that exists gets a numeric suffix.
+Files are written atomically (to a temporary name, then renamed; `atomic_write`). Outputs
+(grids, samples) never overwrite: a name that exists gets a numeric suffix. Records that
+describe a workdir (`write_json`) are replaced in place.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Mapping
+from typing import Callable, Mapping
 
 import jax
 import numpy as np
@@ -26,13 +27,35 @@ def unique_path(path: str) -> str:
   return f"{stem}-{i}{ext}"
 
 
-def _atomic_write(path: str, write) -> str:
-  path = unique_path(path)
+def atomic_write(path: str, write: Callable[[str], None], *, overwrite: bool = False) -> str:
+  """Calls `write(tmp_path)`, then renames the file to `path` (readers never see half a file).
+
+  Args:
+    path: destination.
+    write: writes the whole file at the path it is given.
+    overwrite: replace an existing `path`; otherwise write to `unique_path(path)`.
+
+  Returns:
+    The path written.
+  """
+  path = path if overwrite else unique_path(path)
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
-  write(tmp)
-  os.replace(tmp, path)
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
   return path
+
+
+def write_json(path: str, obj: Mapping) -> str:
+  """Writes `obj` as indented, key-sorted JSON atomically, replacing `path`."""
+  def write(p):
+    with open(p, "w", encoding="utf-8") as f:
+      json.dump(obj, f, indent=2, sort_keys=True)
+  return atomic_write(path, write, overwrite=True)
 
 
 def image_grid(images: np.ndarray, *, ncols: int | None = None, pad: int = 1) -> np.ndarray:
@@ -60,18 +83,22 @@ def save_image_grid(path: str, images: np.ndarray, *, scale: int = 4, ncols: int
   if scale > 1:
     grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
   img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-  return _atomic_write(path, lambda p: img.save(p, format="PNG"))
+  return atomic_write(path, lambda p: img.save(p, format="PNG"))
 
 
 def save_npz(path: str, **arrays) -> str:
+  """Writes arrays to a new .npz (never overwriting); returns the path written."""
   def write(p):
     with open(p, "wb") as f:
       np.savez(f, **arrays)
-  return _atomic_write(path, write)
+  return atomic_write(path, write)
 
 
 class MetricWriter:
-  """Writes scalars to `workdir/metrics.jsonl` and TensorBoard events (process 0 only)."""
+  """Writes scalars to `workdir/metrics.jsonl` and TensorBoard events (process 0 only).
+
+  A context manager: leaving the block closes both files, errors included.
+  """
 
   def __init__(self, workdir: str):
     self.active = jax.process_index() == 0
@@ -97,15 +124,24 @@ class MetricWriter:
         self._tb.add_scalar(k, float(v), int(step))
       self._tb.flush()
 
+  def __enter__(self) -> MetricWriter:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
   def close(self) -> None:
-    if self._jsonl is not None:
-      self._jsonl.close()
-    if self._tb is not None:
-      self._tb.close()
+    """Closes the files (idempotent)."""
+    jsonl, tb, self._jsonl, self._tb = self._jsonl, self._tb, None, None
+    try:
+      if jsonl is not None:
+        jsonl.close()
+    finally:
+      if tb is not None:
+        tb.close()
 
 
 def write_scalars_once(workdir: str, step: int, scalars: Mapping[str, float]) -> None:
   """Appends one row of scalars to the workdir's metrics (process 0 only) and closes."""
-  writer = MetricWriter(workdir)
-  writer.write_scalars(step, scalars)
-  writer.close()
+  with MetricWriter(workdir) as writer:
+    writer.write_scalars(step, scalars)

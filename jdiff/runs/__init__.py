@@ -1,0 +1,18 @@
+"""Config-driven runs: the one place where a config and a workdir become a run.
+
+  setup.py           `Setup`, shared by every mode: config checks (shared, then per kind),
+                     dataset metadata with the multi-host preparation barrier, mesh,
+                     model or autoencoder, optimiser, random keys, checkpointer.
+  diffusion.py       `train_and_evaluate`, `sample`, `evaluate` (diffusion configs).
+  autoencoder.py     `train_autoencoder`, `evaluate_autoencoder` (stage-1 configs).
+  stage1.py          the stage-1 workdir on disk and `load_codec`.
+  sample_options.py  the `config.sample` section as `make_sample_fn` options.
+
+Why here and not in `experiments/`: these functions are library code that several
+entry points share (experiments/main.py, the benchmarks, the tests, a notebook), and they
+need to be importable from an installed `jdiff` whatever the working directory;
+`experiments/` holds scripts and config files, which stay thin. Why not in
+`jdiff/training/`: that package is a config-free toolkit (states, steps, optimiser,
+sharding, checkpoints, loop, writers) usable with any config system or none; everything
+that reads an `ml_collections` config lives here, so the toolkit never depends on it.
+"""

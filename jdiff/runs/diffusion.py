@@ -1,0 +1,231 @@
+"""Diffusion runs: `train_and_evaluate`, `sample` and `evaluate` of a diffusion config.
+
+`train_and_evaluate(config, workdir)` trains with a sharded, donated, jitted step over
+all devices of all processes, checkpoints periodically, at the end and on SIGTERM,
+and resumes from the workdir (resume always wins). `sample` and `evaluate` restore
+the latest checkpoint's (EMA) parameters.
+
+Random streams (`jdiff.training.rng`): training uses `keys.train` (see `RunKeys` for
+why it is not a named stream); the grids drawn during training use the stream 'grid',
+`--mode=sample` the stream 'sample' (both with the checkpoint step folded in), and
+evaluation the streams 'eval' (denoising loss) and 'bound' (the variational bound),
+with the batch index folded in.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from jdiff import losses
+from jdiff.models.bridge import make_model_fn
+from jdiff.runs.sample_options import sample_options
+from jdiff.runs.setup import Setup, log_process_info
+from jdiff.training import sharding
+from jdiff.training.loop import train_loop
+from jdiff.training.rng import stream
+from jdiff.training.sampling import make_sample_fn
+from jdiff.training.state import TrainState, param_count
+from jdiff.training.step import make_eval_step, make_train_step
+from jdiff.training.writers import MetricWriter, save_image_grid, save_npz, write_scalars_once
+
+Array = jax.Array
+KIND = "diffusion"
+
+
+def loss_kwargs(config) -> dict:
+  """The loss options of `config.diffusion` (and `model.learn_sigma`)."""
+  d = config.diffusion
+  return dict(prediction=d.prediction, weighting=d.weighting, min_snr_gamma=d.min_snr_gamma,
+              learn_sigma=config.model.learn_sigma, vlb_weight=d.vlb_weight)
+
+
+def params_checksum(params) -> float:
+  """A float64 checksum of this process's copy of (replicated) parameters."""
+  leaves = [np.asarray(x.addressable_data(0), np.float64) for x in jax.tree.leaves(params)]
+  return float(sum(np.sum(x * (1.0 + 1e-3 * i)) for i, x in enumerate(leaves)))
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def sample_fn(setup: Setup, **overrides):
+  """The pure `sample_fn(params, x_T, rng, labels)` of `config.sample` (with overrides)."""
+  c = setup.config
+  opts = {**sample_options(c.sample), **overrides}
+  return make_sample_fn(setup.module, setup.schedule, prediction=c.diffusion.prediction,
+                        variance=c.diffusion.variance, null_label=setup.null_label, **opts)
+
+
+def generate(setup: Setup, params, num: int, rng: Array, **overrides) -> np.ndarray:
+  """`num` samples [num, H, W, C] in [-1, 1] from `params` (batched, jitted once).
+
+  Batch k draws its starting noise from the stream 'x_T' and the sampler's randomness
+  from the stream 'sampler' of `fold_in(rng, k)`; latent samples are decoded to pixels.
+  """
+  batch = setup.config.sample.batch_size
+  n_dev = setup.mesh.devices.size
+  batch = max(n_dev, batch // n_dev * n_dev)
+  fn = jax.jit(sample_fn(setup, **overrides),
+               in_shardings=(setup.repl, setup.data_sh, setup.repl, setup.data_sh),
+               out_shardings=setup.repl)
+  decode = None
+  if setup.codec is not None:
+    from jdiff.data import latents  # pylint: disable=g-import-not-at-top
+    decode = jax.jit(functools.partial(latents.decode, setup.codec))
+  out = []
+  for k in range(math.ceil(num / batch)):
+    key = jax.random.fold_in(rng, k)
+    x_T = jax.random.normal(stream(key, "x_T"), (batch, *setup.image_shape), jnp.float32)
+    labels = (jnp.arange(k * batch, (k + 1) * batch, dtype=jnp.int32)
+              % (setup.num_classes or 1))
+    x0 = fn(params, x_T, stream(key, "sampler"), labels)
+    if decode is not None:
+      x0 = decode(x0)
+    out.append(np.asarray(jax.device_get(x0)))
+  return np.concatenate(out)[:num]
+
+
+# ----------------------------------------------------------------------------- training
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains (resuming from `workdir` if it holds a checkpoint) and returns the final state."""
+  log_process_info()
+  with Setup(config, workdir, kind=KIND) as setup, MetricWriter(setup.workdir) as writer:
+    return _train(setup, writer)
+
+
+def _train(setup: Setup, writer: MetricWriter) -> TrainState:
+  cfg, mesh, ckpt = setup.config, setup.mesh, setup.checkpointer
+  is_main = jax.process_index() == 0
+  train_iter = setup.train_iterator()  # first: it checks the batch size against the devices
+  state = setup.init_state()
+  logging.info("model: %d parameters; image shape %s; %s", param_count(state.params),
+               setup.image_shape, setup.module.__class__.__name__)
+  state, start = ckpt.restore_or_keep(state, train_iter)
+
+  train_step = jax.jit(
+      make_train_step(setup.module, setup.optimizer, ema_decay=cfg.ema_decay,
+                      ema_warmup=cfg.ema_warmup, label_dropout=cfg.train.label_dropout,
+                      null_label=setup.null_label, **loss_kwargs(cfg)),
+      in_shardings=(setup.repl, setup.data_sh, setup.repl, setup.repl),
+      out_shardings=(setup.repl, setup.repl), donate_argnums=(0,))
+  grid_rng = setup.keys.stream("grid")
+
+  def step_fn(state):
+    batch = sharding.to_global({k: v for k, v in next(train_iter).items() if k != "mask"}, mesh)
+    return train_step(state, batch, setup.schedule, setup.keys.train)
+
+  def log(step, metrics, rate, eta_s):
+    if not is_main:
+      return
+    loss = float(np.mean([m["loss"] for m in metrics]))
+    logging.info("step %d/%d  loss %.5f  %.1f img/s  ETA %s", step, cfg.train.num_steps, loss,
+                 rate, time.strftime("%H:%M:%S", time.gmtime(eta_s)))
+    writer.write_scalars(step, {"train/loss": loss, "train/img_per_s": rate,
+                                "train/grad_norm": float(metrics[-1]["grad_norm"])})
+
+  def sample_grid(step, state):
+    images = generate(setup, state.ema_params, cfg.sample.grid_size,
+                      jax.random.fold_in(grid_rng, step))
+    if is_main:
+      path = save_image_grid(os.path.join(setup.workdir, "samples", f"grid_{step:07d}.png"),
+                             images)
+      logging.info("wrote sample grid %s", path)
+
+  def periodic(step, state):
+    if cfg.train.sample_every and step % cfg.train.sample_every == 0:
+      sample_grid(step, state)
+
+  state, step, preempted = train_loop(
+      state, step_fn, start=start, total=cfg.train.num_steps, batch_size=cfg.train.batch_size,
+      log_every=cfg.train.log_every, ckpt_every=cfg.train.ckpt_every,
+      save=lambda step, state: ckpt.save(step, state, train_iter), log=log, periodic=periodic)
+  ckpt.wait()
+  logging.info("process %d: params checksum %.10e at step %d", jax.process_index(),
+               params_checksum(state.params), step)
+  if step == cfg.train.num_steps and not preempted:
+    sample_grid(step, state)
+  return state
+
+
+# ----------------------------------------------------------------------------- sample / eval
+
+def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes `config.sample.num_samples` samples (.npz and a PNG grid) from the EMA params."""
+  log_process_info()
+  s = config.sample
+  with Setup(config, workdir, kind=KIND) as setup:
+    params, step = setup.restore_params("ema_params" if s.use_ema else "params")
+    t0 = time.perf_counter()
+    images = generate(setup, params, s.num_samples,
+                      jax.random.fold_in(setup.keys.stream("sample"), step))
+  logging.info("sampled %d images with %s (%d steps) in %.1fs", s.num_samples, s.sampler,
+               s.num_steps, time.perf_counter() - t0)
+  out = os.path.join(setup.workdir, "samples", f"samples_{s.sampler}{s.num_steps}_step{step}")
+  if jax.process_index() != 0:
+    return out + ".npz"
+  npz = save_npz(out + ".npz", images=images, step=np.int64(step))
+  png = save_image_grid(out + ".png", images[: s.grid_size])
+  logging.info("wrote %s and %s", npz, png)
+  return npz
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Held-out denoising loss over the eval split, and the bound in bits/dim on a subset.
+
+  The bound is only computed in pixel space: it is defined for 8-bit pixels, not for
+  continuous latents.
+  """
+  log_process_info()
+  with Setup(config, workdir, kind=KIND) as setup:
+    params, step = setup.restore_params("ema_params" if config.eval.use_ema else "params")
+    results = _evaluate(setup, params)
+  logging.info("eval at step %d: %s", step, results)
+  write_scalars_once(setup.workdir, step, results)
+  return results
+
+
+def _evaluate(setup: Setup, params) -> dict[str, float]:
+  cfg, repl, data_sh = setup.config, setup.repl, setup.data_sh
+  eval_step = jax.jit(make_eval_step(setup.module, conditional=cfg.conditional,
+                                     **loss_kwargs(cfg)),
+                      in_shardings=(repl, data_sh, repl, repl), out_shardings=repl)
+  bound_fn = jax.jit(functools.partial(_bound, setup), in_shardings=(repl, data_sh, repl),
+                     out_shardings=repl)
+  eval_rng, bound_rng = setup.keys.stream("eval"), setup.keys.stream("bound")
+  loss_sum, count, bound_sum, bound_count = 0.0, 0.0, 0.0, 0
+  for i, batch in enumerate(setup.eval_iterator(cfg.eval.batch_size)):
+    batch = sharding.to_global(batch, setup.mesh)
+    out = jax.device_get(eval_step(params, batch, setup.schedule,
+                                   jax.random.fold_in(eval_rng, i)))
+    loss_sum += float(out["loss_sum"])
+    count += float(out["count"])
+    if setup.codec is None and bound_count < cfg.eval.bound_examples:
+      total, n = jax.device_get(bound_fn(params, batch, jax.random.fold_in(bound_rng, i)))
+      bound_sum += float(total)
+      bound_count += int(n)
+  results = {"eval/loss": loss_sum / max(count, 1.0), "eval/examples": count}
+  if bound_count:
+    results["eval/bpd_bound"] = bound_sum / bound_count
+    results["eval/bound_examples"] = float(bound_count)
+  return results
+
+
+def _bound(setup: Setup, params, batch, rng):
+  """Sum of the full variational bound (bits/dim) over the unpadded examples of a batch."""
+  cfg = setup.config
+  model_fn = make_model_fn(setup.module, params, train=False)
+  cond = batch["label"] if cfg.conditional else None
+  terms = losses.variational_bound(setup.schedule, model_fn, batch["image"], rng, cond=cond,
+                                   prediction=cfg.diffusion.prediction,
+                                   variance=cfg.diffusion.variance)
+  mask = batch["mask"].astype(jnp.float32)
+  return jnp.sum(terms.total * mask), jnp.sum(mask)

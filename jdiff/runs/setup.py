@@ -1,0 +1,310 @@
+"""One `Setup` for every mode: what a run derives from (config, workdir).
+
+Two kinds of config exist: diffusion configs (experiments/configs/default.py and its
+variants) and stage-1 autoencoder configs (those with an `autoencoder` section, e.g.
+ae_digits.py). `Setup` validates either (shared checks, then the kind's own), prepares
+the dataset (process 0 first, the others after a barrier), builds the mesh, the model,
+the optimiser, the random keys and the checkpointer. Use it as a context manager: the
+checkpointer is closed on every path, errors included.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from jdiff.data import pipeline, sources
+from jdiff.data.latents import latent_shape_of
+from jdiff.models.autoencoder import AutoencoderKL, make_autoencoder
+from jdiff.models.layers import DTYPES
+from jdiff.models.unet import UNet
+from jdiff.ops.winograd import CONV_IMPLS
+from jdiff.runs import stage1
+from jdiff.runs.sample_options import validate_sample_config
+from jdiff.schedules import get_schedule
+from jdiff.training import sharding
+from jdiff.training.checkpoint import Checkpointer
+from jdiff.training.optim import make_optimizer
+from jdiff.training.rng import run_keys
+from jdiff.training.state import init_autoencoder_state, init_train_state
+
+KINDS = ("diffusion", "autoencoder")
+SECTIONS = {"diffusion": ("data", "model", "diffusion", "optim", "train", "sample", "eval",
+                          "latent"),
+            "autoencoder": ("data", "autoencoder", "loss", "optim", "train", "eval")}
+MODES = {"diffusion": "--mode=train|sample|eval",
+         "autoencoder": "--mode=train_autoencoder|eval_autoencoder"}
+
+
+def log_process_info() -> None:
+  logging.info("process %d/%d, %d local devices (%s), %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.default_backend(),
+               jax.device_count())
+
+
+# ----------------------------------------------------------------------------- config checks
+
+def kind_of(config) -> str:
+  """'autoencoder' for a stage-1 config (it has an `autoencoder` section), else 'diffusion'."""
+  return "autoencoder" if "autoencoder" in config else "diffusion"
+
+
+def _check_int(config, section: str, key: str, minimum: int) -> None:
+  value = config[section][key]
+  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    what = "a positive" if minimum > 0 else "a non-negative"
+    raise ValueError(f"config.{section}.{key} must be {what} integer, got {value!r}")
+
+
+def validate_config(config) -> None:
+  """Raises ValueError naming the bad key/value: the shared checks, then the kind's own."""
+  kind = kind_of(config)
+  for section in SECTIONS[kind]:
+    if section not in config:
+      raise ValueError(f"{kind} config is missing the section {section!r}")
+  if not isinstance(config.seed, int) or not 0 <= config.seed < 2**32:
+    raise ValueError(f"config.seed must be an int in [0, 2**32), got {config.seed!r}")
+  for key in ("num_steps", "batch_size", "keep_checkpoints"):
+    _check_int(config, "train", key, 1)
+  for key in ("log_every", "ckpt_every"):
+    _check_int(config, "train", key, 0)
+  _check_int(config, "eval", "batch_size", 1)
+  if kind == "diffusion":
+    _check_diffusion(config)
+  else:
+    _check_autoencoder(config)
+
+
+def _check_diffusion(config) -> None:
+  _check_int(config, "train", "sample_every", 0)
+  t = config.train
+  if not 0.0 <= t.label_dropout < 1.0:
+    raise ValueError(f"config.train.label_dropout must be in [0, 1), got {t.label_dropout}")
+  if t.label_dropout and not config.conditional:
+    raise ValueError("config.train.label_dropout > 0 needs config.conditional=True")
+  validate_sample_config(config.sample, latent=bool(config.latent.autoencoder_workdir))
+  if not 0.0 <= config.ema_decay < 1.0:
+    raise ValueError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
+
+
+def _check_autoencoder(config) -> None:
+  loss = config.loss
+  if loss.recon_loss not in ("l1", "l2"):
+    raise ValueError(f"config.loss.recon_loss must be 'l1' or 'l2', got {loss.recon_loss!r}")
+  if not loss.kl_weight >= 0:
+    raise ValueError(f"config.loss.kl_weight must be >= 0, got {loss.kl_weight!r}")
+  for key in ("perceptual_weight", "adversarial_weight"):
+    if loss[key] != 0:
+      raise ValueError(
+          f"config.loss.{key}={loss[key]!r}: the LPIPS perceptual and PatchGAN adversarial "
+          "terms of LDM are not implemented (LPIPS needs pretrained VGG weights, which "
+          "cannot be downloaded here); set it to 0")
+  _check_int(config, "eval", "num_recon_images", 0)
+
+
+# ----------------------------------------------------------------------------- builders
+
+def build_model(config, *, num_classes: int | None, channels: int) -> UNet:
+  """The U-Net from `config.model` (its fields are UNet's constructor arguments)."""
+  kwargs = dict(config.model)
+  dtype = kwargs.pop("dtype", "float32")
+  if dtype not in DTYPES:
+    raise ValueError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+  if config.model.learn_sigma != (config.diffusion.variance == "learned_range"):
+    raise ValueError("config.model.learn_sigma=True goes with config.diffusion.variance="
+                     f"'learned_range' and vice versa; got learn_sigma={config.model.learn_sigma}"
+                     f", variance={config.diffusion.variance!r}")
+  if kwargs.get("conv_impl", "auto") not in CONV_IMPLS:
+    raise ValueError(f"config.model.conv_impl must be one of {CONV_IMPLS}, got "
+                     f"{kwargs['conv_impl']!r}")
+  kwargs["num_classes"] = num_classes if config.conditional else None
+  kwargs["out_channels"] = channels
+  for key in ("ch_mult", "attn_resolutions"):
+    kwargs[key] = tuple(kwargs[key])
+  return UNet(dtype=DTYPES[dtype], **kwargs)
+
+
+def build_autoencoder(config, image_shape) -> AutoencoderKL:
+  """The AutoencoderKL of `config.autoencoder` (preset + non-None overrides).
+
+  `in_channels` defaults to the data's channel count.
+  """
+  overrides = {k: v for k, v in config.autoencoder.overrides.items() if v is not None}
+  if "ch_mult" in overrides:
+    overrides["ch_mult"] = tuple(overrides["ch_mult"])
+  if "dtype" in overrides:
+    if overrides["dtype"] not in DTYPES:
+      raise ValueError(f"config.autoencoder.overrides.dtype must be one of {sorted(DTYPES)}, "
+                       f"got {overrides['dtype']!r}")
+    overrides["dtype"] = DTYPES[overrides["dtype"]]
+  overrides.setdefault("in_channels", int(image_shape[-1]))
+  module = make_autoencoder(config.autoencoder.preset, **overrides)
+  latent_shape_of(module, image_shape)  # validates size and channels
+  return module
+
+
+def prepared_metadata(config) -> sources.DatasetMetadata:
+  """Dataset metadata, preparing the dataset once: process 0 first, the others after a barrier
+  (so processes sharing a data_dir never build it concurrently)."""
+  get = functools.partial(sources.dataset_metadata, config.data.name,
+                          data_dir=config.data.data_dir or None,
+                          image_size=config.data.image_size or None)
+  if jax.process_count() == 1:
+    return get()
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  meta = get() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("jdiff: dataset prepared")
+  return meta if meta is not None else get()
+
+
+# ----------------------------------------------------------------------------- Setup
+
+class Setup:
+  """Everything derived from (config, workdir) that the modes share.
+
+  Attributes:
+    kind: 'diffusion' or 'autoencoder' (`kind_of(config)`).
+    config, workdir: as given (workdir made absolute).
+    data_dir, image_size: config.data's, with '' / 0 as None.
+    meta: the dataset's metadata.
+    pixel_shape: (H, W, C) of the data's images.
+    image_shape: (H, W, C) of the model's input: the pixels, or for latent diffusion
+      the latents.
+    mesh, repl, data_sh: the device mesh, replicated and batch-sharded shardings.
+    keys: the run's random keys (`jdiff.training.rng.RunKeys`).
+    optimizer: from config.optim.
+    module: the U-Net, or the AutoencoderKL.
+    checkpointer: on workdir/checkpoints.
+    Diffusion only: schedule, codec (None in pixel space), num_classes (None when
+    unconditional), null_label. Autoencoder only: latent_shape.
+
+  Args:
+    config: a locked ml_collections config.
+    workdir: the run's directory.
+    kind: the kind the mode needs; a config of the other kind is a clear error.
+  """
+
+  def __init__(self, config, workdir: str, *, kind: str | None = None):
+    self.kind = kind_of(config)
+    if kind is not None and kind != self.kind:
+      raise ValueError(f"this mode needs a {kind} config ({MODES[kind]}), but the config is a "
+                       f"{self.kind} config: use {MODES[self.kind]}")
+    validate_config(config)
+    self.config, self.workdir = config, os.path.abspath(workdir)
+    self.data_dir = config.data.data_dir or None
+    self.image_size = config.data.image_size or None
+    self.meta = prepared_metadata(config)
+    self.pixel_shape = self.image_shape = tuple(self.meta.image_shape)
+    self.codec = None
+    if self.kind == "diffusion":
+      self._build_diffusion()
+    else:
+      self.module = build_autoencoder(config, self.image_shape)
+      self.latent_shape = latent_shape_of(self.module, self.image_shape)
+    self.mesh = sharding.make_mesh()
+    self.repl = sharding.replicated(self.mesh)
+    self.data_sh = sharding.data_sharding(self.mesh)
+    self.optimizer = make_optimizer(total_steps=config.train.num_steps, **config.optim)
+    self.keys = run_keys(config.seed)
+    # Last: nothing after it can fail, so an error above leaves nothing open.
+    self.checkpointer = Checkpointer(os.path.join(self.workdir, stage1.CKPT_DIR),
+                                     max_to_keep=config.train.keep_checkpoints)
+
+  def _build_diffusion(self) -> None:
+    c = self.config
+    if c.conditional and not self.meta.num_classes:
+      raise ValueError(f"config.conditional=True but dataset {c.data.name!r} has no labels")
+    if c.latent.autoencoder_workdir:
+      self.codec = stage1.load_codec(c.latent.autoencoder_workdir,
+                                     scale_factor=c.latent.scale_factor)
+      if tuple(self.codec.image_shape) != self.pixel_shape:
+        raise ValueError(f"the autoencoder in {c.latent.autoencoder_workdir} was trained on "
+                         f"images {self.codec.image_shape}, but config.data gives "
+                         f"{self.pixel_shape}")
+      self.image_shape = tuple(self.codec.latent_shape)
+    self.num_classes = self.meta.num_classes if c.conditional else None
+    self.module = build_model(c, num_classes=self.meta.num_classes,
+                              channels=self.image_shape[-1])
+    self.null_label = self.num_classes  # the U-Net reserves label num_classes for "no class"
+    d = c.diffusion
+    self.schedule = get_schedule(d.schedule, d.num_steps, zero_terminal_snr=d.zero_terminal_snr)
+
+  def __enter__(self) -> Setup:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.checkpointer.__exit__(*exc)
+
+  def close(self) -> None:
+    self.checkpointer.close()
+
+  # --------------------------------------------------------------------------- data
+
+  @property
+  def iter_image_size(self) -> int | None:
+    """The resize the input pipeline applies (none for precomputed latents)."""
+    return None if self.codec is not None else self.image_size
+
+  def source(self, split: str):
+    """The dataset name, or for latent diffusion the encoded split (a random-access source)."""
+    if self.codec is None:
+      return self.config.data.name
+    from jdiff.data import latents  # pylint: disable=g-import-not-at-top
+    return latents.encode_source(self.codec, self.config.data.name, split=split,
+                                 data_dir=self.data_dir, image_size=self.image_size)
+
+  def train_iterator(self):
+    """This process's shuffled training batches of config.data.train_split."""
+    c = self.config
+    sharding.check_global_batch(c.train.batch_size, self.mesh)
+    return pipeline.make_train_iterator(
+        self.source(c.data.train_split), global_batch_size=c.train.batch_size, seed=c.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        split=c.data.train_split, data_dir=self.data_dir, image_size=self.iter_image_size,
+        random_flip=c.data.random_flip)
+
+  def eval_iterator(self, batch_size: int):
+    """This process's part of one padded pass over config.data.eval_split."""
+    sharding.check_global_batch(batch_size, self.mesh)
+    split = self.config.data.eval_split
+    return pipeline.make_eval_iterator(
+        self.source(split), global_batch_size=batch_size, process_index=jax.process_index(),
+        process_count=jax.process_count(), split=split, data_dir=self.data_dir,
+        image_size=self.iter_image_size)
+
+  # --------------------------------------------------------------------------- state
+
+  def init_state(self):
+    """The step-0 state (`TrainState` or `AutoencoderState`), replicated."""
+    x = jnp.zeros((1, *self.image_shape), jnp.float32)
+    if self.kind == "diffusion":
+      init = functools.partial(init_train_state, self.module, self.optimizer, sample_x=x,
+                               num_classes=self.num_classes)
+    else:
+      init = functools.partial(init_autoencoder_state, self.module, self.optimizer,
+                               sample_x=x)
+    return jax.jit(init, out_shardings=self.repl)(self.keys.init)
+
+  def abstract_state(self):
+    """`init_state`'s shapes and dtypes, replicated (nothing computed)."""
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.repl),
+                        jax.eval_shape(self.init_state))
+
+  def restore_params(self, field: str = "params") -> tuple[Any, int]:
+    """One field of the latest checkpoint's state ('params' or 'ema_params'), replicated.
+
+    Only that field is read. Raises FileNotFoundError naming the workdir if there is no
+    checkpoint.
+    """
+    if self.checkpointer.latest_step() is None:
+      train = "train" if self.kind == "diffusion" else "train_autoencoder"
+      raise FileNotFoundError(f"no checkpoint under {self.checkpointer.directory}; train first "
+                              f"with --mode={train} --workdir={self.workdir}")
+    target = {field: getattr(self.abstract_state(), field)}
+    restored, step = self.checkpointer.restore_partial(target)
+    return restored[field], step
