@@ -13,9 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import analytic
-from jdiff import likelihood, schedules
-from jdiff import continuous
+from jdiff import continuous, likelihood, schedules
+from tests import analytic
 
 SCHED = schedules.linear(1000)
 MU, S = 0.3, 0.5
