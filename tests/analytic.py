@@ -163,65 +163,66 @@ def _ab_of_t(schedule, t):
   return schedule.alphas_cumprod[jnp.asarray(t)]
 
 
-def gaussian_eps_fn(schedule, mu, sigma):
-  """model_fn(x_t, t, cond) -> E[eps | x_t] for x0 ~ N(mu, sigma^2), integer t [B]."""
-  def model_fn(x_t, t, cond=None):
-    del cond
-    return gaussian_eps_at_alpha_bar(_ab_of_t(schedule, t), x_t, mu, sigma).astype(x_t.dtype)
-  return model_fn
-
-
-def gaussian_x0_fn(schedule, mu, sigma):
-  """model_fn(x_t, t, cond) -> E[x0 | x_t] for x0 ~ N(mu, sigma^2)."""
-  def model_fn(x_t, t, cond=None):
-    del cond
-    return gaussian_x0_at_alpha_bar(_ab_of_t(schedule, t), x_t, mu, sigma).astype(x_t.dtype)
-  return model_fn
-
-
 def _v_from(ab, x, eps, x0):
   ab = _bcast(ab, x)
   return jnp.sqrt(ab) * eps - jnp.sqrt(1.0 - ab) * x0
 
 
-def gaussian_v_fn(schedule, mu, sigma):
-  """model_fn(x_t, t, cond) -> E[v | x_t] = sqrt(ab) E[eps|x_t] - sqrt(1-ab) E[x0|x_t]."""
+def _model_fn(schedule, eps_at, x0_at, prediction):
+  """model_fn(x_t, t, cond) -> E[prediction | x_t] at integer t [B], from eps_at(ab, x) and
+  x0_at(ab, x); v = sqrt(ab) E[eps|x_t] - sqrt(1-ab) E[x0|x_t]."""
   def model_fn(x_t, t, cond=None):
     del cond
     ab = _ab_of_t(schedule, t)
-    v = _v_from(ab, x_t, gaussian_eps_at_alpha_bar(ab, x_t, mu, sigma),
-                gaussian_x0_at_alpha_bar(ab, x_t, mu, sigma))
-    return v.astype(x_t.dtype)
+    if prediction == "eps":
+      out = eps_at(ab, x_t)
+    elif prediction == "x0":
+      out = x0_at(ab, x_t)
+    else:
+      out = _v_from(ab, x_t, eps_at(ab, x_t), x0_at(ab, x_t))
+    return out.astype(x_t.dtype)
   return model_fn
+
+
+def _gaussian_fn(schedule, mu, sigma, prediction):
+  return _model_fn(schedule, lambda ab, x: gaussian_eps_at_alpha_bar(ab, x, mu, sigma),
+                   lambda ab, x: gaussian_x0_at_alpha_bar(ab, x, mu, sigma), prediction)
+
+
+def _mixture_fn(schedule, weights, means, stds, prediction):
+  return _model_fn(schedule, lambda ab, x: mixture_eps_at_alpha_bar(ab, x, weights, means, stds),
+                   lambda ab, x: mixture_x0_at_alpha_bar(ab, x, weights, means, stds),
+                   prediction)
+
+
+def gaussian_eps_fn(schedule, mu, sigma):
+  """model_fn(x_t, t, cond) -> E[eps | x_t] for x0 ~ N(mu, sigma^2), integer t [B]."""
+  return _gaussian_fn(schedule, mu, sigma, "eps")
+
+
+def gaussian_x0_fn(schedule, mu, sigma):
+  """model_fn(x_t, t, cond) -> E[x0 | x_t] for x0 ~ N(mu, sigma^2)."""
+  return _gaussian_fn(schedule, mu, sigma, "x0")
+
+
+def gaussian_v_fn(schedule, mu, sigma):
+  """model_fn(x_t, t, cond) -> E[v | x_t] = sqrt(ab) E[eps|x_t] - sqrt(1-ab) E[x0|x_t]."""
+  return _gaussian_fn(schedule, mu, sigma, "v")
 
 
 def mixture_eps_fn(schedule, weights, means, stds):
   """model_fn(x_t, t, cond) -> E[eps | x_t] for mixture data, integer t [B]."""
-  def model_fn(x_t, t, cond=None):
-    del cond
-    return mixture_eps_at_alpha_bar(_ab_of_t(schedule, t), x_t, weights, means,
-                                    stds).astype(x_t.dtype)
-  return model_fn
+  return _mixture_fn(schedule, weights, means, stds, "eps")
 
 
 def mixture_x0_fn(schedule, weights, means, stds):
   """model_fn(x_t, t, cond) -> E[x0 | x_t] for mixture data."""
-  def model_fn(x_t, t, cond=None):
-    del cond
-    return mixture_x0_at_alpha_bar(_ab_of_t(schedule, t), x_t, weights, means,
-                                   stds).astype(x_t.dtype)
-  return model_fn
+  return _mixture_fn(schedule, weights, means, stds, "x0")
 
 
 def mixture_v_fn(schedule, weights, means, stds):
   """model_fn(x_t, t, cond) -> E[v | x_t] for mixture data."""
-  def model_fn(x_t, t, cond=None):
-    del cond
-    ab = _ab_of_t(schedule, t)
-    v = _v_from(ab, x_t, mixture_eps_at_alpha_bar(ab, x_t, weights, means, stds),
-                mixture_x0_at_alpha_bar(ab, x_t, weights, means, stds))
-    return v.astype(x_t.dtype)
-  return model_fn
+  return _mixture_fn(schedule, weights, means, stds, "v")
 
 
 # ----------------------------------------------------------------------------- densities
