@@ -1,4 +1,4 @@
-"""Tests for jdiff.models.autoencoder and jdiff.autoencoder_losses."""
+"""Tests for jdiff.models.{autoencoder,autoencoder_convert,distributions,autoencoder_losses}."""
 
 import jax
 import jax.numpy as jnp
@@ -7,15 +7,31 @@ import optax
 import pytest
 from sklearn.datasets import load_digits
 
-from jdiff.models.autoencoder_losses import (autoencoder_loss, latent_scale_factor, mse, psnr,
-                                             reconstruction_loss)
+from jdiff.models.autoencoder import (
+  AttnBlock,
+  AutoencoderKL,
+  Downsample,
+  ResnetBlock,
+  Upsample,
+  make_autoencoder,
+)
+from jdiff.models.autoencoder_convert import (
+  ldm_key,
+  ldm_state_dict_from_diffusers,
+  ldm_state_dict_from_params,
+  ldm_state_dict_keys,
+  params_from_ldm_state_dict,
+)
+from jdiff.models.autoencoder_losses import (
+  autoencoder_loss,
+  latent_scale_factor,
+  mse,
+  psnr,
+  psnr_from_mse,
+  reconstruction_loss,
+)
+from jdiff.models.distributions import DiagonalGaussian
 from jdiff.training.step import make_autoencoder_train_step
-from jdiff.models.autoencoder import (AttnBlock, AutoencoderKL, DiagonalGaussian,
-                                      Downsample, ResnetBlock, Upsample, ldm_key,
-                                      ldm_state_dict_from_diffusers,
-                                      ldm_state_dict_from_params, ldm_state_dict_keys,
-                                      make_autoencoder, param_count,
-                                      params_from_ldm_state_dict)
 
 # Threefry init of ~60 params takes XLA seconds to compile on CPU; rbg is cheap.
 _INIT_KEY = lambda seed: jax.random.key(seed, impl='rbg')  # noqa: E731
@@ -293,6 +309,14 @@ def test_psnr_mse_and_loss_formulas():
   # Quantised-noise example: MSE = 0.01 on range 2 -> 10 log10(400) dB.
   np.testing.assert_allclose(np.asarray(psnr(np.zeros((1, 4)), np.full((1, 4), 0.1))),
                              [10 * np.log10(400.0)], rtol=1e-5)
+  # PSNR of the aggregated MSE (not the mean PSNR): 10 log10(2^2 / mean MSE).
+  np.testing.assert_allclose(float(psnr_from_mse(err.mean())), 10 * np.log10(4.0 / err.mean()),
+                             rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(psnr_from_mse(err, data_range=255.0)),
+                             10 * np.log10(255.0 ** 2 / err), rtol=1e-5)
+  assert float(psnr_from_mse(0.0)) == np.inf
+  with pytest.raises(ValueError, match='data_range must be positive, got -1.0'):
+    psnr_from_mse(err, data_range=-1.0)
   mean, logvar = _random_posterior(7, shape=(3, 1, 1, 2))
   post = DiagonalGaussian.create(mean, logvar)
   kl_ref = np.mean(np.sum(-0.5 * logvar + 0.5 * (np.exp(logvar) + mean ** 2) - 0.5,
@@ -303,6 +327,8 @@ def test_psnr_mse_and_loss_formulas():
     np.testing.assert_allclose(float(metrics['rec_loss']), rec_ref, rtol=1e-5)
     np.testing.assert_allclose(float(metrics['kl']), kl_ref, rtol=1e-5)
     np.testing.assert_allclose(float(loss), rec_ref + 0.5 * kl_ref, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics['psnr']), np.mean(10 * np.log10(4.0 / err)),
+                               rtol=1e-5)
 
 
 def test_latent_scale_factor_gives_unit_std():
@@ -440,7 +466,7 @@ def test_sd_param_count_and_diffusers_key_names():
   module = make_autoencoder('sd_kl_f8')
   variables = _abstract_init(module, (1, 16, 16, 3))
   # diffusers AutoencoderKL of SD 1.x (stabilityai/sd-vae-ft-mse, runwayml/...): 83,653,863.
-  assert param_count(variables['params']) == 83_653_863
+  assert sum(x.size for x in jax.tree.leaves(variables['params'])) == 83_653_863
   keys = ldm_state_dict_keys(module)
   assert len(keys) == 248
   renamed = ldm_state_dict_from_diffusers({k: None for k in _diffusers_sd_keys()})

@@ -72,6 +72,38 @@ def test_jit_traced_scale_and_null_embedding():
   np.testing.assert_allclose(run(0.0), model_fn(X, T, jnp.zeros_like(c)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("phi", [0.0, 0.7])
+def test_learn_sigma_guides_only_eps_half(phi):
+  """[B, ..., 2C] outputs: eps half guided (and rescaled), variance half = conditional."""
+  calls = []
+  table = jax.random.normal(jax.random.PRNGKey(3), (NULL + 1, 6))
+
+  def model_fn(x, t, y):  # eps in channels 0..2, variance interpolation in 3..5
+    calls.append(x.shape[0])
+    h = jnp.tanh(jnp.concatenate([x, 2 * x], -1))
+    return h * table[y][:, None, :] + 0.01 * t[:, None, None]
+
+  w = 3.0
+  cond = np.asarray(model_fn(X, T, Y), np.float64)
+  uncond = np.asarray(model_fn(X, T, jnp.full_like(Y, NULL)), np.float64)
+  calls.clear()
+  fn = cfg_model_fn(model_fn, guidance_scale=w, null_cond=NULL, guidance_rescale=phi,
+                    learn_sigma=True)
+  out = np.asarray(fn(X, T, Y))
+  assert calls == [8] and out.shape == (4, 5, 6)
+  np.testing.assert_array_equal(out[..., 3:], np.asarray(model_fn(X, T, Y))[..., 3:])
+  guided = uncond[..., :3] + w * (cond[..., :3] - uncond[..., :3])
+  if phi:
+    std = lambda a: a.reshape(a.shape[0], -1).std(axis=1).reshape(-1, 1, 1)
+    guided = phi * guided * std(cond[..., :3]) / std(guided) + (1 - phi) * guided
+  np.testing.assert_allclose(out[..., :3], guided, rtol=1e-5, atol=1e-5)
+  # Without learn_sigma the variance channels are extrapolated too (what it must avoid).
+  plain = np.asarray(cfg_model_fn(model_fn, guidance_scale=w, null_cond=NULL)(X, T, Y))
+  want = uncond[..., 3:] + w * (cond[..., 3:] - uncond[..., 3:])
+  np.testing.assert_allclose(plain[..., 3:], want, rtol=1e-5, atol=1e-5)
+  assert np.abs(plain[..., 3:] - out[..., 3:]).max() > 0.1
+
+
 def test_errors():
   model = make_model([])
   with pytest.raises(ValueError, match="guidance_rescale"):
@@ -80,4 +112,6 @@ def test_errors():
     cfg_model_fn(model, guidance_scale=2.0, null_cond=None)
   with pytest.raises(ValueError, match="cond"):
     cfg_model_fn(model, guidance_scale=2.0, null_cond=NULL)(X, T, None)
+  with pytest.raises(ValueError, match=r"even number of output channels.*\(5, 3\)"):
+    cfg_model_fn(model, guidance_scale=2.0, null_cond=NULL, learn_sigma=True)(X, T, Y)
 

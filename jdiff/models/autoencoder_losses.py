@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff.models.autoencoder import DiagonalGaussian
+from jdiff.models.distributions import DiagonalGaussian
 
 Array = jax.Array
 PyTree = Any
@@ -51,16 +51,22 @@ def mse(x: Array, recon: Array) -> Array:
   return jnp.mean(jnp.square(d), axis=tuple(range(1, d.ndim)))
 
 
-def psnr(x: Array, recon: Array, *, data_range: float = 2.0) -> Array:
-  """Per-example peak signal-to-noise ratio in dB, [B].
+def psnr_from_mse(mse: Array | float, *, data_range: float = 2.0) -> Array:
+  """Peak signal-to-noise ratio in dB of a mean squared error (any shape, elementwise).
 
   PSNR = 10 log10(data_range^2 / MSE). The default data_range = 2 is for images in
-  [-1, 1]; use 1.0 for [0, 1] or 255.0 for uint8 scale. A perfect reconstruction
-  gives +inf.
+  [-1, 1]; use 1.0 for [0, 1] or 255.0 for uint8 scale. MSE = 0 gives +inf. Pass
+  per-example MSEs [B] for per-example PSNRs, or one aggregated MSE for the PSNR of
+  the mean MSE (which is not the mean of the per-example PSNRs).
   """
   if not data_range > 0:
     raise ValueError(f'data_range must be positive, got {data_range!r}')
-  return 10.0 * jnp.log10(data_range ** 2 / mse(x, recon))
+  return 10.0 * jnp.log10(data_range ** 2 / jnp.asarray(mse, jnp.float32))
+
+
+def psnr(x: Array, recon: Array, *, data_range: float = 2.0) -> Array:
+  """Per-example PSNR in dB, [B]: `psnr_from_mse` of the per-example `mse`."""
+  return psnr_from_mse(mse(x, recon), data_range=data_range)
 
 
 def reconstruction_loss(x: Array, recon: Array, *, recon_loss: str = 'l1') -> Array:
@@ -106,7 +112,7 @@ def autoencoder_loss(recon: Array, x: Array, posterior: DiagonalGaussian, *,
       'rec_loss': rec,
       'kl': kl,
       'mse': jnp.mean(err),
-      'psnr': jnp.mean(10.0 * jnp.log10(2.0 ** 2 / err)),
+      'psnr': jnp.mean(psnr_from_mse(err)),
       'latent_std': jnp.std(posterior.mean),
   }
   return loss, metrics

@@ -1,13 +1,13 @@
 """Bridge from a flax network to the ``model_fn(x_t, t, cond)`` the library calls.
 
 The diffusion primitives, losses and samplers only ever see a pure function
-``model_fn(x_t, t, cond) -> Array`` (STYLE.md, convention 3); this module binds
-the variables, the dropout rng and the train/eval switch.
+``model_fn(x_t, t, cond) -> Array`` (``jdiff.diffusion.ModelFn``); this module
+binds the variables, the dropout rng and the train/eval switch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn

@@ -16,15 +16,23 @@ deviation of the conditional one and mixed back ([Lin24] eq. 15-16):
 model predicts. For jdiff's class-conditional U-Net the unconditional label is its reserved
 `null_label` (= num_classes), seen in training through label dropout.
 
+A learned-variance model (`UNet(learn_sigma=True)`, [iDDPM] Sec. 3.1) outputs 2C channels:
+eps in the first C, the variance interpolation v in the last C. With `learn_sigma=True` only
+the eps half is guided; v is the conditional branch's, unguided, as in [GLIDE] (the
+`glide_text2im` sampling `model_fn` guides `eps` and keeps the conditional `rest`).
+Extrapolating v as well can push it out of [-1, 1], the variance out of [beta~, beta]
+(`jdiff.diffusion` interpolates the log-variances with (v + 1) / 2).
+
 References:
+  [iDDPM] Nichol, Dhariwal. Improved Denoising Diffusion Probabilistic Models, 2021.
+  [GLIDE] Nichol et al. GLIDE: Towards Photorealistic Image Generation and Editing with
+    Text-Guided Diffusion Models, 2022 (released code: `glide_text2im`).
   [CFG] Ho, Salimans. Classifier-Free Diffusion Guidance, 2022, eq. 6 (there w' = 1 + w).
   [Lin24] Lin, Liu, Li, Yang. Common Diffusion Noise Schedules and Sample Steps are Flawed,
     2024, Sec. 3.4, eqs. 15-16.
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +66,7 @@ def rescale_guidance(guided: Array, cond_pred: Array, guidance_rescale: float) -
 
 
 def cfg_model_fn(model_fn: ModelFn, *, guidance_scale, null_cond,
-                 guidance_rescale: float = 0.0) -> ModelFn:
+                 guidance_rescale: float = 0.0, learn_sigma: bool = False) -> ModelFn:
   """Wraps `model_fn(x, t, cond)` with classifier-free guidance in one batched call.
 
   Args:
@@ -68,12 +76,17 @@ def cfg_model_fn(model_fn: ModelFn, *, guidance_scale, null_cond,
     null_cond: the unconditional conditioning, broadcast to cond's shape: e.g. the U-Net's
       `null_label` (an int), or a null embedding of shape cond.shape[1:].
     guidance_rescale: phi in [0, 1] of [Lin24] eq. 16 (0 disables the rescale).
+    learn_sigma: the model outputs [B, ..., 2C] (eps, variance interpolation) on the last
+      axis: guide (and rescale) the first C channels only and take the last C from the
+      conditional prediction.
 
   Returns:
-    `guided_fn(x [B, ...], t [B] or scalar, cond [B, ...]) -> [B, ...]`.
+    `guided_fn(x [B, ...], t [B] or scalar, cond [B, ...]) -> [B, ...]`, the model's
+    output shape.
 
   Raises:
-    ValueError: for guidance_rescale outside [0, 1], or when called with cond=None.
+    ValueError: for guidance_rescale outside [0, 1], or when called with cond=None, or
+      with learn_sigma and an odd number of output channels.
   """
   if not 0.0 <= float(guidance_rescale) <= 1.0:
     raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
@@ -91,11 +104,17 @@ def cfg_model_fn(model_fn: ModelFn, *, guidance_scale, null_cond,
     out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
                    jnp.concatenate([cond, null]))
     c, u = out[:b], out[b:]
+    rest = None
+    if learn_sigma:
+      if out.shape[-1] % 2:
+        raise ValueError(f"learn_sigma=True needs an even number of output channels "
+                         f"(eps, variance), got output shape {out.shape[1:]}")
+      (c, rest), u = jnp.split(c, 2, axis=-1), jnp.split(u, 2, axis=-1)[0]
     w = jnp.asarray(guidance_scale, jnp.float32)
     guided = (u.astype(jnp.float32) + w * (c.astype(jnp.float32) - u.astype(jnp.float32)))
     guided = guided.astype(out.dtype)
     if guidance_rescale > 0:
       guided = rescale_guidance(guided, c, guidance_rescale)
-    return guided
+    return guided if rest is None else jnp.concatenate([guided, rest], axis=-1)
 
   return guided_fn

@@ -122,10 +122,21 @@ def _downsample_avg(x: Array) -> Array:
   return y.astype(x.dtype)
 
 
-class Upsample(nn.Module):
-  """Nearest-neighbour 2x upsampling followed by an optional 3x3 conv (DDPM)."""
+class Resample(nn.Module):
+  """2x resampling between U-Net levels (DDPM / ADM / diffusers).
+
+  ``up``: nearest-neighbour 2x upsampling, then a 3x3 conv if ``use_conv``.
+  Down: a strided 3x3 conv (padding 1, as ADM/diffusers) if ``use_conv``, else
+  2x2 average pooling. Without a conv the channels are unchanged.
+
+  Attributes:
+    channels: output channels of the conv.
+    up: upsample (True) or downsample (False).
+    use_conv: resample with a conv (see above).
+  """
 
   channels: int
+  up: bool
   use_conv: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -133,30 +144,13 @@ class Upsample(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    """[B, H, W, C] -> [B, 2H, 2W, channels]."""
-    x = _upsample_nearest(x)
-    if self.use_conv:
-      x = _conv(self.channels, 3, dtype=self.dtype, param_dtype=self.param_dtype,
-                conv_impl=self.conv_impl, name="conv")(x)
-    return x
-
-
-class Downsample(nn.Module):
-  """2x downsampling: strided 3x3 conv (padding 1, as ADM/diffusers) or avg-pool."""
-
-  channels: int
-  use_conv: bool = True
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  conv_impl: str = "xla"
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    """[B, H, W, C] -> [B, H/2, W/2, channels]."""
-    if self.use_conv:
-      return _conv(self.channels, 3, strides=2, dtype=self.dtype,
-                   param_dtype=self.param_dtype, conv_impl=self.conv_impl, name="conv")(x)
-    return _downsample_avg(x)
+    """[B, H, W, C] -> [B, 2H, 2W, channels] (up) or [B, H/2, W/2, channels] (down)."""
+    if not self.use_conv:
+      return _upsample_nearest(x) if self.up else _downsample_avg(x)
+    if self.up:
+      x = _upsample_nearest(x)
+    return _conv(self.channels, 3, strides=1 if self.up else 2, dtype=self.dtype,
+                 param_dtype=self.param_dtype, conv_impl=self.conv_impl, name="conv")(x)
 
 
 class ResBlock(nn.Module):

@@ -17,8 +17,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdiff.models.layers import (AttentionBlock, Downsample, GroupNorm32, ResBlock,
-                                 Upsample, conv_fn, timestep_embedding)
+from jdiff.models.layers import (
+  AttentionBlock,
+  GroupNorm32,
+  Resample,
+  ResBlock,
+  conv_fn,
+  timestep_embedding,
+)
 from jdiff.ops.winograd import resolve_conv_impl
 
 Array = jax.Array
@@ -198,8 +204,8 @@ class UNet(nn.Module):
         if self.resblock_updown:
           h = res_cls(h.shape[-1], down=True, name=f"down_{i}_downsample", **blk)(h, emb, train)
         else:
-          h = Downsample(h.shape[-1], use_conv=self.conv_resample, conv_impl=impl,
-                         name=f"down_{i}_downsample", **kw)(h)
+          h = Resample(h.shape[-1], up=False, use_conv=self.conv_resample, conv_impl=impl,
+                       name=f"down_{i}_downsample", **kw)(h)
         hs.append(h)
 
     h = res_cls(h.shape[-1], name="mid_res_0", **blk)(h, emb, train)
@@ -216,7 +222,7 @@ class UNet(nn.Module):
         if self.resblock_updown:
           h = res_cls(h.shape[-1], up=True, name=f"up_{i}_upsample", **blk)(h, emb, train)
         else:
-          h = Upsample(h.shape[-1], use_conv=self.conv_resample, conv_impl=impl,
+          h = Resample(h.shape[-1], up=True, use_conv=self.conv_resample, conv_impl=impl,
                        name=f"up_{i}_upsample", **kw)(h)
     assert not hs
 

@@ -4,5 +4,9 @@
 for float32 3x3 convolutions on CPU (`UNet(conv_impl="auto")`).
 """
 
-from jdiff.ops.winograd import (CONV_IMPLS, resolve_conv_impl, winograd_conv3x3,
-                                winograd_conv_general_dilated)
+from jdiff.ops.winograd import (
+  CONV_IMPLS,
+  resolve_conv_impl,
+  winograd_conv3x3,
+  winograd_conv_general_dilated,
+)

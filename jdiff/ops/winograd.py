@@ -23,8 +23,8 @@ The gradient is Winograd too (``jax.custom_vjp``):
   transpose of the forward's linear maps.
 
 Images are processed in chunks (``lax.map``) whose transformed tiles fit in
-about 12 MiB: on XLA:CPU the batched matmuls slow down by half once their
-operands spill the last-level cache.
+about 12 MiB, so that the batched matmuls' operands stay in the last-level
+cache on XLA:CPU (measurements: BENCHMARKS.md, "U-Net throughput").
 
 The result equals ``lax.conv_general_dilated`` up to float rounding (F(2x2)'s
 transforms use only 0, +-1 and +-1/2). It pays off where convolutions are
@@ -36,7 +36,8 @@ GPUs and TPUs keep their native convolution (cuDNN picks Winograd itself).
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -172,8 +173,8 @@ def _tiled_conv(x: Array, u: Array, t: _Tiles, spec: str = "ptc,pco->pto") -> Ar
 
 
 # Working-set budget of one chunk of images (transformed inputs + products):
-# about what stays cache-resident on a CPU; larger matmul outputs run at half
-# speed on XLA:CPU once they spill the last-level cache.
+# about what stays cache-resident on a CPU. Matmul outputs that spill the
+# last-level cache run slower on XLA:CPU (BENCHMARKS.md, "U-Net throughput").
 _CHUNK_BYTES = 12 * 2**20
 
 
@@ -312,7 +313,7 @@ def winograd_conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequen
     output heads, tiny test models) stay on XLA: their matmuls are too small
     to pay for the tile transforms (and the longer compile);
   * 1x1 without padding: one matmul over the channels (XLA:CPU's 1x1
-    weight-gradient convolution is several times slower than the matmul).
+    weight-gradient convolution is slower than the matmul; BENCHMARKS.md).
 
   Anything else (strided, dilated, grouped, other layouts) goes to
   ``lax.conv_general_dilated`` unchanged; ``precision`` only applies there.
