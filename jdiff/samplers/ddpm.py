@@ -6,7 +6,6 @@ References:
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 
@@ -19,8 +18,8 @@ Array = jax.Array
 
 def ddpm_step(schedule: Schedule, model_fn, x_t: Array, t: Array, noise: Array, *,
               cond: Array | None = None, prediction: str = "eps",
-              variance: str = "fixed_small", clip_x0: float | None = None
-              ) -> tuple[Array, Array]:
+              variance: str = "fixed_small", clip_x0: float | None = None,
+              dynamic_percentile: float | None = None) -> tuple[Array, Array]:
   """One ancestral step x_t -> x_{t-1} with explicit noise.
 
   Args:
@@ -32,23 +31,29 @@ def ddpm_step(schedule: Schedule, model_fn, x_t: Array, t: Array, noise: Array, 
     cond: conditioning passed to model_fn.
     prediction: 'eps', 'x0' or 'v'.
     variance: 'fixed_small' (beta_tilde), 'fixed_large' (beta) or 'learned_range'.
-    clip_x0: clip the predicted x0 to [-clip_x0, clip_x0] (1.0 for images in [-1, 1]).
+    clip_x0, dynamic_percentile: static clipping (1.0 for images in [-1, 1]) / dynamic
+      thresholding of the predicted x0 before forming the posterior mean
+      (`diffusion.threshold_x0`); None disables.
 
   Returns:
     (x_{t-1} [B, ...], x0_hat [B, ...]), dtype of x_t.
   """
   t = batch_t(t, x_t)
-  out = model_fn(x_t, t, cond)
-  p, x0 = diffusion.p_mean_variance(schedule, out, x_t, t, prediction=prediction,
-                                    variance=variance, clip_x0=clip_x0)
+  p, x0 = diffusion.p_mean_variance(schedule, model_fn(x_t, t, cond), x_t, t,
+                                    prediction=prediction, variance=variance)
+  mean = p.mean
+  if clip_x0 is not None or dynamic_percentile is not None:
+    x0 = diffusion.threshold_x0(x0, clip_x0=clip_x0, dynamic_percentile=dynamic_percentile)
+    mean = diffusion.q_posterior(schedule, x0, x_t, t).mean
   nonzero = (t > 0).astype(x_t.dtype).reshape((-1,) + (1,) * (x_t.ndim - 1))
-  x_prev = p.mean + nonzero * jnp.exp(0.5 * p.log_variance) * noise.astype(x_t.dtype)
+  x_prev = mean + nonzero * jnp.exp(0.5 * p.log_variance) * noise.astype(x_t.dtype)
   return x_prev.astype(x_t.dtype), x0
 
 
 def ddpm_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *,
                 cond: Array | None = None, prediction: str = "eps",
-                variance: str = "fixed_small", clip_x0: float | None = None) -> Array:
+                variance: str = "fixed_small", clip_x0: float | None = None,
+                dynamic_percentile: float | None = None) -> Array:
   """Ancestral sampling over all T steps, from x_T to x_0.
 
   Args:
@@ -56,7 +61,7 @@ def ddpm_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *,
     model_fn: `model_fn(x_t, t, cond)`.
     x_T: [B, ...] starting noise (explicit).
     rng: PRNG key; step i uses fold_in(rng, i).
-    cond, prediction, variance, clip_x0: see `ddpm_step`.
+    cond, prediction, variance, clip_x0, dynamic_percentile: see `ddpm_step`.
 
   Returns:
     x_0 samples [B, ...], dtype of x_T.
@@ -67,6 +72,7 @@ def ddpm_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *,
     del i, t_next
     noise = jax.random.normal(key, x.shape, x.dtype)
     return ddpm_step(schedule, model_fn, x, t, noise, cond=cond, prediction=prediction,
-                     variance=variance, clip_x0=clip_x0)[0]
+                     variance=variance, clip_x0=clip_x0,
+                     dynamic_percentile=dynamic_percentile)[0]
 
   return sample_loop(step, x_T, grid, rng)[0]

@@ -37,8 +37,7 @@ import jax.numpy as jnp
 
 from jdiff import continuous
 from jdiff.samplers.driver import sample_loop
-from jdiff.samplers.grids import FINAL_SIGMAS, sigma_grid
-from jdiff.samplers.euler import prepare
+from jdiff.samplers.grids import lambda_step, sigma_grid_and_start
 from jdiff.schedules import Schedule
 
 Array = jax.Array
@@ -66,13 +65,6 @@ def init_state(x: Array) -> DPMState:
   """An empty history for the VE sample x [B, ...]."""
   z = jnp.zeros_like(x)
   return DPMState(x, z, z, jnp.float32(1.0), jnp.float32(1.0), jnp.int32(0))
-
-
-def lambda_step(sigma, sigma_next):
-  """(h = lambda_next - lambda, safe sigma_next, is_last) with lambda = -log sigma."""
-  last = sigma_next <= 0
-  sn = jnp.where(last, 1.0, sigma_next)
-  return jnp.log(sigma) - jnp.log(sn), sn, last
 
 
 def dpmpp_2m_step(denoise: Denoiser, state: DPMState, sigma: Array, sigma_next: Array,
@@ -140,7 +132,10 @@ def dpmpp_3m_step(denoise: Denoiser, state: DPMState, sigma: Array, sigma_next: 
   d1_0 = (denoised - state.denoised_1) / r0.astype(x.dtype)
   d1_1 = (state.denoised_1 - state.denoised_2) / r1.astype(x.dtype)
   d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1)).astype(x.dtype)
-  d2 = (d1_0 - d1_1) / (r0 + r1).astype(x.dtype)
+  # h^2 D'': the second divided difference (d1_0 - d1_1) / (r0 + r1) is h^2 D'' / 2, hence
+  # the 2. k-diffusion's and diffusers' 3M updates omit it, which leaves the method second
+  # order (global error / 4 instead of / 8 when h halves; tests/test_samplers_fast.py).
+  d2 = 2.0 * (d1_0 - d1_1) / (r0 + r1).astype(x.dtype)
   corr3 = phi_2.astype(x.dtype) * d1 - phi_3.astype(x.dtype) * d2
   corr2 = phi_2.astype(x.dtype) * d_2nd
   order = jnp.minimum(state.n + 1, max_order)
@@ -155,26 +150,15 @@ def dpmpp_3m_step(denoise: Denoiser, state: DPMState, sigma: Array, sigma_next: 
   return DPMState(x_next, denoised, state.denoised_1, h, state.h_1, state.n + 1)
 
 
-def grid_and_start(schedule, x_T, *, num_steps, spacing, rho, grid, final_sigma):
-  """(sigma grid, VE start); final_sigma='sigma_min' ends the grid at sigma_min (no 0)."""
-  if final_sigma not in FINAL_SIGMAS:
-    raise ValueError(f"unknown final_sigma {final_sigma!r}; choose one of {FINAL_SIGMAS}")
-  if final_sigma == "zero" or grid is not None:
-    if grid is not None and final_sigma != "zero":
-      raise ValueError(f"final_sigma={final_sigma!r} applies to generated grids; an explicit "
-                       "grid must end with 0")
-    return prepare(schedule, x_T, num_steps=num_steps, spacing=spacing, rho=rho, grid=grid)
-  grid = sigma_grid(schedule, num_steps, spacing=spacing, rho=rho, final=final_sigma)
-  return grid, x_T * jnp.sqrt(1.0 + grid[0] ** 2).astype(x_T.dtype)
-
-
 def _sample(step_fn, schedule, model_fn, x_T, rng, *, eta, s_noise, num_steps, spacing, rho,
-            grid, cond, prediction, final_sigma="zero", lower_order_final=None):
+            grid, cond, prediction, clip_x0, dynamic_percentile, final_sigma="zero",
+            lower_order_final=None):
   if eta < 0:
     raise ValueError(f"eta must be >= 0, got {eta}")
-  denoise = continuous.make_denoiser(schedule, model_fn, cond=cond, prediction=prediction)
-  grid, x = grid_and_start(schedule, x_T, num_steps=num_steps, spacing=spacing, rho=rho,
-                            grid=grid, final_sigma=final_sigma)
+  denoise = continuous.make_denoiser(schedule, model_fn, cond=cond, prediction=prediction,
+                                     clip_x0=clip_x0, dynamic_percentile=dynamic_percentile)
+  grid, x = sigma_grid_and_start(schedule, x_T, num_steps=num_steps, spacing=spacing, rho=rho,
+                                 grid=grid, final_sigma=final_sigma)
   n_steps = grid.shape[0] - 1
 
   def step(state, i, s, s_next, key):
@@ -190,7 +174,8 @@ def dpmpp_2m_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *,
                     num_steps: int = 20, eta: float = 0.0, s_noise: float = 1.0,
                     spacing: str = "karras", rho: float = 7.0, grid: Array | None = None,
                     cond: Array | None = None, prediction: str = "eps",
-                    final_sigma: str = "zero") -> Array:
+                    final_sigma: str = "zero", clip_x0: float | None = None,
+                    dynamic_percentile: float | None = None) -> Array:
   """DPM-Solver++(2M) ([DPM-Solver++] Alg. 2). NFE = num_steps.
 
   Args:
@@ -208,34 +193,41 @@ def dpmpp_2m_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *,
     final_sigma: 'zero' (N levels, then the jump to sigma = 0 returns the last data
       prediction) or 'sigma_min' (N + 1 levels down to sigma_min, every call a solver step,
       the sample at sigma_min is returned; see `grids.sigma_grid`).
+    clip_x0, dynamic_percentile: static clipping / dynamic thresholding of the data
+      prediction inside the denoiser (`continuous.make_denoiser`); None disables.
 
   Returns:
     x_0 samples [B, ...].
   """
   return _sample(dpmpp_2m_step, schedule, model_fn, x_T, rng, eta=eta, s_noise=s_noise,
                  num_steps=num_steps, spacing=spacing, rho=rho, grid=grid, cond=cond,
-                 prediction=prediction, final_sigma=final_sigma)
+                 prediction=prediction, final_sigma=final_sigma, clip_x0=clip_x0,
+                 dynamic_percentile=dynamic_percentile)
 
 
 def dpmpp_2m_sde_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *,
                         num_steps: int = 20, eta: float = 1.0, s_noise: float = 1.0,
                         spacing: str = "karras", rho: float = 7.0, grid: Array | None = None,
                         cond: Array | None = None, prediction: str = "eps",
-                        final_sigma: str = "zero") -> Array:
+                        final_sigma: str = "zero", clip_x0: float | None = None,
+                    dynamic_percentile: float | None = None) -> Array:
   """DPM-Solver++(2M) SDE ([DPM-Solver++] Sec. 5; eta = 1). NFE = num_steps.
 
   Args: as `dpmpp_2m_sample`.
   """
   return _sample(dpmpp_2m_step, schedule, model_fn, x_T, rng, eta=eta, s_noise=s_noise,
                  num_steps=num_steps, spacing=spacing, rho=rho, grid=grid, cond=cond,
-                 prediction=prediction, final_sigma=final_sigma)
+                 prediction=prediction, final_sigma=final_sigma, clip_x0=clip_x0,
+                 dynamic_percentile=dynamic_percentile)
 
 
 def dpmpp_3m_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *,
                     num_steps: int = 20, eta: float = 0.0, s_noise: float = 1.0,
                     spacing: str = "karras", rho: float = 7.0, grid: Array | None = None,
                     cond: Array | None = None, prediction: str = "eps",
-                    final_sigma: str = "zero", lower_order_final: bool = False) -> Array:
+                    final_sigma: str = "zero", lower_order_final: bool = False,
+                    clip_x0: float | None = None,
+                    dynamic_percentile: float | None = None) -> Array:
   """DPM-Solver++(3M); eta > 0 gives the 3M SDE variant. NFE = num_steps.
 
   Args: as `dpmpp_2m_sample`, plus
@@ -245,5 +237,6 @@ def dpmpp_3m_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *,
   """
   return _sample(dpmpp_3m_step, schedule, model_fn, x_T, rng, eta=eta, s_noise=s_noise,
                  num_steps=num_steps, spacing=spacing, rho=rho, grid=grid, cond=cond,
-                 prediction=prediction, final_sigma=final_sigma,
+                 prediction=prediction, final_sigma=final_sigma, clip_x0=clip_x0,
+                 dynamic_percentile=dynamic_percentile,
                  lower_order_final=bool(lower_order_final))

@@ -7,7 +7,7 @@ dx/dsigma = (x - D(x, sigma)) / sigma, D the denoiser ([EDM] eq. 4 with s = 1, s
 
 Every `*_sample` takes standard normal x_T (the VP sample at the first grid level, as for
 DDIM) and an rng; it starts from x_ve = x_T sqrt(1 + sigma_0^2) and returns x_0 [B, ...].
-A step function takes a `denoise(x_ve, sigma)` (from `sigma.make_denoiser`) and explicit
+A step function takes a `denoise(x_ve, sigma)` (from `continuous.make_denoiser`) and explicit
 noise, so a run can be replayed step by step.
 
 NFE (model calls) for N sigma levels (a grid of N + 1 entries):
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from jdiff import continuous
 from jdiff.samplers.driver import sample_loop
-from jdiff.samplers.grids import sigma_grid
+from jdiff.samplers.grids import sigma_grid_and_start
 from jdiff.schedules import Schedule
 
 Array = jax.Array
@@ -143,27 +143,20 @@ def edm_gamma(sigma: Array, num_steps: int, *, s_churn: float, s_tmin: float = 0
 
 # ----------------------------------------------------------------------------- samplers
 
-def prepare(schedule: Schedule, x_T: Array, *, num_steps: int, spacing: str, rho: float,
-            grid: Array | None) -> tuple[Array, Array]:
-  """Resolves the sigma grid and maps standard normal x_T to the VE start x_T sqrt(1 + sigma_0^2)."""
-  if grid is None:
-    grid = sigma_grid(schedule, num_steps, spacing=spacing, rho=rho)
-  grid = continuous.check_sigma_grid(grid)
-  x = x_T * jnp.sqrt(1.0 + grid[0] ** 2).astype(x_T.dtype)
-  return grid, x
-
-
 def _sample(step, schedule, model_fn, x_T, rng, *, num_steps, spacing, rho, grid, cond,
-            prediction):
-  denoise = continuous.make_denoiser(schedule, model_fn, cond=cond, prediction=prediction)
-  grid, x = prepare(schedule, x_T, num_steps=num_steps, spacing=spacing, rho=rho, grid=grid)
+            prediction, clip_x0, dynamic_percentile):
+  denoise = continuous.make_denoiser(schedule, model_fn, cond=cond, prediction=prediction,
+                                     clip_x0=clip_x0, dynamic_percentile=dynamic_percentile)
+  grid, x = sigma_grid_and_start(schedule, x_T, num_steps=num_steps, spacing=spacing, rho=rho,
+                                 grid=grid)
   return sample_loop(lambda c, i, s, s_next, key: step(denoise, c, i, s, s_next, key, grid),
                      x, grid, rng)[0]
 
 
 def euler_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *, num_steps: int = 50,
                  spacing: str = "karras", rho: float = 7.0, grid: Array | None = None,
-                 cond: Array | None = None, prediction: str = "eps") -> Array:
+                 cond: Array | None = None, prediction: str = "eps",
+                 clip_x0: float | None = None, dynamic_percentile: float | None = None) -> Array:
   """Euler PF-ODE sampler ([EDM] Alg. 1 without the correction). NFE = num_steps.
 
   Args:
@@ -177,32 +170,38 @@ def euler_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *, num_st
     grid: explicit decreasing sigma grid ending with 0 (overrides num_steps / spacing).
     cond: conditioning passed to model_fn.
     prediction: 'eps', 'x0' or 'v'.
+    clip_x0, dynamic_percentile: static clipping / dynamic thresholding of the data
+      prediction inside the denoiser (`continuous.make_denoiser`); None disables.
 
   Returns:
     x_0 samples [B, ...].
   """
   step = lambda d, x, i, s, s_next, key, g: euler_step(d, x, s, s_next)
   return _sample(step, schedule, model_fn, x_T, rng, num_steps=num_steps, spacing=spacing,
-                 rho=rho, grid=grid, cond=cond, prediction=prediction)
+                 rho=rho, grid=grid, cond=cond, prediction=prediction, clip_x0=clip_x0,
+                 dynamic_percentile=dynamic_percentile)
 
 
 def heun_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *, num_steps: int = 18,
                 spacing: str = "karras", rho: float = 7.0, grid: Array | None = None,
-                cond: Array | None = None, prediction: str = "eps") -> Array:
+                cond: Array | None = None, prediction: str = "eps",
+                clip_x0: float | None = None, dynamic_percentile: float | None = None) -> Array:
   """EDM's deterministic 2nd-order sampler ([EDM] Alg. 1). NFE = 2 num_steps - 1.
 
   Args: as `euler_sample`.
   """
   step = lambda d, x, i, s, s_next, key, g: heun_step(d, x, s, s_next)
   return _sample(step, schedule, model_fn, x_T, rng, num_steps=num_steps, spacing=spacing,
-                 rho=rho, grid=grid, cond=cond, prediction=prediction)
+                 rho=rho, grid=grid, cond=cond, prediction=prediction, clip_x0=clip_x0,
+                 dynamic_percentile=dynamic_percentile)
 
 
 def euler_ancestral_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *,
                            num_steps: int = 50, eta: float = 1.0, s_noise: float = 1.0,
                            spacing: str = "karras", rho: float = 7.0,
                            grid: Array | None = None, cond: Array | None = None,
-                           prediction: str = "eps") -> Array:
+                           prediction: str = "eps", clip_x0: float | None = None,
+                           dynamic_percentile: float | None = None) -> Array:
   """Euler-ancestral sampler (k-diffusion's `sample_euler_ancestral`). NFE = num_steps.
 
   Args: as `euler_sample`, plus eta (ancestral noise fraction) and s_noise.
@@ -211,14 +210,16 @@ def euler_ancestral_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array,
     noise = jax.random.normal(key, x.shape, x.dtype)
     return euler_ancestral_step(d, x, s, s_next, noise, eta=eta, s_noise=s_noise)
   return _sample(step, schedule, model_fn, x_T, rng, num_steps=num_steps, spacing=spacing,
-                 rho=rho, grid=grid, cond=cond, prediction=prediction)
+                 rho=rho, grid=grid, cond=cond, prediction=prediction, clip_x0=clip_x0,
+                 dynamic_percentile=dynamic_percentile)
 
 
 def edm_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *, num_steps: int = 18,
                s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
                s_noise: float = 1.0, spacing: str = "karras", rho: float = 7.0,
                grid: Array | None = None, cond: Array | None = None,
-               prediction: str = "eps") -> Array:
+               prediction: str = "eps", clip_x0: float | None = None,
+               dynamic_percentile: float | None = None) -> Array:
   """EDM's stochastic sampler ([EDM] Alg. 2). NFE = 2 num_steps - 1.
 
   s_churn = 0 is exactly `heun_sample`. sigma_hat is clipped to the schedule's sigma_max
@@ -236,4 +237,5 @@ def edm_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *, num_step
     return edm_stochastic_step(d, x, s, s_next, noise, gamma=gamma, s_noise=s_noise,
                                sigma_cap=cap)
   return _sample(step, schedule, model_fn, x_T, rng, num_steps=num_steps, spacing=spacing,
-                 rho=rho, grid=grid, cond=cond, prediction=prediction)
+                 rho=rho, grid=grid, cond=cond, prediction=prediction, clip_x0=clip_x0,
+                 dynamic_percentile=dynamic_percentile)

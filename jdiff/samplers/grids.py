@@ -26,39 +26,61 @@ from jdiff.schedules import Schedule
 SPACINGS = ("leading", "trailing", "linspace", "quadratic")
 
 
-def timestep_grid(num_train_steps: int, num_steps: int, *, spacing: str = "leading",
-                  offset: int = 0) -> jnp.ndarray:
-  """Picks `num_steps` of the `num_train_steps` timesteps, in decreasing order, then -1.
+def timesteps(num_train_steps: int, num_steps: int, *, spacing: str = "leading",
+              offset: int = 0) -> np.ndarray:
+  """The `num_steps` distinct timesteps of a spacing, increasing, as host int64 [N].
+
+  Computed in exact arithmetic: integer numerators over integer denominators, so every
+  1 <= N <= T gives N distinct timesteps ('leading' with an `offset` may leave [0, T-1]).
 
   Args:
     num_train_steps: T of the schedule.
     num_steps: number of sampling steps N, 1 <= N <= T.
-    spacing: 'leading' (0, k, 2k, ... with k = T // N, plus `offset`; DDIM / diffusers),
-      'trailing' (T-1, T-1-k, ...; [Lin24], reaches the last timestep),
-      'linspace' (round(linspace(0, T-1, N))), or 'quadratic' ([DDIM]'s CIFAR grid).
+    spacing: 'leading' (i (T // N) + offset; DDIM / diffusers), 'trailing' (round(T (N - i) /
+      N) - 1, half to even as diffusers' `np.round`; [Lin24], reaches T - 1), 'linspace'
+      (round(i (T - 1) / (N - 1))), or 'quadratic' ([DDIM]'s int(linspace(0, sqrt(0.8 T),
+      N)^2); where that repeats a timestep, which it does near t = 0 for large N, the repeat
+      is moved to the next free timestep, so N distinct steps are taken).
     offset: added to 'leading' steps (Stable Diffusion uses 1).
+
+  Returns:
+    int64 [N], strictly increasing, in [0, T - 1].
+  """
+  if spacing not in SPACINGS:
+    raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}")
+  if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= num_train_steps:
+    raise ValueError(f"num_steps must be an integer in [1, {num_train_steps}], got "
+                     f"{num_steps!r}")
+  t, n = int(num_train_steps), int(num_steps)
+  i = np.arange(n, dtype=np.int64)
+  if spacing == "leading":
+    ts = i * (t // n) + offset
+  elif spacing == "trailing":
+    # T (N - i) / N as one correctly rounded division: a true half-integer stays exact, so
+    # np.round breaks ties as diffusers does (its float `arange` step drifted instead).
+    ts = (np.round(t * (n - i) / n) - 1).astype(np.int64)[::-1]
+  elif spacing == "linspace":
+    ts = np.round(i * (t - 1) / max(n - 1, 1)).astype(np.int64)
+  else:
+    ts = (np.linspace(0, np.sqrt(t * 0.8), n) ** 2).astype(np.int64)
+    ts = np.maximum.accumulate(ts - i) + i  # ts_i = max(ts_i, ts_{i-1} + 1): no repeats
+  if np.any(np.diff(ts) <= 0) or ts[0] < 0 or ts[-1] > t - 1:
+    raise ValueError(f"spacing {spacing!r} with offset={offset} does not give {n} distinct "
+                     f"timesteps in [0, {t - 1}]: {ts}")
+  return ts
+
+
+def timestep_grid(num_train_steps: int, num_steps: int, *, spacing: str = "leading",
+                  offset: int = 0) -> jnp.ndarray:
+  """`timesteps` in decreasing order, then -1 (the clean data): the discrete samplers' grid.
+
+  Args: as `timesteps`.
 
   Returns:
     int32 [N + 1] decreasing timesteps ending with -1.
   """
-  if spacing not in SPACINGS:
-    raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}")
-  if not 1 <= num_steps <= num_train_steps:
-    raise ValueError(f"num_steps must be in [1, {num_train_steps}], got {num_steps}")
-  t_max = num_train_steps - 1
-  if spacing == "leading":
-    ts = np.arange(num_steps) * (num_train_steps // num_steps) + offset
-  elif spacing == "trailing":
-    ts = np.round(np.arange(num_train_steps, 0, -num_train_steps / num_steps)) - 1
-  elif spacing == "linspace":
-    ts = np.round(np.linspace(0, t_max, num_steps))
-  else:
-    ts = np.round(np.linspace(0, np.sqrt(t_max * 0.8), num_steps) ** 2)
-  ts = np.unique(np.clip(ts.astype(np.int64), 0, t_max))[::-1]
-  if ts.shape[0] != num_steps:
-    raise ValueError(f"spacing {spacing!r} gives only {ts.shape[0]} distinct timesteps for "
-                     f"num_steps={num_steps}, T={num_train_steps}")
-  return jnp.asarray(np.concatenate([ts, [-1]]), jnp.int32)
+  ts = timesteps(num_train_steps, num_steps, spacing=spacing, offset=offset)
+  return jnp.asarray(np.concatenate([ts[::-1], [-1]]), jnp.int32)
 
 
 SIGMA_SPACINGS = ("karras", "log_snr", "uniform", "trailing", "quadratic")
@@ -91,11 +113,12 @@ def sigma_grid(schedule: Schedule, num_steps: int, *, spacing: str = "karras",
                final: str = "zero") -> jax.Array:
   """A decreasing sigma grid of `num_steps` noise levels on the schedule, then 0.
 
-  With final='sigma_min' the grid has no trailing 0: its N + 1 levels span [sigma_min,
-  sigma_max] (the `num_steps + 1`-level grid without its 0), so a one-call-per-step solver
-  spends every call on a real step and ends at sigma_min, the noise level of the first
-  training timestep, instead of spending its last call on the jump sigma_min -> 0
-  (diffusers' `final_sigmas_type='sigma_min'`, for grids that end at t = 0).
+  With final='sigma_min' the grid has no trailing 0: it is the spacing's grid of N + 1 levels
+  with its smallest level set to sigma(t = 0) (for 'karras', 'log_snr' and 'uniform' it is
+  already there; 'trailing' and 'quadratic' otherwise stop above t = 0). So a
+  one-call-per-step solver spends every call on a real step and ends at the noise level of
+  the first training timestep, on every spacing, instead of spending its last call on the
+  jump to 0 (diffusers' `final_sigmas_type='sigma_min'`).
 
   Args:
     schedule: the `Schedule`; by default the grid spans its [sigma(0), sigma(T-1)].
@@ -109,7 +132,8 @@ def sigma_grid(schedule: Schedule, num_steps: int, *, spacing: str = "karras",
     final: 'zero' (the grid ends with 0) or 'sigma_min' (see above).
 
   Returns:
-    float32 [N + 1], strictly decreasing, ending with 0 (final='zero') or sigma_min.
+    float32 [N + 1], strictly decreasing, ending with 0 (final='zero') or sigma_min
+    (final='sigma_min': sigma(t = 0), or the `sigma_min` given for 'karras' / 'log_snr').
   """
   if spacing not in SIGMA_SPACINGS:
     raise ValueError(f"unknown sigma spacing {spacing!r}; choose one of {SIGMA_SPACINGS}")
@@ -117,8 +141,11 @@ def sigma_grid(schedule: Schedule, num_steps: int, *, spacing: str = "karras",
     raise ValueError(f"unknown final sigma {final!r}; choose one of {FINAL_SIGMAS}")
   _check_num_steps(num_steps)
   if final == "sigma_min":
-    return sigma_grid(schedule, num_steps + 1, spacing=spacing, rho=rho, sigma_min=sigma_min,
-                      sigma_max=sigma_max)[:-1]
+    g = sigma_grid(schedule, num_steps + 1, spacing=spacing, rho=rho, sigma_min=sigma_min,
+                   sigma_max=sigma_max)[:-1]
+    if spacing in ("trailing", "quadratic"):  # the others already end at sigma_min
+      g = g.at[-1].set(continuous.sigma_min_max(schedule)[0])
+    return g
   s_min, s_max = continuous.sigma_min_max(schedule)
   s_min = s_min if sigma_min is None else jnp.asarray(sigma_min, jnp.float32)
   s_max = s_max if sigma_max is None else jnp.asarray(sigma_max, jnp.float32)
@@ -133,6 +160,46 @@ def sigma_grid(schedule: Schedule, num_steps: int, *, spacing: str = "karras",
   else:
     t = timestep_grid(schedule.num_steps, num_steps, spacing=spacing)[:-1]
   return jnp.concatenate([continuous.t_to_sigma(schedule, t), zero])
+
+
+def sigma_grid_and_start(schedule: Schedule, x_T: jax.Array, *, num_steps: int, spacing: str,
+                         rho: float, grid: jax.Array | None = None,
+                         final_sigma: str = "zero") -> tuple[jax.Array, jax.Array]:
+  """(sigma grid, VE start x_T sqrt(1 + sigma_0^2)) for the sigma-grid samplers.
+
+  Args:
+    schedule: the `Schedule`.
+    x_T: [B, ...] standard normal noise, the VP sample at the first level.
+    num_steps, spacing, rho: the generated grid (`sigma_grid`).
+    grid: explicit decreasing sigma grid ending with 0 (overrides the above).
+    final_sigma: 'zero' or 'sigma_min' (generated grids only; see `sigma_grid`).
+
+  Returns:
+    (float32 [N + 1] grid, x_ve [B, ...]).
+  """
+  if final_sigma not in FINAL_SIGMAS:
+    raise ValueError(f"unknown final_sigma {final_sigma!r}; choose one of {FINAL_SIGMAS}")
+  if grid is not None:
+    if final_sigma != "zero":
+      raise ValueError(f"final_sigma={final_sigma!r} applies to generated grids; an explicit "
+                       "grid must end with 0")
+    grid = continuous.check_sigma_grid(grid)
+  else:
+    grid = sigma_grid(schedule, num_steps, spacing=spacing, rho=rho, final=final_sigma)
+  return grid, x_T * jnp.sqrt(1.0 + grid[0] ** 2).astype(x_T.dtype)
+
+
+def lambda_step(sigma: jax.Array, sigma_next: jax.Array
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """A grid step in lambda = -log sigma, for the exponential integrators.
+
+  Returns:
+    (h = lambda_next - lambda, sigma_next with 0 replaced by 1 (safe to divide / log),
+     is_last: sigma_next == 0, where the step returns the data prediction instead).
+  """
+  last = sigma_next <= 0
+  sn = jnp.where(last, 1.0, sigma_next)
+  return jnp.log(sigma) - jnp.log(sn), sn, last
 
 
 def _check_num_steps(num_steps) -> None:

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from jdiff import continuous
-from jdiff.samplers.dpm_solver import grid_and_start, lambda_step
 from jdiff.samplers.driver import sample_loop
+from jdiff.samplers.grids import lambda_step, sigma_grid_and_start
 from jdiff.schedules import Schedule
 
 Array = jax.Array
@@ -171,7 +171,8 @@ def unipc_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *,
                  corrector: bool = True, lower_order_final: bool = True,
                  spacing: str = "log_snr", rho: float = 7.0, grid: Array | None = None,
                  cond: Array | None = None, prediction: str = "eps",
-                 final_sigma: str = "zero") -> Array:
+                 final_sigma: str = "zero", clip_x0: float | None = None,
+                 dynamic_percentile: float | None = None) -> Array:
   """UniPC ([UniPC] Alg. 3 with UniC): multistep UniP-p + UniC, data prediction. NFE = N.
 
   Deterministic. The default
@@ -194,14 +195,17 @@ def unipc_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *,
     prediction: 'eps', 'x0' or 'v'.
     final_sigma: 'zero' or 'sigma_min', as `dpmpp_2m_sample` (with 'sigma_min' the last
       predicted sample is returned uncorrected: correcting it would cost one more call).
+    clip_x0, dynamic_percentile: static clipping / dynamic thresholding of the data
+      prediction inside the denoiser (`continuous.make_denoiser`); None disables.
 
   Returns:
     x_0 samples [B, ...].
   """
   _check_unipc(order, variant)
-  denoise = continuous.make_denoiser(schedule, model_fn, cond=cond, prediction=prediction)
-  grid, x = grid_and_start(schedule, x_T, num_steps=num_steps, spacing=spacing, rho=rho,
-                            grid=grid, final_sigma=final_sigma)
+  denoise = continuous.make_denoiser(schedule, model_fn, cond=cond, prediction=prediction,
+                                     clip_x0=clip_x0, dynamic_percentile=dynamic_percentile)
+  grid, x = sigma_grid_and_start(schedule, x_T, num_steps=num_steps, spacing=spacing, rho=rho,
+                                 grid=grid, final_sigma=final_sigma)
   n_steps = grid.shape[0] - 1
 
   def step(state, i, s, s_next, key):
