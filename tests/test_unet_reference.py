@@ -109,7 +109,7 @@ def np_attention(p, x, heads, groups):
 
 
 def np_unet(p, x, t, y, cfg, out_ch):
-  """The U-Net of DDPM App. B / ADM with plain (conv) resampling, built from the blocks."""
+  """The U-Net of DDPM App. B / ADM, built from the blocks above."""
   ch, mult, nres, groups = cfg["ch"], cfg["ch_mult"], cfg["num_res_blocks"], cfg["num_groups"]
   attn_res, heads, ss = cfg["attn_resolutions"], cfg["num_heads"], cfg["use_scale_shift_norm"]
   emb = np_timestep_embedding(t, ch)
@@ -123,6 +123,14 @@ def np_unet(p, x, t, y, cfg, out_ch):
   def attn(name, h):
     return np_attention(p[name], h, heads, groups) if h.shape[1] in attn_res else h
 
+  def resample(name, h, up):
+    if cfg.get("resblock_updown"):  # BigGAN / ADM residual resampling
+      return np_resblock(p[name], h, emb, h.shape[-1], groups, scale_shift=ss, up=up,
+                         down=not up)
+    if not cfg.get("conv_resample", True):
+      return np_upsample(h) if up else np_avgpool(h)
+    return np_conv(np_upsample(h), p[name]["conv"]) if up else np_conv(h, p[name]["conv"], 2)
+
   h = np_conv(x, p["conv_in"])
   hs = [h]
   for i, m in enumerate(mult):
@@ -130,7 +138,7 @@ def np_unet(p, x, t, y, cfg, out_ch):
       h = attn(f"down_{i}_attn_{j}", res(f"down_{i}_res_{j}", h, ch * m))
       hs.append(h)
     if i != len(mult) - 1:
-      h = np_conv(h, p[f"down_{i}_downsample"]["conv"], stride=2)
+      h = resample(f"down_{i}_downsample", h, up=False)
       hs.append(h)
   h = res("mid_res_0", h, h.shape[-1])
   h = np_attention(p["mid_attn"], h, heads, groups)
@@ -140,7 +148,7 @@ def np_unet(p, x, t, y, cfg, out_ch):
       h = np.concatenate([h, hs.pop()], axis=-1)
       h = attn(f"up_{i}_attn_{j}", res(f"up_{i}_res_{j}", h, ch * mult[i]))
     if i != 0:
-      h = np_conv(np_upsample(h), p[f"up_{i}_upsample"]["conv"])
+      h = resample(f"up_{i}_upsample", h, up=True)
   assert not hs and out_ch == p["conv_out"]["kernel"].shape[-1]
   return np_conv(np_silu(np_group_norm(h, p["norm_out"]["norm"], groups)), p["conv_out"])
 
@@ -221,8 +229,12 @@ def test_attention_block_matches_numpy(kw, heads):
   _close(got, np_attention(_f64(params), x.astype(np.float64), heads, 4))
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(use_scale_shift_norm=True, num_classes=3,
-                                             num_heads=2, learn_sigma=True)])
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(use_scale_shift_norm=True, num_classes=3, num_heads=2, learn_sigma=True),
+    dict(conv_resample=False),
+    dict(resblock_updown=True, use_scale_shift_norm=True),
+])
 def test_whole_unet_matches_numpy(kw):
   cfg = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_heads=1,
              num_groups=4, use_scale_shift_norm=False)

@@ -3,7 +3,7 @@
 `AutoencoderKL` follows the first-stage model of [LDM] layer for layer
 (CompVis `ldm/modules/diffusionmodules/model.py` Encoder/Decoder and
 `ldm/models/autoencoder.py` AutoencoderKL; diffusers `AutoencoderKL`), so that
-weights of that family map onto it mechanically (`params_from_ldm_state_dict`):
+weights of that family map onto it mechanically (`autoencoder_convert`):
 
   encoder: conv_in -> per level `num_res_blocks` ResnetBlocks (+ Downsample except
            at the last level) -> mid (ResnetBlock, AttnBlock, ResnetBlock)
