@@ -8,8 +8,8 @@
    the whole held-out split (200 images), plus the ratio of the posterior's std to the
    spread of its means (why precomputing posterior means is close to LDM's sampling).
 2. Stage 2: the same U-Net config (`experiments/configs/ldm_digits.py`) is built for
-   the pixels [H, H, 1] and for the latents [H/4, H/4, 4]; each train step (the lead's
-   `make_train_step`, jitted with the trainer's shardings and donation) is compiled
+   the pixels [H, H, 1] and for the latents [H/4, H/4, 4]; each train step
+   (`make_train_step`, jitted with the training run's shardings and donation) is compiled
    (time reported apart), warmed up, then timed over --repeats runs of
    --steps_per_repeat steps; img/s is the median. Latents are precomputed once, so the
    encoder is not in the step; its one-off cost for the train split is reported.
@@ -40,40 +40,40 @@ def _time_train_step(config, workdir, batch_size, repeats, steps_per_repeat):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jdiff.data import pipeline  # pylint: disable=g-import-not-at-top
-  from jdiff.training import sharding, trainer  # pylint: disable=g-import-not-at-top
+  from jdiff.runs.diffusion import loss_kwargs  # pylint: disable=g-import-not-at-top
+  from jdiff.runs.setup import Setup  # pylint: disable=g-import-not-at-top
+  from jdiff.training import sharding  # pylint: disable=g-import-not-at-top
   from jdiff.training.state import param_count  # pylint: disable=g-import-not-at-top
   from jdiff.training.step import make_train_step  # pylint: disable=g-import-not-at-top
 
-  setup = trainer.Setup(config, workdir)
-  t0 = time.perf_counter()
-  source = setup.source(config.data.train_split)
-  prep_s = time.perf_counter() - t0
+  with Setup(config, workdir) as setup:
+    t0 = time.perf_counter()
+    source = setup.source(config.data.train_split)
+    prep_s = time.perf_counter() - t0
   it = pipeline.make_train_iterator(source, global_batch_size=batch_size, seed=0,
-                                    split=config.data.train_split,
-                                    data_dir=trainer.data_dir(config),
+                                    split=config.data.train_split, data_dir=setup.data_dir,
                                     image_size=setup.iter_image_size)
   batch = sharding.to_global({k: v for k, v in next(it).items() if k != "mask"}, setup.mesh)
   state = setup.init_state()
   step_fn = jax.jit(
       make_train_step(setup.module, setup.optimizer, ema_decay=config.ema_decay,
                       ema_warmup=config.ema_warmup, null_label=setup.null_label,
-                      **trainer.loss_kwargs(config)),
+                      **loss_kwargs(config)),
       in_shardings=(setup.repl, sharding.data_sharding(setup.mesh), setup.repl, setup.repl),
       out_shardings=(setup.repl, setup.repl), donate_argnums=(0,))
   t0 = time.perf_counter()
-  compiled = step_fn.lower(state, batch, setup.schedule, setup.train_rng).compile()
+  compiled = step_fn.lower(state, batch, setup.schedule, setup.keys.train).compile()
   compile_s = time.perf_counter() - t0
   for _ in range(2):  # warm-up
-    state, m = compiled(state, batch, setup.schedule, setup.train_rng)
+    state, m = compiled(state, batch, setup.schedule, setup.keys.train)
   jax.block_until_ready(m)
   rates = []
   for _ in range(repeats):
     t0 = time.perf_counter()
     for _ in range(steps_per_repeat):
-      state, m = compiled(state, batch, setup.schedule, setup.train_rng)
+      state, m = compiled(state, batch, setup.schedule, setup.keys.train)
     jax.block_until_ready((state, m))
     rates.append(steps_per_repeat * batch_size / (time.perf_counter() - t0))
-  setup.checkpointer.close()
   return {"shape": setup.image_shape, "params": param_count(state.params),
           "compile_s": compile_s, "img_s": statistics.median(rates),
           "img_s_all": rates, "prep_s": prep_s, "loss": float(np.asarray(m["loss"]))}
@@ -86,9 +86,9 @@ def _posterior_spread(ae_workdir, config):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jdiff.data import pipeline  # pylint: disable=g-import-not-at-top
   from jdiff.models.autoencoder import AutoencoderKL  # pylint: disable=g-import-not-at-top
-  from jdiff.training import latents  # pylint: disable=g-import-not-at-top
+  from jdiff.runs import stage1  # pylint: disable=g-import-not-at-top
 
-  codec = latents.load_codec(ae_workdir)
+  codec = stage1.load_codec(ae_workdir)
   enc = jax.jit(lambda p, x: codec.module.apply({"params": p}, x, method=AutoencoderKL.encode))
   means, stds = [], []
   for batch in pipeline.make_eval_iterator(
@@ -104,7 +104,8 @@ def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
   from experiments.configs import ae_digits, ldm_digits  # pylint: disable=g-import-not-at-top
-  from jdiff.training import autoencoder_trainer, latents  # pylint: disable=g-import-not-at-top
+  from jdiff.runs import autoencoder, stage1  # pylint: disable=g-import-not-at-top
+  from jdiff.training.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
 
   root = tempfile.mkdtemp(prefix="jdiff_bench_latent_")
   data_dir = FLAGS.data_dir or os.path.join(root, "tfds")
@@ -117,15 +118,13 @@ def main(argv):
   ae_cfg.train.ckpt_every = 0
   ae_cfg.optim.warmup_steps = min(ae_cfg.optim.warmup_steps, FLAGS.ae_steps // 10)
   ae_wd = FLAGS.ae_workdir or os.path.join(root, "ae")
-  try:
-    start = latents.latest_checkpoint_step(ae_wd)
-  except FileNotFoundError:
-    start = 0
+  with Checkpointer(os.path.join(ae_wd, stage1.CKPT_DIR)) as checkpointer:
+    start = checkpointer.latest_step() or 0
   t0 = time.perf_counter()
-  autoencoder_trainer.train_autoencoder(ae_cfg, ae_wd)
+  autoencoder.train_autoencoder(ae_cfg, ae_wd)
   ae_time = (f"{time.perf_counter() - t0:.0f} s incl. compile" if start < FLAGS.ae_steps
              else f"reused from {ae_wd}")
-  ae_eval = autoencoder_trainer.evaluate_autoencoder(ae_cfg, ae_wd)
+  ae_eval = autoencoder.evaluate_autoencoder(ae_cfg, ae_wd)
   spread = _posterior_spread(ae_wd, ae_cfg)
 
   results = {}

@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   o.num_groups = ml_collections.FieldReference(None, field_type=int)
   o.dtype = ml_collections.FieldReference(None, field_type=str)  # float32 | bfloat16
 
-  # LDM's first-stage loss without LPIPS and the GAN (jdiff/autoencoder_losses.py).
+  # LDM's first-stage loss without LPIPS and the GAN (jdiff/models/autoencoder_losses.py).
   c.loss = ml_collections.ConfigDict()
   c.loss.recon_loss = "l1"  # l1 (LDM) | l2
   c.loss.kl_weight = 1e-6  # LDM / SD

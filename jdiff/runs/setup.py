@@ -192,8 +192,8 @@ class Setup:
   def __init__(self, config, workdir: str, *, kind: str | None = None):
     self.kind = kind_of(config)
     if kind is not None and kind != self.kind:
-      raise ValueError(f"this mode needs a {kind} config ({MODES[kind]}), but the config is a "
-                       f"{self.kind} config: use {MODES[self.kind]}")
+      raise ValueError(f"this mode runs {kind} configs ({MODES[kind]}); the config given is "
+                       f"of kind {self.kind!r}: run it with {MODES[self.kind]}")
     validate_config(config)
     self.config, self.workdir = config, os.path.abspath(workdir)
     self.data_dir = config.data.data_dir or None

@@ -36,8 +36,8 @@ class RunKeys(NamedTuple):
       folded in by the train step). It is `split(key(seed), 3)[0]`, not a named stream,
       because it has always been derived that way: changing it would change every
       trained model and every recorded result (the main job's checksum included).
-    init: parameter init key. It uses the 'rbg' PRNG: a threefry-based init of every
-      kernel compiles for tens of seconds on a CPU, rbg in about one.
+    init: parameter init key. It uses the 'rbg' PRNG, whose init of every kernel
+      compiles far faster on a CPU than threefry's.
   """
 
   base: Array
