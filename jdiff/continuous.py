@@ -8,12 +8,14 @@ between integer timesteps. So a fractional timestep t in [0, T-1] has
   log sigma(t) = interp(t, [0..T-1], log sigma_[0..T-1]),   alpha_bar(t) = 1 / (1 + sigma(t)^2),
 
 and `sigma_to_t` is the exact inverse of `t_to_sigma` on [sigma_min, sigma_max]. At integer t
-both agree with the `Schedule` exactly. Timestep -1 (or any t < 0) means the clean data
+both agree with the `Schedule` to float32 rounding. Timestep -1 (or any t < 0) means the clean data
 (sigma = 0, alpha_bar = 1), as in `timestep_grid`.
 
 The VE view used by the Karras / DPM-Solver samplers is x_ve = x_t / sqrt(alpha_bar) = x_0 +
 sigma eps; the model, which is trained on x_t, is called on x_ve * sqrt(alpha_bar) at the
-fractional timestep t(sigma) (float32 [B]).
+fractional timestep t(sigma) (float32 [B]). Its prediction is converted by the one conversion,
+`diffusion.convert_prediction`, at coefficients computed from sigma (`vp_coefs`), which are
+exact near sigma = 0 where 1 - alpha_bar would cancel.
 
 References:
   [EDM] Karras, Aittala, Aila, Laine. Elucidating the Design Space of Diffusion-Based
@@ -175,7 +177,7 @@ def batch_sigma(sigma: Array, x: Array) -> Array:
   return jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (x.shape[0],))
 
 
-def make_denoiser(schedule: Schedule, model_fn, *, cond: Array | None = None,
+def make_denoiser(schedule: Schedule, model_fn: diffusion.ModelFn, *, cond: Array | None = None,
                   prediction: str = "eps", clip_x0: float | None = None,
                   dynamic_percentile: float | None = None) -> Denoiser:
   """Wraps a VP `model_fn(x_t, t, cond)` as an EDM-style denoiser D(x_ve, sigma) -> x0_hat.

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from jdiff import continuous, diffusion
+from jdiff.diffusion import ModelFn
 from jdiff.schedules import Schedule
 
 Array = jax.Array
@@ -76,7 +77,7 @@ def _sum_flat(a: Array) -> Array:
   return jnp.sum(a.reshape(a.shape[0], -1), axis=1)
 
 
-def make_dynamics(schedule: Schedule, model_fn, *, cond: Array | None = None,
+def make_dynamics(schedule: Schedule, model_fn: ModelFn, *, cond: Array | None = None,
                   prediction: str = "eps", divergence: str = "hutchinson",
                   probe: Array | None = None) -> Callable:
   """The augmented PF-ODE f(u, (x, logp)) = (F(x, u), div F(x, u)) in u = log sigma.
@@ -252,7 +253,7 @@ def _prior_logp(z: Array) -> Array:
   return -0.5 * _sum_flat(z.astype(jnp.float32) ** 2) - 0.5 * d * math.log(2 * math.pi)
 
 
-def ode_nll(schedule: Schedule, model_fn, x: Array, rng: Array, *,
+def ode_nll(schedule: Schedule, model_fn: ModelFn, x: Array, rng: Array, *,
             cond: Array | None = None, prediction: str = "eps",
             divergence: str = "hutchinson", noise: str = "rademacher", probe: Array | None = None,
             solver: str = "dopri5", num_steps: int = 100, rtol: float = 1e-5,
@@ -322,7 +323,7 @@ def dequantize(k: Array, u: Array, *, num_levels: int = 256) -> Array:
   return 2.0 * (k.astype(jnp.float32) + u.astype(jnp.float32)) / num_levels - 1.0
 
 
-def ode_bpd(schedule: Schedule, model_fn, k: Array, rng: Array, *, num_levels: int = 256,
+def ode_bpd(schedule: Schedule, model_fn: ModelFn, k: Array, rng: Array, *, num_levels: int = 256,
             u: Array | None = None, **kwargs) -> ODELikelihood:
   """Bits/dim of discrete data (e.g. 8-bit images) via uniform dequantisation + `ode_nll`.
 

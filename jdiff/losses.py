@@ -19,10 +19,10 @@ import jax.numpy as jnp
 from jax.scipy.special import log_ndtr
 
 from jdiff import diffusion
+from jdiff.diffusion import ModelFn
 from jdiff.schedules import Schedule
 
 Array = jax.Array
-ModelFn = diffusion.ModelFn
 
 WEIGHTINGS = ("simple", "snr", "min_snr")
 
