@@ -70,11 +70,22 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.label_dropout = 0.0  # classifier-free guidance training (conditional only)
 
   c.sample = ml_collections.ConfigDict()
+  # Any name of jdiff.training.sampling.SAMPLERS: ddpm | ddim | pc | euler | heun | euler_a |
+  # edm | dpmpp_2m | dpmpp_2m_sde | dpmpp_3m | unipc.
   c.sample.sampler = "ddim"
-  c.sample.num_steps = 50
-  c.sample.eta = 0.0
-  c.sample.spacing = "trailing"
-  c.sample.clip_x0 = 1.0  # <= 0 disables
+  c.sample.num_steps = 50  # ignored by ddpm (all T steps)
+  # None: the sampler's own (ddim 0, pc / euler_a / dpmpp_2m_sde 1, dpmpp_3m 0); the other
+  # samplers are deterministic and reject an eta.
+  c.sample.eta = ml_collections.FieldReference(None, field_type=float)
+  # "auto": the sampler family's grid: trailing (ddim, pc), karras (euler, heun, euler_a,
+  # edm), log_snr (dpmpp_*, unipc); ddpm takes every timestep. Others: leading | trailing |
+  # linspace | quadratic for ddim / pc; karras | log_snr | uniform | trailing | quadratic for
+  # the sigma-grid samplers. A name the sampler does not accept is an error.
+  c.sample.spacing = "auto"
+  c.sample.clip_x0 = 1.0  # clip x0_hat to [-c, c] in every sampler; <= 0 disables
+  # Imagen's dynamic thresholding: percentile p in (0, 1] of |x0_hat|, floored at clip_x0
+  # (or 1); 0 disables. Pixel diffusion only (both must be 0 for latent diffusion).
+  c.sample.dynamic_threshold = 0.0
   c.sample.guidance_scale = 1.0
   c.sample.guidance_rescale = 0.0
   c.sample.num_samples = 64

@@ -1,90 +1,167 @@
-"""From a config's sampler name to a pure `sample_fn(params, x_T, rng, labels) -> x_0`."""
+"""From a sampler name to a pure `sample_fn(params, x_T, rng, labels) -> x_0`.
+
+Each registered sampler belongs to a family that fixes which grids it accepts and its
+default one ('auto'):
+
+  family     samplers                                  spacings                  default
+  ancestral  ddpm (all T steps)                        auto                      every t
+  timestep   ddim, pc                                  leading, trailing,        trailing
+                                                       linspace, quadratic
+  karras     euler, heun, euler_a, edm                 karras, log_snr, uniform, karras
+                                                       trailing, quadratic
+  multistep  dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, unipc   (as karras)               log_snr
+
+'trailing' starts at the last training timestep, where x_T ~ N(0, I) is the right start
+([Lin24]); 'leading' and 'quadratic' (DDIM's grids) start below it, and a schedule whose
+alpha_bar there is not ~0 (e.g. cosine) then starts from the wrong marginal. A uniform grid
+in t on the sigma samplers ('trailing') spends its first step on the huge sigmas of the
+cosine schedule's last timesteps (sigma ~ 2e4); the Karras rho = 7 grid ([EDM] eq. 5) and
+the log-SNR grid ([DPM-Solver] Sec. 3.3) do not.
+
+References:
+  [Lin24] Lin et al. Common Diffusion Noise Schedules and Sample Steps are Flawed, 2024.
+  [EDM] Karras et al. 2022, eq. 5. [DPM-Solver] Lu et al. 2022, Sec. 3.3.
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import Callable, NamedTuple
 
 import jax
 
 from jdiff.models.bridge import make_model_fn
+from jdiff.models.guidance import cfg_model_fn
 from jdiff.samplers import ddim, ddpm, dpm_solver, euler, pc, unipc
+from jdiff.samplers.grids import SIGMA_SPACINGS, SPACINGS
 from jdiff.schedules import Schedule
 
 Array = jax.Array
 
-
-def _ddpm(schedule, model_fn, x_T, rng, *, cond, prediction, variance, clip_x0, num_steps, eta,
-          spacing):
-  del num_steps, eta, spacing  # ancestral sampling always takes all T steps
-  return ddpm.ddpm_sample(schedule, model_fn, x_T, rng, cond=cond, prediction=prediction,
-                          variance=variance, clip_x0=clip_x0)
+AUTO = "auto"
 
 
-def _ddim(schedule, model_fn, x_T, rng, *, cond, prediction, variance, clip_x0, num_steps, eta,
-          spacing):
-  del variance
-  return ddim.ddim_sample(schedule, model_fn, x_T, rng, num_steps=num_steps, eta=eta,
-                          spacing=spacing, cond=cond, prediction=prediction, clip_x0=clip_x0)
+class Sampler(NamedTuple):
+  """A registry entry.
+
+  Attributes:
+    fn: `fn(schedule, model_fn, x_T, rng, *, cond, prediction, clip_x0, dynamic_percentile,
+      **grid_and_eta_kwargs) -> x_0`.
+    spacings: the grid names it accepts (besides 'auto').
+    default_spacing: what 'auto' means (None: the sampler takes no spacing).
+    default_eta: its stochasticity when eta is None (None: it takes no eta).
+    fixed: other keyword arguments it is registered with.
+  """
+  fn: Callable
+  spacings: tuple[str, ...]
+  default_spacing: str | None
+  default_eta: float | None = None
+  fixed: tuple = ()
 
 
-def _continuous(fn, *, takes_eta: bool = False, **fixed):
-  """Adapter for the sigma-grid samplers (no x0 clipping, no variance choice); `eta` is
-  passed only to the stochastic ones that take it."""
-
-  def run(schedule, model_fn, x_T, rng, *, cond, prediction, variance, clip_x0, num_steps, eta,
-          spacing):
-    del variance, clip_x0
-    extra = {"eta": eta} if takes_eta else {}
-    return fn(schedule, model_fn, x_T, rng, num_steps=num_steps, spacing=spacing, cond=cond,
-              prediction=prediction, **fixed, **extra)
-
-  return run
-
-
-SAMPLERS: dict[str, Callable] = {
-    "ddpm": _ddpm,
-    "ddim": _ddim,
-    "euler": _continuous(euler.euler_sample),
-    "heun": _continuous(euler.heun_sample),
-    "euler_a": _continuous(euler.euler_ancestral_sample, takes_eta=True),
-    "edm": _continuous(euler.edm_sample, s_churn=10.0),
-    "dpmpp_2m": _continuous(dpm_solver.dpmpp_2m_sample),
-    "dpmpp_2m_sde": _continuous(dpm_solver.dpmpp_2m_sde_sample),
-    "dpmpp_3m": _continuous(dpm_solver.dpmpp_3m_sample),
-    "pc": _continuous(pc.pc_sample, takes_eta=True),
-    "unipc": _continuous(unipc.unipc_sample, final_sigma="sigma_min"),
+SAMPLERS: dict[str, Sampler] = {
+    "ddpm": Sampler(ddpm.ddpm_sample, (), None),
+    "ddim": Sampler(ddim.ddim_sample, SPACINGS, "trailing", 0.0),
+    "pc": Sampler(pc.pc_sample, SPACINGS, "trailing", 1.0),
+    "euler": Sampler(euler.euler_sample, SIGMA_SPACINGS, "karras"),
+    "heun": Sampler(euler.heun_sample, SIGMA_SPACINGS, "karras"),
+    "euler_a": Sampler(euler.euler_ancestral_sample, SIGMA_SPACINGS, "karras", 1.0),
+    "edm": Sampler(euler.edm_sample, SIGMA_SPACINGS, "karras", fixed=(("s_churn", 10.0),)),
+    "dpmpp_2m": Sampler(dpm_solver.dpmpp_2m_sample, SIGMA_SPACINGS, "log_snr"),
+    "dpmpp_2m_sde": Sampler(dpm_solver.dpmpp_2m_sde_sample, SIGMA_SPACINGS, "log_snr", 1.0),
+    "dpmpp_3m": Sampler(dpm_solver.dpmpp_3m_sample, SIGMA_SPACINGS, "log_snr", 0.0),
+    "unipc": Sampler(unipc.unipc_sample, SIGMA_SPACINGS, "log_snr",
+                     fixed=(("final_sigma", "sigma_min"),)),
 }
 
 
+def resolve_options(sampler: str, *, spacing: str = AUTO, eta: float | None = None
+                    ) -> dict:
+  """The grid and eta keyword arguments of `sampler`, 'auto' / None resolved; checks them.
+
+  Raises:
+    ValueError: an unknown sampler, a spacing it does not accept, or an eta it does not take,
+      naming the sampler and the valid values.
+  """
+  if sampler not in SAMPLERS:
+    raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+  spec = SAMPLERS[sampler]
+  if spacing != AUTO and spacing not in spec.spacings:
+    raise ValueError(f"sampler {sampler!r} does not accept spacing {spacing!r}; choose one of "
+                     f"{(AUTO,) + spec.spacings}")
+  if eta is not None and spec.default_eta is None:
+    takes = sorted(k for k, s in SAMPLERS.items() if s.default_eta is not None)
+    raise ValueError(f"sampler {sampler!r} is deterministic and takes no eta (got {eta}); "
+                     f"eta applies to {takes}")
+  if eta is not None and eta < 0:
+    raise ValueError(f"eta must be >= 0, got {eta}")
+  kw = dict(spec.fixed)
+  if spec.default_spacing is not None:
+    kw["spacing"] = spec.default_spacing if spacing == AUTO else spacing
+  if spec.default_eta is not None:
+    kw["eta"] = spec.default_eta if eta is None else eta
+  return kw
+
+
+def _eps_half(model_fn: Callable) -> Callable:
+  """The first C output channels of a learned-variance model (eps / x0 / v, not the variance)."""
+
+  def eps_fn(x, t, cond):
+    out = model_fn(x, t, cond)
+    return out[..., :x.shape[-1]]
+
+  return eps_fn
+
+
 def make_sample_fn(module, schedule: Schedule, *, sampler: str = "ddim", num_steps: int = 50,
-                   eta: float = 0.0, spacing: str = "trailing", clip_x0: float | None = 1.0,
+                   eta: float | None = None, spacing: str = AUTO,
+                   clip_x0: float | None = 1.0, dynamic_threshold: float | None = None,
                    prediction: str = "eps", variance: str = "fixed_small",
-                   guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
-                   null_label: int | None = None) -> Callable:
+                   learn_sigma: bool | None = None, guidance_scale: float = 1.0,
+                   guidance_rescale: float = 0.0, null_label: int | None = None) -> Callable:
   """Returns the pure `sample_fn(params, x_T, rng, labels) -> x_0 [B, H, W, C]`.
 
   Args:
     module: the network.
     schedule: the training schedule.
-    sampler: a name in `SAMPLERS`: 'ddpm', 'ddim', 'euler', 'heun', 'euler_a', 'edm'
-      (S_churn = 10), 'dpmpp_2m', 'dpmpp_2m_sde', 'dpmpp_3m', 'unipc' (UniPC-2, final sigma_min)
-      or 'pc'.
+    sampler: a name in `SAMPLERS`: 'ddpm', 'ddim', 'pc', 'euler', 'heun', 'euler_a', 'edm'
+      (S_churn = 10), 'dpmpp_2m', 'dpmpp_2m_sde', 'dpmpp_3m' or 'unipc' (UniPC-2, final
+      sigma_min).
     num_steps: sampling steps (ignored by 'ddpm', which takes all T).
-    eta: stochasticity of 'ddim', 'euler_a' and 'pc' (0 = deterministic for ddim).
-    spacing: timestep spacing ('leading', 'trailing', 'linspace', 'quadratic') for the
-      discrete samplers; sigma spacing ('karras', 'log_snr', 'uniform', 'trailing',
-      'quadratic') for the continuous ones.
-    clip_x0: clip predicted x0 (1.0 for images in [-1, 1]); None disables.
+    eta: stochasticity of 'ddim' (default 0), 'pc' and 'euler_a' (1: ancestral),
+      'dpmpp_2m_sde' (1) and 'dpmpp_3m' (0; > 0 is the 3M SDE); None = that default. The
+      other samplers are deterministic and reject an eta.
+    spacing: the grid, per family (module docstring): 'auto' is the family's default
+      ('trailing' for ddim / pc, 'karras' for euler / heun / euler_a / edm, 'log_snr' for
+      the DPM-Solver++ and UniPC samplers); a name the family does not accept is a
+      ValueError naming the sampler and the valid values.
+    clip_x0: clip predicted x0 to [-clip_x0, clip_x0] (1.0 for images in [-1, 1]); None
+      disables. Every sampler applies it to its data prediction (inside the denoiser for the
+      sigma-grid samplers).
+    dynamic_threshold: Imagen's dynamic thresholding percentile p in (0, 1] (None: off); the
+      threshold is floored at clip_x0 (1 when None). See `diffusion.threshold_x0`.
     prediction: what the model predicts.
     variance: reverse-process variance for 'ddpm'.
+    learn_sigma: the model outputs 2C channels (prediction, variance); None reads the
+      module's `learn_sigma`. Only 'ddpm' with variance='learned_range' uses the variance
+      half; every other sampler sees the first C channels.
     guidance_scale: classifier-free guidance scale for class-conditional models
-      (1 = plain conditional sampling).
+      (1 = plain conditional sampling); only the prediction half of a learned-variance model
+      is guided, as GLIDE / ADM do.
     guidance_rescale: guidance rescale phi.
     null_label: the model's null label; None for unconditional models.
   """
-  if sampler not in SAMPLERS:
-    raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
-  run = SAMPLERS[sampler]
+  kw = resolve_options(sampler, spacing=spacing, eta=eta)
+  spec = SAMPLERS[sampler]
+  if sampler == "ddpm":
+    kw["variance"] = variance
+  else:
+    kw["num_steps"] = num_steps
+  if learn_sigma is None:
+    learn_sigma = bool(getattr(module, "learn_sigma", False))
+  eps_only = learn_sigma and not (sampler == "ddpm" and variance == "learned_range")
+  run = functools.partial(spec.fn, prediction=prediction, clip_x0=clip_x0,
+                          dynamic_percentile=dynamic_threshold, **kw)
 
   def sample_fn(params, x_T: Array, rng: Array, labels: Array | None = None) -> Array:
     model_fn = make_model_fn(module, params, train=False)
@@ -94,11 +171,10 @@ def make_sample_fn(module, schedule: Schedule, *, sampler: str = "ddim", num_ste
         raise ValueError("a class-conditional model needs labels to sample")
       cond = labels
       if guidance_scale != 1.0:
-        from jdiff.models.guidance import cfg_model_fn  # pylint: disable=g-import-not-at-top
         model_fn = cfg_model_fn(model_fn, guidance_scale=guidance_scale, null_cond=null_label,
-                                guidance_rescale=guidance_rescale)
-    return run(schedule, model_fn, x_T, rng, cond=cond, prediction=prediction,
-               variance=variance, clip_x0=clip_x0, num_steps=num_steps, eta=eta,
-               spacing=spacing)
+                                guidance_rescale=guidance_rescale, learn_sigma=learn_sigma)
+    if eps_only:
+      model_fn = _eps_half(model_fn)
+    return run(schedule, model_fn, x_T, rng, cond=cond)
 
   return sample_fn
