@@ -17,7 +17,7 @@ import pytest
 
 from conftest import REPO, main_args, run_python
 from experiments.configs import tiny
-from jdiff.runs import diffusion
+from jdiff.runs import autoencoder, diffusion
 from jdiff.runs.setup import Setup
 from jdiff.training.checkpoint import Checkpointer
 from jdiff.training.loop import NonFiniteLossError
@@ -264,3 +264,9 @@ def test_bad_config_values(tmp_path, digits_dir, key, value, message):
   with pytest.raises(ValueError, match=re.escape(message)):
     with Setup(cfg, str(tmp_path / "w")) as setup:
       diffusion.sample_fn(setup)
+
+
+def test_mode_and_config_kind_must_match(tmp_path, digits_dir):
+  with pytest.raises(ValueError, match=r"runs autoencoder configs .* of kind 'diffusion'"):
+    autoencoder.train_autoencoder(tiny_config(digits_dir), str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")  # nothing was created

@@ -16,7 +16,7 @@ seeds and device counts), it is what the decoder is trained to invert at the mod
 with the KL weight of LDM/SD (1e-6) the posterior std is small next to the spread of
 the means (BENCHMARKS.md, latent diffusion, measured by experiments/benchmark_latent.py),
 so the two choices differ little. The scale factor is computed from the same statistic
-(the means of the train split), so the training latents have unit std exactly.
+(the means of the train split), so the latents it trains on have unit std exactly.
 
 References:
   [LDM] Rombach et al. High-Resolution Image Synthesis with Latent Diffusion Models,
