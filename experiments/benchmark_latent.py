@@ -39,6 +39,7 @@ flags.DEFINE_string("data_dir", "", "TFDS data_dir (default: a temporary one).")
 def _time_train_step(config, workdir, batch_size, repeats, steps_per_repeat):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   from jdiff.data import pipeline  # pylint: disable=g-import-not-at-top
   from jdiff.runs.diffusion import loss_kwargs  # pylint: disable=g-import-not-at-top
   from jdiff.runs.setup import Setup  # pylint: disable=g-import-not-at-top
@@ -84,6 +85,7 @@ def _posterior_spread(ae_workdir, config):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   from jdiff.data import pipeline  # pylint: disable=g-import-not-at-top
   from jdiff.models.autoencoder import AutoencoderKL  # pylint: disable=g-import-not-at-top
   from jdiff.runs import stage1  # pylint: disable=g-import-not-at-top
@@ -103,6 +105,7 @@ def _posterior_spread(ae_workdir, config):
 def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
+
   from experiments.configs import ae_digits, ldm_digits  # pylint: disable=g-import-not-at-top
   from jdiff.runs import autoencoder, stage1  # pylint: disable=g-import-not-at-top
   from jdiff.training.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top

@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_python
 from PIL import Image
 
-from conftest import run_python
 from experiments.configs import ae_digits, tiny
 from jdiff.data import latents, sources
 from jdiff.models.autoencoder import AutoencoderKL

@@ -2,8 +2,8 @@
 toolkit is config-free, and a call through the public API computes the right thing."""
 
 from __future__ import annotations
-
 import __future__
+
 import importlib
 import subprocess
 import sys

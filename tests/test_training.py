@@ -14,8 +14,8 @@ import time
 import jax
 import numpy as np
 import pytest
-
 from conftest import REPO, main_args, run_python
+
 from experiments.configs import tiny
 from jdiff.runs import autoencoder, diffusion
 from jdiff.runs.setup import Setup

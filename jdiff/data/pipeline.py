@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import grain.python as grain
 import numpy as np
 from PIL import Image
 
 from jdiff.data.sources import load_source, stored_name
-
 
 # ----------------------------------------------------------------------------
 # Per-example transforms (module-level dataclasses so grain workers can pickle them).

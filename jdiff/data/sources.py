@@ -17,7 +17,8 @@ Nothing here imports TensorFlow.
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import tensorflow_datasets as tfds
 
@@ -115,7 +116,7 @@ def prepared_builder(name: str, *, data_dir: str | None = None) -> tfds.core.Dat
 
   try:
     builder = tfds.builder(name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError as e:
+  except tfds.core.registered.DatasetNotFoundError:
     raise ValueError(
         f"unknown dataset {name!r}: not in the TFDS catalog and not prepared under "
         f"data_dir={data_dir!r} (embedded: {digits_lib.NAME}/16x16, /32x32, /8x8)"

@@ -5,7 +5,8 @@ jit, shardings and donation are applied by the caller.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
