@@ -8,13 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_python
 from jax import lax
 
-from jdiff.ops import winograd
 from jdiff.models.unet import UNet
-from jdiff.ops.winograd import (resolve_conv_impl, winograd_conv3x3,
-                                   winograd_conv_general_dilated)
-from conftest import run_python
+from jdiff.ops import winograd
+from jdiff.ops.winograd import resolve_conv_impl, winograd_conv3x3, winograd_conv_general_dilated
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -178,7 +177,7 @@ def test_unet_conv_impls_share_parameters_and_agree():
 
 def test_bad_conv_impl_in_config_is_named():
   from experiments.configs import default  # pylint: disable=g-import-not-at-top
-  from jdiff.training.trainer import build_model  # pylint: disable=g-import-not-at-top
+  from jdiff.runs.setup import build_model  # pylint: disable=g-import-not-at-top
   c = default.get_config()
   c.model.conv_impl = "cudnn"
   with pytest.raises(ValueError, match="config.model.conv_impl.*'cudnn'"):
