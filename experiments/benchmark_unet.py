@@ -203,9 +203,10 @@ def _peer_config(args, chans):
 
 
 def bench_peer(args) -> dict | None:
-  # Idle OpenMP workers of the peer must not spin on the 2 cores while jdiff's
-  # repeat runs right after (they cost jdiff ~20% here); PASSIVE leaves the
-  # peer's own throughput unchanged. Set before torch loads its OpenMP runtime.
+  # Idle OpenMP workers of the peer must not spin on the cores while jdiff's
+  # repeat runs right after (a measurable slowdown of jdiff, see BENCHMARKS.md);
+  # PASSIVE leaves the peer's own throughput unchanged. Set before torch loads
+  # its OpenMP runtime.
   os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
   try:
     import torch
