@@ -31,7 +31,7 @@ from absl import logging
 from jdiff.data import latents, pipeline
 from jdiff.models import autoencoder_losses as ae_losses
 from jdiff.runs import stage1
-from jdiff.runs.setup import Setup, log_process_info
+from jdiff.runs.setup import Setup, log_process_info, run_training
 from jdiff.training import sharding
 from jdiff.training.loop import train_loop
 from jdiff.training.state import AutoencoderState, param_count
@@ -49,9 +49,7 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str) -> Autoen
   Writes to `workdir`: autoencoder.json, checkpoints/, metrics.jsonl (+ TensorBoard),
   recon/recon_<step>.png (originals over reconstructions) and latent_scale.json.
   """
-  log_process_info()
-  with Setup(config, workdir, kind=KIND) as setup, MetricWriter(setup.workdir) as writer:
-    return _train(setup, writer)
+  return run_training(config, workdir, KIND, _train)
 
 
 def _train(setup: Setup, writer: MetricWriter) -> AutoencoderState:

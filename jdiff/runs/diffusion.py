@@ -28,7 +28,7 @@ from absl import logging
 from jdiff import losses
 from jdiff.models.bridge import make_model_fn
 from jdiff.runs.sample_options import sample_options
-from jdiff.runs.setup import Setup, log_process_info
+from jdiff.runs.setup import Setup, log_process_info, run_training
 from jdiff.training import sharding
 from jdiff.training.loop import train_loop
 from jdiff.training.rng import stream
@@ -97,9 +97,7 @@ def generate(setup: Setup, params, num: int, rng: Array, **overrides) -> np.ndar
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (resuming from `workdir` if it holds a checkpoint) and returns the final state."""
-  log_process_info()
-  with Setup(config, workdir, kind=KIND) as setup, MetricWriter(setup.workdir) as writer:
-    return _train(setup, writer)
+  return run_training(config, workdir, KIND, _train)
 
 
 def _train(setup: Setup, writer: MetricWriter) -> TrainState:

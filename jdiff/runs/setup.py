@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -32,6 +33,7 @@ from jdiff.training.checkpoint import Checkpointer
 from jdiff.training.optim import make_optimizer
 from jdiff.training.rng import run_keys
 from jdiff.training.state import init_autoencoder_state, init_train_state
+from jdiff.training.writers import MetricWriter
 
 KINDS = ("diffusion", "autoencoder")
 SECTIONS = {"diffusion": ("data", "model", "diffusion", "optim", "train", "sample", "eval",
@@ -308,3 +310,15 @@ class Setup:
     target = {field: getattr(self.abstract_state(), field)}
     restored, step = self.checkpointer.restore_partial(target)
     return restored[field], step
+
+
+def run_training(config, workdir: str, kind: str,
+                 train: Callable[[Setup, MetricWriter], Any]) -> Any:
+  """Opens a training run's resources, calls `train(setup, writer)`, closes them on every path.
+
+  The `Setup` (its checkpointer) and the `MetricWriter` are closed whether `train` returns,
+  raises or is interrupted; an in-flight checkpoint save is finished first.
+  """
+  log_process_info()
+  with Setup(config, workdir, kind=kind) as setup, MetricWriter(setup.workdir) as writer:
+    return train(setup, writer)
