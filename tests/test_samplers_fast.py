@@ -44,7 +44,7 @@ def exact_flow(x_T):
 X_T = jax.random.normal(jax.random.PRNGKey(0), (512, 2))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _run(name, n, model=gauss_model, batch=512, **kw):
   fn = next(getattr(m, name) for m in (euler, dpm_solver, unipc, pc) if hasattr(m, name))
   kw = dict(kw)

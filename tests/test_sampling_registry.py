@@ -74,21 +74,26 @@ def test_guidance_through_the_registry():
 
 def test_auto_spacing_and_eta_per_family():
   want = {"ddpm": {}, "ddim": dict(spacing="trailing", eta=0.0),
-          "pc": dict(spacing="trailing", eta=1.0), "euler": dict(spacing="karras"),
-          "heun": dict(spacing="karras"), "euler_a": dict(spacing="karras", eta=1.0),
-          "edm": dict(spacing="karras", s_churn=10.0), "dpmpp_2m": dict(spacing="log_snr"),
-          "dpmpp_2m_sde": dict(spacing="log_snr", eta=1.0),
+          "pc": dict(spacing="trailing", eta=1.0), "euler": dict(spacing="log_snr"),
+          "heun": dict(spacing="log_snr"), "euler_a": dict(spacing="trailing", eta=1.0),
+          "edm": dict(spacing="log_snr", s_churn=10.0), "dpmpp_2m": dict(spacing="log_snr"),
+          "dpmpp_2m_sde": dict(spacing="trailing", eta=1.0),
           "dpmpp_3m": dict(spacing="log_snr", eta=0.0),
           "unipc": dict(spacing="log_snr", final_sigma="sigma_min")}
   assert set(want) == set(SAMPLERS)
   for name, kw in want.items():
     assert resolve_options(name) == kw, name
-  assert resolve_options("ddim", spacing="leading", eta=0.5) == dict(spacing="leading", eta=0.5)
+  assert resolve_options("ddim", spacing="linspace", eta=0.5) == dict(spacing="linspace",
+                                                                      eta=0.5)
   with pytest.raises(ValueError, match=r"'euler' does not accept spacing 'leading'.*'karras'"):
     make_sample_fn(ExactEps(schedules.linear()), schedules.linear(), sampler="euler",
                    spacing="leading")
   with pytest.raises(ValueError, match=r"'ddim' does not accept spacing 'karras'.*'trailing'"):
     resolve_options("ddim", spacing="karras")
+  with pytest.raises(ValueError, match=r"'ddim' does not accept spacing 'leading'"):
+    resolve_options("ddim", spacing="leading")
+  with pytest.raises(ValueError, match=r"'heun' does not accept spacing 'trailing'.*'log_snr'"):
+    resolve_options("heun", spacing="trailing")
   with pytest.raises(ValueError, match=r"'ddpm' does not accept spacing 'trailing'.*'auto'"):
     resolve_options("ddpm", spacing="trailing")
   with pytest.raises(ValueError, match=r"'heun' is deterministic and takes no eta"):

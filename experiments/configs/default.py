@@ -77,10 +77,11 @@ def get_config() -> ml_collections.ConfigDict:
   # None: the sampler's own (ddim 0, pc / euler_a / dpmpp_2m_sde 1, dpmpp_3m 0); the other
   # samplers are deterministic and reject an eta.
   c.sample.eta = ml_collections.FieldReference(None, field_type=float)
-  # "auto": the sampler family's grid: trailing (ddim, pc), karras (euler, heun, euler_a,
-  # edm), log_snr (dpmpp_*, unipc); ddpm takes every timestep. Others: leading | trailing |
-  # linspace | quadratic for ddim / pc; karras | log_snr | uniform | trailing | quadratic for
-  # the sigma-grid samplers. A name the sampler does not accept is an error.
+  # "auto": the sampler's own grid: trailing (ddim, pc, euler_a, dpmpp_2m_sde), log_snr
+  # (euler, heun, edm, dpmpp_2m, dpmpp_3m, unipc); ddpm takes every timestep. Others:
+  # linspace for ddim / pc; log_snr | karras | uniform | trailing for the sigma-grid samplers
+  # (heun, edm: log_snr | karras). A name the sampler does not accept is an error (see
+  # jdiff/training/sampling.py for why leading / quadratic are not offered).
   c.sample.spacing = "auto"
   c.sample.clip_x0 = 1.0  # clip x0_hat to [-c, c] in every sampler; <= 0 disables
   # Imagen's dynamic thresholding: percentile p in (0, 1] of |x0_hat|, floored at clip_x0

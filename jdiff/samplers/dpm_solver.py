@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from jdiff import continuous
 from jdiff.samplers.driver import sample_loop
-from jdiff.samplers.grids import lambda_step, sigma_grid_and_start
+from jdiff.samplers.grids import denoiser_grid_and_start, lambda_step
 from jdiff.schedules import Schedule
 
 Array = jax.Array
@@ -155,10 +155,10 @@ def _sample(step_fn, schedule, model_fn, x_T, rng, *, eta, s_noise, num_steps, s
             lower_order_final=None):
   if eta < 0:
     raise ValueError(f"eta must be >= 0, got {eta}")
-  denoise = continuous.make_denoiser(schedule, model_fn, cond=cond, prediction=prediction,
-                                     clip_x0=clip_x0, dynamic_percentile=dynamic_percentile)
-  grid, x = sigma_grid_and_start(schedule, x_T, num_steps=num_steps, spacing=spacing, rho=rho,
-                                 grid=grid, final_sigma=final_sigma)
+  denoise, grid, x = denoiser_grid_and_start(
+      schedule, model_fn, x_T, cond=cond, prediction=prediction, clip_x0=clip_x0,
+      dynamic_percentile=dynamic_percentile, num_steps=num_steps, spacing=spacing, rho=rho,
+      grid=grid, final_sigma=final_sigma)
   n_steps = grid.shape[0] - 1
 
   def step(state, i, s, s_next, key):
@@ -206,19 +206,12 @@ def dpmpp_2m_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *,
 
 
 def dpmpp_2m_sde_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *,
-                        num_steps: int = 20, eta: float = 1.0, s_noise: float = 1.0,
-                        spacing: str = "karras", rho: float = 7.0, grid: Array | None = None,
-                        cond: Array | None = None, prediction: str = "eps",
-                        final_sigma: str = "zero", clip_x0: float | None = None,
-                    dynamic_percentile: float | None = None) -> Array:
-  """DPM-Solver++(2M) SDE ([DPM-Solver++] Sec. 5; eta = 1). NFE = num_steps.
+                        eta: float = 1.0, **kwargs) -> Array:
+  """DPM-Solver++(2M) SDE ([DPM-Solver++] Sec. 5): `dpmpp_2m_sample` with eta = 1. NFE = N.
 
-  Args: as `dpmpp_2m_sample`.
+  Args: as `dpmpp_2m_sample` (keyword arguments passed through), with eta defaulting to 1.
   """
-  return _sample(dpmpp_2m_step, schedule, model_fn, x_T, rng, eta=eta, s_noise=s_noise,
-                 num_steps=num_steps, spacing=spacing, rho=rho, grid=grid, cond=cond,
-                 prediction=prediction, final_sigma=final_sigma, clip_x0=clip_x0,
-                 dynamic_percentile=dynamic_percentile)
+  return dpmpp_2m_sample(schedule, model_fn, x_T, rng, eta=eta, **kwargs)
 
 
 def dpmpp_3m_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *,

@@ -7,7 +7,8 @@ reproducible and can be checked step by step against explicit noise.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from jdiff import continuous
 from jdiff.samplers.driver import sample_loop
-from jdiff.samplers.grids import sigma_grid_and_start
+from jdiff.samplers.grids import denoiser_grid_and_start
 from jdiff.schedules import Schedule
 
 Array = jax.Array
@@ -136,7 +136,10 @@ def edm_stochastic_step(denoise: Denoiser, x: Array, sigma: Array, sigma_next: A
 
 def edm_gamma(sigma: Array, num_steps: int, *, s_churn: float, s_tmin: float = 0.0,
               s_tmax: float = float("inf")) -> Array:
-  """gamma_i = min(S_churn / N, sqrt(2) - 1) if S_tmin <= sigma_i <= S_tmax else 0 ([EDM] Alg. 2)."""
+  """gamma_i = min(S_churn / N, sqrt(2) - 1) if S_tmin <= sigma_i <= S_tmax, else 0.
+
+  [EDM] Alg. 2.
+  """
   g = min(s_churn / num_steps, math.sqrt(2.0) - 1.0)
   return jnp.where((sigma >= s_tmin) & (sigma <= s_tmax), g, 0.0)
 
@@ -145,10 +148,10 @@ def edm_gamma(sigma: Array, num_steps: int, *, s_churn: float, s_tmin: float = 0
 
 def _sample(step, schedule, model_fn, x_T, rng, *, num_steps, spacing, rho, grid, cond,
             prediction, clip_x0, dynamic_percentile):
-  denoise = continuous.make_denoiser(schedule, model_fn, cond=cond, prediction=prediction,
-                                     clip_x0=clip_x0, dynamic_percentile=dynamic_percentile)
-  grid, x = sigma_grid_and_start(schedule, x_T, num_steps=num_steps, spacing=spacing, rho=rho,
-                                 grid=grid)
+  denoise, grid, x = denoiser_grid_and_start(
+      schedule, model_fn, x_T, cond=cond, prediction=prediction, clip_x0=clip_x0,
+      dynamic_percentile=dynamic_percentile, num_steps=num_steps, spacing=spacing, rho=rho,
+      grid=grid)
   return sample_loop(lambda c, i, s, s_next, key: step(denoise, c, i, s, s_next, key, grid),
                      x, grid, rng)[0]
 

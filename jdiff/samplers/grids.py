@@ -15,10 +15,9 @@ References:
 
 from __future__ import annotations
 
-import numpy as np
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jdiff import continuous
 from jdiff.schedules import Schedule
@@ -187,6 +186,24 @@ def sigma_grid_and_start(schedule: Schedule, x_T: jax.Array, *, num_steps: int, 
   else:
     grid = sigma_grid(schedule, num_steps, spacing=spacing, rho=rho, final=final_sigma)
   return grid, x_T * jnp.sqrt(1.0 + grid[0] ** 2).astype(x_T.dtype)
+
+
+def denoiser_grid_and_start(schedule: Schedule, model_fn, x_T: jax.Array, *, cond=None,
+                            prediction: str = "eps", clip_x0: float | None = None,
+                            dynamic_percentile: float | None = None, num_steps: int,
+                            spacing: str, rho: float, grid: jax.Array | None = None,
+                            final_sigma: str = "zero"
+                            ) -> tuple[continuous.Denoiser, jax.Array, jax.Array]:
+  """The common start of the sigma-grid samplers: (denoiser, sigma grid, VE start).
+
+  The denoiser is `continuous.make_denoiser` (thresholding included); the grid and start
+  are `sigma_grid_and_start`'s.
+  """
+  denoise = continuous.make_denoiser(schedule, model_fn, cond=cond, prediction=prediction,
+                                     clip_x0=clip_x0, dynamic_percentile=dynamic_percentile)
+  grid, x = sigma_grid_and_start(schedule, x_T, num_steps=num_steps, spacing=spacing, rho=rho,
+                                 grid=grid, final_sigma=final_sigma)
+  return denoise, grid, x
 
 
 def lambda_step(sigma: jax.Array, sigma_next: jax.Array

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jdiff import continuous
 from jdiff.samplers.driver import sample_loop
-from jdiff.samplers.grids import lambda_step, sigma_grid_and_start
+from jdiff.samplers.grids import denoiser_grid_and_start, lambda_step
 from jdiff.schedules import Schedule
 
 Array = jax.Array
@@ -202,10 +202,10 @@ def unipc_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *,
     x_0 samples [B, ...].
   """
   _check_unipc(order, variant)
-  denoise = continuous.make_denoiser(schedule, model_fn, cond=cond, prediction=prediction,
-                                     clip_x0=clip_x0, dynamic_percentile=dynamic_percentile)
-  grid, x = sigma_grid_and_start(schedule, x_T, num_steps=num_steps, spacing=spacing, rho=rho,
-                                 grid=grid, final_sigma=final_sigma)
+  denoise, grid, x = denoiser_grid_and_start(
+      schedule, model_fn, x_T, cond=cond, prediction=prediction, clip_x0=clip_x0,
+      dynamic_percentile=dynamic_percentile, num_steps=num_steps, spacing=spacing, rho=rho,
+      grid=grid, final_sigma=final_sigma)
   n_steps = grid.shape[0] - 1
 
   def step(state, i, s, s_next, key):

@@ -3,20 +3,27 @@
 Each registered sampler belongs to a family that fixes which grids it accepts and its
 default one ('auto'):
 
-  family     samplers                                  spacings                  default
-  ancestral  ddpm (all T steps)                        auto                      every t
-  timestep   ddim, pc                                  leading, trailing,        trailing
-                                                       linspace, quadratic
-  karras     euler, heun, euler_a, edm                 karras, log_snr, uniform, karras
-                                                       trailing, quadratic
-  multistep  dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, unipc   (as karras)               log_snr
+  family     samplers                          spacings                          default
+  ancestral  ddpm (all T steps)                auto                              every t
+  timestep   ddim, pc                          trailing, linspace                trailing
+  sigma      euler, dpmpp_2m, dpmpp_3m, unipc  log_snr, karras, uniform,         log_snr
+                                               trailing
+             euler_a, dpmpp_2m_sde             (as above)                        trailing
+             heun, edm                         log_snr, karras                   log_snr
 
-'trailing' starts at the last training timestep, where x_T ~ N(0, I) is the right start
-([Lin24]); 'leading' and 'quadratic' (DDIM's grids) start below it, and a schedule whose
-alpha_bar there is not ~0 (e.g. cosine) then starts from the wrong marginal. A uniform grid
-in t on the sigma samplers ('trailing') spends its first step on the huge sigmas of the
-cosine schedule's last timesteps (sigma ~ 2e4); the Karras rho = 7 grid ([EDM] eq. 5) and
-the log-SNR grid ([DPM-Solver] Sec. 3.3) do not.
+The defaults are the grids whose 10- and 20-step samples came closest to a long DDIM run
+(ODE or ancestral, by the sampler's kind) on the trained tiny and digits models
+(tests/test_samplers_trained.py, BENCHMARKS.md): the Karras rho = 7 grid over-sharpens at
+few steps on the cosine schedule, and the ancestral samplers match the ancestral chain best
+on a grid uniform in t, as DDPM's.
+
+Only grids that start at the last training timestep are accepted: x_T ~ N(0, I) is the
+marginal there and nowhere below it on schedules such as cosine, so DDIM's 'leading' and
+'quadratic' grids ([Lin24]: "flawed"; quadratic starts at 0.8 T) start from the wrong law.
+They remain available from `ddim_sample` / `sigma_grid` directly. Heun's trapezoid (heun,
+edm) is unstable on a step whose sigma ratio is ~100, which the grids uniform in t take
+first on the cosine schedule (sigma(T-1) / sigma(T-2) ~ 30); the Karras rho = 7 grid
+([EDM] eq. 5) and the log-SNR grid ([DPM-Solver] Sec. 3.3) take small first steps.
 
 References:
   [Lin24] Lin et al. Common Diffusion Noise Schedules and Sample Steps are Flawed, 2024.
@@ -26,19 +33,22 @@ References:
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 
 from jdiff.models.bridge import make_model_fn
 from jdiff.models.guidance import cfg_model_fn
 from jdiff.samplers import ddim, ddpm, dpm_solver, euler, pc, unipc
-from jdiff.samplers.grids import SIGMA_SPACINGS, SPACINGS
 from jdiff.schedules import Schedule
 
 Array = jax.Array
 
 AUTO = "auto"
+TIMESTEP_GRIDS = ("trailing", "linspace")
+SIGMA_GRIDS = ("log_snr", "karras", "uniform", "trailing")
+HEUN_GRIDS = ("log_snr", "karras")
 
 
 class Sampler(NamedTuple):
@@ -61,16 +71,16 @@ class Sampler(NamedTuple):
 
 SAMPLERS: dict[str, Sampler] = {
     "ddpm": Sampler(ddpm.ddpm_sample, (), None),
-    "ddim": Sampler(ddim.ddim_sample, SPACINGS, "trailing", 0.0),
-    "pc": Sampler(pc.pc_sample, SPACINGS, "trailing", 1.0),
-    "euler": Sampler(euler.euler_sample, SIGMA_SPACINGS, "karras"),
-    "heun": Sampler(euler.heun_sample, SIGMA_SPACINGS, "karras"),
-    "euler_a": Sampler(euler.euler_ancestral_sample, SIGMA_SPACINGS, "karras", 1.0),
-    "edm": Sampler(euler.edm_sample, SIGMA_SPACINGS, "karras", fixed=(("s_churn", 10.0),)),
-    "dpmpp_2m": Sampler(dpm_solver.dpmpp_2m_sample, SIGMA_SPACINGS, "log_snr"),
-    "dpmpp_2m_sde": Sampler(dpm_solver.dpmpp_2m_sde_sample, SIGMA_SPACINGS, "log_snr", 1.0),
-    "dpmpp_3m": Sampler(dpm_solver.dpmpp_3m_sample, SIGMA_SPACINGS, "log_snr", 0.0),
-    "unipc": Sampler(unipc.unipc_sample, SIGMA_SPACINGS, "log_snr",
+    "ddim": Sampler(ddim.ddim_sample, TIMESTEP_GRIDS, "trailing", 0.0),
+    "pc": Sampler(pc.pc_sample, TIMESTEP_GRIDS, "trailing", 1.0),
+    "euler": Sampler(euler.euler_sample, SIGMA_GRIDS, "log_snr"),
+    "heun": Sampler(euler.heun_sample, HEUN_GRIDS, "log_snr"),
+    "euler_a": Sampler(euler.euler_ancestral_sample, SIGMA_GRIDS, "trailing", 1.0),
+    "edm": Sampler(euler.edm_sample, HEUN_GRIDS, "log_snr", fixed=(("s_churn", 10.0),)),
+    "dpmpp_2m": Sampler(dpm_solver.dpmpp_2m_sample, SIGMA_GRIDS, "log_snr"),
+    "dpmpp_2m_sde": Sampler(dpm_solver.dpmpp_2m_sde_sample, SIGMA_GRIDS, "trailing", 1.0),
+    "dpmpp_3m": Sampler(dpm_solver.dpmpp_3m_sample, SIGMA_GRIDS, "log_snr", 0.0),
+    "unipc": Sampler(unipc.unipc_sample, SIGMA_GRIDS, "log_snr",
                      fixed=(("final_sigma", "sigma_min"),)),
 }
 
@@ -131,10 +141,12 @@ def make_sample_fn(module, schedule: Schedule, *, sampler: str = "ddim", num_ste
     eta: stochasticity of 'ddim' (default 0), 'pc' and 'euler_a' (1: ancestral),
       'dpmpp_2m_sde' (1) and 'dpmpp_3m' (0; > 0 is the 3M SDE); None = that default. The
       other samplers are deterministic and reject an eta.
-    spacing: the grid, per family (module docstring): 'auto' is the family's default
-      ('trailing' for ddim / pc, 'karras' for euler / heun / euler_a / edm, 'log_snr' for
-      the DPM-Solver++ and UniPC samplers); a name the family does not accept is a
-      ValueError naming the sampler and the valid values.
+    spacing: the grid (module docstring): 'auto' is the sampler's default ('trailing' for
+      ddim, pc, euler_a and dpmpp_2m_sde, 'log_snr' for euler, heun, edm, dpmpp_2m,
+      dpmpp_3m and unipc); others: 'linspace' for ddim / pc, 'log_snr' / 'karras' /
+      'uniform' / 'trailing' for the sigma-grid samplers (heun and edm: 'log_snr' and
+      'karras' only). A name the sampler does not accept is a ValueError naming the
+      sampler and the valid values.
     clip_x0: clip predicted x0 to [-clip_x0, clip_x0] (1.0 for images in [-1, 1]); None
       disables. Every sampler applies it to its data prediction (inside the denoiser for the
       sigma-grid samplers).
