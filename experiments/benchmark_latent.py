@@ -51,17 +51,29 @@ def _time_train_step(config, workdir, batch_size, repeats, steps_per_repeat):
     t0 = time.perf_counter()
     source = setup.source(config.data.train_split)
     prep_s = time.perf_counter() - t0
-  it = pipeline.make_train_iterator(source, global_batch_size=batch_size, seed=0,
-                                    split=config.data.train_split, data_dir=setup.data_dir,
-                                    image_size=setup.iter_image_size)
+  it = pipeline.make_train_iterator(
+    source,
+    global_batch_size=batch_size,
+    seed=0,
+    split=config.data.train_split,
+    data_dir=setup.data_dir,
+    image_size=setup.iter_image_size,
+  )
   batch = sharding.to_global({k: v for k, v in next(it).items() if k != "mask"}, setup.mesh)
   state = setup.init_state()
   step_fn = jax.jit(
-      make_train_step(setup.module, setup.optimizer, ema_decay=config.ema_decay,
-                      ema_warmup=config.ema_warmup, null_label=setup.null_label,
-                      **loss_kwargs(config)),
-      in_shardings=(setup.repl, sharding.data_sharding(setup.mesh), setup.repl, setup.repl),
-      out_shardings=(setup.repl, setup.repl), donate_argnums=(0,))
+    make_train_step(
+      setup.module,
+      setup.optimizer,
+      ema_decay=config.ema_decay,
+      ema_warmup=config.ema_warmup,
+      null_label=setup.null_label,
+      **loss_kwargs(config),
+    ),
+    in_shardings=(setup.repl, sharding.data_sharding(setup.mesh), setup.repl, setup.repl),
+    out_shardings=(setup.repl, setup.repl),
+    donate_argnums=(0,),
+  )
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch, setup.schedule, setup.keys.train).compile()
   compile_s = time.perf_counter() - t0
@@ -75,9 +87,15 @@ def _time_train_step(config, workdir, batch_size, repeats, steps_per_repeat):
       state, m = compiled(state, batch, setup.schedule, setup.keys.train)
     jax.block_until_ready((state, m))
     rates.append(steps_per_repeat * batch_size / (time.perf_counter() - t0))
-  return {"shape": setup.image_shape, "params": param_count(state.params),
-          "compile_s": compile_s, "img_s": statistics.median(rates),
-          "img_s_all": rates, "prep_s": prep_s, "loss": float(np.asarray(m["loss"]))}
+  return {
+    "shape": setup.image_shape,
+    "params": param_count(state.params),
+    "compile_s": compile_s,
+    "img_s": statistics.median(rates),
+    "img_s_all": rates,
+    "prep_s": prep_s,
+    "loss": float(np.asarray(m["loss"])),
+  }
 
 
 def _posterior_spread(ae_workdir, config):
@@ -94,8 +112,12 @@ def _posterior_spread(ae_workdir, config):
   enc = jax.jit(lambda p, x: codec.module.apply({"params": p}, x, method=AutoencoderKL.encode))
   means, stds = [], []
   for batch in pipeline.make_eval_iterator(
-      config.data.name, global_batch_size=100, split=config.data.eval_split,
-      data_dir=config.data.data_dir or None, image_size=config.data.image_size or None):
+    config.data.name,
+    global_batch_size=100,
+    split=config.data.eval_split,
+    data_dir=config.data.data_dir or None,
+    image_size=config.data.image_size or None,
+  ):
     post = enc(codec.params, jnp.asarray(batch["image"]))
     means.append(np.asarray(post.mean)[batch["mask"]])
     stds.append(np.asarray(post.std)[batch["mask"]])
@@ -125,8 +147,11 @@ def main(argv):
     start = checkpointer.latest_step() or 0
   t0 = time.perf_counter()
   autoencoder.train_autoencoder(ae_cfg, ae_wd)
-  ae_time = (f"{time.perf_counter() - t0:.0f} s incl. compile" if start < FLAGS.ae_steps
-             else f"reused from {ae_wd}")
+  ae_time = (
+    f"{time.perf_counter() - t0:.0f} s incl. compile"
+    if start < FLAGS.ae_steps
+    else f"reused from {ae_wd}"
+  )
   ae_eval = autoencoder.evaluate_autoencoder(ae_cfg, ae_wd)
   spread = _posterior_spread(ae_wd, ae_cfg)
 
@@ -137,44 +162,45 @@ def main(argv):
     cfg.data.image_size = size
     cfg.train.batch_size = FLAGS.batch_size
     cfg.latent.autoencoder_workdir = workdir_ae
-    results[name] = _time_train_step(cfg, os.path.join(root, name), FLAGS.batch_size,
-                                     FLAGS.repeats, FLAGS.steps_per_repeat)
+    results[name] = _time_train_step(
+      cfg, os.path.join(root, name), FLAGS.batch_size, FLAGS.repeats, FLAGS.steps_per_repeat
+    )
     logging.info("%s: %s", name, results[name])
 
   px, lt = results["pixel"], results["latent"]
   dev = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   lines = [
-      f"### Latent vs pixel diffusion, digits {size}x{size} ({dev})",
-      "",
-      f"Same U-Net config (`experiments/configs/ldm_digits.py`), global batch "
-      f"{FLAGS.batch_size}; median of {FLAGS.repeats} x {FLAGS.steps_per_repeat} steps after "
-      "compile + 2 warm-up steps.",
-      "",
-      "The configs are identical; the parameter counts differ because attention sits at "
-      "the 4x4 level (`attn_resolutions=(4,)`), which only the latent U-Net has (its "
-      "levels are 8/4/2; the pixel U-Net's are 32/16/8).",
-      "",
-      "| model | U-Net input | U-Net params | compile (s) | train img/s | speed-up |",
-      "|---|---|---|---|---|---|",
-      f"| pixel | {'x'.join(map(str, px['shape']))} | {px['params']:,} | "
-      f"{px['compile_s']:.1f} | {px['img_s']:.0f} | 1.00x |",
-      f"| latent (f=4) | {'x'.join(map(str, lt['shape']))} | {lt['params']:,} | "
-      f"{lt['compile_s']:.1f} | {lt['img_s']:.0f} | {lt['img_s'] / px['img_s']:.2f}x |",
-      "",
-      f"Latents are precomputed once per process: encoding the 1,597 train images took "
-      f"{lt['prep_s']:.1f} s (jitted, batch 256).",
-      "",
-      f"Stage-1 autoencoder (`experiments/configs/ae_digits.py`, tiny_f4, L1 + 1e-6 KL), "
-      f"{ae_cfg.train.num_steps} steps at batch {ae_cfg.train.batch_size} "
-      f"({ae_time}), held-out split ({int(ae_eval['eval/examples'])} "
-      "images, posterior mean, clipped to [-1, 1]):",
-      "",
-      "| metric | value |",
-      "|---|---|",
-      f"| PSNR (mean per image, dB) | {ae_eval['eval/psnr']:.2f} |",
-      f"| PSNR of mean MSE (dB) | {ae_eval['eval/psnr_of_mse']:.2f} |",
-      f"| MSE (per pixel, [-1, 1] scale) | {ae_eval['eval/mse']:.5f} |",
-      f"| posterior std / std of posterior means | {spread:.4f} |",
+    f"### Latent vs pixel diffusion, digits {size}x{size} ({dev})",
+    "",
+    f"Same U-Net config (`experiments/configs/ldm_digits.py`), global batch "
+    f"{FLAGS.batch_size}; median of {FLAGS.repeats} x {FLAGS.steps_per_repeat} steps after "
+    "compile + 2 warm-up steps.",
+    "",
+    "The configs are identical; the parameter counts differ because attention sits at "
+    "the 4x4 level (`attn_resolutions=(4,)`), which only the latent U-Net has (its "
+    "levels are 8/4/2; the pixel U-Net's are 32/16/8).",
+    "",
+    "| model | U-Net input | U-Net params | compile (s) | train img/s | speed-up |",
+    "|---|---|---|---|---|---|",
+    f"| pixel | {'x'.join(map(str, px['shape']))} | {px['params']:,} | "
+    f"{px['compile_s']:.1f} | {px['img_s']:.0f} | 1.00x |",
+    f"| latent (f=4) | {'x'.join(map(str, lt['shape']))} | {lt['params']:,} | "
+    f"{lt['compile_s']:.1f} | {lt['img_s']:.0f} | {lt['img_s'] / px['img_s']:.2f}x |",
+    "",
+    f"Latents are precomputed once per process: encoding the 1,597 train images took "
+    f"{lt['prep_s']:.1f} s (jitted, batch 256).",
+    "",
+    f"Stage-1 autoencoder (`experiments/configs/ae_digits.py`, tiny_f4, L1 + 1e-6 KL), "
+    f"{ae_cfg.train.num_steps} steps at batch {ae_cfg.train.batch_size} "
+    f"({ae_time}), held-out split ({int(ae_eval['eval/examples'])} "
+    "images, posterior mean, clipped to [-1, 1]):",
+    "",
+    "| metric | value |",
+    "|---|---|",
+    f"| PSNR (mean per image, dB) | {ae_eval['eval/psnr']:.2f} |",
+    f"| PSNR of mean MSE (dB) | {ae_eval['eval/psnr_of_mse']:.2f} |",
+    f"| MSE (per pixel, [-1, 1] scale) | {ae_eval['eval/mse']:.5f} |",
+    f"| posterior std / std of posterior means | {spread:.4f} |",
   ]
   print("\n".join(lines))
 

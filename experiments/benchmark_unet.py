@@ -31,22 +31,38 @@ def _parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--preset", default="ddpm_cifar10")
   p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--resolution", type=int, default=None,
-                 help="image side (default: 32 for cifar presets, 16 for digits)")
-  p.add_argument("--channels", type=int, default=None,
-                 help="image channels (default: 3 for cifar presets, 1 for digits)")
+  p.add_argument(
+    "--resolution",
+    type=int,
+    default=None,
+    help="image side (default: 32 for cifar presets, 16 for digits)",
+  )
+  p.add_argument(
+    "--channels",
+    type=int,
+    default=None,
+    help="image channels (default: 3 for cifar presets, 1 for digits)",
+  )
   p.add_argument("--steps", type=int, default=5, help="timed repeats (median taken)")
   p.add_argument("--warmup", type=int, default=2, help="untimed calls after compile")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--remat", action="store_true")
-  p.add_argument("--conv_impl", default="auto", choices=("auto", "xla", "winograd"),
-                 help="UNet.conv_impl for the 3x3 convs (auto: Winograd for float32 on CPU)")
+  p.add_argument(
+    "--conv_impl",
+    default="auto",
+    choices=("auto", "xla", "winograd"),
+    help="UNet.conv_impl for the 3x3 convs (auto: Winograd for float32 on CPU)",
+  )
   p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for the peer")
-  p.add_argument("--peer", action="store_true",
-                 help="also time diffusers' UNet2DModel (needs torch + diffusers)")
+  p.add_argument(
+    "--peer", action="store_true", help="also time diffusers' UNet2DModel (needs torch + diffusers)"
+  )
   p.add_argument("--no_jdiff", action="store_true", help="only time the peer")
-  p.add_argument("--xla_flags", default=" ".join(_DEFAULT_XLA_FLAGS),
-                 help="extra XLA_FLAGS set before importing jax")
+  p.add_argument(
+    "--xla_flags",
+    default=" ".join(_DEFAULT_XLA_FLAGS),
+    help="extra XLA_FLAGS set before importing jax",
+  )
   return p.parse_args(argv)
 
 
@@ -70,12 +86,13 @@ def _matmul_peak(steps: int, n: int = 2048) -> float:
   """Median f32 GFLOP/s of a jitted n x n matmul (the machine's practical peak)."""
   import jax
   import jax.numpy as jnp
+
   a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
   b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
   f = jax.jit(lambda a, b: a @ b)
   f(a, b).block_until_ready()
   dt = _median_time(lambda: f(a, b).block_until_ready(), max(steps, 5))
-  return 2 * n ** 3 / dt / 1e9
+  return 2 * n**3 / dt / 1e9
 
 
 def _flops(compiled) -> float:
@@ -129,6 +146,7 @@ def bench_jdiff(args) -> dict:
 
   def steps(net):
     """(train_step, forward) of `net`: forward + backward + Adam, and eval forward."""
+
     def loss_fn(params, x, t, y, rng):
       eps = jax.random.normal(jax.random.fold_in(rng, 1), x.shape, x.dtype)
       model_fn = make_model_fn(net, params, train=True, rng=jax.random.fold_in(rng, 2))
@@ -173,33 +191,44 @@ def bench_jdiff(args) -> dict:
   def run_fwd():
     fwd_c(state[0], x, t, y).block_until_ready()
 
-  return dict(params=nparams, compile_train=compile_train, compile_fwd=compile_fwd,
-              run_train=run_train, run_fwd=run_fwd, conv_impl=resolve_conv_impl(
-                  args.conv_impl, dtype),
-              train_flops=train_flops / b, fwd_flops=fwd_flops / b)
+  return dict(
+    params=nparams,
+    compile_train=compile_train,
+    compile_fwd=compile_fwd,
+    run_train=run_train,
+    run_fwd=run_fwd,
+    conv_impl=resolve_conv_impl(args.conv_impl, dtype),
+    train_flops=train_flops / b,
+    fwd_flops=fwd_flops / b,
+  )
 
 
 def _peer_config(args, chans):
   """diffusers UNet2DModel kwargs of the same architecture as the jdiff preset."""
   from jdiff.models.unet import PRESETS
+
   cfg = PRESETS[args.preset]
   ch, mult = cfg["ch"], tuple(cfg["ch_mult"])
   res, _ = _defaults(args)
-  heights = [res // 2 ** i for i in range(len(mult))]
+  heights = [res // 2**i for i in range(len(mult))]
   attn = [h in cfg["attn_resolutions"] for h in heights]
   if cfg.get("use_scale_shift_norm") or cfg.get("resblock_updown") or cfg.get("learn_sigma"):
     raise ValueError(f"--peer supports DDPM-style presets only, not {args.preset!r}")
   if cfg.get("num_heads", 1) != 1:
     raise ValueError("--peer maps single-head presets only")
   return dict(
-      sample_size=res, in_channels=chans, out_channels=chans,
-      layers_per_block=cfg["num_res_blocks"],
-      block_out_channels=tuple(ch * m for m in mult),
-      down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-      up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-      dropout=cfg.get("dropout", 0.0), norm_num_groups=cfg.get("num_groups", 32),
-      attention_head_dim=None,  # one head of all channels, as DDPM
-      num_class_embeds=None)
+    sample_size=res,
+    in_channels=chans,
+    out_channels=chans,
+    layers_per_block=cfg["num_res_blocks"],
+    block_out_channels=tuple(ch * m for m in mult),
+    down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+    up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+    dropout=cfg.get("dropout", 0.0),
+    norm_num_groups=cfg.get("num_groups", 32),
+    attention_head_dim=None,  # one head of all channels, as DDPM
+    num_class_embeds=None,
+  )
 
 
 def bench_peer(args) -> dict | None:
@@ -238,9 +267,12 @@ def bench_peer(args) -> dict | None:
     with torch.no_grad():
       model(x, t)
 
-  return dict(params=nparams, run_train=run_train, run_fwd=run_fwd,
-              version=f"torch {torch.__version__}, diffusers "
-                      f"{__import__('diffusers').__version__}")
+  return dict(
+    params=nparams,
+    run_train=run_train,
+    run_fwd=run_fwd,
+    version=f"torch {torch.__version__}, diffusers {__import__('diffusers').__version__}",
+  )
 
 
 def main(argv=None):
@@ -249,10 +281,12 @@ def main(argv=None):
     os.environ["XLA_FLAGS"] = (args.xla_flags + " " + os.environ.get("XLA_FLAGS", "")).strip()
   import jax
 
-  print(f"# preset={args.preset} batch={args.batch} dtype={args.dtype} remat={args.remat} "
-        f"steps={args.steps} warmup={args.warmup} jax={jax.__version__} "
-        f"backend={jax.default_backend()} cpus={os.cpu_count()} "
-        f"XLA_FLAGS='{os.environ.get('XLA_FLAGS', '')}'")
+  print(
+    f"# preset={args.preset} batch={args.batch} dtype={args.dtype} remat={args.remat} "
+    f"steps={args.steps} warmup={args.warmup} jax={jax.__version__} "
+    f"backend={jax.default_backend()} cpus={os.cpu_count()} "
+    f"XLA_FLAGS='{os.environ.get('XLA_FLAGS', '')}'"
+  )
   peak = _matmul_peak(args.steps)
   print(f"matmul peak (2048^3 f32, median): {peak:.1f} GFLOP/s")
   r = None
@@ -266,28 +300,38 @@ def main(argv=None):
     print(f"jdiff params: {r['params']:,}")
     print(f"jdiff compile: train step {r['compile_train']:.1f} s, forward {r['compile_fwd']:.1f} s")
     print(f"jdiff conv_impl: {r['conv_impl']} (--conv_impl={args.conv_impl})")
-    print(f"model FLOPs/image (direct convs, XLA cost analysis): train step "
-          f"{r['train_flops'] / 1e9:.2f} G, forward {r['fwd_flops'] / 1e9:.2f} G")
+    print(
+      f"model FLOPs/image (direct convs, XLA cost analysis): train step "
+      f"{r['train_flops'] / 1e9:.2f} G, forward {r['fwd_flops'] / 1e9:.2f} G"
+    )
     for k in ("train", "fwd"):
       util = r[f"{k}_ips"] * r[f"{k}_flops"] / 1e9 / peak
-      print(f"jdiff {k}: {r[f'{k}_ips']:.2f} img/s, {r[f'{k}_ips'] * r[f'{k}_flops'] / 1e9:.1f} "
-            f"model GFLOP/s, model-FLOP utilisation {100 * util:.0f}% of matmul peak")
+      print(
+        f"jdiff {k}: {r[f'{k}_ips']:.2f} img/s, {r[f'{k}_ips'] * r[f'{k}_flops'] / 1e9:.1f} "
+        f"model GFLOP/s, model-FLOP utilisation {100 * util:.0f}% of matmul peak"
+      )
   if p is not None:
     print(f"peer ({p['version']}, {args.threads} threads) params: {p['params']:,}")
     print(f"peer train: {p['train_ips']:.2f} img/s, forward: {p['fwd_ips']:.2f} img/s")
   # Markdown row.
   print()
-  print("| preset | batch | dtype | conv | params | compile train/fwd (s) | train img/s | "
-        "fwd img/s | model GFLOP/img train/fwd | MFU train/fwd | peer train img/s | "
-        "peer fwd img/s | ratio train | ratio fwd |")
+  print(
+    "| preset | batch | dtype | conv | params | compile train/fwd (s) | train img/s | "
+    "fwd img/s | model GFLOP/img train/fwd | MFU train/fwd | peer train img/s | "
+    "peer fwd img/s | ratio train | ratio fwd |"
+  )
   print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   cells = [args.preset, str(args.batch), args.dtype, r["conv_impl"] if r else "-"]
   if r:
-    cells += [f"{r['params']:,}", f"{r['compile_train']:.1f} / {r['compile_fwd']:.1f}",
-              f"{r['train_ips']:.2f}", f"{r['fwd_ips']:.2f}",
-              f"{r['train_flops'] / 1e9:.2f} / {r['fwd_flops'] / 1e9:.2f}",
-              f"{100 * r['train_ips'] * r['train_flops'] / 1e9 / peak:.0f}% / "
-              f"{100 * r['fwd_ips'] * r['fwd_flops'] / 1e9 / peak:.0f}%"]
+    cells += [
+      f"{r['params']:,}",
+      f"{r['compile_train']:.1f} / {r['compile_fwd']:.1f}",
+      f"{r['train_ips']:.2f}",
+      f"{r['fwd_ips']:.2f}",
+      f"{r['train_flops'] / 1e9:.2f} / {r['fwd_flops'] / 1e9:.2f}",
+      f"{100 * r['train_ips'] * r['train_flops'] / 1e9 / peak:.0f}% / "
+      f"{100 * r['fwd_ips'] * r['fwd_flops'] / 1e9 / peak:.0f}%",
+    ]
   else:
     cells += ["-"] * 6
   if p:

@@ -22,21 +22,29 @@ from ml_collections import ConfigDict, config_flags
 from jdiff.runs import autoencoder, diffusion
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to an ml-collections config file.",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  "config", None, "Path to an ml-collections config file.", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
-flags.DEFINE_enum("mode", "train",
-                  ["train", "sample", "eval", "train_autoencoder", "eval_autoencoder"],
-                  "What to run: diffusion train/sample/eval, or stage-1 autoencoder train/eval.")
+flags.DEFINE_enum(
+  "mode",
+  "train",
+  ["train", "sample", "eval", "train_autoencoder", "eval_autoencoder"],
+  "What to run: diffusion train/sample/eval, or stage-1 autoencoder train/eval.",
+)
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (cluster env).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host.")
 flags.DEFINE_integer("num_processes", None, "Number of processes, for multi-host.")
 flags.DEFINE_integer("process_id", None, "This process's index, for multi-host.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-MODES = {"train": diffusion.train_and_evaluate, "sample": diffusion.sample,
-         "eval": diffusion.evaluate, "train_autoencoder": autoencoder.train_autoencoder,
-         "eval_autoencoder": autoencoder.evaluate_autoencoder}
+MODES = {
+  "train": diffusion.train_and_evaluate,
+  "sample": diffusion.sample,
+  "eval": diffusion.evaluate,
+  "train_autoencoder": autoencoder.train_autoencoder,
+  "eval_autoencoder": autoencoder.evaluate_autoencoder,
+}
 
 
 class _QuietLibraries:
@@ -54,7 +62,7 @@ def unknown_override(argv) -> str | None:
   config = runpy.run_path(paths[-1].split(":")[0])["get_config"]()
   for arg in (a for a in argv if a.startswith("--config.")):
     node, where = config, "config"
-    for key in arg[len("--config."):].split("=")[0].split("."):
+    for key in arg[len("--config.") :].split("=")[0].split("."):
       if not isinstance(node, ConfigDict) or key not in node:
         keys = list(node.keys()) if isinstance(node, ConfigDict) else []
         close = difflib.get_close_matches(key, keys, n=1)
@@ -80,9 +88,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import jax  # pylint: disable=g-import-not-at-top
+
   if FLAGS.coordinator_address or FLAGS.distributed:
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    jax.distributed.initialize(
+      coordinator_address=FLAGS.coordinator_address,
+      num_processes=FLAGS.num_processes,
+      process_id=FLAGS.process_id,
+    )
   logging.get_absl_handler().addFilter(_QuietLibraries())
   MODES[FLAGS.mode](FLAGS.config, FLAGS.workdir)
 

@@ -119,12 +119,14 @@ def vp_coefs(sigma: Array, x: Array) -> tuple[Array, Array]:
 
 
 def _convert(a: Array, s: Array, x_t: Array, pred: Array, prediction: str):
-  return diffusion.convert_prediction(a, s, x_t.astype(jnp.float32), pred.astype(jnp.float32),
-                                      prediction=prediction)
+  return diffusion.convert_prediction(
+    a, s, x_t.astype(jnp.float32), pred.astype(jnp.float32), prediction=prediction
+  )
 
 
-def to_x0_eps_at(alpha_bar: Array, x_t: Array, pred: Array, *,
-                 prediction: str = "eps") -> tuple[Array, Array]:
+def to_x0_eps_at(
+  alpha_bar: Array, x_t: Array, pred: Array, *, prediction: str = "eps"
+) -> tuple[Array, Array]:
   """`diffusion.convert_prediction` at an explicit alpha_bar (scalar or [B]), in float32.
 
   sqrt(1 - alpha_bar) is formed from alpha_bar here, so near alpha_bar = 1 it carries the
@@ -144,8 +146,9 @@ def to_x0_eps_at(alpha_bar: Array, x_t: Array, pred: Array, *,
   return _convert(jnp.sqrt(ab), jnp.sqrt(1.0 - ab), x_t, pred, prediction)
 
 
-def to_x0_eps_sigma(sigma: Array, x_t: Array, pred: Array, *,
-                    prediction: str = "eps") -> tuple[Array, Array]:
+def to_x0_eps_sigma(
+  sigma: Array, x_t: Array, pred: Array, *, prediction: str = "eps"
+) -> tuple[Array, Array]:
   """`diffusion.convert_prediction` at noise level sigma (scalar or [B]), in float32.
 
   The coefficients come from sigma (`vp_coefs`), exact to float32 rounding near sigma = 0.
@@ -162,8 +165,9 @@ def to_x0_eps_sigma(sigma: Array, x_t: Array, pred: Array, *,
   return _convert(*vp_coefs(sigma, x_t), x_t, pred, prediction)
 
 
-def to_x0_eps(schedule: Schedule, x_t: Array, t: Array, pred: Array, *,
-              prediction: str = "eps") -> tuple[Array, Array]:
+def to_x0_eps(
+  schedule: Schedule, x_t: Array, t: Array, pred: Array, *, prediction: str = "eps"
+) -> tuple[Array, Array]:
   """`diffusion.to_x0_eps` at fractional timesteps t [B] (float or int), in float32.
 
   Converts at sigma(t), so at integer t it agrees with `diffusion.to_x0_eps` to float32
@@ -177,9 +181,15 @@ def batch_sigma(sigma: Array, x: Array) -> Array:
   return jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (x.shape[0],))
 
 
-def make_denoiser(schedule: Schedule, model_fn: diffusion.ModelFn, *, cond: Array | None = None,
-                  prediction: str = "eps", clip_x0: float | None = None,
-                  dynamic_percentile: float | None = None) -> Denoiser:
+def make_denoiser(
+  schedule: Schedule,
+  model_fn: diffusion.ModelFn,
+  *,
+  cond: Array | None = None,
+  prediction: str = "eps",
+  clip_x0: float | None = None,
+  dynamic_percentile: float | None = None,
+) -> Denoiser:
   """Wraps a VP `model_fn(x_t, t, cond)` as an EDM-style denoiser D(x_ve, sigma) -> x0_hat.
 
   D calls the model once, on x_t = x_ve / sqrt(1 + sigma^2) at the fractional timestep

@@ -58,6 +58,7 @@ def check_prediction(prediction: str) -> None:
 
 # ----------------------------------------------------------------------------- q(x_t | x_0)
 
+
 def q_sample(schedule: Schedule, x0: Array, t: Array, noise: Array) -> Array:
   """Samples x_t ~ q(x_t | x_0) = N(sqrt(ab_t) x_0, (1 - ab_t) I) ([DDPM] eq. 4).
 
@@ -89,6 +90,7 @@ def q_mean_variance(schedule: Schedule, x0: Array, t: Array) -> tuple[Array, Arr
 
 class Gaussian(NamedTuple):
   """A diagonal Gaussian step distribution; variance terms broadcast against the mean."""
+
   mean: Array
   variance: Array
   log_variance: Array
@@ -107,16 +109,23 @@ def q_posterior(schedule: Schedule, x0: Array, x_t: Array, t: Array) -> Gaussian
     `Gaussian(mean [B, ...], variance [B, 1, ...], log_variance [B, 1, ...])`; the
     log-variance is IDDPM's clipped one (finite at t = 0).
   """
-  mean = (gather(schedule.posterior_mean_coef1, t, x_t) * x0.astype(x_t.dtype)
-          + gather(schedule.posterior_mean_coef2, t, x_t) * x_t)
-  return Gaussian(mean, gather(schedule.posterior_variance, t, x_t),
-                  gather(schedule.posterior_log_variance_clipped, t, x_t))
+  mean = (
+    gather(schedule.posterior_mean_coef1, t, x_t) * x0.astype(x_t.dtype)
+    + gather(schedule.posterior_mean_coef2, t, x_t) * x_t
+  )
+  return Gaussian(
+    mean,
+    gather(schedule.posterior_variance, t, x_t),
+    gather(schedule.posterior_log_variance_clipped, t, x_t),
+  )
 
 
 # ----------------------------------------------------------------------------- conversions
 
-def convert_prediction(sqrt_ab: Array, sqrt_1m_ab: Array, x_t: Array, pred: Array, *,
-                       prediction: str = "eps") -> tuple[Array, Array]:
+
+def convert_prediction(
+  sqrt_ab: Array, sqrt_1m_ab: Array, x_t: Array, pred: Array, *, prediction: str = "eps"
+) -> tuple[Array, Array]:
   """The one conversion of a model prediction into (x0_hat, eps_hat) at explicit coefficients.
 
   With a = sqrt(ab) and s = sqrt(1 - ab): x_t = a x0 + s eps and v = a eps - s x0, so
@@ -148,8 +157,10 @@ def convert_prediction(sqrt_ab: Array, sqrt_1m_ab: Array, x_t: Array, pred: Arra
 
 def _coefs(schedule: Schedule, t: Array, x: Array) -> tuple[Array, Array]:
   """(sqrt(ab_t), sqrt(1 - ab_t)) gathered at integer t, [B, 1, ..., 1] of x's dtype."""
-  return (gather(schedule.sqrt_alphas_cumprod, t, x),
-          gather(schedule.sqrt_one_minus_alphas_cumprod, t, x))
+  return (
+    gather(schedule.sqrt_alphas_cumprod, t, x),
+    gather(schedule.sqrt_one_minus_alphas_cumprod, t, x),
+  )
 
 
 def x0_from_eps(schedule: Schedule, x_t: Array, t: Array, eps: Array) -> Array:
@@ -188,8 +199,9 @@ def eps_from_score(schedule: Schedule, t: Array, score: Array) -> Array:
   return -score * gather(schedule.sqrt_one_minus_alphas_cumprod, t, score)
 
 
-def to_x0_eps(schedule: Schedule, x_t: Array, t: Array, pred: Array, *,
-              prediction: str = "eps") -> tuple[Array, Array]:
+def to_x0_eps(
+  schedule: Schedule, x_t: Array, t: Array, pred: Array, *, prediction: str = "eps"
+) -> tuple[Array, Array]:
   """Converts a model prediction of any kind into the pair (x0_hat, eps_hat).
 
   `convert_prediction` at the schedule's float64-derived sqrt(ab_t), sqrt(1 - ab_t), cast to
@@ -220,6 +232,7 @@ def target_for(schedule: Schedule, x0: Array, t: Array, noise: Array, *, predict
 
 # ----------------------------------------------------------------------------- p(x_{t-1} | x_t)
 
+
 def split_learned_variance(model_out: Array, *, variance: str) -> tuple[Array, Array | None]:
   """Splits a [B, ..., 2C] output into (prediction, variance values) for 'learned_range'."""
   if variance not in VARIANCES:
@@ -227,15 +240,23 @@ def split_learned_variance(model_out: Array, *, variance: str) -> tuple[Array, A
   if variance != "learned_range":
     return model_out, None
   if model_out.shape[-1] % 2:
-    raise ValueError("variance='learned_range' needs a model output with 2C channels, got "
-                     f"{model_out.shape[-1]}")
+    raise ValueError(
+      f"variance='learned_range' needs a model output with 2C channels, got {model_out.shape[-1]}"
+    )
   pred, var_values = jnp.split(model_out, 2, axis=-1)
   return pred, var_values
 
 
-def p_mean_variance(schedule: Schedule, model_out: Array, x_t: Array, t: Array, *,
-                    prediction: str = "eps", variance: str = "fixed_small",
-                    clip_x0: float | None = None) -> tuple[Gaussian, Array]:
+def p_mean_variance(
+  schedule: Schedule,
+  model_out: Array,
+  x_t: Array,
+  t: Array,
+  *,
+  prediction: str = "eps",
+  variance: str = "fixed_small",
+  clip_x0: float | None = None,
+) -> tuple[Gaussian, Array]:
   """The reverse step p(x_{t-1} | x_t) from a model output ([DDPM] eq. 11, [IDDPM] eq. 15).
 
   Args:
@@ -267,13 +288,15 @@ def p_mean_variance(schedule: Schedule, model_out: Array, x_t: Array, t: Array, 
     # [IDDPM] eq. 15 interpolates up to log beta_t at every t, t = 0 included.
     max_log = gather(jnp.log(schedule.betas), t, x_t)
     frac = (var_values.astype(jnp.float32) + 1.0) / 2.0
-    log_var = (frac * max_log.astype(jnp.float32)
-               + (1.0 - frac) * min_log.astype(jnp.float32)).astype(x_t.dtype)
+    log_var = (
+      frac * max_log.astype(jnp.float32) + (1.0 - frac) * min_log.astype(jnp.float32)
+    ).astype(x_t.dtype)
   return Gaussian(mean, jnp.exp(log_var), log_var), x0
 
 
-def check_threshold(*, clip_x0: float | None = None,
-                    dynamic_percentile: float | None = None) -> None:
+def check_threshold(
+  *, clip_x0: float | None = None, dynamic_percentile: float | None = None
+) -> None:
   """Raises ValueError unless clip_x0 > 0 (or None) and dynamic_percentile in (0, 1] (or None)."""
   if clip_x0 is not None and not clip_x0 > 0:
     raise ValueError(f"clip_x0 must be positive, got {clip_x0}")
@@ -281,8 +304,9 @@ def check_threshold(*, clip_x0: float | None = None,
     raise ValueError(f"dynamic_percentile must be in (0, 1], got {dynamic_percentile}")
 
 
-def threshold_x0(x0: Array, *, clip_x0: float | None = None,
-                 dynamic_percentile: float | None = None) -> Array:
+def threshold_x0(
+  x0: Array, *, clip_x0: float | None = None, dynamic_percentile: float | None = None
+) -> Array:
   """Static clipping or dynamic thresholding of a data prediction.
 
   Dynamic thresholding ([Imagen] Sec. 2.3): per example, s is the `dynamic_percentile`

@@ -63,6 +63,7 @@ class ODELikelihood(NamedTuple):
     x_end: [B, ...] the ODE state at u_max (the latent).
     nfe: int32 scalar, number of (divergence-augmented) model evaluations.
   """
+
   bpd: Array
   nll: Array
   prior_logp: Array
@@ -73,13 +74,20 @@ class ODELikelihood(NamedTuple):
 
 # ----------------------------------------------------------------------------- dynamics
 
+
 def _sum_flat(a: Array) -> Array:
   return jnp.sum(a.reshape(a.shape[0], -1), axis=1)
 
 
-def make_dynamics(schedule: Schedule, model_fn: ModelFn, *, cond: Array | None = None,
-                  prediction: str = "eps", divergence: str = "hutchinson",
-                  probe: Array | None = None) -> Callable:
+def make_dynamics(
+  schedule: Schedule,
+  model_fn: ModelFn,
+  *,
+  cond: Array | None = None,
+  prediction: str = "eps",
+  divergence: str = "hutchinson",
+  probe: Array | None = None,
+) -> Callable:
   """The augmented PF-ODE f(u, (x, logp)) = (F(x, u), div F(x, u)) in u = log sigma.
 
   Args:
@@ -131,14 +139,17 @@ def make_dynamics(schedule: Schedule, model_fn: ModelFn, *, cond: Array | None =
 
 # ----------------------------------------------------------------------------- solvers
 
+
 def _axpy(y, h, ks, coefs):
   """y + h * sum_i c_i k_i over pytrees (skipping zero coefficients)."""
+
   def comb(y_leaf, *k_leaves):
     acc = y_leaf.astype(jnp.float32)
     for c, k in zip(coefs, k_leaves):
       if c != 0.0:
         acc = acc + (h * c) * k.astype(jnp.float32)
     return acc.astype(y_leaf.dtype)
+
   return jax.tree.map(comb, y, *ks)
 
 
@@ -166,13 +177,13 @@ def rk4_solve(f: Callable, y0, u0: Array, u1: Array, num_steps: int):
 # Dormand-Prince RK5(4)7M tableau [DP80].
 _DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
 _DP_A = (
-    (),
-    (1 / 5,),
-    (3 / 40, 9 / 40),
-    (44 / 45, -56 / 15, 32 / 9),
-    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
+  (),
+  (1 / 5,),
+  (3 / 40, 9 / 40),
+  (44 / 45, -56 / 15, 32 / 9),
+  (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+  (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+  (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
 )
 _DP_B = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)
 _DP_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
@@ -188,9 +199,20 @@ class _DPState(NamedTuple):
   steps: Array
 
 
-def dopri5_solve(f: Callable, y0, u0: Array, u1: Array, *, rtol: float = 1e-5,
-                 atol: float = 1e-5, first_step: float | None = None, max_steps: int = 500,
-                 safety: float = 0.9, min_factor: float = 0.2, max_factor: float = 10.0):
+def dopri5_solve(
+  f: Callable,
+  y0,
+  u0: Array,
+  u1: Array,
+  *,
+  rtol: float = 1e-5,
+  atol: float = 1e-5,
+  first_step: float | None = None,
+  max_steps: int = 500,
+  safety: float = 0.9,
+  min_factor: float = 0.2,
+  max_factor: float = 10.0,
+):
   """Adaptive Dormand-Prince 5(4) from u0 to u1 (u1 > u0) in a `lax.while_loop`.
 
   The local error estimate of the embedded 4th-order solution, scaled by
@@ -236,29 +258,50 @@ def dopri5_solve(f: Callable, y0, u0: Array, u1: Array, *, rtol: float = 1e-5,
     factor = jnp.clip(safety * jnp.where(e > 0, e, 1e-10) ** -0.2, min_factor, max_factor)
     u_new = jnp.where(h >= remaining, u1, s.u + h)
     pick = lambda a, b: jax.tree.map(lambda p, q: jnp.where(accept, p, q), a, b)
-    return _DPState(u=jnp.where(accept, u_new, s.u), y=pick(y_new, s.y), k1=pick(ks[6], s.k1),
-                    h=h * factor, nfe=s.nfe + 6, steps=s.steps + 1)
+    return _DPState(
+      u=jnp.where(accept, u_new, s.u),
+      y=pick(y_new, s.y),
+      k1=pick(ks[6], s.k1),
+      h=h * factor,
+      nfe=s.nfe + 6,
+      steps=s.steps + 1,
+    )
 
   k1 = f(u0, y0)
-  init = _DPState(jnp.asarray(u0, jnp.float32), y0, k1, jnp.asarray(h0, jnp.float32),
-                  jnp.int32(1), jnp.int32(0))
+  init = _DPState(
+    jnp.asarray(u0, jnp.float32), y0, k1, jnp.asarray(h0, jnp.float32), jnp.int32(1), jnp.int32(0)
+  )
   out = jax.lax.while_loop(cond, body, init)
   return out.y, out.nfe
 
 
 # ----------------------------------------------------------------------------- NLL
 
+
 def _prior_logp(z: Array) -> Array:
   d = math.prod(z.shape[1:])
   return -0.5 * _sum_flat(z.astype(jnp.float32) ** 2) - 0.5 * d * math.log(2 * math.pi)
 
 
-def ode_nll(schedule: Schedule, model_fn: ModelFn, x: Array, rng: Array, *,
-            cond: Array | None = None, prediction: str = "eps",
-            divergence: str = "hutchinson", noise: str = "rademacher", probe: Array | None = None,
-            solver: str = "dopri5", num_steps: int = 100, rtol: float = 1e-5,
-            atol: float = 1e-5, max_steps: int = 500, t_min: float = 0.0,
-            t_max: float | None = None) -> ODELikelihood:
+def ode_nll(
+  schedule: Schedule,
+  model_fn: ModelFn,
+  x: Array,
+  rng: Array,
+  *,
+  cond: Array | None = None,
+  prediction: str = "eps",
+  divergence: str = "hutchinson",
+  noise: str = "rademacher",
+  probe: Array | None = None,
+  solver: str = "dopri5",
+  num_steps: int = 100,
+  rtol: float = 1e-5,
+  atol: float = 1e-5,
+  max_steps: int = 500,
+  t_min: float = 0.0,
+  t_max: float | None = None,
+) -> ODELikelihood:
   """-log p(x) of continuous data x under the probability-flow ODE, in nats and bits/dim.
 
   x is taken as the state at t_min (default 0, sigma = the schedule's sigma_min; the model
@@ -288,28 +331,30 @@ def ode_nll(schedule: Schedule, model_fn: ModelFn, x: Array, rng: Array, *,
     raise ValueError(f"unknown noise {noise!r}; choose one of {NOISES}")
   t_max = schedule.num_steps - 1 if t_max is None else t_max
   if not 0.0 <= t_min < t_max <= schedule.num_steps - 1:
-    raise ValueError(f"need 0 <= t_min < t_max <= T-1 = {schedule.num_steps - 1}, got "
-                     f"t_min={t_min}, t_max={t_max}")
+    raise ValueError(
+      f"need 0 <= t_min < t_max <= T-1 = {schedule.num_steps - 1}, got t_min={t_min}, t_max={t_max}"
+    )
   if divergence == "hutchinson" and probe is None:
     if noise == "rademacher":
       probe = jax.random.rademacher(rng, x.shape, jnp.float32)
     else:
       probe = jax.random.normal(rng, x.shape, jnp.float32)
-  f = make_dynamics(schedule, model_fn, cond=cond, prediction=prediction,
-                    divergence=divergence, probe=probe)
+  f = make_dynamics(
+    schedule, model_fn, cond=cond, prediction=prediction, divergence=divergence, probe=probe
+  )
   u0 = jnp.log(continuous.t_to_sigma(schedule, jnp.float32(t_min)))
   u1 = jnp.log(continuous.t_to_sigma(schedule, jnp.float32(t_max)))
   y0 = (x, jnp.zeros((x.shape[0],), jnp.float32))
   if solver == "rk4":
     (x_end, delta), nfe = rk4_solve(f, y0, u0, u1, num_steps)
   else:
-    (x_end, delta), nfe = dopri5_solve(f, y0, u0, u1, rtol=rtol, atol=atol,
-                                       max_steps=max_steps)
+    (x_end, delta), nfe = dopri5_solve(f, y0, u0, u1, rtol=rtol, atol=atol, max_steps=max_steps)
   prior = _prior_logp(x_end)
   nll = -(prior + delta)
   d = math.prod(x.shape[1:])
-  return ODELikelihood(bpd=nll / (d * math.log(2.0)), nll=nll, prior_logp=prior,
-                       delta_logp=delta, x_end=x_end, nfe=nfe)
+  return ODELikelihood(
+    bpd=nll / (d * math.log(2.0)), nll=nll, prior_logp=prior, delta_logp=delta, x_end=x_end, nfe=nfe
+  )
 
 
 def dequantize(k: Array, u: Array, *, num_levels: int = 256) -> Array:
@@ -323,8 +368,16 @@ def dequantize(k: Array, u: Array, *, num_levels: int = 256) -> Array:
   return 2.0 * (k.astype(jnp.float32) + u.astype(jnp.float32)) / num_levels - 1.0
 
 
-def ode_bpd(schedule: Schedule, model_fn: ModelFn, k: Array, rng: Array, *, num_levels: int = 256,
-            u: Array | None = None, **kwargs) -> ODELikelihood:
+def ode_bpd(
+  schedule: Schedule,
+  model_fn: ModelFn,
+  k: Array,
+  rng: Array,
+  *,
+  num_levels: int = 256,
+  u: Array | None = None,
+  **kwargs,
+) -> ODELikelihood:
   """Bits/dim of discrete data (e.g. 8-bit images) via uniform dequantisation + `ode_nll`.
 
   -log P(k) <= E_u[-log p(x(k, u))] - D log(2 / num_levels): the density of x in [-1, 1]
@@ -347,8 +400,10 @@ def ode_bpd(schedule: Schedule, model_fn: ModelFn, k: Array, rng: Array, *, num_
   """
   k = jnp.asarray(k)
   if not jnp.issubdtype(k.dtype, jnp.integer):
-    raise TypeError(f"ode_bpd expects integer levels k (e.g. uint8), got dtype {k.dtype}; "
-                    "use ode_nll for continuous data")
+    raise TypeError(
+      f"ode_bpd expects integer levels k (e.g. uint8), got dtype {k.dtype}; "
+      "use ode_nll for continuous data"
+    )
   rng_u, rng_z = jax.random.split(rng)
   if u is None:
     u = jax.random.uniform(rng_u, k.shape, jnp.float32)

@@ -29,6 +29,7 @@ WEIGHTINGS = ("simple", "snr", "min_snr")
 
 # ----------------------------------------------------------------------------- timesteps
 
+
 def sample_timesteps(rng: Array, batch_size: int, num_steps: int) -> Array:
   """Uniform integer timesteps in [0, num_steps), int32 [batch_size]."""
   return jax.random.randint(rng, (batch_size,), 0, num_steps, dtype=jnp.int32)
@@ -41,13 +42,15 @@ class LossHistory(NamedTuple):
     values: [T, K] the last K squared losses seen at each timestep (a ring buffer).
     counts: [T] int32, how many losses each timestep has seen.
   """
+
   values: Array
   counts: Array
 
 
 def init_loss_history(num_steps: int, history: int = 10) -> LossHistory:
-  return LossHistory(jnp.zeros((num_steps, history), jnp.float32),
-                     jnp.zeros((num_steps,), jnp.int32))
+  return LossHistory(
+    jnp.zeros((num_steps, history), jnp.float32), jnp.zeros((num_steps,), jnp.int32)
+  )
 
 
 def update_loss_history(hist: LossHistory, t: Array, losses: Array) -> LossHistory:
@@ -58,20 +61,21 @@ def update_loss_history(hist: LossHistory, t: Array, losses: Array) -> LossHisto
   its last K losses are kept (each slot is written once, so the scatter has no collisions).
   """
   k = hist.values.shape[1]
-  same = t[:, None] == t[None, :]                                    # [B, B]
-  earlier = jnp.tril(same, -1)                                       # j < i with t_j == t_i
-  rank = jnp.sum(earlier, axis=1)                                    # position within its t
-  later = jnp.sum(same, axis=1) - 1 - rank                           # same t after i
+  same = t[:, None] == t[None, :]  # [B, B]
+  earlier = jnp.tril(same, -1)  # j < i with t_j == t_i
+  rank = jnp.sum(earlier, axis=1)  # position within its t
+  later = jnp.sum(same, axis=1) - 1 - rank  # same t after i
   slot = (hist.counts[t] + rank) % k
-  slot = jnp.where(later < k, slot, k)                               # overwritten: dropped
+  slot = jnp.where(later < k, slot, k)  # overwritten: dropped
   sq = jax.lax.stop_gradient(losses).astype(jnp.float32) ** 2
   values = hist.values.at[t, slot].set(sq, mode="drop")
   counts = hist.counts.at[t].add(1)
   return LossHistory(values, counts)
 
 
-def importance_sample_timesteps(rng: Array, batch_size: int, hist: LossHistory, *,
-                                uniform_prob: float = 0.001) -> tuple[Array, Array]:
+def importance_sample_timesteps(
+  rng: Array, batch_size: int, hist: LossHistory, *, uniform_prob: float = 0.001
+) -> tuple[Array, Array]:
   """Samples t with p_t ∝ sqrt(E[L_t^2]) once every timestep has a full history.
 
   Until then it samples uniformly ([IDDPM] Sec. 3.3). The returned weights 1 / (T p_t)
@@ -98,8 +102,10 @@ def importance_sample_timesteps(rng: Array, batch_size: int, hist: LossHistory, 
 
 # ----------------------------------------------------------------------------- denoising loss
 
-def loss_weight(schedule: Schedule, t: Array, *, prediction: str, weighting: str,
-                min_snr_gamma: float = 5.0) -> Array:
+
+def loss_weight(
+  schedule: Schedule, t: Array, *, prediction: str, weighting: str, min_snr_gamma: float = 5.0
+) -> Array:
   """Per-example weight on the MSE of `prediction`, float32 [B].
 
   Weightings are defined in x0-space, w(t) ||x0 - x0_hat||^2, and converted to the target
@@ -129,8 +135,15 @@ def mean_flat(x: Array) -> Array:
   return jnp.mean(x.astype(jnp.float32), axis=tuple(range(1, x.ndim)))
 
 
-def _noise_and_predict(schedule: Schedule, model_fn: ModelFn, x0: Array, rng: Array, *,
-                       t: Array | None, cond: Array | None) -> tuple[Array, Array, Array]:
+def _noise_and_predict(
+  schedule: Schedule,
+  model_fn: ModelFn,
+  x0: Array,
+  rng: Array,
+  *,
+  t: Array | None,
+  cond: Array | None,
+) -> tuple[Array, Array, Array]:
   """The training losses' common start: draw t (unless given) and noise, call the model.
 
   Returns:
@@ -144,10 +157,18 @@ def _noise_and_predict(schedule: Schedule, model_fn: ModelFn, x0: Array, rng: Ar
   return t, noise, model_fn(x_t, t, cond)
 
 
-def denoising_loss(schedule: Schedule, model_fn: ModelFn, x0: Array, rng: Array, *,
-                   cond: Array | None = None, t: Array | None = None,
-                   prediction: str = "eps", weighting: str = "simple",
-                   min_snr_gamma: float = 5.0) -> Array:
+def denoising_loss(
+  schedule: Schedule,
+  model_fn: ModelFn,
+  x0: Array,
+  rng: Array,
+  *,
+  cond: Array | None = None,
+  t: Array | None = None,
+  prediction: str = "eps",
+  weighting: str = "simple",
+  min_snr_gamma: float = 5.0,
+) -> Array:
   """Per-example denoising loss, float32 [B] ([DDPM] eq. 14 and its reweightings).
 
   Args:
@@ -166,26 +187,33 @@ def denoising_loss(schedule: Schedule, model_fn: ModelFn, x0: Array, rng: Array,
   """
   t, noise, pred = _noise_and_predict(schedule, model_fn, x0, rng, t=t, cond=cond)
   if pred.shape != x0.shape:
-    raise ValueError(f"model_fn returned shape {pred.shape}, expected {x0.shape}; for a "
-                     "learned-variance model use hybrid_loss")
+    raise ValueError(
+      f"model_fn returned shape {pred.shape}, expected {x0.shape}; for a "
+      "learned-variance model use hybrid_loss"
+    )
   target = diffusion.target_for(schedule, x0, t, noise, prediction=prediction)
-  w = loss_weight(schedule, t, prediction=prediction, weighting=weighting,
-                  min_snr_gamma=min_snr_gamma)
+  w = loss_weight(
+    schedule, t, prediction=prediction, weighting=weighting, min_snr_gamma=min_snr_gamma
+  )
   return w * mean_flat((pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2)
 
 
 # ----------------------------------------------------------------------------- the bound
 
+
 def normal_kl(mean1: Array, logvar1: Array, mean2: Array, logvar2: Array) -> Array:
   """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats (float32)."""
-  mean1, logvar1, mean2, logvar2 = (jnp.asarray(a, jnp.float32)
-                                    for a in (mean1, logvar1, mean2, logvar2))
-  return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
-                + (mean1 - mean2) ** 2 * jnp.exp(-logvar2))
+  mean1, logvar1, mean2, logvar2 = (
+    jnp.asarray(a, jnp.float32) for a in (mean1, logvar1, mean2, logvar2)
+  )
+  return 0.5 * (
+    -1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * jnp.exp(-logvar2)
+  )
 
 
-def discretized_gaussian_log_likelihood(x: Array, mean: Array, log_scale: Array, *,
-                                        num_levels: int = 256) -> Array:
+def discretized_gaussian_log_likelihood(
+  x: Array, mean: Array, log_scale: Array, *, num_levels: int = 256
+) -> Array:
   """log P(x) of data in [-1, 1] quantised to `num_levels` bins under N(mean, e^(2 log_scale)).
 
   The first and last bins extend to -inf and +inf ([DDPM] Sec. 3.3). Uses exact log-CDFs.
@@ -226,10 +254,19 @@ def prior_bpd(schedule: Schedule, x0: Array) -> Array:
   return mean_flat(normal_kl(mean, logvar, 0.0, 0.0)) / math.log(2.0)
 
 
-def vlb_term(schedule: Schedule, model_fn: ModelFn, x0: Array, t: Array, noise: Array, *,
-             cond: Array | None = None, prediction: str = "eps",
-             variance: str = "fixed_small", clip_x0: float | None = None,
-             num_levels: int = 256) -> Array:
+def vlb_term(
+  schedule: Schedule,
+  model_fn: ModelFn,
+  x0: Array,
+  t: Array,
+  noise: Array,
+  *,
+  cond: Array | None = None,
+  prediction: str = "eps",
+  variance: str = "fixed_small",
+  clip_x0: float | None = None,
+  num_levels: int = 256,
+) -> Array:
   """One term L_t of the bound at timesteps t, in bits/dim, float32 [B].
 
   For t > 0: KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)); for t = 0: the discretized
@@ -238,12 +275,14 @@ def vlb_term(schedule: Schedule, model_fn: ModelFn, x0: Array, t: Array, noise: 
   x0 = x0.astype(jnp.float32)
   x_t = diffusion.q_sample(schedule, x0, t, noise)
   out = model_fn(x_t, t, cond).astype(jnp.float32)
-  p, _ = diffusion.p_mean_variance(schedule, out, x_t, t, prediction=prediction,
-                                   variance=variance, clip_x0=clip_x0)
+  p, _ = diffusion.p_mean_variance(
+    schedule, out, x_t, t, prediction=prediction, variance=variance, clip_x0=clip_x0
+  )
   q = diffusion.q_posterior(schedule, x0, x_t, t)
   kl = mean_flat(normal_kl(q.mean, q.log_variance, p.mean, p.log_variance)) / math.log(2.0)
-  nll = -mean_flat(discretized_gaussian_log_likelihood(
-      x0, p.mean, 0.5 * p.log_variance, num_levels=num_levels)) / math.log(2.0)
+  nll = -mean_flat(
+    discretized_gaussian_log_likelihood(x0, p.mean, 0.5 * p.log_variance, num_levels=num_levels)
+  ) / math.log(2.0)
   return jnp.where(t == 0, nll, kl)
 
 
@@ -255,15 +294,24 @@ class BoundTerms(NamedTuple):
     prior: [B] KL(q(x_T | x_0) || N(0, I)).
     terms: [B, T] L_t for t = 0 (decoder NLL) .. T-1.
   """
+
   total: Array
   prior: Array
   terms: Array
 
 
-def variational_bound(schedule: Schedule, model_fn: ModelFn, x0: Array, rng: Array, *,
-                      cond: Array | None = None, prediction: str = "eps",
-                      variance: str = "fixed_small", clip_x0: float | None = None,
-                      num_levels: int = 256) -> BoundTerms:
+def variational_bound(
+  schedule: Schedule,
+  model_fn: ModelFn,
+  x0: Array,
+  rng: Array,
+  *,
+  cond: Array | None = None,
+  prediction: str = "eps",
+  variance: str = "fixed_small",
+  clip_x0: float | None = None,
+  num_levels: int = 256,
+) -> BoundTerms:
   """The full variational bound -log p(x_0) <= L in bits/dim, all T terms ([DDPM] eq. 5).
 
   Costs T model calls per example, run with one `lax.scan` (compiles once).
@@ -286,8 +334,18 @@ def variational_bound(schedule: Schedule, model_fn: ModelFn, x0: Array, rng: Arr
   def body(_, t_scalar):
     noise = jax.random.normal(jax.random.fold_in(rng, t_scalar), x0.shape, jnp.float32)
     t = jnp.full((b,), t_scalar, jnp.int32)
-    return None, vlb_term(schedule, model_fn, x0, t, noise, cond=cond, prediction=prediction,
-                          variance=variance, clip_x0=clip_x0, num_levels=num_levels)
+    return None, vlb_term(
+      schedule,
+      model_fn,
+      x0,
+      t,
+      noise,
+      cond=cond,
+      prediction=prediction,
+      variance=variance,
+      clip_x0=clip_x0,
+      num_levels=num_levels,
+    )
 
   _, terms = jax.lax.scan(body, None, jnp.arange(schedule.num_steps, dtype=jnp.int32))
   terms = terms.T
@@ -295,9 +353,18 @@ def variational_bound(schedule: Schedule, model_fn: ModelFn, x0: Array, rng: Arr
   return BoundTerms(prior + jnp.sum(terms, axis=1), prior, terms)
 
 
-def hybrid_loss(schedule: Schedule, model_fn: ModelFn, x0: Array, rng: Array, *,
-                cond: Array | None = None, t: Array | None = None, prediction: str = "eps",
-                vlb_weight: float = 0.001, num_levels: int = 256) -> Array:
+def hybrid_loss(
+  schedule: Schedule,
+  model_fn: ModelFn,
+  x0: Array,
+  rng: Array,
+  *,
+  cond: Array | None = None,
+  t: Array | None = None,
+  prediction: str = "eps",
+  vlb_weight: float = 0.001,
+  num_levels: int = 256,
+) -> Array:
   """[IDDPM]'s L_hybrid = L_simple + lambda L_vlb for a learned-range variance model, [B].
 
   model_fn must return 2C channels: the prediction and the variance interpolation values.
@@ -310,6 +377,14 @@ def hybrid_loss(schedule: Schedule, model_fn: ModelFn, x0: Array, rng: Array, *,
   target = diffusion.target_for(schedule, x0, t, noise, prediction=prediction)
   simple = mean_flat((pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2)
   frozen = jnp.concatenate([jax.lax.stop_gradient(pred), var_values], axis=-1)
-  vlb = vlb_term(schedule, lambda *_: frozen, x0, t, noise, prediction=prediction,
-                 variance="learned_range", num_levels=num_levels)
+  vlb = vlb_term(
+    schedule,
+    lambda *_: frozen,
+    x0,
+    t,
+    noise,
+    prediction=prediction,
+    variance="learned_range",
+    num_levels=num_levels,
+  )
   return simple + vlb_weight * schedule.num_steps * vlb

@@ -103,21 +103,24 @@ def from_betas(betas) -> Schedule:
   ac_prev = np.concatenate([[1.0], ac[:-1]])
   post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
   # post_var[0] == 0 exactly; clip the log with the next value as in IDDPM.
-  post_log_var = np.log(np.concatenate([post_var[1:2], post_var[1:]])) if len(betas) > 1 else (
-      np.log(np.maximum(post_var, 1e-20)))
+  post_log_var = (
+    np.log(np.concatenate([post_var[1:2], post_var[1:]]))
+    if len(betas) > 1
+    else (np.log(np.maximum(post_var, 1e-20)))
+  )
   coef1 = betas * np.sqrt(ac_prev) / (1.0 - ac)
   coef2 = (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac)
   f32 = lambda a: jnp.asarray(a, dtype=jnp.float32)
   return Schedule(
-      betas=f32(betas),
-      alphas_cumprod=f32(ac),
-      alphas_cumprod_prev=f32(ac_prev),
-      sqrt_alphas_cumprod=f32(np.sqrt(ac)),
-      sqrt_one_minus_alphas_cumprod=f32(np.sqrt(1.0 - ac)),
-      posterior_variance=f32(post_var),
-      posterior_log_variance_clipped=f32(post_log_var),
-      posterior_mean_coef1=f32(coef1),
-      posterior_mean_coef2=f32(coef2),
+    betas=f32(betas),
+    alphas_cumprod=f32(ac),
+    alphas_cumprod_prev=f32(ac_prev),
+    sqrt_alphas_cumprod=f32(np.sqrt(ac)),
+    sqrt_one_minus_alphas_cumprod=f32(np.sqrt(1.0 - ac)),
+    posterior_variance=f32(post_var),
+    posterior_log_variance_clipped=f32(post_log_var),
+    posterior_mean_coef1=f32(coef1),
+    posterior_mean_coef2=f32(coef2),
   )
 
 
@@ -149,12 +152,12 @@ def linear(num_steps: int = 1000, *, beta_start: float = 1e-4, beta_end: float =
   return from_betas(np.linspace(scale * beta_start, scale * beta_end, num_steps, dtype=np.float64))
 
 
-def scaled_linear(num_steps: int = 1000, *, beta_start: float = 0.00085,
-                  beta_end: float = 0.012) -> Schedule:
+def scaled_linear(
+  num_steps: int = 1000, *, beta_start: float = 0.00085, beta_end: float = 0.012
+) -> Schedule:
   """Stable Diffusion's schedule [LDM]: betas linear in sqrt(beta)."""
   _check_steps(num_steps)
-  return from_betas(
-      np.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=np.float64) ** 2)
+  return from_betas(np.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=np.float64) ** 2)
 
 
 def cosine(num_steps: int = 1000, *, s: float = 0.008, max_beta: float = 0.999) -> Schedule:
@@ -165,8 +168,14 @@ def cosine(num_steps: int = 1000, *, s: float = 0.008, max_beta: float = 0.999) 
   return from_betas(betas_from_alpha_bar(f / f[0], max_beta=max_beta))
 
 
-def sigmoid(num_steps: int = 1000, *, start: float = -3.0, end: float = 3.0, tau: float = 1.0,
-            max_beta: float = 0.999) -> Schedule:
+def sigmoid(
+  num_steps: int = 1000,
+  *,
+  start: float = -3.0,
+  end: float = 3.0,
+  tau: float = 1.0,
+  max_beta: float = 0.999,
+) -> Schedule:
   """[Chen23]'s sigmoid schedule (Algorithm 1): alpha_bar(t) from a shifted, scaled sigmoid.
 
   alpha_bar(t) = (v_end - sigmoid((t (end - start) + start) / tau)) / (v_end - v_start),
@@ -201,15 +210,16 @@ def rescale_zero_terminal_snr(schedule: Schedule) -> Schedule:
 
 
 _CONSTRUCTORS = {
-    "linear": linear,
-    "scaled_linear": scaled_linear,
-    "cosine": cosine,
-    "sigmoid": sigmoid,
+  "linear": linear,
+  "scaled_linear": scaled_linear,
+  "cosine": cosine,
+  "sigmoid": sigmoid,
 }
 
 
-def get_schedule(name: str, num_steps: int = 1000, *, zero_terminal_snr: bool = False,
-                 **kwargs) -> Schedule:
+def get_schedule(
+  name: str, num_steps: int = 1000, *, zero_terminal_snr: bool = False, **kwargs
+) -> Schedule:
   """Builds a named schedule (for configs): 'linear', 'scaled_linear', 'cosine' or 'sigmoid'."""
   if name not in _CONSTRUCTORS:
     raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(_CONSTRUCTORS)}")

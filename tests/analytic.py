@@ -44,11 +44,24 @@ import numpy as np
 from scipy import stats
 
 __all__ = [
-    "gaussian_eps_at_alpha_bar", "gaussian_x0_at_alpha_bar", "gaussian_posterior_x0_variance",
-    "mixture_eps_at_alpha_bar", "mixture_x0_at_alpha_bar", "mixture_score_at_alpha_bar",
-    "mixture_denoiser_at_sigma", "gaussian_eps_fn", "gaussian_x0_fn", "gaussian_v_fn",
-    "mixture_eps_fn", "mixture_x0_fn", "mixture_v_fn", "gaussian_log_prob", "mixture_log_prob",
-    "mixture_marginal_log_prob", "mixture_cdf_1d", "mixture_sample",
+  "gaussian_eps_at_alpha_bar",
+  "gaussian_x0_at_alpha_bar",
+  "gaussian_posterior_x0_variance",
+  "mixture_eps_at_alpha_bar",
+  "mixture_x0_at_alpha_bar",
+  "mixture_score_at_alpha_bar",
+  "mixture_denoiser_at_sigma",
+  "gaussian_eps_fn",
+  "gaussian_x0_fn",
+  "gaussian_v_fn",
+  "mixture_eps_fn",
+  "mixture_x0_fn",
+  "mixture_v_fn",
+  "gaussian_log_prob",
+  "mixture_log_prob",
+  "mixture_marginal_log_prob",
+  "mixture_cdf_1d",
+  "mixture_sample",
 ]
 
 
@@ -85,8 +98,8 @@ def _components(alpha_bar, x, weights, means, stds):
   x = jnp.asarray(x, jnp.float32)
   w, m, s = _params(x, weights, means, stds)
   ab = _bcast(alpha_bar, x)[:, None] if jnp.ndim(alpha_bar) else _bcast(alpha_bar, x)
-  mean_k = jnp.sqrt(ab) * m[None]                       # [B or 1, K, *event]
-  var_k = ab * s[None] ** 2 + (1.0 - ab)                # [B or 1, K, *event]
+  mean_k = jnp.sqrt(ab) * m[None]  # [B or 1, K, *event]
+  var_k = ab * s[None] ** 2 + (1.0 - ab)  # [B or 1, K, *event]
   axes = tuple(range(2, x.ndim + 1))
   xe = x[:, None]
   log_n = -0.5 * jnp.sum((xe - mean_k) ** 2 / var_k + jnp.log(2 * math.pi * var_k), axis=axes)
@@ -115,7 +128,8 @@ def mixture_score_at_alpha_bar(alpha_bar, x, weights, means, stds):
   """grad_x log q_t(x) for mixture data, [B, *event]."""
   x = jnp.asarray(x, jnp.float32)
   return -mixture_eps_at_alpha_bar(alpha_bar, x, weights, means, stds) / jnp.sqrt(
-      1.0 - _bcast(alpha_bar, x))
+    1.0 - _bcast(alpha_bar, x)
+  )
 
 
 def mixture_denoiser_at_sigma(sigma, x, weights, means, stds):
@@ -171,6 +185,7 @@ def _v_from(ab, x, eps, x0):
 def _model_fn(schedule, eps_at, x0_at, prediction):
   """model_fn(x_t, t, cond) -> E[prediction | x_t] at integer t [B], from eps_at(ab, x) and
   x0_at(ab, x); v = sqrt(ab) E[eps|x_t] - sqrt(1-ab) E[x0|x_t]."""
+
   def model_fn(x_t, t, cond=None):
     del cond
     ab = _ab_of_t(schedule, t)
@@ -181,18 +196,26 @@ def _model_fn(schedule, eps_at, x0_at, prediction):
     else:
       out = _v_from(ab, x_t, eps_at(ab, x_t), x0_at(ab, x_t))
     return out.astype(x_t.dtype)
+
   return model_fn
 
 
 def _gaussian_fn(schedule, mu, sigma, prediction):
-  return _model_fn(schedule, lambda ab, x: gaussian_eps_at_alpha_bar(ab, x, mu, sigma),
-                   lambda ab, x: gaussian_x0_at_alpha_bar(ab, x, mu, sigma), prediction)
+  return _model_fn(
+    schedule,
+    lambda ab, x: gaussian_eps_at_alpha_bar(ab, x, mu, sigma),
+    lambda ab, x: gaussian_x0_at_alpha_bar(ab, x, mu, sigma),
+    prediction,
+  )
 
 
 def _mixture_fn(schedule, weights, means, stds, prediction):
-  return _model_fn(schedule, lambda ab, x: mixture_eps_at_alpha_bar(ab, x, weights, means, stds),
-                   lambda ab, x: mixture_x0_at_alpha_bar(ab, x, weights, means, stds),
-                   prediction)
+  return _model_fn(
+    schedule,
+    lambda ab, x: mixture_eps_at_alpha_bar(ab, x, weights, means, stds),
+    lambda ab, x: mixture_x0_at_alpha_bar(ab, x, weights, means, stds),
+    prediction,
+  )
 
 
 def gaussian_eps_fn(schedule, mu, sigma):
@@ -227,6 +250,7 @@ def mixture_v_fn(schedule, weights, means, stds):
 
 # ----------------------------------------------------------------------------- densities
 
+
 def gaussian_log_prob(x, mu, sigma):
   """log N(x; mu, diag(sigma^2)) summed over the event dims, [B] (NumPy float64)."""
   x = np.asarray(x, np.float64)
@@ -238,8 +262,9 @@ def mixture_marginal_log_prob(alpha_bar, x, weights, means, stds):
   """log q_t(x) of the noised mixture at alpha_bar (alpha_bar = 1: the data), [B] (JAX)."""
   x, _, w, _, _, mean_k, var_k, _ = _components(alpha_bar, x, weights, means, stds)
   axes = tuple(range(2, x.ndim + 1))
-  log_n = -0.5 * jnp.sum((x[:, None] - mean_k) ** 2 / var_k + jnp.log(2 * math.pi * var_k),
-                         axis=axes)
+  log_n = -0.5 * jnp.sum(
+    (x[:, None] - mean_k) ** 2 / var_k + jnp.log(2 * math.pi * var_k), axis=axes
+  )
   return jax.scipy.special.logsumexp(jnp.log(w)[None] + log_n, axis=1)
 
 

@@ -11,8 +11,9 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A persistent XLA compilation cache shared by the in-process tests and their subprocesses:
 # the suite compiles the same tiny models many times.
-CACHE_DIR = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                                  os.path.join(REPO, ".pytest_cache", "jax"))
+CACHE_DIR = os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".pytest_cache", "jax")
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
@@ -21,29 +22,40 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 def digits_dir(tmp_path_factory) -> str:
   """A tfds data_dir holding the digits dataset at 16x16, built once per session."""
   from jdiff.data import digits  # pylint: disable=g-import-not-at-top
+
   path = str(tmp_path_factory.mktemp("tfds"))
   digits.prepare_digits(image_size=16, data_dir=path)
   return path
 
 
-def run_python(args: list[str], *, devices: int = 1, timeout: float = 600, env=None,
-               check: bool = True) -> subprocess.CompletedProcess:
+def run_python(
+  args: list[str], *, devices: int = 1, timeout: float = 600, env=None, check: bool = True
+) -> subprocess.CompletedProcess:
   """Runs `python ARGS` from the repo root with `devices` fake CPU devices."""
   full_env = dict(os.environ)
   full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   full_env["JAX_PLATFORMS"] = "cpu"
   full_env.update(env or {})
-  proc = subprocess.run([sys.executable, *args], cwd=REPO, env=full_env, capture_output=True,
-                        text=True, timeout=timeout)
+  proc = subprocess.run(
+    [sys.executable, *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+  )
   if check and proc.returncode != 0:
-    raise AssertionError(f"python {' '.join(args)} failed ({proc.returncode}):\n"
-                         f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    raise AssertionError(
+      f"python {' '.join(args)} failed ({proc.returncode}):\n"
+      f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
   return proc
 
 
 def main_args(mode: str, workdir: str, data_dir: str, config: str = "tiny", **overrides) -> list:
   """Arguments of `python -m experiments.main` with --config.KEY=VALUE overrides."""
-  args = ["-m", "experiments.main", f"--config=experiments/configs/{config}.py",
-          f"--workdir={workdir}", f"--mode={mode}", f"--config.data.data_dir={data_dir}"]
+  args = [
+    "-m",
+    "experiments.main",
+    f"--config=experiments/configs/{config}.py",
+    f"--workdir={workdir}",
+    f"--mode={mode}",
+    f"--config.data.data_dir={data_dir}",
+  ]
   args += [f"--config.{k}={v}" for k, v in overrides.items()]
   return args

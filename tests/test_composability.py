@@ -79,13 +79,18 @@ print("RESULT" + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def mapped():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-  proc = subprocess.run([sys.executable, "-c", _MAPPED], env=env, cwd=ROOT, capture_output=True,
-                        text=True, timeout=300)
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=str(ROOT),
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", _MAPPED], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
-  return json.loads(line[len("RESULT"):])
+  line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
+  return json.loads(line[len("RESULT") :])
 
 
 @pytest.mark.parametrize("mapping", ["pmap", "vmap", "shard_map"])
@@ -104,7 +109,7 @@ def test_no_retrace_when_t_or_schedule_values_change():
 
   @jax.jit
   def step(s, x, t, t_prev, noise, rng):
-    traces.append(1)   # Python side effect: runs only while tracing.
+    traces.append(1)  # Python side effect: runs only while tracing.
     f = analytic.gaussian_eps_fn(s, 0.1, 0.5)
     a = samplers.ddpm_step(s, f, x, t, noise)[0]
     b = samplers.ddim_step(s, f, x, t, t_prev, noise, eta=0.3)[0]
@@ -114,8 +119,12 @@ def test_no_retrace_when_t_or_schedule_values_change():
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
   rng = jax.random.PRNGKey(1)
   results = []
-  for s in (schedules.linear(100), schedules.cosine(100), schedules.sigmoid(100),
-            schedules.rescale_zero_terminal_snr(schedules.scaled_linear(100))):
+  for s in (
+    schedules.linear(100),
+    schedules.cosine(100),
+    schedules.sigmoid(100),
+    schedules.rescale_zero_terminal_snr(schedules.scaled_linear(100)),
+  ):
     for t, tp in ((5, 2), (50, 10), (99, 80)):
       results.append(step(s, x, jnp.int32(t), jnp.int32(tp), x, rng))
   assert len(traces) == 1
@@ -134,8 +143,12 @@ def test_bfloat16_is_kept():
   # Values agree with float32 to bfloat16 precision.
   ref = diffusion.q_sample(s, x0.astype(jnp.float32), t, noise.astype(jnp.float32))
   np.testing.assert_allclose(x_t.astype(jnp.float32), ref, rtol=2e-2, atol=2e-2)
-  for fn in (diffusion.x0_from_eps, diffusion.eps_from_x0, diffusion.x0_from_v,
-             diffusion.eps_from_v):
+  for fn in (
+    diffusion.x0_from_eps,
+    diffusion.eps_from_x0,
+    diffusion.x0_from_v,
+    diffusion.eps_from_v,
+  ):
     assert fn(s, x_t, t, noise).dtype == bf
   assert diffusion.v_from_x0_eps(s, x0, t, noise).dtype == bf
   assert diffusion.score_from_eps(s, t, noise).dtype == bf
@@ -145,8 +158,9 @@ def test_bfloat16_is_kept():
   for variance in ("fixed_small", "fixed_large"):
     p, x0_hat = diffusion.p_mean_variance(s, noise, x_t, t, variance=variance)
     assert p.mean.dtype == bf and p.log_variance.dtype == bf and x0_hat.dtype == bf
-  p, _ = diffusion.p_mean_variance(s, jnp.concatenate([noise, noise], -1), x_t, t,
-                                   variance="learned_range")
+  p, _ = diffusion.p_mean_variance(
+    s, jnp.concatenate([noise, noise], -1), x_t, t, variance="learned_range"
+  )
   assert p.mean.dtype == bf and p.log_variance.dtype == bf
   f = analytic.gaussian_eps_fn(s, 0.1, 0.5)
   for variance in ("fixed_small", "fixed_large"):
@@ -155,6 +169,7 @@ def test_bfloat16_is_kept():
   assert a.dtype == bf and b.dtype == bf
   assert samplers.ddim_sample(s, f, x_t, jax.random.PRNGKey(2), num_steps=5).dtype == bf
   for pred in ("eps", "x0", "v"):
-    loss = losses.denoising_loss(s, f, x0, jax.random.PRNGKey(3), prediction=pred,
-                                 weighting="min_snr")
+    loss = losses.denoising_loss(
+      s, f, x0, jax.random.PRNGKey(3), prediction=pred, weighting="min_snr"
+    )
     assert loss.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(loss)))

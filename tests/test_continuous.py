@@ -14,17 +14,18 @@ import pytest
 from jdiff import continuous, diffusion, schedules
 
 SCHEDULES = {
-    "linear": schedules.linear(1000),
-    "cosine": schedules.cosine(1000),
-    "cosine_ztsnr": schedules.get_schedule("cosine", 1000, zero_terminal_snr=True),
+  "linear": schedules.linear(1000),
+  "cosine": schedules.cosine(1000),
+  "cosine_ztsnr": schedules.get_schedule("cosine", 1000, zero_terminal_snr=True),
 }
 F32_EPS = float(np.finfo(np.float32).eps)
 
 
 def _sigma64(schedule, stop=None):
   """sigma_t = sqrt(1 - ab_t) / sqrt(ab_t) from the schedule's stored values, float64 [:stop]."""
-  return (np.asarray(schedule.sqrt_one_minus_alphas_cumprod[:stop], np.float64)
-          / np.asarray(schedule.sqrt_alphas_cumprod[:stop], np.float64))
+  return np.asarray(schedule.sqrt_one_minus_alphas_cumprod[:stop], np.float64) / np.asarray(
+    schedule.sqrt_alphas_cumprod[:stop], np.float64
+  )
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine"])
@@ -96,5 +97,4 @@ def test_zero_terminal_snr_last_alpha_bar_is_floored_at_2_pow_minus_24():
   np.testing.assert_allclose(sig[-1], np.sqrt(1 - 2.0**-24) / 2.0**-12, rtol=2e-6)
   np.testing.assert_allclose(sig[:-1], _sigma64(s, -1), rtol=2e-6)
   t = jnp.array([0.0, 10.5, 500.25, 998.0, 999.0])
-  np.testing.assert_allclose(continuous.sigma_to_t(s, continuous.t_to_sigma(s, t)), t,
-                             atol=2e-3)
+  np.testing.assert_allclose(continuous.sigma_to_t(s, continuous.t_to_sigma(s, t)), t, atol=2e-3)

@@ -97,8 +97,9 @@ def test_digits_metadata_and_counts(data_dir):
 def test_digits_image_size_picks_stored_config(data_dir, sk_digits):
   # Plain "jdiff_digits" at image_size=8 reads the 8x8 build (built here, once),
   # not the 16x16 build resized down.
-  it = pipeline.make_eval_iterator("jdiff_digits", data_dir=data_dir, global_batch_size=4,
-                                   image_size=8)
+  it = pipeline.make_eval_iterator(
+    "jdiff_digits", data_dir=data_dir, global_batch_size=4, image_size=8
+  )
   batch = next(it)
   source = tfds.data_source("jdiff_digits/8x8", split="test", data_dir=data_dir, download=False)
   for i in range(4):
@@ -129,10 +130,10 @@ def test_resize_digit_sizes(sk_digits):
   img = sk_digits.images[5]
   for size in (8, 16, 32):
     np.testing.assert_array_equal(
-        digits_lib.resize_digit(img, image_size=size)[:, :, 0], _expected_digit(img, size)
+      digits_lib.resize_digit(img, image_size=size)[:, :, 0], _expected_digit(img, size)
     )
   np.testing.assert_array_equal(
-      digits_lib.resize_digit(np.full((8, 8), 16.0), image_size=32), np.full((32, 32, 1), 255)
+    digits_lib.resize_digit(np.full((8, 8), 16.0), image_size=32), np.full((32, 32, 1), 255)
   )
   with pytest.raises(ValueError, match=r"\(7, 8\)"):
     digits_lib.resize_digit(np.zeros((7, 8)), image_size=16)
@@ -180,9 +181,7 @@ def test_import_and_use_does_not_import_tensorflow(data_dir):
 
 def test_train_batches_shapes_and_values(data_dir):
   source = sources.load_source("jdiff_digits", split="train", data_dir=data_dir)
-  it = pipeline.make_train_iterator(
-      "jdiff_digits", data_dir=data_dir, global_batch_size=32, seed=0
-  )
+  it = pipeline.make_train_iterator("jdiff_digits", data_dir=data_dir, global_batch_size=32, seed=0)
   labels = []
   for batch in _take(it, 4):
     assert set(batch) == {"image", "label"}
@@ -204,7 +203,7 @@ def test_train_batches_shapes_and_values(data_dir):
 
 def test_train_iterator_deterministic_from_seed(data_dir):
   make = lambda seed: pipeline.make_train_iterator(
-      "jdiff_digits", data_dir=data_dir, global_batch_size=16, seed=seed
+    "jdiff_digits", data_dir=data_dir, global_batch_size=16, seed=seed
   )
   a, b, c = _take(make(3), 3), _take(make(3), 3), _take(make(4), 3)
   _assert_same_batches(a, b)
@@ -227,8 +226,12 @@ def test_shards_disjoint_and_cover():
   seen = []
   for p in range(procs):
     it = pipeline.make_train_iterator(
-        IdSource(n), global_batch_size=2 * procs, seed=9,
-        process_index=p, process_count=procs, num_epochs=1,
+      IdSource(n),
+      global_batch_size=2 * procs,
+      seed=9,
+      process_index=p,
+      process_count=procs,
+      num_epochs=1,
     )
     ids = np.concatenate([_ids(b) for b in it])
     assert len(ids) == n // procs and len(set(ids.tolist())) == n // procs
@@ -242,8 +245,13 @@ def test_digits_two_processes_disjoint(data_dir):
   per_proc = []
   for p in range(2):
     it = pipeline.make_train_iterator(
-        "jdiff_digits", data_dir=data_dir, global_batch_size=4, seed=1,
-        process_index=p, process_count=2, num_epochs=1,
+      "jdiff_digits",
+      data_dir=data_dir,
+      global_batch_size=4,
+      seed=1,
+      process_index=p,
+      process_count=2,
+      num_epochs=1,
     )
     imgs = np.concatenate([b["image"] for b in it])
     assert imgs.shape == (798, 16, 16, 1)
@@ -327,10 +335,15 @@ def test_eval_exact_single_pass(data_dir, procs, global_batch):
   want_labels = np.array([int(source[i]["label"]) for i in range(200)])
   got, labels, counts = [], [], []
   for p in range(procs):
-    batches = list(pipeline.make_eval_iterator(
-        "jdiff_digits", data_dir=data_dir, global_batch_size=global_batch,
-        process_index=p, process_count=procs,
-    ))
+    batches = list(
+      pipeline.make_eval_iterator(
+        "jdiff_digits",
+        data_dir=data_dir,
+        global_batch_size=global_batch,
+        process_index=p,
+        process_count=procs,
+      )
+    )
     counts.append(len(batches))
     for b in batches:
       assert b["image"].shape == (global_batch // procs, 16, 16, 1)
@@ -349,13 +362,14 @@ def test_eval_exact_single_pass(data_dir, procs, global_batch):
 def test_batch_not_divisible_error(data_dir):
   with pytest.raises(ValueError, match="global_batch_size=10 is not divisible by process_count=3"):
     pipeline.make_train_iterator(
-        "jdiff_digits", data_dir=data_dir, global_batch_size=10, seed=0, process_count=3
+      "jdiff_digits", data_dir=data_dir, global_batch_size=10, seed=0, process_count=3
     )
   with pytest.raises(ValueError, match="not divisible"):
     pipeline.make_eval_iterator(IdSource(10), global_batch_size=5, process_count=2)
   with pytest.raises(ValueError, match="process_index"):
-    pipeline.make_train_iterator(IdSource(10), global_batch_size=4, seed=0, process_index=2,
-                                 process_count=2)
+    pipeline.make_train_iterator(
+      IdSource(10), global_batch_size=4, seed=0, process_index=2, process_count=2
+    )
   with pytest.raises(ValueError, match="num_epochs=1"):
     pipeline.make_train_iterator(IdSource(10), global_batch_size=16, seed=0, num_epochs=1)
 
@@ -378,10 +392,15 @@ class JdiffTestTiny(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "image": tfds.features.Tensor(shape=(4, 4, 3), dtype=np.uint8),
-        "label": tfds.features.ClassLabel(num_classes=3),
-    }))
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Tensor(shape=(4, 4, 3), dtype=np.uint8),
+          "label": tfds.features.ClassLabel(num_classes=3),
+        }
+      ),
+    )
 
   def _split_generators(self, dl_manager):
     return {"train": self._generate_examples(12), "test": self._generate_examples(5)}
@@ -396,6 +415,7 @@ class JdiffTestNeedsTf(JdiffTestTiny):
 
   def _split_generators(self, dl_manager):
     import tensorflow  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
+
     return super()._split_generators(dl_manager)
 
 
@@ -403,10 +423,15 @@ class JdiffTestPng(JdiffTestTiny):
   """Like mnist/cifar10: an Image feature, which tfds PNG-encodes through TF."""
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(4, 4, 3)),
-        "label": tfds.features.ClassLabel(num_classes=3),
-    }))
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(4, 4, 3)),
+          "label": tfds.features.ClassLabel(num_classes=3),
+        }
+      ),
+    )
 
 
 def test_catalog_path_prepares_then_reads(tmp_path):
@@ -416,8 +441,9 @@ def test_catalog_path_prepares_then_reads(tmp_path):
   assert meta == sources.DatasetMetadata("jdiff_test_tiny", (4, 4, 3), 3, {"train": 12, "test": 5})
   source = tfds.data_source("jdiff_test_tiny", split="train", data_dir=d, download=False)
   assert len(source) == 12
-  it = pipeline.make_train_iterator("jdiff_test_tiny", data_dir=d, global_batch_size=12,
-                                    seed=0, num_epochs=1)
+  it = pipeline.make_train_iterator(
+    "jdiff_test_tiny", data_dir=d, global_batch_size=12, seed=0, num_epochs=1
+  )
   batch = next(it)
   values = np.round((batch["image"][:, 0, 0, 0] + 1) * 127.5).astype(int)
   assert sorted(values.tolist()) == [10 * i for i in range(12)]

@@ -22,7 +22,7 @@ def test_q_sample_moments():
   n = 20000
   ts = np.array([0, 10, 250, 700, 999])
   x0 = jnp.linspace(-1.0, 1.0, len(ts))
-  x0b = jnp.repeat(x0[:, None], n, axis=1)                  # [5, n]
+  x0b = jnp.repeat(x0[:, None], n, axis=1)  # [5, n]
   t = jnp.asarray(ts, jnp.int32)
   noise = jax.random.normal(jax.random.PRNGKey(0), x0b.shape)
   x_t = np.asarray(diffusion.q_sample(SCHED, x0b, t, noise), np.float64)
@@ -38,9 +38,14 @@ def test_q_sample_moments():
   np.testing.assert_allclose(logv[:, 0], np.log(var), rtol=1e-5)
 
 
-@pytest.mark.parametrize("make", [lambda: schedules.linear(1000), lambda: schedules.cosine(200),
-                                  lambda: schedules.rescale_zero_terminal_snr(
-                                      schedules.scaled_linear(100))])
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda: schedules.linear(1000),
+    lambda: schedules.cosine(200),
+    lambda: schedules.rescale_zero_terminal_snr(schedules.scaled_linear(100)),
+  ],
+)
 def test_posterior_matches_bayes(make):
   """q(x_{t-1} | x_t, x_0) ∝ q(x_{t-1} | x_0) q(x_t | x_{t-1}), a product of Gaussians."""
   s = make()
@@ -55,18 +60,22 @@ def test_posterior_matches_bayes(make):
   # As a function of x_{t-1}: N(sqrt(ab_prev) x0, 1 - ab_prev) * N(x_t / sqrt(alpha), beta / alpha).
   prec = 1.0 / (1.0 - ab_prev) + alpha / betas[ts]
   var = 1.0 / prec
-  mean = var[:, None] * (np.sqrt(ab_prev)[:, None] * x0 / (1.0 - ab_prev)[:, None]
-                         + np.sqrt(alpha)[:, None] * x_t / betas[ts][:, None])
-  post = diffusion.q_posterior(s, jnp.asarray(x0, jnp.float32), jnp.asarray(x_t, jnp.float32),
-                               jnp.asarray(ts, jnp.int32))
+  mean = var[:, None] * (
+    np.sqrt(ab_prev)[:, None] * x0 / (1.0 - ab_prev)[:, None]
+    + np.sqrt(alpha)[:, None] * x_t / betas[ts][:, None]
+  )
+  post = diffusion.q_posterior(
+    s, jnp.asarray(x0, jnp.float32), jnp.asarray(x_t, jnp.float32), jnp.asarray(ts, jnp.int32)
+  )
   np.testing.assert_allclose(post.mean, mean, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(post.variance[:, 0], var, rtol=1e-4)
   np.testing.assert_allclose(post.log_variance[:, 0], np.log(var), rtol=1e-4, atol=1e-5)
   # t = 0: q(x_{-1} | x_0) is a point mass at x_0, so the posterior is x_0 with variance 0;
   # its log-variance is IDDPM's clipped one (that of t = 1).
   t0 = jnp.zeros((2,), jnp.int32)
-  post0 = diffusion.q_posterior(s, jnp.asarray(x0[:2], jnp.float32),
-                                jnp.asarray(x_t[:2], jnp.float32), t0)
+  post0 = diffusion.q_posterior(
+    s, jnp.asarray(x0[:2], jnp.float32), jnp.asarray(x_t[:2], jnp.float32), t0
+  )
   np.testing.assert_allclose(post0.mean, x0[:2], rtol=1e-5, atol=1e-6)
   assert float(post0.variance.max()) == 0.0
   np.testing.assert_allclose(post0.log_variance[:, 0], np.log(var[0]), rtol=1e-4)
@@ -78,9 +87,10 @@ def test_posterior_monte_carlo():
   s = SCHED
   x0 = 0.7
   k1, k2 = jax.random.split(jax.random.PRNGKey(2))
-  x_prev = diffusion.q_sample(s, jnp.full((n, 1), x0), jnp.full((n,), t - 1, jnp.int32),
-                              jax.random.normal(k1, (n, 1)))
-  x_t = (jnp.sqrt(1 - s.betas[t]) * x_prev + jnp.sqrt(s.betas[t]) * jax.random.normal(k2, (n, 1)))
+  x_prev = diffusion.q_sample(
+    s, jnp.full((n, 1), x0), jnp.full((n,), t - 1, jnp.int32), jax.random.normal(k1, (n, 1))
+  )
+  x_t = jnp.sqrt(1 - s.betas[t]) * x_prev + jnp.sqrt(s.betas[t]) * jax.random.normal(k2, (n, 1))
   post = diffusion.q_posterior(s, jnp.full((n, 1), x0), x_t, jnp.full((n,), t, jnp.int32))
   resid = np.asarray(x_prev - post.mean, np.float64)[:, 0]
   var = float(s.posterior_variance[t])
@@ -102,19 +112,21 @@ def test_conversions_round_trip(shape):
   def convert(s, x0, t, eps):
     x_t = diffusion.q_sample(s, x0, t, eps)
     v = diffusion.v_from_x0_eps(s, x0, t, eps)
-    out = dict(x0_from_eps=diffusion.x0_from_eps(s, x_t, t, eps),
-               eps_from_x0=diffusion.eps_from_x0(s, x_t, t, x0),
-               x0_from_v=diffusion.x0_from_v(s, x_t, t, v),
-               eps_from_v=diffusion.eps_from_v(s, x_t, t, v),
-               eps_from_score=diffusion.eps_from_score(s, t, diffusion.score_from_eps(s, t, eps)),
-               v=v)
+    out = dict(
+      x0_from_eps=diffusion.x0_from_eps(s, x_t, t, eps),
+      eps_from_x0=diffusion.eps_from_x0(s, x_t, t, x0),
+      x0_from_v=diffusion.x0_from_v(s, x_t, t, v),
+      eps_from_v=diffusion.eps_from_v(s, x_t, t, v),
+      eps_from_score=diffusion.eps_from_score(s, t, diffusion.score_from_eps(s, t, eps)),
+      v=v,
+    )
     for kind, pred in (("eps", eps), ("x0", x0), ("v", v)):
       out["pair_" + kind] = diffusion.to_x0_eps(s, x_t, t, pred, prediction=kind)
       out["target_" + kind] = diffusion.target_for(s, x0, t, eps, prediction=kind)
     return out
 
   out = convert(SCHED, x0, t, eps)
-  tol = dict(rtol=1e-4, atol=2e-3)   # x0 from eps divides by sqrt(ab) ~ 6e-3 at t = 999.
+  tol = dict(rtol=1e-4, atol=2e-3)  # x0 from eps divides by sqrt(ab) ~ 6e-3 at t = 999.
   np.testing.assert_allclose(out["x0_from_eps"], x0, **tol)
   np.testing.assert_allclose(out["eps_from_x0"], eps, rtol=1e-4, atol=1e-2)
   np.testing.assert_allclose(out["x0_from_v"], x0, rtol=1e-4, atol=1e-5)
@@ -135,8 +147,7 @@ def test_v_is_the_angular_velocity():
     t = jnp.array([ti], jnp.int32)
     phi = jnp.arccos(SCHED.sqrt_alphas_cumprod[ti])
     _, dx = jax.jvp(lambda p: jnp.cos(p) * x0 + jnp.sin(p) * eps, (phi,), (1.0,))
-    np.testing.assert_allclose(diffusion.v_from_x0_eps(SCHED, x0, t, eps), dx, rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(diffusion.v_from_x0_eps(SCHED, x0, t, eps), dx, rtol=1e-5, atol=1e-6)
 
 
 def test_score_is_grad_log_marginal():
@@ -148,8 +159,9 @@ def test_score_is_grad_log_marginal():
   @jax.jit
   def both(s, x_t, t):
     eps = analytic.mixture_eps_fn(s, w, m, sd)(x_t, t, None)
-    grad = jax.vmap(jax.grad(lambda x, a: analytic.mixture_marginal_log_prob(
-        a, x[None], w, m, sd)[0]))(x_t, s.alphas_cumprod[t])
+    grad = jax.vmap(
+      jax.grad(lambda x, a: analytic.mixture_marginal_log_prob(a, x[None], w, m, sd)[0])
+    )(x_t, s.alphas_cumprod[t])
     return diffusion.score_from_eps(s, t, eps), grad
 
   score, grad = both(SCHED, x_t, t)
@@ -199,7 +211,8 @@ def test_p_mean_variance_predictions_and_clip():
     p, x0_hat = diffusion.p_mean_variance(s, pred, x_t, t, prediction=kind, clip_x0=1.0)
     np.testing.assert_allclose(x0_hat, np.clip(x0, -1, 1), rtol=1e-4, atol=2e-3)
     np.testing.assert_allclose(
-        p.mean, diffusion.q_posterior(s, jnp.clip(x0, -1, 1), x_t, t).mean, rtol=1e-4, atol=1e-4)
+      p.mean, diffusion.q_posterior(s, jnp.clip(x0, -1, 1), x_t, t).mean, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_bad_inputs_raise():

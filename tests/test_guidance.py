@@ -17,6 +17,7 @@ def make_model(calls):
   def model_fn(x, t, y):
     calls.append(x.shape[0])
     return jnp.tanh(x) * table[y][:, None, :] + 0.01 * t[:, None, None]
+
   return model_fn
 
 
@@ -58,8 +59,10 @@ def test_rescale_formula():
 
 def test_jit_traced_scale_and_null_embedding():
   """guidance_scale may be traced; null_cond may be a per-example embedding."""
+
   def model_fn(x, t, c):
     return x * jnp.sum(c, axis=-1, keepdims=True)[:, None] + t[:, None, None]
+
   c = jax.random.normal(jax.random.PRNGKey(2), (4, 6))
   null = jnp.zeros((6,))
 
@@ -87,8 +90,9 @@ def test_learn_sigma_guides_only_eps_half(phi):
   cond = np.asarray(model_fn(X, T, Y), np.float64)
   uncond = np.asarray(model_fn(X, T, jnp.full_like(Y, NULL)), np.float64)
   calls.clear()
-  fn = cfg_model_fn(model_fn, guidance_scale=w, null_cond=NULL, guidance_rescale=phi,
-                    learn_sigma=True)
+  fn = cfg_model_fn(
+    model_fn, guidance_scale=w, null_cond=NULL, guidance_rescale=phi, learn_sigma=True
+  )
   out = np.asarray(fn(X, T, Y))
   assert calls == [8] and out.shape == (4, 5, 6)
   np.testing.assert_array_equal(out[..., 3:], np.asarray(model_fn(X, T, Y))[..., 3:])
@@ -114,4 +118,3 @@ def test_errors():
     cfg_model_fn(model, guidance_scale=2.0, null_cond=NULL)(X, T, None)
   with pytest.raises(ValueError, match=r"even number of output channels.*\(5, 3\)"):
     cfg_model_fn(model, guidance_scale=2.0, null_cond=NULL, learn_sigma=True)(X, T, Y)
-

@@ -91,8 +91,10 @@ def ae_run(tmp_path_factory, digits_dir):
   root = tmp_path_factory.mktemp("latent")
   wd = str(root / "ae")
   aet.train_autoencoder(ae_config(digits_dir, **{"train.num_steps": 4}), wd)
-  first = {"ckpts": sorted(os.listdir(os.path.join(wd, "checkpoints")), key=int),
-           "recon": sorted(os.listdir(os.path.join(wd, "recon")))}
+  first = {
+    "ckpts": sorted(os.listdir(os.path.join(wd, "checkpoints")), key=int),
+    "recon": sorted(os.listdir(os.path.join(wd, "recon"))),
+  }
   aet.train_autoencoder(ae_config(digits_dir), wd)
   straight = str(root / "ae_straight")
   aet.train_autoencoder(ae_config(digits_dir), straight)
@@ -100,6 +102,7 @@ def ae_run(tmp_path_factory, digits_dir):
 
 
 # ----------------------------------------------------------------------------- stage 1
+
 
 def test_stage1_checkpoints_resume_and_outputs(ae_run, digits_dir):
   wd = ae_run["workdir"]
@@ -117,8 +120,7 @@ def test_stage1_checkpoints_resume_and_outputs(ae_run, digits_dir):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # Reconstruction grids: 4 originals over 4 reconstructions, 16x16 each, scaled x4.
   assert ae_run["first"]["recon"] == ["recon_0000004.png"]
-  assert sorted(os.listdir(os.path.join(wd, "recon"))) == ["recon_0000004.png",
-                                                           "recon_0000006.png"]
+  assert sorted(os.listdir(os.path.join(wd, "recon"))) == ["recon_0000004.png", "recon_0000006.png"]
   png = np.asarray(Image.open(os.path.join(wd, "recon", "recon_0000006.png")))
   expected = image_grid(np.zeros((8, 16, 16, 1)), ncols=4).shape[:2]
   assert png.shape[:2] == (expected[0] * 4, expected[1] * 4)
@@ -129,8 +131,9 @@ def test_stage1_checkpoints_resume_and_outputs(ae_run, digits_dir):
   with open(os.path.join(wd, stage1.SCALE_FILE)) as f:
     scale = json.load(f)
   assert scale["step"] == AE_STEPS and scale["num_examples"] == 1597
-  assert any(r.get("latent/scale_factor") == pytest.approx(scale["scale_factor"])
-             for r in read_metrics(wd))
+  assert any(
+    r.get("latent/scale_factor") == pytest.approx(scale["scale_factor"]) for r in read_metrics(wd)
+  )
 
 
 def test_scale_factor_gives_unit_std_train_latents(ae_run, digits_dir):
@@ -145,8 +148,9 @@ def test_scale_factor_gives_unit_std_train_latents(ae_run, digits_dir):
   np.testing.assert_allclose(stored, expected, rtol=1e-4)
   codec = stage1.load_codec(wd)
   assert codec.scale_factor == stored
-  src = latents.encode_source(codec, "jdiff_digits", split="train", data_dir=digits_dir,
-                              image_size=16)
+  src = latents.encode_source(
+    codec, "jdiff_digits", split="train", data_dir=digits_dir, image_size=16
+  )
   assert len(src) == 1597 and src[0]["image"].dtype == np.float32
   assert src[0]["image"].shape == (4, 4, 4) and src[0]["label"].dtype == np.int32
   np.testing.assert_allclose(src.latents.std(dtype=np.float64), 1.0, rtol=1e-4)
@@ -183,12 +187,14 @@ def test_load_codec_round_trip(ae_run, digits_dir):
   codec3 = stage1.load_codec(wd, scale_factor=3.0)
   assert codec3.scale_factor == 3.0
   z3 = latents.encode(codec3, x)
-  np.testing.assert_allclose(np.asarray(z3), np.asarray(z) * 3.0 / codec.scale_factor,
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(z3), np.asarray(z) * 3.0 / codec.scale_factor, rtol=1e-5, atol=1e-5
+  )
   np.testing.assert_allclose(np.asarray(latents.decode(codec3, z3)), x_hat, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- stage 2
+
 
 def test_stage2_trains_samples_and_evaluates_in_pixels(ae_run, digits_dir, tmp_path):
   wd = str(tmp_path / "ldm")
@@ -214,6 +220,7 @@ def test_stage2_trains_samples_and_evaluates_in_pixels(ae_run, digits_dir, tmp_p
 
 # ----------------------------------------------------------------------------- errors
 
+
 def test_missing_autoencoder_workdir_and_checkpoint(ae_run, digits_dir, tmp_path):
   missing = str(tmp_path / "nope")
   with pytest.raises(FileNotFoundError, match="nope"):
@@ -236,12 +243,12 @@ def test_missing_autoencoder_workdir_and_checkpoint(ae_run, digits_dir, tmp_path
 
 def test_shape_mismatch_and_bad_configs(ae_run, digits_dir, tmp_path):
   with pytest.raises(ValueError, match=r"\(16, 16, 1\).*\(32, 32, 1\)"):
-    Setup(ldm_config(digits_dir, ae_run["workdir"], **{"data.image_size": 32}),
-                  str(tmp_path / "ldm"))
+    Setup(
+      ldm_config(digits_dir, ae_run["workdir"], **{"data.image_size": 32}), str(tmp_path / "ldm")
+    )
   codec = stage1.load_codec(ae_run["workdir"])
   with pytest.raises(ValueError, match="trained on"):
-    latents.encode_source(codec, "jdiff_digits", split="test", data_dir=digits_dir,
-                          image_size=32)
+    latents.encode_source(codec, "jdiff_digits", split="test", data_dir=digits_dir, image_size=32)
   wd = str(tmp_path / "ae")
   with pytest.raises(ValueError, match="perceptual_weight"):
     aet.train_autoencoder(ae_config(digits_dir, **{"loss.perceptual_weight": 0.1}), wd)
@@ -251,36 +258,44 @@ def test_shape_mismatch_and_bad_configs(ae_run, digits_dir, tmp_path):
     aet.train_autoencoder(ae_config(digits_dir, **{"loss.recon_loss": "l3"}), wd)
   with pytest.raises(ValueError, match="multiple of"):  # 16x16 images, f = 32
     aet.train_autoencoder(
-        ae_config(digits_dir, **{"autoencoder.overrides.ch_mult": (1, 1, 1, 1, 1, 1)}), wd)
+      ae_config(digits_dir, **{"autoencoder.overrides.ch_mult": (1, 1, 1, 1, 1, 1)}), wd
+    )
   # Resuming a workdir with a different architecture fails loudly.
   with pytest.raises(ValueError, match="another autoencoder"):
-    aet.train_autoencoder(ae_config(digits_dir, **{"autoencoder.overrides.z_channels": 2}),
-                          ae_run["workdir"])
+    aet.train_autoencoder(
+      ae_config(digits_dir, **{"autoencoder.overrides.z_channels": 2}), ae_run["workdir"]
+    )
 
 
 # ----------------------------------------------------------------------------- sharding
+
 
 def test_stage1_on_four_devices_matches_one(ae_run, digits_dir, tmp_path):
   """The batch-sharded step over 4 fake devices gives the 1-device parameters."""
   wd = str(tmp_path / "ae4")
   code = (
-      "import sys; sys.path.insert(0, 'tests');"
-      "import jax; assert jax.device_count() == 4;"
-      "from test_latent import ae_config;"
-      "from jdiff.runs import autoencoder as aet;"
-      f"aet.train_autoencoder(ae_config({digits_dir!r}), {wd!r})")
+    "import sys; sys.path.insert(0, 'tests');"
+    "import jax; assert jax.device_count() == 4;"
+    "from test_latent import ae_config;"
+    "from jdiff.runs import autoencoder as aet;"
+    f"aet.train_autoencoder(ae_config({digits_dir!r}), {wd!r})"
+  )
   run_python(["-c", code], devices=4)
   # Adam's normalised update magnifies float reassociation in near-zero gradients, so
   # compare what the step computes (the losses) and the outcome, not bitwise params.
   rows4 = [r for r in read_metrics(wd) if "train/loss" in r]
   rows1 = [r for r in read_metrics(ae_run["straight"]) if "train/loss" in r]
   assert [r["step"] for r in rows4] == [r["step"] for r in rows1] == [2, 4, 6]
-  np.testing.assert_allclose([r["train/loss"] for r in rows4],
-                             [r["train/loss"] for r in rows1], rtol=1e-4)
-  with open(os.path.join(wd, stage1.SCALE_FILE)) as f, \
-      open(os.path.join(ae_run["straight"], stage1.SCALE_FILE)) as g:
-    np.testing.assert_allclose(json.load(f)["scale_factor"], json.load(g)["scale_factor"],
-                               rtol=1e-2)
+  np.testing.assert_allclose(
+    [r["train/loss"] for r in rows4], [r["train/loss"] for r in rows1], rtol=1e-4
+  )
+  with (
+    open(os.path.join(wd, stage1.SCALE_FILE)) as f,
+    open(os.path.join(ae_run["straight"], stage1.SCALE_FILE)) as g,
+  ):
+    np.testing.assert_allclose(
+      json.load(f)["scale_factor"], json.load(g)["scale_factor"], rtol=1e-2
+    )
   # A checkpoint written on 4 devices loads as a codec on 1.
   assert stage1.load_codec(wd).latent_shape == (4, 4, 4)
 
@@ -289,13 +304,22 @@ def test_autoencoder_modes_through_the_cli(ae_run, digits_dir):
   """--mode=eval_autoencoder on a stage-1 workdir, and --mode=train_autoencoder resuming it."""
   wd = str(ae_run["root"] / "ae_cli")
   shutil.copytree(ae_run["workdir"], wd)
-  common = ["-m", "experiments.main", "--config=experiments/configs/ae_digits.py",
-            f"--workdir={wd}", f"--config.data.data_dir={digits_dir}",
-            "--config.data.image_size=16", "--config.autoencoder.overrides.ch=8",
-            "--config.autoencoder.overrides.num_groups=4", "--config.optim.schedule=constant",
-            "--config.optim.warmup_steps=2", "--config.train.batch_size=8",
-            "--config.train.log_every=1", "--config.eval.batch_size=40",
-            "--config.eval.num_recon_images=4"]
+  common = [
+    "-m",
+    "experiments.main",
+    "--config=experiments/configs/ae_digits.py",
+    f"--workdir={wd}",
+    f"--config.data.data_dir={digits_dir}",
+    "--config.data.image_size=16",
+    "--config.autoencoder.overrides.ch=8",
+    "--config.autoencoder.overrides.num_groups=4",
+    "--config.optim.schedule=constant",
+    "--config.optim.warmup_steps=2",
+    "--config.train.batch_size=8",
+    "--config.train.log_every=1",
+    "--config.eval.batch_size=40",
+    "--config.eval.num_recon_images=4",
+  ]
   run_python(common + ["--mode=train_autoencoder", f"--config.train.num_steps={AE_STEPS + 1}"])
   assert str(AE_STEPS + 1) in os.listdir(os.path.join(wd, "checkpoints"))
   assert read_metrics(wd)[-1]["step"] == AE_STEPS + 1

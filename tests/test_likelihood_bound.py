@@ -42,7 +42,7 @@ def _bin_probs():
 
 
 P = _bin_probs()
-H_BITS = float(-(P * np.log2(P)).sum())      # exact NLL per dim of the discrete data
+H_BITS = float(-(P * np.log2(P)).sum())  # exact NLL per dim of the discrete data
 
 
 def _coefs():
@@ -65,9 +65,10 @@ def _expected_bound(var_kl, var_dec):
   betas, ab, bt, c1 = _coefs()
   vd = (P * (GRID - MU) ** 2).sum()
   k = np.sqrt(ab) * S**2 / (ab * S**2 + 1 - ab)
-  err = (1 - k * np.sqrt(ab)) ** 2 * vd + k**2 * (1 - ab)   # E(x0 - x0_hat(x_t))^2
-  kl = 0.5 * (np.log(var_kl[1:] / bt[1:]) - 1 + bt[1:] / var_kl[1:]
-              + c1[1:] ** 2 * err[1:] / var_kl[1:])
+  err = (1 - k * np.sqrt(ab)) ** 2 * vd + k**2 * (1 - ab)  # E(x0 - x0_hat(x_t))^2
+  kl = 0.5 * (
+    np.log(var_kl[1:] / bt[1:]) - 1 + bt[1:] / var_kl[1:] + c1[1:] ** 2 * err[1:] / var_kl[1:]
+  )
   z, wz = np.polynomial.hermite_e.hermegauss(80)
   wz = wz / wz.sum()
   x1 = np.sqrt(ab[0]) * GRID[:, None] + np.sqrt(1 - ab[0]) * z[None]
@@ -76,8 +77,9 @@ def _expected_bound(var_kl, var_dec):
   idx = np.arange(LEVELS)[:, None]
   up = np.where(idx == LEVELS - 1, np.inf, (GRID[:, None] + HALF - mean) / sd)
   lo = np.where(idx == 0, -np.inf, (GRID[:, None] - HALF - mean) / sd)
-  prob = np.where(lo > 0, stats.norm.sf(lo) - stats.norm.sf(up),
-                  stats.norm.cdf(up) - stats.norm.cdf(lo))
+  prob = np.where(
+    lo > 0, stats.norm.sf(lo) - stats.norm.sf(up), stats.norm.cdf(up) - stats.norm.cdf(lo)
+  )
   dec = -(P[:, None] * wz[None] * np.log(np.maximum(prob, 1e-300))).sum()
   e2 = (P * GRID**2).sum()
   prior = 0.5 * (-1 - np.log(1 - ab[-1]) + (1 - ab[-1]) + ab[-1] * e2)
@@ -106,6 +108,7 @@ def _true_variance_model(s):
     frac = (log_true[t] - min_log) / (max_log - min_log)
     v = jnp.broadcast_to((2 * frac - 1)[:, None], x_t.shape)
     return jnp.concatenate([eps_fn(x_t, t, cond), v], axis=-1)
+
   return model_fn
 
 
@@ -113,16 +116,19 @@ def _true_variance_model(s):
 def _bound(s, x0, rng, *, variance):
   if variance == "true":
     return losses.variational_bound(s, _true_variance_model(s), x0, rng, variance="learned_range")
-  return losses.variational_bound(s, analytic.gaussian_eps_fn(s, MU, S), x0, rng,
-                                  variance=variance)
+  return losses.variational_bound(s, analytic.gaussian_eps_fn(s, MU, S), x0, rng, variance=variance)
 
 
 def test_decoder_at_the_data_distribution_gives_the_exact_entropy():
   """The discretised decoder with the data's own mean and scale is the data distribution: its
   log-probabilities are log P of every bin, so the expected NLL -sum P log2 p is H (and for
   bins 1/25 of S wide, H is the continuous entropy minus log2 of the bin width, within 1e-3)."""
-  logp = np.asarray(losses.discretized_gaussian_log_likelihood(
-      jnp.asarray(GRID, jnp.float32), MU, math.log(S), num_levels=LEVELS), np.float64)
+  logp = np.asarray(
+    losses.discretized_gaussian_log_likelihood(
+      jnp.asarray(GRID, jnp.float32), MU, math.log(S), num_levels=LEVELS
+    ),
+    np.float64,
+  )
   ok = P > 1e-30
   np.testing.assert_allclose(logp[ok], np.log(P[ok]), rtol=1e-4, atol=1e-5)
   nll = -(P * logp).sum() / math.log(2)
@@ -172,8 +178,11 @@ def test_vlb_term_is_an_unbiased_single_term_estimate():
   rng = jax.random.PRNGKey(3)
   f = analytic.gaussian_eps_fn(SCHED, MU, S)
   out = _bound(SCHED, x0, rng, variance="fixed_large")
-  term = jax.jit(lambda s, x0, t, noise: losses.vlb_term(
-      s, analytic.gaussian_eps_fn(s, MU, S), x0, t, noise, variance="fixed_large"))
+  term = jax.jit(
+    lambda s, x0, t, noise: losses.vlb_term(
+      s, analytic.gaussian_eps_fn(s, MU, S), x0, t, noise, variance="fixed_large"
+    )
+  )
   for ti in (0, 1, 17, 500, 999):
     noise = jax.random.normal(jax.random.fold_in(rng, ti), x0.shape)
     got = term(SCHED, x0, jnp.full((B,), ti, jnp.int32), noise)

@@ -40,12 +40,18 @@ X = jax.random.normal(jax.random.PRNGKey(0), (32, 3)) * S + MU
 
 def _nll(model, x, **kw):
   return jax.jit(lambda x, k: likelihood.ode_nll(SCHED, model, x, k, **kw))(
-      x, jax.random.PRNGKey(7))
+    x, jax.random.PRNGKey(7)
+  )
 
 
-@pytest.mark.parametrize("kw", [dict(divergence="exact", solver="rk4", num_steps=40),
-                                dict(divergence="exact", solver="dopri5"),
-                                dict(divergence="hutchinson", solver="dopri5")])
+@pytest.mark.parametrize(
+  "kw",
+  [
+    dict(divergence="exact", solver="rk4", num_steps=40),
+    dict(divergence="exact", solver="dopri5"),
+    dict(divergence="hutchinson", solver="dopri5"),
+  ],
+)
 def test_gaussian_exact_nll(kw):
   res = _nll(gauss_model, X, **kw)
   np.testing.assert_allclose(res.nll, exact_gauss_nll(X), atol=TOL)
@@ -75,20 +81,39 @@ def test_hutchinson_gaussian_probe_unbiased_on_mixture():
 
 
 def test_rk4_converges():
-  errs = [float(jnp.max(jnp.abs(_nll(gauss_model, X, divergence="exact", solver="rk4",
-                                     num_steps=n).nll - exact_gauss_nll(X)))) for n in (2, 20)]
+  errs = [
+    float(
+      jnp.max(
+        jnp.abs(
+          _nll(gauss_model, X, divergence="exact", solver="rk4", num_steps=n).nll
+          - exact_gauss_nll(X)
+        )
+      )
+    )
+    for n in (2, 20)
+  ]
   assert errs[1] < errs[0] and errs[1] < TOL, errs
 
 
 def test_dequantised_bpd():
   k = jax.random.randint(jax.random.PRNGKey(1), (8, 3), 0, 256).astype(jnp.uint8)
   u = jax.random.uniform(jax.random.PRNGKey(2), (8, 3))
-  res = jax.jit(lambda k, u: likelihood.ode_bpd(SCHED, gauss_model, k, jax.random.PRNGKey(3),
-                                                u=u, divergence="exact", solver="rk4",
-                                                num_steps=40))(k, u)
+  res = jax.jit(
+    lambda k, u: likelihood.ode_bpd(
+      SCHED,
+      gauss_model,
+      k,
+      jax.random.PRNGKey(3),
+      u=u,
+      divergence="exact",
+      solver="rk4",
+      num_steps=40,
+    )
+  )(k, u)
   x = likelihood.dequantize(k, u)
-  np.testing.assert_allclose(x, 2 * (np.asarray(k, np.float64) + np.asarray(u)) / 256 - 1,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    x, 2 * (np.asarray(k, np.float64) + np.asarray(u)) / 256 - 1, atol=1e-6
+  )
   # -log P(k) <= -log p(x) - D log(2/256): 7 bits/dim on top of the continuous bpd.
   want_nll = exact_gauss_nll(x) + 3 * math.log(128)
   np.testing.assert_allclose(res.nll, want_nll, atol=TOL)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from jdiff import diffusion, losses, schedules
+from jdiff import losses, schedules
 from tests import analytic
 
 SCHED = schedules.linear(1000)
@@ -18,11 +18,15 @@ MU, SIG = 0.3, 0.5
 
 @functools.partial(jax.jit, static_argnames=("prediction", "weighting"))
 def _loss(schedule, x0, rng, t, *, prediction, weighting):
-  fns = {"eps": analytic.gaussian_eps_fn, "x0": analytic.gaussian_x0_fn,
-         "v": analytic.gaussian_v_fn}
+  fns = {
+    "eps": analytic.gaussian_eps_fn,
+    "x0": analytic.gaussian_x0_fn,
+    "v": analytic.gaussian_v_fn,
+  }
   model_fn = fns[prediction](schedule, MU, SIG)
-  return losses.denoising_loss(schedule, model_fn, x0, rng, t=t, prediction=prediction,
-                               weighting=weighting)
+  return losses.denoising_loss(
+    schedule, model_fn, x0, rng, t=t, prediction=prediction, weighting=weighting
+  )
 
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
@@ -38,8 +42,12 @@ def test_denoising_loss_of_exact_denoiser_is_the_mmse(prediction):
   for i, ti in enumerate(ts):
     k0, k1 = jax.random.split(jax.random.PRNGKey(i))
     x0 = MU + SIG * jax.random.normal(k0, (n, d))
-    loss = np.asarray(_loss(SCHED, x0, k1, jnp.full((n,), ti, jnp.int32),
-                            prediction=prediction, weighting="simple"), np.float64)
+    loss = np.asarray(
+      _loss(
+        SCHED, x0, k1, jnp.full((n,), ti, jnp.int32), prediction=prediction, weighting="simple"
+      ),
+      np.float64,
+    )
     # The per-example loss is a mean of d scaled chi^2_1 variables: std = mmse sqrt(2/d).
     se = mmse[i] * math.sqrt(2.0 / d) / math.sqrt(n)
     assert abs(loss.mean() - mmse[i]) < 5 * se, (ti, loss.mean(), mmse[i])
@@ -54,12 +62,22 @@ def test_denoising_loss_random_t_and_weights():
   snr = ab / (1 - ab)
   x0 = MU + SIG * jax.random.normal(jax.random.PRNGKey(10), (n, d))
   rng = jax.random.PRNGKey(11)
-  f = jax.jit(lambda s, x0, rng, pred, weighting: losses.denoising_loss(
-      s, {"eps": analytic.gaussian_eps_fn, "x0": analytic.gaussian_x0_fn}[pred](s, MU, SIG),
-      x0, rng, prediction=pred, weighting=weighting), static_argnums=(3, 4))
-  for pred, weighting, per_t in (("eps", "simple", snr * var_x0),
-                                 ("x0", "snr", snr * var_x0),
-                                 ("x0", "min_snr", np.minimum(snr, 5.0) * var_x0)):
+  f = jax.jit(
+    lambda s, x0, rng, pred, weighting: losses.denoising_loss(
+      s,
+      {"eps": analytic.gaussian_eps_fn, "x0": analytic.gaussian_x0_fn}[pred](s, MU, SIG),
+      x0,
+      rng,
+      prediction=pred,
+      weighting=weighting,
+    ),
+    static_argnums=(3, 4),
+  )
+  for pred, weighting, per_t in (
+    ("eps", "simple", snr * var_x0),
+    ("x0", "snr", snr * var_x0),
+    ("x0", "min_snr", np.minimum(snr, 5.0) * var_x0),
+  ):
     loss = np.asarray(f(SCHED, x0, rng, pred, weighting), np.float64)
     expected = per_t.mean()
     # Standard error estimated from the draws themselves (t varies).
@@ -78,16 +96,19 @@ def test_loss_weight_formulas():
   gamma = 5.0
   # Weight on the MSE of each target so that the loss equals w_x0 * ||x0 - x0_hat||^2.
   expected = {
-      ("eps", "snr"): np.ones_like(snr), ("x0", "snr"): snr, ("v", "snr"): snr / (snr + 1),
-      ("eps", "min_snr"): np.minimum(snr, gamma) / snr, ("x0", "min_snr"): np.minimum(snr, gamma),
-      ("v", "min_snr"): np.minimum(snr, gamma) / (snr + 1),   # [MinSNR] eq. for v-prediction
+    ("eps", "snr"): np.ones_like(snr),
+    ("x0", "snr"): snr,
+    ("v", "snr"): snr / (snr + 1),
+    ("eps", "min_snr"): np.minimum(snr, gamma) / snr,
+    ("x0", "min_snr"): np.minimum(snr, gamma),
+    ("v", "min_snr"): np.minimum(snr, gamma) / (snr + 1),  # [MinSNR] eq. for v-prediction
   }
   for pred in ("eps", "x0", "v"):
     np.testing.assert_array_equal(
-        losses.loss_weight(SCHED, t, prediction=pred, weighting="simple"), np.ones(6))
+      losses.loss_weight(SCHED, t, prediction=pred, weighting="simple"), np.ones(6)
+    )
     for weighting in ("snr", "min_snr"):
-      w = losses.loss_weight(SCHED, t, prediction=pred, weighting=weighting,
-                             min_snr_gamma=gamma)
+      w = losses.loss_weight(SCHED, t, prediction=pred, weighting=weighting, min_snr_gamma=gamma)
       assert w.dtype == jnp.float32
       np.testing.assert_allclose(w, expected[(pred, weighting)], rtol=1e-4)
   # Zero terminal SNR keeps every weight finite.
@@ -111,11 +132,11 @@ def test_importance_sampling_is_unbiased():
   for _ in range(k):
     hist = losses.update_loss_history(hist, jnp.arange(num), f)
   assert np.all(np.asarray(hist.counts) == k)
-  np.testing.assert_allclose(hist.values, np.repeat(np.asarray(f)[:, None] ** 2, k, 1),
-                             rtol=1e-6)
+  np.testing.assert_allclose(hist.values, np.repeat(np.asarray(f)[:, None] ** 2, k, 1), rtol=1e-6)
   n = 50000
   t, w = jax.jit(losses.importance_sample_timesteps, static_argnums=1)(
-      jax.random.PRNGKey(1), n, hist)
+    jax.random.PRNGKey(1), n, hist
+  )
   t, w = np.asarray(t), np.asarray(w, np.float64)
   p = np.asarray(f, np.float64) / float(np.sum(f)) * (1 - 0.001) + 0.001 / num
   np.testing.assert_allclose(w, 1.0 / (num * p[t]), rtol=1e-5)
@@ -147,8 +168,9 @@ def test_loss_history_with_repeated_timesteps_equals_one_at_a_time():
   np.testing.assert_array_equal(got.values[5], [9.0, 36.0, 0.0])
   np.testing.assert_array_equal(got.values[6], [64.0, 81.0, 0.0])
   # More repeats than slots in one batch: the last k losses are kept, in ring order.
-  many = losses.update_loss_history(losses.init_loss_history(4, k), jnp.full((5,), 1),
-                                    jnp.arange(1.0, 6.0))
+  many = losses.update_loss_history(
+    losses.init_loss_history(4, k), jnp.full((5,), 1), jnp.arange(1.0, 6.0)
+  )
   assert int(many.counts[1]) == 5
   np.testing.assert_array_equal(many.values[1], [16.0, 25.0, 9.0])
 
@@ -161,8 +183,7 @@ def test_normal_kl_closed_form():
   got = losses.normal_kl(m1, 2 * np.log(s1), m2, 2 * np.log(s2))
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
   assert got.dtype == jnp.float32
-  np.testing.assert_allclose(losses.normal_kl(m1, np.log(s1**2), m1, np.log(s1**2)), 0,
-                             atol=1e-6)
+  np.testing.assert_allclose(losses.normal_kl(m1, np.log(s1**2), m1, np.log(s1**2)), 0, atol=1e-6)
 
 
 @pytest.mark.parametrize("levels", [256, 4096])
@@ -179,12 +200,21 @@ def test_discretized_gaussian_log_likelihood_vs_scipy(levels):
     hi = np.where(np.arange(levels) == levels - 1, np.inf, grid + h)
     # Differences of CDFs below the mean and of survival functions above it (float64 exact
     # enough either way; the naive CDF difference cancels above the mean).
-    prob = np.where(lo > mean, stats.norm.sf(lo, mean, scale) - stats.norm.sf(hi, mean, scale),
-                    stats.norm.cdf(hi, mean, scale) - stats.norm.cdf(lo, mean, scale))
+    prob = np.where(
+      lo > mean,
+      stats.norm.sf(lo, mean, scale) - stats.norm.sf(hi, mean, scale),
+      stats.norm.cdf(hi, mean, scale) - stats.norm.cdf(lo, mean, scale),
+    )
     expected = np.log(np.maximum(prob, 1e-300))
-    got = np.asarray(losses.discretized_gaussian_log_likelihood(
-        jnp.asarray(grid[None], jnp.float32), jnp.full((1, levels), mean),
-        jnp.log(scale), num_levels=levels), np.float64)[0]
+    got = np.asarray(
+      losses.discretized_gaussian_log_likelihood(
+        jnp.asarray(grid[None], jnp.float32),
+        jnp.full((1, levels), mean),
+        jnp.log(scale),
+        num_levels=levels,
+      ),
+      np.float64,
+    )[0]
     # The probabilities sum to one.
     np.testing.assert_allclose(np.exp(got).sum(), 1.0, rtol=tol)
     # Compare where the probability is representable; far tails stay finite and very negative.
@@ -196,8 +226,10 @@ def test_discretized_gaussian_log_likelihood_vs_scipy(levels):
 def test_discretized_gaussian_gradients_are_finite():
   """Training through the decoder (hybrid loss) needs finite gradients even for far means."""
   x = jnp.array([-1.0, -0.5, 0.0, 0.5, 1.0])
+
   def f(mean, log_scale):
     return jnp.sum(losses.discretized_gaussian_log_likelihood(x, mean, log_scale))
+
   grad = jax.jit(jax.grad(f, argnums=(0, 1)))
   for mean in (-1.0, 0.0, 1.0):
     for log_scale in (math.log(1e-2), math.log(1e-3), 0.0):
@@ -224,7 +256,8 @@ def test_hybrid_loss():
 
   def model(offset, var_value):
     return lambda x_t, t, c: jnp.concatenate(
-        [eps_fn(x_t, t, c) + offset, jnp.full(x_t.shape, var_value)], -1)
+      [eps_fn(x_t, t, c) + offset, jnp.full(x_t.shape, var_value)], -1
+    )
 
   @jax.jit
   def run(s, offset, var_value):
@@ -233,22 +266,26 @@ def test_hybrid_loss():
   t_rng, noise_rng = jax.random.split(rng)
   t = losses.sample_timesteps(t_rng, n, 1000)
   noise = jax.random.normal(noise_rng, x0.shape)
-  simple = jax.jit(lambda s: losses.denoising_loss(s, lambda *a: eps_fn(*a) + 0.1, x0, rng))(
-      SCHED)
+  simple = jax.jit(lambda s: losses.denoising_loss(s, lambda *a: eps_fn(*a) + 0.1, x0, rng))(SCHED)
   for var_value, variance in ((-1.0, "fixed_small"), (1.0, None)):
     out = run(SCHED, 0.1, var_value)
     assert out.shape == (n,) and out.dtype == jnp.float32
     assert np.all(np.isfinite(np.asarray(out)))
     if variance is not None:
       # v = -1 is the fixed-small variance: hybrid = L_simple + 0.001 * T * L_vlb.
-      vlb = jax.jit(lambda s: losses.vlb_term(s, lambda *a: eps_fn(*a) + 0.1, x0, t, noise,
-                                              variance=variance))(SCHED)
+      vlb = jax.jit(
+        lambda s, v=variance: losses.vlb_term(
+          s, lambda *a: eps_fn(*a) + 0.1, x0, t, noise, variance=v
+        )
+      )(SCHED)
       np.testing.assert_allclose(out, simple + 0.001 * 1000 * vlb, rtol=1e-4, atol=1e-5)
   # The vlb term sees a stop-gradient mean: d/d offset comes from L_simple alone.
-  g_hybrid, g_var = jax.jit(jax.grad(lambda o, v: jnp.mean(run(SCHED, o, v)),
-                                     argnums=(0, 1)))(0.1, 0.3)
-  g_simple = jax.jit(jax.grad(lambda o: jnp.mean(losses.denoising_loss(
-      SCHED, lambda *a: eps_fn(*a) + o, x0, rng))))(0.1)
+  g_hybrid, g_var = jax.jit(jax.grad(lambda o, v: jnp.mean(run(SCHED, o, v)), argnums=(0, 1)))(
+    0.1, 0.3
+  )
+  g_simple = jax.jit(
+    jax.grad(lambda o: jnp.mean(losses.denoising_loss(SCHED, lambda *a: eps_fn(*a) + o, x0, rng)))
+  )(0.1)
   np.testing.assert_allclose(g_hybrid, g_simple, rtol=1e-4)
   # ... while the variance channel does get a gradient.
   assert np.isfinite(float(g_var)) and float(g_var) != 0.0
@@ -259,7 +296,6 @@ def test_bad_inputs_raise():
   with pytest.raises(ValueError, match=r"\(4, 6\)"):
     losses.denoising_loss(SCHED, lambda x, t, c: jnp.zeros((4, 6)), x0, jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match="'score'"):
-    losses.denoising_loss(SCHED, lambda x, t, c: x, x0, jax.random.PRNGKey(0),
-                          prediction="score")
+    losses.denoising_loss(SCHED, lambda x, t, c: x, x0, jax.random.PRNGKey(0), prediction="score")
   with pytest.raises(ValueError, match="'l1'"):
     losses.denoising_loss(SCHED, lambda x, t, c: x, x0, jax.random.PRNGKey(0), weighting="l1")

@@ -14,8 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-PACKAGES = ("jdiff", "jdiff.models", "jdiff.samplers", "jdiff.training", "jdiff.data",
-            "jdiff.ops", "jdiff.runs")
+PACKAGES = (
+  "jdiff",
+  "jdiff.models",
+  "jdiff.samplers",
+  "jdiff.training",
+  "jdiff.data",
+  "jdiff.ops",
+  "jdiff.runs",
+)
 
 LIGHT = r"""
 import sys
@@ -41,8 +48,7 @@ print("CONFIG-FREE")
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                        timeout=300)
+  return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
 
 
 def test_import_is_light():
@@ -59,9 +65,13 @@ def test_training_and_data_do_not_import_configs():
 
 def _public(package: types.ModuleType) -> dict[str, object]:
   """The names a package's __init__ binds, less submodules, dunders and `from __future__`."""
-  return {k: v for k, v in vars(package).items()
-          if not k.startswith("_") and not isinstance(v, types.ModuleType)
-          and not isinstance(v, __future__._Feature)}  # pylint: disable=protected-access
+  return {
+    k: v
+    for k, v in vars(package).items()
+    if not k.startswith("_")
+    and not isinstance(v, types.ModuleType)
+    and not isinstance(v, __future__._Feature)
+  }  # pylint: disable=protected-access
 
 
 def _home(package_name: str, attr: str, obj) -> str | None:
@@ -71,8 +81,11 @@ def _home(package_name: str, attr: str, obj) -> str | None:
   if home is not None:
     return home
   for name, module in sorted(sys.modules.items()):
-    if (name.startswith(package_name + ".") and module is not None
-        and getattr(module, attr, None) is obj):
+    if (
+      name.startswith(package_name + ".")
+      and module is not None
+      and getattr(module, attr, None) is obj
+    ):
       return name
   return None
 
@@ -95,17 +108,50 @@ def test_public_names_are_defined_in_their_home_module(name):
 def test_expected_public_api():
   import jdiff  # pylint: disable=g-import-not-at-top
   from jdiff import data, models, samplers, training  # pylint: disable=g-import-not-at-top
+
   expected = {
-      jdiff: ("q_sample", "q_posterior", "denoising_loss", "variational_bound", "ode_nll",
-              "linear", "cosine", "sigmoid", "scaled_linear", "rescale_zero_terminal_snr"),
-      samplers: ("ddpm_sample", "ddim_sample", "dpmpp_2m_sample", "unipc_sample",
-                 "heun_sample", "edm_sample", "euler_ancestral_sample", "pc_sample",
-                 "sample_loop"),
-      models: ("UNet", "AutoencoderKL", "make_model_fn", "cfg_model_fn"),
-      training: ("TrainState", "AutoencoderState", "Checkpointer", "make_train_step",
-                 "make_optimizer", "train_loop", "stream", "MetricWriter"),
-      data: ("make_train_iterator", "make_eval_iterator", "load_source", "LatentSource",
-             "LatentCodec", "encode_source"),
+    jdiff: (
+      "q_sample",
+      "q_posterior",
+      "denoising_loss",
+      "variational_bound",
+      "ode_nll",
+      "linear",
+      "cosine",
+      "sigmoid",
+      "scaled_linear",
+      "rescale_zero_terminal_snr",
+    ),
+    samplers: (
+      "ddpm_sample",
+      "ddim_sample",
+      "dpmpp_2m_sample",
+      "unipc_sample",
+      "heun_sample",
+      "edm_sample",
+      "euler_ancestral_sample",
+      "pc_sample",
+      "sample_loop",
+    ),
+    models: ("UNet", "AutoencoderKL", "make_model_fn", "cfg_model_fn"),
+    training: (
+      "TrainState",
+      "AutoencoderState",
+      "Checkpointer",
+      "make_train_step",
+      "make_optimizer",
+      "train_loop",
+      "stream",
+      "MetricWriter",
+    ),
+    data: (
+      "make_train_iterator",
+      "make_eval_iterator",
+      "load_source",
+      "LatentSource",
+      "LatentCodec",
+      "encode_source",
+    ),
   }
   for package, names in expected.items():
     missing = [n for n in names if n not in _public(package)]
@@ -115,15 +161,18 @@ def test_expected_public_api():
 def test_q_sample_is_the_closed_form():
   """q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) with abar from the betas (float64)."""
   import jdiff  # pylint: disable=g-import-not-at-top
+
   schedule = jdiff.linear(100)
   x0 = jax.random.normal(jax.random.key(0), (3, 4, 4, 1))
   noise = jax.random.normal(jax.random.key(1), x0.shape)
   t = jnp.array([0, 37, 99])
   abar = np.cumprod(1.0 - np.asarray(schedule.betas, np.float64))[np.asarray(t)]
-  expected = (np.sqrt(abar)[:, None, None, None] * np.asarray(x0)
-              + np.sqrt(1.0 - abar)[:, None, None, None] * np.asarray(noise))
-  np.testing.assert_allclose(np.asarray(jdiff.q_sample(schedule, x0, t, noise)), expected,
-                             rtol=1e-5, atol=1e-6)
+  expected = np.sqrt(abar)[:, None, None, None] * np.asarray(x0) + np.sqrt(1.0 - abar)[
+    :, None, None, None
+  ] * np.asarray(noise)
+  np.testing.assert_allclose(
+    np.asarray(jdiff.q_sample(schedule, x0, t, noise)), expected, rtol=1e-5, atol=1e-6
+  )
 
 
 def test_one_ddim_step_on_an_exact_model_returns_the_data():
@@ -131,6 +180,7 @@ def test_one_ddim_step_on_an_exact_model_returns_the_data():
   one deterministic DDIM step from any x_T then lands exactly on mu."""
   import jdiff  # pylint: disable=g-import-not-at-top
   from jdiff import samplers  # pylint: disable=g-import-not-at-top
+
   schedule = jdiff.cosine(50)
   mu = jnp.linspace(-0.5, 0.5, 8).reshape(1, 2, 4, 1)
 
@@ -141,7 +191,7 @@ def test_one_ddim_step_on_an_exact_model_returns_the_data():
     return (x_t - a * mu) / s
 
   x_T = jax.random.normal(jax.random.key(2), (2, 2, 4, 1))
-  out = samplers.ddim_sample(schedule, model_fn, x_T, jax.random.key(3), num_steps=1, eta=0.0,
-                             spacing="trailing")
-  np.testing.assert_allclose(np.asarray(out), np.broadcast_to(np.asarray(mu), x_T.shape),
-                             atol=2e-4)
+  out = samplers.ddim_sample(
+    schedule, model_fn, x_T, jax.random.key(3), num_steps=1, eta=0.0, spacing="trailing"
+  )
+  np.testing.assert_allclose(np.asarray(out), np.broadcast_to(np.asarray(mu), x_T.shape), atol=2e-4)

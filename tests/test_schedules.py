@@ -77,8 +77,9 @@ def test_sigmoid_matches_chen_algorithm_1():
   # A different temperature gives a different schedule (the options are used).
   s2 = schedules.sigmoid(T, start=0.0, end=3.0, tau=0.5)
   v_start, v_end = _sigmoid(0.0), _sigmoid(6.0)
-  ab2 = np.array([(v_end - _sigmoid(((i + 1) / T * 3.0) / 0.5)) / (v_end - v_start)
-                  for i in range(T - 1)])
+  ab2 = np.array(
+    [(v_end - _sigmoid(((i + 1) / T * 3.0) / 0.5)) / (v_end - v_start) for i in range(T - 1)]
+  )
   np.testing.assert_allclose(s2.alphas_cumprod[:-1], ab2, rtol=1e-4, atol=1e-8)
 
 
@@ -101,13 +102,12 @@ def test_from_betas_and_derived_quantities():
   post_var = betas * (1 - ab_prev) / (1 - ab)
   np.testing.assert_allclose(s.posterior_variance, post_var, rtol=1e-5, atol=1e-12)
   assert float(s.posterior_variance[0]) == 0.0
-  np.testing.assert_allclose(s.posterior_log_variance_clipped[1:], np.log(post_var[1:]),
-                             rtol=1e-5)
+  np.testing.assert_allclose(s.posterior_log_variance_clipped[1:], np.log(post_var[1:]), rtol=1e-5)
   np.testing.assert_allclose(s.posterior_log_variance_clipped[0], np.log(post_var[1]), rtol=1e-5)
-  np.testing.assert_allclose(s.posterior_mean_coef1, betas * np.sqrt(ab_prev) / (1 - ab),
-                             rtol=1e-5)
-  np.testing.assert_allclose(s.posterior_mean_coef2,
-                             (1 - ab_prev) * np.sqrt(1 - betas) / (1 - ab), rtol=1e-5)
+  np.testing.assert_allclose(s.posterior_mean_coef1, betas * np.sqrt(ab_prev) / (1 - ab), rtol=1e-5)
+  np.testing.assert_allclose(
+    s.posterior_mean_coef2, (1 - ab_prev) * np.sqrt(1 - betas) / (1 - ab), rtol=1e-5
+  )
   assert s.num_steps == 37
   for leaf in jax.tree_util.tree_leaves(s):
     assert leaf.dtype == jnp.float32 and leaf.shape == (37,)
@@ -145,9 +145,18 @@ def test_schedule_is_a_pytree_without_retrace():
   assert float(a) != float(b)
 
 
-@pytest.mark.parametrize("betas", [
-    [0.1, 0.0, 0.2], [0.1, -0.1], [0.1, 1.5], [0.1, float("nan")], [[0.1, 0.2]], [],
-    [0.1, 1.0, 0.2]])
+@pytest.mark.parametrize(
+  "betas",
+  [
+    [0.1, 0.0, 0.2],
+    [0.1, -0.1],
+    [0.1, 1.5],
+    [0.1, float("nan")],
+    [[0.1, 0.2]],
+    [],
+    [0.1, 1.0, 0.2],
+  ],
+)
 def test_bad_betas_raise(betas):
   with pytest.raises(ValueError, match="beta"):
     schedules.from_betas(betas)

@@ -23,20 +23,31 @@ def _np_dynamic(x, p, c):
 
 
 def test_dynamic_thresholding_by_hand():
-  x = jnp.array([[0.5, -2.0, 4.0, 1.0],     # |x| sorted 0.5 1 2 4
-                 [0.2, -0.3, 0.9, -1.0],    # inside [-1, 1]
-                 [3.0, 3.0, -3.0, 3.0]])
+  x = jnp.array(
+    [
+      [0.5, -2.0, 4.0, 1.0],  # |x| sorted 0.5 1 2 4
+      [0.2, -0.3, 0.9, -1.0],  # inside [-1, 1]
+      [3.0, 3.0, -3.0, 3.0],
+    ]
+  )
   # p = 1: s is the max |x| (4, then floored at 1, then 3): a pure rescale into [-1, 1].
-  np.testing.assert_allclose(diffusion.threshold_x0(x, dynamic_percentile=1.0),
-                             [[0.125, -0.5, 1.0, 0.25], [0.2, -0.3, 0.9, -1.0],
-                              [1.0, 1.0, -1.0, 1.0]], rtol=1e-6)
+  np.testing.assert_allclose(
+    diffusion.threshold_x0(x, dynamic_percentile=1.0),
+    [[0.125, -0.5, 1.0, 0.25], [0.2, -0.3, 0.9, -1.0], [1.0, 1.0, -1.0, 1.0]],
+    rtol=1e-6,
+  )
   # p = 0.5: linear-interpolated medians 1.5, 0.6 -> 1 (floor), 3; clip to [-s, s], then / s.
-  np.testing.assert_allclose(diffusion.threshold_x0(x, dynamic_percentile=0.5),
-                             [[1 / 3, -1.0, 1.0, 2 / 3], [0.2, -0.3, 0.9, -1.0],
-                              [1.0, 1.0, -1.0, 1.0]], rtol=1e-6)
+  np.testing.assert_allclose(
+    diffusion.threshold_x0(x, dynamic_percentile=0.5),
+    [[1 / 3, -1.0, 1.0, 2 / 3], [0.2, -0.3, 0.9, -1.0], [1.0, 1.0, -1.0, 1.0]],
+    rtol=1e-6,
+  )
   # A data range c = 2: s = max(1.5, 2) = 2 for the first row, so it is only clipped to [-2, 2].
-  np.testing.assert_allclose(diffusion.threshold_x0(x, clip_x0=2.0, dynamic_percentile=0.5)[0],
-                             [0.5, -2.0, 2.0, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(
+    diffusion.threshold_x0(x, clip_x0=2.0, dynamic_percentile=0.5)[0],
+    [0.5, -2.0, 2.0, 1.0],
+    rtol=1e-6,
+  )
   # Static clipping alone, and no-op by default.
   np.testing.assert_array_equal(diffusion.threshold_x0(x, clip_x0=1.0), np.clip(x, -1, 1))
   assert diffusion.threshold_x0(x) is x
@@ -45,7 +56,7 @@ def test_dynamic_thresholding_by_hand():
 @pytest.mark.parametrize("p, c", [(0.995, 1.0), (0.9, 1.0), (0.8, 2.5)])
 def test_dynamic_thresholding_matches_numpy(p, c):
   x = 2.0 * jax.random.normal(jax.random.PRNGKey(0), (6, 5, 4, 3))
-  x = x * jnp.array([0.1, 0.5, 1.0, 2.0, 4.0, 8.0])[:, None, None, None]   # some rows in range
+  x = x * jnp.array([0.1, 0.5, 1.0, 2.0, 4.0, 8.0])[:, None, None, None]  # some rows in range
   got = diffusion.threshold_x0(x, clip_x0=c, dynamic_percentile=p)
   want = _np_dynamic(x, p, c)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -74,6 +85,7 @@ def _model(prediction):
     del cond
     ab = continuous.alpha_bar_at(SCHED, t)
     return fns[prediction](ab, x_t, MU, S).astype(x_t.dtype)
+
   return model_fn
 
 
@@ -85,23 +97,27 @@ def test_make_denoiser_thresholds_the_exact_data_prediction(prediction):
   x0 = MU + S * jax.random.normal(jax.random.PRNGKey(2), (4, 6, 2))
   x = x0 + sigma[:, None, None] * jax.random.normal(jax.random.PRNGKey(3), x0.shape)
   plain = continuous.make_denoiser(SCHED, _model(prediction), prediction=prediction)(x, sigma)
-  exact = analytic.gaussian_x0_at_alpha_bar(1 / (1 + sigma**2),
-                                            x / jnp.sqrt(1 + sigma[:, None, None] ** 2), MU, S)
+  exact = analytic.gaussian_x0_at_alpha_bar(
+    1 / (1 + sigma**2), x / jnp.sqrt(1 + sigma[:, None, None] ** 2), MU, S
+  )
   np.testing.assert_allclose(plain, exact, rtol=1e-4, atol=1e-5)
-  for kwargs in ({"dynamic_percentile": 0.9}, {"clip_x0": 2.0, "dynamic_percentile": 0.6},
-                 {"clip_x0": 1.0}):
+  for kwargs in (
+    {"dynamic_percentile": 0.9},
+    {"clip_x0": 2.0, "dynamic_percentile": 0.6},
+    {"clip_x0": 1.0},
+  ):
     den = continuous.make_denoiser(SCHED, _model(prediction), prediction=prediction, **kwargs)
     got = jax.jit(den)(x, sigma)
-    np.testing.assert_allclose(got, diffusion.threshold_x0(plain, **kwargs), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(got, diffusion.threshold_x0(plain, **kwargs), rtol=1e-5, atol=1e-6)
     c = kwargs.get("clip_x0", 1.0)
     p = kwargs.get("dynamic_percentile")
     want = np.clip(exact, -c, c) if p is None else _np_dynamic(exact, p, c)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
   # The data lie mostly above 1: the thresholding did act.
   assert float(jnp.max(plain)) > 1.5
-  bf = continuous.make_denoiser(SCHED, _model(prediction), prediction=prediction,
-                                dynamic_percentile=0.9)(x.astype(jnp.bfloat16), sigma)
+  bf = continuous.make_denoiser(
+    SCHED, _model(prediction), prediction=prediction, dynamic_percentile=0.9
+  )(x.astype(jnp.bfloat16), sigma)
   assert bf.dtype == jnp.bfloat16
 
 

@@ -24,8 +24,9 @@ def test_streams_are_named_fold_ins():
   base = jax.random.key(7)
   for name in ("sample", "eval", "bound", "grid"):
     np.testing.assert_array_equal(
-        _key_data(rng.stream(base, name)),
-        _key_data(jax.random.fold_in(base, zlib.crc32(name.encode()))))
+      _key_data(rng.stream(base, name)),
+      _key_data(jax.random.fold_in(base, zlib.crc32(name.encode()))),
+    )
   names = ("sample", "eval", "bound", "grid", "x_T", "sampler")
   datas = {tuple(_key_data(rng.stream(base, n)).ravel()) for n in names}
   assert len(datas) == len(names)
@@ -35,12 +36,13 @@ def test_streams_are_named_fold_ins():
 
 def test_run_keys_keep_the_historical_training_stream():
   keys = rng.run_keys(3)
-  np.testing.assert_array_equal(_key_data(keys.train),
-                                _key_data(jax.random.split(jax.random.key(3), 3)[0]))
-  np.testing.assert_array_equal(_key_data(keys.init),
-                                _key_data(jax.random.key(3, impl="rbg")))
-  np.testing.assert_array_equal(_key_data(keys.stream("eval")),
-                                _key_data(rng.stream(jax.random.key(3), "eval")))
+  np.testing.assert_array_equal(
+    _key_data(keys.train), _key_data(jax.random.split(jax.random.key(3), 3)[0])
+  )
+  np.testing.assert_array_equal(_key_data(keys.init), _key_data(jax.random.key(3, impl="rbg")))
+  np.testing.assert_array_equal(
+    _key_data(keys.stream("eval")), _key_data(rng.stream(jax.random.key(3), "eval"))
+  )
 
 
 def test_ema_update_is_the_exponential_average():
@@ -53,8 +55,11 @@ def test_ema_update_is_the_exponential_average():
 
 
 def _state(step):
-  return {"step": jnp.int32(step), "params": {"w": jnp.full((2, 3), float(step))},
-          "opt": {"m": jnp.arange(4.0) * step}}
+  return {
+    "step": jnp.int32(step),
+    "params": {"w": jnp.full((2, 3), float(step))},
+    "opt": {"m": jnp.arange(4.0) * step},
+  }
 
 
 def test_checkpointer_partial_restore_reads_one_field(tmp_path):
@@ -73,8 +78,10 @@ def test_checkpointer_partial_restore_reads_one_field(tmp_path):
     np.testing.assert_array_equal(np.asarray(full["opt"]["m"]), np.arange(4.0) * 3)
     with pytest.raises(FileNotFoundError, match="no checkpoint 1 under"):
       ck.restore_partial(target, step=1)
-  with Checkpointer(str(tmp_path / "empty")) as ck, \
-      pytest.raises(FileNotFoundError, match="no checkpoint under"):
+  with (
+    Checkpointer(str(tmp_path / "empty")) as ck,
+    pytest.raises(FileNotFoundError, match="no checkpoint under"),
+  ):
     ck.restore(_state(0))
 
 
@@ -87,8 +94,9 @@ def test_checkpointer_closes_on_error_and_keeps_the_error(tmp_path):
       raise KeyError("the user's error")
   with Checkpointer(directory) as ck:
     assert ck.latest_step() == 5
-    np.testing.assert_array_equal(np.asarray(ck.restore(_state(0))["params"]["w"]),
-                                  np.full((2, 3), 5.0))
+    np.testing.assert_array_equal(
+      np.asarray(ck.restore(_state(0))["params"]["w"]), np.full((2, 3), 5.0)
+    )
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):

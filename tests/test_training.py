@@ -52,6 +52,7 @@ def assert_trees_equal(a, b):
 
 # ----------------------------------------------------------------------------- whole loop
 
+
 @pytest.mark.parametrize("devices", [1, 4])
 def test_whole_loop_cli(tmp_path, digits_dir, devices):
   """train -> checkpoint -> resume (more steps) -> sample -> eval, through the CLI."""
@@ -88,6 +89,7 @@ def test_whole_loop_cli(tmp_path, digits_dir, devices):
 
 # ----------------------------------------------------------------------------- exact resume
 
+
 def test_resume_is_bit_exact(tmp_path, digits_dir):
   """Interrupted at step 3 and resumed == uninterrupted, bit for bit (1 device)."""
   straight = str(tmp_path / "straight")
@@ -113,9 +115,14 @@ def test_sigterm_saves_and_resume_matches(tmp_path, digits_dir):
   wd = str(tmp_path / "preempted")
   overrides = {"train.num_steps": 400, "train.ckpt_every": 0, "train.log_every": 1}
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  proc = subprocess.Popen([sys.executable, *main_args("train", wd, digits_dir, **overrides)],
-                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+  proc = subprocess.Popen(
+    [sys.executable, *main_args("train", wd, digits_dir, **overrides)],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   metrics = os.path.join(wd, "metrics.jsonl")
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
@@ -191,8 +198,9 @@ print("OK")
 def test_one_vs_four_devices_agree(tmp_path, digits_dir):
   proc = run_python(["-c", ONE_VS_FOUR, digits_dir, str(tmp_path / "w")], devices=4)
   assert "OK" in proc.stdout
-  assert re.search(r"ERR global batch size 6 must be a positive multiple of the device count 4",
-                   proc.stdout)
+  assert re.search(
+    r"ERR global batch size 6 must be a positive multiple of the device count 4", proc.stdout
+  )
 
 
 def _free_port() -> int:
@@ -205,13 +213,29 @@ def test_two_processes_agree(tmp_path, digits_dir):
   """jax.distributed on 127.0.0.1 (gloo): 2 processes x 2 devices train and agree."""
   wd = str(tmp_path / "dist")
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
-  procs = [subprocess.Popen(
-      [sys.executable, *main_args("train", wd, digits_dir),
-       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    JAX_PLATFORMS="cpu",
+    JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+  )
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        *main_args("train", wd, digits_dir),
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outs = []
   try:
     for p in procs:
@@ -227,30 +251,37 @@ def test_two_processes_agree(tmp_path, digits_dir):
   assert sums[0] == sums[1]
   # Only process 0 writes metrics and samples; both data-iterator states are checkpointed.
   assert [r["step"] for r in read_metrics(wd)] == [2, 4, 6]
-  data_files = sorted(f for f in os.listdir(os.path.join(wd, "checkpoints", "6", "data"))
-                      if f.endswith(".json"))
+  data_files = sorted(
+    f for f in os.listdir(os.path.join(wd, "checkpoints", "6", "data")) if f.endswith(".json")
+  )
   assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
 
 
 # ----------------------------------------------------------------------------- bad input
 
+
 def test_bad_flags_and_config_give_clear_errors(tmp_path, digits_dir):
   wd = str(tmp_path / "bad")
   p = run_python(main_args("train", wd, digits_dir, **{"optim.lrr": 1}), check=False)
-  assert p.returncode != 0 and 'bad config override --config.optim.lrr=1' in p.stderr
+  assert p.returncode != 0 and "bad config override --config.optim.lrr=1" in p.stderr
   assert 'Did you mean "lr"' in p.stderr
-  p = run_python(main_args("train", wd, digits_dir, **{"train.batch_size": 6}), devices=4,
-                 check=False)
+  p = run_python(
+    main_args("train", wd, digits_dir, **{"train.batch_size": 6}), devices=4, check=False
+  )
   assert p.returncode != 0
   assert "global batch size 6 must be a positive multiple of the device count 4" in p.stderr
   p = run_python(main_args("sample", wd, digits_dir), check=False)
   assert p.returncode != 0 and "no checkpoint under" in p.stderr
-  p = run_python(["-m", "experiments.main", "--config=experiments/configs/nope.py",
-                  f"--workdir={wd}"], check=False)
+  p = run_python(
+    ["-m", "experiments.main", "--config=experiments/configs/nope.py", f"--workdir={wd}"],
+    check=False,
+  )
   assert p.returncode != 0 and "nope.py" in p.stderr
 
 
-@pytest.mark.parametrize("key,value,message", [
+@pytest.mark.parametrize(
+  "key,value,message",
+  [
     ("model.dtype", "float16", "config.model.dtype must be one of"),
     ("train.num_steps", 0, "config.train.num_steps must be a positive integer"),
     ("train.label_dropout", 0.1, "label_dropout > 0 needs config.conditional=True"),
@@ -258,7 +289,8 @@ def test_bad_flags_and_config_give_clear_errors(tmp_path, digits_dir):
     ("diffusion.variance", "learned_range", "learn_sigma=True goes with"),
     ("sample.sampler", "magic", "unknown sampler 'magic'"),
     ("data.name", "no_such_dataset_xyz", "no_such_dataset_xyz"),
-])
+  ],
+)
 def test_bad_config_values(tmp_path, digits_dir, key, value, message):
   cfg = tiny_config(digits_dir, **{key: value})
   with pytest.raises(ValueError, match=re.escape(message)):

@@ -44,14 +44,17 @@ def _inputs(b=2, hw=8, c=3, seed=0):
   return x, t
 
 
-@pytest.mark.parametrize("overrides, out_c", [
+@pytest.mark.parametrize(
+  "overrides, out_c",
+  [
     (dict(), 3),
     (dict(learn_sigma=True), 6),
     (dict(out_channels=2, learn_sigma=True), 4),
     (dict(resblock_updown=True, num_classes=5), 3),
     (dict(use_scale_shift_norm=True, head_channels=8), 3),
     (dict(num_heads=2, conv_resample=False, dropout=0.1), 3),
-])
+  ],
+)
 def test_output_shape_and_dtype(overrides, out_c):
   net = UNet(**TINY, **overrides)
   x, t = _inputs()
@@ -73,7 +76,8 @@ def test_bfloat16_compute_float32_params():
   assert out.dtype == jnp.bfloat16 and out.shape == (2, 8, 8, 3)
   # Same params in float32 compute give nearly the same output.
   ref = UNet(**TINY, use_scale_shift_norm=True, num_classes=3).apply(
-      {"params": params}, x, t, y, train=False)
+    {"params": params}, x, t, y, train=False
+  )
   np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=0.1, rtol=0.1)
 
 
@@ -83,8 +87,9 @@ def _analytic_ddpm_params(ch, ch_mult, nres, attn_levels, c_img):
   dense = lambda i, o: i * o + o
   gn = lambda c: 2 * c
   e = 4 * ch
-  res = lambda i, o: (gn(i) + conv(3, i, o) + dense(e, o) + gn(o) + conv(3, o, o)
-                      + (conv(1, i, o) if i != o else 0))
+  res = lambda i, o: (
+    gn(i) + conv(3, i, o) + dense(e, o) + gn(o) + conv(3, o, o) + (conv(1, i, o) if i != o else 0)
+  )
   attn = lambda c: gn(c) + 4 * dense(c, c)
   n = dense(ch, e) + dense(e, e) + conv(3, c_img, ch)
   skips, c = [ch], ch
@@ -109,8 +114,11 @@ def _analytic_ddpm_params(ch, ch_mult, nres, attn_levels, c_img):
 
 def test_ddpm_cifar10_param_count():
   net = make_unet("ddpm_cifar10")
-  shapes = jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
-                                           jnp.zeros((1,), jnp.int32), train=False))
+  shapes = jax.eval_shape(
+    lambda: net.init(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32), train=False
+    )
+  )
   n = sum(math.prod(p.shape) for p in jax.tree.leaves(shapes["params"]))
   assert abs(n - 35.7e6) / 35.7e6 < 0.01
   # Closed form of the paper's architecture; diffusers' UNet2DModel of the same
@@ -122,8 +130,9 @@ def test_digits_small_preset_and_class_variant():
   net = make_unet("digits_small", num_classes=10)
   assert net.null_label == 10
   x = jnp.zeros((1, 16, 16, 1))
-  shapes = jax.eval_shape(lambda: net.init(jax.random.key(0), x, jnp.zeros((1,)),
-                                           jnp.zeros((1,), jnp.int32), train=False))
+  shapes = jax.eval_shape(
+    lambda: net.init(jax.random.key(0), x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32), train=False)
+  )
   assert shapes["params"]["class_emb"]["embedding"].shape == (11, 4 * 32)
   n = sum(math.prod(p.shape) for p in jax.tree.leaves(shapes["params"]))
   assert 0.3e6 < n < 1.0e6
@@ -139,8 +148,9 @@ def test_timestep_embedding_closed_form():
   emb = np.asarray(timestep_embedding(t, 8))
   freqs = 10000.0 ** (-np.arange(4) / 4)
   args = np.array([0.0, 1.5, 999.0])[:, None] * freqs
-  np.testing.assert_allclose(emb, np.concatenate([np.cos(args), np.sin(args)], -1),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    emb, np.concatenate([np.cos(args), np.sin(args)], -1), rtol=1e-5, atol=1e-5
+  )
   assert timestep_embedding(jnp.array([3, 4]), 7).shape == (2, 7)
   with pytest.raises(ValueError, match="shape"):
     timestep_embedding(jnp.zeros((2, 1)), 8)
@@ -155,9 +165,9 @@ def test_conditioning_changes_output():
   base = np.asarray(f(x, t, y))
   np.testing.assert_array_equal(base, np.asarray(f(x, t, y)))
   diff = lambda a: float(np.max(np.abs(np.asarray(a) - base)))
-  assert diff(f(x, t + 50, y)) > 1e-4                       # time
+  assert diff(f(x, t + 50, y)) > 1e-4  # time
   assert diff(f(x, t.astype(jnp.float32) + 0.5, y)) > 1e-6  # fractional time
-  assert diff(f(x, t, jnp.array([2, 3]))) > 1e-4            # class
+  assert diff(f(x, t, jnp.array([2, 3]))) > 1e-4  # class
   assert diff(f(x, t, jnp.full((2,), net.null_label))) > 1e-4  # null label
   # Per-example: changing example 1's label leaves example 0 unchanged.
   out = np.asarray(f(x, t, jnp.array([0, 3])))
@@ -184,8 +194,9 @@ def test_dropout_only_in_train_mode():
   # Eval ignores any rng: with or without one the output is identical.
   ev_rng = make_model_fn(net, params, rng=jax.random.key(3))
   np.testing.assert_array_equal(np.asarray(ev(x, t, None)), np.asarray(ev_rng(x, t, None)))
-  tr = lambda seed: np.asarray(make_model_fn(net, {"params": params}, train=True,
-                                             rng=jax.random.key(seed))(x, t, None))
+  tr = lambda seed: np.asarray(
+    make_model_fn(net, {"params": params}, train=True, rng=jax.random.key(seed))(x, t, None)
+  )
   np.testing.assert_array_equal(tr(1), tr(1))
   assert np.max(np.abs(tr(1) - tr(2))) > 1e-4
   assert np.max(np.abs(tr(1) - np.asarray(ev(x, t, None)))) > 1e-4
@@ -212,19 +223,31 @@ def test_jitted_step_compiles_once():
 
 
 def test_remat_matches_no_remat():
-  cfg = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), num_groups=4,
-             dropout=0.3, use_scale_shift_norm=True, zero_init=False)
+  cfg = dict(
+    ch=8,
+    ch_mult=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(),
+    num_groups=4,
+    dropout=0.3,
+    use_scale_shift_norm=True,
+    zero_init=False,
+  )
   net, net_r = UNet(**cfg), UNet(**cfg, remat=True)
   x, t = _inputs()
   params = _init(net, x, t)
-  assert (jax.tree.structure(params) == jax.tree.structure(_init(net_r, x, t)))
+  assert jax.tree.structure(params) == jax.tree.structure(_init(net_r, x, t))
 
   def loss(net, p):
     fn = make_model_fn(net, p, train=True, rng=jax.random.key(5))  # dropout on
     return jnp.mean(fn(x, t, None) ** 2)
 
-  both = jax.jit(lambda p: (jax.value_and_grad(lambda p: loss(net, p))(p),
-                            jax.value_and_grad(lambda p: loss(net_r, p))(p)))
+  both = jax.jit(
+    lambda p: (
+      jax.value_and_grad(lambda p: loss(net, p))(p),
+      jax.value_and_grad(lambda p: loss(net_r, p))(p),
+    )
+  )
   (l0, g0), (l1, g1) = both(params)
   np.testing.assert_allclose(l0, l1, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g0, g1)

@@ -47,8 +47,16 @@ def np_conv(x, p, stride=1):
   b, h, ww, _ = x.shape
   xp = np.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
   ho, wo = (h - 1) // stride + 1, (ww - 1) // stride + 1
-  cols = np.stack([np.stack([xp[:, i:i + stride * ho:stride, j:j + stride * wo:stride]
-                             for j in range(kw)], axis=3) for i in range(kh)], axis=3)
+  cols = np.stack(
+    [
+      np.stack(
+        [xp[:, i : i + stride * ho : stride, j : j + stride * wo : stride] for j in range(kw)],
+        axis=3,
+      )
+      for i in range(kh)
+    ],
+    axis=3,
+  )
   return np.einsum("bhwijc,ijco->bhwo", cols, w) + p["bias"]  # cols: [B, Ho, Wo, kh, kw, C]
 
 
@@ -125,8 +133,7 @@ def np_unet(p, x, t, y, cfg, out_ch):
 
   def resample(name, h, up):
     if cfg.get("resblock_updown"):  # BigGAN / ADM residual resampling
-      return np_resblock(p[name], h, emb, h.shape[-1], groups, scale_shift=ss, up=up,
-                         down=not up)
+      return np_resblock(p[name], h, emb, h.shape[-1], groups, scale_shift=ss, up=up, down=not up)
     if not cfg.get("conv_resample", True):
       return np_upsample(h) if up else np_avgpool(h)
     return np_conv(np_upsample(h), p[name]["conv"]) if up else np_conv(h, p[name]["conv"], 2)
@@ -196,15 +203,18 @@ def test_timestep_embedding_matches_formula(dim):
   np.testing.assert_allclose(got, np_timestep_embedding(t, dim), rtol=0, atol=2e-4)
   half = dim // 2
   np.testing.assert_allclose(got[0, :half], 1.0)  # cos(0)
-  np.testing.assert_allclose(got[:, half:2 * half][:, 0], np.sin(t), atol=2e-4)  # w_0 = 1
+  np.testing.assert_allclose(got[:, half : 2 * half][:, 0], np.sin(t), atol=2e-4)  # w_0 = 1
 
 
-@pytest.mark.parametrize("c_in, c_out, kw", [
+@pytest.mark.parametrize(
+  "c_in, c_out, kw",
+  [
     (8, 8, dict()),
     (8, 16, dict(use_scale_shift_norm=True)),
     (16, 8, dict(up=True)),
     (8, 16, dict(down=True, use_scale_shift_norm=True)),
-])
+  ],
+)
 def test_resblock_matches_numpy(c_in, c_out, kw):
   block = ResBlock(c_out, num_groups=4, zero_init=False, dropout=0.5, **kw)
   rng = np.random.default_rng(1)
@@ -212,15 +222,23 @@ def test_resblock_matches_numpy(c_in, c_out, kw):
   emb = rng.standard_normal((2, 12)).astype(np.float32)
   params = _random_params(block, x, emb, False, seed=2)
   got = block.apply({"params": params}, x, emb, False)  # train=False: dropout off
-  want = np_resblock(_f64(params), x.astype(np.float64), emb.astype(np.float64), c_out, 4,
-                     scale_shift=kw.get("use_scale_shift_norm", False),
-                     up=kw.get("up", False), down=kw.get("down", False))
+  want = np_resblock(
+    _f64(params),
+    x.astype(np.float64),
+    emb.astype(np.float64),
+    c_out,
+    4,
+    scale_shift=kw.get("use_scale_shift_norm", False),
+    up=kw.get("up", False),
+    down=kw.get("down", False),
+  )
   assert ("skip" in params) == (c_in != c_out)
   _close(got, want)
 
 
-@pytest.mark.parametrize("kw, heads", [(dict(num_heads=1), 1), (dict(num_heads=4), 4),
-                                       (dict(head_channels=4), 4)])
+@pytest.mark.parametrize(
+  "kw, heads", [(dict(num_heads=1), 1), (dict(num_heads=4), 4), (dict(head_channels=4), 4)]
+)
 def test_attention_block_matches_numpy(kw, heads):
   block = AttentionBlock(num_groups=4, zero_init=False, **kw)
   x = np.random.default_rng(3).standard_normal((2, 4, 4, 16)).astype(np.float32)
@@ -229,15 +247,25 @@ def test_attention_block_matches_numpy(kw, heads):
   _close(got, np_attention(_f64(params), x.astype(np.float64), heads, 4))
 
 
-@pytest.mark.parametrize("kw", [
+@pytest.mark.parametrize(
+  "kw",
+  [
     dict(),
     dict(use_scale_shift_norm=True, num_classes=3, num_heads=2, learn_sigma=True),
     dict(conv_resample=False),
     dict(resblock_updown=True, use_scale_shift_norm=True),
-])
+  ],
+)
 def test_whole_unet_matches_numpy(kw):
-  cfg = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_heads=1,
-             num_groups=4, use_scale_shift_norm=False)
+  cfg = dict(
+    ch=8,
+    ch_mult=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(4,),
+    num_heads=1,
+    num_groups=4,
+    use_scale_shift_norm=False,
+  )
   cfg.update(kw)
   net = UNet(**cfg, zero_init=False, conv_impl="xla")
   rng = np.random.default_rng(5)

@@ -19,8 +19,9 @@ DN = ("NHWC", "HWIO", "NHWC")
 
 
 def _direct(x, w):
-  return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN,
-                                  precision=lax.Precision.HIGHEST)
+  return lax.conv_general_dilated(
+    x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN, precision=lax.Precision.HIGHEST
+  )
 
 
 def _data(n, h, w, c, o, seed=0):
@@ -35,9 +36,17 @@ def _rel(a, b):
   return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
 
-@pytest.mark.parametrize("tile,tol,shape", [
-    (2, 3e-6, (2, 8, 8, 16, 32)), (2, 3e-6, (3, 7, 9, 5, 4)), (2, 3e-6, (1, 4, 4, 1, 3)),
-    (2, 3e-6, (2, 12, 6, 8, 8)), (4, 3e-5, (2, 8, 8, 16, 32)), (4, 3e-5, (3, 7, 9, 5, 4))])
+@pytest.mark.parametrize(
+  "tile,tol,shape",
+  [
+    (2, 3e-6, (2, 8, 8, 16, 32)),
+    (2, 3e-6, (3, 7, 9, 5, 4)),
+    (2, 3e-6, (1, 4, 4, 1, 3)),
+    (2, 3e-6, (2, 12, 6, 8, 8)),
+    (4, 3e-5, (2, 8, 8, 16, 32)),
+    (4, 3e-5, (3, 7, 9, 5, 4)),
+  ],
+)
 def test_matches_direct_conv_and_its_gradients(tile, tol, shape):
   x, k, g = _data(*shape)
   y_ref, vjp_ref = jax.vjp(_direct, x, k)
@@ -113,28 +122,31 @@ def test_dispatcher_routes_only_stride1_3x3_same_and_1x1():
   k1 = k[1:2, 1:2]
   dn = lax.conv_dimension_numbers(x.shape, k.shape, DN)
   cases = [  # (kernel, strides, padding, routed away from lax.conv)
-      (k, (1, 1), ((1, 1), (1, 1)), True),
-      (k, (1, 1), "SAME", True),
-      (k1, (1, 1), ((0, 0), (0, 0)), True),
-      (k1, (1, 1), "VALID", True),
-      (k, (2, 2), ((1, 1), (1, 1)), False),
-      (k, (1, 1), ((0, 0), (0, 0)), False),
-      (k[..., :8], (1, 1), "SAME", False),  # narrower than MIN_WINOGRAD_CHANNELS
+    (k, (1, 1), ((1, 1), (1, 1)), True),
+    (k, (1, 1), "SAME", True),
+    (k1, (1, 1), ((0, 0), (0, 0)), True),
+    (k1, (1, 1), "VALID", True),
+    (k, (2, 2), ((1, 1), (1, 1)), False),
+    (k, (1, 1), ((0, 0), (0, 0)), False),
+    (k[..., :8], (1, 1), "SAME", False),  # narrower than MIN_WINOGRAD_CHANNELS
   ]
   for kern, strides, padding, routed in cases:
+
     def ours(x, kern=kern, strides=strides, padding=padding):
       return winograd_conv_general_dilated(x, kern, strides, padding, dimension_numbers=dn)
 
     def ref(x, kern=kern, strides=strides, padding=padding):
-      return lax.conv_general_dilated(x, kern, strides, padding, dimension_numbers=dn,
-                                      precision=lax.Precision.HIGHEST)
+      return lax.conv_general_dilated(
+        x, kern, strides, padding, dimension_numbers=dn, precision=lax.Precision.HIGHEST
+      )
 
     assert _uses_lax_conv(ours, x) != routed, (kern.shape, strides, padding)
     assert _rel(ours(x), ref(x)) < 1e-5
   # Grouped convolutions are left to XLA.
   kg = k[:, :, :16, :]
-  grouped = lambda x: winograd_conv_general_dilated(x, kg, (1, 1), "SAME", dimension_numbers=dn,
-                                                    feature_group_count=2)
+  grouped = lambda x: winograd_conv_general_dilated(
+    x, kg, (1, 1), "SAME", dimension_numbers=dn, feature_group_count=2
+  )
   assert _uses_lax_conv(grouped, x)
 
 
@@ -149,18 +161,28 @@ def test_resolve_conv_impl():
 
 
 def test_unet_conv_impls_share_parameters_and_agree():
-  kw = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=8,
-            num_classes=3, dropout=0.0, zero_init=False)
+  kw = dict(
+    ch=32,
+    ch_mult=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(4,),
+    num_groups=8,
+    num_classes=3,
+    dropout=0.0,
+    zero_init=False,
+  )
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
   t, y = jnp.array([3, 700]), jnp.array([0, 3])
   nets = {impl: UNet(conv_impl=impl, **kw) for impl in ("xla", "winograd")}
   params = nets["xla"].init(jax.random.key(1), x, t, y, train=False)["params"]
-  shapes = jax.eval_shape(lambda: nets["winograd"].init(jax.random.key(1), x, t, y,
-                                                         train=False))["params"]
+  shapes = jax.eval_shape(lambda: nets["winograd"].init(jax.random.key(1), x, t, y, train=False))[
+    "params"
+  ]
   assert jax.tree.structure(shapes) == jax.tree.structure(params)
   assert all(jax.tree.leaves(jax.tree.map(lambda a, b: a.shape == b.shape, shapes, params)))
-  jaxpr = str(jax.make_jaxpr(lambda p: nets["winograd"].apply({"params": p}, x, t, y,
-                                                              train=False))(params))
+  jaxpr = str(
+    jax.make_jaxpr(lambda p: nets["winograd"].apply({"params": p}, x, t, y, train=False))(params)
+  )
   assert jaxpr.count("conv_general_dilated") == 3  # conv_in, conv_out, strided downsample
   assert "custom_vjp_call" in jaxpr
 
@@ -178,6 +200,7 @@ def test_unet_conv_impls_share_parameters_and_agree():
 def test_bad_conv_impl_in_config_is_named():
   from experiments.configs import default  # pylint: disable=g-import-not-at-top
   from jdiff.runs.setup import build_model  # pylint: disable=g-import-not-at-top
+
   c = default.get_config()
   c.model.conv_impl = "cudnn"
   with pytest.raises(ValueError, match="config.model.conv_impl.*'cudnn'"):

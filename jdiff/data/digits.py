@@ -116,36 +116,37 @@ class JdiffDigits(tfds.core.GeneratorBasedBuilder, skip_registration=_registered
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [
-      DigitsConfig(name=f"{s}x{s}", image_size=s, description=f"{s}x{s} grey-scale")
-      for s in (16, 32, 8)
+    DigitsConfig(name=f"{s}x{s}", image_size=s, description=f"{s}x{s} grey-scale")
+    for s in (16, 32, 8)
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
     s = self.builder_config.image_size
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=(
-            "scikit-learn's 8x8 handwritten digits (UCI optdigits test set), "
-            f"rescaled to 0..255 and resized to {s}x{s} with PIL bicubic; "
-            f"split by default_rng({SPLIT_SEED}).permutation: first {NUM_TEST} "
-            "test, rest train."
-        ),
-        features=tfds.features.FeaturesDict({
-            # Raw uint8 tensor, not tfds.features.Image: Image needs TF to encode.
-            "image": tfds.features.Tensor(shape=(s, s, 1), dtype=np.uint8),
-            "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
-            "index": tfds.features.Scalar(dtype=np.int32),
-        }),
-        supervised_keys=("image", "label"),
-        homepage=(
-            "https://scikit-learn.org/stable/modules/generated/"
-            "sklearn.datasets.load_digits.html"
-        ),
-        citation=(
-            "@misc{optdigits, author={Alpaydin, E. and Kaynak, C.}, year={1998},"
-            " title={Optical Recognition of Handwritten Digits},"
-            " howpublished={UCI Machine Learning Repository}}"
-        ),
+      builder=self,
+      description=(
+        "scikit-learn's 8x8 handwritten digits (UCI optdigits test set), "
+        f"rescaled to 0..255 and resized to {s}x{s} with PIL bicubic; "
+        f"split by default_rng({SPLIT_SEED}).permutation: first {NUM_TEST} "
+        "test, rest train."
+      ),
+      features=tfds.features.FeaturesDict(
+        {
+          # Raw uint8 tensor, not tfds.features.Image: Image needs TF to encode.
+          "image": tfds.features.Tensor(shape=(s, s, 1), dtype=np.uint8),
+          "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+          "index": tfds.features.Scalar(dtype=np.int32),
+        }
+      ),
+      supervised_keys=("image", "label"),
+      homepage=(
+        "https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html"
+      ),
+      citation=(
+        "@misc{optdigits, author={Alpaydin, E. and Kaynak, C.}, year={1998},"
+        " title={Optical Recognition of Handwritten Digits},"
+        " howpublished={UCI Machine Learning Repository}}"
+      ),
     )
 
   def _split_generators(self, dl_manager):
@@ -154,20 +155,23 @@ class JdiffDigits(tfds.core.GeneratorBasedBuilder, skip_registration=_registered
 
     digits = load_digits()
     return {
-        split: self._generate_examples(digits.images, digits.target, rows)
-        for split, rows in split_indices().items()
+      split: self._generate_examples(digits.images, digits.target, rows)
+      for split, rows in split_indices().items()
     }
 
   def _generate_examples(
-      self, images: np.ndarray, targets: np.ndarray, rows: np.ndarray
+    self, images: np.ndarray, targets: np.ndarray, rows: np.ndarray
   ) -> Iterator[tuple[int, dict]]:
     s = self.builder_config.image_size
     for row in rows:
-      yield int(row), {
+      yield (
+        int(row),
+        {
           "image": resize_digit(images[row], image_size=s),
           "label": int(targets[row]),
           "index": int(row),
-      }
+        },
+      )
 
 
 def digits_builder(*, image_size: int = 16, data_dir: str | None = None) -> JdiffDigits:
@@ -181,9 +185,9 @@ def digits_builder(*, image_size: int = 16, data_dir: str | None = None) -> Jdif
   if image_size not in IMAGE_SIZES:
     raise ValueError(f"image_size must be one of {IMAGE_SIZES}, got {image_size!r}")
   return JdiffDigits(
-      config=f"{image_size}x{image_size}",
-      data_dir=None if data_dir is None else str(data_dir),
-      file_format="array_record",
+    config=f"{image_size}x{image_size}",
+    data_dir=None if data_dir is None else str(data_dir),
+    file_format="array_record",
   )
 
 

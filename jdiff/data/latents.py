@@ -69,15 +69,18 @@ def latent_shape_of(module, image_shape) -> tuple[int, int, int]:
   h, w, c = (int(d) for d in image_shape)
   f = module.downsample_factor
   if h % f or w % f:
-    raise ValueError(f"image size {(h, w)} must be a multiple of the autoencoder's "
-                     f"downsampling factor f={f}")
+    raise ValueError(
+      f"image size {(h, w)} must be a multiple of the autoencoder's downsampling factor f={f}"
+    )
   if c != module.in_channels:
-    raise ValueError(f"images have {c} channels but the autoencoder takes "
-                     f"in_channels={module.in_channels}")
+    raise ValueError(
+      f"images have {c} channels but the autoencoder takes in_channels={module.in_channels}"
+    )
   return (h // f, w // f, module.latent_channels)
 
 
 # ----------------------------------------------------------------------------- encode / decode
+
 
 def encode_mean(module, params: PyTree, images: Array) -> Array:
   """The unscaled posterior mean [B, h, w, c] of images [B, H, W, C]."""
@@ -98,9 +101,16 @@ def decode(codec: LatentCodec, z: Array) -> Array:
   return jnp.clip(x, -1.0, 1.0)
 
 
-def encode_split(module, params: PyTree, name: str, *, split: str, data_dir: str | None = None,
-                 image_size: int | None = None, batch_size: int = 256
-                 ) -> tuple[np.ndarray, np.ndarray | None]:
+def encode_split(
+  module,
+  params: PyTree,
+  name: str,
+  *,
+  split: str,
+  data_dir: str | None = None,
+  image_size: int | None = None,
+  batch_size: int = 256,
+) -> tuple[np.ndarray, np.ndarray | None]:
   """Unscaled posterior means of a whole split, batched through one jitted encoder.
 
   Each process encodes the whole split itself (its batch split over its own devices);
@@ -113,11 +123,20 @@ def encode_split(module, params: PyTree, name: str, *, split: str, data_dir: str
   n_dev = mesh.devices.size
   batch_size = max(n_dev, batch_size // n_dev * n_dev)
   data_sh = sharding.data_sharding(mesh)
-  fn = jax.jit(functools.partial(encode_mean, module),
-               in_shardings=(sharding.replicated(mesh), data_sh), out_shardings=data_sh)
-  it = pipeline.make_eval_iterator(name, global_batch_size=batch_size, process_index=0,
-                                   process_count=1, split=split, data_dir=data_dir,
-                                   image_size=image_size)
+  fn = jax.jit(
+    functools.partial(encode_mean, module),
+    in_shardings=(sharding.replicated(mesh), data_sh),
+    out_shardings=data_sh,
+  )
+  it = pipeline.make_eval_iterator(
+    name,
+    global_batch_size=batch_size,
+    process_index=0,
+    process_count=1,
+    split=split,
+    data_dir=data_dir,
+    image_size=image_size,
+  )
   zs, labels = [], []
   for batch in it:
     mask = batch["mask"]
@@ -125,20 +144,28 @@ def encode_split(module, params: PyTree, name: str, *, split: str, data_dir: str
     zs.append(z[mask])
     if "label" in batch:
       labels.append(batch["label"][mask])
-  return (np.concatenate(zs).astype(np.float32),
-          np.concatenate(labels).astype(np.int32) if labels else None)
+  return (
+    np.concatenate(zs).astype(np.float32),
+    np.concatenate(labels).astype(np.int32) if labels else None,
+  )
 
 
-def scale_factor_of_split(module, params: PyTree, name: str, *, split: str,
-                          data_dir: str | None = None, image_size: int | None = None
-                          ) -> tuple[float, int]:
+def scale_factor_of_split(
+  module,
+  params: PyTree,
+  name: str,
+  *,
+  split: str,
+  data_dir: str | None = None,
+  image_size: int | None = None,
+) -> tuple[float, int]:
   """1 / std of the posterior means of a split ([LDM] App. G), and its example count."""
-  z, _ = encode_split(module, params, name, split=split, data_dir=data_dir,
-                      image_size=image_size)
+  z, _ = encode_split(module, params, name, split=split, data_dir=data_dir, image_size=image_size)
   return latent_scale_factor(z), len(z)
 
 
 # ----------------------------------------------------------------------------- grain source
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class LatentSource:
@@ -167,8 +194,15 @@ class LatentSource:
     return self.description
 
 
-def encode_source(codec: LatentCodec, name: str, *, split: str, data_dir: str | None = None,
-                  image_size: int | None = None, batch_size: int = 256) -> LatentSource:
+def encode_source(
+  codec: LatentCodec,
+  name: str,
+  *,
+  split: str,
+  data_dir: str | None = None,
+  image_size: int | None = None,
+  batch_size: int = 256,
+) -> LatentSource:
   """Encodes a whole split once into a random-access source of scaled latents.
 
   Args:
@@ -187,12 +221,23 @@ def encode_source(codec: LatentCodec, name: str, *, split: str, data_dir: str | 
   """
   meta = sources.dataset_metadata(name, data_dir=data_dir, image_size=image_size)
   if tuple(meta.image_shape) != tuple(codec.image_shape):
-    raise ValueError(f"dataset {name!r} (image_size={image_size}) has images "
-                     f"{tuple(meta.image_shape)}, but the autoencoder was trained on "
-                     f"{tuple(codec.image_shape)}")
-  z, labels = encode_split(codec.module, codec.params, name, split=split, data_dir=data_dir,
-                           image_size=image_size, batch_size=batch_size)
+    raise ValueError(
+      f"dataset {name!r} (image_size={image_size}) has images "
+      f"{tuple(meta.image_shape)}, but the autoencoder was trained on "
+      f"{tuple(codec.image_shape)}"
+    )
+  z, labels = encode_split(
+    codec.module,
+    codec.params,
+    name,
+    split=split,
+    data_dir=data_dir,
+    image_size=image_size,
+    batch_size=batch_size,
+  )
   z = (z * np.float32(codec.scale_factor)).astype(np.float32)
-  desc = (f"LatentSource({name!r}, split={split!r}, image_size={image_size}, n={len(z)}, "
-          f"latent_shape={tuple(codec.latent_shape)}, scale={codec.scale_factor:.6g})")
+  desc = (
+    f"LatentSource({name!r}, split={split!r}, image_size={image_size}, n={len(z)}, "
+    f"latent_shape={tuple(codec.latent_shape)}, scale={codec.scale_factor:.6g})"
+  )
   return LatentSource(latents=z, labels=labels, description=desc)

@@ -64,7 +64,7 @@ class _Preprocess(grain.MapTransform):
       return out
     if image.dtype != np.uint8 or image.ndim != 3:
       raise ValueError(
-          f"expected uint8 images [H, W, C], got {image.dtype} with shape {image.shape}"
+        f"expected uint8 images [H, W, C], got {image.dtype} with shape {image.shape}"
       )
     if self.image_size is not None:
       image = _center_crop_resize(image, self.image_size)
@@ -93,8 +93,11 @@ class _RandomFlip(grain.RandomMapTransform):
 
 
 def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
-  for arg, value in (("global_batch_size", global_batch_size),
-                     ("process_count", process_count), ("process_index", process_index)):
+  for arg, value in (
+    ("global_batch_size", global_batch_size),
+    ("process_count", process_count),
+    ("process_index", process_index),
+  ):
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
       raise TypeError(f"{arg} must be an int, got {value!r}")
   if process_count < 1:
@@ -105,39 +108,38 @@ def _local_batch_size(global_batch_size: int, process_index: int, process_count:
     raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
   if global_batch_size % process_count:
     raise ValueError(
-        f"global_batch_size={global_batch_size} is not divisible by "
-        f"process_count={process_count}"
+      f"global_batch_size={global_batch_size} is not divisible by process_count={process_count}"
     )
   return global_batch_size // process_count
 
 
 def _resolve(
-    source_or_name, split: str, data_dir: str | None, image_size: int | None
+  source_or_name, split: str, data_dir: str | None, image_size: int | None
 ) -> Sequence[dict[str, Any]]:
   if isinstance(source_or_name, str):
     name = stored_name(source_or_name, image_size)
     return load_source(name, split=split, data_dir=data_dir)
   if not (hasattr(source_or_name, "__len__") and hasattr(source_or_name, "__getitem__")):
     raise TypeError(
-        "source_or_name must be a dataset name or a random-access source "
-        f"(__len__ and __getitem__), got {type(source_or_name).__name__}"
+      "source_or_name must be a dataset name or a random-access source "
+      f"(__len__ and __getitem__), got {type(source_or_name).__name__}"
     )
   return source_or_name
 
 
 def make_train_iterator(
-    source_or_name: str | Sequence[dict[str, Any]],
-    *,
-    global_batch_size: int,
-    seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
-    split: str = "train",
-    data_dir: str | None = None,
-    image_size: int | None = None,
-    random_flip: bool = False,
-    num_epochs: int | None = None,
-    worker_count: int = 0,
+  source_or_name: str | Sequence[dict[str, Any]],
+  *,
+  global_batch_size: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  split: str = "train",
+  data_dir: str | None = None,
+  image_size: int | None = None,
+  random_flip: bool = False,
+  num_epochs: int | None = None,
+  worker_count: int = 0,
 ) -> grain.PyGrainDatasetIterator:
   """Shuffled, repeated, sharded training batches for this process.
 
@@ -191,47 +193,45 @@ def make_train_iterator(
   source = _resolve(source_or_name, split, data_dir, image_size)
   shard_size = len(source) // process_count
   if shard_size == 0:
-    raise ValueError(
-        f"{len(source)} records cannot be split over process_count={process_count}"
-    )
+    raise ValueError(f"{len(source)} records cannot be split over process_count={process_count}")
   if num_epochs is not None and shard_size * num_epochs < batch_size:
     raise ValueError(
-        f"per-process batch {batch_size} exceeds the {shard_size * num_epochs} "
-        f"records this process reads in num_epochs={num_epochs}"
+      f"per-process batch {batch_size} exceeds the {shard_size * num_epochs} "
+      f"records this process reads in num_epochs={num_epochs}"
     )
   shard_options = grain.ShardOptions(
-      shard_index=int(process_index), shard_count=int(process_count), drop_remainder=True
+    shard_index=int(process_index), shard_count=int(process_count), drop_remainder=True
   )
   sampler = grain.IndexSampler(
-      num_records=len(source),
-      shard_options=shard_options,
-      shuffle=True,
-      num_epochs=num_epochs,
-      seed=int(seed),
+    num_records=len(source),
+    shard_options=shard_options,
+    shuffle=True,
+    num_epochs=num_epochs,
+    seed=int(seed),
   )
   operations: list[grain.Transformation] = [_Preprocess(image_size=image_size)]
   if random_flip:
     operations.append(_RandomFlip())
   operations.append(grain.Batch(batch_size=batch_size, drop_remainder=True))
   loader = grain.DataLoader(
-      data_source=source,
-      sampler=sampler,
-      operations=operations,
-      worker_count=worker_count,
-      shard_options=shard_options,
+    data_source=source,
+    sampler=sampler,
+    operations=operations,
+    worker_count=worker_count,
+    shard_options=shard_options,
   )
   return iter(loader)
 
 
 def make_eval_iterator(
-    source_or_name: str | Sequence[dict[str, Any]],
-    *,
-    global_batch_size: int,
-    process_index: int = 0,
-    process_count: int = 1,
-    split: str = "test",
-    data_dir: str | None = None,
-    image_size: int | None = None,
+  source_or_name: str | Sequence[dict[str, Any]],
+  *,
+  global_batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  split: str = "test",
+  data_dir: str | None = None,
+  image_size: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
   """One pass over a split in stored order, padded so every record counts once.
 

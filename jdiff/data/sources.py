@@ -62,7 +62,7 @@ def _digits_size(name: str) -> int | None:
   sizes = {f"{s}x{s}": s for s in digits_lib.IMAGE_SIZES}
   if config not in sizes:
     raise ValueError(
-        f"unknown config {config!r} of {digits_lib.NAME}; choose one of {sorted(sizes)}"
+      f"unknown config {config!r} of {digits_lib.NAME}; choose one of {sorted(sizes)}"
     )
   return sizes[config]
 
@@ -83,11 +83,11 @@ def _tensorflow_available() -> bool:
 
 def _tf_error(name: str, reason: str) -> TensorFlowRequiredError:
   return TensorFlowRequiredError(
-      f"dataset {name!r} is not prepared as array_record and preparing it needs "
-      f"TensorFlow ({reason}), which is not installed. Install it with: "
-      f"{TF_INSTALL_HINT}; or prepare the dataset elsewhere with "
-      f"tfds.builder({name!r}).download_and_prepare(file_format='array_record') "
-      "and point data_dir at the result. (jdiff_digits needs no TensorFlow.)"
+    f"dataset {name!r} is not prepared as array_record and preparing it needs "
+    f"TensorFlow ({reason}), which is not installed. Install it with: "
+    f"{TF_INSTALL_HINT}; or prepare the dataset elsewhere with "
+    f"tfds.builder({name!r}).download_and_prepare(file_format='array_record') "
+    "and point data_dir at the result. (jdiff_digits needs no TensorFlow.)"
   )
 
 
@@ -118,16 +118,16 @@ def prepared_builder(name: str, *, data_dir: str | None = None) -> tfds.core.Dat
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
     raise ValueError(
-        f"unknown dataset {name!r}: not in the TFDS catalog and not prepared under "
-        f"data_dir={data_dir!r} (embedded: {digits_lib.NAME}/16x16, /32x32, /8x8)"
+      f"unknown dataset {name!r}: not in the TFDS catalog and not prepared under "
+      f"data_dir={data_dir!r} (embedded: {digits_lib.NAME}/16x16, /32x32, /8x8)"
     ) from None
   if builder.is_prepared():
     fmt = builder.info.file_format
     if fmt != tfds.core.FileFormat.ARRAY_RECORD:
       raise ValueError(
-          f"dataset {name!r} under {builder.data_dir} is prepared as {fmt}, but grain "
-          "needs random access: prepare it with "
-          "download_and_prepare(file_format='array_record') into another data_dir"
+        f"dataset {name!r} under {builder.data_dir} is prepared as {fmt}, but grain "
+        "needs random access: prepare it with "
+        "download_and_prepare(file_format='array_record') into another data_dir"
       )
     return builder
 
@@ -143,9 +143,7 @@ def prepared_builder(name: str, *, data_dir: str | None = None) -> tfds.core.Dat
   return builder
 
 
-def load_source(
-    name: str, *, split: str, data_dir: str | None = None
-) -> Sequence[dict[str, Any]]:
+def load_source(name: str, *, split: str, data_dir: str | None = None) -> Sequence[dict[str, Any]]:
   """Returns a random-access source of one split (preparing the dataset if needed).
 
   Equivalent to ``tfds.data_source(name, split=split, data_dir=data_dir)``
@@ -165,7 +163,7 @@ def load_source(
 
 
 def dataset_metadata(
-    name: str, *, data_dir: str | None = None, image_size: int | None = None
+  name: str, *, data_dir: str | None = None, image_size: int | None = None
 ) -> DatasetMetadata:
   """Image shape, number of classes and split sizes, from TFDS' metadata.
 
@@ -192,10 +190,10 @@ def dataset_metadata(
   label = features["label"] if "label" in features else None
   num_classes = label.num_classes if isinstance(label, tfds.features.ClassLabel) else None
   return DatasetMetadata(
-      name=name,
-      image_shape=tuple(int(d) if d is not None else None for d in shape),
-      num_classes=num_classes,
-      num_examples={k: int(v.num_examples) for k, v in info.splits.items()},
+    name=name,
+    image_shape=tuple(int(d) if d is not None else None for d in shape),
+    num_classes=num_classes,
+    num_examples={k: int(v.num_examples) for k, v in info.splits.items()},
   )
 
 

@@ -49,19 +49,28 @@ Array = jax.Array
 # Layers (names mirror LDM's modules so that the state-dict mapping is mechanical).
 
 
-def _conv(features: int, kernel: int, *, dtype, name: str, stride: int = 1,
-          padding: Any = None) -> nn.Conv:
+def _conv(
+  features: int, kernel: int, *, dtype, name: str, stride: int = 1, padding: Any = None
+) -> nn.Conv:
   if padding is None:
     p = kernel // 2
     padding = ((p, p), (p, p))
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
-                 dtype=dtype, param_dtype=jnp.float32, name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=padding,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    name=name,
+  )
 
 
 def _norm(num_groups: int, *, dtype, name: str) -> nn.GroupNorm:
   # LDM's Normalize: GroupNorm(32, eps=1e-6, affine=True).
-  return nn.GroupNorm(num_groups=num_groups, epsilon=1e-6, dtype=dtype,
-                      param_dtype=jnp.float32, name=name)
+  return nn.GroupNorm(
+    num_groups=num_groups, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, name=name
+  )
 
 
 class ResnetBlock(nn.Module):
@@ -73,12 +82,12 @@ class ResnetBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    h = nn.swish(_norm(self.num_groups, dtype=self.dtype, name='norm1')(x))
-    h = _conv(self.out_channels, 3, dtype=self.dtype, name='conv1')(h)
-    h = nn.swish(_norm(self.num_groups, dtype=self.dtype, name='norm2')(h))
-    h = _conv(self.out_channels, 3, dtype=self.dtype, name='conv2')(h)
+    h = nn.swish(_norm(self.num_groups, dtype=self.dtype, name="norm1")(x))
+    h = _conv(self.out_channels, 3, dtype=self.dtype, name="conv1")(h)
+    h = nn.swish(_norm(self.num_groups, dtype=self.dtype, name="norm2")(h))
+    h = _conv(self.out_channels, 3, dtype=self.dtype, name="conv2")(h)
     if x.shape[-1] != self.out_channels:
-      x = _conv(self.out_channels, 1, dtype=self.dtype, name='nin_shortcut')(x)
+      x = _conv(self.out_channels, 1, dtype=self.dtype, name="nin_shortcut")(x)
     return x + h
 
 
@@ -91,15 +100,15 @@ class AttnBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     b, hh, ww, c = x.shape
-    h = _norm(self.num_groups, dtype=self.dtype, name='norm')(x)
-    q = _conv(c, 1, dtype=self.dtype, name='q')(h).reshape(b, hh * ww, c)
-    k = _conv(c, 1, dtype=self.dtype, name='k')(h).reshape(b, hh * ww, c)
-    v = _conv(c, 1, dtype=self.dtype, name='v')(h).reshape(b, hh * ww, c)
+    h = _norm(self.num_groups, dtype=self.dtype, name="norm")(x)
+    q = _conv(c, 1, dtype=self.dtype, name="q")(h).reshape(b, hh * ww, c)
+    k = _conv(c, 1, dtype=self.dtype, name="k")(h).reshape(b, hh * ww, c)
+    v = _conv(c, 1, dtype=self.dtype, name="v")(h).reshape(b, hh * ww, c)
     # Logits and softmax in float32: a bfloat16 softmax over h*w keys loses mass.
-    logits = jnp.einsum('bic,bjc->bij', q, k, preferred_element_type=jnp.float32)
-    w = jax.nn.softmax(logits * (c ** -0.5), axis=-1).astype(self.dtype)
-    h = jnp.einsum('bij,bjc->bic', w, v).reshape(b, hh, ww, c)
-    return x + _conv(c, 1, dtype=self.dtype, name='proj_out')(h)
+    logits = jnp.einsum("bic,bjc->bij", q, k, preferred_element_type=jnp.float32)
+    w = jax.nn.softmax(logits * (c**-0.5), axis=-1).astype(self.dtype)
+    h = jnp.einsum("bij,bjc->bic", w, v).reshape(b, hh, ww, c)
+    return x + _conv(c, 1, dtype=self.dtype, name="proj_out")(h)
 
 
 class Downsample(nn.Module):
@@ -110,8 +119,7 @@ class Downsample(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-    return _conv(x.shape[-1], 3, stride=2, padding='VALID', dtype=self.dtype,
-                 name='conv')(x)
+    return _conv(x.shape[-1], 3, stride=2, padding="VALID", dtype=self.dtype, name="conv")(x)
 
 
 class Upsample(nn.Module):
@@ -122,7 +130,7 @@ class Upsample(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return _conv(x.shape[-1], 3, dtype=self.dtype, name='conv')(x)
+    return _conv(x.shape[-1], 3, dtype=self.dtype, name="conv")(x)
 
 
 class MidBlock(nn.Module):
@@ -135,9 +143,9 @@ class MidBlock(nn.Module):
   def __call__(self, x: Array) -> Array:
     c = x.shape[-1]
     kw = dict(num_groups=self.num_groups, dtype=self.dtype)
-    x = ResnetBlock(c, **kw, name='block_1')(x)
-    x = AttnBlock(**kw, name='attn_1')(x)
-    return ResnetBlock(c, **kw, name='block_2')(x)
+    x = ResnetBlock(c, **kw, name="block_1")(x)
+    x = AttnBlock(**kw, name="attn_1")(x)
+    return ResnetBlock(c, **kw, name="block_2")(x)
 
 
 class _Level(nn.Module):
@@ -152,12 +160,13 @@ class _Level(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     for j in range(self.num_blocks):
-      x = ResnetBlock(self.out_channels, num_groups=self.num_groups, dtype=self.dtype,
-                      name=f'block_{j}')(x)
-    if self.resample == 'downsample':
-      x = Downsample(dtype=self.dtype, name='downsample')(x)
-    elif self.resample == 'upsample':
-      x = Upsample(dtype=self.dtype, name='upsample')(x)
+      x = ResnetBlock(
+        self.out_channels, num_groups=self.num_groups, dtype=self.dtype, name=f"block_{j}"
+      )(x)
+    if self.resample == "downsample":
+      x = Downsample(dtype=self.dtype, name="downsample")(x)
+    elif self.resample == "upsample":
+      x = Upsample(dtype=self.dtype, name="upsample")(x)
     return x
 
 
@@ -173,8 +182,8 @@ class _Coder(nn.Module):
 
   def _head(self, h: Array) -> Array:
     """GroupNorm, swish, 3x3 `conv_out` to `out_channels` (the last layers of both)."""
-    h = nn.swish(_norm(self.num_groups, dtype=self.dtype, name='norm_out')(h))
-    return _conv(self.out_channels, 3, dtype=self.dtype, name='conv_out')(h)
+    h = nn.swish(_norm(self.num_groups, dtype=self.dtype, name="norm_out")(h))
+    return _conv(self.out_channels, 3, dtype=self.dtype, name="conv_out")(h)
 
 
 class Encoder(_Coder):
@@ -187,11 +196,16 @@ class Encoder(_Coder):
   def __call__(self, x: Array) -> Array:
     kw = dict(num_groups=self.num_groups, dtype=self.dtype)
     n = len(self.ch_mult)
-    h = _conv(self.ch, 3, dtype=self.dtype, name='conv_in')(x)
+    h = _conv(self.ch, 3, dtype=self.dtype, name="conv_in")(x)
     for i, mult in enumerate(self.ch_mult):
-      h = _Level(self.ch * mult, self.num_res_blocks,
-                 'downsample' if i != n - 1 else None, **kw, name=f'down_{i}')(h)
-    return self._head(MidBlock(**kw, name='mid')(h))
+      h = _Level(
+        self.ch * mult,
+        self.num_res_blocks,
+        "downsample" if i != n - 1 else None,
+        **kw,
+        name=f"down_{i}",
+      )(h)
+    return self._head(MidBlock(**kw, name="mid")(h))
 
 
 class Decoder(_Coder):
@@ -200,11 +214,16 @@ class Decoder(_Coder):
   @nn.compact
   def __call__(self, z: Array) -> Array:
     kw = dict(num_groups=self.num_groups, dtype=self.dtype)
-    h = _conv(self.ch * self.ch_mult[-1], 3, dtype=self.dtype, name='conv_in')(z)
-    h = MidBlock(**kw, name='mid')(h)
+    h = _conv(self.ch * self.ch_mult[-1], 3, dtype=self.dtype, name="conv_in")(z)
+    h = MidBlock(**kw, name="mid")(h)
     for i in reversed(range(len(self.ch_mult))):
-      h = _Level(self.ch * self.ch_mult[i], self.num_res_blocks + 1,
-                 'upsample' if i != 0 else None, **kw, name=f'up_{i}')(h)
+      h = _Level(
+        self.ch * self.ch_mult[i],
+        self.num_res_blocks + 1,
+        "upsample" if i != 0 else None,
+        **kw,
+        name=f"up_{i}",
+      )(h)
     return self._head(h)
 
 
@@ -259,14 +278,17 @@ class AutoencoderKL(nn.Module):
 
   def setup(self):
     _validate_config(self)
-    kw = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
-              num_groups=self.num_groups, dtype=self.dtype)
+    kw = dict(
+      ch=self.ch,
+      ch_mult=tuple(self.ch_mult),
+      num_res_blocks=self.num_res_blocks,
+      num_groups=self.num_groups,
+      dtype=self.dtype,
+    )
     self.encoder = Encoder(out_channels=2 * self.z_channels, **kw)
     self.decoder = Decoder(out_channels=self.output_channels, **kw)
-    self.quant_conv = _conv(2 * self.latent_channels, 1, dtype=self.dtype,
-                            name='quant_conv')
-    self.post_quant_conv = _conv(self.z_channels, 1, dtype=self.dtype,
-                                 name='post_quant_conv')
+    self.quant_conv = _conv(2 * self.latent_channels, 1, dtype=self.dtype, name="quant_conv")
+    self.post_quant_conv = _conv(self.z_channels, 1, dtype=self.dtype, name="post_quant_conv")
 
   def encode(self, x: Array) -> DiagonalGaussian:
     """Encodes images [B, H, W, in_channels] into q(z | x) over [B, H/f, W/f, embed_dim].
@@ -274,23 +296,24 @@ class AutoencoderKL(nn.Module):
     H and W must be multiples of f.
     """
     if x.ndim != 4 or x.shape[-1] != self.in_channels:
-      raise ValueError(f'encode expects [B, H, W, {self.in_channels}] images, '
-                       f'got shape {x.shape}')
+      raise ValueError(f"encode expects [B, H, W, {self.in_channels}] images, got shape {x.shape}")
     f = self.downsample_factor
     if x.shape[1] % f or x.shape[2] % f:
-      raise ValueError(f'image size {x.shape[1:3]} must be a multiple of f={f}')
+      raise ValueError(f"image size {x.shape[1:3]} must be a multiple of f={f}")
     moments = self.quant_conv(self.encoder(x))
     return DiagonalGaussian.from_moments(moments.astype(jnp.float32))
 
   def decode(self, z: Array) -> Array:
     """Decodes latents [B, h, w, embed_dim] into images [B, h*f, w*f, out_ch] (float32)."""
     if z.ndim != 4 or z.shape[-1] != self.latent_channels:
-      raise ValueError(f'decode expects [B, h, w, {self.latent_channels}] latents, '
-                       f'got shape {z.shape}')
+      raise ValueError(
+        f"decode expects [B, h, w, {self.latent_channels}] latents, got shape {z.shape}"
+      )
     return self.decoder(self.post_quant_conv(z)).astype(jnp.float32)
 
-  def __call__(self, x: Array, rng: Array | None = None, *,
-               sample_posterior: bool = True) -> tuple[Array, DiagonalGaussian]:
+  def __call__(
+    self, x: Array, rng: Array | None = None, *, sample_posterior: bool = True
+  ) -> tuple[Array, DiagonalGaussian]:
     """Encodes, takes a posterior sample (or its mode) and decodes.
 
     Args:
@@ -304,7 +327,7 @@ class AutoencoderKL(nn.Module):
     posterior = self.encode(x)
     if sample_posterior:
       if rng is None:
-        raise ValueError('sample_posterior=True needs an rng key (got rng=None)')
+        raise ValueError("sample_posterior=True needs an rng key (got rng=None)")
       z = posterior.sample(rng)
     else:
       z = posterior.mode()
@@ -313,21 +336,23 @@ class AutoencoderKL(nn.Module):
 
 def _validate_config(m: AutoencoderKL) -> None:
   if not isinstance(m.ch_mult, (tuple, list)) or not m.ch_mult:
-    raise ValueError(f'ch_mult must be a non-empty tuple of ints, got {m.ch_mult!r}')
-  for name in ('ch', 'num_res_blocks', 'z_channels', 'in_channels', 'num_groups'):
+    raise ValueError(f"ch_mult must be a non-empty tuple of ints, got {m.ch_mult!r}")
+  for name in ("ch", "num_res_blocks", "z_channels", "in_channels", "num_groups"):
     v = getattr(m, name)
-    if not isinstance(v, (int, np.integer)) or v < (0 if name == 'num_res_blocks' else 1):
-      raise ValueError(f'{name} must be a positive int, got {v!r}')
-  for name in ('embed_dim', 'out_ch'):
+    if not isinstance(v, (int, np.integer)) or v < (0 if name == "num_res_blocks" else 1):
+      raise ValueError(f"{name} must be a positive int, got {v!r}")
+  for name in ("embed_dim", "out_ch"):
     v = getattr(m, name)
     if v is not None and (not isinstance(v, (int, np.integer)) or v < 1):
-      raise ValueError(f'{name} must be a positive int or None, got {v!r}')
+      raise ValueError(f"{name} must be a positive int or None, got {v!r}")
   for mult in m.ch_mult:
     if not isinstance(mult, (int, np.integer)) or mult < 1:
-      raise ValueError(f'ch_mult entries must be positive ints, got {m.ch_mult!r}')
+      raise ValueError(f"ch_mult entries must be positive ints, got {m.ch_mult!r}")
     if (m.ch * mult) % m.num_groups:
-      raise ValueError(f'num_groups={m.num_groups} must divide every width ch * mult; '
-                       f'{m.ch} * {mult} = {m.ch * mult} is not divisible')
+      raise ValueError(
+        f"num_groups={m.num_groups} must divide every width ch * mult; "
+        f"{m.ch} * {mult} = {m.ch * mult} is not divisible"
+      )
 
 
 # ----------------------------------------------------------------------------------
@@ -336,16 +361,15 @@ def _validate_config(m: AutoencoderKL) -> None:
 
 def _presets() -> dict[str, dict[str, Any]]:
   return {
-      # Fast on CPU: 1-channel digits at 16x16 / 32x32, f = 4, 4 latent channels
-      # (override z_channels=2 for 2).
-      'tiny_f4': dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4,
-                      in_channels=1, num_groups=8),
-      # LDM's KL-f4 (models/first_stage_models/kl-f4): z = 3.
-      'kl_f4': dict(ch=128, ch_mult=(1, 2, 4), num_res_blocks=2, z_channels=3,
-                    in_channels=3),
-      # Stable Diffusion 1.x / 2.x VAE = LDM's KL-f8: z = 4.
-      'sd_kl_f8': dict(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=4,
-                       in_channels=3),
+    # Fast on CPU: 1-channel digits at 16x16 / 32x32, f = 4, 4 latent channels
+    # (override z_channels=2 for 2).
+    "tiny_f4": dict(
+      ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, in_channels=1, num_groups=8
+    ),
+    # LDM's KL-f4 (models/first_stage_models/kl-f4): z = 3.
+    "kl_f4": dict(ch=128, ch_mult=(1, 2, 4), num_res_blocks=2, z_channels=3, in_channels=3),
+    # Stable Diffusion 1.x / 2.x VAE = LDM's KL-f8: z = 4.
+    "sd_kl_f8": dict(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=4, in_channels=3),
   }
 
 
@@ -368,12 +392,11 @@ def make_autoencoder(name: str, **overrides: Any) -> AutoencoderKL:
   """
   presets = _presets()
   if name not in presets:
-    raise ValueError(f'unknown autoencoder preset {name!r}; known: {sorted(presets)}')
-  fields = {f.name for f in dataclasses.fields(AutoencoderKL)} - {'parent', 'name'}
+    raise ValueError(f"unknown autoencoder preset {name!r}; known: {sorted(presets)}")
+  fields = {f.name for f in dataclasses.fields(AutoencoderKL)} - {"parent", "name"}
   bad = sorted(set(overrides) - fields)
   if bad:
-    raise TypeError(f'unknown AutoencoderKL field(s) {bad}; known: {sorted(fields)}')
+    raise TypeError(f"unknown AutoencoderKL field(s) {bad}; known: {sorted(fields)}")
   module = AutoencoderKL(**{**presets[name], **overrides})
   _validate_config(module)
   return module
-

@@ -40,7 +40,7 @@ from jdiff.models.autoencoder import AutoencoderKL
 
 PyTree = Any
 
-_INDEXED = re.compile(r'^(down|up|block)_(\d+)$')
+_INDEXED = re.compile(r"^(down|up|block)_(\d+)$")
 
 
 def ldm_key(path: Sequence[str]) -> str:
@@ -52,23 +52,22 @@ def ldm_key(path: Sequence[str]) -> str:
   parts = []
   for i, name in enumerate(path[:-1]):
     m = _INDEXED.match(name)
-    if m and not (i > 0 and path[i - 1] == 'mid'):
+    if m and not (i > 0 and path[i - 1] == "mid"):
       parts.extend(m.groups())
     else:
       parts.append(name)
   leaf = path[-1]
-  parts.append({'kernel': 'weight', 'scale': 'weight', 'bias': 'bias'}[leaf])
-  return '.'.join(parts)
+  parts.append({"kernel": "weight", "scale": "weight", "bias": "bias"}[leaf])
+  return ".".join(parts)
 
 
 def _param_shapes(config: AutoencoderKL) -> dict[tuple[str, ...], tuple[int, ...]]:
   if not isinstance(config, AutoencoderKL):
-    raise TypeError(f'config must be an AutoencoderKL, got {type(config).__name__}')
+    raise TypeError(f"config must be an AutoencoderKL, got {type(config).__name__}")
   f = config.downsample_factor
   x = jax.ShapeDtypeStruct((1, f, f, config.in_channels), jnp.float32)
-  shapes = jax.eval_shape(
-      lambda x: config.init(jax.random.key(0), x, sample_posterior=False), x)
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes['params']))
+  shapes = jax.eval_shape(lambda x: config.init(jax.random.key(0), x, sample_posterior=False), x)
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes["params"]))
   return {k: tuple(v.shape) for k, v in flat.items()}
 
 
@@ -78,12 +77,12 @@ def ldm_state_dict_keys(config: AutoencoderKL) -> list[str]:
 
 
 def _to_torch_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
-  if path[-1] == 'kernel':  # HWIO -> OIHW.
+  if path[-1] == "kernel":  # HWIO -> OIHW.
     return np.transpose(value, (3, 2, 0, 1))
   return value
 
 
-def ldm_state_dict_from_params(params: PyTree, *, prefix: str = '') -> dict[str, np.ndarray]:
+def ldm_state_dict_from_params(params: PyTree, *, prefix: str = "") -> dict[str, np.ndarray]:
   """Inverse of `params_from_ldm_state_dict`: flax params -> LDM-named numpy arrays.
 
   Args:
@@ -98,8 +97,9 @@ def ldm_state_dict_from_params(params: PyTree, *, prefix: str = '') -> dict[str,
   return {prefix + ldm_key(p): _to_torch_layout(p, np.asarray(v)) for p, v in flat.items()}
 
 
-def params_from_ldm_state_dict(state_dict: Mapping[str, Any], *, config: AutoencoderKL,
-                               prefix: str = '') -> dict[str, Any]:
+def params_from_ldm_state_dict(
+  state_dict: Mapping[str, Any], *, config: AutoencoderKL, prefix: str = ""
+) -> dict[str, Any]:
   """Maps an LDM / CompVis (or `ldm_state_dict_from_diffusers`-renamed) state dict.
 
   Conv weights OIHW [O, I, kh, kw] become flax kernels HWIO [kh, kw, I, O]; the
@@ -123,35 +123,46 @@ def params_from_ldm_state_dict(state_dict: Mapping[str, Any], *, config: Autoenc
     ValueError: missing or unexpected keys, or a shape mismatch (naming the key).
   """
   shapes = _param_shapes(config)
-  sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-  sd = {k: v for k, v in sd.items() if not k.startswith('loss.')}
+  sd = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+  sd = {k: v for k, v in sd.items() if not k.startswith("loss.")}
   by_key = {ldm_key(p): p for p in shapes}
   missing = sorted(set(by_key) - set(sd))
   unexpected = sorted(set(sd) - set(by_key))
   if missing or unexpected:
-    raise ValueError(f'state dict does not match the config: missing keys {missing[:10]}'
-                     f'{" ..." if len(missing) > 10 else ""}, unexpected keys '
-                     f'{unexpected[:10]}{" ..." if len(unexpected) > 10 else ""}')
+    raise ValueError(
+      f"state dict does not match the config: missing keys {missing[:10]}"
+      f"{' ...' if len(missing) > 10 else ''}, unexpected keys "
+      f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}"
+    )
   flat = {}
   for key, path in by_key.items():
     value = np.asarray(sd[key], dtype=np.float32)
-    if path[-1] == 'kernel':
+    if path[-1] == "kernel":
       if value.ndim == 2:  # Linear [O, I] (diffusers attention) -> 1x1 conv.
         value = value[:, :, None, None]
       if value.ndim != 4:
-        raise ValueError(f'{prefix}{key}: expected a 4-d conv weight, got shape '
-                         f'{value.shape}')
+        raise ValueError(f"{prefix}{key}: expected a 4-d conv weight, got shape {value.shape}")
       value = np.transpose(value, (2, 3, 1, 0))
     if value.shape != shapes[path]:
-      raise ValueError(f'{prefix}{key}: shape {value.shape} (after transposing to flax '
-                       f'layout) != expected {shapes[path]}')
+      raise ValueError(
+        f"{prefix}{key}: shape {value.shape} (after transposing to flax "
+        f"layout) != expected {shapes[path]}"
+      )
     flat[path] = jnp.asarray(value)
   return flax.traverse_util.unflatten_dict(flat)
 
 
-_DIFFUSERS_ATTN = {'group_norm': 'norm', 'to_q': 'q', 'to_k': 'k', 'to_v': 'v',
-                   'to_out.0': 'proj_out', 'query': 'q', 'key': 'k', 'value': 'v',
-                   'proj_attn': 'proj_out'}
+_DIFFUSERS_ATTN = {
+  "group_norm": "norm",
+  "to_q": "q",
+  "to_k": "k",
+  "to_v": "v",
+  "to_out.0": "proj_out",
+  "query": "q",
+  "key": "k",
+  "value": "v",
+  "proj_attn": "proj_out",
+}
 
 
 def ldm_state_dict_from_diffusers(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -169,33 +180,30 @@ def ldm_state_dict_from_diffusers(state_dict: Mapping[str, Any]) -> dict[str, An
   Raises:
     ValueError: a key it does not recognise.
   """
-  ups = {int(m.group(1)) for k in state_dict
-         if (m := re.match(r'^decoder\.up_blocks\.(\d+)\.', k))}
+  ups = {int(m.group(1)) for k in state_dict if (m := re.match(r"^decoder\.up_blocks\.(\d+)\.", k))}
   num_levels = max(ups) + 1 if ups else 0
   out = {}
   for key, value in state_dict.items():
     k = key
-    k = re.sub(r'^(encoder|decoder)\.conv_norm_out\.', r'\1.norm_out.', k)
-    k = re.sub(r'^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.',
-               r'encoder.down.\1.block.\2.', k)
-    k = re.sub(r'^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.',
-               r'encoder.down.\1.downsample.', k)
-    m = re.match(r'^decoder\.up_blocks\.(\d+)\.', k)
+    k = re.sub(r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out.", k)
+    k = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2.", k)
+    k = re.sub(
+      r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k
+    )
+    m = re.match(r"^decoder\.up_blocks\.(\d+)\.", k)
     if m:
       level = num_levels - 1 - int(m.group(1))
-      k = re.sub(r'^decoder\.up_blocks\.\d+\.resnets\.(\d+)\.',
-                 rf'decoder.up.{level}.block.\1.', k)
-      k = re.sub(r'^decoder\.up_blocks\.\d+\.upsamplers\.0\.',
-                 rf'decoder.up.{level}.upsample.', k)
-    k = re.sub(r'^(encoder|decoder)\.mid_block\.resnets\.0\.', r'\1.mid.block_1.', k)
-    k = re.sub(r'^(encoder|decoder)\.mid_block\.resnets\.1\.', r'\1.mid.block_2.', k)
-    m = re.match(r'^(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)$', k)
+      k = re.sub(r"^decoder\.up_blocks\.\d+\.resnets\.(\d+)\.", rf"decoder.up.{level}.block.\1.", k)
+      k = re.sub(r"^decoder\.up_blocks\.\d+\.upsamplers\.0\.", rf"decoder.up.{level}.upsample.", k)
+    k = re.sub(r"^(encoder|decoder)\.mid_block\.resnets\.0\.", r"\1.mid.block_1.", k)
+    k = re.sub(r"^(encoder|decoder)\.mid_block\.resnets\.1\.", r"\1.mid.block_2.", k)
+    m = re.match(r"^(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)$", k)
     if m:
       if m.group(2) not in _DIFFUSERS_ATTN:
-        raise ValueError(f'unrecognised diffusers attention key {key!r}')
-      k = f'{m.group(1)}.mid.attn_1.{_DIFFUSERS_ATTN[m.group(2)]}.{m.group(3)}'
-    k = re.sub(r'\.conv_shortcut\.', '.nin_shortcut.', k)
-    if 'blocks' in k or 'mid_block' in k or 'samplers' in k:
-      raise ValueError(f'unrecognised diffusers key {key!r}')
+        raise ValueError(f"unrecognised diffusers attention key {key!r}")
+      k = f"{m.group(1)}.mid.attn_1.{_DIFFUSERS_ATTN[m.group(2)]}.{m.group(3)}"
+    k = re.sub(r"\.conv_shortcut\.", ".nin_shortcut.", k)
+    if "blocks" in k or "mid_block" in k or "samplers" in k:
+      raise ValueError(f"unrecognised diffusers key {key!r}")
     out[k] = value
   return out

@@ -34,14 +34,14 @@ from jdiff.models.distributions import DiagonalGaussian
 Array = jax.Array
 PyTree = Any
 
-RECON_LOSSES = ('l1', 'l2')
+RECON_LOSSES = ("l1", "l2")
 
 
 def _check_pair(x: Array, recon: Array) -> None:
   if x.shape != recon.shape:
-    raise ValueError(f'x shape {x.shape} != recon shape {recon.shape}')
+    raise ValueError(f"x shape {x.shape} != recon shape {recon.shape}")
   if x.ndim < 2:
-    raise ValueError(f'expected batched images [B, ...], got shape {x.shape}')
+    raise ValueError(f"expected batched images [B, ...], got shape {x.shape}")
 
 
 def mse(x: Array, recon: Array) -> Array:
@@ -60,8 +60,8 @@ def psnr_from_mse(mse: Array | float, *, data_range: float = 2.0) -> Array:
   the mean MSE (which is not the mean of the per-example PSNRs).
   """
   if not data_range > 0:
-    raise ValueError(f'data_range must be positive, got {data_range!r}')
-  return 10.0 * jnp.log10(data_range ** 2 / jnp.asarray(mse, jnp.float32))
+    raise ValueError(f"data_range must be positive, got {data_range!r}")
+  return 10.0 * jnp.log10(data_range**2 / jnp.asarray(mse, jnp.float32))
 
 
 def psnr(x: Array, recon: Array, *, data_range: float = 2.0) -> Array:
@@ -69,19 +69,24 @@ def psnr(x: Array, recon: Array, *, data_range: float = 2.0) -> Array:
   return psnr_from_mse(mse(x, recon), data_range=data_range)
 
 
-def reconstruction_loss(x: Array, recon: Array, *, recon_loss: str = 'l1') -> Array:
+def reconstruction_loss(x: Array, recon: Array, *, recon_loss: str = "l1") -> Array:
   """Per-example reconstruction error summed over all non-batch axes, [B]."""
   _check_pair(x, recon)
   if recon_loss not in RECON_LOSSES:
-    raise ValueError(f'recon_loss must be one of {RECON_LOSSES}, got {recon_loss!r}')
+    raise ValueError(f"recon_loss must be one of {RECON_LOSSES}, got {recon_loss!r}")
   d = jnp.asarray(x, jnp.float32) - jnp.asarray(recon, jnp.float32)
-  err = jnp.abs(d) if recon_loss == 'l1' else jnp.square(d)
+  err = jnp.abs(d) if recon_loss == "l1" else jnp.square(d)
   return jnp.sum(err, axis=tuple(range(1, d.ndim)))
 
 
-def autoencoder_loss(recon: Array, x: Array, posterior: DiagonalGaussian, *,
-                     recon_loss: str = 'l1',
-                     kl_weight: float = 1e-6) -> tuple[Array, dict[str, Array]]:
+def autoencoder_loss(
+  recon: Array,
+  x: Array,
+  posterior: DiagonalGaussian,
+  *,
+  recon_loss: str = "l1",
+  kl_weight: float = 1e-6,
+) -> tuple[Array, dict[str, Array]]:
   """LDM's first-stage loss without the perceptual and adversarial terms.
 
   loss = mean_b sum_pixels rec + kl_weight * mean_b KL_b (see the module docstring).
@@ -99,21 +104,20 @@ def autoencoder_loss(recon: Array, x: Array, posterior: DiagonalGaussian, *,
     and 'latent_std' (posterior mean's std), all float32 scalars.
   """
   if kl_weight < 0:
-    raise ValueError(f'kl_weight must be >= 0, got {kl_weight!r}')
+    raise ValueError(f"kl_weight must be >= 0, got {kl_weight!r}")
   if posterior.mean.shape[0] != x.shape[0]:
-    raise ValueError(f'posterior batch {posterior.mean.shape[0]} != image batch '
-                     f'{x.shape[0]}')
+    raise ValueError(f"posterior batch {posterior.mean.shape[0]} != image batch {x.shape[0]}")
   rec = jnp.mean(reconstruction_loss(x, recon, recon_loss=recon_loss))
   kl = jnp.mean(posterior.kl())
   loss = rec + kl_weight * kl
   err = mse(x, recon)
   metrics = {
-      'loss': loss,
-      'rec_loss': rec,
-      'kl': kl,
-      'mse': jnp.mean(err),
-      'psnr': jnp.mean(psnr_from_mse(err)),
-      'latent_std': jnp.std(posterior.mean),
+    "loss": loss,
+    "rec_loss": rec,
+    "kl": kl,
+    "mse": jnp.mean(err),
+    "psnr": jnp.mean(psnr_from_mse(err)),
+    "latent_std": jnp.std(posterior.mean),
   }
   return loss, metrics
 
@@ -134,8 +138,8 @@ def latent_scale_factor(latents: Array) -> float:
   """
   a = np.asarray(latents, dtype=np.float64)
   if a.size < 2:
-    raise ValueError(f'need at least 2 latent values, got shape {a.shape}')
+    raise ValueError(f"need at least 2 latent values, got shape {a.shape}")
   std = float(a.std())
   if not np.isfinite(std) or std == 0.0:
-    raise ValueError(f'latents have std {std}; cannot compute a scale factor')
+    raise ValueError(f"latents have std {std}; cannot compute a scale factor")
   return 1.0 / std

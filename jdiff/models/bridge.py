@@ -18,8 +18,9 @@ from jdiff.diffusion import ModelFn
 Array = jax.Array
 
 
-def make_model_fn(module: nn.Module, params: Any, *, train: bool = False,
-                  rng: Array | None = None) -> ModelFn:
+def make_model_fn(
+  module: nn.Module, params: Any, *, train: bool = False, rng: Array | None = None
+) -> ModelFn:
   """Binds ``params`` (and the dropout ``rng``) to a network's ``apply``.
 
   Example::
@@ -46,8 +47,9 @@ def make_model_fn(module: nn.Module, params: Any, *, train: bool = False,
   if not isinstance(train, bool):
     raise TypeError(f"train must be a bool, got {train!r}")
   if train and rng is None:
-    raise ValueError("make_model_fn(train=True) needs a dropout rng=jax.random.key(...); "
-                     "got rng=None")
+    raise ValueError(
+      "make_model_fn(train=True) needs a dropout rng=jax.random.key(...); got rng=None"
+    )
   if isinstance(params, Mapping) and "params" in params:
     variables = params
   else:

@@ -42,7 +42,7 @@ class DiagonalGaussian:
     mean = jnp.asarray(mean)
     logvar = jnp.asarray(logvar)
     if mean.shape != logvar.shape:
-      raise ValueError(f'mean shape {mean.shape} != logvar shape {logvar.shape}')
+      raise ValueError(f"mean shape {mean.shape} != logvar shape {logvar.shape}")
     return cls(mean=mean, logvar=jnp.clip(logvar, LOGVAR_MIN, LOGVAR_MAX))
 
   @classmethod
@@ -52,7 +52,7 @@ class DiagonalGaussian:
     This is LDM's `torch.chunk(parameters, 2, dim=1)` in NHWC layout.
     """
     if moments.shape[-1] % 2:
-      raise ValueError(f'moments need an even channel count, got shape {moments.shape}')
+      raise ValueError(f"moments need an even channel count, got shape {moments.shape}")
     mean, logvar = jnp.split(moments, 2, axis=-1)
     return cls.create(mean, logvar)
 
@@ -85,5 +85,5 @@ class DiagonalGaussian:
     """Negative log-density -log q(x) summed over all non-batch axes, [B] (nats)."""
     axes = tuple(range(1, self.mean.ndim))
     return 0.5 * jnp.sum(
-        np.log(2.0 * np.pi) + self.logvar + jnp.square(x - self.mean) / self.var,
-        axis=axes)
+      np.log(2.0 * np.pi) + self.logvar + jnp.square(x - self.mean) / self.var, axis=axes
+    )

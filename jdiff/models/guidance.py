@@ -65,8 +65,14 @@ def rescale_guidance(guided: Array, cond_pred: Array, guidance_rescale: float) -
   return out.astype(guided.dtype)
 
 
-def cfg_model_fn(model_fn: ModelFn, *, guidance_scale, null_cond,
-                 guidance_rescale: float = 0.0, learn_sigma: bool = False) -> ModelFn:
+def cfg_model_fn(
+  model_fn: ModelFn,
+  *,
+  guidance_scale,
+  null_cond,
+  guidance_rescale: float = 0.0,
+  learn_sigma: bool = False,
+) -> ModelFn:
   """Wraps `model_fn(x, t, cond)` with classifier-free guidance in one batched call.
 
   Args:
@@ -95,23 +101,26 @@ def cfg_model_fn(model_fn: ModelFn, *, guidance_scale, null_cond,
 
   def guided_fn(x: Array, t: Array, cond: Array | None) -> Array:
     if cond is None:
-      raise ValueError("cfg_model_fn needs cond (got None); the wrapper supplies null_cond "
-                       "for the unconditional half itself")
+      raise ValueError(
+        "cfg_model_fn needs cond (got None); the wrapper supplies null_cond "
+        "for the unconditional half itself"
+      )
     b = x.shape[0]
     cond = jnp.asarray(cond)
     t = jnp.broadcast_to(jnp.asarray(t), (b,))
     null = jnp.broadcast_to(jnp.asarray(null_cond, cond.dtype), cond.shape)
-    out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                   jnp.concatenate([cond, null]))
+    out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([cond, null]))
     c, u = out[:b], out[b:]
     rest = None
     if learn_sigma:
       if out.shape[-1] % 2:
-        raise ValueError(f"learn_sigma=True needs an even number of output channels "
-                         f"(eps, variance), got output shape {out.shape[1:]}")
+        raise ValueError(
+          f"learn_sigma=True needs an even number of output channels "
+          f"(eps, variance), got output shape {out.shape[1:]}"
+        )
       (c, rest), u = jnp.split(c, 2, axis=-1), jnp.split(u, 2, axis=-1)[0]
     w = jnp.asarray(guidance_scale, jnp.float32)
-    guided = (u.astype(jnp.float32) + w * (c.astype(jnp.float32) - u.astype(jnp.float32)))
+    guided = u.astype(jnp.float32) + w * (c.astype(jnp.float32) - u.astype(jnp.float32))
     guided = guided.astype(out.dtype)
     if guidance_rescale > 0:
       guided = rescale_guidance(guided, c, guidance_rescale)

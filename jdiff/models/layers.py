@@ -83,11 +83,14 @@ class GroupNorm32(nn.Module):
     """[B, H, W, C] -> [B, H, W, C] normalised over (H, W, C // groups)."""
     c = x.shape[-1]
     if c % self.num_groups:
-      raise ValueError(
-          f"GroupNorm: channels={c} is not divisible by num_groups={self.num_groups}")
-    y = nn.GroupNorm(num_groups=self.num_groups, epsilon=self.epsilon,
-                     dtype=jnp.float32, param_dtype=self.param_dtype,
-                     name="norm")(x.astype(jnp.float32))
+      raise ValueError(f"GroupNorm: channels={c} is not divisible by num_groups={self.num_groups}")
+    y = nn.GroupNorm(
+      num_groups=self.num_groups,
+      epsilon=self.epsilon,
+      dtype=jnp.float32,
+      param_dtype=self.param_dtype,
+      name="norm",
+    )(x.astype(jnp.float32))
     return y.astype(self.dtype)
 
 
@@ -97,17 +100,35 @@ def conv_fn(conv_impl: str):
     return winograd_conv_general_dilated
   if conv_impl == "xla":
     return None  # nn.Conv's default, lax.conv_general_dilated
-  raise ValueError(f"conv_impl must be 'xla' or 'winograd' here (resolve 'auto' "
-                   f"with resolve_conv_impl), got conv_impl={conv_impl!r}")
+  raise ValueError(
+    f"conv_impl must be 'xla' or 'winograd' here (resolve 'auto' "
+    f"with resolve_conv_impl), got conv_impl={conv_impl!r}"
+  )
 
 
-def _conv(features: int, kernel: int, *, dtype, param_dtype, name: str,
-          strides: int = 1, zero: bool = False, conv_impl: str = "xla") -> nn.Conv:
+def _conv(
+  features: int,
+  kernel: int,
+  *,
+  dtype,
+  param_dtype,
+  name: str,
+  strides: int = 1,
+  zero: bool = False,
+  conv_impl: str = "xla",
+) -> nn.Conv:
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
-                 padding=((pad, pad), (pad, pad)), dtype=dtype,
-                 param_dtype=param_dtype, kernel_init=_zero_or_default(zero),
-                 conv_general_dilated=conv_fn(conv_impl), name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=(strides, strides),
+    padding=((pad, pad), (pad, pad)),
+    dtype=dtype,
+    param_dtype=param_dtype,
+    kernel_init=_zero_or_default(zero),
+    conv_general_dilated=conv_fn(conv_impl),
+    name=name,
+  )
 
 
 def _upsample_nearest(x: Array) -> Array:
@@ -149,8 +170,15 @@ class Resample(nn.Module):
       return _upsample_nearest(x) if self.up else _downsample_avg(x)
     if self.up:
       x = _upsample_nearest(x)
-    return _conv(self.channels, 3, strides=1 if self.up else 2, dtype=self.dtype,
-                 param_dtype=self.param_dtype, conv_impl=self.conv_impl, name="conv")(x)
+    return _conv(
+      self.channels,
+      3,
+      strides=1 if self.up else 2,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      conv_impl=self.conv_impl,
+      name="conv",
+    )(x)
 
 
 class ResBlock(nn.Module):
@@ -215,8 +243,9 @@ class ResBlock(nn.Module):
       h = norm2(h + e)
     h = nn.silu(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = _conv(self.out_channels, 3, name="conv2", zero=self.zero_init,
-              conv_impl=self.conv_impl, **kw)(h)
+    h = _conv(
+      self.out_channels, 3, name="conv2", zero=self.zero_init, conv_impl=self.conv_impl, **kw
+    )(h)
 
     if x.shape[-1] != self.out_channels:
       x = _conv(self.out_channels, 1, name="skip", conv_impl=self.conv_impl, **kw)(x)

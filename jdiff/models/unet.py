@@ -100,11 +100,13 @@ class UNet(nn.Module):
 
   def _check_config(self) -> None:
     if self.ch <= 0 or self.ch % self.num_groups:
-      raise ValueError(f"ch={self.ch} must be positive and divisible by "
-                       f"num_groups={self.num_groups}")
+      raise ValueError(
+        f"ch={self.ch} must be positive and divisible by num_groups={self.num_groups}"
+      )
     if not self.ch_mult or any(int(m) <= 0 for m in self.ch_mult):
-      raise ValueError(f"ch_mult must be a non-empty sequence of positive ints, got "
-                       f"{self.ch_mult!r}")
+      raise ValueError(
+        f"ch_mult must be a non-empty sequence of positive ints, got {self.ch_mult!r}"
+      )
     if self.num_res_blocks < 1:
       raise ValueError(f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
     if not 0.0 <= self.dropout < 1.0:
@@ -122,8 +124,10 @@ class UNet(nn.Module):
     b, h, w, _ = x.shape
     factor = 2 ** (len(self.ch_mult) - 1)
     if h % factor or w % factor:
-      raise ValueError(f"H, W = {h}, {w} must be divisible by 2**(len(ch_mult)-1)"
-                       f" = {factor} (ch_mult={tuple(self.ch_mult)})")
+      raise ValueError(
+        f"H, W = {h}, {w} must be divisible by 2**(len(ch_mult)-1)"
+        f" = {factor} (ch_mult={tuple(self.ch_mult)})"
+      )
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise TypeError(f"x must be floating point, got dtype {x.dtype}")
     t = jnp.asarray(t)
@@ -136,8 +140,10 @@ class UNet(nn.Module):
         raise ValueError("y was given but the UNet is unconditional (num_classes=None)")
     else:
       if y is None:
-        raise ValueError(f"y (class labels [B]) is required: num_classes={self.num_classes}; "
-                         f"pass null_label={self.null_label} for the unconditional model")
+        raise ValueError(
+          f"y (class labels [B]) is required: num_classes={self.num_classes}; "
+          f"pass null_label={self.null_label} for the unconditional model"
+        )
       y = jnp.asarray(y)
       if y.shape != (b,):
         raise ValueError(f"y must have shape [B]=({b},), got shape {y.shape}")
@@ -174,24 +180,46 @@ class UNet(nn.Module):
     if self.remat:
       # self=0, x=1, emb=2, train=3: train is a Python bool.
       res_cls = nn.remat(ResBlock, static_argnums=(3,))
-    blk = dict(dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
-               num_groups=self.num_groups, zero_init=self.zero_init, conv_impl=impl, **kw)
+    blk = dict(
+      dropout=self.dropout,
+      use_scale_shift_norm=self.use_scale_shift_norm,
+      num_groups=self.num_groups,
+      zero_init=self.zero_init,
+      conv_impl=impl,
+      **kw,
+    )
 
     def attn(name):
-      return AttentionBlock(num_heads=self.num_heads, head_channels=self.head_channels,
-                            num_groups=self.num_groups, zero_init=self.zero_init,
-                            name=name, **kw)
+      return AttentionBlock(
+        num_heads=self.num_heads,
+        head_channels=self.head_channels,
+        num_groups=self.num_groups,
+        zero_init=self.zero_init,
+        name=name,
+        **kw,
+      )
 
     # Time (and class) embedding: DDPM App. B / ADM.
     emb = timestep_embedding(t, self.ch)
     emb = nn.Dense(emb_dim, name="time_mlp_0", **kw)(emb.astype(self.dtype))
     emb = nn.Dense(emb_dim, name="time_mlp_1", **kw)(nn.silu(emb))
     if self.num_classes is not None:
-      emb = emb + nn.Embed(self.num_classes + 1, emb_dim, dtype=self.dtype,
-                           param_dtype=self.param_dtype, name="class_emb")(y)
+      emb = emb + nn.Embed(
+        self.num_classes + 1,
+        emb_dim,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name="class_emb",
+      )(y)
 
-    h = nn.Conv(self.ch, (3, 3), padding=((1, 1), (1, 1)), name="conv_in",
-                conv_general_dilated=conv_fn(impl), **kw)(x.astype(self.dtype))
+    h = nn.Conv(
+      self.ch,
+      (3, 3),
+      padding=((1, 1), (1, 1)),
+      name="conv_in",
+      conv_general_dilated=conv_fn(impl),
+      **kw,
+    )(x.astype(self.dtype))
     hs = [h]
     last = len(self.ch_mult) - 1
     for i, mult in enumerate(self.ch_mult):
@@ -204,8 +232,14 @@ class UNet(nn.Module):
         if self.resblock_updown:
           h = res_cls(h.shape[-1], down=True, name=f"down_{i}_downsample", **blk)(h, emb, train)
         else:
-          h = Resample(h.shape[-1], up=False, use_conv=self.conv_resample, conv_impl=impl,
-                       name=f"down_{i}_downsample", **kw)(h)
+          h = Resample(
+            h.shape[-1],
+            up=False,
+            use_conv=self.conv_resample,
+            conv_impl=impl,
+            name=f"down_{i}_downsample",
+            **kw,
+          )(h)
         hs.append(h)
 
     h = res_cls(h.shape[-1], name="mid_res_0", **blk)(h, emb, train)
@@ -222,32 +256,72 @@ class UNet(nn.Module):
         if self.resblock_updown:
           h = res_cls(h.shape[-1], up=True, name=f"up_{i}_upsample", **blk)(h, emb, train)
         else:
-          h = Resample(h.shape[-1], up=True, use_conv=self.conv_resample, conv_impl=impl,
-                       name=f"up_{i}_upsample", **kw)(h)
+          h = Resample(
+            h.shape[-1],
+            up=True,
+            use_conv=self.conv_resample,
+            conv_impl=impl,
+            name=f"up_{i}_upsample",
+            **kw,
+          )(h)
     assert not hs
 
     h = nn.silu(GroupNorm32(self.num_groups, name="norm_out", **kw)(h))
     init = nn.initializers.zeros if self.zero_init else nn.linear.default_kernel_init
-    return nn.Conv(out_ch, (3, 3), padding=((1, 1), (1, 1)), kernel_init=init,
-                   conv_general_dilated=conv_fn(impl), name="conv_out", **kw)(h)
+    return nn.Conv(
+      out_ch,
+      (3, 3),
+      padding=((1, 1), (1, 1)),
+      kernel_init=init,
+      conv_general_dilated=conv_fn(impl),
+      name="conv_out",
+      **kw,
+    )(h)
 
 
 # Presets: constructor kwargs per name (read-only; make_unet copies).
-PRESETS: Mapping[str, Mapping[str, Any]] = types.MappingProxyType({
+PRESETS: Mapping[str, Mapping[str, Any]] = types.MappingProxyType(
+  {
     # DDPM CIFAR-10 (Ho et al. 2020, App. B): 35.7M parameters.
-    "ddpm_cifar10": types.MappingProxyType(dict(
-        ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
-        num_heads=1, dropout=0.1, num_groups=32)),
+    "ddpm_cifar10": types.MappingProxyType(
+      dict(
+        ch=128,
+        ch_mult=(1, 2, 2, 2),
+        num_res_blocks=2,
+        attn_resolutions=(16,),
+        num_heads=1,
+        dropout=0.1,
+        num_groups=32,
+      )
+    ),
     # Improved DDPM CIFAR-10 (Nichol & Dhariwal 2021): L_hybrid, 3 blocks, 4 heads.
-    "iddpm_cifar10": types.MappingProxyType(dict(
-        ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=3, attn_resolutions=(16, 8),
-        num_heads=4, dropout=0.3, num_groups=32, use_scale_shift_norm=True,
-        learn_sigma=True)),
+    "iddpm_cifar10": types.MappingProxyType(
+      dict(
+        ch=128,
+        ch_mult=(1, 2, 2, 2),
+        num_res_blocks=3,
+        attn_resolutions=(16, 8),
+        num_heads=4,
+        dropout=0.3,
+        num_groups=32,
+        use_scale_shift_norm=True,
+        learn_sigma=True,
+      )
+    ),
     # Small net for 16x16 (or 32x32) 1-channel 8x8-digits data on a CPU.
-    "digits_small": types.MappingProxyType(dict(
-        ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
-        num_heads=1, dropout=0.1, num_groups=8)),
-})
+    "digits_small": types.MappingProxyType(
+      dict(
+        ch=32,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(8,),
+        num_heads=1,
+        dropout=0.1,
+        num_groups=8,
+      )
+    ),
+  }
+)
 
 
 def make_unet(name: str, **overrides: Any) -> UNet:

@@ -60,21 +60,38 @@ class _Tiles:
     self.b2 = np.kron(np.asarray(bt, np.float64), np.asarray(bt, np.float64))
     self.g2 = np.kron(np.asarray(g, np.float64), np.asarray(g, np.float64))
     self.a2 = np.kron(np.asarray(at, np.float64), np.asarray(at, np.float64))
-    self.points = self.alpha ** 2
+    self.points = self.alpha**2
 
 
 TILES = {
-    # Interpolation points 0, 1, -1, inf: transforms of 0, +-1 and +-1/2 only.
-    2: _Tiles(2, bt=[[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
-              g=[[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]],
-              at=[[1, 1, 1, 0], [0, 1, -1, -1]]),
-    # Points 0, 1, -1, 2, -2, inf: 4x fewer multiplies than direct, larger constants.
-    4: _Tiles(4, bt=[[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
-                     [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]],
-              g=[[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
-                 [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
-              at=[[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
-                  [0, 1, -1, 8, -8, 1]]),
+  # Interpolation points 0, 1, -1, inf: transforms of 0, +-1 and +-1/2 only.
+  2: _Tiles(
+    2,
+    bt=[[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+    g=[[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]],
+    at=[[1, 1, 1, 0], [0, 1, -1, -1]],
+  ),
+  # Points 0, 1, -1, 2, -2, inf: 4x fewer multiplies than direct, larger constants.
+  4: _Tiles(
+    4,
+    bt=[
+      [4, 0, -5, 0, 1, 0],
+      [0, -4, -4, 1, 1, 0],
+      [0, 4, -4, -1, 1, 0],
+      [0, -2, -1, 2, 1, 0],
+      [0, 2, -1, -2, 1, 0],
+      [0, 4, 0, -5, 0, 1],
+    ],
+    g=[
+      [1 / 4, 0, 0],
+      [-1 / 6, -1 / 6, -1 / 6],
+      [-1 / 6, 1 / 6, -1 / 6],
+      [1 / 24, 1 / 12, 1 / 6],
+      [1 / 24, -1 / 12, 1 / 6],
+      [0, 0, 1],
+    ],
+    at=[[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+  ),
 }
 
 CONV_IMPLS = ("auto", "xla", "winograd")
@@ -102,8 +119,9 @@ def _stack2(fn, n: int, axes=(0, 0)) -> Array:
   Nested stacks of n <= 8 (not one stack of n * n) let XLA:CPU fuse a whole
   transform into one loop: it does not fuse concatenations of more than 8.
   """
-  return jnp.stack([jnp.stack([fn(a, b) for b in range(n)], axis=axes[0])
-                    for a in range(n)], axis=axes[1])
+  return jnp.stack(
+    [jnp.stack([fn(a, b) for b in range(n)], axis=axes[0]) for a in range(n)], axis=axes[1]
+  )
 
 
 def _input_transform(x: Array, t: _Tiles) -> Array:
@@ -125,7 +143,7 @@ def _input_transform(x: Array, t: _Tiles) -> Array:
 
   def tap(k):  # padded pixel (m*i + ky, m*j + kx) of every tile: [N, H/m, W/m, C]
     (dy, ry), (dx, rx) = divmod(k // t.alpha, m), divmod(k % t.alpha, m)
-    return blk[:, dy:dy + hm, ry, dx:dx + wm, rx, :]
+    return blk[:, dy : dy + hm, ry, dx : dx + wm, rx, :]
 
   v = _stack2(lambda a, b: _lincomb(t.b2[t.alpha * a + b], tap), t.alpha)
   return v.reshape(t.points, n * hm * wm, c)
@@ -143,8 +161,10 @@ def _output_transform_t(dy: Array, t: _Tiles) -> Array:
   """Transpose of the output transform (``A dY A^T``): [N, H, W, O] -> [(m+2)^2, T, O]."""
   n, h, w, o = dy.shape
   d = dy.reshape(n, h // t.m, t.m, w // t.m, t.m, o)
-  dm = _stack2(lambda a, b: _lincomb(t.a2[:, t.alpha * a + b],
-                                     lambda q: d[:, :, q // t.m, :, q % t.m]), t.alpha)
+  dm = _stack2(
+    lambda a, b: _lincomb(t.a2[:, t.alpha * a + b], lambda q: d[:, :, q // t.m, :, q % t.m]),
+    t.alpha,
+  )
   return dm.reshape(t.points, -1, o)
 
 
@@ -263,8 +283,9 @@ def winograd_conv3x3(x: Array, w: Array, tile: int = 2) -> Array:
   """
   if x.ndim != 4 or w.ndim != 4 or w.shape[:2] != (3, 3) or w.shape[2] != x.shape[-1]:
     raise ValueError(
-        "winograd_conv3x3 needs x [N, H, W, C] and w [3, 3, C, O]; got "
-        f"x.shape={x.shape}, w.shape={w.shape}")
+      "winograd_conv3x3 needs x [N, H, W, C] and w [3, 3, C, O]; got "
+      f"x.shape={x.shape}, w.shape={w.shape}"
+    )
   dtype = jnp.result_type(x, w)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"winograd_conv3x3 needs floating inputs, got dtype={dtype}")
@@ -275,35 +296,58 @@ def winograd_conv3x3(x: Array, w: Array, tile: int = 2) -> Array:
   ph, pw = -h % tile, -ww % tile
   if ph or pw:
     x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
-  chunk = _images_per_chunk(x.shape, w.shape[-1], jnp.dtype(dtype).itemsize, TILES[tile],
-                            _CHUNK_BYTES)
+  chunk = _images_per_chunk(
+    x.shape, w.shape[-1], jnp.dtype(dtype).itemsize, TILES[tile], _CHUNK_BYTES
+  )
   x, w = _same_varying_axes(x, w)
   y = _winograd_tiled(x, w, tile, chunk)
   return y[:, :h, :ww, :] if ph or pw else y
 
 
-def _plain_nhwc(lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimension_numbers,
-                feature_group_count, batch_group_count, preferred_element_type) -> bool:
+def _plain_nhwc(
+  lhs,
+  rhs,
+  window_strides,
+  lhs_dilation,
+  rhs_dilation,
+  dimension_numbers,
+  feature_group_count,
+  batch_group_count,
+  preferred_element_type,
+) -> bool:
   """A stride-1, undilated, ungrouped NHWC/HWIO 2-D convolution."""
   if lhs.ndim != 4 or rhs.ndim != 4:
     return False
   nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
   ones = lambda d: d is None or tuple(d) == (1, 1)
-  return (tuple(window_strides) == (1, 1) and ones(lhs_dilation) and ones(rhs_dilation)
-          and feature_group_count == 1 and batch_group_count == 1
-          and preferred_element_type is None
-          and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc)
+  return (
+    tuple(window_strides) == (1, 1)
+    and ones(lhs_dilation)
+    and ones(rhs_dilation)
+    and feature_group_count == 1
+    and batch_group_count == 1
+    and preferred_element_type is None
+    and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
+  )
 
 
 def _padding(padding) -> Any:
   return padding if isinstance(padding, str) else tuple(tuple(p) for p in padding)
 
 
-def winograd_conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int],
-                                  padding: Any, lhs_dilation=None, rhs_dilation=None,
-                                  dimension_numbers=None, feature_group_count: int = 1,
-                                  batch_group_count: int = 1, precision=None,
-                                  preferred_element_type=None) -> Array:
+def winograd_conv_general_dilated(
+  lhs: Array,
+  rhs: Array,
+  window_strides: Sequence[int],
+  padding: Any,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count: int = 1,
+  batch_group_count: int = 1,
+  precision=None,
+  preferred_element_type=None,
+) -> Array:
   """``lax.conv_general_dilated`` with the CPU-friendly paths for U-Net convs.
 
   Stride-1 NHWC/HWIO convolutions run as:
@@ -319,8 +363,17 @@ def winograd_conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequen
   ``lax.conv_general_dilated`` unchanged; ``precision`` only applies there.
   Pass it as ``flax.linen.Conv(conv_general_dilated=...)``.
   """
-  if _plain_nhwc(lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimension_numbers,
-                 feature_group_count, batch_group_count, preferred_element_type):
+  if _plain_nhwc(
+    lhs,
+    rhs,
+    window_strides,
+    lhs_dilation,
+    rhs_dilation,
+    dimension_numbers,
+    feature_group_count,
+    batch_group_count,
+    preferred_element_type,
+  ):
     pad = _padding(padding)
     wide = min(rhs.shape[2:]) >= MIN_WINOGRAD_CHANNELS
     if rhs.shape[:2] == (3, 3) and pad in ("SAME", ((1, 1), (1, 1))) and wide:
@@ -328,10 +381,18 @@ def winograd_conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequen
     if rhs.shape[:2] == (1, 1) and pad in ("SAME", "VALID", ((0, 0), (0, 0))):
       return jnp.einsum("nhwc,co->nhwo", lhs, rhs[0, 0])
   return lax.conv_general_dilated(
-      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-      feature_group_count=feature_group_count, batch_group_count=batch_group_count,
-      precision=precision, preferred_element_type=preferred_element_type)
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=lhs_dilation,
+    rhs_dilation=rhs_dilation,
+    dimension_numbers=dimension_numbers,
+    feature_group_count=feature_group_count,
+    batch_group_count=batch_group_count,
+    precision=precision,
+    preferred_element_type=preferred_element_type,
+  )
 
 
 def resolve_conv_impl(conv_impl: str, dtype: Any) -> str:

@@ -43,6 +43,7 @@ KIND = "autoencoder"
 
 # ----------------------------------------------------------------------------- training
 
+
 def train_autoencoder(config: ml_collections.ConfigDict, workdir: str) -> AutoencoderState:
   """Trains the stage-1 autoencoder (resuming from `workdir`), returns the final state.
 
@@ -56,20 +57,28 @@ def _train(setup: Setup, writer: MetricWriter) -> AutoencoderState:
   cfg, mesh, ckpt = setup.config, setup.mesh, setup.checkpointer
   is_main = jax.process_index() == 0
   stage1.check_or_write_architecture(
-      setup.workdir, stage1.architecture_record(cfg.autoencoder.preset, setup.module,
-                                                setup.image_shape))
+    setup.workdir,
+    stage1.architecture_record(cfg.autoencoder.preset, setup.module, setup.image_shape),
+  )
   train_iter = setup.train_iterator()  # first: it checks the batch size against the devices
   state = setup.init_state()
-  logging.info("autoencoder: %d parameters; images %s -> latents %s (f=%d)",
-               param_count(state.params), setup.image_shape, setup.latent_shape,
-               setup.module.downsample_factor)
+  logging.info(
+    "autoencoder: %d parameters; images %s -> latents %s (f=%d)",
+    param_count(state.params),
+    setup.image_shape,
+    setup.latent_shape,
+    setup.module.downsample_factor,
+  )
   state, start = ckpt.restore_or_keep(state, train_iter)
 
   train_step = jax.jit(
-      make_autoencoder_state_step(setup.module, setup.optimizer, recon_loss=cfg.loss.recon_loss,
-                                  kl_weight=cfg.loss.kl_weight),
-      in_shardings=(setup.repl, setup.data_sh, setup.repl),
-      out_shardings=(setup.repl, setup.repl), donate_argnums=(0,))
+    make_autoencoder_state_step(
+      setup.module, setup.optimizer, recon_loss=cfg.loss.recon_loss, kl_weight=cfg.loss.kl_weight
+    ),
+    in_shardings=(setup.repl, setup.data_sh, setup.repl),
+    out_shardings=(setup.repl, setup.repl),
+    donate_argnums=(0,),
+  )
 
   def step_fn(state):
     images = sharding.to_global(next(train_iter)["image"], mesh)
@@ -79,21 +88,41 @@ def _train(setup: Setup, writer: MetricWriter) -> AutoencoderState:
     del eta_s
     if not is_main:
       return
-    mean = {k: float(np.mean([m[k] for m in metrics]))
-            for k in ("loss", "rec_loss", "kl", "mse", "psnr")}
-    logging.info("step %d/%d  loss %.4f  rec %.4f  kl %.1f  psnr %.2f dB  %.1f img/s", step,
-                 cfg.train.num_steps, mean["loss"], mean["rec_loss"], mean["kl"], mean["psnr"],
-                 rate)
-    writer.write_scalars(step, {**{f"train/{k}": v for k, v in mean.items()},
-                                "train/img_per_s": rate,
-                                "train/grad_norm": float(metrics[-1]["grad_norm"]),
-                                "train/latent_std": float(metrics[-1]["latent_std"])})
+    mean = {
+      k: float(np.mean([m[k] for m in metrics])) for k in ("loss", "rec_loss", "kl", "mse", "psnr")
+    }
+    logging.info(
+      "step %d/%d  loss %.4f  rec %.4f  kl %.1f  psnr %.2f dB  %.1f img/s",
+      step,
+      cfg.train.num_steps,
+      mean["loss"],
+      mean["rec_loss"],
+      mean["kl"],
+      mean["psnr"],
+      rate,
+    )
+    writer.write_scalars(
+      step,
+      {
+        **{f"train/{k}": v for k, v in mean.items()},
+        "train/img_per_s": rate,
+        "train/grad_norm": float(metrics[-1]["grad_norm"]),
+        "train/latent_std": float(metrics[-1]["latent_std"]),
+      },
+    )
 
   state, step, preempted = train_loop(
-      state, step_fn, start=start, total=cfg.train.num_steps, batch_size=cfg.train.batch_size,
-      log_every=cfg.train.log_every, ckpt_every=cfg.train.ckpt_every,
-      save=lambda step, state: ckpt.save(step, state, train_iter), log=log,
-      what="autoencoder loss")
+    state,
+    step_fn,
+    start=start,
+    total=cfg.train.num_steps,
+    batch_size=cfg.train.batch_size,
+    log_every=cfg.train.log_every,
+    ckpt_every=cfg.train.ckpt_every,
+    save=lambda step, state: ckpt.save(step, state, train_iter),
+    log=log,
+    what="autoencoder loss",
+  )
   ckpt.wait()
   if step == cfg.train.num_steps and not preempted:
     params = _local_params(state.params)
@@ -114,13 +143,22 @@ def _write_reconstructions(setup: Setup, params, step: int) -> str | None:
   if not n or jax.process_index() != 0:
     return None
   d = setup.config.data
-  images = next(pipeline.make_eval_iterator(d.name, global_batch_size=n, split=d.eval_split,
-                                            data_dir=setup.data_dir,
-                                            image_size=setup.image_size))["image"]
+  images = next(
+    pipeline.make_eval_iterator(
+      d.name,
+      global_batch_size=n,
+      split=d.eval_split,
+      data_dir=setup.data_dir,
+      image_size=setup.image_size,
+    )
+  )["image"]
   fn = jax.jit(lambda p, x: setup.module.apply({"params": p}, x, sample_posterior=False)[0])
   recon = np.clip(np.asarray(jax.device_get(fn(params, images))), -1.0, 1.0)
-  path = save_image_grid(os.path.join(setup.workdir, "recon", f"recon_{step:07d}.png"),
-                         np.concatenate([images, recon]), ncols=n)
+  path = save_image_grid(
+    os.path.join(setup.workdir, "recon", f"recon_{step:07d}.png"),
+    np.concatenate([images, recon]),
+    ncols=n,
+  )
   logging.info("wrote reconstructions %s", path)
   return path
 
@@ -128,18 +166,33 @@ def _write_reconstructions(setup: Setup, params, step: int) -> str | None:
 def _write_scale_factor(setup: Setup, params, step: int, writer: MetricWriter) -> float:
   """Computes 1 / std of the train split's posterior means and stores it."""
   d = setup.config.data
-  scale, n = latents.scale_factor_of_split(setup.module, params, d.name, split=d.train_split,
-                                           data_dir=setup.data_dir, image_size=setup.image_size)
+  scale, n = latents.scale_factor_of_split(
+    setup.module,
+    params,
+    d.name,
+    split=d.train_split,
+    data_dir=setup.data_dir,
+    image_size=setup.image_size,
+  )
   if jax.process_index() == 0:
-    stage1.write_scale_factor(setup.workdir, {
-        "scale_factor": scale, "latent_std": 1.0 / scale, "step": step,
-        "split": d.train_split, "num_examples": n, "statistic": "posterior mean"})
+    stage1.write_scale_factor(
+      setup.workdir,
+      {
+        "scale_factor": scale,
+        "latent_std": 1.0 / scale,
+        "step": step,
+        "split": d.train_split,
+        "num_examples": n,
+        "statistic": "posterior mean",
+      },
+    )
     writer.write_scalars(step, {"latent/scale_factor": scale})
   logging.info("latent scale factor %.6f (1 / std of %d train latents)", scale, n)
   return scale
 
 
 # ----------------------------------------------------------------------------- evaluation
+
 
 def evaluate_autoencoder(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Reconstruction MSE / PSNR / KL over the whole eval split from the latest checkpoint.
@@ -172,8 +225,12 @@ def _evaluate(setup: Setup, params) -> dict[str, float]:
     err = ae_losses.mse(x, jnp.clip(recon, -1.0, 1.0))
     m = mask.astype(jnp.float32)
     psnr = jnp.where(mask, ae_losses.psnr_from_mse(jnp.where(mask, err, 1.0)), 0.0)
-    return {"mse": jnp.sum(err * m), "psnr": jnp.sum(psnr),
-            "kl": jnp.sum(posterior.kl() * m), "count": jnp.sum(m)}
+    return {
+      "mse": jnp.sum(err * m),
+      "psnr": jnp.sum(psnr),
+      "kl": jnp.sum(posterior.kl() * m),
+      "count": jnp.sum(m),
+    }
 
   total = {"mse": 0.0, "psnr": 0.0, "kl": 0.0, "count": 0.0}
   for batch in setup.eval_iterator(setup.config.eval.batch_size):
@@ -182,6 +239,10 @@ def _evaluate(setup: Setup, params) -> dict[str, float]:
       total[k] += float(v)
   count = max(total["count"], 1.0)
   mse = total["mse"] / count
-  return {"eval/mse": mse, "eval/psnr": total["psnr"] / count,
-          "eval/psnr_of_mse": float(ae_losses.psnr_from_mse(mse)),
-          "eval/kl": total["kl"] / count, "eval/examples": total["count"]}
+  return {
+    "eval/mse": mse,
+    "eval/psnr": total["psnr"] / count,
+    "eval/psnr_of_mse": float(ae_losses.psnr_from_mse(mse)),
+    "eval/kl": total["kl"] / count,
+    "eval/examples": total["count"],
+  }

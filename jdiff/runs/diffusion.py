@@ -44,8 +44,13 @@ KIND = "diffusion"
 def loss_kwargs(config) -> dict:
   """The loss options of `config.diffusion` (and `model.learn_sigma`)."""
   d = config.diffusion
-  return dict(prediction=d.prediction, weighting=d.weighting, min_snr_gamma=d.min_snr_gamma,
-              learn_sigma=config.model.learn_sigma, vlb_weight=d.vlb_weight)
+  return dict(
+    prediction=d.prediction,
+    weighting=d.weighting,
+    min_snr_gamma=d.min_snr_gamma,
+    learn_sigma=config.model.learn_sigma,
+    vlb_weight=d.vlb_weight,
+  )
 
 
 def params_checksum(params) -> float:
@@ -56,12 +61,19 @@ def params_checksum(params) -> float:
 
 # ----------------------------------------------------------------------------- sampling
 
+
 def sample_fn(setup: Setup, **overrides):
   """The pure `sample_fn(params, x_T, rng, labels)` of `config.sample` (with overrides)."""
   c = setup.config
   opts = {**sample_options(c.sample), **overrides}
-  return make_sample_fn(setup.module, setup.schedule, prediction=c.diffusion.prediction,
-                        variance=c.diffusion.variance, null_label=setup.null_label, **opts)
+  return make_sample_fn(
+    setup.module,
+    setup.schedule,
+    prediction=c.diffusion.prediction,
+    variance=c.diffusion.variance,
+    null_label=setup.null_label,
+    **opts,
+  )
 
 
 def generate(setup: Setup, params, num: int, rng: Array, **overrides) -> np.ndarray:
@@ -73,19 +85,21 @@ def generate(setup: Setup, params, num: int, rng: Array, **overrides) -> np.ndar
   batch = setup.config.sample.batch_size
   n_dev = setup.mesh.devices.size
   batch = max(n_dev, batch // n_dev * n_dev)
-  fn = jax.jit(sample_fn(setup, **overrides),
-               in_shardings=(setup.repl, setup.data_sh, setup.repl, setup.data_sh),
-               out_shardings=setup.repl)
+  fn = jax.jit(
+    sample_fn(setup, **overrides),
+    in_shardings=(setup.repl, setup.data_sh, setup.repl, setup.data_sh),
+    out_shardings=setup.repl,
+  )
   decode = None
   if setup.codec is not None:
     from jdiff.data import latents  # pylint: disable=g-import-not-at-top
+
     decode = jax.jit(functools.partial(latents.decode, setup.codec))
   out = []
   for k in range(math.ceil(num / batch)):
     key = jax.random.fold_in(rng, k)
     x_T = jax.random.normal(stream(key, "x_T"), (batch, *setup.image_shape), jnp.float32)
-    labels = (jnp.arange(k * batch, (k + 1) * batch, dtype=jnp.int32)
-              % (setup.num_classes or 1))
+    labels = jnp.arange(k * batch, (k + 1) * batch, dtype=jnp.int32) % (setup.num_classes or 1)
     x0 = fn(params, x_T, stream(key, "sampler"), labels)
     if decode is not None:
       x0 = decode(x0)
@@ -94,6 +108,7 @@ def generate(setup: Setup, params, num: int, rng: Array, **overrides) -> np.ndar
 
 
 # ----------------------------------------------------------------------------- training
+
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (resuming from `workdir` if it holds a checkpoint) and returns the final state."""
@@ -105,16 +120,28 @@ def _train(setup: Setup, writer: MetricWriter) -> TrainState:
   is_main = jax.process_index() == 0
   train_iter = setup.train_iterator()  # first: it checks the batch size against the devices
   state = setup.init_state()
-  logging.info("model: %d parameters; image shape %s; %s", param_count(state.params),
-               setup.image_shape, setup.module.__class__.__name__)
+  logging.info(
+    "model: %d parameters; image shape %s; %s",
+    param_count(state.params),
+    setup.image_shape,
+    setup.module.__class__.__name__,
+  )
   state, start = ckpt.restore_or_keep(state, train_iter)
 
   train_step = jax.jit(
-      make_train_step(setup.module, setup.optimizer, ema_decay=cfg.ema_decay,
-                      ema_warmup=cfg.ema_warmup, label_dropout=cfg.train.label_dropout,
-                      null_label=setup.null_label, **loss_kwargs(cfg)),
-      in_shardings=(setup.repl, setup.data_sh, setup.repl, setup.repl),
-      out_shardings=(setup.repl, setup.repl), donate_argnums=(0,))
+    make_train_step(
+      setup.module,
+      setup.optimizer,
+      ema_decay=cfg.ema_decay,
+      ema_warmup=cfg.ema_warmup,
+      label_dropout=cfg.train.label_dropout,
+      null_label=setup.null_label,
+      **loss_kwargs(cfg),
+    ),
+    in_shardings=(setup.repl, setup.data_sh, setup.repl, setup.repl),
+    out_shardings=(setup.repl, setup.repl),
+    donate_argnums=(0,),
+  )
   grid_rng = setup.keys.stream("grid")
 
   def step_fn(state):
@@ -125,17 +152,29 @@ def _train(setup: Setup, writer: MetricWriter) -> TrainState:
     if not is_main:
       return
     loss = float(np.mean([m["loss"] for m in metrics]))
-    logging.info("step %d/%d  loss %.5f  %.1f img/s  ETA %s", step, cfg.train.num_steps, loss,
-                 rate, time.strftime("%H:%M:%S", time.gmtime(eta_s)))
-    writer.write_scalars(step, {"train/loss": loss, "train/img_per_s": rate,
-                                "train/grad_norm": float(metrics[-1]["grad_norm"])})
+    logging.info(
+      "step %d/%d  loss %.5f  %.1f img/s  ETA %s",
+      step,
+      cfg.train.num_steps,
+      loss,
+      rate,
+      time.strftime("%H:%M:%S", time.gmtime(eta_s)),
+    )
+    writer.write_scalars(
+      step,
+      {
+        "train/loss": loss,
+        "train/img_per_s": rate,
+        "train/grad_norm": float(metrics[-1]["grad_norm"]),
+      },
+    )
 
   def sample_grid(step, state):
-    images = generate(setup, state.ema_params, cfg.sample.grid_size,
-                      jax.random.fold_in(grid_rng, step))
+    images = generate(
+      setup, state.ema_params, cfg.sample.grid_size, jax.random.fold_in(grid_rng, step)
+    )
     if is_main:
-      path = save_image_grid(os.path.join(setup.workdir, "samples", f"grid_{step:07d}.png"),
-                             images)
+      path = save_image_grid(os.path.join(setup.workdir, "samples", f"grid_{step:07d}.png"), images)
       logging.info("wrote sample grid %s", path)
 
   def periodic(step, state):
@@ -143,18 +182,31 @@ def _train(setup: Setup, writer: MetricWriter) -> TrainState:
       sample_grid(step, state)
 
   state, step, preempted = train_loop(
-      state, step_fn, start=start, total=cfg.train.num_steps, batch_size=cfg.train.batch_size,
-      log_every=cfg.train.log_every, ckpt_every=cfg.train.ckpt_every,
-      save=lambda step, state: ckpt.save(step, state, train_iter), log=log, periodic=periodic)
+    state,
+    step_fn,
+    start=start,
+    total=cfg.train.num_steps,
+    batch_size=cfg.train.batch_size,
+    log_every=cfg.train.log_every,
+    ckpt_every=cfg.train.ckpt_every,
+    save=lambda step, state: ckpt.save(step, state, train_iter),
+    log=log,
+    periodic=periodic,
+  )
   ckpt.wait()
-  logging.info("process %d: params checksum %.10e at step %d", jax.process_index(),
-               params_checksum(state.params), step)
+  logging.info(
+    "process %d: params checksum %.10e at step %d",
+    jax.process_index(),
+    params_checksum(state.params),
+    step,
+  )
   if step == cfg.train.num_steps and not preempted:
     sample_grid(step, state)
   return state
 
 
 # ----------------------------------------------------------------------------- sample / eval
+
 
 def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Writes `config.sample.num_samples` samples (.npz and a PNG grid) from the EMA params."""
@@ -163,10 +215,16 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   with Setup(config, workdir, kind=KIND) as setup:
     params, step = setup.restore_params("ema_params" if s.use_ema else "params")
     t0 = time.perf_counter()
-    images = generate(setup, params, s.num_samples,
-                      jax.random.fold_in(setup.keys.stream("sample"), step))
-  logging.info("sampled %d images with %s (%d steps) in %.1fs", s.num_samples, s.sampler,
-               s.num_steps, time.perf_counter() - t0)
+    images = generate(
+      setup, params, s.num_samples, jax.random.fold_in(setup.keys.stream("sample"), step)
+    )
+  logging.info(
+    "sampled %d images with %s (%d steps) in %.1fs",
+    s.num_samples,
+    s.sampler,
+    s.num_steps,
+    time.perf_counter() - t0,
+  )
   out = os.path.join(setup.workdir, "samples", f"samples_{s.sampler}{s.num_steps}_step{step}")
   if jax.process_index() != 0:
     return out + ".npz"
@@ -193,17 +251,19 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
 
 def _evaluate(setup: Setup, params) -> dict[str, float]:
   cfg, repl, data_sh = setup.config, setup.repl, setup.data_sh
-  eval_step = jax.jit(make_eval_step(setup.module, conditional=cfg.conditional,
-                                     **loss_kwargs(cfg)),
-                      in_shardings=(repl, data_sh, repl, repl), out_shardings=repl)
-  bound_fn = jax.jit(functools.partial(_bound, setup), in_shardings=(repl, data_sh, repl),
-                     out_shardings=repl)
+  eval_step = jax.jit(
+    make_eval_step(setup.module, conditional=cfg.conditional, **loss_kwargs(cfg)),
+    in_shardings=(repl, data_sh, repl, repl),
+    out_shardings=repl,
+  )
+  bound_fn = jax.jit(
+    functools.partial(_bound, setup), in_shardings=(repl, data_sh, repl), out_shardings=repl
+  )
   eval_rng, bound_rng = setup.keys.stream("eval"), setup.keys.stream("bound")
   loss_sum, count, bound_sum, bound_count = 0.0, 0.0, 0.0, 0
   for i, batch in enumerate(setup.eval_iterator(cfg.eval.batch_size)):
     batch = sharding.to_global(batch, setup.mesh)
-    out = jax.device_get(eval_step(params, batch, setup.schedule,
-                                   jax.random.fold_in(eval_rng, i)))
+    out = jax.device_get(eval_step(params, batch, setup.schedule, jax.random.fold_in(eval_rng, i)))
     loss_sum += float(out["loss_sum"])
     count += float(out["count"])
     if setup.codec is None and bound_count < cfg.eval.bound_examples:
@@ -222,8 +282,14 @@ def _bound(setup: Setup, params, batch, rng):
   cfg = setup.config
   model_fn = make_model_fn(setup.module, params, train=False)
   cond = batch["label"] if cfg.conditional else None
-  terms = losses.variational_bound(setup.schedule, model_fn, batch["image"], rng, cond=cond,
-                                   prediction=cfg.diffusion.prediction,
-                                   variance=cfg.diffusion.variance)
+  terms = losses.variational_bound(
+    setup.schedule,
+    model_fn,
+    batch["image"],
+    rng,
+    cond=cond,
+    prediction=cfg.diffusion.prediction,
+    variance=cfg.diffusion.variance,
+  )
   mask = batch["mask"].astype(jnp.float32)
   return jnp.sum(terms.total * mask), jnp.sum(mask)

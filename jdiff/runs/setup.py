@@ -36,20 +36,29 @@ from jdiff.training.state import init_autoencoder_state, init_train_state
 from jdiff.training.writers import MetricWriter
 
 KINDS = ("diffusion", "autoencoder")
-SECTIONS = {"diffusion": ("data", "model", "diffusion", "optim", "train", "sample", "eval",
-                          "latent"),
-            "autoencoder": ("data", "autoencoder", "loss", "optim", "train", "eval")}
-MODES = {"diffusion": "--mode=train|sample|eval",
-         "autoencoder": "--mode=train_autoencoder|eval_autoencoder"}
+SECTIONS = {
+  "diffusion": ("data", "model", "diffusion", "optim", "train", "sample", "eval", "latent"),
+  "autoencoder": ("data", "autoencoder", "loss", "optim", "train", "eval"),
+}
+MODES = {
+  "diffusion": "--mode=train|sample|eval",
+  "autoencoder": "--mode=train_autoencoder|eval_autoencoder",
+}
 
 
 def log_process_info() -> None:
-  logging.info("process %d/%d, %d local devices (%s), %d global devices", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.default_backend(),
-               jax.device_count())
+  logging.info(
+    "process %d/%d, %d local devices (%s), %d global devices",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.default_backend(),
+    jax.device_count(),
+  )
 
 
 # ----------------------------------------------------------------------------- config checks
+
 
 def kind_of(config) -> str:
   """'autoencoder' for a stage-1 config (it has an `autoencoder` section), else 'diffusion'."""
@@ -103,13 +112,15 @@ def _check_autoencoder(config) -> None:
   for key in ("perceptual_weight", "adversarial_weight"):
     if loss[key] != 0:
       raise ValueError(
-          f"config.loss.{key}={loss[key]!r}: the LPIPS perceptual and PatchGAN adversarial "
-          "terms of LDM are not implemented (LPIPS needs pretrained VGG weights, which "
-          "cannot be downloaded here); set it to 0")
+        f"config.loss.{key}={loss[key]!r}: the LPIPS perceptual and PatchGAN adversarial "
+        "terms of LDM are not implemented (LPIPS needs pretrained VGG weights, which "
+        "cannot be downloaded here); set it to 0"
+      )
   _check_int(config, "eval", "num_recon_images", 0)
 
 
 # ----------------------------------------------------------------------------- builders
+
 
 def build_model(config, *, num_classes: int | None, channels: int) -> UNet:
   """The U-Net from `config.model` (its fields are UNet's constructor arguments)."""
@@ -118,12 +129,15 @@ def build_model(config, *, num_classes: int | None, channels: int) -> UNet:
   if dtype not in DTYPES:
     raise ValueError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
   if config.model.learn_sigma != (config.diffusion.variance == "learned_range"):
-    raise ValueError("config.model.learn_sigma=True goes with config.diffusion.variance="
-                     f"'learned_range' and vice versa; got learn_sigma={config.model.learn_sigma}"
-                     f", variance={config.diffusion.variance!r}")
+    raise ValueError(
+      "config.model.learn_sigma=True goes with config.diffusion.variance="
+      f"'learned_range' and vice versa; got learn_sigma={config.model.learn_sigma}"
+      f", variance={config.diffusion.variance!r}"
+    )
   if kwargs.get("conv_impl", "auto") not in CONV_IMPLS:
-    raise ValueError(f"config.model.conv_impl must be one of {CONV_IMPLS}, got "
-                     f"{kwargs['conv_impl']!r}")
+    raise ValueError(
+      f"config.model.conv_impl must be one of {CONV_IMPLS}, got {kwargs['conv_impl']!r}"
+    )
   kwargs["num_classes"] = num_classes if config.conditional else None
   kwargs["out_channels"] = channels
   for key in ("ch_mult", "attn_resolutions"):
@@ -141,8 +155,10 @@ def build_autoencoder(config, image_shape) -> AutoencoderKL:
     overrides["ch_mult"] = tuple(overrides["ch_mult"])
   if "dtype" in overrides:
     if overrides["dtype"] not in DTYPES:
-      raise ValueError(f"config.autoencoder.overrides.dtype must be one of {sorted(DTYPES)}, "
-                       f"got {overrides['dtype']!r}")
+      raise ValueError(
+        f"config.autoencoder.overrides.dtype must be one of {sorted(DTYPES)}, "
+        f"got {overrides['dtype']!r}"
+      )
     overrides["dtype"] = DTYPES[overrides["dtype"]]
   overrides.setdefault("in_channels", int(image_shape[-1]))
   module = make_autoencoder(config.autoencoder.preset, **overrides)
@@ -153,18 +169,23 @@ def build_autoencoder(config, image_shape) -> AutoencoderKL:
 def prepared_metadata(config) -> sources.DatasetMetadata:
   """Dataset metadata, preparing the dataset once: process 0 first, the others after a barrier
   (so processes sharing a data_dir never build it concurrently)."""
-  get = functools.partial(sources.dataset_metadata, config.data.name,
-                          data_dir=config.data.data_dir or None,
-                          image_size=config.data.image_size or None)
+  get = functools.partial(
+    sources.dataset_metadata,
+    config.data.name,
+    data_dir=config.data.data_dir or None,
+    image_size=config.data.image_size or None,
+  )
   if jax.process_count() == 1:
     return get()
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   meta = get() if jax.process_index() == 0 else None
   multihost_utils.sync_global_devices("jdiff: dataset prepared")
   return meta if meta is not None else get()
 
 
 # ----------------------------------------------------------------------------- Setup
+
 
 class Setup:
   """Everything derived from (config, workdir) that the modes share.
@@ -194,8 +215,10 @@ class Setup:
   def __init__(self, config, workdir: str, *, kind: str | None = None):
     self.kind = kind_of(config)
     if kind is not None and kind != self.kind:
-      raise ValueError(f"this mode runs {kind} configs ({MODES[kind]}); the config given is "
-                       f"of kind {self.kind!r}: run it with {MODES[self.kind]}")
+      raise ValueError(
+        f"this mode runs {kind} configs ({MODES[kind]}); the config given is "
+        f"of kind {self.kind!r}: run it with {MODES[self.kind]}"
+      )
     validate_config(config)
     self.config, self.workdir = config, os.path.abspath(workdir)
     self.data_dir = config.data.data_dir or None
@@ -214,24 +237,27 @@ class Setup:
     self.optimizer = make_optimizer(total_steps=config.train.num_steps, **config.optim)
     self.keys = run_keys(config.seed)
     # Last: nothing after it can fail, so an error above leaves nothing open.
-    self.checkpointer = Checkpointer(os.path.join(self.workdir, stage1.CKPT_DIR),
-                                     max_to_keep=config.train.keep_checkpoints)
+    self.checkpointer = Checkpointer(
+      os.path.join(self.workdir, stage1.CKPT_DIR), max_to_keep=config.train.keep_checkpoints
+    )
 
   def _build_diffusion(self) -> None:
     c = self.config
     if c.conditional and not self.meta.num_classes:
       raise ValueError(f"config.conditional=True but dataset {c.data.name!r} has no labels")
     if c.latent.autoencoder_workdir:
-      self.codec = stage1.load_codec(c.latent.autoencoder_workdir,
-                                     scale_factor=c.latent.scale_factor)
+      self.codec = stage1.load_codec(
+        c.latent.autoencoder_workdir, scale_factor=c.latent.scale_factor
+      )
       if tuple(self.codec.image_shape) != self.pixel_shape:
-        raise ValueError(f"the autoencoder in {c.latent.autoencoder_workdir} was trained on "
-                         f"images {self.codec.image_shape}, but config.data gives "
-                         f"{self.pixel_shape}")
+        raise ValueError(
+          f"the autoencoder in {c.latent.autoencoder_workdir} was trained on "
+          f"images {self.codec.image_shape}, but config.data gives "
+          f"{self.pixel_shape}"
+        )
       self.image_shape = tuple(self.codec.latent_shape)
     self.num_classes = self.meta.num_classes if c.conditional else None
-    self.module = build_model(c, num_classes=self.meta.num_classes,
-                              channels=self.image_shape[-1])
+    self.module = build_model(c, num_classes=self.meta.num_classes, channels=self.image_shape[-1])
     self.null_label = self.num_classes  # the U-Net reserves label num_classes for "no class"
     d = c.diffusion
     self.schedule = get_schedule(d.schedule, d.num_steps, zero_terminal_snr=d.zero_terminal_snr)
@@ -257,27 +283,44 @@ class Setup:
     if self.codec is None:
       return self.config.data.name
     from jdiff.data import latents  # pylint: disable=g-import-not-at-top
-    return latents.encode_source(self.codec, self.config.data.name, split=split,
-                                 data_dir=self.data_dir, image_size=self.image_size)
+
+    return latents.encode_source(
+      self.codec,
+      self.config.data.name,
+      split=split,
+      data_dir=self.data_dir,
+      image_size=self.image_size,
+    )
 
   def train_iterator(self):
     """This process's shuffled training batches of config.data.train_split."""
     c = self.config
     sharding.check_global_batch(c.train.batch_size, self.mesh)
     return pipeline.make_train_iterator(
-        self.source(c.data.train_split), global_batch_size=c.train.batch_size, seed=c.seed,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        split=c.data.train_split, data_dir=self.data_dir, image_size=self.iter_image_size,
-        random_flip=c.data.random_flip)
+      self.source(c.data.train_split),
+      global_batch_size=c.train.batch_size,
+      seed=c.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      split=c.data.train_split,
+      data_dir=self.data_dir,
+      image_size=self.iter_image_size,
+      random_flip=c.data.random_flip,
+    )
 
   def eval_iterator(self, batch_size: int):
     """This process's part of one padded pass over config.data.eval_split."""
     sharding.check_global_batch(batch_size, self.mesh)
     split = self.config.data.eval_split
     return pipeline.make_eval_iterator(
-        self.source(split), global_batch_size=batch_size, process_index=jax.process_index(),
-        process_count=jax.process_count(), split=split, data_dir=self.data_dir,
-        image_size=self.iter_image_size)
+      self.source(split),
+      global_batch_size=batch_size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      split=split,
+      data_dir=self.data_dir,
+      image_size=self.iter_image_size,
+    )
 
   # --------------------------------------------------------------------------- state
 
@@ -285,17 +328,19 @@ class Setup:
     """The step-0 state (`TrainState` or `AutoencoderState`), replicated."""
     x = jnp.zeros((1, *self.image_shape), jnp.float32)
     if self.kind == "diffusion":
-      init = functools.partial(init_train_state, self.module, self.optimizer, sample_x=x,
-                               num_classes=self.num_classes)
+      init = functools.partial(
+        init_train_state, self.module, self.optimizer, sample_x=x, num_classes=self.num_classes
+      )
     else:
-      init = functools.partial(init_autoencoder_state, self.module, self.optimizer,
-                               sample_x=x)
+      init = functools.partial(init_autoencoder_state, self.module, self.optimizer, sample_x=x)
     return jax.jit(init, out_shardings=self.repl)(self.keys.init)
 
   def abstract_state(self):
     """`init_state`'s shapes and dtypes, replicated (nothing computed)."""
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.repl),
-                        jax.eval_shape(self.init_state))
+    return jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.repl),
+      jax.eval_shape(self.init_state),
+    )
 
   def restore_params(self, field: str = "params") -> tuple[Any, int]:
     """One field of the latest checkpoint's state ('params' or 'ema_params'), replicated.
@@ -305,15 +350,18 @@ class Setup:
     """
     if self.checkpointer.latest_step() is None:
       train = "train" if self.kind == "diffusion" else "train_autoencoder"
-      raise FileNotFoundError(f"no checkpoint under {self.checkpointer.directory}; train first "
-                              f"with --mode={train} --workdir={self.workdir}")
+      raise FileNotFoundError(
+        f"no checkpoint under {self.checkpointer.directory}; train first "
+        f"with --mode={train} --workdir={self.workdir}"
+      )
     target = {field: getattr(self.abstract_state(), field)}
     restored, step = self.checkpointer.restore_partial(target)
     return restored[field], step
 
 
-def run_training(config, workdir: str, kind: str,
-                 train: Callable[[Setup, MetricWriter], Any]) -> Any:
+def run_training(
+  config, workdir: str, kind: str, train: Callable[[Setup, MetricWriter], Any]
+) -> Any:
   """Opens a training run's resources, calls `train(setup, writer)`, closes them on every path.
 
   The `Setup` (its checkpointer) and the `MetricWriter` are closed whether `train` returns,

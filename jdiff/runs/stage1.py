@@ -41,6 +41,7 @@ CKPT_DIR = "checkpoints"  # of every workdir, diffusion and stage 1 alike
 
 # ----------------------------------------------------------------------------- architecture file
 
+
 def module_kwargs(module: AutoencoderKL) -> dict[str, Any]:
   """The AutoencoderKL fields as JSON-able values (dtype by name)."""
   out = {}
@@ -51,8 +52,9 @@ def module_kwargs(module: AutoencoderKL) -> dict[str, Any]:
     if f.name == "dtype":
       value = next((k for k, v in DTYPES.items() if v == value), None)
       if value is None:
-        raise ValueError(f"unsupported autoencoder dtype {module.dtype!r}; use one of "
-                         f"{sorted(DTYPES)}")
+        raise ValueError(
+          f"unsupported autoencoder dtype {module.dtype!r}; use one of {sorted(DTYPES)}"
+        )
     elif isinstance(value, (tuple, list)):
       value = [int(v) for v in value]
     out[f.name] = value
@@ -61,9 +63,12 @@ def module_kwargs(module: AutoencoderKL) -> dict[str, Any]:
 
 def architecture_record(preset: str, module: AutoencoderKL, image_shape) -> dict:
   """The content of `autoencoder.json`."""
-  return {"preset": preset, "kwargs": module_kwargs(module),
-          "image_shape": [int(d) for d in image_shape],
-          "latent_shape": list(latent_shape_of(module, image_shape))}
+  return {
+    "preset": preset,
+    "kwargs": module_kwargs(module),
+    "image_shape": [int(d) for d in image_shape],
+    "latent_shape": list(latent_shape_of(module, image_shape)),
+  }
 
 
 def check_or_write_architecture(workdir: str, record: dict) -> None:
@@ -73,8 +78,10 @@ def check_or_write_architecture(workdir: str, record: dict) -> None:
     with open(path, encoding="utf-8") as f:
       stored = json.load(f)
     if stored != json.loads(json.dumps(record)):
-      raise ValueError(f"{path} describes another autoencoder ({stored}) than the config "
-                       f"({record}); use a fresh --workdir")
+      raise ValueError(
+        f"{path} describes another autoencoder ({stored}) than the config "
+        f"({record}); use a fresh --workdir"
+      )
   elif jax.process_index() == 0:
     write_json(path, record)
 
@@ -90,9 +97,13 @@ def _read_json(workdir: str, filename: str, what: str, hint: str) -> dict:
 
 def read_architecture(workdir: str) -> tuple[AutoencoderKL, tuple, tuple]:
   """(module, image_shape, latent_shape) from `workdir/autoencoder.json`."""
-  record = _read_json(workdir, ARCH_FILE, "autoencoder architecture file",
-                      f"is {workdir!r} the workdir of a stage-1 run (python -m "
-                      "experiments.main --mode=train_autoencoder)?")
+  record = _read_json(
+    workdir,
+    ARCH_FILE,
+    "autoencoder architecture file",
+    f"is {workdir!r} the workdir of a stage-1 run (python -m "
+    "experiments.main --mode=train_autoencoder)?",
+  )
   kwargs = dict(record["kwargs"])
   kwargs["dtype"] = DTYPES[kwargs.get("dtype") or "float32"]
   kwargs["ch_mult"] = tuple(kwargs["ch_mult"])
@@ -107,25 +118,37 @@ def write_scale_factor(workdir: str, record: dict) -> str:
 
 
 def read_scale_factor(workdir: str) -> float:
-  return float(_read_json(
-      workdir, SCALE_FILE, "latent scale file",
+  return float(
+    _read_json(
+      workdir,
+      SCALE_FILE,
+      "latent scale file",
       "stage 1 writes it when it finishes (rerun --mode=train_autoencoder to completion), "
-      "or set config.latent.scale_factor > 0")["scale_factor"])
+      "or set config.latent.scale_factor > 0",
+    )["scale_factor"]
+  )
 
 
 # ----------------------------------------------------------------------------- parameters
+
 
 def abstract_params(module: AutoencoderKL, image_shape, sharding=None) -> PyTree:
   """ShapeDtypeStructs of the module's `params` (with `sharding` if given)."""
   x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
   shapes = jax.eval_shape(
-      lambda x: module.init(jax.random.key(0), x, sample_posterior=False)["params"], x)
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                      shapes)
+    lambda x: module.init(jax.random.key(0), x, sample_posterior=False)["params"], x
+  )
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
-def restore_params(checkpointer: Checkpointer, module: AutoencoderKL, image_shape, *,
-                   sharding=None, step: int | None = None) -> tuple[PyTree, int]:
+def restore_params(
+  checkpointer: Checkpointer,
+  module: AutoencoderKL,
+  image_shape,
+  *,
+  sharding=None,
+  step: int | None = None,
+) -> tuple[PyTree, int]:
   """Restores only `params` of a stage-1 checkpoint (the optimiser state is not read).
 
   Args:
@@ -143,8 +166,9 @@ def restore_params(checkpointer: Checkpointer, module: AutoencoderKL, image_shap
   """
   if checkpointer.latest_step() is None:
     raise FileNotFoundError(
-        f"no autoencoder checkpoint under {checkpointer.directory}; train stage 1 first "
-        f"(--mode=train_autoencoder --workdir={os.path.dirname(checkpointer.directory)})")
+      f"no autoencoder checkpoint under {checkpointer.directory}; train stage 1 first "
+      f"(--mode=train_autoencoder --workdir={os.path.dirname(checkpointer.directory)})"
+    )
   if sharding is None:
     sharding = sharding_lib.replicated(sharding_lib.local_mesh())
   target = {"params": abstract_params(module, image_shape, sharding)}
@@ -176,10 +200,17 @@ def load_codec(workdir: str, *, scale_factor: float = 0.0) -> LatentCodec:
   module, image_shape, latent_shape = read_architecture(workdir)
   directory = os.path.join(os.path.abspath(workdir), CKPT_DIR)
   if not os.path.isdir(directory):  # before Checkpointer, which would create it
-    raise FileNotFoundError(f"no autoencoder checkpoint under {directory}; train stage 1 "
-                            f"first (--mode=train_autoencoder --workdir={workdir})")
+    raise FileNotFoundError(
+      f"no autoencoder checkpoint under {directory}; train stage 1 "
+      f"first (--mode=train_autoencoder --workdir={workdir})"
+    )
   with Checkpointer(directory) as checkpointer:
     params, _ = restore_params(checkpointer, module, image_shape)
   scale = float(scale_factor) if scale_factor > 0 else read_scale_factor(workdir)
-  return LatentCodec(module=module, params=params, scale_factor=scale,
-                     latent_shape=latent_shape, image_shape=image_shape)
+  return LatentCodec(
+    module=module,
+    params=params,
+    scale_factor=scale,
+    latent_shape=latent_shape,
+    image_shape=image_shape,
+  )

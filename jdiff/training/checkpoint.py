@@ -41,10 +41,13 @@ class Checkpointer:
     # PyTreeCheckpointHandler (StandardCheckpointHandler's own backend, same files) so that
     # a subtree can be restored alone (`partial_restore`).
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-        item_handlers={STATE: ocp.PyTreeCheckpointHandler(),
-                       DATA: grain.checkpoint.CheckpointHandler()})
+      self.directory,
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+      item_handlers={
+        STATE: ocp.PyTreeCheckpointHandler(),
+        DATA: grain.checkpoint.CheckpointHandler(),
+      },
+    )
 
   def __enter__(self) -> Checkpointer:
     return self
@@ -76,15 +79,20 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f"no checkpoint under {self.directory}")
     if step not in self.all_steps():
-      raise FileNotFoundError(f"no checkpoint {step} under {self.directory} (has "
-                              f"{self.all_steps()})")
+      raise FileNotFoundError(
+        f"no checkpoint {step} under {self.directory} (has {self.all_steps()})"
+      )
     return step
 
   def _restore(self, target: Any, step: int, data_iter=None, *, partial: bool) -> Any:
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    items = {STATE: ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=partial)}
+    items = {
+      STATE: ocp.args.PyTreeRestore(
+        item=target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=partial,
+      )
+    }
     if data_iter is not None:
       items[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
     return self._manager.restore(step, args=ocp.args.Composite(**items))[STATE]
@@ -106,8 +114,7 @@ class Checkpointer:
     """
     return self._restore(abstract_state, self._step_or_latest(step), data_iter, partial=False)
 
-  def restore_partial(self, abstract_subtree: dict, *, step: int | None = None
-                      ) -> tuple[dict, int]:
+  def restore_partial(self, abstract_subtree: dict, *, step: int | None = None) -> tuple[dict, int]:
     """Restores only some top-level fields of the saved state, e.g. `{'params': ...}`.
 
     The other fields (optimiser state, EMA) are not read.

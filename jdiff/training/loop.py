@@ -53,28 +53,37 @@ class Preemption:
     stop = self.requested
     if jax.process_count() > 1:  # every process must agree to stop at the same step
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
       stop = bool(np.any(multihost_utils.process_allgather(np.array([stop]))))
     return stop
 
 
-def fetch_finite(pending: list[tuple[int, dict]], *, what: str = "loss"
-                 ) -> list[tuple[int, dict]]:
+def fetch_finite(pending: list[tuple[int, dict]], *, what: str = "loss") -> list[tuple[int, dict]]:
   """Fetches pending device metrics; raises NonFiniteLossError at the first bad loss."""
   fetched = [(step, jax.device_get(m)) for step, m in pending]
   for step, m in fetched:
     if not np.isfinite(m["loss"]):
       raise NonFiniteLossError(
-          f"{what} is {m['loss']} at step {step}; stopping without saving (the last good "
-          "checkpoint is kept). Lower config.optim.lr or check the data.")
+        f"{what} is {m['loss']} at step {step}; stopping without saving (the last good "
+        "checkpoint is kept). Lower config.optim.lr or check the data."
+      )
   return fetched
 
 
-def train_loop(state: Any, step_fn: Callable[[Any], tuple[Any, dict]], *, start: int, total: int,
-               batch_size: int, log_every: int, ckpt_every: int,
-               save: Callable[[int, Any], None],
-               log: Callable[[int, list[dict], float, float], None],
-               periodic: Callable[[int, Any], None] | None = None,
-               what: str = "loss") -> tuple[Any, int, bool]:
+def train_loop(
+  state: Any,
+  step_fn: Callable[[Any], tuple[Any, dict]],
+  *,
+  start: int,
+  total: int,
+  batch_size: int,
+  log_every: int,
+  ckpt_every: int,
+  save: Callable[[int, Any], None],
+  log: Callable[[int, list[dict], float, float], None],
+  periodic: Callable[[int, Any], None] | None = None,
+  what: str = "loss",
+) -> tuple[Any, int, bool]:
   """Runs `state, metrics = step_fn(state)` from step `start` to `total`.
 
   Metrics stay on the device until a log, a checkpoint or a stop needs them; then every

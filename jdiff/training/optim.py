@@ -14,9 +14,14 @@ OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
 
 
-def learning_rate_schedule(*, lr: float, warmup_steps: int = 0, schedule: str = "constant",
-                           total_steps: int | None = None, end_factor: float = 0.0
-                           ) -> optax.Schedule:
+def learning_rate_schedule(
+  *,
+  lr: float,
+  warmup_steps: int = 0,
+  schedule: str = "constant",
+  total_steps: int | None = None,
+  end_factor: float = 0.0,
+) -> optax.Schedule:
   """Linear warm-up from 0 to `lr` over `warmup_steps`, then constant or cosine decay.
 
   DDPM's recipe is constant with 5000 warm-up steps.
@@ -30,21 +35,34 @@ def learning_rate_schedule(*, lr: float, warmup_steps: int = 0, schedule: str = 
       return optax.constant_schedule(lr)
     return optax.linear_schedule(0.0, lr, warmup_steps)
   if not total_steps or total_steps <= warmup_steps:
-    raise ValueError(f"a cosine lr schedule needs total_steps (train.num_steps={total_steps}) > "
-                     f"warmup_steps={warmup_steps}")
-  return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 0), total_steps,
-                                            end_value=lr * end_factor)
+    raise ValueError(
+      f"a cosine lr schedule needs total_steps (train.num_steps={total_steps}) > "
+      f"warmup_steps={warmup_steps}"
+    )
+  return optax.warmup_cosine_decay_schedule(
+    0.0, lr, max(warmup_steps, 0), total_steps, end_value=lr * end_factor
+  )
 
 
-def make_optimizer(*, optimizer: str = "adam", lr: float = 2e-4, warmup_steps: int = 0,
-                   schedule: str = "constant", total_steps: int | None = None,
-                   grad_clip: float | None = 1.0, b1: float = 0.9, b2: float = 0.999,
-                   eps: float = 1e-8, weight_decay: float = 0.0) -> optax.GradientTransformation:
+def make_optimizer(
+  *,
+  optimizer: str = "adam",
+  lr: float = 2e-4,
+  warmup_steps: int = 0,
+  schedule: str = "constant",
+  total_steps: int | None = None,
+  grad_clip: float | None = 1.0,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: float = 0.0,
+) -> optax.GradientTransformation:
   """Gradient clipping by global norm, then Adam/AdamW on the warm-up schedule."""
   if optimizer not in OPTIMIZERS:
     raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}")
-  lr_fn = learning_rate_schedule(lr=lr, warmup_steps=warmup_steps, schedule=schedule,
-                                 total_steps=total_steps)
+  lr_fn = learning_rate_schedule(
+    lr=lr, warmup_steps=warmup_steps, schedule=schedule, total_steps=total_steps
+  )
   if optimizer == "adam":
     if weight_decay:
       raise ValueError("weight_decay needs optimizer='adamw'")

@@ -52,5 +52,6 @@ class RunKeys(NamedTuple):
 def run_keys(seed: int) -> RunKeys:
   """The `RunKeys` of `seed` (an int)."""
   base = jax.random.key(seed)
-  return RunKeys(base=base, train=jax.random.split(base, 3)[0],
-                 init=jax.random.key(seed, impl="rbg"))
+  return RunKeys(
+    base=base, train=jax.random.split(base, 3)[0], init=jax.random.key(seed, impl="rbg")
+  )

@@ -51,9 +51,10 @@ def check_global_batch(global_batch_size: int, mesh: Mesh) -> int:
   n_dev, n_proc = mesh.devices.size, jax.process_count()
   if global_batch_size <= 0 or global_batch_size % n_dev:
     raise ValueError(
-        f"global batch size {global_batch_size} must be a positive multiple of the device "
-        f"count {n_dev} ({n_proc} process(es) x {n_dev // n_proc} local device(s)); e.g. use "
-        f"{max(n_dev, global_batch_size // n_dev * n_dev)}")
+      f"global batch size {global_batch_size} must be a positive multiple of the device "
+      f"count {n_dev} ({n_proc} process(es) x {n_dev // n_proc} local device(s)); e.g. use "
+      f"{max(n_dev, global_batch_size // n_dev * n_dev)}"
+    )
   return global_batch_size // n_proc
 
 
@@ -64,5 +65,6 @@ def to_global(local_batch: Any, mesh: Mesh) -> Any:
   is sharded along 'data' over all devices.
   """
   sharding = data_sharding(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                      local_batch)
+  return jax.tree.map(
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+  )

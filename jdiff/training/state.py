@@ -19,14 +19,21 @@ class TrainState:
   The step is the only clock: the learning rate, the EMA decay and every random
   stream of step s are functions of `step` (rng = fold_in(base, step)).
   """
+
   step: Array
   params: Any
   ema_params: Any
   opt_state: optax.OptState
 
 
-def init_train_state(module, optimizer: optax.GradientTransformation, rng: Array,
-                     sample_x: Array, *, num_classes: int | None = None) -> TrainState:
+def init_train_state(
+  module,
+  optimizer: optax.GradientTransformation,
+  rng: Array,
+  sample_x: Array,
+  *,
+  num_classes: int | None = None,
+) -> TrainState:
   """Initialises the parameters of `module` on a sample input and wraps them.
 
   Args:
@@ -43,25 +50,31 @@ def init_train_state(module, optimizer: optax.GradientTransformation, rng: Array
   t = jnp.zeros((b,), jnp.int32)
   y = jnp.zeros((b,), jnp.int32) if num_classes else None
   params = module.init({"params": rng}, sample_x, t, y, train=False)["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    ema_params=jax.tree.map(jnp.copy, params),
-                    opt_state=optimizer.init(params))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    ema_params=jax.tree.map(jnp.copy, params),
+    opt_state=optimizer.init(params),
+  )
 
 
 @flax.struct.dataclass
 class AutoencoderState:
   """The stage-1 autoencoder's state: no EMA; the step is the only clock, as in TrainState."""
+
   step: Array
   params: Any
   opt_state: optax.OptState
 
 
-def init_autoencoder_state(module, optimizer: optax.GradientTransformation, rng: Array,
-                           sample_x: Array) -> AutoencoderState:
+def init_autoencoder_state(
+  module, optimizer: optax.GradientTransformation, rng: Array, sample_x: Array
+) -> AutoencoderState:
   """Initialises an `AutoencoderKL` on `sample_x` [b, H, W, C] (only its shape matters)."""
   params = module.init(rng, sample_x, sample_posterior=False)["params"]
-  return AutoencoderState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=optimizer.init(params))
+  return AutoencoderState(
+    step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)
+  )
 
 
 def param_count(params: Any) -> int:

@@ -32,29 +32,50 @@ def drop_labels(rng: Array, labels: Array, *, rate: float, null_label: int) -> A
   return jnp.where(drop, jnp.asarray(null_label, labels.dtype), labels)
 
 
-def make_loss_fn(module, *, prediction: str = "eps", weighting: str = "simple",
-                 min_snr_gamma: float = 5.0, learn_sigma: bool = False,
-                 vlb_weight: float = 0.001) -> Callable:
+def make_loss_fn(
+  module,
+  *,
+  prediction: str = "eps",
+  weighting: str = "simple",
+  min_snr_gamma: float = 5.0,
+  learn_sigma: bool = False,
+  vlb_weight: float = 0.001,
+) -> Callable:
   """Returns `loss_fn(params, schedule, x0, cond, rng, *, train) -> [B]` per-example losses."""
 
-  def loss_fn(params, schedule: Schedule, x0: Array, cond: Array | None, rng: Array, *,
-              train: bool) -> Array:
+  def loss_fn(
+    params, schedule: Schedule, x0: Array, cond: Array | None, rng: Array, *, train: bool
+  ) -> Array:
     drop_rng, loss_rng = jax.random.split(rng)
     model_fn = make_model_fn(module, params, train=train, rng=drop_rng if train else None)
     if learn_sigma:
-      return losses.hybrid_loss(schedule, model_fn, x0, loss_rng, cond=cond,
-                                prediction=prediction, vlb_weight=vlb_weight)
-    return losses.denoising_loss(schedule, model_fn, x0, loss_rng, cond=cond,
-                                 prediction=prediction, weighting=weighting,
-                                 min_snr_gamma=min_snr_gamma)
+      return losses.hybrid_loss(
+        schedule, model_fn, x0, loss_rng, cond=cond, prediction=prediction, vlb_weight=vlb_weight
+      )
+    return losses.denoising_loss(
+      schedule,
+      model_fn,
+      x0,
+      loss_rng,
+      cond=cond,
+      prediction=prediction,
+      weighting=weighting,
+      min_snr_gamma=min_snr_gamma,
+    )
 
   return loss_fn
 
 
-def make_train_step(module, optimizer: optax.GradientTransformation, *,
-                    ema_decay: float = 0.9999, ema_warmup: bool = False,
-                    label_dropout: float = 0.0, null_label: int | None = None,
-                    **loss_kwargs) -> Callable:
+def make_train_step(
+  module,
+  optimizer: optax.GradientTransformation,
+  *,
+  ema_decay: float = 0.9999,
+  ema_warmup: bool = False,
+  label_dropout: float = 0.0,
+  null_label: int | None = None,
+  **loss_kwargs,
+) -> Callable:
   """Returns the pure `train_step(state, batch, schedule, rng) -> (state, metrics)`.
 
   The step's randomness is `fold_in(rng, state.step)`: the same base rng and step give
@@ -88,9 +109,12 @@ def make_train_step(module, optimizer: optax.GradientTransformation, *,
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay_at(state.step, decay=ema_decay, warmup=ema_warmup)
-    new_state = state.replace(step=state.step + 1, params=params,
-                              ema_params=ema_update(state.ema_params, params, decay),
-                              opt_state=opt_state)
+    new_state = state.replace(
+      step=state.step + 1,
+      params=params,
+      ema_params=ema_update(state.ema_params, params, decay),
+      opt_state=opt_state,
+    )
     return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
   return train_step
@@ -113,11 +137,11 @@ def make_eval_step(module, *, conditional: bool = False, **loss_kwargs) -> Calla
 
 
 def make_autoencoder_train_step(
-    module: AutoencoderKL,
-    optimizer: optax.GradientTransformation,
-    *,
-    recon_loss: str = "l1",
-    kl_weight: float = 1e-6,
+  module: AutoencoderKL,
+  optimizer: optax.GradientTransformation,
+  *,
+  recon_loss: str = "l1",
+  kl_weight: float = 1e-6,
 ) -> Callable[[PyTree, PyTree, Array, Array], tuple[PyTree, PyTree, dict[str, Array]]]:
   """Returns a pure stage-1 train step (not jitted: jit it where you call it).
 
@@ -142,8 +166,9 @@ def make_autoencoder_train_step(
 
   def loss_fn(params, x, rng):
     recon, posterior = module.apply({"params": params}, x, rng, sample_posterior=True)
-    return ae_losses.autoencoder_loss(recon, x, posterior, recon_loss=recon_loss,
-                                      kl_weight=kl_weight)
+    return ae_losses.autoencoder_loss(
+      recon, x, posterior, recon_loss=recon_loss, kl_weight=kl_weight
+    )
 
   def train_step(params, opt_state, batch_images, rng):
     grads, metrics = jax.grad(loss_fn, has_aux=True)(params, batch_images, rng)
@@ -155,18 +180,23 @@ def make_autoencoder_train_step(
   return train_step
 
 
-def make_autoencoder_state_step(module: AutoencoderKL, optimizer: optax.GradientTransformation,
-                                *, recon_loss: str = "l1", kl_weight: float = 1e-6) -> Callable:
+def make_autoencoder_state_step(
+  module: AutoencoderKL,
+  optimizer: optax.GradientTransformation,
+  *,
+  recon_loss: str = "l1",
+  kl_weight: float = 1e-6,
+) -> Callable:
   """`step(state, images [B, H, W, C], rng) -> (state, metrics)` on an `AutoencoderState`.
 
   The posterior sample's key is `fold_in(rng, state.step)` (the step is the only clock).
   """
-  inner = make_autoencoder_train_step(module, optimizer, recon_loss=recon_loss,
-                                      kl_weight=kl_weight)
+  inner = make_autoencoder_train_step(module, optimizer, recon_loss=recon_loss, kl_weight=kl_weight)
 
   def step(state: AutoencoderState, images: Array, rng: Array):
-    params, opt_state, metrics = inner(state.params, state.opt_state, images,
-                                       jax.random.fold_in(rng, state.step))
+    params, opt_state, metrics = inner(
+      state.params, state.opt_state, images, jax.random.fold_in(rng, state.step)
+    )
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return step

@@ -52,9 +52,11 @@ def atomic_write(path: str, write: Callable[[str], None], *, overwrite: bool = F
 
 def write_json(path: str, obj: Mapping) -> str:
   """Writes `obj` as indented, key-sorted JSON atomically, replacing `path`."""
+
   def write(p):
     with open(p, "w", encoding="utf-8") as f:
       json.dump(obj, f, indent=2, sort_keys=True)
+
   return atomic_write(path, write, overwrite=True)
 
 
@@ -70,15 +72,18 @@ def image_grid(images: np.ndarray, *, ncols: int | None = None, pad: int = 1) ->
   grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
   for k in range(n):
     r, q = divmod(k, ncols)
-    grid[pad + r * (h + pad):pad + r * (h + pad) + h,
-         pad + q * (w + pad):pad + q * (w + pad) + w] = u8[k]
+    grid[
+      pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w
+    ] = u8[k]
   return grid
 
 
-def save_image_grid(path: str, images: np.ndarray, *, scale: int = 4, ncols: int | None = None
-                    ) -> str:
+def save_image_grid(
+  path: str, images: np.ndarray, *, scale: int = 4, ncols: int | None = None
+) -> str:
   """Writes an upscaled PNG grid of images in [-1, 1]; returns the path written."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   grid = image_grid(images, ncols=ncols)
   if scale > 1:
     grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
@@ -88,9 +93,11 @@ def save_image_grid(path: str, images: np.ndarray, *, scale: int = 4, ncols: int
 
 def save_npz(path: str, **arrays) -> str:
   """Writes arrays to a new .npz (never overwriting); returns the path written."""
+
   def write(p):
     with open(p, "wb") as f:
       np.savez(f, **arrays)
+
   return atomic_write(path, write)
 
 
@@ -109,6 +116,7 @@ class MetricWriter:
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
       except ImportError:
         self._tb = None
