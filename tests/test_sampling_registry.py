@@ -177,3 +177,25 @@ def test_sample_config_validation():
   c.sample.sampler, c.sample.spacing = "dpmpp_2m", "leading"
   with pytest.raises(ValueError, match=r"config.sample: sampler 'dpmpp_2m' does not accept"):
     validate_sample_config(c.sample, latent=False)
+
+
+def test_guided_learned_variance_model_guides_the_eps_half_only(monkeypatch):
+  """make_sample_fn passes learn_sigma to cfg_model_fn, and the sampler sees C channels."""
+  from jdiff.training import sampling  # pylint: disable=g-import-not-at-top
+  seen = {}
+  real = sampling.cfg_model_fn
+
+  def spy(*args, **kwargs):
+    seen.update(kwargs)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(sampling, "cfg_model_fn", spy)
+  schedule = schedules.cosine(50)
+  target = np.full((2, 4, 4, 1), 0.5, np.float32)
+  fn = make_sample_fn(PointMass(schedule, target, learn_sigma=True), schedule, sampler="ddim",
+                      num_steps=4, guidance_scale=3.0, null_label=10)
+  x = fn({}, jax.random.normal(jax.random.key(0), target.shape), jax.random.key(1),
+         jnp.zeros((2,), jnp.int32))
+  assert seen["learn_sigma"] is True and seen["guidance_scale"] == 3.0
+  # cond = uncond for this model, so guidance leaves the data prediction X0 unchanged.
+  np.testing.assert_allclose(np.asarray(x), target, atol=1e-5)
