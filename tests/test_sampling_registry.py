@@ -191,11 +191,11 @@ def test_guided_learned_variance_model_guides_the_eps_half_only(monkeypatch):
 
   monkeypatch.setattr(sampling, "cfg_model_fn", spy)
   schedule = schedules.cosine(50)
-  target = np.full((2, 4, 4, 1), 0.5, np.float32)
+  target = np.full((1, 4, 4, 1), 0.5, np.float32)  # broadcasts over the doubled CFG batch
   fn = make_sample_fn(PointMass(schedule, target, learn_sigma=True), schedule, sampler="ddim",
                       num_steps=4, guidance_scale=3.0, null_label=10)
-  x = fn({}, jax.random.normal(jax.random.key(0), target.shape), jax.random.key(1),
+  x = fn({}, jax.random.normal(jax.random.key(0), (2, 4, 4, 1)), jax.random.key(1),
          jnp.zeros((2,), jnp.int32))
   assert seen["learn_sigma"] is True and seen["guidance_scale"] == 3.0
   # cond = uncond for this model, so guidance leaves the data prediction X0 unchanged.
-  np.testing.assert_allclose(np.asarray(x), target, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(x), np.broadcast_to(target, x.shape), atol=1e-5)
