@@ -55,8 +55,8 @@ def mixture_eps(ab, x):
   """Exact E[eps | x_t] for the mixture at alpha_bar ab (scalar or [B]); jnp or np arrays."""
   xp = jnp if isinstance(x, jax.Array) else np
   ab = xp.reshape(xp.asarray(ab), (-1, 1, 1))
-  mean_k = xp.sqrt(ab) * MEANS[None]                      # [B|1, K, 2]
-  var = ab * STD**2 + 1.0 - ab                            # [B|1, 1, 1]
+  mean_k = xp.sqrt(ab) * MEANS[None]  # [B|1, K, 2]
+  var = ab * STD**2 + 1.0 - ab  # [B|1, 1, 1]
   diff = x[:, None, :] - mean_k
   logits = np.log(WEIGHTS)[None] - 0.5 * xp.sum(diff**2, -1) / var[..., 0]
   logits = logits - logits.max(axis=1, keepdims=True)
@@ -80,37 +80,43 @@ def sliced_w2(a: np.ndarray, b: np.ndarray, *, num_dirs: int = 128, seed: int = 
 
 # ----------------------------------------------------------------------------- jdiff
 
+
 def jdiff_samplers():
   """name -> (sample_fn(schedule, model, x_T, rng, nfe) or None if nfe unreachable, note)."""
+
   def steps(fn, per_step=1, extra=0, **kw):
     def run(sched, model, x_T, rng, nfe):
       n = (nfe + extra) // per_step
       return fn(sched, model, x_T, rng, num_steps=n, **kw), n * per_step - extra
+
     return run
+
   return {
-      "DDIM (trailing)": steps(ddim_sample, spacing="trailing"),
-      "DDPM ancestral, respaced (trailing)": steps(ddim_sample, eta=1.0, spacing="trailing"),
-      "Euler (Karras)": steps(euler.euler_sample),
-      "Heun / EDM Alg. 1 (Karras)": steps(euler.heun_sample, per_step=2, extra=1),
-      "Euler-ancestral (Karras)": steps(euler.euler_ancestral_sample),
-      "EDM Alg. 2, S_churn=10 (Karras)": steps(euler.edm_sample, per_step=2, extra=1,
-                                               s_churn=10.0, s_tmin=0.05, s_tmax=10.0),
-      "DPM-Solver++(2M) (Karras)": steps(dpm_solver.dpmpp_2m_sample),
-      "DPM-Solver++(2M) (log-SNR)": steps(dpm_solver.dpmpp_2m_sample, spacing="log_snr"),
-      "DPM-Solver++(3M) (Karras)": steps(dpm_solver.dpmpp_3m_sample),
-      "DPM-Solver++(3M) (log-SNR)": steps(dpm_solver.dpmpp_3m_sample, spacing="log_snr"),
-      "DPM-Solver++(3M) (log-SNR, lower_order_final)": steps(
-          dpm_solver.dpmpp_3m_sample, spacing="log_snr", lower_order_final=True),
-      "DPM-Solver++(2M) (log-SNR, final sigma_min)": steps(
-          dpm_solver.dpmpp_2m_sample, spacing="log_snr", final_sigma="sigma_min"),
-      "UniPC-2 bh2 (log-SNR)": steps(unipc.unipc_sample),
-      "UniPC-2 bh2 (log-SNR, final sigma_min)": steps(unipc.unipc_sample,
-                                                      final_sigma="sigma_min"),
-      "UniPC-3 bh2 (log-SNR, final sigma_min)": steps(unipc.unipc_sample, order=3,
-                                                      final_sigma="sigma_min"),
-      "DPM-Solver++(2M) SDE (Karras)": steps(dpm_solver.dpmpp_2m_sde_sample),
-      "PC: ancestral + 1 Langevin (snr 0.1)": steps(pc.pc_sample, per_step=2, n_corrector=1,
-                                                      snr=0.1),
+    "DDIM (trailing)": steps(ddim_sample, spacing="trailing"),
+    "DDPM ancestral, respaced (trailing)": steps(ddim_sample, eta=1.0, spacing="trailing"),
+    "Euler (Karras)": steps(euler.euler_sample),
+    "Heun / EDM Alg. 1 (Karras)": steps(euler.heun_sample, per_step=2, extra=1),
+    "Euler-ancestral (Karras)": steps(euler.euler_ancestral_sample),
+    "EDM Alg. 2, S_churn=10 (Karras)": steps(
+      euler.edm_sample, per_step=2, extra=1, s_churn=10.0, s_tmin=0.05, s_tmax=10.0
+    ),
+    "DPM-Solver++(2M) (Karras)": steps(dpm_solver.dpmpp_2m_sample),
+    "DPM-Solver++(2M) (log-SNR)": steps(dpm_solver.dpmpp_2m_sample, spacing="log_snr"),
+    "DPM-Solver++(3M) (Karras)": steps(dpm_solver.dpmpp_3m_sample),
+    "DPM-Solver++(3M) (log-SNR)": steps(dpm_solver.dpmpp_3m_sample, spacing="log_snr"),
+    "DPM-Solver++(3M) (log-SNR, lower_order_final)": steps(
+      dpm_solver.dpmpp_3m_sample, spacing="log_snr", lower_order_final=True
+    ),
+    "DPM-Solver++(2M) (log-SNR, final sigma_min)": steps(
+      dpm_solver.dpmpp_2m_sample, spacing="log_snr", final_sigma="sigma_min"
+    ),
+    "UniPC-2 bh2 (log-SNR)": steps(unipc.unipc_sample),
+    "UniPC-2 bh2 (log-SNR, final sigma_min)": steps(unipc.unipc_sample, final_sigma="sigma_min"),
+    "UniPC-3 bh2 (log-SNR, final sigma_min)": steps(
+      unipc.unipc_sample, order=3, final_sigma="sigma_min"
+    ),
+    "DPM-Solver++(2M) SDE (Karras)": steps(dpm_solver.dpmpp_2m_sde_sample),
+    "PC: ancestral + 1 Langevin (snr 0.1)": steps(pc.pc_sample, per_step=2, n_corrector=1, snr=0.1),
   }
 
 
@@ -135,6 +141,7 @@ def run_jdiff(n: int, seed: int, ref: np.ndarray):
 
 # ----------------------------------------------------------------------------- diffusers
 
+
 def start_noise(n: int, seed: int) -> jax.Array:
   """The starting noise x_T [n, 2] shared by jdiff and the peer."""
   return jax.random.normal(jax.random.PRNGKey(seed), (n, 2))
@@ -152,37 +159,52 @@ def run_peer(n: int, seed: int, ref: np.ndarray):
     ab = 1.0 / (1.0 + np.exp(2 * np.interp(t, np.arange(1000), log_sig)))
     return torch.from_numpy(mixture_eps(ab, x.double().numpy()))
 
-  common = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
-                beta_schedule="linear")
+  common = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
   configs = {
-      "DDIMScheduler (trailing)": (diffusers.DDIMScheduler, dict(timestep_spacing="trailing")),
-      "DDPMScheduler (trailing)": (diffusers.DDPMScheduler, dict(timestep_spacing="trailing")),
-      "EulerDiscrete (Karras)": (diffusers.EulerDiscreteScheduler, dict(use_karras_sigmas=True)),
-      "EulerAncestralDiscrete": (diffusers.EulerAncestralDiscreteScheduler,
-                                 dict(timestep_spacing="trailing")),
-      "HeunDiscrete (Karras)": (diffusers.HeunDiscreteScheduler, dict(use_karras_sigmas=True)),
-      "DPMSolverMultistep 2M (default)": (diffusers.DPMSolverMultistepScheduler, {}),
-      "DPMSolverMultistep 2M (Karras)": (diffusers.DPMSolverMultistepScheduler,
-                                         dict(use_karras_sigmas=True)),
-      "DPMSolverMultistep 2M (lu_lambdas)": (diffusers.DPMSolverMultistepScheduler,
-                                             dict(use_lu_lambdas=True)),
-      "DPMSolverMultistep 3M": (diffusers.DPMSolverMultistepScheduler, dict(solver_order=3)),
-      "DPMSolverMultistep 3M (lu_lambdas)": (diffusers.DPMSolverMultistepScheduler,
-                                             dict(solver_order=3, use_lu_lambdas=True)),
-      "DPMSolverMultistep 2M SDE (Karras)": (diffusers.DPMSolverMultistepScheduler,
-                                             dict(algorithm_type="sde-dpmsolver++",
-                                                  use_karras_sigmas=True)),
-      "DPMSolverMultistep 2M (final sigma_min)": (diffusers.DPMSolverMultistepScheduler,
-                                                  dict(final_sigmas_type="sigma_min")),
-      "UniPCMultistep (bh2)": (diffusers.UniPCMultistepScheduler, {}),
-      "UniPCMultistep (bh2, final sigma_min)": (diffusers.UniPCMultistepScheduler,
-                                                dict(final_sigmas_type="sigma_min")),
-      "UniPCMultistep 3 (bh2, final sigma_min)": (diffusers.UniPCMultistepScheduler,
-                                                  dict(solver_order=3,
-                                                       final_sigmas_type="sigma_min")),
-      "UniPCMultistep (bh2, Karras)": (diffusers.UniPCMultistepScheduler,
-                                       dict(use_karras_sigmas=True)),
-      "DEISMultistep": (diffusers.DEISMultistepScheduler, {}),
+    "DDIMScheduler (trailing)": (diffusers.DDIMScheduler, dict(timestep_spacing="trailing")),
+    "DDPMScheduler (trailing)": (diffusers.DDPMScheduler, dict(timestep_spacing="trailing")),
+    "EulerDiscrete (Karras)": (diffusers.EulerDiscreteScheduler, dict(use_karras_sigmas=True)),
+    "EulerAncestralDiscrete": (
+      diffusers.EulerAncestralDiscreteScheduler,
+      dict(timestep_spacing="trailing"),
+    ),
+    "HeunDiscrete (Karras)": (diffusers.HeunDiscreteScheduler, dict(use_karras_sigmas=True)),
+    "DPMSolverMultistep 2M (default)": (diffusers.DPMSolverMultistepScheduler, {}),
+    "DPMSolverMultistep 2M (Karras)": (
+      diffusers.DPMSolverMultistepScheduler,
+      dict(use_karras_sigmas=True),
+    ),
+    "DPMSolverMultistep 2M (lu_lambdas)": (
+      diffusers.DPMSolverMultistepScheduler,
+      dict(use_lu_lambdas=True),
+    ),
+    "DPMSolverMultistep 3M": (diffusers.DPMSolverMultistepScheduler, dict(solver_order=3)),
+    "DPMSolverMultistep 3M (lu_lambdas)": (
+      diffusers.DPMSolverMultistepScheduler,
+      dict(solver_order=3, use_lu_lambdas=True),
+    ),
+    "DPMSolverMultistep 2M SDE (Karras)": (
+      diffusers.DPMSolverMultistepScheduler,
+      dict(algorithm_type="sde-dpmsolver++", use_karras_sigmas=True),
+    ),
+    "DPMSolverMultistep 2M (final sigma_min)": (
+      diffusers.DPMSolverMultistepScheduler,
+      dict(final_sigmas_type="sigma_min"),
+    ),
+    "UniPCMultistep (bh2)": (diffusers.UniPCMultistepScheduler, {}),
+    "UniPCMultistep (bh2, final sigma_min)": (
+      diffusers.UniPCMultistepScheduler,
+      dict(final_sigmas_type="sigma_min"),
+    ),
+    "UniPCMultistep 3 (bh2, final sigma_min)": (
+      diffusers.UniPCMultistepScheduler,
+      dict(solver_order=3, final_sigmas_type="sigma_min"),
+    ),
+    "UniPCMultistep (bh2, Karras)": (
+      diffusers.UniPCMultistepScheduler,
+      dict(use_karras_sigmas=True),
+    ),
+    "DEISMultistep": (diffusers.DEISMultistepScheduler, {}),
   }
   x_T = torch.from_numpy(np.asarray(start_noise(n, seed), np.float64))
   rows = {}
@@ -211,9 +233,12 @@ def run_peer(n: int, seed: int, ref: np.ndarray):
 
 # ----------------------------------------------------------------------------- report
 
+
 def table(rows, title: str) -> str:
-  lines = [f"| {title} | " + " | ".join(f"NFE {n}" for n in NFES) + " |",
-           "|---|" + "---|" * len(NFES)]
+  lines = [
+    f"| {title} | " + " | ".join(f"NFE {n}" for n in NFES) + " |",
+    "|---|" + "---|" * len(NFES),
+  ]
   best = {nfe: min(r[nfe][0] for r in rows.values()) for nfe in NFES}
   for name, row in rows.items():
     cells = []
@@ -228,8 +253,11 @@ def table(rows, title: str) -> str:
 # ----------------------------------------------------------------------------- digits model
 
 DIGIT_NFES = (10, 20, 50)
-THRESHOLDS = {"none": dict(clip_x0=None), "clip": dict(clip_x0=1.0),
-              "dynamic": dict(clip_x0=1.0, dynamic_threshold=0.99)}
+THRESHOLDS = {
+  "none": dict(clip_x0=None),
+  "clip": dict(clip_x0=1.0),
+  "dynamic": dict(clip_x0=1.0, dynamic_threshold=0.99),
+}
 
 
 def heldout_digits(image_size: int = 16) -> np.ndarray:
@@ -237,14 +265,19 @@ def heldout_digits(image_size: int = 16) -> np.ndarray:
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
 
   from jdiff.data import digits  # pylint: disable=g-import-not-at-top
+
   images = load_digits().images[digits.split_indices()["test"]]
-  return np.stack([digits.resize_digit(im, image_size=image_size) for im in images]
-                  ).astype(np.float64) / 127.5 - 1.0
+  return (
+    np.stack([digits.resize_digit(im, image_size=image_size) for im in images]).astype(np.float64)
+    / 127.5
+    - 1.0
+  )
 
 
 def frechet(a: np.ndarray, b: np.ndarray) -> float:
   """Frechet distance between Gaussian fits of a [n, d] and b [m, d]."""
   from scipy import linalg  # pylint: disable=g-import-not-at-top
+
   ma, mb = a.mean(0), b.mean(0)
   ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
   root = np.real(linalg.sqrtm(ca @ cb))
@@ -254,10 +287,13 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
 def pixel_metrics(x: np.ndarray, data: np.ndarray) -> dict:
   xs, ds = np.sort(x.ravel()), np.sort(data.ravel())
   q = np.linspace(0.0, 1.0, 2001)
-  return {"mean": float(x.mean()), "std": float(x.std()),
-          "sat": float(np.mean(np.abs(x) > 0.99)),
-          "hist_w1": float(np.mean(np.abs(np.quantile(xs, q) - np.quantile(ds, q)))),
-          "fd": frechet(x.reshape(len(x), -1), data.reshape(len(data), -1))}
+  return {
+    "mean": float(x.mean()),
+    "std": float(x.std()),
+    "sat": float(np.mean(np.abs(x) > 0.99)),
+    "hist_w1": float(np.mean(np.abs(np.quantile(xs, q) - np.quantile(ds, q)))),
+    "fd": frechet(x.reshape(len(x), -1), data.reshape(len(data), -1)),
+  }
 
 
 def steps_for_nfe(name: str, nfe: int) -> int:
@@ -282,27 +318,34 @@ def run_digits(workdir: str, n: int, seed: int, *, samplers=None, cells=None) ->
   data = heldout_digits(shape[0])
   x_T = jax.random.normal(jax.random.key(seed), (n, *shape), jnp.float32)
   rng = jax.random.key(seed + 1)
-  lines = [f"Digits model {workdir} (step {step}, EMA), n = {n} samples per cell, held-out "
-           f"data: {len(data)} test digits. Data: {pixel_metrics(data, data)}.", "",
-           "| sampler (grid) | threshold | NFE | FD | hist W1 | mean | std | sat | ms/sample |",
-           "|---|---|---|---|---|---|---|---|---|"]
+  lines = [
+    f"Digits model {workdir} (step {step}, EMA), n = {n} samples per cell, held-out "
+    f"data: {len(data)} test digits. Data: {pixel_metrics(data, data)}.",
+    "",
+    "| sampler (grid) | threshold | NFE | FD | hist W1 | mean | std | sat | ms/sample |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
   cells = cells or [(thr, nfe) for thr in THRESHOLDS for nfe in DIGIT_NFES]
   # ddpm takes all T = 1000 steps: the NFE 10-50 range is for the others.
   names = samplers or [k for k in sampling.SAMPLERS if k != "ddpm"]
   for thr, nfe in cells:  # cell-major: a cut-short run still has every sampler's first cells
     for name in names:
       spec = sampling.SAMPLERS[name]
-      fn = jax.jit(sampling.make_sample_fn(module, schedule, sampler=name,
-                                           num_steps=steps_for_nfe(name, nfe),
-                                           **THRESHOLDS[thr]))
+      fn = jax.jit(
+        sampling.make_sample_fn(
+          module, schedule, sampler=name, num_steps=steps_for_nfe(name, nfe), **THRESHOLDS[thr]
+        )
+      )
       compiled = fn.lower(params, x_T, rng, None).compile()
       t0 = time.perf_counter()
       x = np.asarray(jax.block_until_ready(compiled(params, x_T, rng, None)), np.float64)
       ms = 1e3 * (time.perf_counter() - t0) / n
       m = pixel_metrics(x, data)
       grid = spec.default_spacing or "all t"
-      line = (f"| {name} ({grid}) | {thr} | {nfe} | {m['fd']:.2f} | {m['hist_w1']:.4f} | "
-              f"{m['mean']:+.3f} | {m['std']:.3f} | {m['sat']:.3f} | {ms:.1f} |")
+      line = (
+        f"| {name} ({grid}) | {thr} | {nfe} | {m['fd']:.2f} | {m['hist_w1']:.4f} | "
+        f"{m['mean']:+.3f} | {m['std']:.3f} | {m['sat']:.3f} | {ms:.1f} |"
+      )
       lines.append(line)
       print(line, flush=True)
   return "\n".join(lines)
@@ -313,11 +356,19 @@ def main(argv=None):
   p.add_argument("--n", type=int, default=20000, help="samples per run")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--peer", action="store_true", help="also run diffusers' schedulers")
-  p.add_argument("--digits", default="", help="workdir of a trained digits model: benchmark "
-                 "the registry's samplers on it instead of the analytic mixture")
+  p.add_argument(
+    "--digits",
+    default="",
+    help="workdir of a trained digits model: benchmark "
+    "the registry's samplers on it instead of the analytic mixture",
+  )
   p.add_argument("--samplers", default="", help="--digits: comma-separated subset")
-  p.add_argument("--cells", default="", help="--digits: comma-separated THRESHOLD:NFE "
-                 f"(thresholds {sorted(THRESHOLDS)}); default: all with NFE {DIGIT_NFES}")
+  p.add_argument(
+    "--cells",
+    default="",
+    help="--digits: comma-separated THRESHOLD:NFE "
+    f"(thresholds {sorted(THRESHOLDS)}); default: all with NFE {DIGIT_NFES}",
+  )
   args = p.parse_args(argv)
   if args.digits:
     cells = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cells.split(",") if c]
@@ -332,10 +383,13 @@ def main(argv=None):
   print("jdiff:", flush=True)
   ours = run_jdiff(args.n, args.seed, ref)
   print(f"(jdiff runs took {time.time() - t0:.0f} s including compilation)")
-  out = [f"Sliced W2 to exact samples (n = {args.n}, 128 directions; noise floor "
-         f"{floor:.4f}); 8-Gaussian ring (std {STD}), linear schedule T = 1000, exact eps. "
-         "Bold: best in column; (k): the sampler's actual NFE when it differs.", "",
-         table(ours, "jdiff sampler")]
+  out = [
+    f"Sliced W2 to exact samples (n = {args.n}, 128 directions; noise floor "
+    f"{floor:.4f}); 8-Gaussian ring (std {STD}), linear schedule T = 1000, exact eps. "
+    "Bold: best in column; (k): the sampler's actual NFE when it differs.",
+    "",
+    table(ours, "jdiff sampler"),
+  ]
   if args.peer:
     print("diffusers:", flush=True)
     peer, version = run_peer(args.n, args.seed, ref)

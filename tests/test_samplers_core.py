@@ -26,17 +26,18 @@ MU, SIG = np.array([0.3, -0.2]), np.array([0.5, 0.8])
 W, M, SD = [0.3, 0.7], [-0.6, 0.5], [0.1, 0.2]
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "variance", "eta", "steps", "spacing",
-                                             "data"))
-def _sample(s, x_T, rng, *, kind, variance="fixed_small", eta=0.0, steps=100,
-            spacing="leading", data="gauss"):
+@functools.partial(jax.jit, static_argnames=("kind", "variance", "eta", "steps", "spacing", "data"))
+def _sample(
+  s, x_T, rng, *, kind, variance="fixed_small", eta=0.0, steps=100, spacing="leading", data="gauss"
+):
   if data == "gauss":
     f = analytic.gaussian_eps_fn(s, MU, SIG)
   elif data == "mix1d":
     f = analytic.mixture_eps_fn(s, W, M, SD)
   else:
-    f = analytic.mixture_eps_fn(s, [0.5, 0.25, 0.25], [[0.6, 0.6], [-0.6, 0.0], [0.3, -0.7]],
-                                [0.1, 0.15, 0.1])
+    f = analytic.mixture_eps_fn(
+      s, [0.5, 0.25, 0.25], [[0.6, 0.6], [-0.6, 0.0], [0.3, -0.7]], [0.1, 0.15, 0.1]
+    )
   if kind == "ddpm":
     return samplers.ddpm_sample(s, f, x_T, rng, variance=variance)
   return samplers.ddim_sample(s, f, x_T, rng, num_steps=steps, eta=eta, spacing=spacing)
@@ -49,13 +50,13 @@ def _propagate(grid, mu, sig, *, kind, variance="fixed_small", eta=0.0):
   m, v = np.zeros_like(mu), np.ones_like(mu)
   for t, tp in zip(grid[:-1], grid[1:]):
     a, ap = ab[t], (1.0 if tp < 0 else ab[tp])
-    k = np.sqrt(a) * sig**2 / (a * sig**2 + 1 - a)        # E[x0|x_t] = k x_t + b
+    k = np.sqrt(a) * sig**2 / (a * sig**2 + 1 - a)  # E[x0|x_t] = k x_t + b
     b = mu * (1 - k * np.sqrt(a))
-    if kind == "ddpm":                                    # [DDPM] eqs. 7 and 11
+    if kind == "ddpm":  # [DDPM] eqs. 7 and 11
       c1, c2 = (1 - a / ap) * np.sqrt(ap) / (1 - a), (1 - ap) * np.sqrt(a / ap) / (1 - a)
       big = (1 - a / ap) if variance == "fixed_large" else (1 - a / ap) * (1 - ap) / (1 - a)
       A, B, var = c1 * k + c2, c1 * b, (big if t > 0 else 0.0)
-    else:                                                 # [DDIM] eqs. 12 and 16
+    else:  # [DDIM] eqs. 12 and 16
       sigma2 = eta**2 * (1 - ap) / (1 - a) * (1 - a / ap)
       d = np.sqrt(max(1 - ap - sigma2, 0.0))
       A = np.sqrt(ap) * k + d * (1 - np.sqrt(a) * k) / np.sqrt(1 - a)
@@ -67,12 +68,12 @@ def _propagate(grid, mu, sig, *, kind, variance="fixed_small", eta=0.0):
 
 # (sampler config, allowed |relative variance bias| of the exact output law vs the data).
 GAUSS_CASES = [
-    (dict(kind="ddpm", variance="fixed_small"), 0.02),
-    (dict(kind="ddpm", variance="fixed_large"), 0.005),
-    (dict(kind="ddim", eta=0.0, steps=100, spacing="leading"), 0.06),
-    (dict(kind="ddim", eta=0.0, steps=250, spacing="trailing"), 0.025),
-    (dict(kind="ddim", eta=1.0, steps=250, spacing="linspace"), 0.06),
-    (dict(kind="ddim", eta=1.0, steps=100, spacing="trailing"), 0.13),
+  (dict(kind="ddpm", variance="fixed_small"), 0.02),
+  (dict(kind="ddpm", variance="fixed_large"), 0.005),
+  (dict(kind="ddim", eta=0.0, steps=100, spacing="leading"), 0.06),
+  (dict(kind="ddim", eta=0.0, steps=250, spacing="trailing"), 0.025),
+  (dict(kind="ddim", eta=1.0, steps=250, spacing="linspace"), 0.06),
+  (dict(kind="ddim", eta=1.0, steps=100, spacing="trailing"), 0.13),
 ]
 
 
@@ -99,15 +100,19 @@ def test_gaussian_data_moments(cfg, bias):
   np.testing.assert_array_less(np.abs(x.var(0) / SIG**2 - 1), 5 * np.sqrt(2.0 / n) + bias)
 
 
-@pytest.mark.parametrize("cfg", [dict(kind="ddpm", variance="fixed_large"),
-                                 dict(kind="ddpm", variance="fixed_small"),
-                                 dict(kind="ddim", eta=0.0, steps=250, spacing="trailing")],
-                         ids=str)
+@pytest.mark.parametrize(
+  "cfg",
+  [
+    dict(kind="ddpm", variance="fixed_large"),
+    dict(kind="ddpm", variance="fixed_small"),
+    dict(kind="ddim", eta=0.0, steps=250, spacing="trailing"),
+  ],
+  ids=str,
+)
 def test_mixture_1d(cfg):
   n = 4096
   x_T = jax.random.normal(jax.random.PRNGKey(2), (n, 1))
-  x = np.asarray(_sample(SCHED, x_T, jax.random.PRNGKey(3), data="mix1d", **cfg),
-                 np.float64)[:, 0]
+  x = np.asarray(_sample(SCHED, x_T, jax.random.PRNGKey(3), data="mix1d", **cfg), np.float64)[:, 0]
   # Mixture weight: components are ~4 std apart, so x < -0.2 identifies the first (the
   # misclassified mass is < 1e-3).
   frac = np.mean(x < -0.2)
@@ -124,8 +129,10 @@ def test_mixture_2d_ancestral():
   n = 2048
   means = np.array([[0.6, 0.6], [-0.6, 0.0], [0.3, -0.7]])
   x_T = jax.random.normal(jax.random.PRNGKey(5), (n, 2))
-  x = np.asarray(_sample(SCHED, x_T, jax.random.PRNGKey(6), kind="ddpm",
-                         variance="fixed_large", data="mix2d"), np.float64)
+  x = np.asarray(
+    _sample(SCHED, x_T, jax.random.PRNGKey(6), kind="ddpm", variance="fixed_large", data="mix2d"),
+    np.float64,
+  )
   comp = np.argmin(((x[:, None] - means[None]) ** 2).sum(-1), axis=1)
   for k, (w, sd) in enumerate(zip([0.5, 0.25, 0.25], [0.1, 0.15, 0.1])):
     frac = np.mean(comp == k)
@@ -174,9 +181,14 @@ def test_ddim_step_special_cases():
     np.testing.assert_allclose(e, x0, rtol=1e-6)
   # Predictions of each kind give the same step.
   t, tp = 60, 30
-  outs = [samplers.ddim_step(s, g, x_t, t, tp, noise, eta=0.5, prediction=k)[0]
-          for g, k in ((f, "eps"), (analytic.gaussian_x0_fn(s, 0.1, 0.4), "x0"),
-                       (analytic.gaussian_v_fn(s, 0.1, 0.4), "v"))]
+  outs = [
+    samplers.ddim_step(s, g, x_t, t, tp, noise, eta=0.5, prediction=k)[0]
+    for g, k in (
+      (f, "eps"),
+      (analytic.gaussian_x0_fn(s, 0.1, 0.4), "x0"),
+      (analytic.gaussian_v_fn(s, 0.1, 0.4), "v"),
+    )
+  ]
   np.testing.assert_allclose(outs[1], outs[0], rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(outs[2], outs[0], rtol=1e-4, atol=1e-4)
 
@@ -207,8 +219,9 @@ def test_samplers_replay_step_by_step():
 
 def test_sample_loop_records_and_rejects_bad_grid():
   step = lambda c, i, t, tn, key: c + t - tn
-  final, rec = samplers.sample_loop(step, jnp.zeros(()), jnp.array([9, 5, 2, -1]),
-                                    jax.random.PRNGKey(0), record=lambda c: c)
+  final, rec = samplers.sample_loop(
+    step, jnp.zeros(()), jnp.array([9, 5, 2, -1]), jax.random.PRNGKey(0), record=lambda c: c
+  )
   assert float(final) == 10.0
   np.testing.assert_array_equal(rec, [4, 7, 10])
   with pytest.raises(ValueError, match=r"\(1,\)"):

@@ -48,22 +48,30 @@ X_T = jax.random.normal(jax.random.PRNGKey(0), (512, 2))
 def _run(name, n, model=gauss_model, batch=512, **kw):
   fn = next(getattr(m, name) for m in (euler, dpm_solver, unipc, pc) if hasattr(m, name))
   kw = dict(kw)
-  x_T = X_T if batch == 512 else jax.random.normal(jax.random.PRNGKey(0), (batch,) + kw.pop(
-      "event", (2,)))
+  x_T = (
+    X_T
+    if batch == 512
+    else jax.random.normal(jax.random.PRNGKey(0), (batch,) + kw.pop("event", (2,)))
+  )
   out = jax.jit(lambda x, r: fn(SCHED, model, x, r, num_steps=n, **kw))(x_T, jax.random.PRNGKey(1))
   return np.asarray(out), x_T
 
 
 # ----------------------------------------------------------------------------- helpers / grids
 
+
 def test_t_to_sigma_matches_schedule_and_inverts():
   t = jnp.arange(0, 1000, 37)
   np.testing.assert_allclose(continuous.t_to_sigma(SCHED, t), SCHED.sigmas[t], rtol=1e-5)
   tf = jnp.linspace(0.0, 999.0, 101)
-  np.testing.assert_allclose(continuous.sigma_to_t(SCHED, continuous.t_to_sigma(SCHED, tf)), tf,
-                             atol=2e-3)
-  np.testing.assert_allclose(continuous.alpha_bar_at(SCHED, jnp.array([-1, 0, 999])),
-                             [1.0, SCHED.alphas_cumprod[0], SCHED.alphas_cumprod[999]], rtol=1e-4)
+  np.testing.assert_allclose(
+    continuous.sigma_to_t(SCHED, continuous.t_to_sigma(SCHED, tf)), tf, atol=2e-3
+  )
+  np.testing.assert_allclose(
+    continuous.alpha_bar_at(SCHED, jnp.array([-1, 0, 999])),
+    [1.0, SCHED.alphas_cumprod[0], SCHED.alphas_cumprod[999]],
+    rtol=1e-4,
+  )
   assert float(continuous.sigma_to_t(SCHED, 0.0)) == -1.0
 
 
@@ -98,8 +106,9 @@ def test_sigma_grid_shapes_and_ends(spacing):
   if spacing == "log_snr":
     np.testing.assert_allclose(np.diff(np.log(g[:-1])), np.log(smin / smax) / 7, rtol=1e-4)
   if spacing == "trailing":
-    np.testing.assert_allclose(g[:-1], SCHED.sigmas[grids.timestep_grid(1000, 8,
-                               spacing="trailing")[:-1]], rtol=1e-5)
+    np.testing.assert_allclose(
+      g[:-1], SCHED.sigmas[grids.timestep_grid(1000, 8, spacing="trailing")[:-1]], rtol=1e-5
+    )
 
 
 def _round_half_even(num: np.ndarray, den: int) -> np.ndarray:
@@ -135,11 +144,13 @@ def test_timestep_grid_exact_for_every_n(spacing):
     for n in (61, 103, 121, 122, 201):
       assert grids.timesteps(t, n, spacing=spacing)[-1] == t - 1
   if spacing == "quadratic":  # DDIM's grid itself where it has no repeats
-    np.testing.assert_array_equal(grids.timesteps(t, 10, spacing=spacing),
-                                  (np.linspace(0, np.sqrt(800), 10) ** 2).astype(int))
+    np.testing.assert_array_equal(
+      grids.timesteps(t, 10, spacing=spacing), (np.linspace(0, np.sqrt(800), 10) ** 2).astype(int)
+    )
   g = np.asarray(grids.timestep_grid(t, 7, spacing=spacing))
-  np.testing.assert_array_equal(g, np.concatenate([_reference_timesteps(t, 7, spacing)[::-1],
-                                                   [-1]]))
+  np.testing.assert_array_equal(
+    g, np.concatenate([_reference_timesteps(t, 7, spacing)[::-1], [-1]])
+  )
 
 
 def test_grid_errors():
@@ -152,13 +163,15 @@ def test_grid_errors():
   with pytest.raises(ValueError, match="offset=5"):
     grids.timesteps(1000, 1000, spacing="leading", offset=5)
   with pytest.raises(ValueError, match="end with 0"):
-    euler.euler_sample(SCHED, gauss_model, X_T, jax.random.PRNGKey(0),
-                        grid=jnp.array([10.0, 1.0, 0.1]))
+    euler.euler_sample(
+      SCHED, gauss_model, X_T, jax.random.PRNGKey(0), grid=jnp.array([10.0, 1.0, 0.1])
+    )
   with pytest.raises(ValueError, match="n_corrector"):
     pc.pc_sample(SCHED, gauss_model, X_T, jax.random.PRNGKey(0), n_corrector=-1)
 
 
 # ----------------------------------------------------------------------------- ODE samplers
+
 
 @pytest.mark.parametrize("name,min_ratio", [("euler_sample", 1.7), ("heun_sample", 3.0)])
 def test_ode_samplers_converge_to_exact_flow_map(name, min_ratio):
@@ -174,7 +187,8 @@ def exact_flow_to_sigma_min(x_T):
   """The exact PF-ODE flow of Gaussian data from sigma_max to sigma_min (VE sample)."""
   smin, smax = continuous.sigma_min_max(SCHED)
   return MU + (x_T * jnp.sqrt(1.0 + smax**2) - MU) * jnp.sqrt(S**2 + smin**2) / jnp.sqrt(
-      S**2 + smax**2)
+    S**2 + smax**2
+  )
 
 
 # (sampler, options, step counts, order). final_sigma='sigma_min' makes every call a solver
@@ -182,16 +196,17 @@ def exact_flow_to_sigma_min(x_T):
 # D(x; sigma_min), a 1st-order step whose error (~1e-4 here) would floor the measurement.
 # UniC raises the predictor's order by one ([UniPC] Thm 3.1): UniPC-p is of order p + 1.
 ORDER_CASES = [
-    ("dpmpp_2m_sample", {}, (20, 40, 80), 2),
-    ("dpmpp_3m_sample", {}, (20, 40, 80), 3),
-    ("unipc_sample", dict(order=1), (20, 40, 80), 2),
-    ("unipc_sample", dict(order=2), (20, 40, 80), 3),
-    ("unipc_sample", dict(order=3), (40, 80, 160), 4),
+  ("dpmpp_2m_sample", {}, (20, 40, 80), 2),
+  ("dpmpp_3m_sample", {}, (20, 40, 80), 3),
+  ("unipc_sample", dict(order=1), (20, 40, 80), 2),
+  ("unipc_sample", dict(order=2), (20, 40, 80), 3),
+  ("unipc_sample", dict(order=3), (40, 80, 160), 4),
 ]
 
 
-@pytest.mark.parametrize("name,kw,steps,order", ORDER_CASES,
-                         ids=[f"{c[0]}-{c[1]}" for c in ORDER_CASES])
+@pytest.mark.parametrize(
+  "name,kw,steps,order", ORDER_CASES, ids=[f"{c[0]}-{c[1]}" for c in ORDER_CASES]
+)
 def test_multistep_order_of_convergence(name, kw, steps, order):
   """The global error ratio when h halves is ~2^order: >= 6.5 demands 3rd order; a 2nd-order
   method must stay below it (2M and the old 3M, whose h^2 D'' term was halved, give ~4)."""
@@ -218,6 +233,7 @@ def test_prediction_kinds_agree(prediction):
     eps = analytic.gaussian_eps_at_alpha_bar(ab, x, MU, S)
     abb = ab[:, None]
     return jnp.sqrt(abb) * eps - jnp.sqrt(1 - abb) * x0
+
   key = jax.random.PRNGKey(0)
   ref = euler.heun_sample(SCHED, gauss_model, X_T[:64], key, num_steps=10)
   got = euler.heun_sample(SCHED, model, X_T[:64], key, num_steps=10, prediction=prediction)
@@ -226,22 +242,25 @@ def test_prediction_kinds_agree(prediction):
 
 # ----------------------------------------------------------------------------- stochastic
 
+
 def _gauss_w2(samples):
   """2-Wasserstein between the Gaussian fit of samples [n, d] and N(MU, S^2 I)."""
   from scipy import linalg
+
   m = samples.mean(0)
   c = np.cov(samples.T)
   root = np.real(linalg.sqrtm(c))
-  return math.sqrt(max(np.sum((m - MU) ** 2) + np.trace(c) + 2 * S**2 - 2 * S * np.trace(root),
-                       0.0))
+  return math.sqrt(
+    max(np.sum((m - MU) ** 2) + np.trace(c) + 2 * S**2 - 2 * S * np.trace(root), 0.0)
+  )
 
 
 STOCHASTIC = [
-    ("euler_ancestral_sample", {}),
-    ("edm_sample", dict(s_churn=20.0, s_tmin=0.05, s_tmax=50.0)),
-    ("dpmpp_2m_sde_sample", {}),
-    ("dpmpp_3m_sample", dict(eta=1.0)),
-    ("pc_sample", dict(n_corrector=1, snr=0.1)),
+  ("euler_ancestral_sample", {}),
+  ("edm_sample", dict(s_churn=20.0, s_tmin=0.05, s_tmax=50.0)),
+  ("dpmpp_2m_sde_sample", {}),
+  ("dpmpp_3m_sample", dict(eta=1.0)),
+  ("pc_sample", dict(n_corrector=1, snr=0.1)),
 ]
 
 
@@ -257,12 +276,14 @@ def test_stochastic_samplers_converge_in_distribution(name, kw):
 @pytest.mark.parametrize("name,kw", [("dpmpp_2m_sde_sample", {}), ("heun_sample", {})])
 def test_mixture_ks(name, kw):
   from scipy import stats
+
   x, _ = _run(name, 60, model=mixture_model, batch=3000, event=(1,), **kw)
   res = stats.kstest(x[:, 0], lambda v: analytic.mixture_cdf_1d(v, W, MEANS, STDS))
   assert res.statistic < 0.035, res
 
 
 # ----------------------------------------------------------------------------- NFE and steps
+
 
 def _count_calls(sample_fn, **kw):
   calls = []
@@ -271,17 +292,21 @@ def _count_calls(sample_fn, **kw):
     jax.debug.callback(lambda: calls.append(1))
     return gauss_model(x, t, cond)
 
-  jax.block_until_ready(jax.jit(lambda x: sample_fn(SCHED, model, x, jax.random.PRNGKey(0),
-                                                    **kw))(X_T[:4]))
+  jax.block_until_ready(
+    jax.jit(lambda x: sample_fn(SCHED, model, x, jax.random.PRNGKey(0), **kw))(X_T[:4])
+  )
   return len(calls)
 
 
-@pytest.mark.parametrize("fn,kw,nfe", [
+@pytest.mark.parametrize(
+  "fn,kw,nfe",
+  [
     (euler.heun_sample, dict(num_steps=7), 13),
     (euler.edm_sample, dict(num_steps=7, s_churn=10.0), 13),
     (dpm_solver.dpmpp_3m_sample, dict(num_steps=7, eta=1.0), 7),
     (pc.pc_sample, dict(num_steps=7, n_corrector=2), 21),
-])
+  ],
+)
 def test_nfe(fn, kw, nfe):
   assert _count_calls(fn, **kw) == nfe
 
@@ -320,6 +345,7 @@ def test_dpmpp_2m_first_step_is_ddim():
 
 # ---------------------------------------------------------------- final sigma, lower order, UniPC
 
+
 def test_sigma_grid_final_sigma_min():
   smin, smax = map(float, continuous.sigma_min_max(SCHED))
   g = np.asarray(grids.sigma_grid(SCHED, 5, spacing="log_snr", final="sigma_min"))
@@ -329,8 +355,14 @@ def test_sigma_grid_final_sigma_min():
   with pytest.raises(ValueError, match="final"):
     grids.sigma_grid(SCHED, 5, final="one")
   with pytest.raises(ValueError, match="explicit grid"):
-    dpm_solver.dpmpp_2m_sample(SCHED, gauss_model, X_T, jax.random.PRNGKey(0),
-                               grid=jnp.array([10.0, 1.0, 0.0]), final_sigma="sigma_min")
+    dpm_solver.dpmpp_2m_sample(
+      SCHED,
+      gauss_model,
+      X_T,
+      jax.random.PRNGKey(0),
+      grid=jnp.array([10.0, 1.0, 0.0]),
+      final_sigma="sigma_min",
+    )
 
 
 @pytest.mark.parametrize("spacing", grids.SIGMA_SPACINGS)
@@ -349,8 +381,15 @@ def test_final_sigma_min_ends_at_sigma_of_t0_on_every_spacing(spacing, n):
 def test_final_sigma_min_last_step_is_a_solver_step():
   """With final_sigma='sigma_min', N calls take N solver steps and stop at sigma_min."""
   n = 4
-  out = dpm_solver.dpmpp_2m_sample(SCHED, gauss_model, X_T[:16], jax.random.PRNGKey(0),
-                                   num_steps=n, spacing="log_snr", final_sigma="sigma_min")
+  out = dpm_solver.dpmpp_2m_sample(
+    SCHED,
+    gauss_model,
+    X_T[:16],
+    jax.random.PRNGKey(0),
+    num_steps=n,
+    spacing="log_snr",
+    final_sigma="sigma_min",
+  )
   grid = grids.sigma_grid(SCHED, n, spacing="log_snr", final="sigma_min")
   den = continuous.make_denoiser(SCHED, gauss_model)
   st = dpm_solver.init_state(X_T[:16] * jnp.sqrt(1 + grid[0] ** 2))
@@ -380,8 +419,15 @@ def test_dpmpp_3m_max_order_1_is_ddim():
 
 def test_dpmpp_3m_lower_order_final_wiring():
   n = 5
-  out = dpm_solver.dpmpp_3m_sample(SCHED, gauss_model, X_T[:16], jax.random.PRNGKey(0),
-                                   num_steps=n, spacing="log_snr", lower_order_final=True)
+  out = dpm_solver.dpmpp_3m_sample(
+    SCHED,
+    gauss_model,
+    X_T[:16],
+    jax.random.PRNGKey(0),
+    num_steps=n,
+    spacing="log_snr",
+    lower_order_final=True,
+  )
   grid = grids.sigma_grid(SCHED, n, spacing="log_snr")
   den = continuous.make_denoiser(SCHED, gauss_model)
   st = dpm_solver.init_state(X_T[:16] * jnp.sqrt(1 + grid[0] ** 2))
@@ -395,8 +441,9 @@ def test_unip2_without_corrector_is_dpmpp_2m(final_sigma):
   """[UniPC]: UniP-2 with B(h) = e^h - 1 is DPM-Solver++(2M) (at the same orders, so no
   lower order at the end: 2M's last step is 2nd order when it does not jump to 0)."""
   kw = dict(num_steps=7, spacing="log_snr", final_sigma=final_sigma)
-  a = unipc.unipc_sample(SCHED, mixture_model, X_T, jax.random.PRNGKey(0),
-                              corrector=False, lower_order_final=False, **kw)
+  a = unipc.unipc_sample(
+    SCHED, mixture_model, X_T, jax.random.PRNGKey(0), corrector=False, lower_order_final=False, **kw
+  )
   b = dpm_solver.dpmpp_2m_sample(SCHED, mixture_model, X_T, jax.random.PRNGKey(0), **kw)
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 

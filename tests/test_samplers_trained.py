@@ -39,8 +39,12 @@ from jdiff.runs.setup import Setup
 from jdiff.training.sampling import AUTO, SAMPLERS
 from tests.conftest import main_args, run_python
 
-TRAIN = {"train.num_steps": 300, "train.batch_size": 32, "train.ckpt_every": 300,
-         "train.log_every": 100}
+TRAIN = {
+  "train.num_steps": 300,
+  "train.batch_size": 32,
+  "train.ckpt_every": 300,
+  "train.log_every": 100,
+}
 N, N_REF = 128, 256
 STEPS = 20
 MC_K = 5.0
@@ -79,8 +83,9 @@ def _generate(trained, n: int, seed: int, **overrides) -> np.ndarray:
 
 def _stats(x: np.ndarray, ref_image: np.ndarray) -> np.ndarray:
   """(mean, std, fraction |x| > 0.99, RMS of the per-pixel mean image minus ref_image)."""
-  return np.array([x.mean(), x.std(), np.mean(np.abs(x) > 0.99),
-                   np.sqrt(np.mean((x.mean(0) - ref_image) ** 2))])
+  return np.array(
+    [x.mean(), x.std(), np.mean(np.abs(x) > 0.99), np.sqrt(np.mean((x.mean(0) - ref_image) ** 2))]
+  )
 
 
 def _bootstrap_se(x: np.ndarray, ref_image: np.ndarray, reps: int = 64) -> np.ndarray:
@@ -117,9 +122,11 @@ def test_reference_runs_agree_within_the_tolerance(references):
   assert np.all(diff <= tol - ALLOW), (diff, tol - ALLOW)
 
 
-CASES = [(name, spacing) for name, spec in SAMPLERS.items()
-         for spacing in (AUTO,) + tuple(s for s in spec.spacings
-                                        if s != (spec.default_spacing or AUTO))]
+CASES = [
+  (name, spacing)
+  for name, spec in SAMPLERS.items()
+  for spacing in (AUTO,) + tuple(s for s in spec.spacings if s != (spec.default_spacing or AUTO))
+]
 
 
 @pytest.mark.parametrize("name,spacing", CASES, ids=[f"{n}-{s}" for n, s in CASES])
@@ -129,9 +136,16 @@ def test_every_sampler_and_grid_on_the_trained_model(trained, references, name, 
   # Clipping is on (config default clip_x0=1): samplers ending at sigma = 0 return the
   # clipped data prediction; unipc ends at sigma(t=0) (final_sigma='sigma_min') with that
   # much noise left on it.
-  slack = 1e-5 if name != "unipc" else 6.0 * float(
-      jax.numpy.sqrt((1 - trained[0].schedule.alphas_cumprod[0])
-                     / trained[0].schedule.alphas_cumprod[0]))
+  slack = (
+    1e-5
+    if name != "unipc"
+    else 6.0
+    * float(
+      jax.numpy.sqrt(
+        (1 - trained[0].schedule.alphas_cumprod[0]) / trained[0].schedule.alphas_cumprod[0]
+      )
+    )
+  )
   assert np.abs(x).max() <= 1.0 + slack, np.abs(x).max()
   kinds = ["sde"] if name in STOCHASTIC else ["ode", "sde"] if name in EITHER else ["ode"]
   results = {k: _distance(x, references[k]) for k in kinds}
@@ -145,8 +159,15 @@ def test_mode_sample_cli_at_defaults(trained, digits_dir, name):
   """`--mode=sample` with only the sampler overridden (one per family: ancestral, timestep
   grid, sigma grid): finite, clipped, not noise."""
   _, _, workdir = trained
-  run_python(main_args("sample", workdir, digits_dir, **TRAIN, **{
-      "sample.sampler": name, "sample.num_samples": N, "sample.batch_size": N}))
+  run_python(
+    main_args(
+      "sample",
+      workdir,
+      digits_dir,
+      **TRAIN,
+      **{"sample.sampler": name, "sample.num_samples": N, "sample.batch_size": N},
+    )
+  )
   t = 5  # tiny's sample.num_steps (ddpm takes all T but is filed under it)
   with np.load(os.path.join(workdir, "samples", f"samples_{name}{t}_step300.npz")) as f:
     x = f["images"]

@@ -25,6 +25,7 @@ N = 2048
 
 class ExactEps(nn.Module):
   """E[eps | x_t] for x0 ~ N(MU + shift * y, STD^2), at integer or fractional t."""
+
   schedule: schedules.Schedule
   shift: float = 0.0
 
@@ -36,17 +37,29 @@ class ExactEps(nn.Module):
     return analytic.gaussian_eps_at_alpha_bar(ab, x, mu, STD)
 
 
-SPACING = {"ddpm": "auto", "ddim": "trailing", "pc": "trailing", "euler_a": "karras",
-           "euler": "karras", "heun": "karras", "edm": "karras"}
+SPACING = {
+  "ddpm": "auto",
+  "ddim": "trailing",
+  "pc": "trailing",
+  "euler_a": "karras",
+  "euler": "karras",
+  "heun": "karras",
+  "edm": "karras",
+}
 STEPS = {"ddpm": 1000, "pc": 100, "euler_a": 100, "edm": 30, "heun": 30}
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_registry_sampler_matches_gaussian_data(name):
   schedule = schedules.linear()
-  fn = make_sample_fn(ExactEps(schedule), schedule, sampler=name,
-                      num_steps=STEPS.get(name, 40), spacing=SPACING.get(name, "log_snr"),
-                      clip_x0=None)
+  fn = make_sample_fn(
+    ExactEps(schedule),
+    schedule,
+    sampler=name,
+    num_steps=STEPS.get(name, 40),
+    spacing=SPACING.get(name, "log_snr"),
+    clip_x0=None,
+  )
   x_T = jax.random.normal(jax.random.key(0), (N, 2, 2, 1))
   x = np.asarray(jax.jit(fn)({}, x_T, jax.random.key(1), None))
   assert x.shape == x_T.shape and np.all(np.isfinite(x))
@@ -60,9 +73,16 @@ def test_guidance_through_the_registry():
   """scale w moves the mean to MU + w * shift: uncond + w (cond - uncond) for Gaussian data."""
   schedule = schedules.linear()
   shift, w = 0.2, 2.5
-  fn = make_sample_fn(ExactEps(schedule, shift=shift), schedule, sampler="dpmpp_2m",
-                      num_steps=40, spacing="log_snr", clip_x0=None, guidance_scale=w,
-                      null_label=10)
+  fn = make_sample_fn(
+    ExactEps(schedule, shift=shift),
+    schedule,
+    sampler="dpmpp_2m",
+    num_steps=40,
+    spacing="log_snr",
+    clip_x0=None,
+    guidance_scale=w,
+    null_label=10,
+  )
   x_T = jax.random.normal(jax.random.key(0), (N, 2, 2, 1))
   x = np.asarray(jax.jit(fn)({}, x_T, jax.random.key(1), jnp.zeros((N,), jnp.int32)))
   # With exact eps the guided ODE is the flow of N(MU + w * shift, STD^2) (eps is linear
@@ -73,21 +93,27 @@ def test_guidance_through_the_registry():
 
 
 def test_auto_spacing_and_eta_per_family():
-  want = {"ddpm": {}, "ddim": dict(spacing="trailing", eta=0.0),
-          "pc": dict(spacing="trailing", eta=1.0), "euler": dict(spacing="log_snr"),
-          "heun": dict(spacing="log_snr"), "euler_a": dict(spacing="trailing", eta=1.0),
-          "edm": dict(spacing="log_snr", s_churn=10.0), "dpmpp_2m": dict(spacing="log_snr"),
-          "dpmpp_2m_sde": dict(spacing="trailing", eta=1.0),
-          "dpmpp_3m": dict(spacing="log_snr", eta=0.0),
-          "unipc": dict(spacing="log_snr", final_sigma="sigma_min")}
+  want = {
+    "ddpm": {},
+    "ddim": dict(spacing="trailing", eta=0.0),
+    "pc": dict(spacing="trailing", eta=1.0),
+    "euler": dict(spacing="log_snr"),
+    "heun": dict(spacing="log_snr"),
+    "euler_a": dict(spacing="trailing", eta=1.0),
+    "edm": dict(spacing="log_snr", s_churn=10.0),
+    "dpmpp_2m": dict(spacing="log_snr"),
+    "dpmpp_2m_sde": dict(spacing="trailing", eta=1.0),
+    "dpmpp_3m": dict(spacing="log_snr", eta=0.0),
+    "unipc": dict(spacing="log_snr", final_sigma="sigma_min"),
+  }
   assert set(want) == set(SAMPLERS)
   for name, kw in want.items():
     assert resolve_options(name) == kw, name
-  assert resolve_options("ddim", spacing="linspace", eta=0.5) == dict(spacing="linspace",
-                                                                      eta=0.5)
+  assert resolve_options("ddim", spacing="linspace", eta=0.5) == dict(spacing="linspace", eta=0.5)
   with pytest.raises(ValueError, match=r"'euler' does not accept spacing 'leading'.*'karras'"):
-    make_sample_fn(ExactEps(schedules.linear()), schedules.linear(), sampler="euler",
-                   spacing="leading")
+    make_sample_fn(
+      ExactEps(schedules.linear()), schedules.linear(), sampler="euler", spacing="leading"
+    )
   with pytest.raises(ValueError, match=r"'ddim' does not accept spacing 'karras'.*'trailing'"):
     resolve_options("ddim", spacing="karras")
   with pytest.raises(ValueError, match=r"'ddim' does not accept spacing 'leading'"):
@@ -108,6 +134,7 @@ class PointMass(nn.Module):
   x0_hat = X0 at every t, so every sampler ends at threshold(X0) exactly: the thresholded
   data prediction is constant, and each sampler's last step returns it.
   """
+
   schedule: schedules.Schedule
   target: np.ndarray
   learn_sigma: bool = False
@@ -130,17 +157,19 @@ def test_thresholding_exact_on_a_point_mass(name):
   x_T = jax.random.normal(jax.random.key(0), target.shape)
   q = 0.9
   s = np.maximum(np.quantile(np.abs(target).reshape(2, -1), q, axis=1), 1.0)[:, None, None, None]
-  want = {"clip": np.clip(target, -1.0, 1.0),
-          "dynamic": np.clip(target, -s, s) / s}
+  want = {"clip": np.clip(target, -1.0, 1.0), "dynamic": np.clip(target, -s, s) / s}
   if name == "unipc":  # ends at sigma_min = sigma(t = 0): the exact flow for a constant D
     smin, smax = map(float, continuous.sigma_min_max(schedule))
     x_ve = np.asarray(x_T) * np.sqrt(1.0 + smax**2)
     want = {k: v + (x_ve - v) * smin / smax for k, v in want.items()}
   # The learned-variance case also checks that only the eps half reaches the sampler.
-  for kind, learn_sigma, kw in (("clip", False, dict(clip_x0=1.0)),
-                                ("dynamic", True, dict(clip_x0=1.0, dynamic_threshold=q))):
-    fn = make_sample_fn(PointMass(schedule, target, learn_sigma), schedule, sampler=name,
-                        num_steps=6, **kw)
+  for kind, learn_sigma, kw in (
+    ("clip", False, dict(clip_x0=1.0)),
+    ("dynamic", True, dict(clip_x0=1.0, dynamic_threshold=q)),
+  ):
+    fn = make_sample_fn(
+      PointMass(schedule, target, learn_sigma), schedule, sampler=name, num_steps=6, **kw
+    )
     x = np.asarray(jax.jit(fn)({}, x_T, jax.random.key(1), None))
     np.testing.assert_allclose(x, want[kind], atol=2e-5, err_msg=kind)
     assert np.abs(x - target).max() > 0.1  # the thresholding did something
@@ -150,12 +179,17 @@ def test_threshold_x0_matches_numpy():
   x = np.random.default_rng(0).normal(0.0, 1.5, (3, 5, 5, 2)).astype(np.float32)
   for p in (0.5, 0.95, 1.0):
     s = np.maximum(np.quantile(np.abs(x).reshape(3, -1), p, axis=1), 1.0)[:, None, None, None]
-    np.testing.assert_allclose(diffusion.threshold_x0(jnp.asarray(x), dynamic_percentile=p),
-                               np.clip(x, -s, s) / s, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      diffusion.threshold_x0(jnp.asarray(x), dynamic_percentile=p),
+      np.clip(x, -s, s) / s,
+      rtol=1e-5,
+      atol=1e-6,
+    )
 
 
 def test_sample_config_validation():
   from experiments.configs import default  # pylint: disable=g-import-not-at-top
+
   c = default.get_config()
   validate_sample_config(c.sample, latent=False)
   opts = sample_options(c.sample)
@@ -182,6 +216,7 @@ def test_sample_config_validation():
 def test_guided_learned_variance_model_guides_the_eps_half_only(monkeypatch):
   """make_sample_fn passes learn_sigma to cfg_model_fn, and the sampler sees C channels."""
   from jdiff.training import sampling  # pylint: disable=g-import-not-at-top
+
   seen = {}
   real = sampling.cfg_model_fn
 
@@ -192,10 +227,20 @@ def test_guided_learned_variance_model_guides_the_eps_half_only(monkeypatch):
   monkeypatch.setattr(sampling, "cfg_model_fn", spy)
   schedule = schedules.cosine(50)
   target = np.full((1, 4, 4, 1), 0.5, np.float32)  # broadcasts over the doubled CFG batch
-  fn = make_sample_fn(PointMass(schedule, target, learn_sigma=True), schedule, sampler="ddim",
-                      num_steps=4, guidance_scale=3.0, null_label=10)
-  x = fn({}, jax.random.normal(jax.random.key(0), (2, 4, 4, 1)), jax.random.key(1),
-         jnp.zeros((2,), jnp.int32))
+  fn = make_sample_fn(
+    PointMass(schedule, target, learn_sigma=True),
+    schedule,
+    sampler="ddim",
+    num_steps=4,
+    guidance_scale=3.0,
+    null_label=10,
+  )
+  x = fn(
+    {},
+    jax.random.normal(jax.random.key(0), (2, 4, 4, 1)),
+    jax.random.key(1),
+    jnp.zeros((2,), jnp.int32),
+  )
   assert seen["learn_sigma"] is True and seen["guidance_scale"] == 3.0
   # cond = uncond for this model, so guidance leaves the data prediction X0 unchanged.
   np.testing.assert_allclose(np.asarray(x), np.broadcast_to(target, x.shape), atol=1e-5)

@@ -20,20 +20,32 @@ def validate_sample_config(sample_cfg, *, latent: bool) -> None:
   if not isinstance(s.num_steps, int) or s.num_steps < 1:
     raise ValueError(f"config.sample.num_steps must be an integer >= 1, got {s.num_steps!r}")
   if not 0.0 <= s.dynamic_threshold <= 1.0:
-    raise ValueError("config.sample.dynamic_threshold must be a percentile in (0, 1] or 0 "
-                     f"(off); got {s.dynamic_threshold}")
+    raise ValueError(
+      "config.sample.dynamic_threshold must be a percentile in (0, 1] or 0 "
+      f"(off); got {s.dynamic_threshold}"
+    )
   if latent and s.clip_x0 > 0:
-    raise ValueError("config.sample.clip_x0 must be 0 for latent diffusion (scaled latents have "
-                     f"unit std, not a [-1, 1] range); got {s.clip_x0}")
+    raise ValueError(
+      "config.sample.clip_x0 must be 0 for latent diffusion (scaled latents have "
+      f"unit std, not a [-1, 1] range); got {s.clip_x0}"
+    )
   if latent and s.dynamic_threshold > 0:
-    raise ValueError("config.sample.dynamic_threshold must be 0 for latent diffusion (scaled "
-                     f"latents have no fixed range); got {s.dynamic_threshold}")
+    raise ValueError(
+      "config.sample.dynamic_threshold must be 0 for latent diffusion (scaled "
+      f"latents have no fixed range); got {s.dynamic_threshold}"
+    )
 
 
 def sample_options(sample_cfg) -> dict:
   """`make_sample_fn` keyword arguments from `config.sample`."""
   s = sample_cfg
-  return dict(sampler=s.sampler, num_steps=s.num_steps, eta=s.eta, spacing=s.spacing,
-              clip_x0=s.clip_x0 if s.clip_x0 > 0 else None,
-              dynamic_threshold=s.dynamic_threshold if s.dynamic_threshold > 0 else None,
-              guidance_scale=s.guidance_scale, guidance_rescale=s.guidance_rescale)
+  return dict(
+    sampler=s.sampler,
+    num_steps=s.num_steps,
+    eta=s.eta,
+    spacing=s.spacing,
+    clip_x0=s.clip_x0 if s.clip_x0 > 0 else None,
+    dynamic_threshold=s.dynamic_threshold if s.dynamic_threshold > 0 else None,
+    guidance_scale=s.guidance_scale,
+    guidance_rescale=s.guidance_rescale,
+  )

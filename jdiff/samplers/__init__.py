@@ -12,30 +12,30 @@ grids and `driver` holds the scan.
 from jdiff.samplers.ddim import ddim_sample, ddim_step
 from jdiff.samplers.ddpm import ddpm_sample, ddpm_step
 from jdiff.samplers.dpm_solver import (
-                                       DPMState,
-                                       dpmpp_2m_sample,
-                                       dpmpp_2m_sde_sample,
-                                       dpmpp_2m_step,
-                                       dpmpp_3m_sample,
-                                       dpmpp_3m_step,
+  DPMState,
+  dpmpp_2m_sample,
+  dpmpp_2m_sde_sample,
+  dpmpp_2m_step,
+  dpmpp_3m_sample,
+  dpmpp_3m_step,
 )
 from jdiff.samplers.driver import sample_loop
 from jdiff.samplers.euler import (
-                                       edm_sample,
-                                       edm_stochastic_step,
-                                       euler_ancestral_sample,
-                                       euler_ancestral_step,
-                                       euler_sample,
-                                       euler_step,
-                                       heun_sample,
-                                       heun_step,
+  edm_sample,
+  edm_stochastic_step,
+  euler_ancestral_sample,
+  euler_ancestral_step,
+  euler_sample,
+  euler_step,
+  heun_sample,
+  heun_step,
 )
 from jdiff.samplers.grids import (
-                                       FINAL_SIGMAS,
-                                       SIGMA_SPACINGS,
-                                       karras_sigmas,
-                                       sigma_grid,
-                                       timestep_grid,
+  FINAL_SIGMAS,
+  SIGMA_SPACINGS,
+  karras_sigmas,
+  sigma_grid,
+  timestep_grid,
 )
 from jdiff.samplers.pc import langevin_corrector_step, pc_sample, pc_step
 from jdiff.samplers.unipc import UniPCState, unipc_init_state, unipc_sample, unipc_step

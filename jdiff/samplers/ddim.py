@@ -37,10 +37,17 @@ def alpha_bar_or_one(schedule: Schedule, t: Array) -> Array:
   return jnp.where(t >= 0, schedule.alphas_cumprod[jnp.maximum(t, 0)], 1.0)
 
 
-def predict_x0_eps(schedule: Schedule, model_fn, x_t: Array, t: Array, *,
-                   cond: Array | None = None, prediction: str = "eps",
-                   clip_x0: float | None = None, dynamic_percentile: float | None = None
-                   ) -> tuple[Array, Array]:
+def predict_x0_eps(
+  schedule: Schedule,
+  model_fn,
+  x_t: Array,
+  t: Array,
+  *,
+  cond: Array | None = None,
+  prediction: str = "eps",
+  clip_x0: float | None = None,
+  dynamic_percentile: float | None = None,
+) -> tuple[Array, Array]:
   """(x0_hat, eps_hat) from one model call at integer or fractional t >= 0.
 
   x0_hat is clipped / dynamically thresholded (`diffusion.threshold_x0`) and eps_hat is then
@@ -70,10 +77,20 @@ def predict_x0_eps(schedule: Schedule, model_fn, x_t: Array, t: Array, *,
   return x0, (x_t.astype(jnp.float32) - jnp.sqrt(ab) * x0) / jnp.sqrt(1.0 - ab)
 
 
-def ddim_step(schedule: Schedule, model_fn, x_t: Array, t: Array, t_prev: Array,
-              noise: Array, *, eta: float = 0.0, cond: Array | None = None,
-              prediction: str = "eps", clip_x0: float | None = None,
-              dynamic_percentile: float | None = None) -> tuple[Array, Array]:
+def ddim_step(
+  schedule: Schedule,
+  model_fn,
+  x_t: Array,
+  t: Array,
+  t_prev: Array,
+  noise: Array,
+  *,
+  eta: float = 0.0,
+  cond: Array | None = None,
+  prediction: str = "eps",
+  clip_x0: float | None = None,
+  dynamic_percentile: float | None = None,
+) -> tuple[Array, Array]:
   """One DDIM step x_t -> x_{t_prev} with explicit noise ([DDIM] eqs. 12, 16). NFE 1.
 
   Args:
@@ -91,23 +108,44 @@ def ddim_step(schedule: Schedule, model_fn, x_t: Array, t: Array, t_prev: Array,
   Returns:
     (x_{t_prev} [B, ...], x0_hat [B, ...]), dtype of x_t.
   """
-  x0, eps = predict_x0_eps(schedule, model_fn, x_t, t, cond=cond, prediction=prediction,
-                           clip_x0=clip_x0, dynamic_percentile=dynamic_percentile)
+  x0, eps = predict_x0_eps(
+    schedule,
+    model_fn,
+    x_t,
+    t,
+    cond=cond,
+    prediction=prediction,
+    clip_x0=clip_x0,
+    dynamic_percentile=dynamic_percentile,
+  )
   ab_t = alpha_bar_or_one(schedule, t)
   ab_prev = alpha_bar_or_one(schedule, t_prev)
-  sigma = eta * jnp.sqrt(jnp.maximum((1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev),
-                                     0.0))
+  sigma = eta * jnp.sqrt(jnp.maximum((1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev), 0.0))
   dir_coef = jnp.sqrt(jnp.maximum(1.0 - ab_prev - sigma**2, 0.0))
   dt = x_t.dtype
-  x_prev = (jnp.sqrt(ab_prev).astype(dt) * x0.astype(dt) + dir_coef.astype(dt) * eps.astype(dt)
-            + sigma.astype(dt) * noise.astype(dt))
+  x_prev = (
+    jnp.sqrt(ab_prev).astype(dt) * x0.astype(dt)
+    + dir_coef.astype(dt) * eps.astype(dt)
+    + sigma.astype(dt) * noise.astype(dt)
+  )
   return x_prev.astype(dt), x0.astype(dt)
 
 
-def ddim_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *, num_steps: int = 50,
-                eta: float = 0.0, spacing: str = "leading", cond: Array | None = None,
-                prediction: str = "eps", clip_x0: float | None = None,
-                dynamic_percentile: float | None = None, grid: Array | None = None) -> Array:
+def ddim_sample(
+  schedule: Schedule,
+  model_fn,
+  x_T: Array,
+  rng: Array,
+  *,
+  num_steps: int = 50,
+  eta: float = 0.0,
+  spacing: str = "leading",
+  cond: Array | None = None,
+  prediction: str = "eps",
+  clip_x0: float | None = None,
+  dynamic_percentile: float | None = None,
+  grid: Array | None = None,
+) -> Array:
   """DDIM sampling from x_T over `num_steps` timesteps chosen by `spacing`.
 
   Args:
@@ -130,8 +168,18 @@ def ddim_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *, num_ste
   def step(x, i, t, t_prev, key):
     del i
     noise = jax.random.normal(key, x.shape, x.dtype)
-    return ddim_step(schedule, model_fn, x, t, t_prev, noise, eta=eta, cond=cond,
-                     prediction=prediction, clip_x0=clip_x0,
-                     dynamic_percentile=dynamic_percentile)[0]
+    return ddim_step(
+      schedule,
+      model_fn,
+      x,
+      t,
+      t_prev,
+      noise,
+      eta=eta,
+      cond=cond,
+      prediction=prediction,
+      clip_x0=clip_x0,
+      dynamic_percentile=dynamic_percentile,
+    )[0]
 
   return sample_loop(step, x_T, grid, rng)[0]

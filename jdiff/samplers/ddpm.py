@@ -16,10 +16,19 @@ from jdiff.schedules import Schedule
 Array = jax.Array
 
 
-def ddpm_step(schedule: Schedule, model_fn, x_t: Array, t: Array, noise: Array, *,
-              cond: Array | None = None, prediction: str = "eps",
-              variance: str = "fixed_small", clip_x0: float | None = None,
-              dynamic_percentile: float | None = None) -> tuple[Array, Array]:
+def ddpm_step(
+  schedule: Schedule,
+  model_fn,
+  x_t: Array,
+  t: Array,
+  noise: Array,
+  *,
+  cond: Array | None = None,
+  prediction: str = "eps",
+  variance: str = "fixed_small",
+  clip_x0: float | None = None,
+  dynamic_percentile: float | None = None,
+) -> tuple[Array, Array]:
   """One ancestral step x_t -> x_{t-1} with explicit noise.
 
   Args:
@@ -39,8 +48,9 @@ def ddpm_step(schedule: Schedule, model_fn, x_t: Array, t: Array, noise: Array, 
     (x_{t-1} [B, ...], x0_hat [B, ...]), dtype of x_t.
   """
   t = batch_t(t, x_t)
-  p, x0 = diffusion.p_mean_variance(schedule, model_fn(x_t, t, cond), x_t, t,
-                                    prediction=prediction, variance=variance)
+  p, x0 = diffusion.p_mean_variance(
+    schedule, model_fn(x_t, t, cond), x_t, t, prediction=prediction, variance=variance
+  )
   mean = p.mean
   if clip_x0 is not None or dynamic_percentile is not None:
     x0 = diffusion.threshold_x0(x0, clip_x0=clip_x0, dynamic_percentile=dynamic_percentile)
@@ -50,10 +60,18 @@ def ddpm_step(schedule: Schedule, model_fn, x_t: Array, t: Array, noise: Array, 
   return x_prev.astype(x_t.dtype), x0
 
 
-def ddpm_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *,
-                cond: Array | None = None, prediction: str = "eps",
-                variance: str = "fixed_small", clip_x0: float | None = None,
-                dynamic_percentile: float | None = None) -> Array:
+def ddpm_sample(
+  schedule: Schedule,
+  model_fn,
+  x_T: Array,
+  rng: Array,
+  *,
+  cond: Array | None = None,
+  prediction: str = "eps",
+  variance: str = "fixed_small",
+  clip_x0: float | None = None,
+  dynamic_percentile: float | None = None,
+) -> Array:
   """Ancestral sampling over all T steps, from x_T to x_0.
 
   Args:
@@ -71,8 +89,17 @@ def ddpm_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *,
   def step(x, i, t, t_next, key):
     del i, t_next
     noise = jax.random.normal(key, x.shape, x.dtype)
-    return ddpm_step(schedule, model_fn, x, t, noise, cond=cond, prediction=prediction,
-                     variance=variance, clip_x0=clip_x0,
-                     dynamic_percentile=dynamic_percentile)[0]
+    return ddpm_step(
+      schedule,
+      model_fn,
+      x,
+      t,
+      noise,
+      cond=cond,
+      prediction=prediction,
+      variance=variance,
+      clip_x0=clip_x0,
+      dynamic_percentile=dynamic_percentile,
+    )[0]
 
   return sample_loop(step, x_T, grid, rng)[0]

@@ -53,6 +53,7 @@ class DPMState(NamedTuple):
     h_1, h_2: float32 scalars, the previous two step sizes in lambda.
     n: int32 scalar, number of steps taken (how much history is valid).
   """
+
   x: Array
   denoised_1: Array
   denoised_2: Array
@@ -67,9 +68,16 @@ def init_state(x: Array) -> DPMState:
   return DPMState(x, z, z, jnp.float32(1.0), jnp.float32(1.0), jnp.int32(0))
 
 
-def dpmpp_2m_step(denoise: Denoiser, state: DPMState, sigma: Array, sigma_next: Array,
-                  noise: Array | None = None, *, eta: float = 0.0,
-                  s_noise: float = 1.0) -> DPMState:
+def dpmpp_2m_step(
+  denoise: Denoiser,
+  state: DPMState,
+  sigma: Array,
+  sigma_next: Array,
+  noise: Array | None = None,
+  *,
+  eta: float = 0.0,
+  s_noise: float = 1.0,
+) -> DPMState:
   """One DPM-Solver++(2M) step ([DPM-Solver++] Alg. 2; eta > 0: its SDE variant). NFE 1.
 
   With r = h_{i-1} / h_i the 2nd-order term uses the midpoint form
@@ -104,9 +112,17 @@ def dpmpp_2m_step(denoise: Denoiser, state: DPMState, sigma: Array, sigma_next: 
   return DPMState(x_next, denoised, state.denoised_1, h, state.h_1, state.n + 1)
 
 
-def dpmpp_3m_step(denoise: Denoiser, state: DPMState, sigma: Array, sigma_next: Array,
-                  noise: Array | None = None, *, eta: float = 0.0, s_noise: float = 1.0,
-                  max_order: Array | int = 3) -> DPMState:
+def dpmpp_3m_step(
+  denoise: Denoiser,
+  state: DPMState,
+  sigma: Array,
+  sigma_next: Array,
+  noise: Array | None = None,
+  *,
+  eta: float = 0.0,
+  s_noise: float = 1.0,
+  max_order: Array | int = 3,
+) -> DPMState:
   """One DPM-Solver++(3M) step (k-diffusion's `sample_dpmpp_3m_sde`; eta = 0: ODE). NFE 1.
 
   Uses the phi-functions phi_2 = (e^{-h} - 1)/h + 1, phi_3 = phi_2 / h - 1/2 of the
@@ -150,32 +166,72 @@ def dpmpp_3m_step(denoise: Denoiser, state: DPMState, sigma: Array, sigma_next: 
   return DPMState(x_next, denoised, state.denoised_1, h, state.h_1, state.n + 1)
 
 
-def _sample(step_fn, schedule, model_fn, x_T, rng, *, eta, s_noise, num_steps, spacing, rho,
-            grid, cond, prediction, clip_x0, dynamic_percentile, final_sigma="zero",
-            lower_order_final=None):
+def _sample(
+  step_fn,
+  schedule,
+  model_fn,
+  x_T,
+  rng,
+  *,
+  eta,
+  s_noise,
+  num_steps,
+  spacing,
+  rho,
+  grid,
+  cond,
+  prediction,
+  clip_x0,
+  dynamic_percentile,
+  final_sigma="zero",
+  lower_order_final=None,
+):
   if eta < 0:
     raise ValueError(f"eta must be >= 0, got {eta}")
   denoise, grid, x = denoiser_grid_and_start(
-      schedule, model_fn, x_T, cond=cond, prediction=prediction, clip_x0=clip_x0,
-      dynamic_percentile=dynamic_percentile, num_steps=num_steps, spacing=spacing, rho=rho,
-      grid=grid, final_sigma=final_sigma)
+    schedule,
+    model_fn,
+    x_T,
+    cond=cond,
+    prediction=prediction,
+    clip_x0=clip_x0,
+    dynamic_percentile=dynamic_percentile,
+    num_steps=num_steps,
+    spacing=spacing,
+    rho=rho,
+    grid=grid,
+    final_sigma=final_sigma,
+  )
   n_steps = grid.shape[0] - 1
 
   def step(state, i, s, s_next, key):
     noise = jax.random.normal(key, state.x.shape, state.x.dtype) if eta > 0 else None
-    kw = {} if lower_order_final is None else dict(
-        max_order=n_steps - i if lower_order_final else 3)
+    kw = (
+      {} if lower_order_final is None else dict(max_order=n_steps - i if lower_order_final else 3)
+    )
     return step_fn(denoise, state, s, s_next, noise, eta=eta, s_noise=s_noise, **kw)
 
   return sample_loop(step, init_state(x), grid, rng)[0].x
 
 
-def dpmpp_2m_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *,
-                    num_steps: int = 20, eta: float = 0.0, s_noise: float = 1.0,
-                    spacing: str = "karras", rho: float = 7.0, grid: Array | None = None,
-                    cond: Array | None = None, prediction: str = "eps",
-                    final_sigma: str = "zero", clip_x0: float | None = None,
-                    dynamic_percentile: float | None = None) -> Array:
+def dpmpp_2m_sample(
+  schedule: Schedule,
+  model_fn,
+  x_T: Array,
+  rng: Array,
+  *,
+  num_steps: int = 20,
+  eta: float = 0.0,
+  s_noise: float = 1.0,
+  spacing: str = "karras",
+  rho: float = 7.0,
+  grid: Array | None = None,
+  cond: Array | None = None,
+  prediction: str = "eps",
+  final_sigma: str = "zero",
+  clip_x0: float | None = None,
+  dynamic_percentile: float | None = None,
+) -> Array:
   """DPM-Solver++(2M) ([DPM-Solver++] Alg. 2). NFE = num_steps.
 
   Args:
@@ -199,14 +255,29 @@ def dpmpp_2m_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *,
   Returns:
     x_0 samples [B, ...].
   """
-  return _sample(dpmpp_2m_step, schedule, model_fn, x_T, rng, eta=eta, s_noise=s_noise,
-                 num_steps=num_steps, spacing=spacing, rho=rho, grid=grid, cond=cond,
-                 prediction=prediction, final_sigma=final_sigma, clip_x0=clip_x0,
-                 dynamic_percentile=dynamic_percentile)
+  return _sample(
+    dpmpp_2m_step,
+    schedule,
+    model_fn,
+    x_T,
+    rng,
+    eta=eta,
+    s_noise=s_noise,
+    num_steps=num_steps,
+    spacing=spacing,
+    rho=rho,
+    grid=grid,
+    cond=cond,
+    prediction=prediction,
+    final_sigma=final_sigma,
+    clip_x0=clip_x0,
+    dynamic_percentile=dynamic_percentile,
+  )
 
 
-def dpmpp_2m_sde_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *,
-                        eta: float = 1.0, **kwargs) -> Array:
+def dpmpp_2m_sde_sample(
+  schedule: Schedule, model_fn, x_T: Array, rng: Array, *, eta: float = 1.0, **kwargs
+) -> Array:
   """DPM-Solver++(2M) SDE ([DPM-Solver++] Sec. 5): `dpmpp_2m_sample` with eta = 1. NFE = N.
 
   Args: as `dpmpp_2m_sample` (keyword arguments passed through), with eta defaulting to 1.
@@ -214,13 +285,25 @@ def dpmpp_2m_sde_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *,
   return dpmpp_2m_sample(schedule, model_fn, x_T, rng, eta=eta, **kwargs)
 
 
-def dpmpp_3m_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *,
-                    num_steps: int = 20, eta: float = 0.0, s_noise: float = 1.0,
-                    spacing: str = "karras", rho: float = 7.0, grid: Array | None = None,
-                    cond: Array | None = None, prediction: str = "eps",
-                    final_sigma: str = "zero", lower_order_final: bool = False,
-                    clip_x0: float | None = None,
-                    dynamic_percentile: float | None = None) -> Array:
+def dpmpp_3m_sample(
+  schedule: Schedule,
+  model_fn,
+  x_T: Array,
+  rng: Array,
+  *,
+  num_steps: int = 20,
+  eta: float = 0.0,
+  s_noise: float = 1.0,
+  spacing: str = "karras",
+  rho: float = 7.0,
+  grid: Array | None = None,
+  cond: Array | None = None,
+  prediction: str = "eps",
+  final_sigma: str = "zero",
+  lower_order_final: bool = False,
+  clip_x0: float | None = None,
+  dynamic_percentile: float | None = None,
+) -> Array:
   """DPM-Solver++(3M); eta > 0 gives the 3M SDE variant. NFE = num_steps.
 
   Args: as `dpmpp_2m_sample`, plus
@@ -228,8 +311,22 @@ def dpmpp_3m_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *,
       order), as diffusers' `lower_order_final` (their default for N < 15; here off by
       default, it lost at NFE 10 in experiments/benchmark_samplers.py).
   """
-  return _sample(dpmpp_3m_step, schedule, model_fn, x_T, rng, eta=eta, s_noise=s_noise,
-                 num_steps=num_steps, spacing=spacing, rho=rho, grid=grid, cond=cond,
-                 prediction=prediction, final_sigma=final_sigma, clip_x0=clip_x0,
-                 dynamic_percentile=dynamic_percentile,
-                 lower_order_final=bool(lower_order_final))
+  return _sample(
+    dpmpp_3m_step,
+    schedule,
+    model_fn,
+    x_T,
+    rng,
+    eta=eta,
+    s_noise=s_noise,
+    num_steps=num_steps,
+    spacing=spacing,
+    rho=rho,
+    grid=grid,
+    cond=cond,
+    prediction=prediction,
+    final_sigma=final_sigma,
+    clip_x0=clip_x0,
+    dynamic_percentile=dynamic_percentile,
+    lower_order_final=bool(lower_order_final),
+  )

@@ -19,8 +19,14 @@ Carry = Any
 StepFn = Callable[[Carry, Array, Array, Array, Array], Carry]
 
 
-def sample_loop(step_fn: StepFn, carry: Carry, grid: Array, rng: Array, *,
-                record: Callable[[Carry], Any] | None = None) -> tuple[Carry, Any]:
+def sample_loop(
+  step_fn: StepFn,
+  carry: Carry,
+  grid: Array,
+  rng: Array,
+  *,
+  record: Callable[[Carry], Any] | None = None,
+) -> tuple[Carry, Any]:
   """Runs `carry = step_fn(carry, i, grid[i], grid[i + 1], fold_in(rng, i))` for all i.
 
   Args:

@@ -77,21 +77,30 @@ def heun_step(denoise: Denoiser, x: Array, sigma: Array, sigma_next: Array) -> A
   return jax.lax.cond(sigma_next > 0, correct, lambda _: x_euler, None)
 
 
-def ancestral_sigmas(sigma: Array, sigma_next: Array, *, eta: float = 1.0
-                     ) -> tuple[Array, Array]:
+def ancestral_sigmas(sigma: Array, sigma_next: Array, *, eta: float = 1.0) -> tuple[Array, Array]:
   """(sigma_down, sigma_up) of an ancestral step: sigma_down^2 + sigma_up^2 = sigma_next^2.
 
   sigma_up = min(sigma_next, eta sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2)) is the
   std of the DDPM posterior in the VE view (k-diffusion's `get_ancestral_step`).
   """
-  up = jnp.minimum(sigma_next, eta * jnp.sqrt(
-      jnp.maximum(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2, 0.0)))
+  up = jnp.minimum(
+    sigma_next,
+    eta * jnp.sqrt(jnp.maximum(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2, 0.0)),
+  )
   down = jnp.sqrt(jnp.maximum(sigma_next**2 - up**2, 0.0))
   return down, up
 
 
-def euler_ancestral_step(denoise: Denoiser, x: Array, sigma: Array, sigma_next: Array,
-                         noise: Array, *, eta: float = 1.0, s_noise: float = 1.0) -> Array:
+def euler_ancestral_step(
+  denoise: Denoiser,
+  x: Array,
+  sigma: Array,
+  sigma_next: Array,
+  noise: Array,
+  *,
+  eta: float = 1.0,
+  s_noise: float = 1.0,
+) -> Array:
   """Euler step to sigma_down, then fresh noise of std sigma_up (NFE 1).
 
   Args:
@@ -108,9 +117,17 @@ def euler_ancestral_step(denoise: Denoiser, x: Array, sigma: Array, sigma_next: 
   return x + (up * s_noise).astype(x.dtype) * noise.astype(x.dtype)
 
 
-def edm_stochastic_step(denoise: Denoiser, x: Array, sigma: Array, sigma_next: Array,
-                        noise: Array, *, gamma: Array, s_noise: float = 1.0,
-                        sigma_cap: Array | None = None) -> Array:
+def edm_stochastic_step(
+  denoise: Denoiser,
+  x: Array,
+  sigma: Array,
+  sigma_next: Array,
+  noise: Array,
+  *,
+  gamma: Array,
+  s_noise: float = 1.0,
+  sigma_cap: Array | None = None,
+) -> Array:
   """[EDM] Alg. 2, one step: raise the noise to sigma_hat = sigma (1 + gamma), then Heun.
 
   Args:
@@ -134,8 +151,9 @@ def edm_stochastic_step(denoise: Denoiser, x: Array, sigma: Array, sigma_next: A
   return heun_step(denoise, x_hat, sigma_hat, sigma_next)
 
 
-def edm_gamma(sigma: Array, num_steps: int, *, s_churn: float, s_tmin: float = 0.0,
-              s_tmax: float = float("inf")) -> Array:
+def edm_gamma(
+  sigma: Array, num_steps: int, *, s_churn: float, s_tmin: float = 0.0, s_tmax: float = float("inf")
+) -> Array:
   """gamma_i = min(S_churn / N, sqrt(2) - 1) if S_tmin <= sigma_i <= S_tmax, else 0.
 
   [EDM] Alg. 2.
@@ -146,20 +164,56 @@ def edm_gamma(sigma: Array, num_steps: int, *, s_churn: float, s_tmin: float = 0
 
 # ----------------------------------------------------------------------------- samplers
 
-def _sample(step, schedule, model_fn, x_T, rng, *, num_steps, spacing, rho, grid, cond,
-            prediction, clip_x0, dynamic_percentile):
+
+def _sample(
+  step,
+  schedule,
+  model_fn,
+  x_T,
+  rng,
+  *,
+  num_steps,
+  spacing,
+  rho,
+  grid,
+  cond,
+  prediction,
+  clip_x0,
+  dynamic_percentile,
+):
   denoise, grid, x = denoiser_grid_and_start(
-      schedule, model_fn, x_T, cond=cond, prediction=prediction, clip_x0=clip_x0,
-      dynamic_percentile=dynamic_percentile, num_steps=num_steps, spacing=spacing, rho=rho,
-      grid=grid)
-  return sample_loop(lambda c, i, s, s_next, key: step(denoise, c, i, s, s_next, key, grid),
-                     x, grid, rng)[0]
+    schedule,
+    model_fn,
+    x_T,
+    cond=cond,
+    prediction=prediction,
+    clip_x0=clip_x0,
+    dynamic_percentile=dynamic_percentile,
+    num_steps=num_steps,
+    spacing=spacing,
+    rho=rho,
+    grid=grid,
+  )
+  return sample_loop(
+    lambda c, i, s, s_next, key: step(denoise, c, i, s, s_next, key, grid), x, grid, rng
+  )[0]
 
 
-def euler_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *, num_steps: int = 50,
-                 spacing: str = "karras", rho: float = 7.0, grid: Array | None = None,
-                 cond: Array | None = None, prediction: str = "eps",
-                 clip_x0: float | None = None, dynamic_percentile: float | None = None) -> Array:
+def euler_sample(
+  schedule: Schedule,
+  model_fn,
+  x_T: Array,
+  rng: Array,
+  *,
+  num_steps: int = 50,
+  spacing: str = "karras",
+  rho: float = 7.0,
+  grid: Array | None = None,
+  cond: Array | None = None,
+  prediction: str = "eps",
+  clip_x0: float | None = None,
+  dynamic_percentile: float | None = None,
+) -> Array:
   """Euler PF-ODE sampler ([EDM] Alg. 1 without the correction). NFE = num_steps.
 
   Args:
@@ -180,49 +234,122 @@ def euler_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *, num_st
     x_0 samples [B, ...].
   """
   step = lambda d, x, i, s, s_next, key, g: euler_step(d, x, s, s_next)
-  return _sample(step, schedule, model_fn, x_T, rng, num_steps=num_steps, spacing=spacing,
-                 rho=rho, grid=grid, cond=cond, prediction=prediction, clip_x0=clip_x0,
-                 dynamic_percentile=dynamic_percentile)
+  return _sample(
+    step,
+    schedule,
+    model_fn,
+    x_T,
+    rng,
+    num_steps=num_steps,
+    spacing=spacing,
+    rho=rho,
+    grid=grid,
+    cond=cond,
+    prediction=prediction,
+    clip_x0=clip_x0,
+    dynamic_percentile=dynamic_percentile,
+  )
 
 
-def heun_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *, num_steps: int = 18,
-                spacing: str = "karras", rho: float = 7.0, grid: Array | None = None,
-                cond: Array | None = None, prediction: str = "eps",
-                clip_x0: float | None = None, dynamic_percentile: float | None = None) -> Array:
+def heun_sample(
+  schedule: Schedule,
+  model_fn,
+  x_T: Array,
+  rng: Array,
+  *,
+  num_steps: int = 18,
+  spacing: str = "karras",
+  rho: float = 7.0,
+  grid: Array | None = None,
+  cond: Array | None = None,
+  prediction: str = "eps",
+  clip_x0: float | None = None,
+  dynamic_percentile: float | None = None,
+) -> Array:
   """EDM's deterministic 2nd-order sampler ([EDM] Alg. 1). NFE = 2 num_steps - 1.
 
   Args: as `euler_sample`.
   """
   step = lambda d, x, i, s, s_next, key, g: heun_step(d, x, s, s_next)
-  return _sample(step, schedule, model_fn, x_T, rng, num_steps=num_steps, spacing=spacing,
-                 rho=rho, grid=grid, cond=cond, prediction=prediction, clip_x0=clip_x0,
-                 dynamic_percentile=dynamic_percentile)
+  return _sample(
+    step,
+    schedule,
+    model_fn,
+    x_T,
+    rng,
+    num_steps=num_steps,
+    spacing=spacing,
+    rho=rho,
+    grid=grid,
+    cond=cond,
+    prediction=prediction,
+    clip_x0=clip_x0,
+    dynamic_percentile=dynamic_percentile,
+  )
 
 
-def euler_ancestral_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *,
-                           num_steps: int = 50, eta: float = 1.0, s_noise: float = 1.0,
-                           spacing: str = "karras", rho: float = 7.0,
-                           grid: Array | None = None, cond: Array | None = None,
-                           prediction: str = "eps", clip_x0: float | None = None,
-                           dynamic_percentile: float | None = None) -> Array:
+def euler_ancestral_sample(
+  schedule: Schedule,
+  model_fn,
+  x_T: Array,
+  rng: Array,
+  *,
+  num_steps: int = 50,
+  eta: float = 1.0,
+  s_noise: float = 1.0,
+  spacing: str = "karras",
+  rho: float = 7.0,
+  grid: Array | None = None,
+  cond: Array | None = None,
+  prediction: str = "eps",
+  clip_x0: float | None = None,
+  dynamic_percentile: float | None = None,
+) -> Array:
   """Euler-ancestral sampler (k-diffusion's `sample_euler_ancestral`). NFE = num_steps.
 
   Args: as `euler_sample`, plus eta (ancestral noise fraction) and s_noise.
   """
+
   def step(d, x, i, s, s_next, key, g):
     noise = jax.random.normal(key, x.shape, x.dtype)
     return euler_ancestral_step(d, x, s, s_next, noise, eta=eta, s_noise=s_noise)
-  return _sample(step, schedule, model_fn, x_T, rng, num_steps=num_steps, spacing=spacing,
-                 rho=rho, grid=grid, cond=cond, prediction=prediction, clip_x0=clip_x0,
-                 dynamic_percentile=dynamic_percentile)
+
+  return _sample(
+    step,
+    schedule,
+    model_fn,
+    x_T,
+    rng,
+    num_steps=num_steps,
+    spacing=spacing,
+    rho=rho,
+    grid=grid,
+    cond=cond,
+    prediction=prediction,
+    clip_x0=clip_x0,
+    dynamic_percentile=dynamic_percentile,
+  )
 
 
-def edm_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *, num_steps: int = 18,
-               s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
-               s_noise: float = 1.0, spacing: str = "karras", rho: float = 7.0,
-               grid: Array | None = None, cond: Array | None = None,
-               prediction: str = "eps", clip_x0: float | None = None,
-               dynamic_percentile: float | None = None) -> Array:
+def edm_sample(
+  schedule: Schedule,
+  model_fn,
+  x_T: Array,
+  rng: Array,
+  *,
+  num_steps: int = 18,
+  s_churn: float = 0.0,
+  s_tmin: float = 0.0,
+  s_tmax: float = float("inf"),
+  s_noise: float = 1.0,
+  spacing: str = "karras",
+  rho: float = 7.0,
+  grid: Array | None = None,
+  cond: Array | None = None,
+  prediction: str = "eps",
+  clip_x0: float | None = None,
+  dynamic_percentile: float | None = None,
+) -> Array:
   """EDM's stochastic sampler ([EDM] Alg. 2). NFE = 2 num_steps - 1.
 
   s_churn = 0 is exactly `heun_sample`. sigma_hat is clipped to the schedule's sigma_max
@@ -237,8 +364,20 @@ def edm_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *, num_step
   def step(d, x, i, s, s_next, key, g):
     noise = jax.random.normal(key, x.shape, x.dtype)
     gamma = edm_gamma(s, g.shape[0] - 1, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax)
-    return edm_stochastic_step(d, x, s, s_next, noise, gamma=gamma, s_noise=s_noise,
-                               sigma_cap=cap)
-  return _sample(step, schedule, model_fn, x_T, rng, num_steps=num_steps, spacing=spacing,
-                 rho=rho, grid=grid, cond=cond, prediction=prediction, clip_x0=clip_x0,
-                 dynamic_percentile=dynamic_percentile)
+    return edm_stochastic_step(d, x, s, s_next, noise, gamma=gamma, s_noise=s_noise, sigma_cap=cap)
+
+  return _sample(
+    step,
+    schedule,
+    model_fn,
+    x_T,
+    rng,
+    num_steps=num_steps,
+    spacing=spacing,
+    rho=rho,
+    grid=grid,
+    cond=cond,
+    prediction=prediction,
+    clip_x0=clip_x0,
+    dynamic_percentile=dynamic_percentile,
+  )

@@ -25,8 +25,9 @@ from jdiff.schedules import Schedule
 SPACINGS = ("leading", "trailing", "linspace", "quadratic")
 
 
-def timesteps(num_train_steps: int, num_steps: int, *, spacing: str = "leading",
-              offset: int = 0) -> np.ndarray:
+def timesteps(
+  num_train_steps: int, num_steps: int, *, spacing: str = "leading", offset: int = 0
+) -> np.ndarray:
   """The `num_steps` distinct timesteps of a spacing, increasing, as host int64 [N].
 
   Computed in exact arithmetic: integer numerators over integer denominators, so every
@@ -48,8 +49,7 @@ def timesteps(num_train_steps: int, num_steps: int, *, spacing: str = "leading",
   if spacing not in SPACINGS:
     raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}")
   if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= num_train_steps:
-    raise ValueError(f"num_steps must be an integer in [1, {num_train_steps}], got "
-                     f"{num_steps!r}")
+    raise ValueError(f"num_steps must be an integer in [1, {num_train_steps}], got {num_steps!r}")
   t, n = int(num_train_steps), int(num_steps)
   i = np.arange(n, dtype=np.int64)
   if spacing == "leading":
@@ -64,13 +64,16 @@ def timesteps(num_train_steps: int, num_steps: int, *, spacing: str = "leading",
     ts = (np.linspace(0, np.sqrt(t * 0.8), n) ** 2).astype(np.int64)
     ts = np.maximum.accumulate(ts - i) + i  # ts_i = max(ts_i, ts_{i-1} + 1): no repeats
   if np.any(np.diff(ts) <= 0) or ts[0] < 0 or ts[-1] > t - 1:
-    raise ValueError(f"spacing {spacing!r} with offset={offset} does not give {n} distinct "
-                     f"timesteps in [0, {t - 1}]: {ts}")
+    raise ValueError(
+      f"spacing {spacing!r} with offset={offset} does not give {n} distinct "
+      f"timesteps in [0, {t - 1}]: {ts}"
+    )
   return ts
 
 
-def timestep_grid(num_train_steps: int, num_steps: int, *, spacing: str = "leading",
-                  offset: int = 0) -> jnp.ndarray:
+def timestep_grid(
+  num_train_steps: int, num_steps: int, *, spacing: str = "leading", offset: int = 0
+) -> jnp.ndarray:
   """`timesteps` in decreasing order, then -1 (the clean data): the discrete samplers' grid.
 
   Args: as `timesteps`.
@@ -107,9 +110,16 @@ def karras_sigmas(sigma_min, sigma_max, num_steps: int, *, rho: float = 7.0) -> 
   return jnp.concatenate([sig, jnp.zeros((1,), jnp.float32)])
 
 
-def sigma_grid(schedule: Schedule, num_steps: int, *, spacing: str = "karras",
-               rho: float = 7.0, sigma_min=None, sigma_max=None,
-               final: str = "zero") -> jax.Array:
+def sigma_grid(
+  schedule: Schedule,
+  num_steps: int,
+  *,
+  spacing: str = "karras",
+  rho: float = 7.0,
+  sigma_min=None,
+  sigma_max=None,
+  final: str = "zero",
+) -> jax.Array:
   """A decreasing sigma grid of `num_steps` noise levels on the schedule, then 0.
 
   With final='sigma_min' the grid has no trailing 0: it is the spacing's grid of N + 1 levels
@@ -140,8 +150,9 @@ def sigma_grid(schedule: Schedule, num_steps: int, *, spacing: str = "karras",
     raise ValueError(f"unknown final sigma {final!r}; choose one of {FINAL_SIGMAS}")
   _check_num_steps(num_steps)
   if final == "sigma_min":
-    g = sigma_grid(schedule, num_steps + 1, spacing=spacing, rho=rho, sigma_min=sigma_min,
-                   sigma_max=sigma_max)[:-1]
+    g = sigma_grid(
+      schedule, num_steps + 1, spacing=spacing, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max
+    )[:-1]
     if spacing in ("trailing", "quadratic"):  # the others already end at sigma_min
       g = g.at[-1].set(continuous.sigma_min_max(schedule)[0])
     return g
@@ -161,9 +172,16 @@ def sigma_grid(schedule: Schedule, num_steps: int, *, spacing: str = "karras",
   return jnp.concatenate([continuous.t_to_sigma(schedule, t), zero])
 
 
-def sigma_grid_and_start(schedule: Schedule, x_T: jax.Array, *, num_steps: int, spacing: str,
-                         rho: float, grid: jax.Array | None = None,
-                         final_sigma: str = "zero") -> tuple[jax.Array, jax.Array]:
+def sigma_grid_and_start(
+  schedule: Schedule,
+  x_T: jax.Array,
+  *,
+  num_steps: int,
+  spacing: str,
+  rho: float,
+  grid: jax.Array | None = None,
+  final_sigma: str = "zero",
+) -> tuple[jax.Array, jax.Array]:
   """(sigma grid, VE start x_T sqrt(1 + sigma_0^2)) for the sigma-grid samplers.
 
   Args:
@@ -180,34 +198,50 @@ def sigma_grid_and_start(schedule: Schedule, x_T: jax.Array, *, num_steps: int, 
     raise ValueError(f"unknown final_sigma {final_sigma!r}; choose one of {FINAL_SIGMAS}")
   if grid is not None:
     if final_sigma != "zero":
-      raise ValueError(f"final_sigma={final_sigma!r} applies to generated grids; an explicit "
-                       "grid must end with 0")
+      raise ValueError(
+        f"final_sigma={final_sigma!r} applies to generated grids; an explicit grid must end with 0"
+      )
     grid = continuous.check_sigma_grid(grid)
   else:
     grid = sigma_grid(schedule, num_steps, spacing=spacing, rho=rho, final=final_sigma)
   return grid, x_T * jnp.sqrt(1.0 + grid[0] ** 2).astype(x_T.dtype)
 
 
-def denoiser_grid_and_start(schedule: Schedule, model_fn, x_T: jax.Array, *, cond=None,
-                            prediction: str = "eps", clip_x0: float | None = None,
-                            dynamic_percentile: float | None = None, num_steps: int,
-                            spacing: str, rho: float, grid: jax.Array | None = None,
-                            final_sigma: str = "zero"
-                            ) -> tuple[continuous.Denoiser, jax.Array, jax.Array]:
+def denoiser_grid_and_start(
+  schedule: Schedule,
+  model_fn,
+  x_T: jax.Array,
+  *,
+  cond=None,
+  prediction: str = "eps",
+  clip_x0: float | None = None,
+  dynamic_percentile: float | None = None,
+  num_steps: int,
+  spacing: str,
+  rho: float,
+  grid: jax.Array | None = None,
+  final_sigma: str = "zero",
+) -> tuple[continuous.Denoiser, jax.Array, jax.Array]:
   """The common start of the sigma-grid samplers: (denoiser, sigma grid, VE start).
 
   The denoiser is `continuous.make_denoiser` (thresholding included); the grid and start
   are `sigma_grid_and_start`'s.
   """
-  denoise = continuous.make_denoiser(schedule, model_fn, cond=cond, prediction=prediction,
-                                     clip_x0=clip_x0, dynamic_percentile=dynamic_percentile)
-  grid, x = sigma_grid_and_start(schedule, x_T, num_steps=num_steps, spacing=spacing, rho=rho,
-                                 grid=grid, final_sigma=final_sigma)
+  denoise = continuous.make_denoiser(
+    schedule,
+    model_fn,
+    cond=cond,
+    prediction=prediction,
+    clip_x0=clip_x0,
+    dynamic_percentile=dynamic_percentile,
+  )
+  grid, x = sigma_grid_and_start(
+    schedule, x_T, num_steps=num_steps, spacing=spacing, rho=rho, grid=grid, final_sigma=final_sigma
+  )
   return denoise, grid, x
 
 
-def lambda_step(sigma: jax.Array, sigma_next: jax.Array
-                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def lambda_step(sigma: jax.Array, sigma_next: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """A grid step in lambda = -log sigma, for the exponential integrators.
 
   Returns:

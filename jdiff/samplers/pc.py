@@ -31,14 +31,25 @@ Array = jax.Array
 
 def _mean_norm(a: Array) -> Array:
   """Batch mean of the per-example L2 norms, as score_sde's LangevinCorrector."""
-  return jnp.mean(jnp.sqrt(jnp.sum(jnp.square(a.astype(jnp.float32)).reshape(a.shape[0], -1),
-                                   axis=1)))
+  return jnp.mean(
+    jnp.sqrt(jnp.sum(jnp.square(a.astype(jnp.float32)).reshape(a.shape[0], -1), axis=1))
+  )
 
 
-def langevin_corrector_step(schedule: Schedule, model_fn, x: Array, t: Array, t_next: Array,
-                            noise: Array, *, snr: float = 0.16, cond: Array | None = None,
-                            prediction: str = "eps", clip_x0: float | None = None,
-                            dynamic_percentile: float | None = None) -> Array:
+def langevin_corrector_step(
+  schedule: Schedule,
+  model_fn,
+  x: Array,
+  t: Array,
+  t_next: Array,
+  noise: Array,
+  *,
+  snr: float = 0.16,
+  cond: Array | None = None,
+  prediction: str = "eps",
+  clip_x0: float | None = None,
+  dynamic_percentile: float | None = None,
+) -> Array:
   """One Langevin step x <- x + e s(x, t) + sqrt(2 e) z targeting q_t ([ScoreSDE] Alg. 5). NFE 1.
 
   The step size e = 2 alpha (snr ||z|| / ||s||)^2 uses the batch means of the per-example
@@ -60,8 +71,16 @@ def langevin_corrector_step(schedule: Schedule, model_fn, x: Array, t: Array, t_
   Returns:
     the corrected sample [B, ...].
   """
-  _, eps = predict_x0_eps(schedule, model_fn, x, t, cond=cond, prediction=prediction,
-                          clip_x0=clip_x0, dynamic_percentile=dynamic_percentile)
+  _, eps = predict_x0_eps(
+    schedule,
+    model_fn,
+    x,
+    t,
+    cond=cond,
+    prediction=prediction,
+    clip_x0=clip_x0,
+    dynamic_percentile=dynamic_percentile,
+  )
   ab = alpha_bar_or_one(schedule, t)
   score = -eps.astype(jnp.float32) / jnp.sqrt(1.0 - ab)
   alpha = ab / alpha_bar_or_one(schedule, t_next)
@@ -70,10 +89,22 @@ def langevin_corrector_step(schedule: Schedule, model_fn, x: Array, t: Array, t_
   return out.astype(x.dtype)
 
 
-def pc_step(schedule: Schedule, model_fn, x: Array, t: Array, t_next: Array, noise: Array, *,
-            n_corrector: int = 1, snr: float = 0.16, eta: float = 1.0,
-            cond: Array | None = None, prediction: str = "eps", clip_x0: float | None = None,
-            dynamic_percentile: float | None = None) -> Array:
+def pc_step(
+  schedule: Schedule,
+  model_fn,
+  x: Array,
+  t: Array,
+  t_next: Array,
+  noise: Array,
+  *,
+  n_corrector: int = 1,
+  snr: float = 0.16,
+  eta: float = 1.0,
+  cond: Array | None = None,
+  prediction: str = "eps",
+  clip_x0: float | None = None,
+  dynamic_percentile: float | None = None,
+) -> Array:
   """Corrector (n_corrector Langevin steps at t) then predictor (t -> t_next). NFE 1 + n_corrector.
 
   Args:
@@ -83,11 +114,14 @@ def pc_step(schedule: Schedule, model_fn, x: Array, t: Array, t_next: Array, noi
     Other args: see `langevin_corrector_step` and `ddim_step`.
   """
   if noise.shape[0] != n_corrector + 1:
-    raise ValueError(f"noise must have leading dimension n_corrector + 1 = {n_corrector + 1}, "
-                     f"got shape {noise.shape}")
+    raise ValueError(
+      f"noise must have leading dimension n_corrector + 1 = {n_corrector + 1}, "
+      f"got shape {noise.shape}"
+    )
 
-  kw = dict(cond=cond, prediction=prediction, clip_x0=clip_x0,
-            dynamic_percentile=dynamic_percentile)
+  kw = dict(
+    cond=cond, prediction=prediction, clip_x0=clip_x0, dynamic_percentile=dynamic_percentile
+  )
 
   def correct(x, z):
     return langevin_corrector_step(schedule, model_fn, x, t, t_next, z, snr=snr, **kw), None
@@ -97,11 +131,23 @@ def pc_step(schedule: Schedule, model_fn, x: Array, t: Array, t_next: Array, noi
   return ddim_step(schedule, model_fn, x, t, t_next, noise[-1], eta=eta, **kw)[0]
 
 
-def pc_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *, num_steps: int = 100,
-              n_corrector: int = 1, snr: float = 0.16, eta: float = 1.0,
-              spacing: str = "trailing", grid: Array | None = None, cond: Array | None = None,
-              prediction: str = "eps", clip_x0: float | None = None,
-              dynamic_percentile: float | None = None) -> Array:
+def pc_sample(
+  schedule: Schedule,
+  model_fn,
+  x_T: Array,
+  rng: Array,
+  *,
+  num_steps: int = 100,
+  n_corrector: int = 1,
+  snr: float = 0.16,
+  eta: float = 1.0,
+  spacing: str = "trailing",
+  grid: Array | None = None,
+  cond: Array | None = None,
+  prediction: str = "eps",
+  clip_x0: float | None = None,
+  dynamic_percentile: float | None = None,
+) -> Array:
   """Predictor-corrector sampling ([ScoreSDE] Alg. 3). NFE = num_steps (1 + n_corrector).
 
   Args:
@@ -131,8 +177,20 @@ def pc_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *, num_steps
   def step(x, i, t, t_next, key):
     del i
     noise = jax.random.normal(key, (n_corrector + 1,) + x.shape, x.dtype)
-    return pc_step(schedule, model_fn, x, t, t_next, noise, n_corrector=n_corrector, snr=snr,
-                   eta=eta, cond=cond, prediction=prediction, clip_x0=clip_x0,
-                   dynamic_percentile=dynamic_percentile)
+    return pc_step(
+      schedule,
+      model_fn,
+      x,
+      t,
+      t_next,
+      noise,
+      n_corrector=n_corrector,
+      snr=snr,
+      eta=eta,
+      cond=cond,
+      prediction=prediction,
+      clip_x0=clip_x0,
+      dynamic_percentile=dynamic_percentile,
+    )
 
   return sample_loop(step, x_T, grid, rng)[0]

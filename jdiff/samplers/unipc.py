@@ -41,6 +41,7 @@ class UniPCState(NamedTuple):
     order_prev: int32 scalar, the order of the previous predictor step (the corrector's).
     n: int32 scalar, number of steps taken.
   """
+
   x: Array
   x_prev: Array
   denoised: Array
@@ -52,8 +53,14 @@ class UniPCState(NamedTuple):
 def unipc_init_state(x: Array, *, order: int = 2) -> UniPCState:
   """An empty `UniPCState` for the VE sample x [B, ...] and predictor order `order`."""
   _check_unipc(order, "bh2")
-  return UniPCState(x, x, jnp.zeros((order,) + x.shape, x.dtype),
-                    jnp.ones((order,), jnp.float32), jnp.int32(0), jnp.int32(0))
+  return UniPCState(
+    x,
+    x,
+    jnp.zeros((order,) + x.shape, x.dtype),
+    jnp.ones((order,), jnp.float32),
+    jnp.int32(0),
+    jnp.int32(0),
+  )
 
 
 def _check_unipc(order, variant) -> None:
@@ -102,9 +109,16 @@ def _weighted(rho: Array, d: Array) -> Array:
   return jnp.tensordot(rho.astype(d.dtype), d, axes=1)
 
 
-def unipc_step(denoise: Denoiser, state: UniPCState, sigma: Array, sigma_next: Array, *,
-               variant: str = "bh2", corrector: bool = True,
-               max_order: Array | int = 3) -> UniPCState:
+def unipc_step(
+  denoise: Denoiser,
+  state: UniPCState,
+  sigma: Array,
+  sigma_next: Array,
+  *,
+  variant: str = "bh2",
+  corrector: bool = True,
+  max_order: Array | int = 3,
+) -> UniPCState:
   """One UniPC step: UniC-q corrects x at sigma, then UniP-p predicts x at sigma_next. NFE 1.
 
   The model is called once, at the predicted x; that prediction D drives both the corrector
@@ -136,16 +150,22 @@ def unipc_step(denoise: Denoiser, state: UniPCState, sigma: Array, sigma_next: A
 
   if corrector:  # UniC over the previous step h_1 = hs[0], from x_prev with base ds[0].
     h1 = hs[0]
-    offs = jnp.cumsum(hs[1:])                                    # lambda_{-1} - lambda_{-1-k}
+    offs = jnp.cumsum(hs[1:])  # lambda_{-1} - lambda_{-1-k}
     rks = jnp.concatenate([jnp.ones((1,), jnp.float32), -offs / h1])
-    diffs = jnp.concatenate([(denoised - ds[0])[None],
-                             (ds[1:] - ds[:1]) / (-offs / h1).astype(dt).reshape(
-                                 (-1,) + (1,) * x.ndim)])
+    diffs = jnp.concatenate(
+      [
+        (denoised - ds[0])[None],
+        (ds[1:] - ds[:1]) / (-offs / h1).astype(dt).reshape((-1,) + (1,) * x.ndim),
+      ]
+    )
     b_h, b = _unipc_b(h1, p, variant)
     rho = _masked_solve(rks, b, state.order_prev)
     rho = jnp.where(state.order_prev == 1, jnp.zeros_like(rho).at[0].set(0.5), rho)
-    x_c = (jnp.exp(-h1).astype(dt) * state.x_prev + (-jnp.expm1(-h1)).astype(dt) * ds[0]
-           - b_h.astype(dt) * _weighted(rho, diffs))
+    x_c = (
+      jnp.exp(-h1).astype(dt) * state.x_prev
+      + (-jnp.expm1(-h1)).astype(dt) * ds[0]
+      - b_h.astype(dt) * _weighted(rho, diffs)
+    )
     x = jnp.where(state.n > 0, x_c, x)
 
   h, sn, last = lambda_step(sigma, sigma_next)
@@ -153,9 +173,9 @@ def unipc_step(denoise: Denoiser, state: UniPCState, sigma: Array, sigma_next: A
   order = jnp.minimum(jnp.minimum(state.n + 1, max_order), p)
   x_next = jnp.exp(-h).astype(dt) * x + (-jnp.expm1(-h)).astype(dt) * denoised
   if p > 1:
-    offs = jnp.cumsum(hs[:p - 1])                                # lambda - lambda_{-k}
+    offs = jnp.cumsum(hs[: p - 1])  # lambda - lambda_{-k}
     rks = -offs / h
-    diffs = (ds[:p - 1] - denoised[None]) / rks.astype(dt).reshape((-1,) + (1,) * x.ndim)
+    diffs = (ds[: p - 1] - denoised[None]) / rks.astype(dt).reshape((-1,) + (1,) * x.ndim)
     b_h, b = _unipc_b(h, p - 1, variant)
     rho = _masked_solve(rks, b, order - 1)
     rho = jnp.where(order == 2, jnp.zeros_like(rho).at[0].set(0.5), rho)
@@ -166,13 +186,26 @@ def unipc_step(denoise: Denoiser, state: UniPCState, sigma: Array, sigma_next: A
   return UniPCState(x_next, x, new_ds, new_hs, order.astype(jnp.int32), state.n + 1)
 
 
-def unipc_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *,
-                 num_steps: int = 20, order: int = 2, variant: str = "bh2",
-                 corrector: bool = True, lower_order_final: bool = True,
-                 spacing: str = "log_snr", rho: float = 7.0, grid: Array | None = None,
-                 cond: Array | None = None, prediction: str = "eps",
-                 final_sigma: str = "zero", clip_x0: float | None = None,
-                 dynamic_percentile: float | None = None) -> Array:
+def unipc_sample(
+  schedule: Schedule,
+  model_fn,
+  x_T: Array,
+  rng: Array,
+  *,
+  num_steps: int = 20,
+  order: int = 2,
+  variant: str = "bh2",
+  corrector: bool = True,
+  lower_order_final: bool = True,
+  spacing: str = "log_snr",
+  rho: float = 7.0,
+  grid: Array | None = None,
+  cond: Array | None = None,
+  prediction: str = "eps",
+  final_sigma: str = "zero",
+  clip_x0: float | None = None,
+  dynamic_percentile: float | None = None,
+) -> Array:
   """UniPC ([UniPC] Alg. 3 with UniC): multistep UniP-p + UniC, data prediction. NFE = N.
 
   Deterministic. The default
@@ -203,14 +236,31 @@ def unipc_sample(schedule: Schedule, model_fn, x_T: Array, rng: Array, *,
   """
   _check_unipc(order, variant)
   denoise, grid, x = denoiser_grid_and_start(
-      schedule, model_fn, x_T, cond=cond, prediction=prediction, clip_x0=clip_x0,
-      dynamic_percentile=dynamic_percentile, num_steps=num_steps, spacing=spacing, rho=rho,
-      grid=grid, final_sigma=final_sigma)
+    schedule,
+    model_fn,
+    x_T,
+    cond=cond,
+    prediction=prediction,
+    clip_x0=clip_x0,
+    dynamic_percentile=dynamic_percentile,
+    num_steps=num_steps,
+    spacing=spacing,
+    rho=rho,
+    grid=grid,
+    final_sigma=final_sigma,
+  )
   n_steps = grid.shape[0] - 1
 
   def step(state, i, s, s_next, key):
     del key
-    return unipc_step(denoise, state, s, s_next, variant=variant, corrector=corrector,
-                      max_order=n_steps - i if lower_order_final else order)
+    return unipc_step(
+      denoise,
+      state,
+      s,
+      s_next,
+      variant=variant,
+      corrector=corrector,
+      max_order=n_steps - i if lower_order_final else order,
+    )
 
   return sample_loop(step, unipc_init_state(x, order=order), grid, rng)[0].x

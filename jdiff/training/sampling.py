@@ -62,6 +62,7 @@ class Sampler(NamedTuple):
     default_eta: its stochasticity when eta is None (None: it takes no eta).
     fixed: other keyword arguments it is registered with.
   """
+
   fn: Callable
   spacings: tuple[str, ...]
   default_spacing: str | None
@@ -70,23 +71,23 @@ class Sampler(NamedTuple):
 
 
 SAMPLERS: dict[str, Sampler] = {
-    "ddpm": Sampler(ddpm.ddpm_sample, (), None),
-    "ddim": Sampler(ddim.ddim_sample, TIMESTEP_GRIDS, "trailing", 0.0),
-    "pc": Sampler(pc.pc_sample, TIMESTEP_GRIDS, "trailing", 1.0),
-    "euler": Sampler(euler.euler_sample, SIGMA_GRIDS, "log_snr"),
-    "heun": Sampler(euler.heun_sample, HEUN_GRIDS, "log_snr"),
-    "euler_a": Sampler(euler.euler_ancestral_sample, SIGMA_GRIDS, "trailing", 1.0),
-    "edm": Sampler(euler.edm_sample, HEUN_GRIDS, "log_snr", fixed=(("s_churn", 10.0),)),
-    "dpmpp_2m": Sampler(dpm_solver.dpmpp_2m_sample, SIGMA_GRIDS, "log_snr"),
-    "dpmpp_2m_sde": Sampler(dpm_solver.dpmpp_2m_sde_sample, SIGMA_GRIDS, "trailing", 1.0),
-    "dpmpp_3m": Sampler(dpm_solver.dpmpp_3m_sample, SIGMA_GRIDS, "log_snr", 0.0),
-    "unipc": Sampler(unipc.unipc_sample, SIGMA_GRIDS, "log_snr",
-                     fixed=(("final_sigma", "sigma_min"),)),
+  "ddpm": Sampler(ddpm.ddpm_sample, (), None),
+  "ddim": Sampler(ddim.ddim_sample, TIMESTEP_GRIDS, "trailing", 0.0),
+  "pc": Sampler(pc.pc_sample, TIMESTEP_GRIDS, "trailing", 1.0),
+  "euler": Sampler(euler.euler_sample, SIGMA_GRIDS, "log_snr"),
+  "heun": Sampler(euler.heun_sample, HEUN_GRIDS, "log_snr"),
+  "euler_a": Sampler(euler.euler_ancestral_sample, SIGMA_GRIDS, "trailing", 1.0),
+  "edm": Sampler(euler.edm_sample, HEUN_GRIDS, "log_snr", fixed=(("s_churn", 10.0),)),
+  "dpmpp_2m": Sampler(dpm_solver.dpmpp_2m_sample, SIGMA_GRIDS, "log_snr"),
+  "dpmpp_2m_sde": Sampler(dpm_solver.dpmpp_2m_sde_sample, SIGMA_GRIDS, "trailing", 1.0),
+  "dpmpp_3m": Sampler(dpm_solver.dpmpp_3m_sample, SIGMA_GRIDS, "log_snr", 0.0),
+  "unipc": Sampler(
+    unipc.unipc_sample, SIGMA_GRIDS, "log_snr", fixed=(("final_sigma", "sigma_min"),)
+  ),
 }
 
 
-def resolve_options(sampler: str, *, spacing: str = AUTO, eta: float | None = None
-                    ) -> dict:
+def resolve_options(sampler: str, *, spacing: str = AUTO, eta: float | None = None) -> dict:
   """The grid and eta keyword arguments of `sampler`, 'auto' / None resolved; checks them.
 
   Raises:
@@ -97,12 +98,15 @@ def resolve_options(sampler: str, *, spacing: str = AUTO, eta: float | None = No
     raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
   spec = SAMPLERS[sampler]
   if spacing != AUTO and spacing not in spec.spacings:
-    raise ValueError(f"sampler {sampler!r} does not accept spacing {spacing!r}; choose one of "
-                     f"{(AUTO,) + spec.spacings}")
+    raise ValueError(
+      f"sampler {sampler!r} does not accept spacing {spacing!r}; choose one of "
+      f"{(AUTO,) + spec.spacings}"
+    )
   if eta is not None and spec.default_eta is None:
     takes = sorted(k for k, s in SAMPLERS.items() if s.default_eta is not None)
-    raise ValueError(f"sampler {sampler!r} is deterministic and takes no eta (got {eta}); "
-                     f"eta applies to {takes}")
+    raise ValueError(
+      f"sampler {sampler!r} is deterministic and takes no eta (got {eta}); eta applies to {takes}"
+    )
   if eta is not None and eta < 0:
     raise ValueError(f"eta must be >= 0, got {eta}")
   kw = dict(spec.fixed)
@@ -118,17 +122,28 @@ def _eps_half(model_fn: Callable) -> Callable:
 
   def eps_fn(x, t, cond):
     out = model_fn(x, t, cond)
-    return out[..., :x.shape[-1]]
+    return out[..., : x.shape[-1]]
 
   return eps_fn
 
 
-def make_sample_fn(module, schedule: Schedule, *, sampler: str = "ddim", num_steps: int = 50,
-                   eta: float | None = None, spacing: str = AUTO,
-                   clip_x0: float | None = 1.0, dynamic_threshold: float | None = None,
-                   prediction: str = "eps", variance: str = "fixed_small",
-                   learn_sigma: bool | None = None, guidance_scale: float = 1.0,
-                   guidance_rescale: float = 0.0, null_label: int | None = None) -> Callable:
+def make_sample_fn(
+  module,
+  schedule: Schedule,
+  *,
+  sampler: str = "ddim",
+  num_steps: int = 50,
+  eta: float | None = None,
+  spacing: str = AUTO,
+  clip_x0: float | None = 1.0,
+  dynamic_threshold: float | None = None,
+  prediction: str = "eps",
+  variance: str = "fixed_small",
+  learn_sigma: bool | None = None,
+  guidance_scale: float = 1.0,
+  guidance_rescale: float = 0.0,
+  null_label: int | None = None,
+) -> Callable:
   """Returns the pure `sample_fn(params, x_T, rng, labels) -> x_0 [B, H, W, C]`.
 
   Args:
@@ -172,8 +187,9 @@ def make_sample_fn(module, schedule: Schedule, *, sampler: str = "ddim", num_ste
   if learn_sigma is None:
     learn_sigma = bool(getattr(module, "learn_sigma", False))
   eps_only = learn_sigma and not (sampler == "ddpm" and variance == "learned_range")
-  run = functools.partial(spec.fn, prediction=prediction, clip_x0=clip_x0,
-                          dynamic_percentile=dynamic_threshold, **kw)
+  run = functools.partial(
+    spec.fn, prediction=prediction, clip_x0=clip_x0, dynamic_percentile=dynamic_threshold, **kw
+  )
 
   def sample_fn(params, x_T: Array, rng: Array, labels: Array | None = None) -> Array:
     model_fn = make_model_fn(module, params, train=False)
@@ -183,8 +199,13 @@ def make_sample_fn(module, schedule: Schedule, *, sampler: str = "ddim", num_ste
         raise ValueError("a class-conditional model needs labels to sample")
       cond = labels
       if guidance_scale != 1.0:
-        model_fn = cfg_model_fn(model_fn, guidance_scale=guidance_scale, null_cond=null_label,
-                                guidance_rescale=guidance_rescale, learn_sigma=learn_sigma)
+        model_fn = cfg_model_fn(
+          model_fn,
+          guidance_scale=guidance_scale,
+          null_cond=null_label,
+          guidance_rescale=guidance_rescale,
+          learn_sigma=learn_sigma,
+        )
     if eps_only:
       model_fn = _eps_half(model_fn)
     return run(schedule, model_fn, x_T, rng, cond=cond)
