@@ -34,9 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.learn_sigma = False
   c.model.dtype = "float32"
   c.model.remat = False
-  c.model.conv_impl = (
-    "auto"  # auto (Winograd for float32 on CPU, native elsewhere) | xla | winograd
-  )
+  # auto (Winograd for float32 on CPU, native elsewhere) | xla | winograd
+  c.model.conv_impl = "auto"
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule = "cosine"
