@@ -89,6 +89,9 @@ def get_config() -> ml_collections.ConfigDict:
   # (or 1); 0 disables. Pixel diffusion only (both must be 0 for latent diffusion).
   c.sample.dynamic_threshold = 0.0
   c.sample.guidance_scale = 1.0
+  # A sigma grid fitted to the model (experiments/optimize_grid.py writes
+  # <workdir>/grids/<sampler>_nfe<N>.json); it must match sampler and num_steps. "" = off.
+  c.sample.grid_file = ""
   c.sample.guidance_rescale = 0.0
   c.sample.num_samples = 64
   c.sample.grid_size = 64

@@ -48,4 +48,5 @@ def sample_options(sample_cfg) -> dict:
     dynamic_threshold=s.dynamic_threshold if s.dynamic_threshold > 0 else None,
     guidance_scale=s.guidance_scale,
     guidance_rescale=s.guidance_rescale,
+    grid_file=s.grid_file,
   )

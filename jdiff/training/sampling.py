@@ -40,7 +40,7 @@ import jax
 
 from jdiff.models.bridge import make_model_fn
 from jdiff.models.guidance import cfg_model_fn
-from jdiff.samplers import ddim, ddpm, dpm_solver, euler, pc, unipc
+from jdiff.samplers import ddim, ddpm, dpm_solver, euler, optimize, pc, unipc
 from jdiff.schedules import Schedule
 
 Array = jax.Array
@@ -143,6 +143,7 @@ def make_sample_fn(
   guidance_scale: float = 1.0,
   guidance_rescale: float = 0.0,
   null_label: int | None = None,
+  grid_file: str = "",
 ) -> Callable:
   """Returns the pure `sample_fn(params, x_T, rng, labels) -> x_0 [B, H, W, C]`.
 
@@ -177,6 +178,14 @@ def make_sample_fn(
       is guided, as GLIDE / ADM do.
     guidance_rescale: guidance rescale phi.
     null_label: the model's null label; None for unconditional models.
+    grid_file: a sigma grid record (`jdiff.samplers.optimize.save_grid`, e.g. from
+      experiments/optimize_grid.py) made for this sampler and num_steps; the sampler then
+      steps along its sigmas instead of `spacing`'s grid (the grid ends with 0, so unipc's
+      final step is the jump to 0). "" = off. Sigma-grid samplers only.
+
+  Raises:
+    FileNotFoundError / ValueError: the grid file is missing, malformed, or was made for
+      another sampler or number of steps (the message names the file).
   """
   kw = resolve_options(sampler, spacing=spacing, eta=eta)
   spec = SAMPLERS[sampler]
@@ -184,6 +193,17 @@ def make_sample_fn(
     kw["variance"] = variance
   else:
     kw["num_steps"] = num_steps
+  if grid_file:
+    on_sigmas = sorted(k for k, s in SAMPLERS.items() if s.spacings in (SIGMA_GRIDS, HEUN_GRIDS))
+    if sampler not in on_sigmas:
+      raise ValueError(
+        f"grid_file={grid_file!r}: sampler {sampler!r} does not step on a sigma grid; "
+        f"stored grids apply to {on_sigmas}"
+      )
+    record = optimize.load_grid(grid_file, sampler=sampler, num_steps=num_steps)
+    for key in ("spacing", "num_steps", "final_sigma"):
+      kw.pop(key, None)
+    kw["grid"] = record["sigmas"]
   if learn_sigma is None:
     learn_sigma = bool(getattr(module, "learn_sigma", False))
   eps_only = learn_sigma and not (sampler == "ddpm" and variance == "learned_range")
