@@ -33,6 +33,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import jax
@@ -305,10 +306,23 @@ def steps_for_nfe(name: str, nfe: int) -> int:
   return nfe
 
 
-def run_digits(workdir: str, n: int, seed: int, *, samplers=None, cells=None) -> str:
-  """The digits table; `cells` is a list of (threshold name, NFE), all by default."""
+def run_digits(
+  workdir: str, n: int, seed: int, *, samplers=None, cells=None, spacings=None, grid_files=None
+) -> str:
+  """The digits table.
+
+  Args:
+    workdir, n, seed: the trained model, samples per cell, seed of x_T.
+    samplers: registry names (default: all but ddpm).
+    cells: (threshold name, NFE) pairs, all by default.
+    spacings: grids per sampler ('auto' = its default; names it does not accept are
+      skipped); default ['auto'].
+    grid_files: stored grid records (experiments/optimize_grid.py); each adds a row for its
+      sampler in the cells of its NFE.
+  """
   from experiments.configs import digits as digits_config  # pylint: disable=g-import-not-at-top
   from jdiff.runs.setup import Setup  # pylint: disable=g-import-not-at-top
+  from jdiff.samplers import optimize  # pylint: disable=g-import-not-at-top
   from jdiff.training import sampling  # pylint: disable=g-import-not-at-top
 
   config = digits_config.get_config()
@@ -328,12 +342,18 @@ def run_digits(workdir: str, n: int, seed: int, *, samplers=None, cells=None) ->
   cells = cells or [(thr, nfe) for thr in THRESHOLDS for nfe in DIGIT_NFES]
   # ddpm takes all T = 1000 steps: the NFE 10-50 range is for the others.
   names = samplers or [k for k in sampling.SAMPLERS if k != "ddpm"]
+  records = {f: optimize.load_grid(f) for f in grid_files or []}
+  spacings = spacings or ["auto"]
   for thr, nfe in cells:  # cell-major: a cut-short run still has every sampler's first cells
-    for name in names:
-      spec = sampling.SAMPLERS[name]
+    for name, grid, kw in _digit_variants(names, nfe, spacings, records):
       fn = jax.jit(
         sampling.make_sample_fn(
-          module, schedule, sampler=name, num_steps=steps_for_nfe(name, nfe), **THRESHOLDS[thr]
+          module,
+          schedule,
+          sampler=name,
+          num_steps=steps_for_nfe(name, nfe),
+          **kw,
+          **THRESHOLDS[thr],
         )
       )
       compiled = fn.lower(params, x_T, rng, None).compile()
@@ -341,7 +361,6 @@ def run_digits(workdir: str, n: int, seed: int, *, samplers=None, cells=None) ->
       x = np.asarray(jax.block_until_ready(compiled(params, x_T, rng, None)), np.float64)
       ms = 1e3 * (time.perf_counter() - t0) / n
       m = pixel_metrics(x, data)
-      grid = spec.default_spacing or "all t"
       line = (
         f"| {name} ({grid}) | {thr} | {nfe} | {m['fd']:.2f} | {m['hist_w1']:.4f} | "
         f"{m['mean']:+.3f} | {m['std']:.3f} | {m['sat']:.3f} | {ms:.1f} |"
@@ -349,6 +368,22 @@ def run_digits(workdir: str, n: int, seed: int, *, samplers=None, cells=None) ->
       lines.append(line)
       print(line, flush=True)
   return "\n".join(lines)
+
+
+def _digit_variants(names, nfe, spacings, records):
+  """(sampler, grid label, make_sample_fn kwargs) for each row of one digits cell."""
+  from jdiff.training import sampling  # pylint: disable=g-import-not-at-top
+
+  for name in names:
+    spec = sampling.SAMPLERS[name]
+    for sp in spacings:
+      if sp == "auto":
+        yield name, spec.default_spacing or "all t", {}
+      elif sp in spec.spacings:
+        yield name, sp, dict(spacing=sp)
+    for path, rec in records.items():
+      if rec["sampler"] == name and rec["nfe"] == nfe:
+        yield name, f"optimised, {os.path.basename(path)}", dict(grid_file=path)
 
 
 def main(argv=None):
@@ -369,11 +404,26 @@ def main(argv=None):
     help="--digits: comma-separated THRESHOLD:NFE "
     f"(thresholds {sorted(THRESHOLDS)}); default: all with NFE {DIGIT_NFES}",
   )
+  p.add_argument(
+    "--spacings", default="auto", help="--digits: comma-separated grids ('auto': default)"
+  )
+  p.add_argument(
+    "--grid-files", default="", help="--digits: comma-separated grid records (optimize_grid)"
+  )
   args = p.parse_args(argv)
   if args.digits:
     cells = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cells.split(",") if c]
     samplers = [x for x in args.samplers.split(",") if x]
-    print("\n" + run_digits(args.digits, args.n, args.seed, samplers=samplers, cells=cells))
+    table_text = run_digits(
+      args.digits,
+      args.n,
+      args.seed,
+      samplers=samplers,
+      cells=cells,
+      spacings=[x for x in args.spacings.split(",") if x],
+      grid_files=[x for x in args.grid_files.split(",") if x],
+    )
+    print("\n" + table_text)
     return
 
   rng = np.random.default_rng(args.seed + 100)

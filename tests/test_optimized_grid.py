@@ -189,5 +189,7 @@ def test_grid_file_drives_make_sample_fn(tmp_path, name, fn):
   opts["num_steps"] = 4
   with pytest.raises(ValueError, match=f"{name}_nfe5.json.*not num_steps=4"):
     make_sample_fn(_ExactEps(schedule), schedule, **opts)
+  with pytest.raises(ValueError, match="or grid, not both"):
+    make_sample_fn(_ExactEps(schedule), schedule, **dict(opts, num_steps=NFE), grid=grid)
   with pytest.raises(ValueError, match="'ddim' does not step on a sigma grid"):
     make_sample_fn(_ExactEps(schedule), schedule, sampler="ddim", grid_file=path)

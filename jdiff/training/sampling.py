@@ -144,6 +144,7 @@ def make_sample_fn(
   guidance_rescale: float = 0.0,
   null_label: int | None = None,
   grid_file: str = "",
+  grid: Array | None = None,
 ) -> Callable:
   """Returns the pure `sample_fn(params, x_T, rng, labels) -> x_0 [B, H, W, C]`.
 
@@ -182,6 +183,8 @@ def make_sample_fn(
       experiments/optimize_grid.py) made for this sampler and num_steps; the sampler then
       steps along its sigmas instead of `spacing`'s grid (the grid ends with 0, so unipc's
       final step is the jump to 0). "" = off. Sigma-grid samplers only.
+    grid: an explicit sigma grid [num_steps + 1] ending with 0 instead of a file (may be
+      traced: `jdiff.samplers.optimize` fits it through this function).
 
   Raises:
     FileNotFoundError / ValueError: the grid file is missing, malformed, or was made for
@@ -193,17 +196,20 @@ def make_sample_fn(
     kw["variance"] = variance
   else:
     kw["num_steps"] = num_steps
-  if grid_file:
+  if grid_file or grid is not None:
     on_sigmas = sorted(k for k, s in SAMPLERS.items() if s.spacings in (SIGMA_GRIDS, HEUN_GRIDS))
     if sampler not in on_sigmas:
       raise ValueError(
-        f"grid_file={grid_file!r}: sampler {sampler!r} does not step on a sigma grid; "
+        f"grid_file={grid_file!r} / grid: sampler {sampler!r} does not step on a sigma grid; "
         f"stored grids apply to {on_sigmas}"
       )
-    record = optimize.load_grid(grid_file, sampler=sampler, num_steps=num_steps)
+    if grid_file and grid is not None:
+      raise ValueError(f"pass grid_file ({grid_file!r}) or grid, not both")
+    if grid_file:
+      grid = optimize.load_grid(grid_file, sampler=sampler, num_steps=num_steps)["sigmas"]
     for key in ("spacing", "num_steps", "final_sigma"):
       kw.pop(key, None)
-    kw["grid"] = record["sigmas"]
+    kw["grid"] = grid
   if learn_sigma is None:
     learn_sigma = bool(getattr(module, "learn_sigma", False))
   eps_only = learn_sigma and not (sampler == "ddpm" and variance == "learned_range")
