@@ -33,7 +33,6 @@ from jdiff.models import autoencoder_losses as ae_losses
 from jdiff.runs import stage1
 from jdiff.runs.setup import Setup, log_process_info, run_training
 from jdiff.training import sharding
-from jdiff.training.loop import train_loop
 from jdiff.training.state import AutoencoderState, param_count
 from jdiff.training.step import make_autoencoder_state_step
 from jdiff.training.writers import MetricWriter, save_image_grid, write_scalars_once
@@ -111,19 +110,9 @@ def _train(setup: Setup, writer: MetricWriter) -> AutoencoderState:
       },
     )
 
-  state, step, preempted = train_loop(
-    state,
-    step_fn,
-    start=start,
-    total=cfg.train.num_steps,
-    batch_size=cfg.train.batch_size,
-    log_every=cfg.train.log_every,
-    ckpt_every=cfg.train.ckpt_every,
-    save=lambda step, state: ckpt.save(step, state, train_iter),
-    log=log,
-    what="autoencoder loss",
+  state, step, preempted = setup.train_loop(
+    state, step_fn, train_iter, start, log=log, what="autoencoder loss"
   )
-  ckpt.wait()
   if step == cfg.train.num_steps and not preempted:
     params = _local_params(state.params)
     _write_reconstructions(setup, params, step)

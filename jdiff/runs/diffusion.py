@@ -30,7 +30,6 @@ from jdiff.models.bridge import make_model_fn
 from jdiff.runs.sample_options import sample_options
 from jdiff.runs.setup import Setup, log_process_info, run_training
 from jdiff.training import sharding
-from jdiff.training.loop import train_loop
 from jdiff.training.rng import stream
 from jdiff.training.sampling import make_sample_fn
 from jdiff.training.state import TrainState, param_count
@@ -181,19 +180,9 @@ def _train(setup: Setup, writer: MetricWriter) -> TrainState:
     if cfg.train.sample_every and step % cfg.train.sample_every == 0:
       sample_grid(step, state)
 
-  state, step, preempted = train_loop(
-    state,
-    step_fn,
-    start=start,
-    total=cfg.train.num_steps,
-    batch_size=cfg.train.batch_size,
-    log_every=cfg.train.log_every,
-    ckpt_every=cfg.train.ckpt_every,
-    save=lambda step, state: ckpt.save(step, state, train_iter),
-    log=log,
-    periodic=periodic,
+  state, step, preempted = setup.train_loop(
+    state, step_fn, train_iter, start, log=log, periodic=periodic
   )
-  ckpt.wait()
   logging.info(
     "process %d: params checksum %.10e at step %d",
     jax.process_index(),

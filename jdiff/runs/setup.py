@@ -30,6 +30,7 @@ from jdiff.runs.sample_options import validate_sample_config
 from jdiff.schedules import get_schedule
 from jdiff.training import sharding
 from jdiff.training.checkpoint import Checkpointer
+from jdiff.training.loop import train_loop
 from jdiff.training.optim import make_optimizer
 from jdiff.training.rng import run_keys
 from jdiff.training.state import init_autoencoder_state, init_train_state
@@ -357,6 +358,28 @@ class Setup:
     target = {field: getattr(self.abstract_state(), field)}
     restored, step = self.checkpointer.restore_partial(target)
     return restored[field], step
+
+  def train_loop(self, state, step_fn, train_iter, start: int, **kwargs):
+    """`training.loop.train_loop` with this config's steps, batch, logging and checkpoint
+    periods, saving `state` with `train_iter`'s position; waits for the last save.
+
+    Returns:
+      (state, step, preempted), as `train_loop`.
+    """
+    t = self.config.train
+    out = train_loop(
+      state,
+      step_fn,
+      start=start,
+      total=t.num_steps,
+      batch_size=t.batch_size,
+      log_every=t.log_every,
+      ckpt_every=t.ckpt_every,
+      save=lambda step, state: self.checkpointer.save(step, state, train_iter),
+      **kwargs,
+    )
+    self.checkpointer.wait()
+    return out
 
 
 def run_training(
