@@ -199,6 +199,15 @@ class UNet(nn.Module):
         **kw,
       )
 
+    def resample(h, *, up: bool, name: str):
+      # ADM's BigGAN-style residual resampling, or DDPM's (conv-)interpolation / pooling.
+      if self.resblock_updown:
+        return res_cls(h.shape[-1], up=up, down=not up, name=name, **blk)(h, emb, train)
+      resample = Resample(
+        h.shape[-1], up=up, use_conv=self.conv_resample, conv_impl=impl, name=name, **kw
+      )
+      return resample(h)
+
     # Time (and class) embedding: DDPM App. B / ADM.
     emb = timestep_embedding(t, self.ch)
     emb = nn.Dense(emb_dim, name="time_mlp_0", **kw)(emb.astype(self.dtype))
@@ -229,17 +238,7 @@ class UNet(nn.Module):
           h = attn(f"down_{i}_attn_{j}")(h)
         hs.append(h)
       if i != last:
-        if self.resblock_updown:
-          h = res_cls(h.shape[-1], down=True, name=f"down_{i}_downsample", **blk)(h, emb, train)
-        else:
-          h = Resample(
-            h.shape[-1],
-            up=False,
-            use_conv=self.conv_resample,
-            conv_impl=impl,
-            name=f"down_{i}_downsample",
-            **kw,
-          )(h)
+        h = resample(h, up=False, name=f"down_{i}_downsample")
         hs.append(h)
 
     h = res_cls(h.shape[-1], name="mid_res_0", **blk)(h, emb, train)
@@ -253,17 +252,7 @@ class UNet(nn.Module):
         if h.shape[1] in self.attn_resolutions:
           h = attn(f"up_{i}_attn_{j}")(h)
       if i != 0:
-        if self.resblock_updown:
-          h = res_cls(h.shape[-1], up=True, name=f"up_{i}_upsample", **blk)(h, emb, train)
-        else:
-          h = Resample(
-            h.shape[-1],
-            up=True,
-            use_conv=self.conv_resample,
-            conv_impl=impl,
-            name=f"up_{i}_upsample",
-            **kw,
-          )(h)
+        h = resample(h, up=True, name=f"up_{i}_upsample")
     assert not hs
 
     h = nn.silu(GroupNorm32(self.num_groups, name="norm_out", **kw)(h))
