@@ -322,8 +322,10 @@ def run_digits(
   """
   from experiments.configs import digits as digits_config  # pylint: disable=g-import-not-at-top
   from jdiff.runs.setup import Setup  # pylint: disable=g-import-not-at-top
-  from jdiff.samplers import optimize  # pylint: disable=g-import-not-at-top
-  from jdiff.training import sampling  # pylint: disable=g-import-not-at-top
+  from jdiff.training import (
+    grid_files,  # pylint: disable=g-import-not-at-top
+    sampling,  # pylint: disable=g-import-not-at-top
+  )
 
   config = digits_config.get_config()
   with Setup(config, workdir, kind="diffusion") as setup:
@@ -342,7 +344,7 @@ def run_digits(
   cells = cells or [(thr, nfe) for thr in THRESHOLDS for nfe in DIGIT_NFES]
   # ddpm takes all T = 1000 steps: the NFE 10-50 range is for the others.
   names = samplers or [k for k in sampling.SAMPLERS if k != "ddpm"]
-  records = {f: optimize.load_grid(f) for f in grid_files or []}
+  records = {f: grid_files.load_grid(f) for f in grid_files or []}
   spacings = spacings or ["auto"]
   for thr, nfe in cells:  # cell-major: a cut-short run still has every sampler's first cells
     for name, grid, kw in _digit_variants(names, nfe, spacings, records):

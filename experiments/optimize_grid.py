@@ -14,12 +14,13 @@ the fitted grid and for every standard grid the sampler accepts, and writes
 Usage::
 
   .venv/bin/python -m experiments.optimize_grid --workdir /work/runs/digits \
-    --sampler dpmpp_2m --nfe 5 --n 64
+    --config experiments/configs/digits.py --sampler dpmpp_2m --nfe 5 --n 64
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import time
 
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 
 from jdiff import continuous
 from jdiff.samplers import optimize
+from jdiff.training import grid_files
 
 # Deterministic samplers on sigma grids: a single reference solution exists for them.
 SAMPLERS = ("euler", "heun", "dpmpp_2m", "dpmpp_3m", "unipc")
@@ -128,9 +130,24 @@ def fit(
   return record, "\n".join(lines)
 
 
+def load_config(path: str):
+  """`get_config()` of a config file, as `--config=PATH` of experiments.main."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--config {path!r}: no such config file")
+  spec = importlib.util.spec_from_file_location("jdiff_grid_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workdir", required=True)
+  p.add_argument(
+    "--config",
+    default="experiments/configs/digits.py",
+    help="the config file the workdir was trained with",
+  )
   p.add_argument("--sampler", default="dpmpp_2m", choices=SAMPLERS)
   p.add_argument("--nfe", type=int, default=5)
   p.add_argument("--n", type=int, default=64, help="calibration batch")
@@ -142,7 +159,7 @@ def main(argv=None):
   p.add_argument("--out", default="", help="default: <workdir>/grids/<sampler>_nfe<NFE>.json")
   p.add_argument("--overwrite", action="store_true")
   args = p.parse_args(argv)
-  path = args.out or optimize.grid_path(
+  path = args.out or grid_files.grid_path(
     args.workdir, args.sampler, steps_for(args.sampler, args.nfe)
   )
   if os.path.exists(path) and not args.overwrite:  # before the fit, not after
@@ -157,10 +174,11 @@ def main(argv=None):
     ref_steps=args.ref_steps,
     sweeps=args.sweeps,
     candidates=args.candidates,
+    config=load_config(args.config),
   )
   print(report)
-  written = optimize.save_grid(path, record.pop("grid"), overwrite=args.overwrite, **record)
-  optimize.load_grid(written, sampler=args.sampler)  # what sample.grid_file will read
+  written = grid_files.save_grid(path, record.pop("grid"), overwrite=args.overwrite, **record)
+  grid_files.load_grid(written, sampler=args.sampler)  # what sample.grid_file will read
   print(f"wrote {written}")
 
 

@@ -20,6 +20,7 @@ from experiments.configs import default
 from jdiff import continuous, schedules
 from jdiff.runs.sample_options import sample_options
 from jdiff.samplers import dpm_solver, grids, optimize, unipc
+from jdiff.training import grid_files
 from jdiff.training.sampling import SIGMA_GRIDS, make_sample_fn
 from tests import analytic
 
@@ -106,9 +107,9 @@ def test_optimize_grid_rejects_bad_input():
 
 def test_record_round_trips_and_never_overwrites(tmp_path, fitted):
   res = fitted["result"]
-  path = optimize.grid_path(str(tmp_path), "dpmpp_2m", NFE)
+  path = grid_files.grid_path(str(tmp_path), "dpmpp_2m", NFE)
   assert path == str(tmp_path / "grids" / "dpmpp_2m_nfe5.json")
-  optimize.save_grid(
+  grid_files.save_grid(
     path,
     res.grid,
     sampler="dpmpp_2m",
@@ -117,40 +118,41 @@ def test_record_round_trips_and_never_overwrites(tmp_path, fitted):
     checkpoint_step=7,
     reference="dpmpp_2m 200 log_snr",
   )
-  rec = optimize.load_grid(path, sampler="dpmpp_2m", num_steps=NFE)
+  rec = grid_files.load_grid(path, sampler="dpmpp_2m", num_steps=NFE)
   np.testing.assert_array_equal(rec["sigmas"], res.grid)
   assert rec["nfe"] == NFE and rec["checkpoint_step"] == 7 and rec["loss_after"] == res.loss
   assert rec["objective"] == optimize.OBJECTIVE and rec["reference"] == "dpmpp_2m 200 log_snr"
   assert not list((tmp_path / "grids").glob("*.tmp*"))
   with pytest.raises(FileExistsError, match="dpmpp_2m_nfe5.json"):
-    optimize.save_grid(path, res.grid, sampler="dpmpp_2m", loss_before=1, loss_after=1)
-  optimize.save_grid(
+    grid_files.save_grid(path, res.grid, sampler="dpmpp_2m", loss_before=1, loss_after=1)
+  grid_files.save_grid(
     path, [5.0, 1.0, 0.0], sampler="euler", loss_before=1, loss_after=1, overwrite=True
   )
-  assert optimize.load_grid(path)["sampler"] == "euler"
-  assert optimize.nfe_of("heun", 3) == 5 and "heun_nfe5" in optimize.grid_path("w", "heun", 3)
+  assert grid_files.load_grid(path)["sampler"] == "euler"
+  assert optimize.nfe_of("heun", 3) == 5 and "heun_nfe5" in grid_files.grid_path("w", "heun", 3)
 
 
 def test_mismatched_missing_or_malformed_record_is_a_clear_error(tmp_path):
   path = str(tmp_path / "g.json")
-  optimize.save_grid(path, [9.0, 2.0, 0.5, 0.0], sampler="dpmpp_2m", loss_before=1, loss_after=1)
+  grid_files.save_grid(path, [9.0, 2.0, 0.5, 0.0], sampler="dpmpp_2m", loss_before=1, loss_after=1)
   with pytest.raises(ValueError, match=r"g\.json.*sampler 'dpmpp_2m', not 'unipc'"):
-    optimize.load_grid(path, sampler="unipc", num_steps=3)
+    grid_files.load_grid(path, sampler="unipc", num_steps=3)
   with pytest.raises(ValueError, match=r"g\.json.*num_steps=3 \(NFE 3\), not num_steps=5"):
-    optimize.load_grid(path, sampler="dpmpp_2m", num_steps=5)
+    grid_files.load_grid(path, sampler="dpmpp_2m", num_steps=5)
   with pytest.raises(FileNotFoundError, match="nope.json"):
-    optimize.load_grid(str(tmp_path / "nope.json"))
+    grid_files.load_grid(str(tmp_path / "nope.json"))
   bad = tmp_path / "bad.json"
+  fmt = grid_files.FORMAT
   for text in (
     "{not json",
     json.dumps({"sampler": "euler"}),
-    json.dumps(dict(format=optimize.FORMAT, sampler="euler", num_steps=2, sigmas=[1.0, 2.0, 0.0])),
-    json.dumps(dict(format=optimize.FORMAT, sampler="euler", num_steps=3, sigmas=[2.0, 1.0, 0.0])),
-    json.dumps(dict(format=optimize.FORMAT, sampler="euler", num_steps=1)),
+    json.dumps(dict(format=fmt, sampler="euler", num_steps=2, sigmas=[1.0, 2.0, 0.0])),
+    json.dumps(dict(format=fmt, sampler="euler", num_steps=3, sigmas=[2.0, 1.0, 0.0])),
+    json.dumps(dict(format=fmt, sampler="euler", num_steps=1)),
   ):
     bad.write_text(text)
     with pytest.raises(ValueError, match="bad.json"):
-      optimize.load_grid(str(bad))
+      grid_files.load_grid(str(bad))
 
 
 class _ExactEps(nn.Module):
@@ -171,8 +173,8 @@ class _ExactEps(nn.Module):
 def test_grid_file_drives_make_sample_fn(tmp_path, name, fn):
   schedule = schedules.linear(1000)
   grid = np.array([80.0, 4.0, 0.7, 0.1, 0.03, 0.0], np.float32)
-  path = optimize.save_grid(
-    optimize.grid_path(str(tmp_path), name, NFE), grid, sampler=name, loss_before=1, loss_after=1
+  path = grid_files.save_grid(
+    grid_files.grid_path(str(tmp_path), name, NFE), grid, sampler=name, loss_before=1, loss_after=1
   )
   c = default.get_config()
   c.sample.sampler, c.sample.num_steps, c.sample.grid_file = name, NFE, path

@@ -6,7 +6,7 @@ grids and call the model at fractional t through `jdiff.continuous.make_denoiser
 
 One family per module: `ddpm`, `ddim`, `pc`, `euler` (Euler, Heun, Euler-ancestral, EDM),
 `dpm_solver` (DPM-Solver++ 2M/3M and SDE), `unipc`; `grids` builds the timestep and sigma
-grids and `driver` holds the scan.
+grids, `driver` holds the scan and `optimize` fits few-step sigma grids to a model.
 """
 
 from jdiff.samplers.ddim import ddim_sample, ddim_step
@@ -37,5 +37,6 @@ from jdiff.samplers.grids import (
   sigma_grid,
   timestep_grid,
 )
+from jdiff.samplers.optimize import OptimizedGrid, optimize_grid
 from jdiff.samplers.pc import langevin_corrector_step, pc_sample, pc_step
 from jdiff.samplers.unipc import UniPCState, unipc_init_state, unipc_sample, unipc_step

@@ -25,16 +25,14 @@ neighbours; the window halves every sweep) as one jitted, vmapped call, and keep
 The loss on the calibration batch therefore never increases, and the grid stays strictly
 decreasing by construction.
 
-Storage: `save_grid` / `load_grid` write and read a small JSON file beside the model,
-`<workdir>/grids/<sampler>_nfe<NFE>.json` (`grid_path`), which `sample.grid_file` points
-`training.sampling.make_sample_fn` to.
+Storage beside the model (`<workdir>/grids/<sampler>_nfe<NFE>.json`, which `sample.grid_file`
+points `training.sampling.make_sample_fn` to) is `jdiff.training.grid_files`: this module is
+pure and writes nothing.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -42,11 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff.training.writers import atomic_write
-
 Array = jax.Array
 
-FORMAT = "jdiff.sigma_grid.v1"
 OBJECTIVE = "mse_to_reference"
 # Samplers whose model calls are 2N - 1 for N steps (Heun's trapezoid, no correction at 0).
 _TWO_CALL_SAMPLERS = ("heun", "edm")
@@ -149,118 +144,6 @@ def optimize_grid(
   return OptimizedGrid(grid, loss_init, loss, tuple(history))
 
 
-# ----------------------------------------------------------------------------- storage
-
-
 def nfe_of(sampler: str, num_steps: int) -> int:
   """Model calls of `sampler` on a grid of `num_steps` steps ending with 0."""
   return 2 * num_steps - 1 if sampler in _TWO_CALL_SAMPLERS else num_steps
-
-
-def grid_path(workdir: str, sampler: str, num_steps: int) -> str:
-  """`<workdir>/grids/<sampler>_nfe<NFE>.json`."""
-  return os.path.join(workdir, "grids", f"{sampler}_nfe{nfe_of(sampler, num_steps)}.json")
-
-
-def save_grid(
-  path: str,
-  grid,
-  *,
-  sampler: str,
-  loss_before: float,
-  loss_after: float,
-  checkpoint_step: int | None = None,
-  overwrite: bool = False,
-  **extra,
-) -> str:
-  """Writes the grid record atomically; an existing file is an error unless `overwrite`.
-
-  Args:
-    path: destination (see `grid_path`).
-    grid: [N + 1] strictly decreasing sigmas ending with 0.
-    sampler: the registry name of the sampler it was fitted for.
-    loss_before, loss_after: the objective on the calibration batch, initial / fitted.
-    checkpoint_step: the step of the parameters it was fitted on.
-    overwrite: replace an existing file.
-    **extra: other JSON-serialisable fields recorded as given (reference, batch size, ...).
-
-  Returns:
-    The path written.
-  """
-  sig = _check_sigmas(np.asarray(grid, np.float64).tolist(), path)
-  if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f"{path} exists; pass overwrite=True (or --overwrite) to replace it")
-  num_steps = len(sig) - 1
-  record = dict(
-    extra,
-    format=FORMAT,
-    objective=OBJECTIVE,
-    sampler=sampler,
-    num_steps=num_steps,
-    nfe=nfe_of(sampler, num_steps),
-    sigmas=[float(s) for s in sig],
-    loss_before=float(loss_before),
-    loss_after=float(loss_after),
-    checkpoint_step=None if checkpoint_step is None else int(checkpoint_step),
-  )
-
-  def write(p):
-    with open(p, "w", encoding="utf-8") as f:
-      json.dump(record, f, indent=2, sort_keys=True)
-
-  return atomic_write(path, write, overwrite=True)
-
-
-def load_grid(path: str, *, sampler: str | None = None, num_steps: int | None = None) -> dict:
-  """Reads and checks a grid record; `record['sigmas']` is a float32 [N + 1] array.
-
-  Args:
-    path: the JSON file.
-    sampler, num_steps: if given, the record must have been made for them.
-
-  Raises:
-    FileNotFoundError: no such file. ValueError: malformed, or made for another sampler or
-      number of steps; every message names the file.
-  """
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"sigma grid file {path!r} does not exist")
-  try:
-    with open(path, encoding="utf-8") as f:
-      record = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"sigma grid file {path!r} is not valid JSON: {e}") from None
-  if not isinstance(record, dict) or record.get("format") != FORMAT:
-    raise ValueError(f"sigma grid file {path!r} is not a {FORMAT} record")
-  for key in ("sampler", "num_steps", "sigmas"):
-    if key not in record:
-      raise ValueError(f"sigma grid file {path!r} has no {key!r}")
-  sig = _check_sigmas(record["sigmas"], path)
-  if len(sig) - 1 != record["num_steps"]:
-    raise ValueError(
-      f"sigma grid file {path!r}: {len(sig)} sigmas for num_steps={record['num_steps']}"
-    )
-  if sampler is not None and record["sampler"] != sampler:
-    raise ValueError(
-      f"sigma grid file {path!r} was made for sampler {record['sampler']!r}, not {sampler!r}"
-    )
-  if num_steps is not None and record["num_steps"] != num_steps:
-    raise ValueError(
-      f"sigma grid file {path!r} was made for num_steps={record['num_steps']} "
-      f"(NFE {record.get('nfe')}), not num_steps={num_steps}"
-    )
-  return dict(record, sigmas=np.asarray(sig, np.float32))
-
-
-def _check_sigmas(sigmas, path: str) -> list[float]:
-  ok = isinstance(sigmas, list) and len(sigmas) >= 2
-  ok = ok and all(isinstance(s, (int, float)) and math.isfinite(s) for s in sigmas)
-  if ok:
-    g = np.asarray(sigmas, np.float64)
-    # Strictly decreasing in float32 too: the samplers run on the float32 grid.
-    ok = g[-1] == 0.0 and np.all(np.diff(g) < 0) and np.all(np.diff(g.astype(np.float32)) < 0)
-  if not ok:
-    raise ValueError(
-      f"sigma grid in {path!r} must be a list of >= 2 finite, strictly decreasing floats "
-      f"(also in float32) ending with 0; got {sigmas!r}"
-    )
-  return [float(s) for s in sigmas]

@@ -40,8 +40,9 @@ import jax
 
 from jdiff.models.bridge import make_model_fn
 from jdiff.models.guidance import cfg_model_fn
-from jdiff.samplers import ddim, ddpm, dpm_solver, euler, optimize, pc, unipc
+from jdiff.samplers import ddim, ddpm, dpm_solver, euler, pc, unipc
 from jdiff.schedules import Schedule
+from jdiff.training import grid_files
 
 Array = jax.Array
 
@@ -179,7 +180,7 @@ def make_sample_fn(
       is guided, as GLIDE / ADM do.
     guidance_rescale: guidance rescale phi.
     null_label: the model's null label; None for unconditional models.
-    grid_file: a sigma grid record (`jdiff.samplers.optimize.save_grid`, e.g. from
+    grid_file: a sigma grid record (`jdiff.training.grid_files.save_grid`, e.g. from
       experiments/optimize_grid.py) made for this sampler and num_steps; the sampler then
       steps along its sigmas instead of `spacing`'s grid (the grid ends with 0, so unipc's
       final step is the jump to 0). "" = off. Sigma-grid samplers only.
@@ -206,7 +207,7 @@ def make_sample_fn(
     if grid_file and grid is not None:
       raise ValueError(f"pass grid_file ({grid_file!r}) or grid, not both")
     if grid_file:
-      grid = optimize.load_grid(grid_file, sampler=sampler, num_steps=num_steps)["sigmas"]
+      grid = grid_files.load_grid(grid_file, sampler=sampler, num_steps=num_steps)["sigmas"]
     for key in ("spacing", "num_steps", "final_sigma"):
       kw.pop(key, None)
     kw["grid"] = grid
