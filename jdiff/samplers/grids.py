@@ -156,9 +156,15 @@ def sigma_grid(
     if spacing in ("trailing", "quadratic"):  # the others already end at sigma_min
       g = g.at[-1].set(continuous.sigma_min_max(schedule)[0])
     return g
+  if (sigma_min is not None or sigma_max is not None) and spacing not in ("karras", "log_snr"):
+    raise ValueError(
+      f"sigma_min / sigma_max override the end points of the 'karras' and 'log_snr' grids "
+      f"only, got spacing={spacing!r}"
+    )
   s_min, s_max = continuous.sigma_min_max(schedule)
   s_min = s_min if sigma_min is None else jnp.asarray(sigma_min, jnp.float32)
-  s_max = s_max if sigma_max is None else jnp.asarray(sigma_max, jnp.float32)
+  # Above the schedule's sigma_max the model is undefined: clamp there, as EDM's sampler does.
+  s_max = s_max if sigma_max is None else jnp.minimum(jnp.asarray(sigma_max, jnp.float32), s_max)
   zero = jnp.zeros((1,), jnp.float32)
   if spacing == "karras":
     return karras_sigmas(s_min, s_max, num_steps, rho=rho)
@@ -181,6 +187,7 @@ def sigma_grid_and_start(
   rho: float,
   grid: jax.Array | None = None,
   final_sigma: str = "zero",
+  sigma_max: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """(sigma grid, VE start x_T sqrt(1 + sigma_0^2)) for the sigma-grid samplers.
 
@@ -190,6 +197,8 @@ def sigma_grid_and_start(
     num_steps, spacing, rho: the generated grid (`sigma_grid`).
     grid: explicit decreasing sigma grid ending with 0 (overrides the above).
     final_sigma: 'zero' or 'sigma_min' (generated grids only; see `sigma_grid`).
+    sigma_max: the generated grid's largest level ('karras' / 'log_snr'; None: the
+      schedule's sigma_max).
 
   Returns:
     (float32 [N + 1] grid, x_ve [B, ...]).
@@ -203,7 +212,9 @@ def sigma_grid_and_start(
       )
     grid = continuous.check_sigma_grid(grid)
   else:
-    grid = sigma_grid(schedule, num_steps, spacing=spacing, rho=rho, final=final_sigma)
+    grid = sigma_grid(
+      schedule, num_steps, spacing=spacing, rho=rho, final=final_sigma, sigma_max=sigma_max
+    )
   return grid, x_T * jnp.sqrt(1.0 + grid[0] ** 2).astype(x_T.dtype)
 
 
@@ -221,6 +232,7 @@ def denoiser_grid_and_start(
   rho: float,
   grid: jax.Array | None = None,
   final_sigma: str = "zero",
+  sigma_max: float | None = None,
 ) -> tuple[continuous.Denoiser, jax.Array, jax.Array]:
   """The common start of the sigma-grid samplers: (denoiser, sigma grid, VE start).
 
@@ -236,7 +248,14 @@ def denoiser_grid_and_start(
     dynamic_percentile=dynamic_percentile,
   )
   grid, x = sigma_grid_and_start(
-    schedule, x_T, num_steps=num_steps, spacing=spacing, rho=rho, grid=grid, final_sigma=final_sigma
+    schedule,
+    x_T,
+    num_steps=num_steps,
+    spacing=spacing,
+    rho=rho,
+    grid=grid,
+    final_sigma=final_sigma,
+    sigma_max=sigma_max,
   )
   return denoise, grid, x
 
