@@ -16,6 +16,7 @@ import pytest
 
 from jdiff import continuous, diffusion, schedules
 from jdiff.runs.sample_options import sample_options, validate_sample_config
+from jdiff.samplers import grids
 from jdiff.training.sampling import SAMPLERS, make_sample_fn, resolve_options
 from tests import analytic
 
@@ -98,9 +99,9 @@ def test_auto_spacing_and_eta_per_family():
     "ddim": dict(spacing="trailing", eta=0.0),
     "pc": dict(spacing="trailing", eta=1.0),
     "euler": dict(spacing="log_snr"),
-    "heun": dict(spacing="log_snr"),
+    "heun": dict(spacing="log_snr", sigma_max=80.0),
     "euler_a": dict(spacing="trailing", eta=1.0),
-    "edm": dict(spacing="log_snr", s_churn=10.0),
+    "edm": dict(spacing="log_snr", s_churn=10.0, sigma_max=80.0),
     "dpmpp_2m": dict(spacing="log_snr"),
     "dpmpp_2m_sde": dict(spacing="trailing", eta=1.0),
     "dpmpp_3m": dict(spacing="log_snr", eta=0.0),
@@ -244,3 +245,14 @@ def test_guided_learned_variance_model_guides_the_eps_half_only(monkeypatch):
   assert seen["learn_sigma"] is True and seen["guidance_scale"] == 3.0
   # cond = uncond for this model, so guidance leaves the data prediction X0 unchanged.
   np.testing.assert_allclose(np.asarray(x), np.broadcast_to(target, x.shape), atol=1e-5)
+
+
+def test_sigma_max_starts_the_grid_clamped_to_the_schedule():
+  sched = schedules.cosine()
+  s_min, s_max = (float(v) for v in continuous.sigma_min_max(sched))
+  g = np.asarray(grids.sigma_grid(sched, 5, spacing="log_snr", sigma_max=80.0))
+  np.testing.assert_allclose(g[:-1], np.geomspace(80.0, s_min, 5), rtol=1e-5)
+  g = np.asarray(grids.sigma_grid(sched, 5, spacing="karras", sigma_max=1e9))
+  np.testing.assert_allclose(g[0], s_max, rtol=1e-6)
+  with pytest.raises(ValueError, match=r"'karras' and 'log_snr' grids only.*'uniform'"):
+    grids.sigma_grid(sched, 5, spacing="uniform", sigma_max=80.0)
