@@ -1,6 +1,6 @@
 """One `Setup` for every mode: what a run derives from (config, workdir).
 
-Two kinds of config exist: diffusion configs (experiments/configs/default.py and its
+Two kinds of config exist: diffusion configs (jdiff/configs/default.py and its
 variants) and stage-1 autoencoder configs (those with an `autoencoder` section, e.g.
 ae_digits.py). `Setup` validates either (shared checks, then the kind's own), prepares
 the dataset (process 0 first, the others after a barrier), builds the mesh, the model,

@@ -104,7 +104,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.use_ema = True
 
   # Latent diffusion: the data are the latents of a frozen stage-1 autoencoder (see
-  # experiments/configs/ae_digits.py); empty = pixel-space diffusion.
+  # jdiff/configs/ae_digits.py); empty = pixel-space diffusion.
   c.latent = ml_collections.ConfigDict()
   c.latent.autoencoder_workdir = ""
   c.latent.scale_factor = 0.0  # 0: use the 1/std computed from the data by stage 1
