@@ -35,6 +35,12 @@ def _parse_args(argv=None):
   p.add_argument("--search", default="adm_imagenet64", help="preset whose ch is searched")
   p.add_argument("--budget_gib", type=float, default=16.0)
   p.add_argument("--max_ch", type=int, default=2048)
+  p.add_argument(
+    "--estimate",
+    action="store_true",
+    help="search without compiling each width: exact state bytes (from the shardings) plus "
+    "the temporaries of the compiled base width scaled by ch / ch_base",
+  )
   return p.parse_args(argv)
 
 
@@ -188,6 +194,40 @@ def widest(name: str, mesh, budget: float, per_device_batch: int, dtype: str, ma
   return lo, lo_r, b * 64
 
 
+def state_bytes(module: UNet, image_shape, mesh) -> tuple[int, int]:
+  """(parameter count, per-device bytes of the FSDP-laid-out TrainState), no compile."""
+  optimizer = make_optimizer(lr=1e-4)
+  shapes = jax.eval_shape(
+    lambda k: init_train_state(
+      module, optimizer, k, jnp.zeros((1, *image_shape)), num_classes=module.num_classes
+    ),
+    jax.random.key(0),
+  )
+  total = 0
+  for s, sh in zip(
+    jax.tree.leaves(shapes), jax.tree.leaves(sharding.fsdp_shardings(shapes, mesh)), strict=True
+  ):
+    n = 1
+    for d in sh.shard_shape(s.shape):
+      n *= d
+    total += n * jnp.dtype(s.dtype).itemsize
+  return param_count(shapes.params), total
+
+
+def widest_estimate(name: str, mesh, budget: float, base: dict, base_ch: int, max_ch: int):
+  """The largest ch (multiple of 64) with exact state + base temporaries x ch / base_ch
+  (activations grow linearly in the width at a fixed batch and resolution) under budget."""
+  best = None
+  for ch in range(64, max_ch + 1, 64):
+    module, shape = build(name, ARGS.dtype, ch=ch)
+    params, state = state_bytes(module, shape, mesh)
+    total = state + (base["args"] - base["state"]) + base["temp"] * ch / base_ch
+    if total > budget:
+      return best, ch
+    best = (ch, params, total)
+  return best, None
+
+
 def main():
   n = jax.device_count()
   print(
@@ -195,11 +235,26 @@ def main():
   )
   print("| model | layout | params | state/dev GiB | args/dev | temp/dev | total/dev | compile s |")
   print("|---|---|---|---|---|---|---|---|")
+  base = {}
   for name in filter(None, ARGS.presets.split(",")):
     for how, mesh in meshes(n).items():
       r = measure(*build(name, ARGS.dtype), mesh, ARGS.per_device_batch)
+      base[name, how] = r
       print(row(name, how, r), flush=True)
-  if ARGS.search:
+  if ARGS.search and ARGS.estimate:
+    budget = ARGS.budget_gib * GIB
+    base_ch = MODELS[ARGS.search][0]["ch"]
+    for how, mesh in meshes(n).items():
+      best, first_bad = widest_estimate(
+        ARGS.search, mesh, budget, base[ARGS.search, how], base_ch, ARGS.max_ch
+      )
+      ch, params, total = best or (None, 0, 0)
+      print(
+        f"widest {ARGS.search} under {ARGS.budget_gib} GiB/device, {how} (estimate): ch={ch} "
+        f"({params / 1e6:.0f}M params, {total / GIB:.2f} GiB); ch={first_bad} does not fit",
+        flush=True,
+      )
+  elif ARGS.search:
     budget = ARGS.budget_gib * GIB
     for how, mesh in meshes(n).items():
       ch, r, first_bad = widest(

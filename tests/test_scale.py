@@ -7,6 +7,7 @@ every one costs an interpreter start and compiles).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -252,12 +253,34 @@ def _finish(procs, timeout=420):
   return outs
 
 
+def _steps_logged(wd) -> list[int]:
+  path = os.path.join(wd, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [r["step"] for r in map(json.loads, f) if "train/loss" in r]
+
+
+def _sigterm_when(procs, victim, ready, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline and all(p.poll() is None for p in procs) and not ready():
+    time.sleep(0.2)
+  procs[victim].send_signal(signal.SIGTERM)
+  outs = _finish(procs)
+  steps = [re.search(r"SIGTERM: saved checkpoint (\d+)", e) for e in outs]
+  assert all(steps), [e[-2000:] for e in outs]
+  assert steps[0].group(1) == steps[1].group(1)
+  return int(steps[0].group(1)), outs
+
+
 def test_two_processes_fsdp_sigterm_and_resume(tmp_path, digits_dir):
   """gloo on 127.0.0.1, 2 processes x 2 devices, mesh (2 data x 2 fsdp); SIGTERM to one.
 
-  JAX's preemption service (on by default with jax.distributed) tells both processes, which
-  stop at the same step with no per-step collective and save one checkpoint; a restart
-  resumes both from it.
+  Run 1: JAX's preemption service (on by default with jax.distributed) tells both processes,
+  which stop at the same step with no per-step collective and save one checkpoint. Run 2
+  resumes both from it with the service off, so the processes agree every 3 steps
+  (`train.preemption_check_every`); a SIGTERM to the other process stops both at the same
+  multiple of 3, with the same parameters.
   """
   wd = str(tmp_path / "dist")
   env = dict(
@@ -272,25 +295,19 @@ def test_two_processes_fsdp_sigterm_and_resume(tmp_path, digits_dir):
     "train.num_steps": 400,
     "train.ckpt_every": 0,
     "train.log_every": 1,
+    "train.preemption_check_every": 3,
   }
   procs = _launch(wd, digits_dir, overrides, env)
-  metrics = os.path.join(wd, "metrics.jsonl")
-  deadline = time.time() + 300
-  while time.time() < deadline and all(p.poll() is None for p in procs):
-    if os.path.exists(metrics) and len(open(metrics).readlines()) >= 2:
-      break
-    time.sleep(0.2)
-  procs[1].send_signal(signal.SIGTERM)
-  outs = _finish(procs)
-  steps = [re.search(r"SIGTERM: saved checkpoint (\d+)", e) for e in outs]
-  assert all(steps), [e[-2000:] for e in outs]
-  step = int(steps[0].group(1))
-  assert int(steps[1].group(1)) == step and 2 <= step < 400
+  step, _ = _sigterm_when(procs, 1, lambda: len(_steps_logged(wd)) >= 1)
+  assert 1 <= step < 400
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == [str(step)]
 
-  outs = _finish(_launch(wd, digits_dir, {**overrides, "train.num_steps": step + 2}, env))
+  env["JAX_ENABLE_PREEMPTION_SERVICE"] = "false"
+  procs = _launch(wd, digits_dir, overrides, env)
+  step2, outs = _sigterm_when(procs, 0, lambda: max(_steps_logged(wd)) > step)
   for err in outs:
     assert "resumed from" in err and f"at step {step}" in err
-  sums = [re.search(rf"params checksum (\S+) at step {step + 2}", e).group(1) for e in outs]
+  assert step2 > step and step2 % 3 == 0
+  sums = [re.search(rf"params checksum (\S+) at step {step2}", e).group(1) for e in outs]
   assert sums[0] == sums[1]
   shutil.rmtree(wd)
