@@ -46,6 +46,26 @@ def test_fsdp_rule_and_mesh_errors():
     sharding.mesh_shape(8, data=-1, fsdp=0)
 
 
+@pytest.mark.parametrize(
+  "key,value,message",
+  [
+    ("mesh.fsdp", 3, "the fixed sizes multiply to 3, which does not divide the device count 1"),
+    ("mesh.data", 0, "config.mesh.data must be a positive integer or -1, got 0"),
+    ("train.grad_accum_steps", 0, "config.train.grad_accum_steps must be a positive integer"),
+    ("train.profile_steps", (5, 2), "config.train.profile_steps must be two integers (a, b)"),
+    ("train.grad_accum_steps", 3, "batch_size=8 must be a multiple of grad_accum_steps=3"),
+  ],
+)
+def test_bad_scale_config(tmp_path, digits_dir, key, value, message):
+  from test_training import tiny_config  # noqa: PLC0415
+
+  from jdiff.runs.setup import Setup  # noqa: PLC0415
+
+  with pytest.raises(ValueError, match=re.escape(message)):
+    with Setup(tiny_config(digits_dir, **{key: value}), str(tmp_path / "w")) as setup:
+      setup.train_iterator()
+
+
 # ----------------------------------------------------------------------------- one step, 8 devices
 
 # One Adam step from the same state on the same batch: a 1-device reference, FSDP on
