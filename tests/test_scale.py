@@ -189,10 +189,8 @@ s = diffusion.train_and_evaluate(cfg(**{"mesh.data": 2, "mesh.fsdp": 2, "train.n
 print("AT3", repr(diffusion.params_checksum(s.params)))
 shutil.copytree(wd, wd + "_one")
 shutil.copytree(wd, wd + "_data4")
-s = diffusion.train_and_evaluate(cfg(**{"mesh.data": 2, "mesh.fsdp": 2}), wd)
-print("REF", repr(diffusion.params_checksum(s.params)))
-s = diffusion.train_and_evaluate(cfg(**{"mesh.data": 4, "mesh.fsdp": 1}), wd + "_data4")
-print("DATA4", repr(diffusion.params_checksum(s.params)))
+diffusion.train_and_evaluate(cfg(**{"mesh.data": 2, "mesh.fsdp": 2}), wd)
+diffusion.train_and_evaluate(cfg(**{"mesh.data": 4, "mesh.fsdp": 1}), wd + "_data4")
 """
 
 
@@ -204,7 +202,7 @@ def test_resume_on_other_meshes(tmp_path, digits_dir):
 
   wd = str(tmp_path / "run")
   proc = run_python(["-c", RESUME_SCRIPT, digits_dir, wd], devices=4)
-  sums = dict(re.findall(r"^(AT3|REF|DATA4) (\S+)$", proc.stdout, re.M))
+  sums = dict(re.findall(r"^(AT3) (\S+)$", proc.stdout, re.M))
   assert "resumed from" in proc.stderr and "at step 3" in proc.stderr
 
   one = wd + "_one"
@@ -222,11 +220,11 @@ def test_resume_on_other_meshes(tmp_path, digits_dir):
   for name in ("one", "data4"):
     np.testing.assert_allclose(losses[name][6], losses["ref"][6], rtol=1e-5, err_msg=name)
     np.testing.assert_allclose(losses[name][4], losses["ref"][4], rtol=1e-5, err_msg=name)
-  np.testing.assert_allclose(float(sums["DATA4"]), float(sums["REF"]), rtol=1e-6)
-  np.testing.assert_allclose(diffusion.params_checksum(state.params), float(sums["REF"]), 1e-6)
   ref = restore_state(wd, cfg)
-  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref.params), strict=True):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  for other in (state, restore_state(wd + "_data4", cfg)):
+    assert int(other.step) == 6
+    for a, b in zip(jax.tree.leaves(other.params), jax.tree.leaves(ref.params), strict=True):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- 2 processes
