@@ -165,7 +165,7 @@ print("OK")
 
 
 def test_fsdp_accumulation_and_mixed_precision_match_one_device(tmp_path, digits_dir):
-  proc = run_python(["-c", STEP_SCRIPT, digits_dir, str(tmp_path / "w")], devices=8)
+  proc = run_python(["-c", STEP_SCRIPT, digits_dir, str(tmp_path / "w")], devices=8, timeout=1500)
   assert "OK" in proc.stdout, proc.stdout
 
 
@@ -201,7 +201,7 @@ def test_resume_on_other_meshes(tmp_path, digits_dir):
   from jdiff.runs import diffusion  # noqa: PLC0415
 
   wd = str(tmp_path / "run")
-  proc = run_python(["-c", RESUME_SCRIPT, digits_dir, wd], devices=4)
+  proc = run_python(["-c", RESUME_SCRIPT, digits_dir, wd], devices=4, timeout=1500)
   sums = dict(re.findall(r"^(AT3) (\S+)$", proc.stdout, re.M))
   assert "resumed from" in proc.stderr and "at step 3" in proc.stderr
 
@@ -257,7 +257,7 @@ def _launch(wd, digits_dir, overrides, env):
   ]
 
 
-def _finish(procs, timeout=420):
+def _finish(procs, timeout=1500):
   outs = []
   try:
     for p in procs:
