@@ -329,3 +329,48 @@ def test_two_processes_fsdp_sigterm_and_resume(tmp_path, digits_dir):
   sums = [re.search(rf"params checksum (\S+) at step {step2}", e).group(1) for e in outs]
   assert sums[0] == sums[1]
   shutil.rmtree(wd)
+
+
+# ----------------------------------------------------------------------------- profiling
+
+
+def test_profile_steps_write_a_tensorboard_trace(tmp_path):
+  """train_loop(profile_steps=(1, 3)) traces steps 2..3 into <dir>/plugins/profile/<run>/."""
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from jdiff.training.loop import train_loop  # noqa: PLC0415
+
+  step = jax.jit(lambda s: (s + 1.0, {"loss": jnp.sum(s)}))
+  saved = []
+  state, last, preempted = train_loop(
+    jnp.zeros((4,)),
+    step,
+    start=0,
+    total=4,
+    batch_size=1,
+    log_every=2,
+    ckpt_every=0,
+    save=lambda s, st: saved.append(s),
+    log=lambda *a: None,
+    profile_steps=(1, 3),
+    profile_dir=str(tmp_path / "tb"),
+  )
+  assert last == 4 and not preempted and saved == [4]
+  np.testing.assert_array_equal(np.asarray(state), 4.0)
+  runs = os.listdir(tmp_path / "tb" / "plugins" / "profile")
+  assert len(runs) == 1
+  files = os.listdir(tmp_path / "tb" / "plugins" / "profile" / runs[0])
+  assert any(f.endswith(".xplane.pb") for f in files), files
+  with pytest.raises(ValueError, match=r"profile_steps=\(1, 3\) needs a profile directory"):
+    train_loop(
+      jnp.zeros(()),
+      step,
+      start=0,
+      total=1,
+      batch_size=1,
+      log_every=1,
+      ckpt_every=0,
+      save=lambda *a: None,
+      log=lambda *a: None,
+      profile_steps=(1, 3),
+    )
