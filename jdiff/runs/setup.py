@@ -104,6 +104,20 @@ def _check_diffusion(config) -> None:
   validate_sample_config(config.sample, latent=bool(config.latent.autoencoder_workdir))
   if not 0.0 <= config.ema_decay < 1.0:
     raise ValueError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
+  _check_scale(config)
+
+
+def _check_scale(config) -> None:
+  """The cluster-scale keys (issue 15): accumulation, preemption period, profiling, mesh."""
+  for key in ("grad_accum_steps", "preemption_check_every"):
+    _check_int(config, "train", key, 1)
+  steps = tuple(config.train.profile_steps)
+  if len(steps) != 2 or not all(isinstance(s, int) for s in steps) or not 0 <= steps[0] <= steps[1]:
+    raise ValueError(
+      f"config.train.profile_steps must be two integers (a, b) with 0 <= a <= b, got {steps!r}"
+    )
+  _check_int(config, "mesh", "fsdp_min_size", 0)
+  sharding.mesh_shape(jax.device_count(), data=config.mesh.data, fsdp=config.mesh.fsdp)
 
 
 def _check_autoencoder(config) -> None:
@@ -234,7 +248,10 @@ class Setup:
     else:
       self.module = build_autoencoder(config, self.image_shape)
       self.latent_shape = latent_shape_of(self.module, self.image_shape)
-    self.mesh = sharding.make_mesh()
+    if "mesh" in config:
+      self.mesh = sharding.make_mesh_2d(data=config.mesh.data, fsdp=config.mesh.fsdp)
+    else:
+      self.mesh = sharding.make_mesh()
     self.repl = sharding.replicated(self.mesh)
     self.data_sh = sharding.data_sharding(self.mesh)
     self.optimizer = make_optimizer(total_steps=config.train.num_steps, **config.optim)
@@ -299,6 +316,12 @@ class Setup:
     """This process's shuffled training batches of config.data.train_split."""
     c = self.config
     sharding.check_global_batch(c.train.batch_size, self.mesh)
+    k, n_dev = c.train.get("grad_accum_steps", 1), self.mesh.devices.size
+    if c.train.batch_size % (k * n_dev):
+      raise ValueError(
+        f"config.train.batch_size={c.train.batch_size} must be a multiple of "
+        f"grad_accum_steps={k} x {n_dev} devices, so that every microbatch fills the devices"
+      )
     return pipeline.make_train_iterator(
       self.source(c.data.train_split),
       global_batch_size=c.train.batch_size,
@@ -333,22 +356,35 @@ class Setup:
 
   # --------------------------------------------------------------------------- state
 
-  def init_state(self):
-    """The step-0 state (`TrainState` or `AutoencoderState`), replicated."""
+  def state_shardings(self, shapes):
+    """The state's shardings: by the FSDP rule over config.mesh for diffusion (replicated
+    when fsdp = 1), replicated for the autoencoder. `shapes`: the state or its shapes."""
+    if self.kind != "diffusion" or "mesh" not in self.config:
+      return jax.tree.map(lambda _: self.repl, shapes)
+    return sharding.fsdp_shardings(shapes, self.mesh, min_size=self.config.mesh.fsdp_min_size)
+
+  def _init_fn(self):
     x = jnp.zeros((1, *self.image_shape), jnp.float32)
     if self.kind == "diffusion":
-      init = functools.partial(
+      return functools.partial(
         init_train_state, self.module, self.optimizer, sample_x=x, num_classes=self.num_classes
       )
-    else:
-      init = functools.partial(init_autoencoder_state, self.module, self.optimizer, sample_x=x)
-    return jax.jit(init, out_shardings=self.repl)(self.keys.init)
+    return functools.partial(init_autoencoder_state, self.module, self.optimizer, sample_x=x)
 
-  def abstract_state(self):
-    """`init_state`'s shapes and dtypes, replicated (nothing computed)."""
+  def init_state(self):
+    """The step-0 state (`TrainState` or `AutoencoderState`), laid out by `state_shardings`
+    (replicated unless config.mesh.fsdp > 1)."""
+    init = self._init_fn()
+    shapes = jax.eval_shape(init, self.keys.init)
+    return jax.jit(init, out_shardings=self.state_shardings(shapes))(self.keys.init)
+
+  def abstract_state(self, *, sharded: bool = False):
+    """`init_state`'s shapes and dtypes (nothing computed): replicated, or with
+    `state_shardings` if `sharded`."""
+    shapes = jax.eval_shape(self._init_fn(), self.keys.init)
+    shs = self.state_shardings(shapes) if sharded else jax.tree.map(lambda _: self.repl, shapes)
     return jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.repl),
-      jax.eval_shape(self.init_state),
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shs
     )
 
   def restore_params(self, field: str = "params") -> tuple[Any, int]:
@@ -384,6 +420,9 @@ class Setup:
       log_every=t.log_every,
       ckpt_every=t.ckpt_every,
       save=lambda step, state: self.checkpointer.save(step, state, train_iter),
+      preemption_check_every=t.get("preemption_check_every", 1),
+      profile_steps=tuple(t.get("profile_steps", (0, 0))),
+      profile_dir=os.path.join(self.workdir, "tensorboard"),
       **kwargs,
     )
     self.checkpointer.wait()
