@@ -78,7 +78,7 @@ def test_bad_scale_config(tmp_path, digits_dir, key, value, message):
 # the update itself is > 100 atol).
 STEP_SCRIPT = r"""
 import sys, jax, jax.numpy as jnp, numpy as np
-from experiments.configs import tiny
+from jdiff.configs import tiny
 from jdiff.runs import diffusion
 from jdiff.runs.setup import Setup
 from jdiff.training import sharding
@@ -175,7 +175,7 @@ SCALE = {"mesh.fsdp_min_size": 256, "optim.warmup_steps": 0, "optim.eps": 1e-3}
 
 RESUME_SCRIPT = r"""
 import shutil, sys
-from experiments.configs import tiny
+from jdiff.configs import tiny
 from jdiff.runs import diffusion
 def cfg(**kw):
   c = tiny.get_config(); c.data.data_dir = sys.argv[1]
