@@ -126,6 +126,8 @@ def _train(setup: Setup, writer: MetricWriter) -> TrainState:
     setup.module.__class__.__name__,
   )
   state, start = ckpt.restore_or_keep(state, train_iter)
+  if writer.truncate_after(start):  # rows of the interrupted run's lost steps
+    logging.info("metrics.jsonl: dropped the rows past the restored step %d", start)
 
   train_step = jax.jit(
     make_train_step(
@@ -165,6 +167,7 @@ def _train(setup: Setup, writer: MetricWriter) -> TrainState:
         "train/loss": loss,
         "train/img_per_s": rate,
         "train/grad_norm": float(metrics[-1]["grad_norm"]),
+        "train/window_steps": len(metrics),  # how many steps the means average
       },
     )
 
