@@ -86,8 +86,8 @@ def unknown_override(argv) -> str | None:
       if not isinstance(node, ConfigDict) or key not in node:
         keys = list(node.keys()) if isinstance(node, ConfigDict) else []
         close = difflib.get_close_matches(key, keys, n=1)
-        hint = f' Did you mean "{close[0]}"?' if close else ""
-        bad.append(f'{arg}: {where} has no key "{key}".{hint}')
+        hint = f'. Did you mean "{close[0]}"?' if close else ""
+        bad.append(f'{arg}: {where} has no key "{key}"{hint}')
         break
       node, where = node[key], f"{where}.{key}"
   if not bad:
