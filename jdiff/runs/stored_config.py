@@ -82,8 +82,17 @@ def _describe(changes: dict) -> str:
   )
 
 
+def has_checkpoints(workdir: str) -> bool:
+  """Whether `<workdir>/checkpoints` holds a committed step (a directory named by a number)."""
+  directory = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+
+
 def check_or_store(config, workdir: str, *, write: bool) -> None:
   """Compares `config` with the workdir's stored one; stores it if there is none.
+
+  The stored config binds only while the workdir holds a checkpoint (the config of a run
+  that failed before its first save, or whose steps were all set aside, is replaced).
 
   Args:
     config: the run's config.
@@ -97,7 +106,7 @@ def check_or_store(config, workdir: str, *, write: bool) -> None:
   """
   path = os.path.join(os.path.abspath(workdir), CONFIG_FILE)
   current = flatten(config)
-  if not os.path.isfile(path):
+  if not os.path.isfile(path) or not has_checkpoints(workdir):
     if write and jax.process_index() == 0:
       write_json(path, current)
     return

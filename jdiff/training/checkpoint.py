@@ -225,8 +225,7 @@ class Checkpointer:
       bad.append(step)
     raise NoIntactCheckpointError(
       f"no intact checkpoint under {self.directory}: step(s) {', '.join(map(str, bad))} "
-      "failed verification and were set aside (*.corrupt); remove them, or use a fresh "
-      "--workdir, to start over"
+      "failed verification and were set aside (*.corrupt); training again starts from step 0"
     )
 
   def restore(self, abstract_state: Any, data_iter=None, *, step: int | None = None) -> Any:
