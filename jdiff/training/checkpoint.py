@@ -225,7 +225,8 @@ class Checkpointer:
       bad.append(step)
     raise NoIntactCheckpointError(
       f"no intact checkpoint under {self.directory}: step(s) {', '.join(map(str, bad))} "
-      "failed verification and were set aside (*.corrupt); training again starts from step 0"
+      "failed verification (each moved aside to <step>.corrupt unless another run holds the "
+      "workdir); training again starts from step 0"
     )
 
   def restore(self, abstract_state: Any, data_iter=None, *, step: int | None = None) -> Any:
