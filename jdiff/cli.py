@@ -20,10 +20,12 @@ Multi-host: pass --coordinator_address/--num_processes/--process_id, or let
 from __future__ import annotations
 
 import difflib
+import gc
 import logging as pylogging
 import os
 import runpy
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
@@ -57,40 +59,103 @@ MODES = {
 
 
 class _QuietLibraries:
-  """Drops INFO chatter from orbax's internals (keeps their warnings and errors)."""
+  """Drops INFO chatter from orbax's internals; keeps their warnings and errors, but as one
+  line each: a failed save (a full disk) otherwise prints the same traceback once per
+  orbax thread, hundreds of lines above the cause."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+    if "/orbax/" not in record.pathname:
+      return True
+    if record.levelno < pylogging.WARNING:
+      return False
+    record.exc_info, record.exc_text = None, None
+    return True
+
+
+def _config_path(argv) -> str | None:
+  """The file of the last --config=PATH[:ARG] (absl takes the last one); '-config' too."""
+  paths = [a.split("=", 1)[1] for a in argv if a.lstrip("-").startswith("config=")]
+  return paths[-1].split(":")[0] if paths else None
 
 
 def unknown_override(argv) -> str | None:
-  """Names the first `--config.KEY=VALUE` whose KEY the config file does not define."""
-  paths = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-  if not paths:
+  """Names every `--config.KEY=VALUE` whose KEY the config file does not define."""
+  path = _config_path(argv)
+  if path is None:
     return None
-  config = runpy.run_path(paths[-1].split(":")[0])["get_config"]()
-  for arg in (a for a in argv if a.startswith("--config.")):
+  config = runpy.run_path(path)["get_config"]()
+  bad = []
+  for arg in argv:
+    name = arg.lstrip("-")
+    if not (arg.startswith("-") and name.startswith("config.")):
+      continue
     node, where = config, "config"
-    for key in arg[len("--config.") :].split("=")[0].split("."):
+    for key in name[len("config.") :].split("=")[0].split("."):
       if not isinstance(node, ConfigDict) or key not in node:
         keys = list(node.keys()) if isinstance(node, ConfigDict) else []
         close = difflib.get_close_matches(key, keys, n=1)
-        hint = f' Did you mean "{close[0]}"?' if close else ""
-        return f"bad config override {arg}: {where} has no key {key!r}.{hint}"
+        hint = f'. Did you mean "{close[0]}"?' if close else ""
+        bad.append(f'{arg}: {where} has no key "{key}"{hint}')
+        break
       node, where = node[key], f"{where}.{key}"
-  return None
+  if not bad:
+    return None
+  return ("bad config override " if len(bad) == 1 else "bad config overrides ") + "; ".join(bad)
 
 
 def parse_flags(argv):
-  """absl's parser, with one clear line for a bad --config.KEY=VALUE override."""
+  """absl's parser, with one clear last line for a bad flag, a missing config file or a bad
+  --config.KEY=VALUE override."""
+  path = _config_path(argv)
+  if path is not None and not os.path.isfile(path):  # ml_collections would fail lazily, twice
+    _fatal(f"config file {path} does not exist (--config={path})")
   try:
     return FLAGS(argv)
   except flags.Error as e:  # bad flag names or values, absl's own clear message
-    message = f"Flags parsing error: {e}"
+    sys.stderr.write("Pass --helpshort or --helpfull to see help on flags.\n")
+    _fatal(f"Flags parsing error: {e}")
   except (AttributeError, KeyError) as e:  # ml_collections: the override names no config key
-    message = unknown_override(argv) or f"bad config override: {e!r}"
-  sys.stderr.write(f"FATAL {message}\nPass --helpshort or --helpfull to see help on flags.\n")
+    _fatal(unknown_override(argv) or f"bad config override: {e!r}")
+
+
+def _fatal(message: str) -> None:
+  """Ends the process with `message` as one last line of stderr."""
+  # An abandoned orbax save leaves asyncio futures whose "exception was never retrieved"
+  # reports would otherwise follow the line when they are collected.
+  pylogging.getLogger("asyncio").setLevel(pylogging.CRITICAL + 1)
+  gc.collect()
+  sys.stderr.flush()
+  sys.stderr.write("FATAL " + " ".join(str(message).split()) + "\n")
+  sys.stderr.flush()
   sys.exit(1)
+
+
+def _run_mode(mode: str, workdir: str) -> None:
+  """Runs the mode; any error ends the process with its cause as the last line of stderr.
+
+  Errors that explain themselves (a busy workdir, no intact checkpoint, a changed config,
+  a NaN loss) print that line alone; others print their traceback above it. Each mode
+  closes its checkpointer (finishing an in-flight save) and writers before the error
+  gets here, so nothing follows the line.
+  """
+  from jdiff.runs.stored_config import ConfigChangedError  # pylint: disable=g-import-not-at-top
+  from jdiff.training import checkpoint, integrity, lock, loop  # pylint: disable=g-import-not-at-top
+
+  clear = (
+    lock.WorkdirBusyError,
+    checkpoint.NoIntactCheckpointError,
+    checkpoint.CorruptCheckpointError,
+    integrity.ShapeMismatchError,
+    ConfigChangedError,
+    loop.NonFiniteLossError,
+  )
+  try:
+    MODES[mode](FLAGS.config, workdir)
+  except Exception as e:  # pylint: disable=broad-except
+    if not isinstance(e, clear):
+      logging.error("--mode=%s failed:\n%s", mode, traceback.format_exc())
+    logging.flush()
+    _fatal(f"{type(e).__name__}: {e}")
 
 
 def main(argv):
@@ -105,7 +170,7 @@ def main(argv):
       process_id=FLAGS.process_id,
     )
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  MODES[FLAGS.mode](FLAGS.config, FLAGS.workdir)
+  _run_mode(FLAGS.mode, FLAGS.workdir)
 
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")

@@ -142,6 +142,8 @@ def _train(setup: Setup, writer: MetricWriter) -> TrainState:
   # Restored onto this run's shardings, whatever mesh the checkpoint was saved from.
   state, start = ckpt.restore_or_keep(state, train_iter)
   state_sh = setup.state_shardings(state)
+  if writer.truncate_after(start):  # rows of the interrupted run's lost steps
+    logging.info("metrics.jsonl: dropped the rows past the restored step %d", start)
 
   train_step = jax.jit(
     make_train_step(
@@ -184,6 +186,7 @@ def _train(setup: Setup, writer: MetricWriter) -> TrainState:
         "train/loss": loss,
         "train/img_per_s": rate,
         "train/grad_norm": float(metrics[-1]["grad_norm"]),
+        "train/window_steps": len(metrics),  # how many steps the means average
       },
     )
 

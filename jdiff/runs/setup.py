@@ -26,11 +26,13 @@ from jdiff.models.autoencoder import AutoencoderKL, make_autoencoder
 from jdiff.models.layers import DTYPES
 from jdiff.models.unet import UNet
 from jdiff.ops.winograd import CONV_IMPLS
-from jdiff.runs import stage1
+from jdiff.runs import stage1, stored_config
+from jdiff.runs.config_checks import check_ranges
 from jdiff.runs.sample_options import validate_sample_config
 from jdiff.schedules import get_schedule
 from jdiff.training import sharding
 from jdiff.training.checkpoint import Checkpointer
+from jdiff.training.lock import WorkdirLock, lock_if_free
 from jdiff.training.loop import train_loop
 from jdiff.training.optim import make_optimizer
 from jdiff.training.progress import Progress
@@ -88,6 +90,7 @@ def validate_config(config) -> None:
   for key in ("log_every", "ckpt_every"):
     _check_int(config, "train", key, 0)
   _check_int(config, "eval", "batch_size", 1)
+  check_ranges(config)
   if kind == "diffusion":
     _check_diffusion(config)
   else:
@@ -227,9 +230,13 @@ class Setup:
     config: a locked ml_collections config.
     workdir: the run's directory.
     kind: the kind the mode needs; a config of the other kind is a clear error.
+    writer: a training run: process 0 takes the workdir's lock (`jdiff.training.lock`)
+      for the whole run and stores the config in the workdir if it has none. A
+      read-only run (sample, eval) only compares the stored config and leaves corrupt
+      checkpoints in place while another run holds the lock.
   """
 
-  def __init__(self, config, workdir: str, *, kind: str | None = None):
+  def __init__(self, config, workdir: str, *, kind: str | None = None, writer: bool = False):
     self.kind = kind_of(config)
     if kind is not None and kind != self.kind:
       raise ValueError(
@@ -238,6 +245,18 @@ class Setup:
       )
     validate_config(config)
     self.config, self.workdir = config, os.path.abspath(workdir)
+    self.lock = WorkdirLock(self.workdir) if writer and jax.process_index() == 0 else None
+    if self.lock is not None:
+      self.lock.acquire()  # first: a second trainer fails before it prepares anything
+    try:
+      self._build(writer)
+    except BaseException:
+      self._release()
+      raise
+
+  def _build(self, writer: bool) -> None:
+    config = self.config
+    stored_config.check_or_store(config, self.workdir, write=writer)
     self.data_dir = config.data.data_dir or None
     self.image_size = config.data.image_size or None
     self.meta = prepared_metadata(config)
@@ -258,7 +277,9 @@ class Setup:
     self.keys = run_keys(config.seed)
     # Last: nothing after it can fail, so an error above leaves nothing open.
     self.checkpointer = Checkpointer(
-      os.path.join(self.workdir, stage1.CKPT_DIR), max_to_keep=config.train.keep_checkpoints
+      os.path.join(self.workdir, stage1.CKPT_DIR),
+      max_to_keep=config.train.keep_checkpoints,
+      guard=None if writer else lambda: lock_if_free(self.workdir),
     )
 
   def _build_diffusion(self) -> None:
@@ -286,10 +307,20 @@ class Setup:
     return self
 
   def __exit__(self, *exc) -> None:
-    self.checkpointer.__exit__(*exc)
+    try:
+      self.checkpointer.__exit__(*exc)
+    finally:
+      self._release()
 
   def close(self) -> None:
-    self.checkpointer.close()
+    try:
+      self.checkpointer.close()
+    finally:
+      self._release()
+
+  def _release(self) -> None:
+    if self.lock is not None:
+      self.lock.release()
 
   # --------------------------------------------------------------------------- data
 
@@ -438,7 +469,8 @@ def run_training(
   raises or is interrupted; an in-flight checkpoint save is finished first.
   """
   log_process_info()
-  with Setup(config, workdir, kind=kind) as setup, MetricWriter(setup.workdir) as writer:
-    step = setup.checkpointer.latest_step() or 0
-    writer.write_text(step, "config", "```\n" + str(config) + "\n```")
-    return train(setup, writer)
+  with Setup(config, workdir, kind=kind, writer=True) as setup:
+    with MetricWriter(setup.workdir) as writer:
+      step = setup.checkpointer.latest_step() or 0
+      writer.write_text(step, "config", "```\n" + str(config) + "\n```")
+      return train(setup, writer)

@@ -169,7 +169,8 @@ def train_loop(
     log_every: log period in steps (the last step is always logged).
     ckpt_every: checkpoint period in steps.
     save: `save(step, state)`.
-    log: `log(step, metrics since the last log, img/s, ETA seconds)`.
+    log: `log(step, metrics since the last log, img/s, ETA seconds)`; the list's length is
+      the number of steps the window averages (a SIGTERM stop logs its partial window).
     periodic: optional `periodic(step, state)` after every step but the last (e.g. samples).
     what: the name of the loss in error messages.
     preemption_check_every: how often processes without JAX's preemption service agree on
@@ -199,7 +200,7 @@ def train_loop(
       if log_now or save_now or stop:
         since_log += [m for _, m in fetch_finite(pending, what=what)]
         pending.clear()
-      if log_now:
+      if log_now or (stop and since_log):  # a stop logs its partial window too
         now = time.perf_counter()
         rate = (step - step_log) * batch_size / max(now - t_log, 1e-9)
         log(step, since_log, rate, (total - step) * batch_size / max(rate, 1e-9))
