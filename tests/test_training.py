@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -70,7 +71,8 @@ def test_whole_loop_cli(tmp_path, digits_dir, devices):
   assert [r["step"] for r in read_metrics(wd)][-2:] == [8, 9]
   assert "9" in os.listdir(os.path.join(wd, "checkpoints"))
 
-  run_python(main_args("sample", wd, digits_dir), devices=devices)
+  proc = run_python(main_args("sample", wd, digits_dir), devices=devices)
+  assert "samples: 8/8 (100%)" in proc.stderr  # progress (one batch of 8: first = last line)
   samples = np.load(os.path.join(wd, "samples", "samples_ddim5_step9.npz"))
   assert samples["images"].shape == (8, 16, 16, 1)
   assert np.all(np.isfinite(samples["images"])) and np.abs(samples["images"]).max() <= 1.0 + 1e-6
@@ -78,13 +80,35 @@ def test_whole_loop_cli(tmp_path, digits_dir, devices):
   run_python(main_args("sample", wd, digits_dir), devices=devices)
   assert os.path.exists(os.path.join(wd, "samples", "samples_ddim5_step9-1.npz"))
 
-  run_python(main_args("eval", wd, digits_dir), devices=devices)
+  proc = run_python(main_args("eval", wd, digits_dir), devices=devices)
+  assert "eval batches: 5/5 (100%)" in proc.stderr  # 200 test examples in batches of 40
   row = read_metrics(wd)[-1]
   assert row["step"] == 9 and row["eval/examples"] == 200.0
   assert 0.0 < row["eval/loss"] < 2.0
   # A 9-step model's bound is loose (hundreds of bits/dim), but it is a finite upper bound.
   assert np.isfinite(row["eval/bpd_bound"]) and row["eval/bpd_bound"] > 0.5
   assert row["eval/bound_examples"] >= 4
+
+  # TensorBoard: the config as text, the grids as images (the PNG files), the eval metrics.
+  tags = tensorboard_tags(os.path.join(wd, "tensorboard"))
+  assert {"config/text_summary", "samples/grid", "samples/ddim5", "eval/loss"} <= tags, tags
+
+
+def tensorboard_tags(logdir: str) -> set[str]:
+  """Every summary tag in the TensorBoard event files of `logdir` (TFRecord framing)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+
+  tags = set()
+  for name in os.listdir(logdir):
+    with open(os.path.join(logdir, name), "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos + 12 <= len(data):
+      (length,) = struct.unpack("<Q", data[pos : pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
+      tags |= {v.tag for v in event.summary.value}
+      pos += 12 + length + 4
+  return tags
 
 
 # ----------------------------------------------------------------------------- exact resume

@@ -33,6 +33,7 @@ from jdiff.models import autoencoder_losses as ae_losses
 from jdiff.runs import stage1
 from jdiff.runs.setup import Setup, log_process_info, run_training
 from jdiff.training import sharding
+from jdiff.training.progress import format_seconds
 from jdiff.training.state import AutoencoderState, param_count
 from jdiff.training.step import make_autoencoder_state_step
 from jdiff.training.writers import MetricWriter, save_image_grid, write_scalars_once
@@ -84,14 +85,13 @@ def _train(setup: Setup, writer: MetricWriter) -> AutoencoderState:
     return train_step(state, images, setup.keys.train)
 
   def log(step, metrics, rate, eta_s):
-    del eta_s
     if not is_main:
       return
     mean = {
       k: float(np.mean([m[k] for m in metrics])) for k in ("loss", "rec_loss", "kl", "mse", "psnr")
     }
     logging.info(
-      "step %d/%d  loss %.4f  rec %.4f  kl %.1f  psnr %.2f dB  %.1f img/s",
+      "step %d/%d  loss %.4f  rec %.4f  kl %.1f  psnr %.2f dB  %.1f img/s  ETA %s",
       step,
       cfg.train.num_steps,
       mean["loss"],
@@ -99,6 +99,7 @@ def _train(setup: Setup, writer: MetricWriter) -> AutoencoderState:
       mean["kl"],
       mean["psnr"],
       rate,
+      format_seconds(eta_s),
     )
     writer.write_scalars(
       step,
@@ -115,7 +116,9 @@ def _train(setup: Setup, writer: MetricWriter) -> AutoencoderState:
   )
   if step == cfg.train.num_steps and not preempted:
     params = _local_params(state.params)
-    _write_reconstructions(setup, params, step)
+    path = _write_reconstructions(setup, params, step)
+    if path is not None:
+      writer.write_image(step, "autoencoder/reconstructions", path)
     _write_scale_factor(setup, params, step, writer)
   return state
 
@@ -222,10 +225,14 @@ def _evaluate(setup: Setup, params) -> dict[str, float]:
     }
 
   total = {"mse": 0.0, "psnr": 0.0, "kl": 0.0, "count": 0.0}
-  for batch in setup.eval_iterator(setup.config.eval.batch_size):
+  batch_size = setup.config.eval.batch_size
+  meter = setup.eval_progress(batch_size)
+  for batch in setup.eval_iterator(batch_size):
     batch = sharding.to_global({"image": batch["image"], "mask": batch["mask"]}, setup.mesh)
     for k, v in jax.device_get(sums(params, batch["image"], batch["mask"])).items():
       total[k] += float(v)
+    meter.update(1)
+  meter.close()
   count = max(total["count"], 1.0)
   mse = total["mse"] / count
   return {

@@ -30,6 +30,7 @@ from jdiff.models.bridge import make_model_fn
 from jdiff.runs.sample_options import sample_options
 from jdiff.runs.setup import Setup, log_process_info, run_training
 from jdiff.training import sharding
+from jdiff.training.progress import Progress, format_seconds
 from jdiff.training.rng import stream
 from jdiff.training.sampling import make_sample_fn
 from jdiff.training.state import TrainState, param_count
@@ -75,11 +76,14 @@ def sample_fn(setup: Setup, **overrides):
   )
 
 
-def generate(setup: Setup, params, num: int, rng: Array, **overrides) -> np.ndarray:
+def generate(
+  setup: Setup, params, num: int, rng: Array, *, progress: bool = False, **overrides
+) -> np.ndarray:
   """`num` samples [num, H, W, C] in [-1, 1] from `params` (batched, jitted once).
 
   Batch k draws its starting noise from the stream 'x_T' and the sampler's randomness
   from the stream 'sampler' of `fold_in(rng, k)`; latent samples are decoded to pixels.
+  With `progress`, logs done/total, rate and ETA (process 0).
   """
   batch = setup.config.sample.batch_size
   n_dev = setup.mesh.devices.size
@@ -95,6 +99,7 @@ def generate(setup: Setup, params, num: int, rng: Array, **overrides) -> np.ndar
 
     decode = jax.jit(functools.partial(latents.decode, setup.codec))
   out = []
+  meter = Progress(num, "samples") if progress else None
   for k in range(math.ceil(num / batch)):
     key = jax.random.fold_in(rng, k)
     x_T = jax.random.normal(stream(key, "x_T"), (batch, *setup.image_shape), jnp.float32)
@@ -103,6 +108,10 @@ def generate(setup: Setup, params, num: int, rng: Array, **overrides) -> np.ndar
     if decode is not None:
       x0 = decode(x0)
     out.append(np.asarray(jax.device_get(x0)))
+    if meter is not None:
+      meter.update(batch)
+  if meter is not None:
+    meter.close()
   return np.concatenate(out)[:num]
 
 
@@ -157,7 +166,7 @@ def _train(setup: Setup, writer: MetricWriter) -> TrainState:
       cfg.train.num_steps,
       loss,
       rate,
-      time.strftime("%H:%M:%S", time.gmtime(eta_s)),
+      format_seconds(eta_s),
     )
     writer.write_scalars(
       step,
@@ -174,6 +183,7 @@ def _train(setup: Setup, writer: MetricWriter) -> TrainState:
     )
     if is_main:
       path = save_image_grid(os.path.join(setup.workdir, "samples", f"grid_{step:07d}.png"), images)
+      writer.write_image(step, "samples/grid", path)
       logging.info("wrote sample grid %s", path)
 
   def periodic(step, state):
@@ -205,13 +215,18 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     params, step = setup.restore_params("ema_params" if s.use_ema else "params")
     t0 = time.perf_counter()
     images = generate(
-      setup, params, s.num_samples, jax.random.fold_in(setup.keys.stream("sample"), step)
+      setup,
+      params,
+      s.num_samples,
+      jax.random.fold_in(setup.keys.stream("sample"), step),
+      progress=True,
     )
+  steps = setup.schedule.num_steps if s.sampler == "ddpm" else s.num_steps  # ddpm walks all T
   logging.info(
     "sampled %d images with %s (%d steps) in %.1fs",
     s.num_samples,
     s.sampler,
-    s.num_steps,
+    steps,
     time.perf_counter() - t0,
   )
   out = os.path.join(setup.workdir, "samples", f"samples_{s.sampler}{s.num_steps}_step{step}")
@@ -219,6 +234,8 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     return out + ".npz"
   npz = save_npz(out + ".npz", images=images, step=np.int64(step))
   png = save_image_grid(out + ".png", images[: s.grid_size])
+  with MetricWriter(setup.workdir) as writer:
+    writer.write_image(step, f"samples/{s.sampler}{s.num_steps}", png)
   logging.info("wrote %s and %s", npz, png)
   return npz
 
@@ -250,6 +267,7 @@ def _evaluate(setup: Setup, params) -> dict[str, float]:
   )
   eval_rng, bound_rng = setup.keys.stream("eval"), setup.keys.stream("bound")
   loss_sum, count, bound_sum, bound_count = 0.0, 0.0, 0.0, 0
+  meter = setup.eval_progress(cfg.eval.batch_size)
   for i, batch in enumerate(setup.eval_iterator(cfg.eval.batch_size)):
     batch = sharding.to_global(batch, setup.mesh)
     out = jax.device_get(eval_step(params, batch, setup.schedule, jax.random.fold_in(eval_rng, i)))
@@ -259,6 +277,8 @@ def _evaluate(setup: Setup, params) -> dict[str, float]:
       total, n = jax.device_get(bound_fn(params, batch, jax.random.fold_in(bound_rng, i)))
       bound_sum += float(total)
       bound_count += int(n)
+    meter.update(1)
+  meter.close()
   results = {"eval/loss": loss_sum / max(count, 1.0), "eval/examples": count}
   if bound_count:
     results["eval/bpd_bound"] = bound_sum / bound_count

@@ -11,6 +11,7 @@ checkpointer is closed on every path, errors included.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +33,7 @@ from jdiff.training import sharding
 from jdiff.training.checkpoint import Checkpointer
 from jdiff.training.loop import train_loop
 from jdiff.training.optim import make_optimizer
+from jdiff.training.progress import Progress
 from jdiff.training.rng import run_keys
 from jdiff.training.state import init_autoencoder_state, init_train_state
 from jdiff.training.writers import MetricWriter
@@ -323,6 +325,12 @@ class Setup:
       image_size=self.iter_image_size,
     )
 
+  def eval_progress(self, batch_size: int) -> Progress:
+    """A progress meter over the batches of one eval pass (of the split's stored size)."""
+    split = self.config.data.eval_split
+    n = self.meta.num_examples.get(split) or self.meta.num_examples.get(split.split("[")[0])
+    return Progress(max(1, math.ceil((n or batch_size) / batch_size)), "eval batches")
+
   # --------------------------------------------------------------------------- state
 
   def init_state(self):
@@ -392,4 +400,6 @@ def run_training(
   """
   log_process_info()
   with Setup(config, workdir, kind=kind) as setup, MetricWriter(setup.workdir) as writer:
+    step = setup.checkpointer.latest_step() or 0
+    writer.write_text(step, "config", "```\n" + str(config) + "\n```")
     return train(setup, writer)

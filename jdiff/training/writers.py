@@ -132,6 +132,28 @@ class MetricWriter:
         self._tb.add_scalar(k, float(v), int(step))
       self._tb.flush()
 
+  def write_image(self, step: int, tag: str, png_path: str) -> None:
+    """Shows an already written PNG (a sample grid, reconstructions) in TensorBoard.
+
+    The image is the file itself, read back: TensorBoard and the PNG never differ, and
+    nothing is sampled twice.
+    """
+    if not self.active or self._tb is None:
+      return
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+
+    with Image.open(png_path) as img:
+      pixels = np.asarray(img.convert("RGB"))
+    self._tb.add_image(tag, pixels, int(step), dataformats="HWC")
+    self._tb.flush()
+
+  def write_text(self, step: int, tag: str, text: str) -> None:
+    """A text panel in TensorBoard (markdown), e.g. the run's config."""
+    if not self.active or self._tb is None:
+      return
+    self._tb.add_text(tag, text, int(step))
+    self._tb.flush()
+
   def __enter__(self) -> MetricWriter:
     return self
 
