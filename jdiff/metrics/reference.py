@@ -29,9 +29,15 @@ class Reference(NamedTuple):
   feature_net: str
 
 
-def save_reference(path: str, mu, sigma, *, features=None, count: int, feature_net: str) -> str:
-  """Writes jdiff's reference `.npz` atomically (replacing `path`); returns the path."""
+def save_reference(
+  path: str, mu, sigma, *, features=None, count: int, feature_net: str, extra=None
+) -> str:
+  """Writes jdiff's reference `.npz` atomically (replacing `path`); returns the path.
+
+  `extra`: further scalars, e.g. the held-out split's scores `heldout_fd`, `heldout_is`.
+  """
   arrays = dict(mu=np.asarray(mu), sigma=np.asarray(sigma), count=np.int64(count))
+  arrays.update({k: np.float64(v) for k, v in (extra or {}).items()})
   arrays["feature_net"] = np.asarray(feature_net)
   if features is not None:
     arrays["features"] = np.asarray(features, np.float32)
@@ -71,3 +77,9 @@ def load_reference(path: str, *, feature_net: str | None = None) -> Reference:
   if images is not None and (images.ndim != 4 or images.dtype != np.uint8):
     raise ValueError(f"{path}: arr_0 must be uint8 images [N, H, W, C], got {images.shape}")
   return Reference(mu, sigma, feats, images, net)
+
+
+def heldout_scores(path: str) -> dict[str, float]:
+  """The `heldout_*` scalars of a jdiff reference file ({} for other files)."""
+  with np.load(path) as f:
+    return {k: float(f[k]) for k in f.files if k.startswith("heldout_")}
