@@ -95,7 +95,7 @@ def test_score_npz_and_reference(trained, digits_dir, tmp_path):
   )
 
 
-def test_config_errors(digits_dir, tmp_path):
+def test_config_errors(trained, digits_dir, tmp_path):
   from jdiff.runs.setup import validate_config  # pylint: disable=g-import-not-at-top
 
   for key, value, match in (
@@ -108,7 +108,7 @@ def test_config_errors(digits_dir, tmp_path):
       validate_config(_config(digits_dir, **{key: value}))
   c = _config(digits_dir, **{"eval.feature_net": "inception"})
   with pytest.raises(ValueError, match="config.eval.inception_weights is empty"):
-    fid.fid(c, str(tmp_path))
+    fid.fid(c, trained)
   c = _config(digits_dir, **{"eval.ref_stats": str(tmp_path / "none.npz")})
   with pytest.raises(FileNotFoundError, match="none.npz.*--mode=fid_ref"):
-    fid.fid(c, str(tmp_path))
+    fid.fid(c, trained)
