@@ -30,7 +30,7 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from jdiff.runs import autoencoder, diffusion
+from jdiff.runs import autoencoder, diffusion, fid
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -40,8 +40,9 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and sam
 flags.DEFINE_enum(
   "mode",
   "train",
-  ["train", "sample", "eval", "train_autoencoder", "eval_autoencoder"],
-  "What to run: diffusion train/sample/eval, or stage-1 autoencoder train/eval.",
+  ["train", "sample", "eval", "train_autoencoder", "eval_autoencoder", "fid", "fid_ref"],
+  "What to run: diffusion train/sample/eval, sample quality fid/fid_ref (jdiff/runs/fid.py), "
+  "or stage-1 autoencoder train/eval.",
 )
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (cluster env).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host.")
@@ -55,6 +56,8 @@ MODES = {
   "eval": diffusion.evaluate,
   "train_autoencoder": autoencoder.train_autoencoder,
   "eval_autoencoder": autoencoder.evaluate_autoencoder,
+  "fid": fid.fid,
+  "fid_ref": fid.fid_ref,
 }
 
 

@@ -110,6 +110,19 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 100
   c.eval.bound_examples = 16  # full T-step bound on this many eval examples (0: skip)
   c.eval.use_ema = True
+  # Sample quality (--mode=fid, --mode=fid_ref, and the end of training; jdiff/runs/fid.py).
+  c.eval.feature_net = "auto"  # auto (digits for jdiff_digits, else inception) | digits | inception
+  c.eval.inception_weights = ""  # .pth of pytorch-fid, or the .npz/.safetensors converted from it
+  c.eval.inception_conv_impl = "winograd"  # xla | winograd (faster on XLA:CPU)
+  c.eval.ref_stats = ""  # reference .npz (jdiff, pytorch-fid or guided-diffusion); "" = cached
+  c.eval.ref_split = "train"  # the tfds split the reference statistics are computed on
+  c.eval.num_samples = 5000  # samples scored by --mode=fid
+  c.eval.quality_samples = 0  # samples scored at the end of train_and_evaluate (0: skip)
+  c.eval.samples_npz = ""  # --mode=fid scores this .npz of samples instead of sampling
+  c.eval.is_splits = 10  # Inception Score splits
+  c.eval.pr_samples = 5000  # features kept for precision/recall and KID (0: skip them)
+  c.eval.pr_k = 3  # neighbourhood of improved precision/recall
+  c.eval.classifier_steps = 800  # training steps of the digits classifier (cache key)
 
   # Latent diffusion: the data are the latents of a frozen stage-1 autoencoder (see
   # jdiff/configs/ae_digits.py); empty = pixel-space diffusion.

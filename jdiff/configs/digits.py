@@ -4,4 +4,6 @@ from jdiff.configs import default
 
 
 def get_config():
-  return default.get_config()
+  c = default.get_config()
+  c.eval.quality_samples = 500  # FD / IS of the digits classifier at the end of training
+  return c

@@ -214,6 +214,11 @@ def _train(setup: Setup, writer: MetricWriter) -> TrainState:
   )
   if step == cfg.train.num_steps and not preempted:
     sample_grid(step, state)
+    if cfg.eval.quality_samples:
+      from jdiff.runs import fid  # pylint: disable=g-import-not-at-top
+
+      rng = jax.random.fold_in(setup.keys.stream("quality"), step)
+      fid.quality(setup, state.ema_params, cfg.eval.quality_samples, rng, writer=writer, step=step)
   return state
 
 

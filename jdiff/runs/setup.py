@@ -28,6 +28,7 @@ from jdiff.models.unet import UNet
 from jdiff.ops.winograd import CONV_IMPLS
 from jdiff.runs import stage1, stored_config
 from jdiff.runs.config_checks import check_ranges
+from jdiff.runs.eval_options import validate_eval_config
 from jdiff.runs.sample_options import validate_sample_config
 from jdiff.schedules import get_schedule
 from jdiff.training import sharding
@@ -46,7 +47,7 @@ SECTIONS = {
   "autoencoder": ("data", "autoencoder", "loss", "optim", "train", "eval"),
 }
 MODES = {
-  "diffusion": "--mode=train|sample|eval",
+  "diffusion": "--mode=train|sample|eval|fid|fid_ref",
   "autoencoder": "--mode=train_autoencoder|eval_autoencoder",
 }
 
@@ -105,6 +106,8 @@ def _check_diffusion(config) -> None:
   if t.label_dropout and not config.conditional:
     raise ValueError("config.train.label_dropout > 0 needs config.conditional=True")
   validate_sample_config(config.sample, latent=bool(config.latent.autoencoder_workdir))
+  if "feature_net" in config.eval:
+    validate_eval_config(config.eval)
   if not 0.0 <= config.ema_decay < 1.0:
     raise ValueError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
   _check_scale(config)

@@ -1,0 +1,179 @@
+"""The feature networks of sample-quality evaluation: FID Inception, or the digits classifier.
+
+`load_feature_net(config, image_shape)` returns a `FeatureNet` whose pure `apply(params,
+images [B, H, W, C] in [-1, 1])` gives (features [B, D], class probabilities [B, K]):
+
+* 'inception': pytorch-fid's FID InceptionV3 (pool3, softmax of the 1008 logits), weights
+  from `config.eval.inception_weights` (jdiff.models.inception_convert);
+* 'digits': `SmallClassifier` trained by jdiff on the dataset's train split (penultimate
+  features, softmax), cached beside the dataset under `jdiff_feature_nets/`, the file name
+  keyed by a hash of its settings; its held-out (test split) accuracy is stored with it;
+* 'auto': 'digits' for the embedded jdiff_digits dataset, else 'inception'.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from jdiff.data import pipeline
+from jdiff.data.digits import NAME as DIGITS_NAME
+from jdiff.models.classifier import SmallClassifier
+from jdiff.models.inception import NUM_FEATURES, NUM_LOGITS, InceptionV3
+from jdiff.models.inception_convert import flatten, load_inception_params, unflatten
+from jdiff.training.writers import atomic_write
+
+# Settings of the digits classifier: part of its cache key (change one, retrain).
+DIGITS_CLASSIFIER = dict(width=32, features=128, batch_size=128, lr=2e-3, seed=0)
+CACHE_DIR = "jdiff_feature_nets"
+
+
+class FeatureNet(NamedTuple):
+  """name: identifies the network and its weights (stored with reference statistics);
+  apply: pure (params, images) -> (features [B, dim], probs [B, num_classes]);
+  info: scalars to report with its scores (e.g. the classifier's held-out accuracy)."""
+
+  name: str
+  apply: Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]
+  params: Any
+  dim: int
+  num_classes: int
+  info: dict
+
+
+def resolve_feature_net(config) -> str:
+  name = config.eval.feature_net
+  if name == "auto":
+    return "digits" if config.data.name.split("/")[0] == DIGITS_NAME else "inception"
+  return name
+
+
+def load_feature_net(config, image_shape) -> FeatureNet:
+  """The feature network of `config.eval` for images of shape `image_shape` (H, W, C)."""
+  kind = resolve_feature_net(config)
+  if kind == "inception":
+    params = load_inception_params(config.eval.inception_weights)
+    module = InceptionV3(conv_impl=config.eval.inception_conv_impl)
+
+    def apply(p, images):
+      feats, logits = module.apply({"params": p}, images)
+      return feats, jax.nn.softmax(logits)
+
+    return FeatureNet("inception_fid", apply, params, NUM_FEATURES, NUM_LOGITS, {})
+  return digits_classifier(config, image_shape)
+
+
+def data_root(data_dir: str | None) -> str:
+  """The tfds data_dir in use: `data_dir`, else $TFDS_DATA_DIR or ~/tensorflow_datasets."""
+  if data_dir:
+    return data_dir
+  return os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
+
+
+def _split_arrays(config, split: str) -> tuple[np.ndarray, np.ndarray]:
+  c = config.data
+  batches = list(
+    pipeline.make_eval_iterator(
+      c.name,
+      global_batch_size=256,
+      split=split,
+      data_dir=c.data_dir or None,
+      image_size=c.image_size or None,
+    )
+  )
+  mask = np.concatenate([b["mask"] for b in batches])
+  images = np.concatenate([b["image"] for b in batches])[mask]
+  return images, np.concatenate([b["label"] for b in batches])[mask]
+
+
+def digits_classifier(config, image_shape) -> FeatureNet:
+  """The cached digits classifier for `config.data` (trained on its train split if absent).
+
+  Process 0 trains and writes it; the others wait at a barrier and read it.
+  """
+  settings = dict(
+    DIGITS_CLASSIFIER,
+    steps=config.eval.classifier_steps,
+    dataset=config.data.name,
+    image_shape=list(image_shape),
+  )
+  digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+  name = f"digits_classifier_{image_shape[0]}x{image_shape[1]}_{digest}"
+  path = os.path.join(data_root(config.data.data_dir), CACHE_DIR, name + ".npz")
+  if not os.path.exists(path) and jax.process_index() == 0:
+    _train_classifier(config, path, settings)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    multihost_utils.sync_global_devices("jdiff: digits classifier cached")
+  with np.load(path) as f:
+    params = unflatten({k[len("params/") :]: f[k] for k in f.files if k.startswith("params/")})
+    accuracy = float(f["test_accuracy"])
+  logging.info("digits classifier %s: held-out accuracy %.4f", path, accuracy)
+  module = SmallClassifier(width=settings["width"], features=settings["features"])
+
+  def apply(p, images):
+    feats, logits = module.apply({"params": p}, images)
+    return feats, jax.nn.softmax(logits)
+
+  return FeatureNet(
+    name, apply, params, settings["features"], 10, {"classifier_accuracy": accuracy}
+  )
+
+
+def _train_classifier(config, path: str, settings: dict) -> None:
+  """Adam on cross-entropy with +-1 pixel random shifts; writes params and test accuracy."""
+  images, labels = _split_arrays(config, config.data.train_split)
+  test_images, test_labels = _split_arrays(config, config.data.eval_split)
+  module = SmallClassifier(width=settings["width"], features=settings["features"])
+  rng = jax.random.key(settings["seed"])
+  params = module.init(rng, jnp.zeros((1, *images.shape[1:])))["params"]
+  opt = optax.adamw(optax.cosine_decay_schedule(settings["lr"], settings["steps"]), 1e-4)
+  opt_state = opt.init(params)
+  x_all, y_all = jnp.asarray(images), jnp.asarray(labels)
+
+  @jax.jit
+  def step(params, opt_state, key):
+    k_idx, k_shift = jax.random.split(key)
+    idx = jax.random.randint(k_idx, (settings["batch_size"],), 0, x_all.shape[0])
+    shift = jax.random.randint(k_shift, (2,), -1, 2)
+    x = jnp.roll(x_all[idx], shift, axis=(1, 2))
+
+    def loss_fn(p):
+      logits = module.apply({"params": p}, x)[1]
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y_all[idx]).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  for i in range(settings["steps"]):
+    params, opt_state, loss = step(params, opt_state, jax.random.fold_in(rng, i))
+  logits = jax.jit(lambda p, x: module.apply({"params": p}, x)[1])(params, test_images)
+  accuracy = float(np.mean(np.argmax(np.asarray(logits), -1) == test_labels))
+  logging.info(
+    "trained the digits classifier (%d steps, final loss %.4f): held-out accuracy %.4f "
+    "on %d test images",
+    settings["steps"],
+    float(loss),
+    accuracy,
+    len(test_labels),
+  )
+  arrays = {f"params/{k}": v for k, v in flatten(params).items()}
+  arrays["test_accuracy"] = np.float64(accuracy)
+  arrays["settings"] = np.asarray(json.dumps(settings, sort_keys=True))
+
+  def write(p):
+    with open(p, "wb") as f:
+      np.savez(f, **arrays)
+
+  atomic_write(path, write, overwrite=True)
