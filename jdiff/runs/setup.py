@@ -25,6 +25,7 @@ from jdiff.models.autoencoder import AutoencoderKL, make_autoencoder
 from jdiff.models.layers import DTYPES
 from jdiff.models.unet import UNet
 from jdiff.ops.winograd import CONV_IMPLS
+from jdiff.runs import pretrained as pretrained_run
 from jdiff.runs import stage1
 from jdiff.runs.sample_options import validate_sample_config
 from jdiff.schedules import get_schedule
@@ -227,6 +228,7 @@ class Setup:
     self.meta = prepared_metadata(config)
     self.pixel_shape = self.image_shape = tuple(self.meta.image_shape)
     self.codec = None
+    self.pretrained = None  # a jdiff.pretrained.Pretrained with config.pretrained.path
     if self.kind == "diffusion":
       self._build_diffusion()
     else:
@@ -235,6 +237,8 @@ class Setup:
     self.mesh = sharding.make_mesh()
     self.repl = sharding.replicated(self.mesh)
     self.data_sh = sharding.data_sharding(self.mesh)
+    if self.kind == "diffusion" and pretrained_run.enabled(config):
+      pretrained_run.attach(self)  # module, schedule, params (replicated), config copy
     self.optimizer = make_optimizer(total_steps=config.train.num_steps, **config.optim)
     self.keys = run_keys(config.seed)
     # Last: nothing after it can fail, so an error above leaves nothing open.
@@ -334,7 +338,12 @@ class Setup:
       )
     else:
       init = functools.partial(init_autoencoder_state, self.module, self.optimizer, sample_x=x)
-    return jax.jit(init, out_shardings=self.repl)(self.keys.init)
+    state = jax.jit(init, out_shardings=self.repl)(self.keys.init)
+    if self.pretrained is not None:  # fine-tuning starts from the imported weights
+      p = self.pretrained.params
+      copy = lambda: jax.tree.map(jnp.copy, p)  # noqa: E731  (the train step donates)
+      state = state.replace(params=copy(), ema_params=copy())
+    return state
 
   def abstract_state(self):
     """`init_state`'s shapes and dtypes, replicated (nothing computed)."""
@@ -349,6 +358,9 @@ class Setup:
     Only that field is read. Raises FileNotFoundError naming the workdir if there is no
     checkpoint.
     """
+    if self.checkpointer.latest_step() is None and self.pretrained is not None:
+      logging.info("no checkpoint in %s: using the imported weights", self.workdir)
+      return self.pretrained.params, 0
     if self.checkpointer.latest_step() is None:
       train = "train" if self.kind == "diffusion" else "train_autoencoder"
       raise FileNotFoundError(
