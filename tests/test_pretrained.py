@@ -77,6 +77,18 @@ CONFIGS = {
     add_attention=False,
   ),
 }
+# The CLI / mapping-only tests' model: 16x16x1 (the digits data), two levels.
+TINY = dict(
+  DDPM,
+  sample_size=16,
+  in_channels=1,
+  out_channels=1,
+  block_out_channels=(8, 16),
+  layers_per_block=1,
+  down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+  up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+  norm_num_groups=4,
+)
 
 
 def _perturbed(module):
@@ -128,7 +140,7 @@ def test_diffusers_real_cifar10_size(tmp_path):
   """google/ddpm-cifar10-32's architecture at full size (35.7M parameters), batch 1."""
   model = _perturbed(diffusers.UNet2DModel(**CIFAR10))
   model.save_pretrained(tmp_path, safe_serialization=True)
-  pt = load_pretrained(str(tmp_path))  # conv_impl auto: Winograd on CPU
+  pt = load_pretrained(str(tmp_path), conv_impl="xla")  # compiles 7x faster than Winograd
   n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(pt.params))
   assert n == sum(p.numel() for p in model.parameters())
   assert 35.7e6 < n < 35.8e6  # DDPM's CIFAR-10 model, 35.7M parameters (Ho et al. 2020, App. B)
@@ -140,7 +152,7 @@ def test_deprecated_attention_key_names(tmp_path):
   attention weights query / key / value / proj_attn: same params."""
   from safetensors.numpy import save_file
 
-  cfg = CONFIGS["cifar10_small"]
+  cfg = TINY
   model = _perturbed(diffusers.UNet2DModel(**cfg))
   new = {k: v.numpy() for k, v in model.state_dict().items()}
   renames = {
@@ -164,14 +176,14 @@ def test_deprecated_attention_key_names(tmp_path):
 
 
 def test_unsupported_and_mismatched_configs_are_clear_errors():
-  cfg = CONFIGS["cifar10_small"]
+  cfg = TINY
   sd = {k: v.numpy() for k, v in diffusers.UNet2DModel(**cfg).state_dict().items()}
   with pytest.raises(ValueError, match="time_embedding_type='fourier'"):
     build("diffusers", sd, config=dict(cfg, time_embedding_type="fourier"))
   with pytest.raises(ValueError, match="missing keys"):
     build("diffusers", sd, config=dict(cfg, layers_per_block=3))
   with pytest.raises(ValueError, match="ResnetDownsampleBlock2D"):
-    build("diffusers", sd, config=dict(cfg, down_block_types=("ResnetDownsampleBlock2D",) * 4))
+    build("diffusers", sd, config=dict(cfg, down_block_types=("ResnetDownsampleBlock2D",) * 2))
   with pytest.raises(FileNotFoundError, match="neither a local directory nor a hub name"):
     load_pretrained("./no/such/dir")
 
@@ -287,7 +299,7 @@ def test_adm_released_architectures_keys_and_shapes(name):
   from jdiff.models.unet import UNet
 
   shapes = mapping.param_shapes(
-    UNet(**kwargs), jax.ShapeDtypeStruct((1, *shape), jnp.float32), conditional=flags["class_cond"]
+    UNet(**kwargs, conv_impl="xla"), jax.ShapeDtypeStruct((1, *shape), jnp.float32), conditional=flags["class_cond"]
   )
   rules = adm.rules(kwargs, shapes, new_attention_order=flags.get("use_new_attention_order", False))
   mapping.check_rules(rules, shapes)
@@ -410,18 +422,6 @@ def test_sharded_restore_onto_a_mesh(tiny_dir):
 
 # ----------------------------------------------------------------------------- entry point
 
-TINY = dict(
-  DDPM,
-  sample_size=16,
-  in_channels=1,
-  out_channels=1,
-  block_out_channels=(8, 16),
-  layers_per_block=1,
-  down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-  up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-  norm_num_groups=4,
-)
-
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
@@ -445,7 +445,7 @@ def _pretrained_config(tiny_dir, digits_dir, **overrides):
     False,
   )
   c.sample.num_steps, c.sample.num_samples, c.sample.grid_size, c.sample.batch_size = 3, 4, 4, 4
-  c.train.num_steps, c.train.batch_size, c.train.log_every, c.train.ckpt_every = 2, 8, 1, 2
+  c.train.num_steps, c.train.batch_size, c.train.log_every, c.train.ckpt_every = 1, 8, 1, 1
   c.eval.batch_size = 200
   for k, v in overrides.items():
     node = c
@@ -487,7 +487,7 @@ def test_eval_and_finetune_start_from_the_imported_weights(tmp_path, tiny_dir, d
   cfg = _pretrained_config(tiny_dir, digits_dir)
   state = diffusion.train_and_evaluate(cfg, str(tmp_path / "ft"))
   imported = load_pretrained(tiny_dir).params
-  # Two Adam steps of lr 2e-5 move each weight by at most ~4e-5; a fresh init is O(0.1) away.
+  # One Adam step of lr 2e-5 moves each weight by at most ~2e-5; a fresh init is O(0.1) away.
   diffs = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state.params, imported)
-  assert 0 < max(jax.tree.leaves(diffs)) < 1e-4
-  assert int(state.step) == 2
+  assert 0 < max(jax.tree.leaves(diffs)) < 5e-5
+  assert int(state.step) == 1

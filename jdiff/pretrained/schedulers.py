@@ -46,8 +46,9 @@ DEFAULTS: Mapping[str, Any] = {
   "steps_offset": 0,
   "rescale_betas_zero_snr": False,
 }
-# Keys that only concern other schedulers' sampling loops, read by none of the above.
-_IGNORED = {"set_alpha_to_one", "skip_prk_steps", "variance_type_ddim", "use_karras_sigmas"}
+# Keys of other schedulers' sampling loops (or of old diffusers), which do not change the
+# schedule or the parameterisation; others unknown are listed in `Settings.notes`.
+_IGNORED = {"set_alpha_to_one", "skip_prk_steps", "tensor_format"}
 
 
 class Settings(NamedTuple):
@@ -107,13 +108,12 @@ def from_diffusers(config: Mapping[str, Any]) -> Settings:
   """`Settings` from a diffusers `scheduler_config.json` dict (DDPM / DDIM / PNDM / ...).
 
   Raises:
-    ValueError: an unknown key or value, naming it.
+    ValueError: an unsupported value (beta_schedule, prediction_type, variance_type),
+      naming it.
   """
   unknown = sorted(
     k for k in config if not k.startswith("_") and k not in DEFAULTS and k not in _IGNORED
   )
-  if unknown:
-    raise ValueError(f"scheduler_config.json: options unknown to this importer: {unknown}")
   c = {**DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
   schedule = schedules.from_betas(betas_from_diffusers(c))
   if c["rescale_betas_zero_snr"]:
@@ -129,6 +129,8 @@ def from_diffusers(config: Mapping[str, Any]) -> Settings:
       f"({sorted(VARIANCES)})"
     )
   notes = []
+  if unknown:
+    notes.append(f"sampler options {unknown} have no jdiff counterpart and are not used")
   spacing = {"trailing": "trailing", "linspace": "linspace"}.get(c["timestep_spacing"])
   if spacing is None:
     notes.append(
