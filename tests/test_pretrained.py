@@ -299,7 +299,9 @@ def test_adm_released_architectures_keys_and_shapes(name):
   from jdiff.models.unet import UNet
 
   shapes = mapping.param_shapes(
-    UNet(**kwargs, conv_impl="xla"), jax.ShapeDtypeStruct((1, *shape), jnp.float32), conditional=flags["class_cond"]
+    UNet(**kwargs, conv_impl="xla"),
+    jax.ShapeDtypeStruct((1, *shape), jnp.float32),
+    conditional=flags["class_cond"],
   )
   rules = adm.rules(kwargs, shapes, new_attention_order=flags.get("use_new_attention_order", False))
   mapping.check_rules(rules, shapes)
