@@ -30,7 +30,14 @@ Array = jax.Array
 Dtype = Any
 
 
-def timestep_embedding(t: Array, dim: int, *, max_period: float = 10000.0) -> Array:
+def timestep_embedding(
+  t: Array,
+  dim: int,
+  *,
+  max_period: float = 10000.0,
+  flip_sin_to_cos: bool = True,
+  freq_shift: float = 0.0,
+) -> Array:
   """Sinusoidal embedding of (possibly fractional) timesteps.
 
   Follows ADM's ``timestep_embedding`` (``[cos, sin]`` halves, frequencies
@@ -42,6 +49,10 @@ def timestep_embedding(t: Array, dim: int, *, max_period: float = 10000.0) -> Ar
     t: timesteps [B], int or float (continuous-time samplers pass fractional t).
     dim: embedding width; an odd ``dim`` gets one trailing zero column.
     max_period: controls the lowest frequency.
+    flip_sin_to_cos: ``[cos, sin]`` halves (ADM, the default) or ``[sin, cos]``
+      (diffusers' ``flip_sin_to_cos=False``, as in the google/ddpm-* ports).
+    freq_shift: frequencies ``max_period ** (-i / (dim // 2 - freq_shift))``
+      (diffusers' ``freq_shift``, 1 in the DDPM ports; 0 is ADM's).
 
   Returns:
     float32 embedding [B, dim].
@@ -52,9 +63,13 @@ def timestep_embedding(t: Array, dim: int, *, max_period: float = 10000.0) -> Ar
   if t.ndim != 1:
     raise ValueError(f"timesteps must have shape [B], got shape {t.shape}")
   half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  if half - freq_shift <= 0:
+    raise ValueError(f"freq_shift={freq_shift} must be < dim // 2 = {half}")
+  exponent = jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+  freqs = jnp.exp(-math.log(max_period) * exponent)
   args = t.astype(jnp.float32)[:, None] * freqs[None, :]
-  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  halves = [jnp.cos(args), jnp.sin(args)]
+  emb = jnp.concatenate(halves if flip_sin_to_cos else halves[::-1], axis=-1)
   if dim % 2:
     emb = jnp.pad(emb, ((0, 0), (0, 1)))
   return emb
@@ -116,13 +131,14 @@ def _conv(
   strides: int = 1,
   zero: bool = False,
   conv_impl: str = "xla",
+  padding=None,
 ) -> nn.Conv:
   pad = kernel // 2
   return nn.Conv(
     features,
     (kernel, kernel),
     strides=(strides, strides),
-    padding=((pad, pad), (pad, pad)),
+    padding=((pad, pad), (pad, pad)) if padding is None else padding,
     dtype=dtype,
     param_dtype=param_dtype,
     kernel_init=_zero_or_default(zero),
@@ -154,6 +170,9 @@ class Resample(nn.Module):
     channels: output channels of the conv.
     up: upsample (True) or downsample (False).
     use_conv: resample with a conv (see above).
+    down_padding: padding of the strided conv: 1 on every side, or 0: one row
+      and column of zeros at the bottom and right only (TF's 'SAME' for even
+      sizes, as the original DDPM code and diffusers' ``downsample_padding=0``).
   """
 
   channels: int
@@ -162,6 +181,7 @@ class Resample(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   conv_impl: str = "xla"
+  down_padding: int = 1
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -170,10 +190,13 @@ class Resample(nn.Module):
       return _upsample_nearest(x) if self.up else _downsample_avg(x)
     if self.up:
       x = _upsample_nearest(x)
+    if self.down_padding not in (0, 1):
+      raise ValueError(f"down_padding must be 0 or 1, got {self.down_padding}")
     return _conv(
       self.channels,
       3,
       strides=1 if self.up else 2,
+      padding=((0, 1), (0, 1)) if not self.up and self.down_padding == 0 else None,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       conv_impl=self.conv_impl,
@@ -199,6 +222,7 @@ class ResBlock(nn.Module):
     num_groups: GroupNorm groups.
     zero_init: zero-initialise the last conv (residual branch starts as 0).
     conv_impl: "xla" or "winograd" for the 3x3 convs (``jdiff.ops.winograd``).
+    norm_eps: GroupNorm epsilon (1e-6 in the diffusers DDPM ports).
   """
 
   out_channels: int
@@ -211,6 +235,7 @@ class ResBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   conv_impl: str = "xla"
+  norm_eps: float = 1e-5
 
   @nn.compact
   def __call__(self, x: Array, emb: Array, train: bool) -> Array:
@@ -225,7 +250,7 @@ class ResBlock(nn.Module):
       [B, H', W', out_channels] with H' = 2H (up), H/2 (down) or H.
     """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = nn.silu(GroupNorm32(self.num_groups, name="norm1", **kw)(x))
+    h = nn.silu(GroupNorm32(self.num_groups, self.norm_eps, name="norm1", **kw)(x))
     if self.up:
       h, x = _upsample_nearest(h), _upsample_nearest(x)
     elif self.down:
@@ -235,7 +260,7 @@ class ResBlock(nn.Module):
     n_emb = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
     e = nn.Dense(n_emb, name="emb_proj", **kw)(nn.silu(emb.astype(self.dtype)))
     e = e[:, None, None, :]
-    norm2 = GroupNorm32(self.num_groups, name="norm2", **kw)
+    norm2 = GroupNorm32(self.num_groups, self.norm_eps, name="norm2", **kw)
     if self.use_scale_shift_norm:
       scale, shift = jnp.split(e, 2, axis=-1)
       h = norm2(h) * (1 + scale) + shift
@@ -264,6 +289,7 @@ class AttentionBlock(nn.Module):
     head_channels: channels per head; overrides num_heads.
     num_groups: GroupNorm groups.
     zero_init: zero-initialise the output projection.
+    norm_eps: GroupNorm epsilon.
   """
 
   num_heads: int = 1
@@ -272,6 +298,7 @@ class AttentionBlock(nn.Module):
   zero_init: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  norm_eps: float = 1e-5
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -287,7 +314,8 @@ class AttentionBlock(nn.Module):
       heads = self.num_heads
     d = c // heads
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = GroupNorm32(self.num_groups, name="norm", **kw)(x).reshape(b, hh * ww, c)
+    norm = GroupNorm32(self.num_groups, self.norm_eps, name="norm", **kw)
+    h = norm(x).reshape(b, hh * ww, c)
     # Separate q/k/v projections (as DDPM's NIN layers and diffusers' to_q/k/v).
     q = nn.Dense(c, name="q", **kw)(h).reshape(b, hh * ww, heads, d)
     k = nn.Dense(c, name="k", **kw)(h).reshape(b, hh * ww, heads, d)

@@ -71,6 +71,18 @@ class UNet(nn.Module):
       multiplies, same result up to rounding) or "auto" (Winograd for float32
       on CPU, where XLA has no Winograd kernel; native elsewhere). Parameters
       and results are the same either way.
+    norm_eps: GroupNorm epsilon everywhere (diffusers' DDPM ports: 1e-6).
+    flip_sin_to_cos, freq_shift: the timestep embedding's layout and frequency
+      shift (``layers.timestep_embedding``; diffusers' options of the same names).
+    downsample_padding: padding of the strided downsampling convs: 1 (ADM) or
+      0, meaning bottom/right only (original DDPM, diffusers' option of the same
+      name).
+    mid_attention: attention between the two middle ResBlocks (diffusers'
+      ``add_attention``).
+    center_input: map the input from [0, 1] to [-1, 1] first (diffusers'
+      ``center_input_sample``).
+    timestep_scale: multiplies t before the embedding (improved-diffusion's
+      ``rescale_timesteps``: 1000 / T).
   """
 
   ch: int = 128
@@ -92,6 +104,13 @@ class UNet(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: bool = False
   conv_impl: str = "auto"
+  norm_eps: float = 1e-5
+  flip_sin_to_cos: bool = True
+  freq_shift: float = 0.0
+  downsample_padding: int = 1
+  mid_attention: bool = True
+  center_input: bool = False
+  timestep_scale: float = 1.0
 
   @property
   def null_label(self) -> int | None:
@@ -117,6 +136,8 @@ class UNet(nn.Module):
       raise ValueError(f"param_dtype must be float32, got {self.param_dtype}")
     if jnp.dtype(self.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
       raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype}")
+    if self.downsample_padding not in (0, 1):
+      raise ValueError(f"downsample_padding must be 0 or 1, got {self.downsample_padding}")
 
   def _check_inputs(self, x: Array, t: Array, y: Array | None):
     if x.ndim != 4:
@@ -186,6 +207,7 @@ class UNet(nn.Module):
       num_groups=self.num_groups,
       zero_init=self.zero_init,
       conv_impl=impl,
+      norm_eps=self.norm_eps,
       **kw,
     )
 
@@ -195,6 +217,7 @@ class UNet(nn.Module):
         head_channels=self.head_channels,
         num_groups=self.num_groups,
         zero_init=self.zero_init,
+        norm_eps=self.norm_eps,
         name=name,
         **kw,
       )
@@ -204,12 +227,22 @@ class UNet(nn.Module):
       if self.resblock_updown:
         return res_cls(h.shape[-1], up=up, down=not up, name=name, **blk)(h, emb, train)
       resample = Resample(
-        h.shape[-1], up=up, use_conv=self.conv_resample, conv_impl=impl, name=name, **kw
+        h.shape[-1],
+        up=up,
+        use_conv=self.conv_resample,
+        conv_impl=impl,
+        down_padding=self.downsample_padding,
+        name=name,
+        **kw,
       )
       return resample(h)
 
     # Time (and class) embedding: DDPM App. B / ADM.
-    emb = timestep_embedding(t, self.ch)
+    if self.timestep_scale != 1.0:
+      t = t.astype(jnp.float32) * self.timestep_scale
+    emb = timestep_embedding(
+      t, self.ch, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift
+    )
     emb = nn.Dense(emb_dim, name="time_mlp_0", **kw)(emb.astype(self.dtype))
     emb = nn.Dense(emb_dim, name="time_mlp_1", **kw)(nn.silu(emb))
     if self.num_classes is not None:
@@ -221,6 +254,8 @@ class UNet(nn.Module):
         name="class_emb",
       )(y)
 
+    if self.center_input:
+      x = 2.0 * x - 1.0
     h = nn.Conv(
       self.ch,
       (3, 3),
@@ -242,7 +277,8 @@ class UNet(nn.Module):
         hs.append(h)
 
     h = res_cls(h.shape[-1], name="mid_res_0", **blk)(h, emb, train)
-    h = attn("mid_attn")(h)
+    if self.mid_attention:
+      h = attn("mid_attn")(h)
     h = res_cls(h.shape[-1], name="mid_res_1", **blk)(h, emb, train)
 
     for i in reversed(range(len(self.ch_mult))):
@@ -255,7 +291,7 @@ class UNet(nn.Module):
         h = resample(h, up=True, name=f"up_{i}_upsample")
     assert not hs
 
-    h = nn.silu(GroupNorm32(self.num_groups, name="norm_out", **kw)(h))
+    h = nn.silu(GroupNorm32(self.num_groups, self.norm_eps, name="norm_out", **kw)(h))
     init = nn.initializers.zeros if self.zero_init else nn.linear.default_kernel_init
     return nn.Conv(
       out_ch,

@@ -26,6 +26,7 @@ from jdiff.models.autoencoder import AutoencoderKL, make_autoencoder
 from jdiff.models.layers import DTYPES
 from jdiff.models.unet import UNet
 from jdiff.ops.winograd import CONV_IMPLS
+from jdiff.runs import pretrained as pretrained_run
 from jdiff.runs import stage1, stored_config
 from jdiff.runs.config_checks import check_ranges
 from jdiff.runs.eval_options import validate_eval_config
@@ -265,6 +266,7 @@ class Setup:
     self.meta = prepared_metadata(config)
     self.pixel_shape = self.image_shape = tuple(self.meta.image_shape)
     self.codec = None
+    self.pretrained = None  # a jdiff.pretrained.Pretrained with config.pretrained.path
     if self.kind == "diffusion":
       self._build_diffusion()
     else:
@@ -276,6 +278,8 @@ class Setup:
       self.mesh = sharding.make_mesh()
     self.repl = sharding.replicated(self.mesh)
     self.data_sh = sharding.data_sharding(self.mesh)
+    if self.kind == "diffusion" and pretrained_run.enabled(config):
+      pretrained_run.attach(self)  # module, schedule, params (replicated), config copy
     self.optimizer = make_optimizer(total_steps=config.train.num_steps, **config.optim)
     self.keys = run_keys(config.seed)
     # Last: nothing after it can fail, so an error above leaves nothing open.
@@ -410,7 +414,15 @@ class Setup:
     (replicated unless config.mesh.fsdp > 1)."""
     init = self._init_fn()
     shapes = jax.eval_shape(init, self.keys.init)
-    return jax.jit(init, out_shardings=self.state_shardings(shapes))(self.keys.init)
+    shardings = self.state_shardings(shapes)
+    state = jax.jit(init, out_shardings=shardings)(self.keys.init)
+    if getattr(self, "pretrained", None) is not None:  # fine-tuning from imported weights
+      p = self.pretrained.params  # two copies: the train step donates its state
+      state = state.replace(
+        params=jax.device_put(jax.tree.map(jnp.copy, p), shardings.params),
+        ema_params=jax.device_put(jax.tree.map(jnp.copy, p), shardings.ema_params),
+      )
+    return state
 
   def abstract_state(self, *, sharded: bool = False):
     """`init_state`'s shapes and dtypes (nothing computed): replicated, or with
@@ -427,6 +439,9 @@ class Setup:
     Only that field is read. Raises FileNotFoundError naming the workdir if there is no
     checkpoint.
     """
+    if self.checkpointer.latest_step() is None and self.pretrained is not None:
+      logging.info("no checkpoint in %s: using the imported weights", self.workdir)
+      return self.pretrained.params, 0
     if self.checkpointer.latest_step() is None:
       train = "train" if self.kind == "diffusion" else "train_autoencoder"
       raise FileNotFoundError(

@@ -1,0 +1,244 @@
+"""diffusers' `UNet2DModel` (config.json + state dict) <-> `jdiff.models.UNet`.
+
+Covers the DDPM architectures that diffusers ports (google/ddpm-cifar10-32,
+ddpm-celebahq-256, ddpm-ema-church-256, ddpm-cat/bedroom-256) and the other
+`UNet2DModel`s built from `DownBlock2D` / `AttnDownBlock2D` / `UpBlock2D` /
+`AttnUpBlock2D` with conv resampling, 'default' or 'scale_shift' time conditioning and
+an optional class embedding. What `UNet` cannot express is an error naming the option
+(e.g. Fourier time embeddings, `ResnetDownsampleBlock2D`, `mid_block_scale_factor` != 1).
+
+Module correspondence (diffusers -> jdiff, level i, block j; up blocks count from the
+deepest level, k = levels - 1 - i):
+
+  conv_in, conv_norm_out, conv_out            conv_in, norm_out, conv_out
+  time_embedding.linear_{1,2}                 time_mlp_{0,1}
+  class_embedding                             class_emb (+ a zero null-label row)
+  down_blocks.i.resnets.j / attentions.j      down_{i}_res_{j} / down_{i}_attn_{j}
+  down_blocks.i.downsamplers.0.conv           down_{i}_downsample/conv
+  mid_block.resnets.{0,1} / attentions.0      mid_res_{0,1} / mid_attn
+  up_blocks.k.resnets.j / attentions.j        up_{i}_res_{j} / up_{i}_attn_{j}
+  up_blocks.k.upsamplers.0.conv               up_{i}_upsample/conv
+  resnet norm1 conv1 time_emb_proj norm2 conv2 conv_shortcut
+                                              norm1 conv1 emb_proj norm2 conv2 skip
+  attention group_norm to_q to_k to_v to_out.0 (before diffusers 0.14: query key value
+    proj_attn)                                norm q k v proj_out
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from jdiff.pretrained import mapping
+from jdiff.pretrained.mapping import Rule, module_rules
+
+# UNet2DModel's constructor defaults (diffusers 0.2x-0.3x), used for keys a config omits.
+DEFAULTS: Mapping[str, Any] = {
+  "sample_size": None,
+  "in_channels": 3,
+  "out_channels": 3,
+  "center_input_sample": False,
+  "time_embedding_type": "positional",
+  "time_embedding_dim": None,
+  "freq_shift": 0,
+  "flip_sin_to_cos": True,
+  "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+  "mid_block_type": "UNetMidBlock2D",
+  "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+  "block_out_channels": (224, 448, 672, 896),
+  "layers_per_block": 2,
+  "mid_block_scale_factor": 1,
+  "downsample_padding": 1,
+  "downsample_type": "conv",
+  "upsample_type": "conv",
+  "dropout": 0.0,
+  "act_fn": "silu",
+  "attention_head_dim": 8,
+  "norm_num_groups": 32,
+  "attn_norm_num_groups": None,
+  "norm_eps": 1e-5,
+  "resnet_time_scale_shift": "default",
+  "add_attention": True,
+  "class_embed_type": None,
+  "num_class_embeds": None,
+  "num_train_timesteps": None,
+}
+_DOWN = {"DownBlock2D": False, "AttnDownBlock2D": True}
+_UP = {"UpBlock2D": False, "AttnUpBlock2D": True}
+_REQUIRED = {
+  "time_embedding_type": "positional",
+  "mid_block_type": "UNetMidBlock2D",
+  "mid_block_scale_factor": 1,
+  "downsample_type": "conv",
+  "upsample_type": "conv",
+  "class_embed_type": None,
+}
+
+
+def unet_kwargs(config: Mapping[str, Any]) -> tuple[dict, tuple[int, int, int]]:
+  """`UNet` constructor kwargs and the input shape (H, W, C) from a `config.json` dict.
+
+  Raises:
+    ValueError: naming the option `UNet` cannot express, or an inconsistent value.
+  """
+  name = config.get("_class_name", "UNet2DModel")
+  if name != "UNet2DModel":
+    raise ValueError(f"config.json: _class_name={name!r}; only UNet2DModel is supported")
+  unknown = sorted(k for k in config if not k.startswith("_") and k not in DEFAULTS)
+  if unknown:
+    raise ValueError(f"config.json: options unknown to this importer: {unknown}")
+  c = {**DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
+  for key, value in _REQUIRED.items():
+    if c[key] != value:
+      raise ValueError(f"config.json: {key}={c[key]!r} is not supported (only {value!r})")
+  if c["act_fn"] not in ("silu", "swish"):
+    raise ValueError(f"config.json: act_fn={c['act_fn']!r} is not supported (only silu)")
+  if c["attn_norm_num_groups"] not in (None, c["norm_num_groups"]):
+    raise ValueError(
+      f"config.json: attn_norm_num_groups={c['attn_norm_num_groups']} differs from "
+      f"norm_num_groups={c['norm_num_groups']}"
+    )
+  if c["resnet_time_scale_shift"] not in ("default", "scale_shift"):
+    raise ValueError(
+      f"config.json: resnet_time_scale_shift={c['resnet_time_scale_shift']!r} is not "
+      "supported ('default' or 'scale_shift')"
+    )
+  if c["num_class_embeds"] is not None and c["class_embed_type"] is not None:
+    raise ValueError(f"config.json: class_embed_type={c['class_embed_type']!r} is not supported")
+  chans = [int(b) for b in c["block_out_channels"]]
+  ch = chans[0]
+  if any(b % ch for b in chans):
+    raise ValueError(
+      f"config.json: block_out_channels={chans} must all be multiples of the first ({ch})"
+    )
+  if c["time_embedding_dim"] not in (None, 4 * ch):
+    raise ValueError(f"config.json: time_embedding_dim={c['time_embedding_dim']} != 4 * {ch}")
+  down, up = list(c["down_block_types"]), list(c["up_block_types"])
+  if len(down) != len(chans) or len(up) != len(chans):
+    raise ValueError(
+      f"config.json: {len(down)} down and {len(up)} up block types for {len(chans)} levels"
+    )
+  bad = sorted({b for b in down if b not in _DOWN} | {b for b in up if b not in _UP})
+  if bad:
+    raise ValueError(
+      f"config.json: block types {bad} are not supported (only {sorted(_DOWN)} / {sorted(_UP)})"
+    )
+  attn_levels = [i for i, b in enumerate(down) if _DOWN[b]]
+  if attn_levels != [i for i, b in enumerate(reversed(up)) if _UP[b]]:
+    raise ValueError(
+      f"config.json: attention in down blocks {down} and up blocks {up} is not mirrored"
+    )
+  size = c["sample_size"]
+  if size is None:
+    raise ValueError("config.json: sample_size is needed (it places the attention levels)")
+  h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+  heads = c["attention_head_dim"]
+  kwargs = dict(
+    ch=ch,
+    ch_mult=tuple(b // ch for b in chans),
+    num_res_blocks=int(c["layers_per_block"]),
+    attn_resolutions=tuple(h // 2**i for i in attn_levels),
+    num_heads=1,
+    head_channels=None if heads is None else int(heads),
+    dropout=float(c["dropout"]),
+    num_groups=int(c["norm_num_groups"]),
+    use_scale_shift_norm=c["resnet_time_scale_shift"] == "scale_shift",
+    resblock_updown=False,
+    conv_resample=True,
+    num_classes=None if c["num_class_embeds"] is None else int(c["num_class_embeds"]),
+    out_channels=int(c["out_channels"]),
+    learn_sigma=False,
+    norm_eps=float(c["norm_eps"]),
+    flip_sin_to_cos=bool(c["flip_sin_to_cos"]),
+    freq_shift=float(c["freq_shift"]),
+    downsample_padding=int(c["downsample_padding"]),
+    mid_attention=bool(c["add_attention"]),
+    center_input=bool(c["center_input_sample"]),
+  )
+  return kwargs, (h, w, int(c["in_channels"]))
+
+
+def _res(prefix: str, path: tuple, has_skip: bool) -> list[Rule]:
+  rules = []
+  for jd, tn, kind in (
+    ("norm1", "norm1", "norm"),
+    ("conv1", "conv1", "conv"),
+    ("emb_proj", "time_emb_proj", "dense"),
+    ("norm2", "norm2", "norm"),
+    ("conv2", "conv2", "conv"),
+  ) + ((("skip", "conv_shortcut", "conv"),) if has_skip else ()):
+    rules += module_rules(kind, f"{prefix}.{tn}", (*path, jd), {})
+  return rules
+
+
+def _attn(prefix: str, path: tuple, deprecated: bool) -> list[Rule]:
+  names = (
+    ("norm", "group_norm", "norm"),
+    ("q", "query" if deprecated else "to_q", "dense"),
+    ("k", "key" if deprecated else "to_k", "dense"),
+    ("v", "value" if deprecated else "to_v", "dense"),
+    ("proj_out", "proj_attn" if deprecated else "to_out.0", "dense"),
+  )
+  rules = []
+  for jd, tn, kind in names:
+    rules += module_rules(kind, f"{prefix}.{tn}", (*path, jd), {})
+  return rules
+
+
+def rules(
+  kwargs: Mapping[str, Any], shapes: Mapping[tuple, tuple], *, deprecated_attention: bool = False
+) -> list[Rule]:
+  """The rules between a `UNet2DModel` state dict and the `UNet(**kwargs)` params.
+
+  Args:
+    kwargs: from `unet_kwargs`.
+    shapes: `mapping.param_shapes` of that UNet (it tells where attention and 1x1
+      shortcuts are).
+    deprecated_attention: attention keys named query/key/value/proj_attn (checkpoints
+      saved before diffusers 0.14, e.g. the google/ddpm-* hub files).
+  """
+  top = {p[0] for p in shapes}
+  has = lambda name: name in top  # noqa: E731
+  skip = lambda name: (name, "skip", "kernel") in shapes  # noqa: E731
+  out = []
+  out += module_rules("conv", "conv_in", ("conv_in",), {})
+  out += module_rules("dense", "time_embedding.linear_1", ("time_mlp_0",), {})
+  out += module_rules("dense", "time_embedding.linear_2", ("time_mlp_1",), {})
+  if has("class_emb"):
+    out.append(mapping.embedding("class_embedding.weight", ("class_emb", "embedding")))
+  levels = len(kwargs["ch_mult"])
+  for i in range(levels):
+    for j in range(kwargs["num_res_blocks"]):
+      name = f"down_{i}_res_{j}"
+      out += _res(f"down_blocks.{i}.resnets.{j}", (name,), skip(name))
+      if has(f"down_{i}_attn_{j}"):
+        out += _attn(
+          f"down_blocks.{i}.attentions.{j}", (f"down_{i}_attn_{j}",), deprecated_attention
+        )
+    if i != levels - 1:
+      out += module_rules(
+        "conv", f"down_blocks.{i}.downsamplers.0.conv", (f"down_{i}_downsample", "conv"), {}
+      )
+  for j in range(2):
+    out += _res(f"mid_block.resnets.{j}", (f"mid_res_{j}",), skip(f"mid_res_{j}"))
+  if has("mid_attn"):
+    out += _attn("mid_block.attentions.0", ("mid_attn",), deprecated_attention)
+  for i in range(levels):
+    k = levels - 1 - i
+    for j in range(kwargs["num_res_blocks"] + 1):
+      name = f"up_{i}_res_{j}"
+      out += _res(f"up_blocks.{k}.resnets.{j}", (name,), skip(name))
+      if has(f"up_{i}_attn_{j}"):
+        out += _attn(f"up_blocks.{k}.attentions.{j}", (f"up_{i}_attn_{j}",), deprecated_attention)
+    if i != 0:
+      out += module_rules(
+        "conv", f"up_blocks.{k}.upsamplers.0.conv", (f"up_{i}_upsample", "conv"), {}
+      )
+  out += module_rules("norm", "conv_norm_out", ("norm_out",), {})
+  out += module_rules("conv", "conv_out", ("conv_out",), {})
+  return out
+
+
+def uses_deprecated_attention(keys) -> bool:
+  """Whether attention weights are named query/key/value/proj_attn (diffusers < 0.14)."""
+  return any(k.endswith(".proj_attn.weight") for k in keys)

@@ -1,0 +1,90 @@
+"""Runs on an imported model: `config.pretrained` (jdiff/configs/pretrained.py).
+
+`attach(setup)` replaces the config's U-Net and schedule by the imported ones: the
+architecture, the schedule (from scheduler_config.json or ADM's flags), the
+parameterisation (`diffusion.prediction`, `diffusion.variance`, `model.learn_sigma`) and
+whether the model is class-conditional come from the weights' own configuration and
+are written into the run's copy of the config (logged); `model.dtype`, `conv_impl` and
+`remat` stay the config's. With `pretrained.scheduler_sampling` the publisher's x0
+clipping / thresholding replace `sample.clip_x0` / `dynamic_threshold`. The weights are
+restored straight onto the run's replicated sharding, one array at a time.
+
+Sampling and evaluation then use the imported weights when the workdir has no
+checkpoint; training starts from them (params and EMA) and resumes from the workdir as
+usual once it has saved one.
+"""
+
+from __future__ import annotations
+
+from absl import logging
+
+from jdiff.models.layers import DTYPES
+from jdiff.runs.sample_options import validate_sample_config
+
+
+def enabled(config) -> bool:
+  """Whether `config` imports a pretrained model (`config.pretrained.path` set)."""
+  return "pretrained" in config and bool(config.pretrained.path)
+
+
+def attach(setup) -> None:
+  """Loads `config.pretrained` into `setup` (module, schedule, params, config copy)."""
+  from jdiff.pretrained import load_pretrained  # pylint: disable=g-import-not-at-top
+
+  c = setup.config
+  p = c.pretrained
+  if c.latent.autoencoder_workdir:
+    raise ValueError("config.pretrained imports pixel-space U-Nets: unset config.latent")
+  model = load_pretrained(
+    p.path,
+    format=p.format,
+    flags=p.flags or None,
+    variant=p.adm_variant,
+    shardings=setup.repl,
+    dtype=DTYPES[c.model.dtype],
+    conv_impl=c.model.conv_impl,
+    remat=c.model.remat,
+  )
+  if tuple(model.image_shape) != tuple(setup.image_shape):
+    raise ValueError(
+      f"the imported model takes images {model.image_shape} but config.data gives "
+      f"{setup.image_shape}: set config.data.name / image_size to match"
+    )
+  if model.num_classes is not None and setup.meta.num_classes not in (None, model.num_classes):
+    raise ValueError(
+      f"the imported model has {model.num_classes} classes, dataset {c.data.name!r} has "
+      f"{setup.meta.num_classes}"
+    )
+  c = c.copy_and_resolve_references()
+  s = model.settings
+  with c.unlocked():
+    c.conditional = model.num_classes is not None
+    c.model.learn_sigma = bool(model.module.learn_sigma)
+    if s is not None:
+      c.diffusion.prediction, c.diffusion.variance = s.prediction, s.variance
+      c.diffusion.num_steps = s.schedule.num_steps
+      if p.scheduler_sampling:
+        c.sample.clip_x0, c.sample.dynamic_threshold = s.clip_x0, s.dynamic_threshold
+        if s.spacing and c.sample.spacing == "auto" and c.sample.sampler in ("ddim", "pc"):
+          c.sample.spacing = s.spacing
+      for note in s.notes:
+        logging.warning("pretrained %s: %s", model.source, note)
+  c.lock()
+  validate_sample_config(c.sample, latent=False)
+  setup.config = c
+  setup.pretrained = model
+  setup.module = model.module
+  if s is not None:
+    setup.schedule = s.schedule
+  setup.num_classes = model.num_classes
+  setup.null_label = model.num_classes
+  logging.info(
+    "imported %s U-Net from %s: %s; prediction %s, variance %s, T = %d, clip_x0 %s",
+    model.format,
+    model.source,
+    {k: getattr(model.module, k) for k in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions")},
+    c.diffusion.prediction,
+    c.diffusion.variance,
+    setup.schedule.num_steps,
+    c.sample.clip_x0,
+  )
