@@ -25,7 +25,7 @@ from jdiff.models.autoencoder import AutoencoderKL, make_autoencoder
 from jdiff.models.layers import DTYPES
 from jdiff.models.unet import UNet
 from jdiff.ops.winograd import CONV_IMPLS
-from jdiff.runs import stage1
+from jdiff.runs import objectives, stage1
 from jdiff.runs.sample_options import validate_sample_config
 from jdiff.schedules import get_schedule
 from jdiff.training import sharding
@@ -102,6 +102,7 @@ def _check_diffusion(config) -> None:
   validate_sample_config(config.sample, latent=bool(config.latent.autoencoder_workdir))
   if not 0.0 <= config.ema_decay < 1.0:
     raise ValueError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
+  objectives.check_objective(config)
 
 
 def _check_autoencoder(config) -> None:
@@ -126,6 +127,7 @@ def _check_autoencoder(config) -> None:
 def build_model(config, *, num_classes: int | None, channels: int) -> UNet:
   """The U-Net from `config.model` (its fields are UNet's constructor arguments)."""
   kwargs = dict(config.model)
+  kwargs.pop("arch", None)
   dtype = kwargs.pop("dtype", "float32")
   if dtype not in DTYPES:
     raise ValueError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -143,6 +145,8 @@ def build_model(config, *, num_classes: int | None, channels: int) -> UNet:
   kwargs["out_channels"] = channels
   for key in ("ch_mult", "attn_resolutions"):
     kwargs[key] = tuple(kwargs[key])
+  if config.get("objective", "ddpm") != "ddpm" or config.model.get("arch", "unet") != "unet":
+    return objectives.build_network(config, kwargs, dtype=DTYPES[dtype])
   return UNet(dtype=DTYPES[dtype], **kwargs)
 
 
@@ -262,6 +266,8 @@ class Setup:
     self.null_label = self.num_classes  # the U-Net reserves label num_classes for "no class"
     d = c.diffusion
     self.schedule = get_schedule(d.schedule, d.num_steps, zero_terminal_snr=d.zero_terminal_snr)
+    if c.objective != "ddpm":  # edm / flow: the continuous process (jdiff.processes)
+      self.schedule = objectives.make_process(c)
 
   def __enter__(self) -> Setup:
     return self
@@ -281,6 +287,12 @@ class Setup:
 
   def source(self, split: str):
     """The dataset name, or for latent diffusion the encoded split (a random-access source)."""
+    if (
+      self.kind == "diffusion"
+      and self.config.flow.reflow_pairs
+      and split == self.config.data.train_split
+    ):
+      return objectives.pair_source(self.config.flow.reflow_pairs)
     if self.codec is None:
       return self.config.data.name
     from jdiff.data import latents  # pylint: disable=g-import-not-at-top

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jdiff import losses
+from jdiff import flow, losses, processes
 from jdiff.models import autoencoder_losses as ae_losses
 from jdiff.models.autoencoder import AutoencoderKL
 from jdiff.models.bridge import make_model_fn
@@ -40,14 +40,41 @@ def make_loss_fn(
   min_snr_gamma: float = 5.0,
   learn_sigma: bool = False,
   vlb_weight: float = 0.001,
+  sigma_data: float = 0.5,
+  uncertainty: bool = False,
 ) -> Callable:
-  """Returns `loss_fn(params, schedule, x0, cond, rng, *, train) -> [B]` per-example losses."""
+  """Returns `loss_fn(params, schedule, x0, cond, rng, *, train, noise=None) -> [B]` losses.
+
+  A `processes.Process` in place of the schedule trains that process (`processes.process_loss`
+  with `prediction`, `weighting` 'simple' / 'edm', `sigma_data` and EDM2's `uncertainty`);
+  `noise` fixes the noise of each x0 (reflow).
+  """
 
   def loss_fn(
-    params, schedule: Schedule, x0: Array, cond: Array | None, rng: Array, *, train: bool
+    params,
+    schedule: Schedule,
+    x0: Array,
+    cond: Array | None,
+    rng: Array,
+    *,
+    train: bool,
+    noise: Array | None = None,
   ) -> Array:
     drop_rng, loss_rng = jax.random.split(rng)
     model_fn = make_model_fn(module, params, train=train, rng=drop_rng if train else None)
+    if processes.is_process(schedule):
+      return processes.process_loss(
+        schedule,
+        model_fn,
+        x0,
+        loss_rng,
+        cond=cond,
+        noise=noise,
+        prediction=prediction,
+        weighting=weighting,
+        sigma_data=sigma_data,
+        uncertainty=uncertainty,
+      )
     if learn_sigma:
       return losses.hybrid_loss(
         schedule, model_fn, x0, loss_rng, cond=cond, prediction=prediction, vlb_weight=vlb_weight
@@ -74,6 +101,7 @@ def make_train_step(
   ema_warmup: bool = False,
   label_dropout: float = 0.0,
   null_label: int | None = None,
+  reflow: bool = False,
   **loss_kwargs,
 ) -> Callable:
   """Returns the pure `train_step(state, batch, schedule, rng) -> (state, metrics)`.
@@ -88,7 +116,9 @@ def make_train_step(
     ema_warmup: use min(decay, (1 + step) / (10 + step)).
     label_dropout: probability of replacing a label by `null_label` (CFG training).
     null_label: the model's reserved unconditional label; None for unconditional models.
-    **loss_kwargs: prediction, weighting, min_snr_gamma, learn_sigma, vlb_weight.
+    reflow: batch images are reflow pairs [x0 | x1] (channel axis); x1 is the noise of x0.
+    **loss_kwargs: prediction, weighting, min_snr_gamma, learn_sigma, vlb_weight, and for a
+      process sigma_data and uncertainty.
 
   Returns:
     train_step(state, batch {'image': [B, H, W, C], 'label': [B]}, schedule, rng).
@@ -102,8 +132,12 @@ def make_train_step(
     if null_label is not None:
       cond = drop_labels(label_rng, batch["label"], rate=label_dropout, null_label=null_label)
 
+    x0, noise = batch["image"], None
+    if reflow:  # records are [x0 | x1] on the channel axis (jdiff.flow.reflow_pairs)
+      x0, noise = flow.split_pairs(x0)
+
     def mean_loss(params):
-      return jnp.mean(loss_fn(params, schedule, batch["image"], cond, loss_rng, train=True))
+      return jnp.mean(loss_fn(params, schedule, x0, cond, loss_rng, train=True, noise=noise))
 
     loss, grads = jax.value_and_grad(mean_loss)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
