@@ -177,8 +177,21 @@ def _f32(t) -> Array:
   return jnp.asarray(t, jnp.float32)
 
 
+def _cos_theta(t: Array) -> Array:
+  return (t + _COS_S) / (1.0 + _COS_S) * (math.pi / 2)
+
+
 def _cos_g(t: Array) -> Array:
-  return jnp.cos((t + _COS_S) / (1.0 + _COS_S) * (math.pi / 2))
+  return jnp.cos(_cos_theta(t))
+
+
+def _cos_one_minus_a2(t: Array) -> Array:
+  """1 - alpha^2 = (g0 - g)(g0 + g) / g0^2, with g0 - g = 2 sin((th + th0)/2) sin((th - th0)/2)
+  (no cancellation near t = 0)."""
+  th, th0 = _cos_theta(t), _cos_theta(jnp.float32(0.0))
+  g0 = jnp.cos(th0)
+  diff = 2.0 * jnp.sin(0.5 * (th + th0)) * jnp.sin(0.5 * (th - th0))
+  return jnp.maximum(diff * (g0 + jnp.cos(th)), 0.0) / g0**2
 
 
 def _linear_b(p: Process, t: Array) -> Array:
@@ -190,7 +203,7 @@ def alpha_sigma(p: Process, t) -> tuple[Array, Array]:
   t = _f32(t)
   if p.kind == "vp_cosine":
     a = jnp.clip(_cos_g(t) / _cos_g(jnp.float32(0.0)), 0.0, 1.0)
-    return a, jnp.sqrt(jnp.maximum(1.0 - a**2, 0.0))
+    return a, jnp.sqrt(jnp.minimum(_cos_one_minus_a2(t), 1.0))
   if p.kind == "vp_linear":
     b = _linear_b(p, t)
     return jnp.exp(-0.5 * b), jnp.sqrt(-jnp.expm1(-b))
@@ -213,8 +226,7 @@ def ve_sigma(p: Process, t) -> Array:
     return jnp.sqrt(jnp.expm1(_linear_b(p, t)))
   if p.kind == "vp_cosine":
     g0 = _cos_g(jnp.float32(0.0))
-    g = _cos_g(t)
-    return jnp.sqrt(jnp.maximum((g0 - g) * (g0 + g), 0.0)) / g
+    return g0 * jnp.sqrt(_cos_one_minus_a2(t)) / _cos_g(t)
   a, s = alpha_sigma(p, t)
   return s / a
 
@@ -227,8 +239,11 @@ def t_of_ve_sigma(p: Process, s) -> Array:
   if p.kind == "flow":
     return s / (1.0 + s)
   if p.kind == "vp_cosine":
-    g = _cos_g(jnp.float32(0.0)) * jax.lax.rsqrt(1.0 + s**2)
-    return jnp.arccos(g) * (2.0 / math.pi) * (1.0 + _COS_S) - _COS_S
+    # cos(th) = g0 / sqrt(1 + s^2)  <=>  tan(th) = sqrt(sin(th0)^2 + s^2) / g0 (well conditioned
+    # near s = 0, where arccos is not).
+    th0 = _cos_theta(jnp.float32(0.0))
+    th = jnp.arctan2(jnp.sqrt(jnp.sin(th0) ** 2 + s**2), jnp.cos(th0))
+    return th * (2.0 / math.pi) * (1.0 + _COS_S) - _COS_S
   # vp_linear: solve b_min t + (b_max - b_min) t^2 / 2 = log(1 + s^2) for t >= 0.
   c, a2, b1 = jnp.log1p(s**2), 0.5 * (p.beta_max - p.beta_min), p.beta_min
   return 2.0 * c / (b1 + jnp.sqrt(b1**2 + 4.0 * a2 * c))
