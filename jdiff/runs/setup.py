@@ -283,6 +283,8 @@ class Setup:
   @property
   def iter_image_size(self) -> int | None:
     """The resize the input pipeline applies (none for precomputed latents)."""
+    if self.kind == "diffusion" and self.config.flow.reflow_pairs:
+      return None  # reflow pairs are stored model-ready
     return None if self.codec is not None else self.image_size
 
   def source(self, split: str):
