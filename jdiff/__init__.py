@@ -9,13 +9,26 @@ The pure primitives are re-exported here; each lives in its home module:
     (`t_to_sigma`, `sigma_to_t`, `alpha_bar_at`) and the EDM-style denoiser of a model
     (`make_denoiser`), on which the sigma-grid samplers run;
   - `jdiff.losses`: timestep sampling, the denoising loss and the variational bound;
-  - `jdiff.likelihood`: the probability-flow ODE likelihood.
+  - `jdiff.likelihood`: the probability-flow ODE likelihood;
+  - `jdiff.processes`: continuous-time processes beside the discrete schedule (VP cosine /
+    linear, VE / EDM, rectified flow), which every sigma-grid sampler runs on; `jdiff.flow`:
+    flow-matching samplers in t and reflow pairs.
 Samplers are in `jdiff.samplers`; models, training, data, kernels and config-driven runs in
 the subpackages `jdiff.models`, `jdiff.training`, `jdiff.data`, `jdiff.ops` and `jdiff.runs`.
 Importing jdiff imports no TensorFlow and initialises no device.
 """
 
-from jdiff import continuous, diffusion, likelihood, losses, ops, samplers, schedules
+from jdiff import (
+  continuous,
+  diffusion,
+  flow,
+  likelihood,
+  losses,
+  ops,
+  processes,
+  samplers,
+  schedules,
+)
 from jdiff.continuous import alpha_bar_at, make_denoiser, sigma_min_max, sigma_to_t, t_to_sigma
 from jdiff.diffusion import (
   convert_prediction,

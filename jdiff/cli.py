@@ -30,7 +30,7 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from jdiff.runs import autoencoder, diffusion, fid
+from jdiff.runs import autoencoder, diffusion, fid, reflow
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -40,9 +40,18 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and sam
 flags.DEFINE_enum(
   "mode",
   "train",
-  ["train", "sample", "eval", "train_autoencoder", "eval_autoencoder", "fid", "fid_ref"],
+  [
+    "train",
+    "sample",
+    "eval",
+    "train_autoencoder",
+    "eval_autoencoder",
+    "fid",
+    "fid_ref",
+    "reflow_pairs",
+  ],
   "What to run: diffusion train/sample/eval, sample quality fid/fid_ref (jdiff/runs/fid.py), "
-  "or stage-1 autoencoder train/eval.",
+  "stage-1 autoencoder train/eval, or the reflow pairs of a flow model (jdiff/runs/reflow.py).",
 )
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (cluster env).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host.")
@@ -58,6 +67,7 @@ MODES = {
   "eval_autoencoder": autoencoder.evaluate_autoencoder,
   "fid": fid.fid,
   "fid_ref": fid.fid_ref,
+  "reflow_pairs": reflow.write_pairs,
 }
 
 

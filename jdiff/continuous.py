@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff import diffusion
+from jdiff import diffusion, processes
 from jdiff.schedules import Schedule
 
 Array = jax.Array
@@ -57,7 +57,9 @@ def log_sigmas(schedule: Schedule) -> Array:
 
 
 def sigma_min_max(schedule: Schedule) -> tuple[Array, Array]:
-  """(sigma at t = 0, sigma at t = T-1), float32 scalars."""
+  """(sigma at t = 0, sigma at t = T-1), float32 scalars (a `processes.Process`: its range)."""
+  if processes.is_process(schedule):
+    return processes.sigma_min_max(schedule)
   ls = log_sigmas(schedule)
   return jnp.exp(ls[0]), jnp.exp(ls[-1])
 
@@ -207,7 +209,17 @@ def make_denoiser(
 
   Returns:
     `denoise(x_ve [B, ...], sigma scalar or [B]) -> x0_hat [B, ...]` (dtype of x_ve).
+    A `processes.Process` in place of the schedule gives `processes.make_denoiser`'s.
   """
+  if processes.is_process(schedule):
+    return processes.make_denoiser(
+      schedule,
+      model_fn,
+      cond=cond,
+      prediction=prediction,
+      clip_x0=clip_x0,
+      dynamic_percentile=dynamic_percentile,
+    )
   diffusion.check_prediction(prediction)
   diffusion.check_threshold(clip_x0=clip_x0, dynamic_percentile=dynamic_percentile)
 

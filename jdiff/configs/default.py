@@ -36,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.remat = False
   # auto (Winograd for float32 on CPU, native elsewhere) | xla | winograd
   c.model.conv_impl = "auto"
+  c.model.arch = "unet"  # unet | dit (the DiT's shape is config.dit)
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule = "cosine"
@@ -138,6 +139,39 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.fsdp_min_size = 2**14
+  # What the model is trained on (jdiff.processes): ddpm (the discrete config.diffusion
+  # schedule), edm (VE, EDM preconditioning and loss, config.edm) or flow (rectified flow,
+  # velocity target, config.flow). edm and flow sample with the sigma-grid samplers (euler,
+  # heun, edm, euler_a, dpmpp_*, unipc) and flow also with flow_euler / flow_heun.
+  c.objective = "ddpm"
+
+  c.dit = ml_collections.ConfigDict()  # jdiff.models.dit.DiT, when model.arch = "dit"
+  c.dit.preset = ""  # "S/2", "B/2", "L/2", "XL/2" ([DiT] Table 1); "" = the fields below
+  c.dit.patch_size = 2
+  c.dit.hidden = 96
+  c.dit.depth = 4
+  c.dit.num_heads = 4
+  c.dit.mlp_ratio = 4.0
+
+  c.edm = ml_collections.ConfigDict()  # [EDM] Table 1 defaults
+  c.edm.sigma_data = 0.5
+  c.edm.p_mean = -1.2
+  c.edm.p_std = 1.2
+  c.edm.sigma_min = 0.002
+  c.edm.sigma_max = 80.0
+  c.edm.c_noise_scale = 250.0  # the net sees ln(sigma) / 4 * 250 (see models/edm.py)
+  c.edm.uncertainty = False  # EDM2's learned uncertainty weighting
+
+  c.flow = ml_collections.ConfigDict()
+  c.flow.t_sampler = "logit_normal"  # logit_normal (SD3) | uniform
+  c.flow.p_mean = 0.0
+  c.flow.p_std = 1.0
+  c.flow.shift = 1.0  # SD3 time shift of the flow_euler / flow_heun grids
+  # Reflow: an .npz of [x0 | x1] pairs (python -m experiments.main --mode=reflow_pairs
+  # --workdir=<teacher>); when set, training reads its pairs instead of the dataset.
+  c.flow.reflow_pairs = ""
+  c.flow.reflow_num_pairs = 2048
+  c.flow.reflow_steps = 50  # flow_heun steps of the teacher's ODE per pair
 
   c.lock()
   return c

@@ -9,5 +9,7 @@ from jdiff.models.autoencoder_convert import (
 )
 from jdiff.models.bridge import make_model_fn
 from jdiff.models.distributions import DiagonalGaussian
+from jdiff.models.dit import DiT, make_dit
+from jdiff.models.edm import EDMPrecond
 from jdiff.models.guidance import cfg_model_fn
 from jdiff.models.unet import UNet, make_unet

@@ -27,6 +27,7 @@ from absl import logging
 
 from jdiff import losses
 from jdiff.models.bridge import make_model_fn
+from jdiff.runs import objectives
 from jdiff.runs.sample_options import sample_options
 from jdiff.runs.setup import Setup, log_process_info, run_training
 from jdiff.training import sharding
@@ -50,7 +51,7 @@ def loss_kwargs(config) -> dict:
     min_snr_gamma=d.min_snr_gamma,
     learn_sigma=config.model.learn_sigma,
     vlb_weight=d.vlb_weight,
-  )
+  ) | objectives.loss_overrides(config)
 
 
 def params_checksum(params) -> float:
@@ -69,11 +70,11 @@ def params_checksum(params) -> float:
 def sample_fn(setup: Setup, **overrides):
   """The pure `sample_fn(params, x_T, rng, labels)` of `config.sample` (with overrides)."""
   c = setup.config
-  opts = {**sample_options(c.sample), **overrides}
+  opts = {**sample_options(c.sample), **objectives.sample_overrides(c), **overrides}
   return make_sample_fn(
     setup.module,
     setup.schedule,
-    prediction=c.diffusion.prediction,
+    prediction=objectives.prediction_of(c),
     variance=c.diffusion.variance,
     null_label=setup.null_label,
     **opts,
@@ -156,6 +157,7 @@ def _train(setup: Setup, writer: MetricWriter) -> TrainState:
       grad_accum_steps=cfg.train.grad_accum_steps,
       micro_sharding=setup.data_sh,
       grad_shardings=state_sh.params,
+      reflow=bool(cfg.flow.reflow_pairs),
       **loss_kwargs(cfg),
     ),
     in_shardings=(state_sh, setup.data_sh, setup.repl, setup.repl),
@@ -291,7 +293,8 @@ def _evaluate(setup: Setup, params) -> dict[str, float]:
     out = jax.device_get(eval_step(params, batch, setup.schedule, jax.random.fold_in(eval_rng, i)))
     loss_sum += float(out["loss_sum"])
     count += float(out["count"])
-    if setup.codec is None and bound_count < cfg.eval.bound_examples:
+    # The bound is the discrete DDPM's; edm / flow report their own denoising loss only.
+    if setup.codec is None and cfg.objective == "ddpm" and bound_count < cfg.eval.bound_examples:
       total, n = jax.device_get(bound_fn(params, batch, jax.random.fold_in(bound_rng, i)))
       bound_sum += float(total)
       bound_count += int(n)

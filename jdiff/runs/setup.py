@@ -26,8 +26,8 @@ from jdiff.models.autoencoder import AutoencoderKL, make_autoencoder
 from jdiff.models.layers import DTYPES
 from jdiff.models.unet import UNet
 from jdiff.ops.winograd import CONV_IMPLS
+from jdiff.runs import objectives, stage1, stored_config
 from jdiff.runs import pretrained as pretrained_run
-from jdiff.runs import stage1, stored_config
 from jdiff.runs.config_checks import check_ranges
 from jdiff.runs.eval_options import validate_eval_config
 from jdiff.runs.sample_options import validate_sample_config
@@ -123,8 +123,14 @@ def _check_scale(config) -> None:
     raise ValueError(
       f"config.train.profile_steps must be two integers (a, b) with 0 <= a <= b, got {steps!r}"
     )
+  if config.train.grad_accum_steps > 1 and config.get("objective", "ddpm") != "ddpm":
+    raise ValueError(
+      f"config.train.grad_accum_steps={config.train.grad_accum_steps} needs "
+      f"config.objective='ddpm', got {config.objective!r} (its noise levels are drawn per call)"
+    )
   _check_int(config, "mesh", "fsdp_min_size", 0)
   sharding.mesh_shape(jax.device_count(), data=config.mesh.data, fsdp=config.mesh.fsdp)
+  objectives.check_objective(config)
 
 
 def _check_autoencoder(config) -> None:
@@ -149,6 +155,7 @@ def _check_autoencoder(config) -> None:
 def build_model(config, *, num_classes: int | None, channels: int) -> UNet:
   """The U-Net from `config.model` (its fields are UNet's constructor arguments)."""
   kwargs = dict(config.model)
+  kwargs.pop("arch", None)
   dtype = kwargs.pop("dtype", "float32")
   if dtype not in DTYPES:
     raise ValueError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -166,6 +173,8 @@ def build_model(config, *, num_classes: int | None, channels: int) -> UNet:
   kwargs["out_channels"] = channels
   for key in ("ch_mult", "attn_resolutions"):
     kwargs[key] = tuple(kwargs[key])
+  if config.get("objective", "ddpm") != "ddpm" or config.model.get("arch", "unet") != "unet":
+    return objectives.build_network(config, kwargs, dtype=DTYPES[dtype])
   return UNet(dtype=DTYPES[dtype], **kwargs)
 
 
@@ -309,6 +318,8 @@ class Setup:
     self.null_label = self.num_classes  # the U-Net reserves label num_classes for "no class"
     d = c.diffusion
     self.schedule = get_schedule(d.schedule, d.num_steps, zero_terminal_snr=d.zero_terminal_snr)
+    if c.objective != "ddpm":  # edm / flow: the continuous process (jdiff.processes)
+      self.schedule = objectives.make_process(c)
 
   def __enter__(self) -> Setup:
     return self
@@ -334,10 +345,18 @@ class Setup:
   @property
   def iter_image_size(self) -> int | None:
     """The resize the input pipeline applies (none for precomputed latents)."""
+    if self.kind == "diffusion" and self.config.flow.reflow_pairs:
+      return None  # reflow pairs are stored model-ready
     return None if self.codec is not None else self.image_size
 
   def source(self, split: str):
     """The dataset name, or for latent diffusion the encoded split (a random-access source)."""
+    if (
+      self.kind == "diffusion"
+      and self.config.flow.reflow_pairs
+      and split == self.config.data.train_split
+    ):
+      return objectives.pair_source(self.config.flow.reflow_pairs)
     if self.codec is None:
       return self.config.data.name
     from jdiff.data import latents  # pylint: disable=g-import-not-at-top

@@ -146,7 +146,9 @@ def edm_stochastic_step(
   sigma_hat = sigma * (1.0 + gamma)
   if sigma_cap is not None:
     sigma_hat = jnp.maximum(jnp.minimum(sigma_hat, sigma_cap), sigma)
-  extra = jnp.sqrt(jnp.maximum(sigma_hat**2 - sigma**2, 0.0)) * s_noise
+  # (sigma_hat - sigma)(sigma_hat + sigma), not sigma_hat^2 - sigma^2: the latter is not 0 at
+  # gamma = 0 once XLA fuses it into an FMA (~ulp(6400) at sigma = 80, i.e. noise of std 0.02).
+  extra = jnp.sqrt(jnp.maximum((sigma_hat - sigma) * (sigma_hat + sigma), 0.0)) * s_noise
   x_hat = x + extra.astype(x.dtype) * noise.astype(x.dtype)
   return heun_step(denoise, x_hat, sigma_hat, sigma_next)
 

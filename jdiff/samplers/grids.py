@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff import continuous
+from jdiff import continuous, processes
 from jdiff.schedules import Schedule
 
 SPACINGS = ("leading", "trailing", "linspace", "quadratic")
@@ -140,6 +140,9 @@ def sigma_grid(
     sigma_min, sigma_max: override the end points ('karras' and 'log_snr' only).
     final: 'zero' (the grid ends with 0) or 'sigma_min' (see above).
 
+  A `processes.Process` in place of the schedule spans its [sigma_min, sigma_max]; there
+  'uniform' and 'trailing' are both uniform in the process's time t, from t_max to t_min.
+
   Returns:
     float32 [N + 1], strictly decreasing, ending with 0 (final='zero') or sigma_min
     (final='sigma_min': sigma(t = 0), or the `sigma_min` given for 'karras' / 'log_snr').
@@ -162,6 +165,10 @@ def sigma_grid(
       f"only, got spacing={spacing!r}"
     )
   s_min, s_max = continuous.sigma_min_max(schedule)
+  if processes.is_process(schedule) and spacing in ("uniform", "trailing"):
+    # A continuous process has no integer timesteps: both are uniform in its time t.
+    t = jnp.linspace(schedule.t_max, schedule.t_min, num_steps, dtype=jnp.float32)
+    return jnp.concatenate([processes.ve_sigma(schedule, t), jnp.zeros((1,), jnp.float32)])
   s_min = s_min if sigma_min is None else jnp.asarray(sigma_min, jnp.float32)
   # Above the schedule's sigma_max the model is undefined: clamp there, as EDM's sampler does.
   s_max = s_max if sigma_max is None else jnp.minimum(jnp.asarray(sigma_max, jnp.float32), s_max)

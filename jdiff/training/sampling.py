@@ -43,6 +43,7 @@ from typing import NamedTuple
 
 import jax
 
+from jdiff import flow
 from jdiff.models.bridge import make_model_fn
 from jdiff.models.guidance import cfg_model_fn
 from jdiff.samplers import ddim, ddpm, dpm_solver, euler, pc, unipc
@@ -96,6 +97,9 @@ SAMPLERS: dict[str, Sampler] = {
   "unipc": Sampler(
     unipc.unipc_sample, SIGMA_GRIDS, "log_snr", fixed=(("final_sigma", "sigma_min"),)
   ),
+  # Flow models only (objective 'flow'): Euler / Heun in t from t = 1 (jdiff.flow).
+  "flow_euler": Sampler(flow.flow_euler_sample, (), None),
+  "flow_heun": Sampler(flow.flow_heun_sample, (), None),
 }
 
 
@@ -157,6 +161,7 @@ def make_sample_fn(
   null_label: int | None = None,
   grid_file: str = "",
   grid: Array | None = None,
+  shift: float | None = None,
 ) -> Callable:
   """Returns the pure `sample_fn(params, x_T, rng, labels) -> x_0 [B, H, W, C]`.
 
@@ -197,6 +202,10 @@ def make_sample_fn(
       final step is the jump to 0). "" = off. Sigma-grid samplers only.
     grid: an explicit sigma grid [num_steps + 1] ending with 0 instead of a file (may be
       traced: `jdiff.samplers.optimize` fits it through this function).
+    shift: SD3's time shift of 'flow_euler' / 'flow_heun' (None: 1, uniform in t).
+
+  `schedule` may be a `jdiff.processes.Process` (objective edm / flow): the sigma-grid
+  samplers and the flow samplers take it; 'ddpm', 'ddim' and 'pc' need a discrete schedule.
 
   Raises:
     FileNotFoundError / ValueError: the grid file is missing, malformed, or was made for
@@ -222,6 +231,10 @@ def make_sample_fn(
     for key in ("spacing", "num_steps", "final_sigma"):
       kw.pop(key, None)
     kw["grid"] = grid
+  if shift is not None:
+    if sampler not in ("flow_euler", "flow_heun"):
+      raise ValueError(f"shift={shift} applies to flow_euler / flow_heun, not {sampler!r}")
+    kw["shift"] = shift
   if learn_sigma is None:
     learn_sigma = bool(getattr(module, "learn_sigma", False))
   eps_only = learn_sigma and not (sampler == "ddpm" and variance == "learned_range")

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jdiff import losses
+from jdiff import flow, losses, processes
 from jdiff.models import autoencoder_losses as ae_losses
 from jdiff.models.autoencoder import AutoencoderKL
 from jdiff.models.bridge import make_model_fn
@@ -40,12 +40,18 @@ def make_loss_fn(
   min_snr_gamma: float = 5.0,
   learn_sigma: bool = False,
   vlb_weight: float = 0.001,
+  sigma_data: float = 0.5,
+  uncertainty: bool = False,
 ) -> Callable:
   """Returns `loss_fn(params, schedule, x0, cond, rng, *, train) -> [B]` per-example losses.
 
   `rng` splits into (dropout, loss) keys; the loss key draws t and the noise
   (`losses.sample_t_and_noise`) unless `t` and `noise` are given, and `dropout_rng`
   replaces the dropout key (gradient accumulation passes all three).
+
+  A `processes.Process` in place of the schedule trains that process (`processes.process_loss`
+  with `prediction`, `weighting` 'simple' / 'edm', `sigma_data` and EDM2's `uncertainty`);
+  there `noise` alone fixes the noise of each x0 (reflow) and `t` is not used.
   """
 
   def loss_fn(
@@ -63,8 +69,21 @@ def make_loss_fn(
     drop_rng, loss_rng = jax.random.split(rng)
     if dropout_rng is not None:
       drop_rng = dropout_rng
-    extra = {} if noise is None else {"t": t, "noise": noise}
+    extra = {} if noise is None else {"t": t, "noise": noise}  # discrete path: both or none
     model_fn = make_model_fn(module, params, train=train, rng=drop_rng if train else None)
+    if processes.is_process(schedule):
+      return processes.process_loss(
+        schedule,
+        model_fn,
+        x0,
+        loss_rng,
+        cond=cond,
+        noise=noise,
+        prediction=prediction,
+        weighting=weighting,
+        sigma_data=sigma_data,
+        uncertainty=uncertainty,
+      )
     if learn_sigma:
       return losses.hybrid_loss(
         schedule,
@@ -102,6 +121,7 @@ def make_train_step(
   grad_accum_steps: int = 1,
   micro_sharding: Any = None,
   grad_shardings: Any = None,
+  reflow: bool = False,
   **loss_kwargs,
 ) -> Callable:
   """Returns the pure `train_step(state, batch, schedule, rng) -> (state, metrics)`.
@@ -125,15 +145,20 @@ def make_train_step(
     label_dropout: probability of replacing a label by `null_label` (CFG training).
     null_label: the model's reserved unconditional label; None for unconditional models.
     grad_accum_steps: k, the number of microbatches per update (B must be divisible by k).
+      The discrete (ddpm) objective only: a process draws its own noise levels.
     micro_sharding: optional sharding each microbatch is constrained to (the batch's).
     grad_shardings: optional shardings of the accumulated gradients (the params').
-    **loss_kwargs: prediction, weighting, min_snr_gamma, learn_sigma, vlb_weight.
+    reflow: batch images are reflow pairs [x0 | x1] (channel axis); x1 is the noise of x0.
+    **loss_kwargs: prediction, weighting, min_snr_gamma, learn_sigma, vlb_weight, and for a
+      process sigma_data and uncertainty.
 
   Returns:
     train_step(state, batch {'image': [B, H, W, C], 'label': [B]}, schedule, rng).
   """
   if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
     raise ValueError(f"grad_accum_steps must be a positive integer, got {grad_accum_steps!r}")
+  if grad_accum_steps > 1 and reflow:
+    raise ValueError("grad_accum_steps > 1 is not supported with reflow pairs")
   loss_fn = make_loss_fn(module, **loss_kwargs)
   k = grad_accum_steps
 
@@ -141,6 +166,11 @@ def make_train_step(
     return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
 
   def accumulate(params, x0: Array, cond: Array | None, schedule: Schedule, rng: Array):
+    if processes.is_process(schedule):
+      raise ValueError(
+        "grad_accum_steps > 1 needs the discrete (ddpm) objective; a process "
+        f"({type(schedule).__name__}) draws its own noise levels"
+      )
     b = x0.shape[0]
     if b % k:
       raise ValueError(f"batch size {b} is not divisible by grad_accum_steps={k}")
@@ -187,14 +217,18 @@ def make_train_step(
     if null_label is not None:
       cond = drop_labels(label_rng, batch["label"], rate=label_dropout, null_label=null_label)
 
+    x0, noise = batch["image"], None
+    if reflow:  # records are [x0 | x1] on the channel axis (jdiff.flow.reflow_pairs)
+      x0, noise = flow.split_pairs(x0)
+
     if grad_accum_steps == 1:
 
       def mean_loss(params):
-        return jnp.mean(loss_fn(params, schedule, batch["image"], cond, loss_rng, train=True))
+        return jnp.mean(loss_fn(params, schedule, x0, cond, loss_rng, train=True, noise=noise))
 
       loss, grads = jax.value_and_grad(mean_loss)(state.params)
     else:
-      loss, grads = accumulate(state.params, batch["image"], cond, schedule, loss_rng)
+      loss, grads = accumulate(state.params, x0, cond, schedule, loss_rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay_at(state.step, decay=ema_decay, warmup=ema_warmup)
