@@ -181,6 +181,7 @@ def _sample(
   clip_x0,
   dynamic_percentile,
   sigma_max=None,
+  inpaint=None,
 ):
   denoise, grid, x = denoiser_grid_and_start(
     schedule,
@@ -197,7 +198,13 @@ def _sample(
     sigma_max=sigma_max,
   )
   return sample_loop(
-    lambda c, i, s, s_next, key: step(denoise, c, i, s, s_next, key, grid), x, grid, rng
+    lambda c, i, s, s_next, key: step(denoise, c, i, s, s_next, key, grid),
+    x,
+    grid,
+    rng,
+    inpaint=inpaint,
+    schedule=schedule,
+    space="ve",
   )[0]
 
 
@@ -215,6 +222,7 @@ def euler_sample(
   prediction: str = "eps",
   clip_x0: float | None = None,
   dynamic_percentile: float | None = None,
+  inpaint=None,
 ) -> Array:
   """Euler PF-ODE sampler ([EDM] Alg. 1 without the correction). NFE = num_steps.
 
@@ -250,6 +258,7 @@ def euler_sample(
     prediction=prediction,
     clip_x0=clip_x0,
     dynamic_percentile=dynamic_percentile,
+    inpaint=inpaint,
   )
 
 
@@ -268,6 +277,7 @@ def heun_sample(
   clip_x0: float | None = None,
   dynamic_percentile: float | None = None,
   sigma_max: float | None = None,
+  inpaint=None,
 ) -> Array:
   """EDM's deterministic 2nd-order sampler ([EDM] Alg. 1). NFE = 2 num_steps - 1.
 
@@ -293,6 +303,7 @@ def heun_sample(
     clip_x0=clip_x0,
     dynamic_percentile=dynamic_percentile,
     sigma_max=sigma_max,
+    inpaint=inpaint,
   )
 
 
@@ -312,6 +323,7 @@ def euler_ancestral_sample(
   prediction: str = "eps",
   clip_x0: float | None = None,
   dynamic_percentile: float | None = None,
+  inpaint=None,
 ) -> Array:
   """Euler-ancestral sampler (k-diffusion's `sample_euler_ancestral`). NFE = num_steps.
 
@@ -336,6 +348,7 @@ def euler_ancestral_sample(
     prediction=prediction,
     clip_x0=clip_x0,
     dynamic_percentile=dynamic_percentile,
+    inpaint=inpaint,
   )
 
 
@@ -358,6 +371,7 @@ def edm_sample(
   clip_x0: float | None = None,
   dynamic_percentile: float | None = None,
   sigma_max: float | None = None,
+  inpaint=None,
 ) -> Array:
   """EDM's stochastic sampler ([EDM] Alg. 2). NFE = 2 num_steps - 1.
 
@@ -390,4 +404,5 @@ def edm_sample(
     clip_x0=clip_x0,
     dynamic_percentile=dynamic_percentile,
     sigma_max=sigma_max,
+    inpaint=inpaint,
   )

@@ -74,6 +74,7 @@ def make_train_step(
   ema_warmup: bool = False,
   label_dropout: float = 0.0,
   null_label: int | None = None,
+  cond_fn: Callable | None = None,
   **loss_kwargs,
 ) -> Callable:
   """Returns the pure `train_step(state, batch, schedule, rng) -> (state, metrics)`.
@@ -88,6 +89,8 @@ def make_train_step(
     ema_warmup: use min(decay, (1 + step) / (10 + step)).
     label_dropout: probability of replacing a label by `null_label` (CFG training).
     null_label: the model's reserved unconditional label; None for unconditional models.
+    cond_fn: optional `cond_fn(images, rng) -> cond` for image-conditioned models (e.g.
+      `conditioning.make_superres_cond_fn`); its rng is folded from the step's.
     **loss_kwargs: prediction, weighting, min_snr_gamma, learn_sigma, vlb_weight.
 
   Returns:
@@ -101,6 +104,8 @@ def make_train_step(
     cond = None
     if null_label is not None:
       cond = drop_labels(label_rng, batch["label"], rate=label_dropout, null_label=null_label)
+    if cond_fn is not None:
+      cond = cond_fn(batch["image"], jax.random.fold_in(label_rng, 1))
 
     def mean_loss(params):
       return jnp.mean(loss_fn(params, schedule, batch["image"], cond, loss_rng, train=True))
@@ -120,7 +125,9 @@ def make_train_step(
   return train_step
 
 
-def make_eval_step(module, *, conditional: bool = False, **loss_kwargs) -> Callable:
+def make_eval_step(
+  module, *, conditional: bool = False, cond_fn: Callable | None = None, **loss_kwargs
+) -> Callable:
   """Returns `eval_step(params, batch, schedule, rng) -> {'loss_sum', 'count'}`.
 
   Padded examples (batch['mask'] == 0) are excluded, so sums over an epoch are exact.
@@ -129,6 +136,8 @@ def make_eval_step(module, *, conditional: bool = False, **loss_kwargs) -> Calla
 
   def eval_step(params, batch: dict, schedule: Schedule, rng: Array):
     cond = batch["label"] if conditional else None
+    if cond_fn is not None:
+      cond = cond_fn(batch["image"], jax.random.fold_in(rng, 1))
     per_ex = loss_fn(params, schedule, batch["image"], cond, rng, train=False)
     mask = batch.get("mask", jnp.ones_like(per_ex)).astype(jnp.float32)
     return {"loss_sum": jnp.sum(per_ex * mask), "count": jnp.sum(mask)}
