@@ -19,7 +19,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from jdiff.runs import autoencoder, diffusion
+from jdiff.runs import autoencoder, diffusion, edit
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -29,7 +29,7 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and sam
 flags.DEFINE_enum(
   "mode",
   "train",
-  ["train", "sample", "eval", "train_autoencoder", "eval_autoencoder"],
+  ["train", "sample", "eval", "train_autoencoder", "eval_autoencoder", "edit"],
   "What to run: diffusion train/sample/eval, or stage-1 autoencoder train/eval.",
 )
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (cluster env).")
@@ -44,6 +44,7 @@ MODES = {
   "eval": diffusion.evaluate,
   "train_autoencoder": autoencoder.train_autoencoder,
   "eval_autoencoder": autoencoder.evaluate_autoencoder,
+  "edit": edit.edit,
 }
 
 

@@ -49,4 +49,8 @@ def sample_options(sample_cfg) -> dict:
     guidance_scale=s.guidance_scale,
     guidance_rescale=s.guidance_rescale,
     grid_file=s.grid_file,
+    guidance_interval=(
+      (s.guidance_sigma_lo, s.guidance_sigma_hi) if s.get("guidance_sigma_hi", 0.0) > 0 else None
+    ),
+    guidance_schedule=s.get("guidance_schedule", "constant"),
   )
