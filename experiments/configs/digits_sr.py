@@ -20,9 +20,9 @@ def get_config():
   c.model.ch = 16
   c.model.ch_mult = (1, 2)
   c.model.attn_resolutions = ()
-  c.train.num_steps = 600
+  c.train.num_steps = 1500
   c.train.batch_size = 32
-  c.train.ckpt_every = 300
+  c.train.ckpt_every = 500
   c.sample.num_steps = 20
   c.sample.grid_size = 16
   c.sample.batch_size = 16
