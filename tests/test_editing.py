@@ -95,12 +95,16 @@ def test_repaint_on_a_sigma_grid_sampler_reduces_the_bias():
 
   def sample(inp):
     return euler.euler_ancestral_sample(
-      SCH, exact_eps, x_t, jax.random.key(3), num_steps=30, spacing="trailing", inpaint=inp
+      SCH, exact_eps, x_t, jax.random.key(3), num_steps=50, spacing="trailing", inpaint=inp
     )
 
+  # The VE path of the same pieces. B = 2000: Monte-Carlo standard errors < 0.014 (mean) and
+  # < 0.012 (covariance); Euler-ancestral's 50-step discretisation adds a bias (~0.05 on the
+  # covariance measured with B = 4000), hence 0.08 / 0.1, still a third of replacement's bias.
   repl_mean, _ = _inpaint_errors(sample, b)
   rp_mean, rp_cov = _inpaint_errors(sample, b, jump_length=5, jump_n=10)
-  assert repl_mean > 0.15 and rp_mean < 0.08 and rp_cov < 0.08, (repl_mean, rp_mean, rp_cov)
+  assert repl_mean > 0.15 and rp_mean < 0.08 and rp_cov < 0.1, (repl_mean, rp_mean, rp_cov)
+  assert rp_mean < repl_mean / 3
 
 
 def test_repaint_indices_follow_the_jump_schedule():
