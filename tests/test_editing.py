@@ -308,3 +308,33 @@ def test_superres_conditioning():
   np.testing.assert_allclose(c[2, ..., :1], np.sqrt(0.75) * up[2] + 0.5 * noise[2], atol=1e-6)
   with pytest.raises(ValueError, match="factor 3"):
     conditioning.downsample(hi, 3)
+
+
+SHARDED_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jdiff import schedules
+from jdiff.samplers import ddim, editing
+sch = schedules.cosine(50)
+model_fn = lambda x, t, c: 0.1 * x
+def run(x_T, known, mask, rng):
+  inp = editing.Inpaint(known, mask, jump_length=2, jump_n=2)
+  return ddim.ddim_sample(sch, model_fn, x_T, rng, num_steps=6, eta=1.0, inpaint=inp)
+k = jax.random.split(jax.random.key(0), 3)
+x_T, known = (jax.random.normal(kk, (4, 4, 4, 1)) for kk in k[:2])
+mask = (jax.random.uniform(k[2], (4, 4, 4, 1)) > 0.5).astype(jnp.float32)
+mesh = Mesh(np.array(jax.devices()), ("data",))
+sh, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+out = jax.jit(run, in_shardings=(sh, sh, sh, rep), out_shardings=sh)(x_T, known, mask, k[0])
+ref = jax.jit(run)(x_T, known, mask, k[0])
+assert len(jax.devices()) == 2 and out.sharding.spec == P("data")
+np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-6)
+print("sharded ok")
+"""
+
+
+def test_inpaint_arguments_shard_over_the_batch():
+  from conftest import run_python  # pylint: disable=g-import-not-at-top
+
+  proc = run_python(["-c", SHARDED_SCRIPT], devices=2, timeout=300)
+  assert "sharded ok" in proc.stdout
