@@ -30,7 +30,7 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from jdiff.runs import autoencoder, diffusion, fid, reflow
+from jdiff.runs import autoencoder, diffusion, edit, fid, reflow
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -49,9 +49,11 @@ flags.DEFINE_enum(
     "fid",
     "fid_ref",
     "reflow_pairs",
+    "edit",
   ],
   "What to run: diffusion train/sample/eval, sample quality fid/fid_ref (jdiff/runs/fid.py), "
-  "stage-1 autoencoder train/eval, or the reflow pairs of a flow model (jdiff/runs/reflow.py).",
+  "stage-1 autoencoder train/eval, the reflow pairs of a flow model (jdiff/runs/reflow.py), "
+  "or image editing: img2img / inpaint / superres (jdiff/runs/edit.py).",
 )
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (cluster env).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host.")
@@ -68,6 +70,7 @@ MODES = {
   "fid": fid.fid,
   "fid_ref": fid.fid_ref,
   "reflow_pairs": reflow.write_pairs,
+  "edit": edit.edit,
 }
 
 

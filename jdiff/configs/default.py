@@ -106,6 +106,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.sample.grid_size = 64
   c.sample.batch_size = 64
   c.sample.use_ema = True
+  # Guidance variants (class-conditional models): guidance only where guidance_sigma_lo <=
+  # sigma(t) <= guidance_sigma_hi (Kynkaanniemi et al. 2024; hi = 0: everywhere), or a scale
+  # schedule in t: constant | linear | cosine (jdiff/models/guidance_schedules.py).
+  c.sample.guidance_sigma_lo = 0.0
+  c.sample.guidance_sigma_hi = 0.0
+  c.sample.guidance_schedule = "constant"
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 100
@@ -172,6 +178,26 @@ def get_config() -> ml_collections.ConfigDict:
   c.flow.reflow_pairs = ""
   c.flow.reflow_num_pairs = 2048
   c.flow.reflow_steps = 50  # flow_heun steps of the teacher's ODE per pair
+  # Super-resolution (SR3 / cascades; jdiff/conditioning.py): factor > 0 trains the U-Net on
+  # images conditioned on their factor-x average-pooled copy, upsampled and noise-augmented
+  # with a level drawn in [0, aug_max]; sampling uses the level aug_level.
+  c.superres = ml_collections.ConfigDict()
+  c.superres.factor = 0
+  c.superres.aug_max = 0.2
+  c.superres.aug_level = 0.05
+
+  # --mode=edit (jdiff/runs/edit.py): img2img (SDEdit) | inpaint | superres, from an .npz
+  # (key 'images', uint8 or [-1, 1]) or a folder of PNGs; results go beside the input.
+  c.edit = ml_collections.ConfigDict()
+  c.edit.task = "img2img"
+  c.edit.input = ""
+  c.edit.mask = ""  # inpaint: .png / .npz / .npy; 1 (white) = generate, 0 (black) = keep
+  c.edit.strength = 0.6  # img2img: run the last ceil(strength * num_steps) steps
+  c.edit.jump_length = 1  # inpaint: RePaint's jump length and count (1, 1: replacement)
+  c.edit.jump_n = 1
+  c.edit.base_config = ""  # superres without input: sample a base model first (cascade)
+  c.edit.base_workdir = ""
+  c.edit.num = 16  # cascade: how many base samples
 
   c.lock()
   return c

@@ -83,6 +83,10 @@ class UNet(nn.Module):
       ``center_input_sample``).
     timestep_scale: multiplies t before the embedding (improved-diffusion's
       ``rescale_timesteps``: 1000 / T).
+    image_cond_channels: channels of an image concatenated to x (SR3's upsampled
+      low-resolution image and its augmentation level, or a known image and its mask);
+      then ``y`` is that image [B, H, W, image_cond_channels] instead of a label, and the
+      output keeps x's channels. 0 (default): no image input, parameters unchanged.
   """
 
   ch: int = 128
@@ -111,6 +115,7 @@ class UNet(nn.Module):
   mid_attention: bool = True
   center_input: bool = False
   timestep_scale: float = 1.0
+  image_cond_channels: int = 0
 
   @property
   def null_label(self) -> int | None:
@@ -172,6 +177,23 @@ class UNet(nn.Module):
         raise TypeError(f"y must be integer class labels, got dtype {y.dtype}")
     return t, y
 
+  def _split_image_cond(self, x: Array, y: Array | None):
+    """(image conditioning or None, label y) after checking the image's shape."""
+    if not self.image_cond_channels:
+      return None, y
+    if self.num_classes is not None:
+      raise ValueError(
+        f"image_cond_channels={self.image_cond_channels} takes the image as y; it cannot be "
+        f"combined with class labels (num_classes={self.num_classes})"
+      )
+    want = (*x.shape[:-1], self.image_cond_channels)
+    if y is None or jnp.shape(y) != want:
+      raise ValueError(
+        f"y must be the conditioning image of shape {want} (image_cond_channels="
+        f"{self.image_cond_channels}), got {None if y is None else jnp.shape(y)}"
+      )
+    return jnp.asarray(y), None
+
   @nn.compact
   def __call__(self, x: Array, t: Array, y: Array | None = None, *, train: bool) -> Array:
     """Predicts eps / x0 / v (and the variance interpolation if ``learn_sigma``).
@@ -189,12 +211,15 @@ class UNet(nn.Module):
       when ``learn_sigma``.
     """
     self._check_config()
+    image_cond, y = self._split_image_cond(x, y)
     t, y = self._check_inputs(x, t, y)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     impl = resolve_conv_impl(self.conv_impl, self.dtype)
     out_ch = self.out_channels or x.shape[-1]
     if self.learn_sigma:
       out_ch *= 2
+    if image_cond is not None:
+      x = jnp.concatenate([x, image_cond.astype(x.dtype)], axis=-1)
     emb_dim = 4 * self.ch
 
     res_cls = ResBlock

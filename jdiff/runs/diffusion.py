@@ -54,6 +54,16 @@ def loss_kwargs(config) -> dict:
   ) | objectives.loss_overrides(config)
 
 
+def superres_cond_fn(config):
+  """The training conditioning of a super-resolution config (`config.superres.factor` > 0)."""
+  sr = config.get("superres")
+  if sr is None or not sr.factor:
+    return None
+  from jdiff import conditioning  # pylint: disable=g-import-not-at-top
+
+  return conditioning.make_superres_cond_fn(sr.factor, sr.aug_max)
+
+
 def params_checksum(params) -> float:
   """A float64 checksum of this process's copy of the parameters (gathered if sharded)."""
   leaves = jax.tree.leaves(params)
@@ -158,6 +168,7 @@ def _train(setup: Setup, writer: MetricWriter) -> TrainState:
       micro_sharding=setup.data_sh,
       grad_shardings=state_sh.params,
       reflow=bool(cfg.flow.reflow_pairs),
+      cond_fn=superres_cond_fn(cfg),
       **loss_kwargs(cfg),
     ),
     in_shardings=(state_sh, setup.data_sh, setup.repl, setup.repl),
@@ -193,6 +204,11 @@ def _train(setup: Setup, writer: MetricWriter) -> TrainState:
     )
 
   def sample_grid(step, state):
+    if superres_cond_fn(cfg) is not None:  # a before/after grid of held-out images
+      from jdiff.runs import edit  # pylint: disable=g-import-not-at-top
+
+      edit.superres_eval_grid(setup, state.ema_params, step)
+      return
     images = generate(
       setup, state.ema_params, cfg.sample.grid_size, jax.random.fold_in(grid_rng, step)
     )
@@ -278,7 +294,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
 def _evaluate(setup: Setup, params) -> dict[str, float]:
   cfg, repl, data_sh = setup.config, setup.repl, setup.data_sh
   eval_step = jax.jit(
-    make_eval_step(setup.module, conditional=cfg.conditional, **loss_kwargs(cfg)),
+    make_eval_step(
+      setup.module,
+      conditional=cfg.conditional,
+      cond_fn=superres_cond_fn(cfg),
+      **loss_kwargs(cfg),
+    ),
     in_shardings=(repl, data_sh, repl, repl),
     out_shardings=repl,
   )

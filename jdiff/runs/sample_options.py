@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from jdiff.models.guidance_schedules import SCALE_SCHEDULES
 from jdiff.training.sampling import resolve_options
 
 
@@ -24,6 +25,18 @@ def validate_sample_config(sample_cfg, *, latent: bool) -> None:
       "config.sample.dynamic_threshold must be a percentile in (0, 1] or 0 "
       f"(off); got {s.dynamic_threshold}"
     )
+  schedule = s.get("guidance_schedule", "constant")
+  if schedule not in SCALE_SCHEDULES:
+    raise ValueError(
+      f"config.sample.guidance_schedule must be one of {SCALE_SCHEDULES}, got {schedule!r}"
+    )
+  lo, hi = s.get("guidance_sigma_lo", 0.0), s.get("guidance_sigma_hi", 0.0)
+  if hi > 0 and not 0 <= lo <= hi:
+    raise ValueError(
+      f"config.sample.guidance_sigma_lo / _hi must satisfy 0 <= lo <= hi, got ({lo}, {hi})"
+    )
+  if hi > 0 and schedule != "constant":
+    raise ValueError("config.sample: use guidance_sigma_hi > 0 or guidance_schedule, not both")
   if latent and s.clip_x0 > 0:
     raise ValueError(
       "config.sample.clip_x0 must be 0 for latent diffusion (scaled latents have "
@@ -49,4 +62,8 @@ def sample_options(sample_cfg) -> dict:
     guidance_scale=s.guidance_scale,
     guidance_rescale=s.guidance_rescale,
     grid_file=s.grid_file,
+    guidance_interval=(
+      (s.guidance_sigma_lo, s.guidance_sigma_hi) if s.get("guidance_sigma_hi", 0.0) > 0 else None
+    ),
+    guidance_schedule=s.get("guidance_schedule", "constant"),
   )

@@ -111,6 +111,17 @@ def _check_diffusion(config) -> None:
     validate_eval_config(config.eval)
   if not 0.0 <= config.ema_decay < 1.0:
     raise ValueError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
+  if config.get("superres") is not None and config.superres.factor:
+    sr, size = config.superres, config.data.image_size
+    if sr.factor < 2 or (size and size % sr.factor):
+      raise ValueError(
+        f"config.superres.factor must be >= 2 and divide data.image_size={size}, got {sr.factor}"
+      )
+    if config.conditional:
+      raise ValueError("config.superres.factor > 0 conditions on images: set conditional=False")
+    for key in ("aug_max", "aug_level"):
+      if not 0.0 <= sr[key] < 1.0:
+        raise ValueError(f"config.superres.{key} must be in [0, 1), got {sr[key]}")
   _check_scale(config)
 
 
@@ -171,6 +182,8 @@ def build_model(config, *, num_classes: int | None, channels: int) -> UNet:
     )
   kwargs["num_classes"] = num_classes if config.conditional else None
   kwargs["out_channels"] = channels
+  if config.get("superres") is not None and config.superres.factor:
+    kwargs["image_cond_channels"] = channels + 1  # [augmented upsampled low-res, level]
   for key in ("ch_mult", "attn_resolutions"):
     kwargs[key] = tuple(kwargs[key])
   if config.get("objective", "ddpm") != "ddpm" or config.model.get("arch", "unet") != "unet":
@@ -423,8 +436,14 @@ class Setup:
   def _init_fn(self):
     x = jnp.zeros((1, *self.image_shape), jnp.float32)
     if self.kind == "diffusion":
+      cond_ch = getattr(self.module, "image_cond_channels", 0)
       return functools.partial(
-        init_train_state, self.module, self.optimizer, sample_x=x, num_classes=self.num_classes
+        init_train_state,
+        self.module,
+        self.optimizer,
+        sample_x=x,
+        num_classes=self.num_classes,
+        sample_cond=jnp.zeros((*x.shape[:-1], cond_ch), jnp.float32) if cond_ch else None,
       )
     return functools.partial(init_autoencoder_state, self.module, self.optimizer, sample_x=x)
 

@@ -145,6 +145,7 @@ def ddim_sample(
   clip_x0: float | None = None,
   dynamic_percentile: float | None = None,
   grid: Array | None = None,
+  inpaint=None,
 ) -> Array:
   """DDIM sampling from x_T over `num_steps` timesteps chosen by `spacing`.
 
@@ -158,6 +159,7 @@ def ddim_sample(
     spacing: 'leading', 'trailing', 'linspace' or 'quadratic' (see `timestep_grid`).
     cond, prediction, clip_x0, dynamic_percentile: see `ddim_step`.
     grid: optional explicit decreasing int timesteps ending with -1 (overrides the above).
+    inpaint: optional `editing.Inpaint` (replacement / RePaint; see `driver.sample_loop`).
 
   Returns:
     x_0 samples [B, ...].
@@ -182,4 +184,4 @@ def ddim_sample(
       dynamic_percentile=dynamic_percentile,
     )[0]
 
-  return sample_loop(step, x_T, grid, rng)[0]
+  return sample_loop(step, x_T, grid, rng, inpaint=inpaint, schedule=schedule)[0]

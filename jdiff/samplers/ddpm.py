@@ -71,6 +71,8 @@ def ddpm_sample(
   variance: str = "fixed_small",
   clip_x0: float | None = None,
   dynamic_percentile: float | None = None,
+  grid: Array | None = None,
+  inpaint=None,
 ) -> Array:
   """Ancestral sampling over all T steps, from x_T to x_0.
 
@@ -80,11 +82,15 @@ def ddpm_sample(
     x_T: [B, ...] starting noise (explicit).
     rng: PRNG key; step i uses fold_in(rng, i).
     cond, prediction, variance, clip_x0, dynamic_percentile: see `ddpm_step`.
+    grid: optional consecutive decreasing timesteps ending with -1 (e.g. the tail
+      [k, k - 1, ..., -1] of the full grid, for SDEdit); default all T.
+    inpaint: optional `editing.Inpaint` (replacement / RePaint; see `driver.sample_loop`).
 
   Returns:
     x_0 samples [B, ...], dtype of x_T.
   """
-  grid = jnp.arange(schedule.num_steps - 1, -2, -1, dtype=jnp.int32)
+  if grid is None:
+    grid = jnp.arange(schedule.num_steps - 1, -2, -1, dtype=jnp.int32)
 
   def step(x, i, t, t_next, key):
     del i, t_next
@@ -102,4 +108,4 @@ def ddpm_sample(
       dynamic_percentile=dynamic_percentile,
     )[0]
 
-  return sample_loop(step, x_T, grid, rng)[0]
+  return sample_loop(step, x_T, grid, rng, inpaint=inpaint, schedule=schedule)[0]

@@ -185,6 +185,7 @@ def _sample(
   dynamic_percentile,
   final_sigma="zero",
   lower_order_final=None,
+  inpaint=None,
 ):
   if eta < 0:
     raise ValueError(f"eta must be >= 0, got {eta}")
@@ -211,7 +212,9 @@ def _sample(
     )
     return step_fn(denoise, state, s, s_next, noise, eta=eta, s_noise=s_noise, **kw)
 
-  return sample_loop(step, init_state(x), grid, rng)[0].x
+  return sample_loop(
+    step, init_state(x), grid, rng, inpaint=inpaint, schedule=schedule, space="ve"
+  )[0].x
 
 
 def dpmpp_2m_sample(
@@ -231,6 +234,7 @@ def dpmpp_2m_sample(
   final_sigma: str = "zero",
   clip_x0: float | None = None,
   dynamic_percentile: float | None = None,
+  inpaint=None,
 ) -> Array:
   """DPM-Solver++(2M) ([DPM-Solver++] Alg. 2). NFE = num_steps.
 
@@ -272,6 +276,7 @@ def dpmpp_2m_sample(
     final_sigma=final_sigma,
     clip_x0=clip_x0,
     dynamic_percentile=dynamic_percentile,
+    inpaint=inpaint,
   )
 
 
@@ -303,6 +308,7 @@ def dpmpp_3m_sample(
   lower_order_final: bool = False,
   clip_x0: float | None = None,
   dynamic_percentile: float | None = None,
+  inpaint=None,
 ) -> Array:
   """DPM-Solver++(3M); eta > 0 gives the 3M SDE variant. NFE = num_steps.
 

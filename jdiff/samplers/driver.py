@@ -26,6 +26,9 @@ def sample_loop(
   rng: Array,
   *,
   record: Callable[[Carry], Any] | None = None,
+  inpaint=None,
+  schedule=None,
+  space: str = "vp",
 ) -> tuple[Carry, Any]:
   """Runs `carry = step_fn(carry, i, grid[i], grid[i + 1], fold_in(rng, i))` for all i.
 
@@ -36,6 +39,12 @@ def sample_loop(
     rng: PRNG key; step i uses `jax.random.fold_in(rng, i)`.
     record: optional function of the carry whose values are stacked over steps
       (e.g. `lambda c: c` for the whole trajectory).
+    inpaint: optional `editing.Inpaint` (known image, mask, RePaint jumps): the known pixels
+      are replaced after every step; with jump_n > 1 the walk follows RePaint's schedule
+      over the grid (`editing.repaint_indices`), upward pairs re-noising the sample.
+    schedule: the `Schedule` (needed with `inpaint` in the 'vp' space).
+    space: what the grid and carry hold: 'vp' (timesteps, x_t) or 've' (sigmas, x0 + sigma
+      eps); see `jdiff.samplers.editing`.
 
   Returns:
     (final carry, stacked records [N, ...] or None).
@@ -43,6 +52,18 @@ def sample_loop(
   grid = jnp.asarray(grid)
   if grid.ndim != 1 or grid.shape[0] < 2:
     raise ValueError(f"grid must be 1-D with at least 2 entries, got shape {grid.shape}")
+  if inpaint is not None:
+    from jdiff.samplers import editing  # pylint: disable=g-import-not-at-top
+
+    editing.check_inpaint(inpaint)
+    if inpaint.jump_n > 1:
+      if not isinstance(carry, jax.Array):
+        raise ValueError(
+          f"RePaint jumps (jump_n={inpaint.jump_n}) need a one-step sampler whose state is "
+          f"the sample; this sampler carries {type(carry).__name__} (multistep history)"
+        )
+      grid = grid[editing.repaint_indices(grid.shape[0] - 1, inpaint.jump_length, inpaint.jump_n)]
+    step_fn = editing.inpaint_step(step_fn, inpaint, schedule, space)
   n = grid.shape[0] - 1
 
   def body(c, i):

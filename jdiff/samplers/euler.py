@@ -183,6 +183,7 @@ def _sample(
   clip_x0,
   dynamic_percentile,
   sigma_max=None,
+  inpaint=None,
 ):
   denoise, grid, x = denoiser_grid_and_start(
     schedule,
@@ -199,7 +200,13 @@ def _sample(
     sigma_max=sigma_max,
   )
   return sample_loop(
-    lambda c, i, s, s_next, key: step(denoise, c, i, s, s_next, key, grid), x, grid, rng
+    lambda c, i, s, s_next, key: step(denoise, c, i, s, s_next, key, grid),
+    x,
+    grid,
+    rng,
+    inpaint=inpaint,
+    schedule=schedule,
+    space="ve",
   )[0]
 
 
@@ -217,6 +224,7 @@ def euler_sample(
   prediction: str = "eps",
   clip_x0: float | None = None,
   dynamic_percentile: float | None = None,
+  inpaint=None,
 ) -> Array:
   """Euler PF-ODE sampler ([EDM] Alg. 1 without the correction). NFE = num_steps.
 
@@ -252,6 +260,7 @@ def euler_sample(
     prediction=prediction,
     clip_x0=clip_x0,
     dynamic_percentile=dynamic_percentile,
+    inpaint=inpaint,
   )
 
 
@@ -270,6 +279,7 @@ def heun_sample(
   clip_x0: float | None = None,
   dynamic_percentile: float | None = None,
   sigma_max: float | None = None,
+  inpaint=None,
 ) -> Array:
   """EDM's deterministic 2nd-order sampler ([EDM] Alg. 1). NFE = 2 num_steps - 1.
 
@@ -295,6 +305,7 @@ def heun_sample(
     clip_x0=clip_x0,
     dynamic_percentile=dynamic_percentile,
     sigma_max=sigma_max,
+    inpaint=inpaint,
   )
 
 
@@ -314,6 +325,7 @@ def euler_ancestral_sample(
   prediction: str = "eps",
   clip_x0: float | None = None,
   dynamic_percentile: float | None = None,
+  inpaint=None,
 ) -> Array:
   """Euler-ancestral sampler (k-diffusion's `sample_euler_ancestral`). NFE = num_steps.
 
@@ -338,6 +350,7 @@ def euler_ancestral_sample(
     prediction=prediction,
     clip_x0=clip_x0,
     dynamic_percentile=dynamic_percentile,
+    inpaint=inpaint,
   )
 
 
@@ -360,6 +373,7 @@ def edm_sample(
   clip_x0: float | None = None,
   dynamic_percentile: float | None = None,
   sigma_max: float | None = None,
+  inpaint=None,
 ) -> Array:
   """EDM's stochastic sampler ([EDM] Alg. 2). NFE = 2 num_steps - 1.
 
@@ -392,4 +406,5 @@ def edm_sample(
     clip_x0=clip_x0,
     dynamic_percentile=dynamic_percentile,
     sigma_max=sigma_max,
+    inpaint=inpaint,
   )

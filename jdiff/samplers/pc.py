@@ -147,6 +147,7 @@ def pc_sample(
   prediction: str = "eps",
   clip_x0: float | None = None,
   dynamic_percentile: float | None = None,
+  inpaint=None,
 ) -> Array:
   """Predictor-corrector sampling ([ScoreSDE] Alg. 3). NFE = num_steps (1 + n_corrector).
 
@@ -193,4 +194,4 @@ def pc_sample(
       dynamic_percentile=dynamic_percentile,
     )
 
-  return sample_loop(step, x_T, grid, rng)[0]
+  return sample_loop(step, x_T, grid, rng, inpaint=inpaint, schedule=schedule)[0]

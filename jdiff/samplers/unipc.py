@@ -205,6 +205,7 @@ def unipc_sample(
   final_sigma: str = "zero",
   clip_x0: float | None = None,
   dynamic_percentile: float | None = None,
+  inpaint=None,
 ) -> Array:
   """UniPC ([UniPC] Alg. 3 with UniC): multistep UniP-p + UniC, data prediction. NFE = N.
 
@@ -263,4 +264,12 @@ def unipc_sample(
       max_order=n_steps - i if lower_order_final else order,
     )
 
-  return sample_loop(step, unipc_init_state(x, order=order), grid, rng)[0].x
+  return sample_loop(
+    step,
+    unipc_init_state(x, order=order),
+    grid,
+    rng,
+    inpaint=inpaint,
+    schedule=schedule,
+    space="ve",
+  )[0].x

@@ -43,10 +43,11 @@ from typing import NamedTuple
 
 import jax
 
-from jdiff import flow
+from jdiff import conditioning, flow
+from jdiff.models import guidance_schedules
 from jdiff.models.bridge import make_model_fn
 from jdiff.models.guidance import cfg_model_fn
-from jdiff.samplers import ddim, ddpm, dpm_solver, euler, pc, unipc
+from jdiff.samplers import ddim, ddpm, dpm_solver, editing, euler, pc, unipc
 from jdiff.schedules import Schedule
 from jdiff.training import grid_files
 
@@ -162,6 +163,9 @@ def make_sample_fn(
   grid_file: str = "",
   grid: Array | None = None,
   shift: float | None = None,
+  strength: float = 1.0,
+  guidance_interval: tuple[float, float] | None = None,
+  guidance_schedule: str = "constant",
 ) -> Callable:
   """Returns the pure `sample_fn(params, x_T, rng, labels) -> x_0 [B, H, W, C]`.
 
@@ -206,6 +210,20 @@ def make_sample_fn(
 
   `schedule` may be a `jdiff.processes.Process` (objective edm / flow): the sigma-grid
   samplers and the flow samplers take it; 'ddpm', 'ddim' and 'pc' need a discrete schedule.
+    strength: SDEdit strength s in (0, 1] (`editing.sdedit_start_index`): with an image x0
+      passed to `sample_fn`, only the last ceil(s N) steps of the sampler's N-step grid run,
+      from x0 noised to the first of them (`x_T` is that noise). unipc then ends its grid
+      with 0 (explicit grids always do).
+    guidance_interval: (sigma_lo, sigma_hi): guide only where sigma_lo <= sigma(t) <=
+      sigma_hi ([Kyn24]; `guidance_schedules.interval_scale`); None = everywhere.
+    guidance_schedule: 'constant', 'linear' or 'cosine' in t (`schedule_scale`).
+
+  The returned `sample_fn(params, x_T, rng, labels=None, *, x0=None, inpaint=None,
+  image_cond=None)` also takes, as traced arguments: `x0` [B, H, W, C], the image SDEdit
+  starts from (with `strength`); `inpaint`, an `editing.Inpaint` (known image, mask, RePaint
+  jumps) for replacement / RePaint, which for a model with `image_cond_channels = C + 1`
+  is also given to the model as [known (1 - mask), mask] (a mask-conditioned model);
+  `image_cond`, the conditioning image of an image-conditioned model (SR3).
 
   Raises:
     FileNotFoundError / ValueError: the grid file is missing, malformed, or was made for
@@ -238,18 +256,56 @@ def make_sample_fn(
   if learn_sigma is None:
     learn_sigma = bool(getattr(module, "learn_sigma", False))
   eps_only = learn_sigma and not (sampler == "ddpm" and variance == "learned_range")
+  editing.sdedit_start_index(1, strength)  # validates strength
+  space = "vp" if spec.spacings in ((), TIMESTEP_GRIDS) else "ve"
+  start_grid = editing.sdedit_grid(
+    editing.sampler_grid(schedule, kw, num_steps=num_steps, space=space), strength
+  )
+  if strength < 1.0:
+    for key in ("spacing", "num_steps", "final_sigma"):
+      kw.pop(key, None)
+    kw["grid"] = start_grid
   run = functools.partial(
     spec.fn, prediction=prediction, clip_x0=clip_x0, dynamic_percentile=dynamic_threshold, **kw
   )
+  scale_fn = None
+  if guidance_interval is not None or guidance_schedule != "constant":
+    scale_fn = guidance_schedules.schedule_scale(guidance_scale, guidance_schedule)
+    if guidance_interval is not None:
+      scale_fn = guidance_schedules.interval_scale(guidance_scale, *guidance_interval)
+      if guidance_schedule != "constant":
+        raise ValueError(
+          f"use a guidance_interval {guidance_interval} or a guidance_schedule "
+          f"{guidance_schedule!r}, not both"
+        )
+  image_channels = int(getattr(module, "image_cond_channels", 0) or 0)
 
-  def sample_fn(params, x_T: Array, rng: Array, labels: Array | None = None) -> Array:
+  def sample_fn(
+    params,
+    x_T: Array,
+    rng: Array,
+    labels: Array | None = None,
+    *,
+    x0: Array | None = None,
+    inpaint: editing.Inpaint | None = None,
+    image_cond: Array | None = None,
+  ) -> Array:
     model_fn = make_model_fn(module, params, train=False)
     cond = None
     if null_label is not None:
       if labels is None:
         raise ValueError("a class-conditional model needs labels to sample")
       cond = labels
-      if guidance_scale != 1.0:
+      if scale_fn is not None:
+        model_fn = guidance_schedules.scheduled_cfg_model_fn(
+          model_fn,
+          schedule,
+          scale_fn=scale_fn,
+          null_cond=null_label,
+          guidance_rescale=guidance_rescale,
+          learn_sigma=learn_sigma,
+        )
+      elif guidance_scale != 1.0:
         model_fn = cfg_model_fn(
           model_fn,
           guidance_scale=guidance_scale,
@@ -257,8 +313,22 @@ def make_sample_fn(
           guidance_rescale=guidance_rescale,
           learn_sigma=learn_sigma,
         )
+    if image_channels:
+      if image_cond is None and inpaint is not None and image_channels == x_T.shape[-1] + 1:
+        image_cond = conditioning.inpaint_cond(inpaint.known, inpaint.mask)
+      if image_cond is None:
+        raise ValueError(
+          f"the model takes a conditioning image of {image_channels} channels "
+          "(image_cond_channels); pass image_cond (or inpaint, for a mask-conditioned model)"
+        )
+      cond = image_cond
     if eps_only:
       model_fn = _eps_half(model_fn)
-    return run(schedule, model_fn, x_T, rng, cond=cond)
+    if x0 is not None:
+      x_T = editing.start_from(schedule, space, x0, start_grid[0], x_T)
+    elif strength < 1.0:
+      raise ValueError(f"strength={strength} < 1 needs the image x0 to start from")
+    extra = {} if inpaint is None else {"inpaint": inpaint}
+    return run(schedule, model_fn, x_T, rng, cond=cond, **extra)
 
   return sample_fn

@@ -33,6 +33,7 @@ def init_train_state(
   sample_x: Array,
   *,
   num_classes: int | None = None,
+  sample_cond: Array | None = None,
 ) -> TrainState:
   """Initialises the parameters of `module` on a sample input and wraps them.
 
@@ -42,6 +43,7 @@ def init_train_state(
     rng: PRNG key for the parameter init.
     sample_x: [b, H, W, C] example input (values are irrelevant, only the shape).
     num_classes: if set, a sample label array is passed as `y`.
+    sample_cond: an example conditioning image passed as `y` (image-conditioned U-Nets).
 
   Returns:
     A `TrainState` at step 0 with ema_params equal to params.
@@ -49,6 +51,8 @@ def init_train_state(
   b = sample_x.shape[0]
   t = jnp.zeros((b,), jnp.int32)
   y = jnp.zeros((b,), jnp.int32) if num_classes else None
+  if sample_cond is not None:
+    y = sample_cond
   params = module.init({"params": rng}, sample_x, t, y, train=False)["params"]
   return TrainState(
     step=jnp.zeros((), jnp.int32),

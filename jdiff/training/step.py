@@ -122,6 +122,7 @@ def make_train_step(
   micro_sharding: Any = None,
   grad_shardings: Any = None,
   reflow: bool = False,
+  cond_fn: Callable | None = None,
   **loss_kwargs,
 ) -> Callable:
   """Returns the pure `train_step(state, batch, schedule, rng) -> (state, metrics)`.
@@ -151,6 +152,9 @@ def make_train_step(
     reflow: batch images are reflow pairs [x0 | x1] (channel axis); x1 is the noise of x0.
     **loss_kwargs: prediction, weighting, min_snr_gamma, learn_sigma, vlb_weight, and for a
       process sigma_data and uncertainty.
+    cond_fn: optional `cond_fn(images, rng) -> cond` for image-conditioned models (e.g.
+      `conditioning.make_superres_cond_fn`); its rng is folded from the step's.
+    **loss_kwargs: prediction, weighting, min_snr_gamma, learn_sigma, vlb_weight.
 
   Returns:
     train_step(state, batch {'image': [B, H, W, C], 'label': [B]}, schedule, rng).
@@ -216,6 +220,8 @@ def make_train_step(
     cond = None
     if null_label is not None:
       cond = drop_labels(label_rng, batch["label"], rate=label_dropout, null_label=null_label)
+    if cond_fn is not None:
+      cond = cond_fn(batch["image"], jax.random.fold_in(label_rng, 1))
 
     x0, noise = batch["image"], None
     if reflow:  # records are [x0 | x1] on the channel axis (jdiff.flow.reflow_pairs)
@@ -243,7 +249,9 @@ def make_train_step(
   return train_step
 
 
-def make_eval_step(module, *, conditional: bool = False, **loss_kwargs) -> Callable:
+def make_eval_step(
+  module, *, conditional: bool = False, cond_fn: Callable | None = None, **loss_kwargs
+) -> Callable:
   """Returns `eval_step(params, batch, schedule, rng) -> {'loss_sum', 'count'}`.
 
   Padded examples (batch['mask'] == 0) are excluded, so sums over an epoch are exact.
@@ -252,6 +260,8 @@ def make_eval_step(module, *, conditional: bool = False, **loss_kwargs) -> Calla
 
   def eval_step(params, batch: dict, schedule: Schedule, rng: Array):
     cond = batch["label"] if conditional else None
+    if cond_fn is not None:
+      cond = cond_fn(batch["image"], jax.random.fold_in(rng, 1))
     per_ex = loss_fn(params, schedule, batch["image"], cond, rng, train=False)
     mask = batch.get("mask", jnp.ones_like(per_ex)).astype(jnp.float32)
     return {"loss_sum": jnp.sum(per_ex * mask), "count": jnp.sum(mask)}
