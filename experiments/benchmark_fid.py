@@ -8,7 +8,7 @@ r"""Sample-quality evaluation benchmarks.
    state dict, as in tests/test_inception.py): speed does not depend on their values.
 2. ``--digits WORKDIR``: the digits FD / IS (digits classifier features, jdiff/runs/
    feature_nets.py) of the model in WORKDIR (the README's main job,
-   experiments/configs/digits.py) for each ``--samplers`` entry (name:steps), through
+   jdiff/configs/digits.py) for each ``--samplers`` entry (name:steps), through
    ``--mode=fid``'s code path, with ``--n`` samples; and the held-out real digits' scores.
 
 Usage::
@@ -120,7 +120,7 @@ def bench_inception(args) -> None:
 
 
 def bench_digits(args) -> None:
-  from experiments.configs import digits  # pylint: disable=g-import-not-at-top
+  from jdiff.configs import digits  # pylint: disable=g-import-not-at-top
   from jdiff.runs import fid  # pylint: disable=g-import-not-at-top
 
   rows = []

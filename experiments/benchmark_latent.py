@@ -3,11 +3,11 @@
   python -m experiments.benchmark_latent [--ae_steps=1000] [--image_size=32]
       [--batch_size=64] [--repeats=5] [--steps_per_repeat=10] [--ae_workdir=DIR]
 
-1. Stage 1: trains `experiments/configs/ae_digits.py` for --ae_steps steps (or reuses
+1. Stage 1: trains `jdiff/configs/ae_digits.py` for --ae_steps steps (or reuses
    --ae_workdir if it holds a finished run) and evaluates reconstruction MSE / PSNR over
    the whole held-out split (200 images), plus the ratio of the posterior's std to the
    spread of its means (why precomputing posterior means is close to LDM's sampling).
-2. Stage 2: the same U-Net config (`experiments/configs/ldm_digits.py`) is built for
+2. Stage 2: the same U-Net config (`jdiff/configs/ldm_digits.py`) is built for
    the pixels [H, H, 1] and for the latents [H/4, H/4, 4]; each train step
    (`make_train_step`, jitted with the training run's shardings and donation) is compiled
    (time reported apart), warmed up, then timed over --repeats runs of
@@ -128,7 +128,7 @@ def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
 
-  from experiments.configs import ae_digits, ldm_digits  # pylint: disable=g-import-not-at-top
+  from jdiff.configs import ae_digits, ldm_digits  # pylint: disable=g-import-not-at-top
   from jdiff.runs import autoencoder, stage1  # pylint: disable=g-import-not-at-top
   from jdiff.training.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
 
@@ -172,7 +172,7 @@ def main(argv):
   lines = [
     f"### Latent vs pixel diffusion, digits {size}x{size} ({dev})",
     "",
-    f"Same U-Net config (`experiments/configs/ldm_digits.py`), global batch "
+    f"Same U-Net config (`jdiff/configs/ldm_digits.py`), global batch "
     f"{FLAGS.batch_size}; median of {FLAGS.repeats} x {FLAGS.steps_per_repeat} steps after "
     "compile + 2 warm-up steps.",
     "",
@@ -190,7 +190,7 @@ def main(argv):
     f"Latents are precomputed once per process: encoding the 1,597 train images took "
     f"{lt['prep_s']:.1f} s (jitted, batch 256).",
     "",
-    f"Stage-1 autoencoder (`experiments/configs/ae_digits.py`, tiny_f4, L1 + 1e-6 KL), "
+    f"Stage-1 autoencoder (`jdiff/configs/ae_digits.py`, tiny_f4, L1 + 1e-6 KL), "
     f"{ae_cfg.train.num_steps} steps at batch {ae_cfg.train.batch_size} "
     f"({ae_time}), held-out split ({int(ae_eval['eval/examples'])} "
     "images, posterior mean, clipped to [-1, 1]):",

@@ -13,7 +13,7 @@ matters: with independent draws the distance moves by ~0.002-0.003 between draws
 as the gaps being compared.)
 
 With ``--digits WORKDIR`` it instead samples the trained digits model of a workdir (the
-README's ``experiments.main --config=experiments/configs/digits.py``) with every sampler of
+README's ``experiments.main --config=jdiff/configs/digits.py``) with every sampler of
 the registry (`jdiff.training.sampling.SAMPLERS`, on its default grid, through the config
 path's `make_sample_fn`) at NFE 10, 20 and 50, without thresholding, with x0 clipping and
 with dynamic thresholding, and compares pixel statistics with the held-out digits (the test
@@ -320,7 +320,7 @@ def run_digits(
     grid_files: stored grid records (experiments/optimize_grid.py); each adds a row for its
       sampler in the cells of its NFE.
   """
-  from experiments.configs import digits as digits_config  # pylint: disable=g-import-not-at-top
+  from jdiff.configs import digits as digits_config  # pylint: disable=g-import-not-at-top
   from jdiff.runs.setup import Setup  # pylint: disable=g-import-not-at-top
   from jdiff.training import (
     grid_files,  # pylint: disable=g-import-not-at-top

@@ -14,7 +14,7 @@ the fitted grid and for every standard grid the sampler accepts, and writes
 Usage::
 
   .venv/bin/python -m experiments.optimize_grid --workdir /work/runs/digits \
-    --config experiments/configs/digits.py --sampler dpmpp_2m --nfe 5 --n 64
+    --config jdiff/configs/digits.py --sampler dpmpp_2m --nfe 5 --n 64
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def fit(
   config=None,
 ) -> tuple[dict, str]:
   """Fits and evaluates the grid; returns (record fields, report text). Writes nothing."""
-  from experiments.configs import digits as digits_config  # pylint: disable=g-import-not-at-top
+  from jdiff.configs import digits as digits_config  # pylint: disable=g-import-not-at-top
   from jdiff.runs.sample_options import sample_options  # pylint: disable=g-import-not-at-top
   from jdiff.runs.setup import Setup  # pylint: disable=g-import-not-at-top
   from jdiff.training import sampling  # pylint: disable=g-import-not-at-top
@@ -145,7 +145,7 @@ def main(argv=None):
   p.add_argument("--workdir", required=True)
   p.add_argument(
     "--config",
-    default="experiments/configs/digits.py",
+    default="jdiff/configs/digits.py",
     help="the config file the workdir was trained with",
   )
   p.add_argument("--sampler", default="dpmpp_2m", choices=SAMPLERS)

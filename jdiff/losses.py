@@ -135,6 +135,20 @@ def mean_flat(x: Array) -> Array:
   return jnp.mean(x.astype(jnp.float32), axis=tuple(range(1, x.ndim)))
 
 
+def sample_t_and_noise(
+  rng: Array, x0: Array, num_steps: int, *, t: Array | None = None
+) -> tuple[Array, Array]:
+  """The training losses' draw: t int32 [B] (unless given) and noise [B, ...] of x0's dtype.
+
+  Drawing them for a whole batch and passing slices as `t=` and `noise=` to the losses
+  reproduces the whole-batch draw on microbatches (gradient accumulation).
+  """
+  t_rng, noise_rng = jax.random.split(rng)
+  if t is None:
+    t = sample_timesteps(t_rng, x0.shape[0], num_steps)
+  return t, jax.random.normal(noise_rng, x0.shape, x0.dtype)
+
+
 def _noise_and_predict(
   schedule: Schedule,
   model_fn: ModelFn,
@@ -143,16 +157,17 @@ def _noise_and_predict(
   *,
   t: Array | None,
   cond: Array | None,
+  noise: Array | None = None,
 ) -> tuple[Array, Array, Array]:
-  """The training losses' common start: draw t (unless given) and noise, call the model.
+  """The training losses' common start: draw t and noise (unless given), call the model.
 
   Returns:
     (t int [B], noise [B, ...] of x0's dtype, model_fn(q_sample(x0, t, noise), t, cond)).
   """
-  t_rng, noise_rng = jax.random.split(rng)
-  if t is None:
-    t = sample_timesteps(t_rng, x0.shape[0], schedule.num_steps)
-  noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+  if noise is None:
+    t, noise = sample_t_and_noise(rng, x0, schedule.num_steps, t=t)
+  elif t is None:
+    raise ValueError("denoising losses given `noise` also need `t`")
   x_t = diffusion.q_sample(schedule, x0, t, noise)
   return t, noise, model_fn(x_t, t, cond)
 
@@ -168,6 +183,7 @@ def denoising_loss(
   prediction: str = "eps",
   weighting: str = "simple",
   min_snr_gamma: float = 5.0,
+  noise: Array | None = None,
 ) -> Array:
   """Per-example denoising loss, float32 [B] ([DDPM] eq. 14 and its reweightings).
 
@@ -181,11 +197,12 @@ def denoising_loss(
     prediction: what the model predicts: 'eps', 'x0' or 'v'.
     weighting: 'simple', 'snr' or 'min_snr' (see `loss_weight`).
     min_snr_gamma: gamma of 'min_snr'.
+    noise: optional noise [B, ...] (with `t`), e.g. a slice of `sample_t_and_noise`'s.
 
   Returns:
     float32 [B] weighted MSE per example (mean over non-batch dims).
   """
-  t, noise, pred = _noise_and_predict(schedule, model_fn, x0, rng, t=t, cond=cond)
+  t, noise, pred = _noise_and_predict(schedule, model_fn, x0, rng, t=t, cond=cond, noise=noise)
   if pred.shape != x0.shape:
     raise ValueError(
       f"model_fn returned shape {pred.shape}, expected {x0.shape}; for a "
@@ -364,6 +381,7 @@ def hybrid_loss(
   prediction: str = "eps",
   vlb_weight: float = 0.001,
   num_levels: int = 256,
+  noise: Array | None = None,
 ) -> Array:
   """[IDDPM]'s L_hybrid = L_simple + lambda L_vlb for a learned-range variance model, [B].
 
@@ -372,7 +390,7 @@ def hybrid_loss(
   L_vlb is the bound term in bits/dim scaled by T (an unbiased estimate of the whole bound),
   so vlb_weight = 0.001 reproduces IDDPM's `RESCALED_MSE` hybrid objective.
   """
-  t, noise, out = _noise_and_predict(schedule, model_fn, x0, rng, t=t, cond=cond)
+  t, noise, out = _noise_and_predict(schedule, model_fn, x0, rng, t=t, cond=cond, noise=noise)
   pred, var_values = diffusion.split_learned_variance(out, variance="learned_range")
   target = diffusion.target_for(schedule, x0, t, noise, prediction=prediction)
   simple = mean_flat((pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2)

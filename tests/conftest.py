@@ -52,7 +52,7 @@ def main_args(mode: str, workdir: str, data_dir: str, config: str = "tiny", **ov
   args = [
     "-m",
     "experiments.main",
-    f"--config=experiments/configs/{config}.py",
+    f"--config=jdiff/configs/{config}.py",
     f"--workdir={workdir}",
     f"--mode={mode}",
     f"--config.data.data_dir={data_dir}",

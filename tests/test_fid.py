@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from experiments.configs import tiny
+from jdiff.configs import tiny
 from jdiff import metrics
 from jdiff.runs import fid
 from tests.conftest import main_args, run_python

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.configs import default
 from jdiff import continuous, schedules
+from jdiff.configs import default
 from jdiff.runs.sample_options import sample_options
 from jdiff.samplers import dpm_solver, grids, optimize, unipc
 from jdiff.training import grid_files

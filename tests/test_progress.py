@@ -44,3 +44,14 @@ def test_lines_rate_eta_and_period():
 def test_bad_total_names_it():
   with pytest.raises(ValueError, match="got 0 \\(images\\)"):
     Progress(0, "images")
+
+
+def test_quiet_on_other_processes(monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  lines = []
+  p = Progress(10, "images", log_fn=lines.append, clock=FakeClock())
+  p.update(10)
+  p.close()
+  assert lines == [] and p.done == 10

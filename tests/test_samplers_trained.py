@@ -33,7 +33,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments.configs import tiny
+from jdiff.configs import tiny
 from jdiff.runs import diffusion as runs_diffusion
 from jdiff.runs.setup import Setup
 from jdiff.training.sampling import AUTO, SAMPLERS

@@ -189,7 +189,7 @@ def test_threshold_x0_matches_numpy():
 
 
 def test_sample_config_validation():
-  from experiments.configs import default  # pylint: disable=g-import-not-at-top
+  from jdiff.configs import default  # pylint: disable=g-import-not-at-top
 
   c = default.get_config()
   validate_sample_config(c.sample, latent=False)

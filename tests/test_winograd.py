@@ -198,7 +198,7 @@ def test_unet_conv_impls_share_parameters_and_agree():
 
 
 def test_bad_conv_impl_in_config_is_named():
-  from experiments.configs import default  # pylint: disable=g-import-not-at-top
+  from jdiff.configs import default  # pylint: disable=g-import-not-at-top
   from jdiff.runs.setup import build_model  # pylint: disable=g-import-not-at-top
 
   c = default.get_config()

@@ -70,6 +70,8 @@ def _train(setup: Setup, writer: MetricWriter) -> AutoencoderState:
     setup.module.downsample_factor,
   )
   state, start = ckpt.restore_or_keep(state, train_iter)
+  if writer.truncate_after(start):  # rows of the interrupted run's lost steps
+    logging.info("metrics.jsonl: dropped the rows past the restored step %d", start)
 
   train_step = jax.jit(
     make_autoencoder_state_step(
@@ -107,6 +109,7 @@ def _train(setup: Setup, writer: MetricWriter) -> AutoencoderState:
         **{f"train/{k}": v for k, v in mean.items()},
         "train/img_per_s": rate,
         "train/grad_norm": float(metrics[-1]["grad_norm"]),
+        "train/window_steps": len(metrics),  # how many steps the means average
         "train/latent_std": float(metrics[-1]["latent_std"]),
       },
     )

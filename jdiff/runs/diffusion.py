@@ -54,8 +54,12 @@ def loss_kwargs(config) -> dict:
 
 
 def params_checksum(params) -> float:
-  """A float64 checksum of this process's copy of (replicated) parameters."""
-  leaves = [np.asarray(x.addressable_data(0), np.float64) for x in jax.tree.leaves(params)]
+  """A float64 checksum of this process's copy of the parameters (gathered if sharded)."""
+  leaves = jax.tree.leaves(params)
+  if any(not x.sharding.is_fully_replicated for x in leaves):
+    mesh = leaves[0].sharding.mesh
+    leaves = jax.tree.leaves(sharding.replicate(params, mesh))
+  leaves = [np.asarray(x.addressable_data(0), np.float64) for x in leaves]
   return float(sum(np.sum(x * (1.0 + 1e-3 * i)) for i, x in enumerate(leaves)))
 
 
@@ -93,6 +97,7 @@ def generate(
     in_shardings=(setup.repl, setup.data_sh, setup.repl, setup.data_sh),
     out_shardings=setup.repl,
   )
+  params = sharding.replicate(params, setup.mesh)  # FSDP-sharded EMA: gathered once
   decode = None
   if setup.codec is not None:
     from jdiff.data import latents  # pylint: disable=g-import-not-at-top
@@ -134,7 +139,11 @@ def _train(setup: Setup, writer: MetricWriter) -> TrainState:
     setup.image_shape,
     setup.module.__class__.__name__,
   )
+  # Restored onto this run's shardings, whatever mesh the checkpoint was saved from.
   state, start = ckpt.restore_or_keep(state, train_iter)
+  state_sh = setup.state_shardings(state)
+  if writer.truncate_after(start):  # rows of the interrupted run's lost steps
+    logging.info("metrics.jsonl: dropped the rows past the restored step %d", start)
 
   train_step = jax.jit(
     make_train_step(
@@ -144,10 +153,13 @@ def _train(setup: Setup, writer: MetricWriter) -> TrainState:
       ema_warmup=cfg.ema_warmup,
       label_dropout=cfg.train.label_dropout,
       null_label=setup.null_label,
+      grad_accum_steps=cfg.train.grad_accum_steps,
+      micro_sharding=setup.data_sh,
+      grad_shardings=state_sh.params,
       **loss_kwargs(cfg),
     ),
-    in_shardings=(setup.repl, setup.data_sh, setup.repl, setup.repl),
-    out_shardings=(setup.repl, setup.repl),
+    in_shardings=(state_sh, setup.data_sh, setup.repl, setup.repl),
+    out_shardings=(state_sh, setup.repl),
     donate_argnums=(0,),
   )
   grid_rng = setup.keys.stream("grid")
@@ -174,6 +186,7 @@ def _train(setup: Setup, writer: MetricWriter) -> TrainState:
         "train/loss": loss,
         "train/img_per_s": rate,
         "train/grad_norm": float(metrics[-1]["grad_norm"]),
+        "train/window_steps": len(metrics),  # how many steps the means average
       },
     )
 

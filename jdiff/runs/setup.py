@@ -1,6 +1,6 @@
 """One `Setup` for every mode: what a run derives from (config, workdir).
 
-Two kinds of config exist: diffusion configs (experiments/configs/default.py and its
+Two kinds of config exist: diffusion configs (jdiff/configs/default.py and its
 variants) and stage-1 autoencoder configs (those with an `autoencoder` section, e.g.
 ae_digits.py). `Setup` validates either (shared checks, then the kind's own), prepares
 the dataset (process 0 first, the others after a barrier), builds the mesh, the model,
@@ -26,12 +26,14 @@ from jdiff.models.autoencoder import AutoencoderKL, make_autoencoder
 from jdiff.models.layers import DTYPES
 from jdiff.models.unet import UNet
 from jdiff.ops.winograd import CONV_IMPLS
-from jdiff.runs import stage1
+from jdiff.runs import stage1, stored_config
+from jdiff.runs.config_checks import check_ranges
 from jdiff.runs.eval_options import validate_eval_config
 from jdiff.runs.sample_options import validate_sample_config
 from jdiff.schedules import get_schedule
 from jdiff.training import sharding
 from jdiff.training.checkpoint import Checkpointer
+from jdiff.training.lock import WorkdirLock, lock_if_free
 from jdiff.training.loop import train_loop
 from jdiff.training.optim import make_optimizer
 from jdiff.training.progress import Progress
@@ -89,6 +91,7 @@ def validate_config(config) -> None:
   for key in ("log_every", "ckpt_every"):
     _check_int(config, "train", key, 0)
   _check_int(config, "eval", "batch_size", 1)
+  check_ranges(config)
   if kind == "diffusion":
     _check_diffusion(config)
   else:
@@ -107,6 +110,20 @@ def _check_diffusion(config) -> None:
     validate_eval_config(config.eval)
   if not 0.0 <= config.ema_decay < 1.0:
     raise ValueError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
+  _check_scale(config)
+
+
+def _check_scale(config) -> None:
+  """The cluster-scale keys (issue 15): accumulation, preemption period, profiling, mesh."""
+  for key in ("grad_accum_steps", "preemption_check_every"):
+    _check_int(config, "train", key, 1)
+  steps = tuple(config.train.profile_steps)
+  if len(steps) != 2 or not all(isinstance(s, int) for s in steps) or not 0 <= steps[0] <= steps[1]:
+    raise ValueError(
+      f"config.train.profile_steps must be two integers (a, b) with 0 <= a <= b, got {steps!r}"
+    )
+  _check_int(config, "mesh", "fsdp_min_size", 0)
+  sharding.mesh_shape(jax.device_count(), data=config.mesh.data, fsdp=config.mesh.fsdp)
 
 
 def _check_autoencoder(config) -> None:
@@ -216,9 +233,13 @@ class Setup:
     config: a locked ml_collections config.
     workdir: the run's directory.
     kind: the kind the mode needs; a config of the other kind is a clear error.
+    writer: a training run: process 0 takes the workdir's lock (`jdiff.training.lock`)
+      for the whole run and stores the config in the workdir if it has none. A
+      read-only run (sample, eval) only compares the stored config and leaves corrupt
+      checkpoints in place while another run holds the lock.
   """
 
-  def __init__(self, config, workdir: str, *, kind: str | None = None):
+  def __init__(self, config, workdir: str, *, kind: str | None = None, writer: bool = False):
     self.kind = kind_of(config)
     if kind is not None and kind != self.kind:
       raise ValueError(
@@ -227,6 +248,18 @@ class Setup:
       )
     validate_config(config)
     self.config, self.workdir = config, os.path.abspath(workdir)
+    self.lock = WorkdirLock(self.workdir) if writer and jax.process_index() == 0 else None
+    if self.lock is not None:
+      self.lock.acquire()  # first: a second trainer fails before it prepares anything
+    try:
+      self._build(writer)
+    except BaseException:
+      self._release()
+      raise
+
+  def _build(self, writer: bool) -> None:
+    config = self.config
+    stored_config.check_or_store(config, self.workdir, write=writer)
     self.data_dir = config.data.data_dir or None
     self.image_size = config.data.image_size or None
     self.meta = prepared_metadata(config)
@@ -237,14 +270,19 @@ class Setup:
     else:
       self.module = build_autoencoder(config, self.image_shape)
       self.latent_shape = latent_shape_of(self.module, self.image_shape)
-    self.mesh = sharding.make_mesh()
+    if "mesh" in config:
+      self.mesh = sharding.make_mesh_2d(data=config.mesh.data, fsdp=config.mesh.fsdp)
+    else:
+      self.mesh = sharding.make_mesh()
     self.repl = sharding.replicated(self.mesh)
     self.data_sh = sharding.data_sharding(self.mesh)
     self.optimizer = make_optimizer(total_steps=config.train.num_steps, **config.optim)
     self.keys = run_keys(config.seed)
     # Last: nothing after it can fail, so an error above leaves nothing open.
     self.checkpointer = Checkpointer(
-      os.path.join(self.workdir, stage1.CKPT_DIR), max_to_keep=config.train.keep_checkpoints
+      os.path.join(self.workdir, stage1.CKPT_DIR),
+      max_to_keep=config.train.keep_checkpoints,
+      guard=None if writer else lambda: lock_if_free(self.workdir),
     )
 
   def _build_diffusion(self) -> None:
@@ -272,10 +310,20 @@ class Setup:
     return self
 
   def __exit__(self, *exc) -> None:
-    self.checkpointer.__exit__(*exc)
+    try:
+      self.checkpointer.__exit__(*exc)
+    finally:
+      self._release()
 
   def close(self) -> None:
-    self.checkpointer.close()
+    try:
+      self.checkpointer.close()
+    finally:
+      self._release()
+
+  def _release(self) -> None:
+    if self.lock is not None:
+      self.lock.release()
 
   # --------------------------------------------------------------------------- data
 
@@ -302,6 +350,12 @@ class Setup:
     """This process's shuffled training batches of config.data.train_split."""
     c = self.config
     sharding.check_global_batch(c.train.batch_size, self.mesh)
+    k, n_dev = c.train.get("grad_accum_steps", 1), self.mesh.devices.size
+    if c.train.batch_size % (k * n_dev):
+      raise ValueError(
+        f"config.train.batch_size={c.train.batch_size} must be a multiple of "
+        f"grad_accum_steps={k} x {n_dev} devices, so that every microbatch fills the devices"
+      )
     return pipeline.make_train_iterator(
       self.source(c.data.train_split),
       global_batch_size=c.train.batch_size,
@@ -336,22 +390,35 @@ class Setup:
 
   # --------------------------------------------------------------------------- state
 
-  def init_state(self):
-    """The step-0 state (`TrainState` or `AutoencoderState`), replicated."""
+  def state_shardings(self, shapes):
+    """The state's shardings: by the FSDP rule over config.mesh for diffusion (replicated
+    when fsdp = 1), replicated for the autoencoder. `shapes`: the state or its shapes."""
+    if self.kind != "diffusion" or "mesh" not in self.config:
+      return jax.tree.map(lambda _: self.repl, shapes)
+    return sharding.fsdp_shardings(shapes, self.mesh, min_size=self.config.mesh.fsdp_min_size)
+
+  def _init_fn(self):
     x = jnp.zeros((1, *self.image_shape), jnp.float32)
     if self.kind == "diffusion":
-      init = functools.partial(
+      return functools.partial(
         init_train_state, self.module, self.optimizer, sample_x=x, num_classes=self.num_classes
       )
-    else:
-      init = functools.partial(init_autoencoder_state, self.module, self.optimizer, sample_x=x)
-    return jax.jit(init, out_shardings=self.repl)(self.keys.init)
+    return functools.partial(init_autoencoder_state, self.module, self.optimizer, sample_x=x)
 
-  def abstract_state(self):
-    """`init_state`'s shapes and dtypes, replicated (nothing computed)."""
+  def init_state(self):
+    """The step-0 state (`TrainState` or `AutoencoderState`), laid out by `state_shardings`
+    (replicated unless config.mesh.fsdp > 1)."""
+    init = self._init_fn()
+    shapes = jax.eval_shape(init, self.keys.init)
+    return jax.jit(init, out_shardings=self.state_shardings(shapes))(self.keys.init)
+
+  def abstract_state(self, *, sharded: bool = False):
+    """`init_state`'s shapes and dtypes (nothing computed): replicated, or with
+    `state_shardings` if `sharded`."""
+    shapes = jax.eval_shape(self._init_fn(), self.keys.init)
+    shs = self.state_shardings(shapes) if sharded else jax.tree.map(lambda _: self.repl, shapes)
     return jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.repl),
-      jax.eval_shape(self.init_state),
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shs
     )
 
   def restore_params(self, field: str = "params") -> tuple[Any, int]:
@@ -387,6 +454,9 @@ class Setup:
       log_every=t.log_every,
       ckpt_every=t.ckpt_every,
       save=lambda step, state: self.checkpointer.save(step, state, train_iter),
+      preemption_check_every=t.get("preemption_check_every", 1),
+      profile_steps=tuple(t.get("profile_steps", (0, 0))),
+      profile_dir=os.path.join(self.workdir, "tensorboard"),
       **kwargs,
     )
     self.checkpointer.wait()
@@ -402,7 +472,8 @@ def run_training(
   raises or is interrupted; an in-flight checkpoint save is finished first.
   """
   log_process_info()
-  with Setup(config, workdir, kind=kind) as setup, MetricWriter(setup.workdir) as writer:
-    step = setup.checkpointer.latest_step() or 0
-    writer.write_text(step, "config", "```\n" + str(config) + "\n```")
-    return train(setup, writer)
+  with Setup(config, workdir, kind=kind, writer=True) as setup:
+    with MetricWriter(setup.workdir) as writer:
+      step = setup.checkpointer.latest_step() or 0
+      writer.write_text(step, "config", "```\n" + str(config) + "\n```")
+      return train(setup, writer)

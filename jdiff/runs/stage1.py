@@ -30,6 +30,7 @@ from jdiff.models.autoencoder import AutoencoderKL, make_autoencoder
 from jdiff.models.layers import DTYPES
 from jdiff.training import sharding as sharding_lib
 from jdiff.training.checkpoint import Checkpointer
+from jdiff.training.lock import lock_if_free
 from jdiff.training.writers import write_json
 
 PyTree = Any
@@ -204,7 +205,8 @@ def load_codec(workdir: str, *, scale_factor: float = 0.0) -> LatentCodec:
       f"no autoencoder checkpoint under {directory}; train stage 1 "
       f"first (--mode=train_autoencoder --workdir={workdir})"
     )
-  with Checkpointer(directory) as checkpointer:
+  # Read-only: a corrupt step is moved aside only while no stage-1 run holds the workdir.
+  with Checkpointer(directory, guard=lambda: lock_if_free(workdir)) as checkpointer:
     params, _ = restore_params(checkpointer, module, image_shape)
   scale = float(scale_factor) if scale_factor > 0 else read_scale_factor(workdir)
   return LatentCodec(

@@ -12,8 +12,11 @@ from jdiff.training.rng import RunKeys, run_keys, stream
 from jdiff.training.sharding import (
   check_global_batch,
   data_sharding,
+  fsdp_shardings,
+  fsdp_spec,
   local_mesh,
   make_mesh,
+  make_mesh_2d,
   replicated,
   to_global,
 )

@@ -5,11 +5,23 @@ state) as the item 'state' and every process's grain iterator position as the it
 'data', so that a resumed run continues the same data stream and ends bit-identical to
 an uninterrupted one. `Checkpointer` is the one reader and writer of this format: a
 frozen model's parameters are read back with `restore_partial`, not by a second reader.
+
+Integrity: every save records the CRC-32 of every array and of every process's iterator
+state (`jdiff.training.integrity`) in the step's own metadata (orbax's custom metadata in
+`_CHECKPOINT_METADATA`, which orbax writes after all the items, just before it commits the
+step by renaming its temporary directory): a step without the record was not completely
+written. A restore without an explicit step verifies the newest step against its record;
+a step that is missing files, fails to load or mismatches is moved aside to
+`<step>.corrupt` with one warning line and the next older step is tried, until one is
+intact (`NoIntactCheckpointError`, one line, when none is). In a multi-process run every
+process verifies what it holds, all agree on the verdict, and only process 0 renames.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import grain
@@ -17,8 +29,20 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from jdiff.training import integrity
+
 STATE = "state"
 DATA = "data"
+CHECKSUMS = "jdiff_checksums"  # key of the record in the step's custom metadata
+METADATA_FILE = "_CHECKPOINT_METADATA"  # orbax's step metadata, which holds the record
+
+
+class NoIntactCheckpointError(FileNotFoundError):
+  """Every checkpoint of the directory failed verification (they were moved aside)."""
+
+
+class CorruptCheckpointError(ValueError):
+  """An explicitly requested step failed verification."""
 
 
 class Checkpointer:
@@ -32,12 +56,24 @@ class Checkpointer:
     directory: absolute or relative path; created if missing.
     max_to_keep: how many checkpoints to keep (older ones are deleted after a newer one
       is fully written, so there is always a complete checkpoint on disk).
+    guard: `guard()` is entered around moving a corrupt step aside and yields whether
+      this process may (e.g. `jdiff.training.lock.lock_if_free` for read-only modes, so
+      that they never touch a running trainer's files); None: always (the workdir's
+      writer holds the lock).
   """
 
-  def __init__(self, directory: str, *, max_to_keep: int = 3):
+  def __init__(
+    self,
+    directory: str,
+    *,
+    max_to_keep: int = 3,
+    guard: Callable[[], AbstractContextManager[bool]] | None = None,
+  ):
     if max_to_keep < 1:
       raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
     self.directory = os.path.abspath(directory)
+    self._guard = guard or (lambda: nullcontext(True))
+    self._skipped: set[int] = set()  # corrupt steps left in place (guard said no)
     # PyTreeCheckpointHandler (StandardCheckpointHandler's own backend, same files) so that
     # a subtree can be restored alone (`partial_restore`).
     self._manager = ocp.CheckpointManager(
@@ -62,27 +98,25 @@ class Checkpointer:
       logging.warning("closing the checkpointer after an error also failed: %r", e)
 
   def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+    steps = self.all_steps()
+    return steps[-1] if steps else None
 
   def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    return sorted(s for s in self._manager.all_steps() if s not in self._skipped)
 
   def save(self, step: int, state: Any, data_iter=None) -> None:
-    """Saves `state` (and the iterator's position) as checkpoint `step` (async)."""
+    """Saves `state` (and the iterator's position) as checkpoint `step` (async).
+
+    The checksums are computed now, on the host, from the values being saved; orbax
+    writes them into the step's metadata when the step is complete.
+    """
     items = {STATE: ocp.args.PyTreeSave(state)}
     if data_iter is not None:
       items[DATA] = grain.checkpoint.CheckpointSave(data_iter)
-    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
-
-  def _step_or_latest(self, step: int | None) -> int:
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint under {self.directory}")
-    if step not in self.all_steps():
-      raise FileNotFoundError(
-        f"no checkpoint {step} under {self.directory} (has {self.all_steps()})"
-      )
-    return step
+    record = integrity.make_record(state, data_iter)
+    self._manager.save(
+      step, args=ocp.args.Composite(**items), force=True, custom_metadata={CHECKSUMS: record}
+    )
 
   def _restore(self, target: Any, step: int, data_iter=None, *, partial: bool) -> Any:
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
@@ -97,40 +131,142 @@ class Checkpointer:
       items[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
     return self._manager.restore(step, args=ocp.args.Composite(**items))[STATE]
 
+  def _record(self, step: int) -> dict | None:
+    """The step's checksum record; None for a step saved before jdiff recorded them."""
+    if not os.path.isfile(os.path.join(self.directory, str(step), METADATA_FILE)):
+      raise FileNotFoundError(f"{METADATA_FILE} is missing")
+    record = (self._manager.metadata(step).custom_metadata or {}).get(CHECKSUMS)
+    if record is not None and "arrays" not in record:
+      raise ValueError("its checksum record is malformed")
+    return record
+
+  def _check_data_file(self, step: int, record: dict) -> None:
+    """Compares this process's iterator file with its recorded CRC-32."""
+    key = str(jax.process_index())
+    if key not in record.get("data", {}):
+      return
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    with open(os.path.join(self.directory, str(step), DATA, name), "rb") as f:
+      if integrity.text_crc(f.read()) != record["data"][key]:
+        raise ValueError(f"checksum mismatch in {DATA}/{name}")
+
+  def _try_step(self, target: Any, step: int, data_iter, *, partial: bool) -> tuple[Any, str]:
+    """(restored, '') if `step` verifies on this process, else (None, why it does not).
+
+    A checkpoint that is intact but holds other shapes than `target` is not corrupt: that
+    raises `integrity.ShapeMismatchError` instead.
+    """
+    where = f"checkpoint {step} under {self.directory}"
+    try:
+      record = self._record(step)
+    except Exception as e:  # pylint: disable=broad-except
+      return None, _one_line(e)
+    if record is None:  # written by an older jdiff: restored as before, errors raised as is
+      logging.warning("%s has no checksums (saved before jdiff recorded them): unverified", where)
+      return self._restore(target, step, data_iter, partial=partial), ""
+    integrity.check_shapes(record, target, where=where)
+    try:
+      self._check_data_file(step, record)
+      restored = self._restore(target, step, data_iter, partial=partial)
+      problem = integrity.verify_arrays(record, restored)
+    except Exception as e:  # pylint: disable=broad-except
+      return None, _one_line(e)
+    return (None, problem) if problem else (restored, "")
+
+  def _set_aside(self, step: int, why: str) -> None:
+    """Moves a corrupt step to `<step>.corrupt` (process 0, if the guard allows)."""
+    with self._guard() as allowed:
+      where = "left in place: another run holds the workdir"
+      if allowed:
+        where = "moved aside by process 0"
+        if jax.process_index() == 0:
+          src = dst = os.path.join(self.directory, str(step))
+          k = 0
+          while os.path.exists(dst):
+            dst, k = f"{src}.corrupt" + (f"-{k}" if k else ""), k + 1
+          os.rename(src, dst)
+          where = f"moved aside to {os.path.basename(dst)}"
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+        multihost_utils.sync_global_devices(f"jdiff: checkpoint {step} set aside")
+    if allowed:
+      self._manager.reload()
+    else:
+      self._skipped.add(step)
+    logging.warning(
+      "checkpoint %d under %s is corrupt (%s): %s; falling back to an older step",
+      step,
+      self.directory,
+      why,
+      where,
+    )
+
+  def _restore_verified(self, target: Any, step: int | None, data_iter, *, partial: bool):
+    """(restored, step): the given step, or the newest intact one, verified."""
+    if step is not None:
+      if step not in self.all_steps():
+        raise FileNotFoundError(
+          f"no checkpoint {step} under {self.directory} (has {self.all_steps()})"
+        )
+      restored, why = self._try_step(target, step, data_iter, partial=partial)
+      if _all_agree(not why):
+        return restored, step
+      raise CorruptCheckpointError(f"checkpoint {step} under {self.directory} is corrupt ({why})")
+    if not self.all_steps():
+      raise FileNotFoundError(f"no checkpoint under {self.directory}")
+    bad = []
+    while self.all_steps():
+      step = self.all_steps()[-1]
+      restored, why = self._try_step(target, step, data_iter, partial=partial)
+      if _all_agree(not why):
+        return restored, step
+      self._set_aside(step, why or "corrupt on another process")
+      bad.append(step)
+    raise NoIntactCheckpointError(
+      f"no intact checkpoint under {self.directory}: step(s) {', '.join(map(str, bad))} "
+      "failed verification (each moved aside to <step>.corrupt unless another run holds the "
+      "workdir); training again starts from step 0"
+    )
+
   def restore(self, abstract_state: Any, data_iter=None, *, step: int | None = None) -> Any:
     """Restores the state (with the shardings of `abstract_state`) and, if given, moves
-    `data_iter` to the saved position.
+    `data_iter` to the saved position, verifying the checkpoint's checksums.
 
     Args:
       abstract_state: a pytree of `jax.ShapeDtypeStruct` (with shardings) or arrays.
       data_iter: the grain iterator to restore in place.
-      step: which checkpoint; the latest by default.
+      step: which checkpoint; by default the newest intact one (corrupt newer steps are
+        moved aside).
 
     Returns:
       The restored state.
 
     Raises:
-      FileNotFoundError: no such checkpoint (the message names the directory).
+      FileNotFoundError: no such checkpoint (the message names the directory);
+        `NoIntactCheckpointError` when every step failed verification.
+      CorruptCheckpointError: the explicitly requested step failed verification.
+      integrity.ShapeMismatchError: the checkpoint holds other shapes than the target.
     """
-    return self._restore(abstract_state, self._step_or_latest(step), data_iter, partial=False)
+    return self._restore_verified(abstract_state, step, data_iter, partial=False)[0]
 
   def restore_partial(self, abstract_subtree: dict, *, step: int | None = None) -> tuple[dict, int]:
     """Restores only some top-level fields of the saved state, e.g. `{'params': ...}`.
 
-    The other fields (optimiser state, EMA) are not read.
+    The other fields (optimiser state, EMA) are not read; the fields read are verified
+    (and the step falls back as in `restore`).
 
     Args:
       abstract_subtree: {field name: pytree of `jax.ShapeDtypeStruct` (with shardings)}.
-      step: which checkpoint; the latest by default.
+      step: which checkpoint; the newest intact one by default.
 
     Returns:
       (the restored {field name: pytree}, its step).
     """
-    step = self._step_or_latest(step)
-    return self._restore(abstract_subtree, step, partial=True), step
+    return self._restore_verified(abstract_subtree, step, None, partial=True)
 
   def restore_or_keep(self, state: Any, data_iter=None) -> tuple[Any, int]:
-    """Resume always wins: the latest checkpoint if there is one, else `state` as given.
+    """Resume always wins: the newest intact checkpoint if there is one, else `state`.
 
     Returns:
       (state, its step as a Python int).
@@ -153,3 +289,18 @@ class Checkpointer:
       manager.wait_until_finished()
     finally:
       manager.close()
+
+
+def _one_line(e: BaseException) -> str:
+  text = " ".join(str(e).split())
+  return f"{type(e).__name__}: {text[:300]}"
+
+
+def _all_agree(ok: bool) -> bool:
+  """True when `ok` holds on every process (one verdict for all)."""
+  if jax.process_count() == 1:
+    return ok
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  return bool(np.all(multihost_utils.process_allgather(np.array([ok]))))

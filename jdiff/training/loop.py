@@ -27,14 +27,42 @@ class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or inf; the run stopped without saving the bad state."""
 
 
-class Preemption:
-  """Turns SIGTERM into a flag checked once per step (save and exit cleanly)."""
+def preemption_service_running() -> bool:
+  """Whether JAX's preemption sync manager runs (multi-process `jax.distributed` with
+  `jax_enable_preemption_service`, its default): it then owns SIGTERM."""
+  if jax.process_count() == 1:
+    return False
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
 
-  def __init__(self):
+  return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
+
+
+class Preemption:
+  """Turns SIGTERM into a stop at a step every process agrees on, without a per-step sync.
+
+  - One process: a SIGTERM handler sets a flag, read after every step (no collective).
+  - Several processes with JAX's preemption service (`jax.distributed.initialize`): the
+    service catches SIGTERM, tells every process, and `reached_preemption_sync_point(step)`
+    becomes true on all of them at the same step; it is a local call, no collective.
+  - Several processes without it: the flag is agreed by a `process_allgather` every
+    `check_every` steps only (so a SIGTERM is acted on up to check_every - 1 steps late).
+
+  Args:
+    check_every: the agreement period in steps of the last case.
+  """
+
+  def __init__(self, *, check_every: int = 1):
+    if check_every < 1:
+      raise ValueError(f"check_every must be >= 1, got {check_every!r}")
+    self.check_every = check_every
     self.requested = False
+    self.sync_point = False
     self._previous = None
 
   def __enter__(self):
+    self.sync_point = preemption_service_running()
+    if self.sync_point:  # the service's own SIGTERM handler must stay in place
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread: no handler
@@ -49,13 +77,52 @@ class Preemption:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
-  def should_stop(self) -> bool:
-    stop = self.requested
-    if jax.process_count() > 1:  # every process must agree to stop at the same step
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  def should_stop(self, step: int | None = None) -> bool:
+    """Whether to save and stop after `step` (the step just completed), on every process."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
-      stop = bool(np.any(multihost_utils.process_allgather(np.array([stop]))))
-    return stop
+    if self.sync_point:
+      self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
+      return self.requested
+    if step is not None and step % self.check_every:
+      return False
+    return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
+
+
+class Trace:
+  """A `jax.profiler` trace of steps a+1..b: started before step a+1 runs, stopped once
+  step b's state is computed (a context manager, so an error mid-trace stops it)."""
+
+  def __init__(self, steps: tuple[int, int], directory: str | None):
+    self.start, self.stop = (int(s) for s in steps)
+    self.directory, self.active = directory, False
+    if self.start < self.stop and not directory:
+      raise ValueError(f"profile_steps={steps} needs a profile directory")
+
+  def __enter__(self):
+    return self
+
+  def before(self, step: int) -> None:
+    if self.start < self.stop and step == self.start:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+      logging.info("profiling steps %d..%d into %s", self.start + 1, self.stop, self.directory)
+
+  def after(self, step: int, state: Any) -> None:
+    if self.active and step == self.stop:
+      jax.block_until_ready(state)
+      self._end()
+
+  def _end(self) -> None:
+    jax.profiler.stop_trace()
+    self.active = False
+    logging.info("wrote the profile of steps %d..%d", self.start + 1, self.stop)
+
+  def __exit__(self, *exc):
+    if self.active:
+      self._end()
 
 
 def fetch_finite(pending: list[tuple[int, dict]], *, what: str = "loss") -> list[tuple[int, dict]]:
@@ -83,6 +150,9 @@ def train_loop(
   log: Callable[[int, list[dict], float, float], None],
   periodic: Callable[[int, Any], None] | None = None,
   what: str = "loss",
+  preemption_check_every: int = 1,
+  profile_steps: tuple[int, int] = (0, 0),
+  profile_dir: str | None = None,
 ) -> tuple[Any, int, bool]:
   """Runs `state, metrics = step_fn(state)` from step `start` to `total`.
 
@@ -99,9 +169,15 @@ def train_loop(
     log_every: log period in steps (the last step is always logged).
     ckpt_every: checkpoint period in steps.
     save: `save(step, state)`.
-    log: `log(step, metrics since the last log, img/s, ETA seconds)`.
+    log: `log(step, metrics since the last log, img/s, ETA seconds)`; the list's length is
+      the number of steps the window averages (a SIGTERM stop logs its partial window).
     periodic: optional `periodic(step, state)` after every step but the last (e.g. samples).
     what: the name of the loss in error messages.
+    preemption_check_every: how often processes without JAX's preemption service agree on
+      a SIGTERM (see `Preemption`).
+    profile_steps: (a, b): a `jax.profiler` trace of steps a+1..b into `profile_dir`
+      (TensorBoard's layout: profile_dir/plugins/profile/<run>/); a >= b: none.
+    profile_dir: where the trace goes (the run's TensorBoard directory).
 
   Returns:
     (final state, final step, whether it stopped on SIGTERM).
@@ -110,18 +186,21 @@ def train_loop(
   since_log: list[dict] = []
   last_saved, step = start, start
   t_log, step_log = time.perf_counter(), start
-  with Preemption() as preempt:
+  trace = Trace(profile_steps, profile_dir)
+  with Preemption(check_every=preemption_check_every) as preempt, trace:
     while step < total:
+      trace.before(step)
       state, metrics = step_fn(state)
       step += 1
+      trace.after(step, state)
       pending.append((step, metrics))
       log_now = step % log_every == 0 or step == total
       save_now = (ckpt_every and step % ckpt_every == 0) or step == total
-      stop = preempt.should_stop()
+      stop = preempt.should_stop(step)
       if log_now or save_now or stop:
         since_log += [m for _, m in fetch_finite(pending, what=what)]
         pending.clear()
-      if log_now:
+      if log_now or (stop and since_log):  # a stop logs its partial window too
         now = time.perf_counter()
         rate = (step - step_log) * batch_size / max(now - t_log, 1e-9)
         log(step, since_log, rate, (total - step) * batch_size / max(rate, 1e-9))

@@ -12,6 +12,7 @@ Array = jax.Array
 
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
+MU_DTYPES = ("float32", "bfloat16")
 
 
 def learning_rate_schedule(
@@ -56,19 +57,27 @@ def make_optimizer(
   b2: float = 0.999,
   eps: float = 1e-8,
   weight_decay: float = 0.0,
+  mu_dtype: str = "float32",
 ) -> optax.GradientTransformation:
-  """Gradient clipping by global norm, then Adam/AdamW on the warm-up schedule."""
+  """Gradient clipping by global norm, then Adam/AdamW on the warm-up schedule.
+
+  `mu_dtype` is the dtype of Adam's first moment (optax's `mu_dtype`): 'bfloat16' halves
+  its memory; the second moment, the update arithmetic and the parameters stay float32.
+  """
   if optimizer not in OPTIMIZERS:
     raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}")
+  if mu_dtype not in MU_DTYPES:
+    raise ValueError(f"config.optim.mu_dtype must be one of {MU_DTYPES}, got {mu_dtype!r}")
+  mu = None if mu_dtype == "float32" else jnp.dtype(mu_dtype)
   lr_fn = learning_rate_schedule(
     lr=lr, warmup_steps=warmup_steps, schedule=schedule, total_steps=total_steps
   )
   if optimizer == "adam":
     if weight_decay:
       raise ValueError("weight_decay needs optimizer='adamw'")
-    opt = optax.adam(lr_fn, b1=b1, b2=b2, eps=eps)
+    opt = optax.adam(lr_fn, b1=b1, b2=b2, eps=eps, mu_dtype=mu)
   else:
-    opt = optax.adamw(lr_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    opt = optax.adamw(lr_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mu_dtype=mu)
   parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
   return optax.chain(*parts, opt)
 

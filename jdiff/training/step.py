@@ -41,16 +41,40 @@ def make_loss_fn(
   learn_sigma: bool = False,
   vlb_weight: float = 0.001,
 ) -> Callable:
-  """Returns `loss_fn(params, schedule, x0, cond, rng, *, train) -> [B]` per-example losses."""
+  """Returns `loss_fn(params, schedule, x0, cond, rng, *, train) -> [B]` per-example losses.
+
+  `rng` splits into (dropout, loss) keys; the loss key draws t and the noise
+  (`losses.sample_t_and_noise`) unless `t` and `noise` are given, and `dropout_rng`
+  replaces the dropout key (gradient accumulation passes all three).
+  """
 
   def loss_fn(
-    params, schedule: Schedule, x0: Array, cond: Array | None, rng: Array, *, train: bool
+    params,
+    schedule: Schedule,
+    x0: Array,
+    cond: Array | None,
+    rng: Array,
+    *,
+    train: bool,
+    t: Array | None = None,
+    noise: Array | None = None,
+    dropout_rng: Array | None = None,
   ) -> Array:
     drop_rng, loss_rng = jax.random.split(rng)
+    if dropout_rng is not None:
+      drop_rng = dropout_rng
+    extra = {} if noise is None else {"t": t, "noise": noise}
     model_fn = make_model_fn(module, params, train=train, rng=drop_rng if train else None)
     if learn_sigma:
       return losses.hybrid_loss(
-        schedule, model_fn, x0, loss_rng, cond=cond, prediction=prediction, vlb_weight=vlb_weight
+        schedule,
+        model_fn,
+        x0,
+        loss_rng,
+        cond=cond,
+        prediction=prediction,
+        vlb_weight=vlb_weight,
+        **extra,
       )
     return losses.denoising_loss(
       schedule,
@@ -61,6 +85,7 @@ def make_loss_fn(
       prediction=prediction,
       weighting=weighting,
       min_snr_gamma=min_snr_gamma,
+      **extra,
     )
 
   return loss_fn
@@ -74,12 +99,23 @@ def make_train_step(
   ema_warmup: bool = False,
   label_dropout: float = 0.0,
   null_label: int | None = None,
+  grad_accum_steps: int = 1,
+  micro_sharding: Any = None,
+  grad_shardings: Any = None,
   **loss_kwargs,
 ) -> Callable:
   """Returns the pure `train_step(state, batch, schedule, rng) -> (state, metrics)`.
 
   The step's randomness is `fold_in(rng, state.step)`: the same base rng and step give
   the same dropout masks, timesteps, noise and label drops, whatever the device count.
+
+  Gradient accumulation (`grad_accum_steps = k > 1`) runs a `lax.scan` over k microbatches
+  of B / k examples (microbatch i holds examples i, i + k, i + 2k, ..., so that each stays
+  spread over the devices of a batch-sharded input) and applies one update with the mean
+  gradient. The label drops, timesteps and noise are drawn for the whole batch exactly as
+  with k = 1 and sliced, so without dropout the update equals the whole-batch update up to
+  float rounding. Dropout masks are drawn per microbatch (key `fold_in(dropout key, i)`):
+  same distribution, different masks.
 
   Args:
     module: the network, called as `module(x, t, y, *, train)`.
@@ -88,12 +124,61 @@ def make_train_step(
     ema_warmup: use min(decay, (1 + step) / (10 + step)).
     label_dropout: probability of replacing a label by `null_label` (CFG training).
     null_label: the model's reserved unconditional label; None for unconditional models.
+    grad_accum_steps: k, the number of microbatches per update (B must be divisible by k).
+    micro_sharding: optional sharding each microbatch is constrained to (the batch's).
+    grad_shardings: optional shardings of the accumulated gradients (the params').
     **loss_kwargs: prediction, weighting, min_snr_gamma, learn_sigma, vlb_weight.
 
   Returns:
     train_step(state, batch {'image': [B, H, W, C], 'label': [B]}, schedule, rng).
   """
+  if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
+    raise ValueError(f"grad_accum_steps must be a positive integer, got {grad_accum_steps!r}")
   loss_fn = make_loss_fn(module, **loss_kwargs)
+  k = grad_accum_steps
+
+  def constrain(tree, shardings):
+    return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
+
+  def accumulate(params, x0: Array, cond: Array | None, schedule: Schedule, rng: Array):
+    b = x0.shape[0]
+    if b % k:
+      raise ValueError(f"batch size {b} is not divisible by grad_accum_steps={k}")
+    drop_rng, draw_rng = jax.random.split(rng)  # as loss_fn splits its rng
+    t, noise = losses.sample_t_and_noise(draw_rng, x0, schedule.num_steps)
+
+    def micro(a):  # [B, ...] -> [k, B / k, ...]; microbatch i = examples i, i + k, ...
+      return None if a is None else a.reshape(b // k, k, *a.shape[1:]).swapaxes(0, 1)
+
+    def body(carry, xs):
+      i, *arrays = xs
+      x_i, t_i, noise_i, cond_i = (
+        None if a is None else constrain(a, micro_sharding) for a in arrays
+      )
+
+      def mean_loss(p):
+        per_ex = loss_fn(
+          p,
+          schedule,
+          x_i,
+          cond_i,
+          rng,
+          train=True,
+          t=t_i,
+          noise=noise_i,
+          dropout_rng=jax.random.fold_in(drop_rng, i),
+        )
+        return jnp.mean(per_ex)
+
+      loss_i, grads_i = jax.value_and_grad(mean_loss)(params)
+      loss_sum, grad_sum = carry
+      grad_sum = constrain(jax.tree.map(jnp.add, grad_sum, grads_i), grad_shardings)
+      return (loss_sum + loss_i, grad_sum), None
+
+    zeros = constrain(jax.tree.map(jnp.zeros_like, params), grad_shardings)
+    xs = (jnp.arange(k), micro(x0), micro(t), micro(noise), micro(cond))
+    (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), xs)
+    return loss_sum / k, jax.tree.map(lambda g: g / k, grad_sum)
 
   def train_step(state: TrainState, batch: dict, schedule: Schedule, rng: Array):
     rng = jax.random.fold_in(rng, state.step)
@@ -102,10 +187,14 @@ def make_train_step(
     if null_label is not None:
       cond = drop_labels(label_rng, batch["label"], rate=label_dropout, null_label=null_label)
 
-    def mean_loss(params):
-      return jnp.mean(loss_fn(params, schedule, batch["image"], cond, loss_rng, train=True))
+    if grad_accum_steps == 1:
 
-    loss, grads = jax.value_and_grad(mean_loss)(state.params)
+      def mean_loss(params):
+        return jnp.mean(loss_fn(params, schedule, batch["image"], cond, loss_rng, train=True))
+
+      loss, grads = jax.value_and_grad(mean_loss)(state.params)
+    else:
+      loss, grads = accumulate(state.params, batch["image"], cond, schedule, loss_rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay_at(state.step, decay=ema_decay, warmup=ema_warmup)

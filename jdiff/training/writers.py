@@ -109,17 +109,47 @@ class MetricWriter:
 
   def __init__(self, workdir: str):
     self.active = jax.process_index() == 0
+    self.workdir = workdir
     self._tb = None
     self._jsonl = None
     if self.active:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-      try:
-        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._open()
 
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      except ImportError:
-        self._tb = None
+  def _open(self, purge_step: int | None = None) -> None:
+    self._jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    try:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
+      self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"), purge_step=purge_step)
+    except ImportError:
+      self._tb = None
+
+  def truncate_after(self, step: int) -> int:
+    """Drops the rows past `step` (a resumed run's restored step): they belong to the
+    interrupted run's lost steps and are logged again, so no step appears twice.
+
+    metrics.jsonl is rewritten atomically; TensorBoard is told to purge events past
+    `step` (tensorboardX's `purge_step`). Returns how many rows were dropped.
+    """
+    if not self.active:
+      return 0
+    path = os.path.join(self.workdir, "metrics.jsonl")
+    self.close()
+    with open(path, encoding="utf-8") as f:
+      lines = f.readlines()
+    # A torn last line (killed mid-write) is dropped too.
+    keep = [ln for ln in lines if ln.endswith("\n") and _row_step(ln) is not None]
+    keep = [ln for ln in keep if _row_step(ln) <= step]
+    if len(keep) != len(lines):
+
+      def write(p):
+        with open(p, "w", encoding="utf-8") as f:
+          f.writelines(keep)
+
+      atomic_write(path, write, overwrite=True)
+    self._open(purge_step=step + 1)
+    return len(lines) - len(keep)
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.active:
@@ -169,6 +199,13 @@ class MetricWriter:
     finally:
       if tb is not None:
         tb.close()
+
+
+def _row_step(line: str) -> int | None:
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
 
 
 def write_scalars_once(workdir: str, step: int, scalars: Mapping[str, float]) -> None:

@@ -1,6 +1,6 @@
 """The DDPM paper's CIFAR-10 recipe (Ho et al. 2020, Sec. 4 and Appendix B)."""
 
-from experiments.configs import default
+from jdiff.configs import default
 
 
 def get_config():

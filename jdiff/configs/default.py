@@ -57,6 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.99
   c.optim.eps = 1e-8
   c.optim.weight_decay = 0.0
+  c.optim.mu_dtype = "float32"  # Adam's first moment: float32 | bfloat16 (mixed precision)
 
   c.ema_decay = 0.999
   c.ema_warmup = True
@@ -69,6 +70,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.sample_every = 0  # 0: only at the end
   c.train.keep_checkpoints = 3
   c.train.label_dropout = 0.0  # classifier-free guidance training (conditional only)
+  c.train.grad_accum_steps = 1  # k microbatches of batch_size / k per update (lax.scan)
+  # Multi-process runs agree on a SIGTERM every N steps (one small collective), unless JAX's
+  # preemption service is running (jax.distributed), which needs no collective at all.
+  c.train.preemption_check_every = 10
+  # (a, b): a jax.profiler trace of steps a+1..b into workdir/tensorboard (TensorBoard's
+  # profile plugin); (0, 0): off.
+  c.train.profile_steps = (0, 0)
 
   c.sample = ml_collections.ConfigDict()
   # Any name of jdiff.training.sampling.SAMPLERS: ddpm | ddim | pc | euler | heun | euler_a |
@@ -117,10 +125,19 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.classifier_steps = 800  # training steps of the digits classifier (cache key)
 
   # Latent diffusion: the data are the latents of a frozen stage-1 autoencoder (see
-  # experiments/configs/ae_digits.py); empty = pixel-space diffusion.
+  # jdiff/configs/ae_digits.py); empty = pixel-space diffusion.
   c.latent = ml_collections.ConfigDict()
   c.latent.autoencoder_workdir = ""
   c.latent.scale_factor = 0.0  # 0: use the 1/std computed from the data by stage 1
+
+  # The device mesh ('data', 'fsdp'): -1 = the rest of the devices. Parameters, EMA and
+  # optimiser state are split over 'fsdp' (jdiff.training.sharding.fsdp_spec: the largest
+  # dimension divisible by fsdp; arrays under fsdp_min_size elements stay replicated); the
+  # batch is split over both axes.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.fsdp_min_size = 2**14
 
   c.lock()
   return c

@@ -1,6 +1,6 @@
 """Class-conditional digits with label dropout, sampled with classifier-free guidance."""
 
-from experiments.configs import default
+from jdiff.configs import default
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """A tiny, fast variant of the default for tests and smoke runs (seconds per phase on a CPU)."""
 
-from experiments.configs import default
+from jdiff.configs import default
 
 
 def get_config():

@@ -1,15 +1,15 @@
 """Stage 1 of latent diffusion on the embedded digits: a small KL autoencoder at 32x32.
 
   python -m experiments.main --mode=train_autoencoder \
-      --config=experiments/configs/ae_digits.py --workdir=runs/ae_digits
+      --config=jdiff/configs/ae_digits.py --workdir=runs/ae_digits
 
 The 'tiny_f4' preset (f = 4, 4 latent channels) maps 32x32x1 digits to 8x8x4 latents
-(4x fewer numbers, 16x fewer positions), which experiments/configs/ldm_digits.py trains on.
+(4x fewer numbers, 16x fewer positions), which jdiff/configs/ldm_digits.py trains on.
 """
 
 import ml_collections
 
-from experiments.configs import default
+from jdiff.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:

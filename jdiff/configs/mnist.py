@@ -1,6 +1,6 @@
 """MNIST at 28x28 (resized to 32x32) from the tfds catalog."""
 
-from experiments.configs import default
+from jdiff.configs import default
 
 
 def get_config():

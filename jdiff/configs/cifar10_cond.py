@@ -1,6 +1,6 @@
 """Class-conditional CIFAR-10 (DDPM recipe) with label dropout for classifier-free guidance."""
 
-from experiments.configs import cifar10_ddpm
+from jdiff.configs import cifar10_ddpm
 
 
 def get_config():

@@ -1,8 +1,8 @@
 """Stage 2 of latent diffusion on the embedded digits: a U-Net on 8x8x4 latents.
 
   python -m experiments.main --mode=train_autoencoder \
-      --config=experiments/configs/ae_digits.py --workdir=runs/ae_digits
-  python -m experiments.main --config=experiments/configs/ldm_digits.py \
+      --config=jdiff/configs/ae_digits.py --workdir=runs/ae_digits
+  python -m experiments.main --config=jdiff/configs/ldm_digits.py \
       --workdir=runs/ldm_digits --config.latent.autoencoder_workdir=runs/ae_digits
 
 The data are the (posterior-mean, 1/std-scaled) latents of the frozen stage-1
@@ -10,7 +10,7 @@ autoencoder; samples are decoded back to 32x32 pixels. data.image_size must matc
 size the autoencoder was trained on (ae_digits: 32).
 """
 
-from experiments.configs import default
+from jdiff.configs import default
 
 
 def get_config():

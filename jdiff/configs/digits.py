@@ -1,6 +1,6 @@
 """The embedded default: scikit-learn's 8x8 digits at 16x16, trained on a CPU in minutes."""
 
-from experiments.configs import default
+from jdiff.configs import default
 
 
 def get_config():

@@ -1,0 +1,137 @@
+r"""Train-step time and MFU (bf16) of `ddpm_cifar10` and the ADM ImageNet-64 U-Net on a GPU.
+
+One call measures both models with jdiff's real train step (forward, backward, Adam, EMA;
+jitted, donated) on every local device (FSDP over all of them when --fsdp, else data-
+parallel): compile time apart, then the median of --steps timed steps after --warmup.
+MFU = (model FLOPs per step from XLA's cost analysis of the compiled step) / (step time x
+the device's bf16 dense peak x devices). The peak is taken from --peak_tflops, or from a
+table of known GPUs by `device_kind` (H100/H200 SXM: 989 TFLOP/s dense bf16, A100: 312).
+
+Usage (a GPU session, one call)::
+
+  .venv/bin/python -m experiments.benchmark_mfu --models=ddpm_cifar10,adm_imagenet64
+
+Goal (issue 15): >= 45 % MFU in bf16 on one GPU. Not measured on the CPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from experiments.benchmark_memory import build
+from jdiff.schedules import get_schedule
+from jdiff.training import sharding
+from jdiff.training.optim import make_optimizer
+from jdiff.training.state import init_train_state, param_count
+from jdiff.training.step import make_train_step
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
+BATCH = {"ddpm_cifar10": 128, "adm_imagenet64": 32}  # per device
+
+
+def _peak(kind: str, override: float) -> float:
+  if override:
+    return override * 1e12
+  for name, tflops in PEAK_BF16_TFLOPS.items():
+    if name.lower() in kind.lower():
+      return tflops * 1e12
+  raise SystemExit(f"unknown device kind {kind!r}: pass --peak_tflops")
+
+
+def bench(name: str, args) -> dict:
+  module, image_shape = build(name, args.dtype)
+  n = jax.device_count()
+  mesh = sharding.make_mesh_2d(fsdp=n if args.fsdp else 1)
+  optimizer = make_optimizer(lr=1e-4, mu_dtype=args.mu_dtype)
+  conditional = module.num_classes is not None
+  key = jax.random.key(0)
+  sample = jnp.zeros((1, *image_shape))
+
+  def init(k):
+    return init_train_state(
+      module, optimizer, k, sample, num_classes=module.num_classes if conditional else None
+    )
+
+  shapes = jax.eval_shape(init, key)
+  state_sh = sharding.fsdp_shardings(shapes, mesh)
+  state = jax.jit(init, out_shardings=state_sh)(key)
+  data_sh, repl = sharding.data_sharding(mesh), sharding.replicated(mesh)
+  b = (args.batch or BATCH[name]) * n
+  batch = {
+    "image": jax.device_put(jax.random.normal(key, (b, *image_shape)), data_sh),
+    "label": jax.device_put(jnp.arange(b, dtype=jnp.int32) % 1000, data_sh),
+  }
+  schedule = get_schedule("linear", 1000)
+  step = jax.jit(
+    make_train_step(
+      module,
+      optimizer,
+      null_label=module.null_label if conditional else None,
+      grad_accum_steps=args.grad_accum_steps,
+      micro_sharding=data_sh,
+      grad_shardings=state_sh.params,
+      learn_sigma=module.learn_sigma,
+    ),
+    in_shardings=(state_sh, data_sh, repl, repl),
+    out_shardings=(state_sh, repl),
+    donate_argnums=(0,),
+  )
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch, schedule, key).compile()
+  compile_s = time.perf_counter() - t0
+  flops = float((compiled.cost_analysis() or {}).get("flops", float("nan")))
+  for _ in range(args.warmup):
+    state, m = compiled(state, batch, schedule, key)
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(args.steps):
+    t0 = time.perf_counter()
+    state, m = compiled(state, batch, schedule, key)
+    jax.block_until_ready((state, m))
+    times.append(time.perf_counter() - t0)
+  dt = statistics.median(times)
+  # cost_analysis of an SPMD program counts one device's FLOPs.
+  peak = _peak(jax.devices()[0].device_kind, args.peak_tflops)
+  return dict(
+    model=name,
+    params=param_count(shapes.params),
+    batch=b,
+    compile_s=compile_s,
+    step_ms=dt * 1e3,
+    img_s=b / dt,
+    tflops=flops / dt / 1e12,
+    mfu=flops / dt / peak,
+  )
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--models", default="ddpm_cifar10,adm_imagenet64")
+  p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+  p.add_argument("--mu_dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--batch", type=int, default=0, help="per device (0: the model's default)")
+  p.add_argument("--grad_accum_steps", type=int, default=1)
+  p.add_argument("--fsdp", action="store_true", help="shard the state over all devices")
+  p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--peak_tflops", type=float, default=0.0, help="bf16 dense peak per device")
+  args = p.parse_args()
+  print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, {args.dtype}")
+  print("| model | params | batch | compile s | step ms | img/s | TFLOP/s/dev | MFU |")
+  print("|---|---|---|---|---|---|---|---|")
+  for name in args.models.split(","):
+    r = bench(name, args)
+    print(
+      f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['compile_s']:.1f} | "
+      f"{r['step_ms']:.1f} | {r['img_s']:.0f} | {r['tflops']:.1f} | {100 * r['mfu']:.1f} % |",
+      flush=True,
+    )
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,123 @@
+"""The config a workdir was created with (`<workdir>/config.json`), compared on every start.
+
+The rule for what may change between runs on one workdir: a key is *unsafe* when the
+checkpoint depends on it, i.e. when it shapes the saved state (the architecture and the
+optimiser's state layout) or defines the training stream that the saved iterator position
+indexes (dataset, resolution, augmentation, split, seed, global batch, the latent codec).
+`UNSAFE` lists them: a section name stands for every key under it. Changing an unsafe key
+is an error listing every changed unsafe key as `old → new`; every other key (steps,
+learning rate, logging, checkpointing, sampling, evaluation, diffusion loss options, ...) is
+read afresh at every start and its changes are logged. `data.data_dir` is a location, not
+content, and is safe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+from absl import logging
+
+from jdiff.training.writers import write_json
+
+CONFIG_FILE = "config.json"
+
+UNSAFE = (
+  # shapes of the saved state
+  "model",
+  "autoencoder",
+  "conditional",
+  "optim.optimizer",
+  # the stream the saved iterator position indexes
+  "data.name",
+  "data.image_size",
+  "data.random_flip",
+  "data.train_split",
+  "latent",
+  "seed",
+  "train.batch_size",
+)
+
+
+class ConfigChangedError(ValueError):
+  """A resumed run's config changes keys that the workdir's checkpoints depend on."""
+
+
+def flatten(config) -> dict[str, Any]:
+  """{'model.ch': 8, ...}: the config's leaves as JSON values (tuples become lists)."""
+  out = {}
+
+  def walk(node, prefix):
+    for key in sorted(node.keys()):
+      value = node[key]
+      name = f"{prefix}{key}"
+      if hasattr(value, "keys"):
+        walk(value, f"{name}.")
+      else:
+        out[name] = json.loads(json.dumps(value, default=str))
+
+  walk(config, "")
+  return out
+
+
+def is_unsafe(key: str) -> bool:
+  return any(key == u or key.startswith(f"{u}.") for u in UNSAFE)
+
+
+def changed_keys(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+  """{key: (old, new)} of every key whose value differs (a missing key reads as absent)."""
+  missing = "<absent>"
+  return {
+    k: (old.get(k, missing), new.get(k, missing))
+    for k in sorted(set(old) | set(new))
+    if old.get(k, missing) != new.get(k, missing)
+  }
+
+
+def _describe(changes: dict) -> str:
+  return ", ".join(
+    f"config.{k}: {json.dumps(a)} → {json.dumps(b)}" for k, (a, b) in changes.items()
+  )
+
+
+def has_checkpoints(workdir: str) -> bool:
+  """Whether `<workdir>/checkpoints` holds a committed step (a directory named by a number)."""
+  directory = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+
+
+def check_or_store(config, workdir: str, *, write: bool) -> None:
+  """Compares `config` with the workdir's stored one; stores it if there is none.
+
+  The stored config binds only while the workdir holds a checkpoint (the config of a run
+  that failed before its first save, or whose steps were all set aside, is replaced).
+
+  Args:
+    config: the run's config.
+    workdir: the run's directory.
+    write: whether this run may create the file (a training run's process 0, holding the
+      workdir's lock); read-only modes only compare.
+
+  Raises:
+    ConfigChangedError: an unsafe key differs from the stored config (all of them are
+      listed, `old → new`).
+  """
+  path = os.path.join(os.path.abspath(workdir), CONFIG_FILE)
+  current = flatten(config)
+  if not os.path.isfile(path) or not has_checkpoints(workdir):
+    if write and jax.process_index() == 0:
+      write_json(path, current)
+    return
+  with open(path, encoding="utf-8") as f:
+    stored = json.load(f)
+  changes = changed_keys(stored, current)
+  unsafe = {k: v for k, v in changes.items() if is_unsafe(k)}
+  if unsafe:
+    raise ConfigChangedError(
+      f"the config differs from the one {workdir} was created with ({path}) in key(s) its "
+      f"checkpoints depend on: {_describe(unsafe)}; revert them or use a fresh --workdir"
+    )
+  if changes:
+    logging.info("config changes since %s was created (safe): %s", workdir, _describe(changes))

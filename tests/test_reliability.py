@@ -1,0 +1,458 @@
+"""Fault injection on the tiny config: kills, corrupt checkpoints, NaN, two trainers, full disk.
+
+Every test asserts the outcome, not only the exit code: parameters bit-identical to an
+uninterrupted run, the step restored, the single last error line, and the checkpoint files
+that must stay byte-identical. One reference run (6 steps, a checkpoint at every step) is
+shared by all tests; each test works on its own copy (RELIABILITY.md lists the outcomes).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO, main_args, run_python
+
+from jdiff.configs import tiny
+from jdiff.runs import stored_config
+from jdiff.runs.setup import Setup, validate_config
+from jdiff.training import integrity
+from jdiff.training.checkpoint import Checkpointer
+from jdiff.training.loop import train_loop
+
+# The reference run: 6 steps, a checkpoint and a metrics row at every step, all kept.
+RUN = {"train.ckpt_every": 1, "train.log_every": 1, "train.keep_checkpoints": 10}
+STEPS = 6
+
+
+def config(data_dir: str, **overrides):
+  c = tiny.get_config()
+  c.data.data_dir = data_dir
+  for key, value in {**RUN, **overrides}.items():
+    section, _, field = key.rpartition(".")
+    node = c
+    for part in filter(None, section.split(".")):
+      node = node[part]
+    node[field] = value
+  return c
+
+
+def ckpt_dir(workdir: str) -> str:
+  return os.path.join(workdir, "checkpoints")
+
+
+def digests(directory: str) -> dict[str, str]:
+  """{relative path: sha256} of every file under `directory`."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+def step_digests(workdir: str, steps) -> dict:
+  return {s: digests(os.path.join(ckpt_dir(workdir), str(s))) for s in steps}
+
+
+def read_rows(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def last_line(text: str) -> str:
+  return text.rstrip("\n").splitlines()[-1]
+
+
+def assert_trees_equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def popen(args: list[str]) -> subprocess.Popen:
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  return subprocess.Popen(
+    [sys.executable, *args],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+
+
+def wait_for_rows(workdir: str, proc: subprocess.Popen, n: int, timeout: float = 300) -> None:
+  """Waits until metrics.jsonl holds at least `n` rows (or the process ended)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(path) and len(open(path).readlines()) >= n:
+      return
+    time.sleep(0.02)
+
+
+# ----------------------------------------------------------------------------- shared runs
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, digits_dir) -> str:
+  """An uninterrupted CLI run: checkpoints 1..6, metrics rows 1..6."""
+  wd = str(tmp_path_factory.mktemp("reliability") / "reference")
+  run_python(main_args("train", wd, digits_dir, **RUN))
+  return wd
+
+
+@pytest.fixture(scope="session")
+def abstract(tmp_path_factory, digits_dir):
+  with Setup(config(digits_dir), str(tmp_path_factory.mktemp("abstract"))) as setup:
+    return setup.abstract_state()
+
+
+@pytest.fixture(scope="session")
+def reference_states(reference, abstract) -> dict:
+  """{step: state} of the reference run, restored from its pristine checkpoints."""
+  with Checkpointer(ckpt_dir(reference)) as ckpt:
+    return {s: ckpt.restore(abstract, step=s) for s in range(1, STEPS + 1)}
+
+
+def copy_of(reference: str, tmp_path, name: str = "run") -> str:
+  wd = str(tmp_path / name)
+  shutil.copytree(reference, wd, ignore=shutil.ignore_patterns(".lock"))
+  return wd
+
+
+# ----------------------------------------------------------------------------- corruptions
+
+
+def _largest_array_file(step_dir: str) -> str:
+  files = glob.glob(os.path.join(step_dir, "state", "ocdbt.process_*", "d", "*"))
+  return max(files, key=os.path.getsize)
+
+
+def _rewrite_middle(path: str, change) -> None:
+  with open(path, "r+b") as f:
+    size = os.path.getsize(path)
+    f.seek(size // 2)
+    old = f.read(64)
+    f.seek(size // 2)
+    f.write(change(old))
+
+
+CORRUPTIONS = {
+  "deleted manifest.ocdbt": lambda d: os.remove(os.path.join(d, "state", "manifest.ocdbt")),
+  "truncated array file": lambda d: os.truncate(
+    _largest_array_file(d), os.path.getsize(_largest_array_file(d)) // 2
+  ),
+  "garbage iterator JSON": lambda d: open(
+    os.path.join(d, "data", "process_0-of-1.json"), "w"
+  ).write("{garbage"),
+  "deleted _METADATA": lambda d: os.remove(os.path.join(d, "state", "_METADATA")),
+  "64 overwritten bytes": lambda d: _rewrite_middle(
+    _largest_array_file(d), lambda old: bytes(len(old))
+  ),
+  "4-byte bit flip": lambda d: _rewrite_middle(
+    _largest_array_file(d), lambda old: bytes(b ^ 0xFF for b in old[:4])
+  ),
+}
+
+
+def corrupt(workdir: str, step: int, kind: str) -> None:
+  CORRUPTIONS[kind](os.path.join(ckpt_dir(workdir), str(step)))
+
+
+@pytest.mark.parametrize("kind", list(CORRUPTIONS))
+def test_corrupt_newest_step_falls_back(
+  tmp_path, reference, abstract, reference_states, kind, caplog
+):
+  """The newest step is moved aside with one warning; the previous one restores bit-exact."""
+  wd = copy_of(reference, tmp_path)
+  corrupt(wd, STEPS, kind)
+  before = step_digests(wd, range(1, STEPS))
+  with caplog.at_level(logging.WARNING), Checkpointer(ckpt_dir(wd)) as ckpt:
+    state = ckpt.restore(abstract)
+    assert ckpt.all_steps() == list(range(1, STEPS))
+  assert int(state.step) == STEPS - 1
+  assert_trees_equal(state, reference_states[STEPS - 1])
+  assert sorted(os.listdir(ckpt_dir(wd))) == [*map(str, range(1, STEPS)), f"{STEPS}.corrupt"]
+  assert step_digests(wd, range(1, STEPS)) == before
+  warnings = [r.getMessage() for r in caplog.records if "is corrupt" in r.getMessage()]
+  assert len(warnings) == 1 and "moved aside to 6.corrupt" in warnings[0], warnings
+  assert "\n" not in warnings[0]
+
+
+def test_corrupt_newest_step_train_sample_eval(tmp_path, reference, digits_dir, reference_states):
+  """train (CLI) resumes from the previous step and ends bit-identical to the uninterrupted
+  run; sample and eval (restore_params) fall back the same way."""
+  wd = copy_of(reference, tmp_path)
+  corrupt(wd, STEPS, "4-byte bit flip")  # before: restored silently, a different result
+  proc = run_python(main_args("train", wd, digits_dir, **RUN))
+  assert "falling back to an older step" in proc.stderr
+  assert "resumed from" in proc.stderr and f"at step {STEPS - 1}" in proc.stderr
+  cfg = config(digits_dir)
+  with Setup(cfg, wd) as setup:
+    state = setup.checkpointer.restore(setup.abstract_state())
+  assert int(state.step) == STEPS
+  assert_trees_equal(state, reference_states[STEPS])
+  rows = read_rows(wd)  # the superseded row 6 was dropped, then logged again
+  assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+  assert rows[-1] == read_rows(reference)[-1] | {"train/img_per_s": rows[-1]["train/img_per_s"]}
+
+  # sample and eval read the parameters through Setup.restore_params (the CLI's sample mode
+  # is exercised by test_no_intact_step_is_one_line).
+  for kind in ("garbage iterator JSON", "deleted manifest.ocdbt"):
+    wd = copy_of(reference, tmp_path, kind.replace(" ", "_"))
+    corrupt(wd, STEPS, kind)
+    with Setup(cfg, wd) as setup:
+      params, step = setup.restore_params("ema_params")
+    assert step == STEPS - 1
+    assert_trees_equal(params, reference_states[STEPS - 1].ema_params)
+    assert f"{STEPS}.corrupt" in os.listdir(ckpt_dir(wd))
+
+
+def test_no_intact_step_is_one_line(tmp_path, reference, digits_dir):
+  wd = copy_of(reference, tmp_path)
+  for step in range(1, STEPS + 1):
+    corrupt(wd, step, "deleted manifest.ocdbt" if step % 2 else "garbage iterator JSON")
+  proc = run_python(main_args("sample", wd, digits_dir, **RUN), check=False)
+  assert proc.returncode == 1
+  line = last_line(proc.stderr)
+  assert line.startswith("FATAL NoIntactCheckpointError: no intact checkpoint under"), line
+  assert "step(s) 6, 5, 4, 3, 2, 1 failed verification" in line
+  assert "Traceback" not in proc.stderr
+  assert proc.stderr.count("is corrupt") == STEPS
+  assert sorted(os.listdir(ckpt_dir(wd))) == sorted(f"{s}.corrupt" for s in range(1, STEPS + 1))
+
+
+def test_changed_shape_is_not_corruption(tmp_path, reference, digits_dir):
+  """Without config.json to compare, the checksum record's shapes still name the mismatch,
+  and no step is moved aside."""
+  wd = copy_of(reference, tmp_path)
+  os.remove(os.path.join(wd, stored_config.CONFIG_FILE))
+  before = digests(ckpt_dir(wd))
+  with Setup(config(digits_dir, **{"model.ch": 16}), wd) as setup:
+    with pytest.raises(integrity.ShapeMismatchError, match=r"holds \S+ as float32\(.*\), the con"):
+      setup.checkpointer.restore(setup.abstract_state())
+  assert digests(ckpt_dir(wd)) == before
+
+
+# ----------------------------------------------------------------------------- kills
+
+
+def test_sigkill_anywhere_then_resume_is_bit_identical(
+  tmp_path, reference, digits_dir, abstract, reference_states
+):
+  """SIGKILL during start-up / compile, then inside saves (every step saves, asynchronously)
+  at a few delays; each restart resumes from the newest intact step, and the last run ends
+  bit-identical to the uninterrupted one with every metrics row exactly once."""
+  wd = str(tmp_path / "killed")
+  args = main_args("train", wd, digits_dir, **RUN)
+  kills = [("start-up", None, 2.0), ("first save", 1, 0.0), ("a later save", 1, 0.15)]
+  for what, rows, delay in kills:
+    have = len(read_rows(wd)) if os.path.exists(os.path.join(wd, "metrics.jsonl")) else 0
+    proc = popen(args)
+    if rows is not None:
+      wait_for_rows(wd, proc, have + rows)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    if os.path.isdir(ckpt_dir(wd)):  # every committed step verifies and equals the reference's
+      with Checkpointer(ckpt_dir(wd)) as ckpt:
+        for step in ckpt.all_steps():
+          state = ckpt.restore(abstract, step=step)
+          assert int(state.step) == step, what
+          assert_trees_equal(state, reference_states[step])
+  run_python(args)
+  with Checkpointer(ckpt_dir(wd)) as ckpt:
+    assert ckpt.latest_step() == STEPS
+    assert_trees_equal(ckpt.restore(abstract), reference_states[STEPS])
+  assert not any(n.endswith(".corrupt") for n in os.listdir(ckpt_dir(wd)))
+  rows = read_rows(wd)
+  assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+  assert all(r["train/window_steps"] == 1 for r in rows)
+  ref = {r["step"]: r["train/loss"] for r in read_rows(reference)}
+  assert {r["step"]: r["train/loss"] for r in rows} == ref
+
+
+def test_sigterm_logs_the_partial_window():
+  """A SIGTERM stop logs the steps since the last row, so windows tile the steps exactly."""
+  logged, saved = [], []
+
+  def step_fn(state):
+    if state + 1 == 5:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return state + 1, {"loss": np.float32(1.0)}
+
+  state, step, preempted = train_loop(
+    0,
+    step_fn,
+    start=0,
+    total=100,
+    batch_size=1,
+    log_every=3,
+    ckpt_every=0,
+    save=lambda step, state: saved.append(step),
+    log=lambda step, metrics, rate, eta: logged.append((step, len(metrics))),
+  )
+  assert preempted and step == state == 5 and saved == [5]
+  assert logged == [(3, 3), (5, 2)]
+
+
+# ----------------------------------------------------------------------------- other faults
+
+
+def test_nan_with_a_save_in_flight(tmp_path, reference, digits_dir):
+  """Step 7 saves asynchronously, step 8's loss is NaN: the save is finished, not abandoned,
+  the good checkpoints are untouched and the cause is the last line, alone."""
+  wd = copy_of(reference, tmp_path)
+  before = step_digests(wd, range(1, STEPS + 1))
+  bad = {"optim.lr": 1e38, "optim.warmup_steps": 0, "train.num_steps": STEPS + 3}
+  proc = run_python(main_args("train", wd, digits_dir, **RUN, **bad), check=False)
+  assert proc.returncode == 1
+  line = last_line(proc.stderr)
+  assert line.startswith(f"FATAL NonFiniteLossError: loss is nan at step {STEPS + 2}"), line
+  assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr
+  assert step_digests(wd, range(1, STEPS + 1)) == before
+  with Checkpointer(ckpt_dir(wd)) as ckpt:
+    assert ckpt.all_steps() == list(range(1, STEPS + 2))  # 7 was completed
+  record = json.load(open(os.path.join(ckpt_dir(wd), str(STEPS + 1), "_CHECKPOINT_METADATA")))
+  assert "jdiff_checksums" in record["custom_metadata"]
+
+
+def test_two_trainers_one_workdir(tmp_path, reference, digits_dir):
+  """The second trainer fails at once, naming the first one's host and pid, and writes
+  nothing; the lock dies with the first one (a later run resumes)."""
+  wd = copy_of(reference, tmp_path)
+  before = digests(ckpt_dir(wd))
+  long = {"train.num_steps": 100000, "train.ckpt_every": 0}
+  first = popen(main_args("train", wd, digits_dir, **{**RUN, **long}))
+  try:
+    wait_for_rows(wd, first, STEPS + 1)
+    assert first.poll() is None
+    t0 = time.time()
+    second = run_python(main_args("train", wd, digits_dir, **{**RUN, **long}), check=False)
+    took = time.time() - t0
+  finally:
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=60)
+  assert second.returncode == 1
+  line = last_line(second.stderr)
+  assert line.startswith(f"FATAL WorkdirBusyError: workdir {wd} is in use by another run"), line
+  assert f"pid {first.pid}" in line and "host " in line
+  assert "Traceback" not in second.stderr and "model:" not in second.stderr, took
+  assert digests(ckpt_dir(wd)) == before  # the first one saved nothing (ckpt_every=0)
+  steps = [r["step"] for r in read_rows(wd)]
+  assert steps == sorted(set(steps))  # no rows of a second writer
+  with Setup(config(digits_dir), wd, writer=True):  # the killed holder's lock is gone
+    pass
+
+
+def test_full_disk(tmp_path, reference, digits_dir):
+  """A tmpfs with room for about two more checkpoints: the save that fills it fails, the
+  cause is the last line, and the checkpoints before it are intact."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  used = sum(
+    os.stat(os.path.join(r, f)).st_blocks * 512 for r, _, fs in os.walk(reference) for f in fs
+  )
+  size = used + 2_500_000
+  mount = subprocess.run(
+    ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)],
+    capture_output=True,
+    text=True,
+  )
+  if mount.returncode != 0:
+    pytest.skip(f"cannot mount a tmpfs (needs root): {mount.stderr.strip()}")
+  try:
+    wd = copy_of(reference, disk)
+    before = step_digests(wd, range(1, STEPS + 1))
+    proc = run_python(
+      main_args("train", wd, digits_dir, **RUN, **{"train.num_steps": 40}), check=False
+    )
+    assert proc.returncode == 1
+    line = last_line(proc.stderr)
+    assert line.startswith("FATAL ") and "No space left on device" in line, line
+    assert "Event loop is closed" not in proc.stderr
+    assert step_digests(wd, range(1, STEPS + 1)) == before
+    with Checkpointer(ckpt_dir(wd)) as ckpt:
+      newest = ckpt.latest_step()
+      assert STEPS <= newest < 40
+      with Setup(config(digits_dir), str(tmp_path / "w")) as setup:
+        assert int(ckpt.restore(setup.abstract_state()).step) == newest
+  finally:
+    subprocess.run(["umount", str(disk)], check=False)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+  "key,value,message",
+  [
+    ("train.log_every", 0, "config.train.log_every must be an integer >= 1, got 0"),
+    ("train.ckpt_every", -1, "config.train.ckpt_every must be a non-negative integer"),
+    ("sample.num_samples", 0, "config.sample.num_samples must be an integer >= 1, got 0"),
+    ("sample.grid_size", -2, "config.sample.grid_size must be an integer >= 1"),
+    ("optim.lr", -1e-3, "config.optim.lr must be a finite number > 0.0"),
+    ("optim.b2", 1.0, "config.optim.b2 must be a finite number in [0.0, 1.0)"),
+    ("model.dropout", 1.0, "config.model.dropout must be a finite number in [0.0, 1.0)"),
+    ("model.num_groups", 3, "divisible by config.model.num_groups=3"),
+    ("eval.bound_examples", -1, "config.eval.bound_examples must be an integer >= 0"),
+    ("sample.guidance_scale", 3.0, "config.sample.guidance_scale=3.0 needs a conditional"),
+  ],
+)
+def test_config_ranges(digits_dir, key, value, message):
+  with pytest.raises(ValueError, match=__import__("re").escape(message)):
+    validate_config(config(digits_dir, **{key: value}))
+
+
+def test_changed_config_on_resume(tmp_path, reference, digits_dir, caplog):
+  wd = copy_of(reference, tmp_path)
+  before = digests(wd)
+  before[".lock"] = None
+  bad = config(digits_dir, **{"model.ch": 16, "conditional": True, "train.num_steps": 9})
+  with pytest.raises(stored_config.ConfigChangedError) as err:
+    Setup(bad, wd, writer=True)
+  message = str(err.value)
+  assert "config.model.ch: 8 → 16" in message and "config.conditional: false → true" in message
+  assert "num_steps" not in message
+  after = digests(wd)
+  assert after | {".lock": None} == before  # nothing written but the lock file
+  with caplog.at_level(logging.INFO), Setup(config(digits_dir, **{"train.num_steps": 9}), wd):
+    pass
+  assert any("config.train.num_steps: 6 → 9" in r.getMessage() for r in caplog.records)
+
+
+def test_unknown_overrides_and_missing_config_file(tmp_path):
+  from jdiff.cli import unknown_override  # pylint: disable=g-import-not-at-top
+
+  argv = [
+    "main",
+    "--config=jdiff/configs/tiny.py",
+    "--config.optim.lr=1e-3",
+    "--config.train.nope=2",
+    "-config.optim.lrr=1",
+  ]
+  assert unknown_override(argv) == (
+    'bad config overrides --config.train.nope=2: config.train has no key "nope"; '
+    '-config.optim.lrr=1: config.optim has no key "lrr". Did you mean "lr"?'
+  )
+  proc = run_python(
+    ["-m", "experiments.main", "--config=jdiff/configs/nope.py", f"--workdir={tmp_path}"],
+    check=False,
+  )
+  assert proc.returncode == 1
+  assert proc.stderr.splitlines() == [
+    "FATAL config file jdiff/configs/nope.py does not exist (--config=jdiff/configs/nope.py)"
+  ]
