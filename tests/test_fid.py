@@ -9,8 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from jdiff.configs import tiny
 from jdiff import metrics
+from jdiff.configs import tiny
 from jdiff.runs import fid
 from tests.conftest import main_args, run_python
 
