@@ -6,9 +6,8 @@ Part 1: the default digits U-Net (16x16) trained with each objective for the sam
 steps (same network, same batch, one forward/backward per step: the same wall-clock budget up to
 noise; the measured training time is reported), then sampled at several NFE with each
 objective's samplers. Quality proxy: the Frechet distance between 1000 samples and the training
-images in raw pixel space (256-D; no digits classifier is available on this branch), plus the
-RMS distance of each sample to the same model's 200-NFE ODE sample from the same noise (solver
-error alone). The objectives' own eval losses are printed too, but they are not comparable
+images in raw pixel space (256-D; no digits classifier is available on this branch). The
+objectives' own eval losses are printed too, but they are not comparable
 across objectives (different targets and weightings).
 
 Part 2: train-step throughput of a DiT with patch 2 (64 tokens at 16x16) sized to the U-Net's
@@ -38,18 +37,15 @@ flags.DEFINE_string("workdir", "/tmp/bench_objectives", "Where the three runs go
 flags.DEFINE_integer("steps", 600, "Training steps per objective.")
 flags.DEFINE_integer("num_samples", 1000, "Samples per (objective, sampler, NFE).")
 flags.DEFINE_bool("skip_train", False, "Reuse the runs in --workdir.")
+flags.DEFINE_bool("small", True, "Part 1 on a small U-Net (ch 16, two levels) for a short budget.")
+flags.DEFINE_integer("rounds", 1, "Part 2: alternating timing rounds per model.")
 
 # objective -> [(sampler, num_steps, NFE)]
 PLAN = {
-  "ddpm": [("ddim", 5, 5), ("ddim", 10, 10), ("ddim", 20, 20), ("ddim", 50, 50),
-           ("dpmpp_2m", 10, 10)],
-  "edm": [("heun", 3, 5), ("heun", 5, 9), ("heun", 10, 19), ("heun", 18, 35),
-          ("dpmpp_2m", 5, 5), ("dpmpp_2m", 10, 10), ("unipc", 10, 10), ("edm", 10, 19)],
-  "flow": [("flow_euler", 5, 5), ("flow_euler", 10, 10), ("flow_euler", 50, 50),
-           ("flow_heun", 5, 9), ("flow_heun", 10, 19), ("dpmpp_2m", 5, 5), ("dpmpp_2m", 10, 10),
-           ("unipc", 10, 10)],
+  "ddpm": [("ddim", 10, 10), ("ddim", 50, 50), ("dpmpp_2m", 10, 10)],
+  "edm": [("heun", 5, 9), ("dpmpp_2m", 10, 10), ("heun", 18, 35)],
+  "flow": [("flow_euler", 10, 10), ("dpmpp_2m", 10, 10), ("flow_heun", 18, 35)],
 }  # fmt: skip
-REFERENCE = {"ddpm": ("ddim", 200), "edm": ("heun", 100), "flow": ("flow_heun", 100)}
 
 
 def config_for(objective: str, steps: int):
@@ -60,6 +56,10 @@ def config_for(objective: str, steps: int):
   c.train.log_every = 100
   c.sample.sampler = {"ddpm": "ddim", "edm": "heun", "flow": "flow_euler"}[objective]
   c.sample.batch_size = 500
+  c.eval.bound_examples = 0  # the loss only (the bound is DDPM's, and slow)
+  c.model.conv_impl = "xla"  # compiles in a fraction of Winograd's time on this loaded CPU
+  if FLAGS.small:
+    c.model.ch, c.model.ch_mult, c.model.attn_resolutions = 16, (1, 2), (8,)
   return c
 
 
@@ -96,9 +96,7 @@ def part1(workdir: str, steps: int, num: int) -> dict:
       params, _ = setup.restore_params("ema_params")
       ref_images = train_images(setup)
       rng = jax.random.fold_in(setup.keys.stream("sample"), 7)
-      ref_s, ref_n = REFERENCE[objective]
       shift = {"shift": None}
-      ode_ref = diffusion.generate(setup, params, num, rng, sampler=ref_s, num_steps=ref_n, **shift)
       rows = []
       for sampler, n, nfe in PLAN[objective]:
         t1 = time.perf_counter()
@@ -106,19 +104,17 @@ def part1(workdir: str, steps: int, num: int) -> dict:
         rows.append(
           dict(
             sampler=sampler, steps=n, nfe=nfe, fd_pixels=frechet(x, ref_images),
-            rms_to_ode_ref=float(np.sqrt(np.mean((x - ode_ref) ** 2))),
             sample_s=time.perf_counter() - t1,
           )
         )  # fmt: skip
         print(objective, rows[-1], flush=True)
     results[objective] = dict(
-      train_s=train_s, eval_loss=loss, ref=f"{ref_s}{ref_n}",
-      fd_ref_sampler=frechet(ode_ref, ref_images), rows=rows,
+      train_s=train_s, eval_loss=loss, rows=rows,
     )  # fmt: skip
   return results
 
 
-def step_times(cfg, n_timed: int = 10) -> dict:
+def step_times(cfg, n_timed: int = 5) -> dict:
   with Setup(cfg, "/tmp/bench_objectives_throughput_unused") as setup:
     state = setup.init_state()
     step = jax.jit(
@@ -144,12 +140,13 @@ def step_times(cfg, n_timed: int = 10) -> dict:
 
 def part2() -> dict:
   unet = default.get_config()
+  unet.model.conv_impl = "xla"
   dit = default.get_config()
   dit.model.arch = "dit"
   # ~ the U-Net's parameter count: DiT-S/2's shape with width 96 and 8 blocks (4 heads of 24).
   dit.dit.hidden, dit.dit.depth, dit.dit.num_heads = 96, 8, 4
   out = {}
-  for _ in range(3):  # alternate, so background load hits both alike
+  for _ in range(FLAGS.rounds):  # alternate, so background load hits both alike
     for name, cfg in (("unet", unet), ("dit", dit)):
       r = step_times(cfg)
       out.setdefault(name, []).append(r)
