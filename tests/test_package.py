@@ -24,6 +24,8 @@ PACKAGES = (
   "jdiff.data",
   "jdiff.ops",
   "jdiff.runs",
+  "jdiff.metrics",
+  "jdiff.pretrained",
 )
 
 LIGHT = r"""
