@@ -317,6 +317,47 @@ class BoundTerms(NamedTuple):
   terms: Array
 
 
+def vlb_terms(
+  schedule: Schedule,
+  model_fn: ModelFn,
+  x0: Array,
+  rng: Array,
+  ts: Array,
+  *,
+  cond: Array | None = None,
+  prediction: str = "eps",
+  variance: str = "fixed_small",
+  clip_x0: float | None = None,
+  num_levels: int = 256,
+) -> Array:
+  """The bound's terms L_t at the timesteps `ts` [K], float32 [B, K], one `lax.scan`.
+
+  Term t draws its noise from `fold_in(rng, t)`, as `variational_bound` does, so summing
+  the terms of any partition of 0..T-1 (e.g. chunks, with progress in between) gives the
+  same bound.
+  """
+  b = x0.shape[0]
+
+  def body(_, t_scalar):
+    noise = jax.random.normal(jax.random.fold_in(rng, t_scalar), x0.shape, jnp.float32)
+    t = jnp.full((b,), t_scalar, jnp.int32)
+    return None, vlb_term(
+      schedule,
+      model_fn,
+      x0,
+      t,
+      noise,
+      cond=cond,
+      prediction=prediction,
+      variance=variance,
+      clip_x0=clip_x0,
+      num_levels=num_levels,
+    )
+
+  _, terms = jax.lax.scan(body, None, jnp.asarray(ts, jnp.int32))
+  return terms.T
+
+
 def variational_bound(
   schedule: Schedule,
   model_fn: ModelFn,
@@ -346,26 +387,18 @@ def variational_bound(
   Returns:
     `BoundTerms`.
   """
-  b = x0.shape[0]
-
-  def body(_, t_scalar):
-    noise = jax.random.normal(jax.random.fold_in(rng, t_scalar), x0.shape, jnp.float32)
-    t = jnp.full((b,), t_scalar, jnp.int32)
-    return None, vlb_term(
-      schedule,
-      model_fn,
-      x0,
-      t,
-      noise,
-      cond=cond,
-      prediction=prediction,
-      variance=variance,
-      clip_x0=clip_x0,
-      num_levels=num_levels,
-    )
-
-  _, terms = jax.lax.scan(body, None, jnp.arange(schedule.num_steps, dtype=jnp.int32))
-  terms = terms.T
+  terms = vlb_terms(
+    schedule,
+    model_fn,
+    x0,
+    rng,
+    jnp.arange(schedule.num_steps, dtype=jnp.int32),
+    cond=cond,
+    prediction=prediction,
+    variance=variance,
+    clip_x0=clip_x0,
+    num_levels=num_levels,
+  )
   prior = prior_bpd(schedule, x0)
   return BoundTerms(prior + jnp.sum(terms, axis=1), prior, terms)
 

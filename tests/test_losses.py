@@ -299,3 +299,17 @@ def test_bad_inputs_raise():
     losses.denoising_loss(SCHED, lambda x, t, c: x, x0, jax.random.PRNGKey(0), prediction="score")
   with pytest.raises(ValueError, match="'l1'"):
     losses.denoising_loss(SCHED, lambda x, t, c: x, x0, jax.random.PRNGKey(0), weighting="l1")
+
+
+def test_vlb_terms_in_chunks_sum_to_the_bound():
+  """The eval mode sums the bound's terms chunk by chunk (progress in between): the chunks
+  of any partition of 0..T-1 give the terms, and the total, of `variational_bound`."""
+  sched = schedules.linear(num_steps=20)
+  x0 = jnp.round(jax.random.uniform(jax.random.key(0), (3, 4), minval=-1, maxval=1) * 127.5) / 127.5
+  model = lambda x, t, c: 0.3 * x  # any deterministic model
+  rng = jax.random.key(1)
+  whole = losses.variational_bound(sched, model, x0, rng)
+  chunks = [losses.vlb_terms(sched, model, x0, rng, jnp.arange(a, b)) for a, b in [(0, 7), (7, 20)]]
+  np.testing.assert_allclose(np.concatenate(chunks, axis=1), whole.terms, rtol=1e-6)
+  total = losses.prior_bpd(sched, x0) + sum(jnp.sum(c, axis=1) for c in chunks)
+  np.testing.assert_allclose(total, whole.total, rtol=1e-5)
