@@ -279,7 +279,7 @@ def _steps_logged(wd) -> list[int]:
     return [r["step"] for r in map(json.loads, f) if "train/loss" in r]
 
 
-def _sigterm_when(procs, victim, ready, timeout=300):
+def _sigterm_when(procs, victim, ready, timeout=1200):
   deadline = time.time() + timeout
   while time.time() < deadline and all(p.poll() is None for p in procs) and not ready():
     time.sleep(0.2)
