@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jdiff import conditioning, continuous, schedules
+from jdiff import conditioning, continuous, processes, schedules
 from jdiff.models.guidance_schedules import (
   interval_scale,
   schedule_scale,
@@ -22,7 +22,7 @@ from jdiff.models.guidance_schedules import (
 )
 from jdiff.models.unet import UNet
 from jdiff.samplers import ddpm, dpm_solver, editing, euler
-from jdiff.training.sampling import SAMPLERS, make_sample_fn
+from jdiff.training.sampling import FLOW_SAMPLERS, SAMPLERS, make_sample_fn
 
 SCH = schedules.cosine(100)
 MU = np.array([0.5, -0.3, 0.2, 0.0])
@@ -173,8 +173,9 @@ def test_sdedit_strength_one_has_the_law_of_sampling_from_noise(sampler):
 
 # pc is left out: its Langevin corrector at t = 0 is an MCMC move on the data law itself
 # (step 2 (snr |z| / |score|)^2 with the data's score), which moves a clean input by ~0.15
-# RMS here whatever the strength; with n_corrector = 0 it is DDIM's ancestral step.
-@pytest.mark.parametrize("sampler", sorted(set(SAMPLERS) - {"pc"}))
+# RMS here whatever the strength; with n_corrector = 0 it is DDIM's ancestral step. The flow
+# samplers step in t on a flow process and refuse strength < 1 (test below).
+@pytest.mark.parametrize("sampler", sorted(set(SAMPLERS) - {"pc", *FLOW_SAMPLERS}))
 def test_sdedit_small_strength_returns_the_input(sampler):
   # strength -> 0 runs one step from the grid's last level (t = 0, sigma(0) ~ 0.016 on
   # cosine T = 100 with 100 steps); the exact posterior mean is then x0 up to the noise
@@ -188,6 +189,20 @@ def test_sdedit_small_strength_returns_the_input(sampler):
   out = fn({}, jax.random.normal(jax.random.key(6), x0.shape), jax.random.key(7), x0=x0)
   err = np.asarray(out - x0)
   assert np.sqrt(np.mean(err**2)) < 2 * s0 and np.abs(err).max() < 8 * s0, (sampler, s0)
+
+
+@pytest.mark.parametrize("sampler", FLOW_SAMPLERS)
+def test_flow_samplers_refuse_sdedit_and_inpainting(sampler):
+  proc = processes.flow()
+  with pytest.raises(
+    ValueError, match=f"strength=0.5 \\(SDEdit\\) is not supported by '{sampler}'"
+  ):
+    make_sample_fn(Exact(), proc, sampler=sampler, num_steps=4, clip_x0=None, strength=0.5)
+  fn = make_sample_fn(Exact(), proc, sampler=sampler, num_steps=4, clip_x0=None)
+  x = jnp.zeros((2, 2, 2, 1))
+  inpaint = editing.Inpaint(known=x, mask=jnp.ones_like(x))
+  with pytest.raises(ValueError, match=f"inpainting is not supported by '{sampler}'"):
+    fn({}, x, jax.random.key(0), inpaint=inpaint)
 
 
 # ----------------------------------------------------------------------------- guidance

@@ -102,6 +102,7 @@ SAMPLERS: dict[str, Sampler] = {
   "flow_euler": Sampler(flow.flow_euler_sample, (), None),
   "flow_heun": Sampler(flow.flow_heun_sample, (), None),
 }
+FLOW_SAMPLERS = ("flow_euler", "flow_heun")  # step in t on a flow process, not on a grid
 
 
 def resolve_options(sampler: str, *, spacing: str = AUTO, eta: float | None = None) -> dict:
@@ -257,10 +258,19 @@ def make_sample_fn(
     learn_sigma = bool(getattr(module, "learn_sigma", False))
   eps_only = learn_sigma and not (sampler == "ddpm" and variance == "learned_range")
   editing.sdedit_start_index(1, strength)  # validates strength
+  flow_sampler = sampler in FLOW_SAMPLERS
+  if flow_sampler and strength < 1.0:
+    raise ValueError(
+      f"strength={strength} (SDEdit) is not supported by {sampler!r}, which steps in t; "
+      "use a sigma-grid sampler (euler, heun, dpmpp_2m, unipc, ...), which runs flow models "
+      "through their denoiser"
+    )
   space = "vp" if spec.spacings in ((), TIMESTEP_GRIDS) else "ve"
-  start_grid = editing.sdedit_grid(
-    editing.sampler_grid(schedule, kw, num_steps=num_steps, space=space), strength
-  )
+  start_grid = None
+  if not flow_sampler:
+    start_grid = editing.sdedit_grid(
+      editing.sampler_grid(schedule, kw, num_steps=num_steps, space=space), strength
+    )
   if strength < 1.0:
     for key in ("spacing", "num_steps", "final_sigma"):
       kw.pop(key, None)
@@ -328,6 +338,11 @@ def make_sample_fn(
       x_T = editing.start_from(schedule, space, x0, start_grid[0], x_T)
     elif strength < 1.0:
       raise ValueError(f"strength={strength} < 1 needs the image x0 to start from")
+    if inpaint is not None and flow_sampler:
+      raise ValueError(
+        f"inpainting is not supported by {sampler!r}, which steps in t; use a sigma-grid "
+        "sampler (euler, euler_a, heun, ...), which runs flow models through their denoiser"
+      )
     extra = {} if inpaint is None else {"inpaint": inpaint}
     return run(schedule, model_fn, x_T, rng, cond=cond, **extra)
 
