@@ -296,9 +296,9 @@ def test_two_processes_fsdp_sigterm_and_resume(tmp_path, digits_dir):
 
   Run 1: JAX's preemption service (on by default with jax.distributed) tells both processes,
   which stop at the same step with no per-step collective and save one checkpoint. Run 2
-  resumes both from it with the service off, so the processes agree every 3 steps
-  (`train.preemption_check_every`); a SIGTERM to the other process stops both at the same
-  multiple of 3, with the same parameters.
+  resumes both from it; a SIGTERM to the other process stops both at the same later step,
+  with the same parameters. (The agreement every `preemption_check_every` steps, used when
+  the service is off, is tested in-process below.)
   """
   wd = str(tmp_path / "dist")
   env = dict(
@@ -320,15 +320,43 @@ def test_two_processes_fsdp_sigterm_and_resume(tmp_path, digits_dir):
   assert 1 <= step < 400
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == [str(step)]
 
-  env["JAX_ENABLE_PREEMPTION_SERVICE"] = "false"
   procs = _launch(wd, digits_dir, overrides, env)
   step2, outs = _sigterm_when(procs, 0, lambda: max(_steps_logged(wd)) > step)
   for err in outs:
     assert "resumed from" in err and f"at step {step}" in err
-  assert step2 > step and step2 % 3 == 0
+  assert step2 > step
   sums = [re.search(rf"params checksum (\S+) at step {step2}", e).group(1) for e in outs]
   assert sums[0] == sums[1]
   shutil.rmtree(wd)
+
+
+def test_preemption_agreement_every_n_steps_without_the_service(monkeypatch):
+  """Several processes without JAX's preemption service: the SIGTERM flag is agreed by one
+  allgather every `check_every` steps (not every step), and any process's flag stops all."""
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  from jdiff.training import loop  # noqa: PLC0415
+
+  calls = []
+  other_flag = [False]
+
+  def allgather(x):  # this process's flag and a second process's
+    calls.append(int(x[0]))
+    return np.array([[bool(x[0])], [other_flag[0]]])
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(loop, "preemption_service_running", lambda: False)
+  monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+  with loop.Preemption(check_every=3) as p:
+    assert not p.sync_point
+    assert [p.should_stop(s) for s in (4, 5, 6)] == [False, False, False]
+    assert len(calls) == 1  # one collective in three steps, at step 6
+    other_flag[0] = True  # the other process got SIGTERM
+    assert [p.should_stop(s) for s in (7, 8)] == [False, False]  # acted on at the next check
+    assert p.should_stop(9) and len(calls) == 2
+    other_flag[0] = False
+    p.requested = True  # this process got it
+    assert p.should_stop(12) and calls[-1] == 1
 
 
 # ----------------------------------------------------------------------------- profiling
