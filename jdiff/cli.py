@@ -80,6 +80,9 @@ class _QuietLibraries:
   orbax thread, hundreds of lines above the cause."""
 
   def filter(self, record) -> bool:
+    if record.name == "asyncio":  # orbax's event loops (jdiff runs none): one line each
+      record.exc_info, record.exc_text = None, None
+      return True
     if "/orbax/" not in record.pathname:
       return True
     if record.levelno < pylogging.WARNING:
