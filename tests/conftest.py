@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -59,3 +60,32 @@ def main_args(mode: str, workdir: str, data_dir: str, config: str = "tiny", **ov
   ]
   args += [f"--config.{k}={v}" for k, v in overrides.items()]
   return args
+
+
+def free_port() -> int:
+  """A free TCP port on 127.0.0.1 (for a jax.distributed coordinator)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def launch_two_processes(wd: str, data_dir: str, env: dict, **overrides) -> list:
+  """Two `--mode=train` processes of the tiny config on one coordinator (gloo on CPU)."""
+  port = free_port()
+  return [
+    subprocess.Popen(
+      [
+        sys.executable,
+        *main_args("train", wd, data_dir, **overrides),
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]

@@ -13,13 +13,12 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, free_port
 
 README = os.path.join(REPO, "README.md")
 
@@ -80,15 +79,9 @@ def tiny(args: list[str], data_dir: str) -> list[str]:
   return args + [f"--config.{k}={v}" for k, v in over.items()]
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def run_workflows(root: str, data_dir: str) -> dict[str, str]:
   """Runs every README command (background `&` ones concurrently); returns stderr by line."""
-  port = str(_free_port())
+  port = str(free_port())
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
   logs, background = {}, []
   for command in readme_commands():

@@ -12,15 +12,12 @@ import os
 import re
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, main_args, run_python
+from conftest import launch_two_processes, run_python
 from jax.sharding import PartitionSpec as P
 
 from jdiff.training import sharding
@@ -230,33 +227,6 @@ def test_resume_on_other_meshes(tmp_path, digits_dir):
 # ----------------------------------------------------------------------------- 2 processes
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _launch(wd, digits_dir, overrides, env):
-  port = _free_port()
-  return [
-    subprocess.Popen(
-      [
-        sys.executable,
-        *main_args("train", wd, digits_dir, **overrides),
-        f"--coordinator_address=127.0.0.1:{port}",
-        "--num_processes=2",
-        f"--process_id={i}",
-      ],
-      cwd=REPO,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    for i in range(2)
-  ]
-
-
 def _finish(procs, timeout=1500):
   outs = []
   try:
@@ -315,12 +285,12 @@ def test_two_processes_fsdp_sigterm_and_resume(tmp_path, digits_dir):
     "train.log_every": 1,
     "train.preemption_check_every": 3,
   }
-  procs = _launch(wd, digits_dir, overrides, env)
+  procs = launch_two_processes(wd, digits_dir, env, **overrides)
   step, _ = _sigterm_when(procs, 1, lambda: len(_steps_logged(wd)) >= 1)
   assert 1 <= step < 400
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == [str(step)]
 
-  procs = _launch(wd, digits_dir, overrides, env)
+  procs = launch_two_processes(wd, digits_dir, env, **overrides)
   step2, outs = _sigterm_when(procs, 0, lambda: max(_steps_logged(wd)) > step)
   for err in outs:
     assert "resumed from" in err and f"at step {step}" in err

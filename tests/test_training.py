@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, main_args, run_python
+from conftest import REPO, launch_two_processes, main_args, run_python
 
 from jdiff.configs import tiny
 from jdiff.runs import autoencoder, diffusion
@@ -227,39 +226,16 @@ def test_one_vs_four_devices_agree(tmp_path, digits_dir):
   )
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_agree(tmp_path, digits_dir):
   """jax.distributed on 127.0.0.1 (gloo): 2 processes x 2 devices train and agree."""
   wd = str(tmp_path / "dist")
-  port = _free_port()
   env = dict(
     os.environ,
     XLA_FLAGS="--xla_force_host_platform_device_count=2",
     JAX_PLATFORMS="cpu",
     JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
   )
-  procs = [
-    subprocess.Popen(
-      [
-        sys.executable,
-        *main_args("train", wd, digits_dir),
-        f"--coordinator_address=127.0.0.1:{port}",
-        "--num_processes=2",
-        f"--process_id={i}",
-      ],
-      cwd=REPO,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    for i in range(2)
-  ]
+  procs = launch_two_processes(wd, digits_dir, env)
   outs = []
   try:
     for p in procs:
