@@ -28,6 +28,7 @@ from absl import logging
 from jdiff import flow
 from jdiff.runs import diffusion
 from jdiff.runs.setup import Setup, log_process_info
+from jdiff.training.progress import Progress
 from jdiff.training.rng import stream
 from jdiff.training.writers import save_npz
 
@@ -47,16 +48,18 @@ def write_pairs(config, workdir: str) -> str:
     num, batch = config.flow.reflow_num_pairs, config.sample.batch_size
     base = stream(setup.keys.stream("reflow"), "x_T")
     pairs, labels = [], []
+    progress = Progress(num, "reflow pairs")
     for k in range(math.ceil(num / batch)):
       key = jax.random.fold_in(base, k)
       x1 = jax.random.normal(key, (batch, *setup.image_shape), jnp.float32)
       y = jnp.arange(k * batch, (k + 1) * batch, dtype=jnp.int32) % (setup.num_classes or 1)
       pairs.append(np.asarray(flow.reflow_pairs(lambda x, r, y=y: fn(params, x, r, y), x1, key)))
       labels.append(np.asarray(y))
-      logging.info("reflow pairs: %d/%d", min((k + 1) * batch, num), num)
+      progress.update(min(batch, num - k * batch))
+    progress.close()
   out = os.path.join(setup.workdir, "reflow", "pairs.npz")
   if jax.process_index() == 0:
     extra = {"labels": np.concatenate(labels)[:num]} if setup.num_classes else {}
-    save_npz(out, pairs=np.concatenate(pairs)[:num], step=np.int64(step), **extra)
+    out = save_npz(out, pairs=np.concatenate(pairs)[:num], step=np.int64(step), **extra)
     logging.info("wrote %d reflow pairs of the step-%d model to %s", num, step, out)
   return out
