@@ -36,7 +36,7 @@ import pytest
 from jdiff.configs import tiny
 from jdiff.runs import diffusion as runs_diffusion
 from jdiff.runs.setup import Setup
-from jdiff.training.sampling import AUTO, SAMPLERS
+from jdiff.training.sampling import AUTO, FLOW_SAMPLERS, SAMPLERS
 from tests.conftest import main_args, run_python
 
 TRAIN = {
@@ -125,8 +125,15 @@ def test_reference_runs_agree_within_the_tolerance(references):
 CASES = [
   (name, spacing)
   for name, spec in SAMPLERS.items()
+  if name not in FLOW_SAMPLERS  # flow models only: a clear error on this DDPM model (below)
   for spacing in (AUTO,) + tuple(s for s in spec.spacings if s != (spec.default_spacing or AUTO))
 ]
+
+
+def test_flow_samplers_refuse_a_ddpm_model(trained):
+  for name in FLOW_SAMPLERS:
+    with pytest.raises(ValueError, match=f"sampler '{name}' steps in t on a rectified-flow"):
+      _generate(trained, N, 10, sampler=name, num_steps=STEPS)
 
 
 @pytest.mark.parametrize("name,spacing", CASES, ids=[f"{n}-{s}" for n, s in CASES])

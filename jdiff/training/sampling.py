@@ -259,6 +259,12 @@ def make_sample_fn(
   eps_only = learn_sigma and not (sampler == "ddpm" and variance == "learned_range")
   editing.sdedit_start_index(1, strength)  # validates strength
   flow_sampler = sampler in FLOW_SAMPLERS
+  if flow_sampler and getattr(schedule, "kind", None) != "flow":
+    raise ValueError(
+      f"sampler {sampler!r} steps in t on a rectified-flow process (jdiff.processes.flow(), "
+      f"config.objective='flow'), got a {type(schedule).__name__}; sample other models with "
+      "the sigma-grid samplers (euler, heun, dpmpp_2m, unipc, ...)"
+    )
   if flow_sampler and strength < 1.0:
     raise ValueError(
       f"strength={strength} (SDEdit) is not supported by {sampler!r}, which steps in t; "
