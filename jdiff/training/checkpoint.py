@@ -157,16 +157,22 @@ class Checkpointer:
     raises `integrity.ShapeMismatchError` instead.
     """
     where = f"checkpoint {step} under {self.directory}"
+    # The file checks run first and are agreed by every process before orbax's restore,
+    # whose collectives would otherwise wait for a process that skipped it.
+    why = ""
     try:
       record = self._record(step)
+      if record is not None:
+        self._check_data_file(step, record)
     except Exception as e:  # pylint: disable=broad-except
-      return None, _one_line(e)
+      why = _one_line(e)
+    if not _all_agree(not why):
+      return None, why or "a file check failed on another process"
     if record is None:  # written by an older jdiff: restored as before, errors raised as is
       logging.warning("%s has no checksums (saved before jdiff recorded them): unverified", where)
       return self._restore(target, step, data_iter, partial=partial), ""
     integrity.check_shapes(record, target, where=where)
     try:
-      self._check_data_file(step, record)
       restored = self._restore(target, step, data_iter, partial=partial)
       problem = integrity.verify_arrays(record, restored)
     except Exception as e:  # pylint: disable=broad-except

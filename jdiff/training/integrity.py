@@ -101,7 +101,8 @@ def data_checksums(data_iter) -> dict[str, int]:
     return {"0": crc}
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
-  crcs = multihost_utils.process_allgather(np.array([crc], np.int64))
+  # uint32: a CRC-32 does not fit int32, and JAX (without x64) would narrow an int64 to it.
+  crcs = multihost_utils.process_allgather(np.array([crc], np.uint32))
   return {str(i): int(c) for i, c in enumerate(np.asarray(crcs).reshape(-1))}
 
 
