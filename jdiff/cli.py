@@ -137,11 +137,22 @@ def parse_flags(argv):
     _fatal(unknown_override(argv) or f"bad config override: {e!r}")
 
 
+def _drop_closed_loop_reports(unraisable) -> None:
+  if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
+    unraisable.exc_value
+  ):
+    return
+  sys.__unraisablehook__(unraisable)
+
+
 def _fatal(message: str) -> None:
   """Ends the process with `message` as one last line of stderr."""
   # An abandoned orbax save leaves asyncio futures whose "exception was never retrieved"
   # reports would otherwise follow the line when they are collected.
   pylogging.getLogger("asyncio").setLevel(pylogging.CRITICAL + 1)
+  # Its event loops, collected at interpreter exit, report "Event loop is closed" through
+  # sys.unraisablehook (not logging): drop those, keep any other report.
+  sys.unraisablehook = _drop_closed_loop_reports
   gc.collect()
   sys.stderr.flush()
   sys.stderr.write("FATAL " + " ".join(str(message).split()) + "\n")
