@@ -25,6 +25,7 @@ import logging as pylogging
 import os
 import runpy
 import sys
+import threading
 import traceback
 
 from absl import app, flags, logging
@@ -145,14 +146,22 @@ def _drop_closed_loop_reports(unraisable) -> None:
   sys.__unraisablehook__(unraisable)
 
 
+def _drop_closed_loop_thread_errors(args) -> None:
+  if isinstance(args.exc_value, RuntimeError) and "Event loop is closed" in str(args.exc_value):
+    return
+  threading.__excepthook__(args)
+
+
 def _fatal(message: str) -> None:
   """Ends the process with `message` as one last line of stderr."""
   # An abandoned orbax save leaves asyncio futures whose "exception was never retrieved"
   # reports would otherwise follow the line when they are collected.
   pylogging.getLogger("asyncio").setLevel(pylogging.CRITICAL + 1)
-  # Its event loops, collected at interpreter exit, report "Event loop is closed" through
-  # sys.unraisablehook (not logging): drop those, keep any other report.
+  # Its event loops, collected at interpreter exit (or still used by its threads), report
+  # "Event loop is closed" through sys.unraisablehook / threading.excepthook, not logging:
+  # drop those, keep any other report.
   sys.unraisablehook = _drop_closed_loop_reports
+  threading.excepthook = _drop_closed_loop_thread_errors
   gc.collect()
   sys.stderr.flush()
   sys.stderr.write("FATAL " + " ".join(str(message).split()) + "\n")
