@@ -17,11 +17,11 @@ import dataclasses
 import numpy as np
 
 from jdiff import processes
+from jdiff.training.sampling import FLOW_SAMPLERS
 
 OBJECTIVES = ("ddpm", "edm", "flow")
 ARCHS = ("unet", "dit")
 DISCRETE_SAMPLERS = ("ddpm", "ddim", "pc")
-FLOW_SAMPLERS = ("flow_euler", "flow_heun")
 
 
 def check_objective(config) -> None:

@@ -251,7 +251,7 @@ def make_sample_fn(
       kw.pop(key, None)
     kw["grid"] = grid
   if shift is not None:
-    if sampler not in ("flow_euler", "flow_heun"):
+    if sampler not in FLOW_SAMPLERS:
       raise ValueError(f"shift={shift} applies to flow_euler / flow_heun, not {sampler!r}")
     kw["shift"] = shift
   if learn_sigma is None:
