@@ -9,7 +9,10 @@ table of known GPUs by `device_kind` (H100/H200 SXM: 989 TFLOP/s dense bf16, A10
 
 Usage (a GPU session, one call)::
 
-  .venv/bin/python -m experiments.benchmark_mfu --models=ddpm_cifar10,adm_imagenet64
+  .venv/bin/python -m experiments.benchmark_mfu --models=ddpm_cifar10,adm_imagenet64,dit_b2
+
+`dit_b2` / `dit_xl2` are DiT-B/2 and XL/2 on 32 x 32 x 4 latents (1000 classes, learned
+sigma), a transformer for comparison with the convolutional U-Nets.
 
 Goal (issue 15): >= 45 % MFU in bf16 on one GPU. Not measured on the CPU machine.
 """
@@ -23,7 +26,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from experiments.benchmark_memory import build
+from experiments import benchmark_memory
+from jdiff.models.dit import make_dit
 from jdiff.schedules import get_schedule
 from jdiff.training import sharding
 from jdiff.training.optim import make_optimizer
@@ -31,7 +35,17 @@ from jdiff.training.state import init_train_state, param_count
 from jdiff.training.step import make_train_step
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
-BATCH = {"ddpm_cifar10": 128, "adm_imagenet64": 32}  # per device
+BATCH = {"ddpm_cifar10": 128, "adm_imagenet64": 32, "dit_b2": 256, "dit_xl2": 64}  # per device
+# DiT on ImageNet-256's 32 x 32 x 4 latents, class-conditional with learned sigma (the paper's).
+DIT = {"dit_b2": "B/2", "dit_xl2": "XL/2"}
+
+
+def build(name: str, dtype: str):
+  """(module, image shape) of a U-Net preset of benchmark_memory or a DiT preset."""
+  if name in DIT:
+    module = make_dit(DIT[name], num_classes=1000, learn_sigma=True, dtype=jnp.dtype(dtype))
+    return module, (32, 32, 4)
+  return benchmark_memory.build(name, dtype)
 
 
 def _peak(kind: str, override: float) -> float:
@@ -59,13 +73,22 @@ def bench(name: str, args) -> dict:
 
   shapes = jax.eval_shape(init, key)
   state_sh = sharding.fsdp_shardings(shapes, mesh)
-  state = jax.jit(init, out_shardings=state_sh)(key)
   data_sh, repl = sharding.data_sharding(mesh), sharding.replicated(mesh)
   b = (args.batch or BATCH[name]) * n
-  batch = {
-    "image": jax.device_put(jax.random.normal(key, (b, *image_shape)), data_sh),
-    "label": jax.device_put(jnp.arange(b, dtype=jnp.int32) % 1000, data_sh),
-  }
+  if args.count_only:  # abstract inputs: compile for this backend, run nothing
+    state = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh
+    )
+    batch = {
+      "image": jax.ShapeDtypeStruct((b, *image_shape), jnp.float32, sharding=data_sh),
+      "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data_sh),
+    }
+  else:
+    state = jax.jit(init, out_shardings=state_sh)(key)
+    batch = {
+      "image": jax.device_put(jax.random.normal(key, (b, *image_shape)), data_sh),
+      "label": jax.device_put(jnp.arange(b, dtype=jnp.int32) % 1000, data_sh),
+    }
   schedule = get_schedule("linear", 1000)
   step = jax.jit(
     make_train_step(
@@ -85,6 +108,16 @@ def bench(name: str, args) -> dict:
   compiled = step.lower(state, batch, schedule, key).compile()
   compile_s = time.perf_counter() - t0
   flops = float((compiled.cost_analysis() or {}).get("flops", float("nan")))
+  if args.count_only:
+    print(
+      f"{name}: batch {b}, {flops:.6e} FLOPs per step (XLA cost analysis, "
+      f"{jax.devices()[0].platform})",
+      flush=True,
+    )
+    return {}
+  if args.flops:  # a count from another backend (GPU cost analysis may skip cuDNN calls)
+    xla_flops, flops = flops, args.flops[name]
+    print(f"{name}: XLA here counts {xla_flops:.4e} FLOPs per step; MFU uses {flops:.4e}")
   for _ in range(args.warmup):
     state, m = compiled(state, batch, schedule, key)
   jax.block_until_ready(state)
@@ -120,12 +153,27 @@ def main():
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--peak_tflops", type=float, default=0.0, help="bf16 dense peak per device")
+  p.add_argument(
+    "--count_only",
+    action="store_true",
+    help="print each step's FLOPs (compile only, e.g. on the CPU) and exit",
+  )
+  p.add_argument(
+    "--flops",
+    default="",
+    help="NAME=FLOPS,... per-step counts to use for MFU instead of this backend's",
+  )
   args = p.parse_args()
+  args.flops = {
+    k: float(v) for k, v in (kv.split("=") for kv in filter(None, args.flops.split(",")))
+  }
   print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, {args.dtype}")
   print("| model | params | batch | compile s | step ms | img/s | TFLOP/s/dev | MFU |")
   print("|---|---|---|---|---|---|---|---|")
   for name in args.models.split(","):
     r = bench(name, args)
+    if not r:
+      continue
     print(
       f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['compile_s']:.1f} | "
       f"{r['step_ms']:.1f} | {r['img_s']:.0f} | {r['tflops']:.1f} | {100 * r['mfu']:.1f} % |",

@@ -20,7 +20,6 @@ Multi-host: pass --coordinator_address/--num_processes/--process_id, or let
 from __future__ import annotations
 
 import difflib
-import gc
 import logging as pylogging
 import os
 import runpy
@@ -75,19 +74,30 @@ MODES = {
 }
 
 
+CLOSED_LOOP = "Event loop is closed"
+
+
 class _QuietLibraries:
   """Drops INFO chatter from orbax's internals; keeps their warnings and errors, but as one
   line each: a failed save (a full disk) otherwise prints the same traceback once per
-  orbax thread, hundreds of lines above the cause."""
+  orbax thread, hundreds of lines above the cause. Of the "Event loop is closed" reports
+  that follow an abandoned save (one per orbax thread and future) only the first is kept."""
+
+  def __init__(self):
+    self.closed_loop_reports = 0
 
   def filter(self, record) -> bool:
-    if record.name == "asyncio":  # orbax's event loops (jdiff runs none): one line each
-      record.exc_info, record.exc_text = None, None
+    if record.name != "asyncio" and "/orbax/" not in record.pathname:
       return True
-    if "/orbax/" not in record.pathname:
-      return True
-    if record.levelno < pylogging.WARNING:
+    if record.name != "asyncio" and record.levelno < pylogging.WARNING:
       return False
+    text = record.getMessage()
+    if record.exc_info and record.exc_info[1] is not None:
+      text += f" {record.exc_info[1]}"
+    if CLOSED_LOOP in text:
+      self.closed_loop_reports += 1
+      if self.closed_loop_reports > 1:
+        return False
     record.exc_info, record.exc_text = None, None
     return True
 
@@ -139,34 +149,42 @@ def parse_flags(argv):
 
 
 def _drop_closed_loop_reports(unraisable) -> None:
-  if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
-    unraisable.exc_value
-  ):
+  if isinstance(unraisable.exc_value, RuntimeError) and CLOSED_LOOP in str(unraisable.exc_value):
     return
   sys.__unraisablehook__(unraisable)
 
 
 def _drop_closed_loop_thread_errors(args) -> None:
-  if isinstance(args.exc_value, RuntimeError) and "Event loop is closed" in str(args.exc_value):
+  if isinstance(args.exc_value, RuntimeError) and CLOSED_LOOP in str(args.exc_value):
     return
   threading.__excepthook__(args)
 
 
-def _fatal(message: str) -> None:
-  """Ends the process with `message` as one last line of stderr."""
-  # An abandoned orbax save leaves asyncio futures whose "exception was never retrieved"
-  # reports would otherwise follow the line when they are collected.
-  pylogging.getLogger("asyncio").setLevel(pylogging.CRITICAL + 1)
-  # Its event loops, collected at interpreter exit (or still used by its threads), report
-  # "Event loop is closed" through sys.unraisablehook / threading.excepthook, not logging:
-  # drop those, keep any other report.
+def quiet_closed_loops() -> None:
+  """orbax's event loops, collected while a failed save unwinds (or still used by its
+  threads), report "Event loop is closed" through sys.unraisablehook and
+  threading.excepthook, not logging: drop those, keep any other report."""
   sys.unraisablehook = _drop_closed_loop_reports
   threading.excepthook = _drop_closed_loop_thread_errors
-  gc.collect()
+
+
+def _fatal(message: str) -> None:
+  """Ends the process with `message` as one last line of stderr.
+
+  The process ends with `os._exit(1)` after flushing: every mode has closed its
+  checkpointer and writers on its way here, and skipping the interpreter's finalisation
+  keeps the reports of orbax's abandoned futures and event loops, collected at exit, from
+  following the line (the asyncio "exception was never retrieved", "Event loop is
+  closed", atexit callbacks).
+  """
+  pylogging.getLogger("asyncio").setLevel(pylogging.CRITICAL + 1)
+  quiet_closed_loops()
+  logging.flush()
+  sys.stdout.flush()
   sys.stderr.flush()
   sys.stderr.write("FATAL " + " ".join(str(message).split()) + "\n")
   sys.stderr.flush()
-  sys.exit(1)
+  os._exit(1)
 
 
 def _run_mode(mode: str, workdir: str) -> None:
@@ -209,6 +227,7 @@ def main(argv):
       process_id=FLAGS.process_id,
     )
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  quiet_closed_loops()
   _run_mode(FLAGS.mode, FLAGS.workdir)
 
 
