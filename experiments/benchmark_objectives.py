@@ -43,6 +43,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "/tmp/bench_objectives", "Where the three runs go.")
 flags.DEFINE_integer("steps", 600, "Training steps per objective.")
 flags.DEFINE_integer("num_samples", 1000, "Samples per (objective, sampler, NFE); even.")
+flags.DEFINE_integer("seed", 0, "config.seed of the three runs (init, data order, noise).")
 flags.DEFINE_bool("skip_train", False, "Reuse the runs in --workdir.")
 flags.DEFINE_bool("small", True, "Part 1 on a small U-Net (ch 16, two levels) for a short budget.")
 flags.DEFINE_integer("rounds", 3, "Part 2: interleaved timing rounds per model.")
@@ -60,6 +61,7 @@ PLAN = {
 def config_for(objective: str, steps: int):
   c = default.get_config()
   c.objective = objective
+  c.seed = FLAGS.seed
   c.train.num_steps = steps
   c.train.ckpt_every = 0
   c.train.log_every = 100
