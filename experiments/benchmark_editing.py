@@ -2,11 +2,16 @@
 
 Inpainting: held-out digits (test split, 16x16) with the centre 8x8 masked, completed by the
 trained digits model (README's main job) with DDIM eta = 1 (ancestral); the error is the
-MSE to the true pixels inside the mask. Quality proxy: the *seam* error, the mean absolute
-difference across the mask's border (pairs of neighbouring pixels, one inside and one
-outside) minus the same on the true images: replacement's known failure is an inside that
-does not fit the outside ([RePaint] Sec. 4.1). (A Frechet distance is being added on issue
-13, not on this branch.)
+MSE to the true pixels inside the mask. Quality: the digits sample-quality metric of
+`--mode=fid` (issue 13), through its public functions: the cached digits classifier's
+features (`jdiff.runs.feature_nets.load_feature_net`) of the completed images give a Frechet
+distance to the same features of the true held-out digits (FD vs truth), and to the
+reference statistics of the 1,597 training digits that `--mode=fid` uses (FD vs train,
+`jdiff.runs.fid.load_or_compute_reference`); the class probabilities give the IS. Rows
+without sampling anchor the scale: the true digits themselves, and the centre left blank.
+Also the *seam* error, the mean absolute difference across the mask's border (pairs of
+neighbouring pixels, one inside and one outside) minus the same on the true images:
+replacement's known failure is an inside that does not fit the outside ([RePaint] Sec. 4.1).
 
 Super-resolution: the same held-out digits average-pooled to 8x8 and brought back to 16x16
 by the digits_sr model (one sample, and the mean of 4 samples) and by bicubic / bilinear
@@ -26,9 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff import conditioning
+from jdiff import conditioning, metrics
 from jdiff.configs import digits, digits_sr
-from jdiff.runs import diffusion
+from jdiff.runs import diffusion, feature_nets, fid
 from jdiff.runs.setup import Setup
 from jdiff.samplers import editing
 
@@ -54,6 +59,30 @@ def seam(x: np.ndarray, mask: np.ndarray) -> float:
   return float(np.mean(np.concatenate([horiz, vert], axis=1)))
 
 
+class Quality:
+  """Digits-classifier FD (vs the true images and vs --mode=fid's reference) and IS."""
+
+  def __init__(self, cfg, setup: Setup, truth: np.ndarray):
+    self.net = feature_nets.load_feature_net(cfg, setup.pixel_shape)
+    self.ref, self.ref_path = fid.load_or_compute_reference(cfg, setup, self.net)
+    self.splits = cfg.eval.is_splits
+    self.apply = jax.jit(self.net.apply)
+    self.truth_stats = metrics.gaussian_stats(self.features(truth)[0])
+
+  def features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    f, p = self.apply(self.net.params, jnp.asarray(x))
+    return np.asarray(f), np.asarray(p)
+
+  def __call__(self, x: np.ndarray) -> dict:
+    f, p = self.features(x)
+    stats = metrics.gaussian_stats(f)
+    return dict(
+      fd_truth=metrics.frechet_distance(*stats, *self.truth_stats),
+      fd_train=metrics.frechet_distance(*stats, self.ref.mu, self.ref.sigma),
+      is_=metrics.inception_score(p, splits=self.splits)[0],
+    )
+
+
 def inpainting(args) -> dict:
   cfg = digits.get_config()
   cfg.sample.batch_size = args.num
@@ -68,7 +97,22 @@ def inpainting(args) -> dict:
       "replacement, 85 steps": dict(num_steps=85),
       "RePaint j=5 r=4, 25 steps": dict(num_steps=25, jump_length=5, jump_n=4),
     }
-    results = {"checkpoint_step": step, "truth_seam": seam(truth, mask)}
+    quality = Quality(cfg, setup, truth)
+    blank = np.where(inside, -1.0, truth).astype(np.float32)  # -1: the digits' background
+    results = {
+      "checkpoint_step": step,
+      "num": len(truth),
+      "truth_seam": seam(truth, mask),
+      "feature_net": quality.net.name,
+      "reference": quality.ref_path,
+      **quality.net.info,
+      "true digits": quality(truth),
+      "centre blank": dict(
+        quality(blank), mse=float(np.mean((blank[inside] - truth[inside]) ** 2)),
+        seam_excess=seam(blank, mask) - seam(truth, mask),
+      ),
+    }  # fmt: skip
+    print(json.dumps(results), flush=True)
     for name, r in runs.items():
       jl, jn = r.get("jump_length", 1), r.get("jump_n", 1)
       fn = jax.jit(
@@ -84,18 +128,21 @@ def inpainting(args) -> dict:
       t0 = time.perf_counter()
       run(0)
       first = time.perf_counter() - t0
-      mses, seams, times = [], [], []
+      mses, seams, times, quals = [], [], [], []
       for seed in range(1, args.runs + 1):
         t0 = time.perf_counter()
         out = run(seed)
         times.append(time.perf_counter() - t0)
         mses.append(float(np.mean((out[inside] - truth[inside]) ** 2)))
         seams.append(seam(out, mask) - results["truth_seam"])
+        quals.append(quality(out))
       results[name] = dict(
         nfe=editing.num_model_steps(r["num_steps"], jl, jn),
         mse_median=float(np.median(mses)),
         mse_runs=mses,
         seam_excess_median=float(np.median(seams)),
+        **{f"{k}_median": float(np.median([q[k] for q in quals])) for k in quals[0]},
+        **{f"{k}_runs": [q[k] for q in quals] for k in quals[0]},
         run_s_median=float(np.median(times)),
         compile_s=first - float(np.median(times)),
       )
@@ -138,7 +185,7 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--digits_workdir", default="runs/digits")
   p.add_argument("--sr_workdir", default="runs/digits_sr")
-  p.add_argument("--num", type=int, default=64)
+  p.add_argument("--num", type=int, default=200, help="held-out digits (the test split has 200)")
   p.add_argument("--runs", type=int, default=3)
   p.add_argument("--only", default="", choices=["", "inpaint", "superres"])
   args = p.parse_args()

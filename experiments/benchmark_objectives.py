@@ -5,17 +5,24 @@
 Part 1: the default digits U-Net (16x16) trained with each objective for the same number of
 steps (same network, same batch, one forward/backward per step: the same wall-clock budget up to
 noise; the measured training time is reported), then sampled at several NFE with each
-objective's samplers. Quality proxy: the Frechet distance between 1000 samples and the training
-images in raw pixel space (256-D; no digits classifier is available on this branch). The
-objectives' own eval losses are printed too, but they are not comparable
-across objectives (different targets and weightings).
+objective's samplers. Quality: the digits sample-quality metric of `--mode=fid` (issue 13):
+the Frechet distance (FD) and Inception-Score-like IS of the cached digits classifier's
+features / class probabilities (`jdiff.runs.feature_nets`), against the same cached reference
+statistics of the 1,597 training digits (`jdiff.runs.fid.load_or_compute_reference`), with
+precision / recall (k = 3), on --num_samples samples per row; the FD of each half of them
+(two disjoint sets of noise draws) shows the metric's sampling noise at half that size. The
+objectives' own eval losses are printed too, but they are not comparable across objectives
+(different targets and weightings).
 
 Part 2: train-step throughput of a DiT with patch 2 (64 tokens at 16x16) sized to the U-Net's
-parameter count, against the U-Net, same batch; median of timed steps, compile time apart.
+parameter count (within 2 %), against the U-Net, same batch: both steps are compiled first
+(compile time reported apart), then --rounds interleaved rounds of --timed_steps steps each;
+the step time is the median over all timed steps of a model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -24,10 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from scipy import linalg
 
+from jdiff import metrics
 from jdiff.configs import default
-from jdiff.runs import diffusion
+from jdiff.runs import diffusion, feature_nets, fid
 from jdiff.runs.setup import Setup
 from jdiff.training.state import param_count
 from jdiff.training.step import make_train_step
@@ -35,10 +42,13 @@ from jdiff.training.step import make_train_step
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "/tmp/bench_objectives", "Where the three runs go.")
 flags.DEFINE_integer("steps", 600, "Training steps per objective.")
-flags.DEFINE_integer("num_samples", 1000, "Samples per (objective, sampler, NFE).")
+flags.DEFINE_integer("num_samples", 1000, "Samples per (objective, sampler, NFE); even.")
+flags.DEFINE_integer("seed", 0, "config.seed of the three runs (init, data order, noise).")
 flags.DEFINE_bool("skip_train", False, "Reuse the runs in --workdir.")
 flags.DEFINE_bool("small", True, "Part 1 on a small U-Net (ch 16, two levels) for a short budget.")
-flags.DEFINE_integer("rounds", 1, "Part 2: alternating timing rounds per model.")
+flags.DEFINE_integer("rounds", 3, "Part 2: interleaved timing rounds per model.")
+flags.DEFINE_integer("timed_steps", 5, "Part 2: timed steps per model and round.")
+flags.DEFINE_enum("only", "", ["", "quality", "throughput"], "Run one part only.")
 
 # objective -> [(sampler, num_steps, NFE)]
 PLAN = {
@@ -51,35 +61,18 @@ PLAN = {
 def config_for(objective: str, steps: int):
   c = default.get_config()
   c.objective = objective
+  c.seed = FLAGS.seed
   c.train.num_steps = steps
   c.train.ckpt_every = 0
   c.train.log_every = 100
   c.sample.sampler = {"ddpm": "ddim", "edm": "heun", "flow": "flow_euler"}[objective]
-  c.sample.batch_size = 500
+  c.sample.batch_size = 250
+  c.eval.pr_samples = FLAGS.num_samples  # keep every sample's features: precision / recall
   c.eval.bound_examples = 0  # the loss only (the bound is DDPM's, and slow)
   c.model.conv_impl = "xla"  # compiles in a fraction of Winograd's time on this loaded CPU
   if FLAGS.small:
     c.model.ch, c.model.ch_mult, c.model.attn_resolutions = 16, (1, 2), (8,)
   return c
-
-
-def frechet(a: np.ndarray, b: np.ndarray) -> float:
-  a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
-  mu1, mu2 = a.mean(0), b.mean(0)
-  s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-  covmean = linalg.sqrtm(s1 @ s2).real
-  return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * covmean))
-
-
-def train_images(setup) -> np.ndarray:
-  from jdiff.data import pipeline  # pylint: disable=g-import-not-at-top
-
-  it = pipeline.make_eval_iterator(
-    setup.config.data.name, global_batch_size=500, split="train",
-    data_dir=setup.data_dir, image_size=setup.image_size,
-  )  # fmt: skip
-  out = [b["image"][b["mask"] > 0] for b in it]
-  return np.concatenate(out)
 
 
 def part1(workdir: str, steps: int, num: int) -> dict:
@@ -94,48 +87,60 @@ def part1(workdir: str, steps: int, num: int) -> dict:
     loss = diffusion.evaluate(cfg, wd)["eval/loss"]
     with Setup(cfg, wd) as setup:
       params, _ = setup.restore_params("ema_params")
-      ref_images = train_images(setup)
-      rng = jax.random.fold_in(setup.keys.stream("sample"), 7)
-      shift = {"shift": None}
+      net = feature_nets.load_feature_net(cfg, setup.pixel_shape)
+      ref, ref_path = fid.load_or_compute_reference(cfg, setup, net)
       rows = []
       for sampler, n, nfe in PLAN[objective]:
+        rng = jax.random.fold_in(setup.keys.stream("sample"), 7)
         t1 = time.perf_counter()
-        x = diffusion.generate(setup, params, num, rng, sampler=sampler, num_steps=n, **shift)
+        col = fid.generate_features(
+          setup, params, net, num, rng, sampler=sampler, num_steps=n, shift=None
+        )
+        r = fid.summarize(col, ref, cfg.eval.pr_k)
+        # The two halves are disjoint noise draws: their FDs show the metric's sampling noise.
+        feats = col.gather()[2]
+        halves = [
+          metrics.frechet_distance(*metrics.gaussian_stats(h), ref.mu, ref.sigma)
+          for h in np.split(feats, 2)
+        ]
         rows.append(
           dict(
-            sampler=sampler, steps=n, nfe=nfe, fd_pixels=frechet(x, ref_images),
-            sample_s=time.perf_counter() - t1,
+            sampler=sampler, steps=n, nfe=nfe, fd=r["fd"], fd_halves=halves, is_=r["is"],
+            is_std=r["is_std"], precision=r.get("precision"), recall=r.get("recall"),
+            num_samples=r["num_samples"], sample_s=time.perf_counter() - t1,
           )
         )  # fmt: skip
-        print(objective, rows[-1], flush=True)
+        print(objective, json.dumps(rows[-1]), flush=True)
     results[objective] = dict(
-      train_s=train_s, eval_loss=loss, rows=rows,
+      train_s=train_s, eval_loss=loss, rows=rows, feature_net=net.name, reference=ref_path,
+      **net.info,
     )  # fmt: skip
   return results
 
 
-def step_times(cfg, n_timed: int = 5) -> dict:
-  with Setup(cfg, "/tmp/bench_objectives_throughput_unused") as setup:
-    state = setup.init_state()
-    step = jax.jit(
-      make_train_step(setup.module, setup.optimizer, **diffusion.loss_kwargs(cfg)),
-      donate_argnums=(0,),
-    )
-    batch = {"image": jnp.zeros((cfg.train.batch_size, *setup.image_shape))}
+def compiled_step(cfg, setup) -> dict:
+  """The jitted train step of `cfg`, its state and batch, after one (timed) compiling call."""
+  state = setup.init_state()
+  step = jax.jit(
+    make_train_step(setup.module, setup.optimizer, **diffusion.loss_kwargs(cfg)),
+    donate_argnums=(0,),
+  )
+  batch = {"image": jnp.zeros((cfg.train.batch_size, *setup.image_shape))}
+  t0 = time.perf_counter()
+  state, m = step(state, batch, setup.schedule, setup.keys.train)
+  jax.block_until_ready(m)
+  return dict(
+    step=step, state=state, batch=batch, setup=setup, params=param_count(state.params),
+    compile_s=time.perf_counter() - t0, times=[],
+  )  # fmt: skip
+
+
+def time_steps(m: dict, n: int) -> None:
+  for _ in range(n):
     t0 = time.perf_counter()
-    state, m = step(state, batch, setup.schedule, setup.keys.train)
-    jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(n_timed):
-      t0 = time.perf_counter()
-      state, m = step(state, batch, setup.schedule, setup.keys.train)
-      jax.block_until_ready(m)
-      times.append(time.perf_counter() - t0)
-    return dict(
-      params=param_count(state.params), compile_s=compile_s, step_s=float(np.median(times)),
-      img_per_s=cfg.train.batch_size / float(np.median(times)),
-    )  # fmt: skip
+    m["state"], out = m["step"](m["state"], m["batch"], m["setup"].schedule, m["setup"].keys.train)
+    jax.block_until_ready(out)
+    m["times"].append(time.perf_counter() - t0)
 
 
 def part2() -> dict:
@@ -143,28 +148,45 @@ def part2() -> dict:
   unet.model.conv_impl = "xla"
   dit = default.get_config()
   dit.model.arch = "dit"
-  # ~ the U-Net's parameter count: DiT-S/2's shape with width 96 and 8 blocks (4 heads of 24).
-  dit.dit.hidden, dit.dit.depth, dit.dit.num_heads = 96, 8, 4
-  out = {}
-  for _ in range(FLAGS.rounds):  # alternate, so background load hits both alike
-    for name, cfg in (("unet", unet), ("dit", dit)):
-      r = step_times(cfg)
-      out.setdefault(name, []).append(r)
-      print(name, r, flush=True)
-  summary = {
-    k: dict(v[0], step_s=float(np.median([r["step_s"] for r in v]))) for k, v in out.items()
-  }
+  # The U-Net's parameter count within 2 %: DiT-S/2's patch and layout with width 92, 7 blocks
+  # and 4 heads of 23.
+  dit.dit.hidden, dit.dit.depth, dit.dit.num_heads = 92, 7, 4
+  models, stack = {}, contextlib.ExitStack()
+  for name, cfg in (("unet", unet), ("dit", dit)):
+    setup = stack.enter_context(Setup(cfg, f"/tmp/bench_objectives_throughput_{name}"))
+    models[name] = compiled_step(cfg, setup)
+    print(name, "params", models[name]["params"], "compile_s", models[name]["compile_s"])
+  for _ in range(FLAGS.rounds):  # interleaved, so background load hits both alike
+    for name, m in models.items():
+      time_steps(m, FLAGS.timed_steps)
+      print(name, "step_s", m["times"][-FLAGS.timed_steps :], flush=True)
+  summary = {}
+  for name, m in models.items():
+    med = float(np.median(m["times"]))
+    summary[name] = dict(
+      params=m["params"], compile_s=m["compile_s"], step_s=med,
+      img_per_s=unet.train.batch_size / med, times=m["times"],
+    )  # fmt: skip
   summary["dit_over_unet_throughput"] = summary["unet"]["step_s"] / summary["dit"]["step_s"]
-  return dict(summary=summary, runs=out)
+  summary["dit_over_unet_params"] = summary["dit"]["params"] / summary["unet"]["params"]
+  summary["load_avg"] = os.getloadavg()
+  stack.close()
+  return summary
 
 
 def main(argv):
   del argv
   os.makedirs(FLAGS.workdir, exist_ok=True)
-  res = {"part2": part2()}
-  print(json.dumps(res["part2"]["summary"], indent=1), flush=True)
-  res["part1"] = part1(FLAGS.workdir, FLAGS.steps, FLAGS.num_samples)
-  with open(os.path.join(FLAGS.workdir, "results.json"), "w") as f:
+  res = {"load_avg_start": os.getloadavg()}
+  if FLAGS.only in ("", "throughput"):
+    res["part2"] = part2()
+    print(json.dumps(res["part2"], indent=1), flush=True)
+  if FLAGS.only in ("", "quality"):
+    res["part1"] = part1(FLAGS.workdir, FLAGS.steps, FLAGS.num_samples)
+  res["load_avg_end"] = os.getloadavg()
+  with open(
+    os.path.join(FLAGS.workdir, f"results{FLAGS.only and '_' + FLAGS.only}.json"), "w"
+  ) as f:
     json.dump(res, f, indent=1)
   print(json.dumps(res, indent=1))
 
