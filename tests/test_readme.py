@@ -9,6 +9,7 @@ this interpreter. The test then checks what the README says each workflow produc
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
@@ -79,12 +80,26 @@ def tiny(args: list[str], data_dir: str) -> list[str]:
   return args + [f"--config.{k}={v}" for k, v in over.items()]
 
 
-def run_workflows(root: str, data_dir: str) -> dict[str, str]:
-  """Runs every README command (background `&` ones concurrently); returns stderr by line."""
-  port = str(free_port())
+def chains(commands: list[str]) -> list[list[str]]:
+  """The commands grouped by the run directory they work on (a latent run joins its
+  autoencoder's chain; `wait` joins the background commands before it), in README order
+  within each group. Groups share nothing, so they can run concurrently."""
+  groups: dict[str, list[str]] = {}
+  last = None
+  for command in commands:
+    if command != "wait":
+      dirs = re.findall(r"(?:--workdir|autoencoder_workdir)=(\S+)", command)
+      last = next((d for d in reversed(dirs) if d in groups), dirs[0])
+    groups.setdefault(last, []).append(command)
+  return list(groups.values())
+
+
+def run_chain(commands: list[str], root: str, data_dir: str, port: str) -> dict[str, str]:
+  """Runs README commands in order (background `&` ones concurrently until `wait`);
+  returns stderr by line."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
   logs, background = {}, []
-  for command in readme_commands():
+  for command in commands:
     if command == "wait":
       for cmd, proc in background:
         _, err = proc.communicate(timeout=600)
@@ -110,6 +125,16 @@ def run_workflows(root: str, data_dir: str) -> dict[str, str]:
   return logs
 
 
+def run_workflows(root: str, data_dir: str) -> dict[str, str]:
+  """Runs every README command, the independent chains two at a time; stderr by line."""
+  port = str(free_port())
+  with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+    futures = [
+      pool.submit(run_chain, chain, root, data_dir, port) for chain in chains(readme_commands())
+    ]
+    return {k: v for f in futures for k, v in f.result().items()}
+
+
 def metrics(workdir: str) -> list[dict]:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
@@ -119,6 +144,7 @@ def metrics(workdir: str) -> list[dict]:
 def test_readme_workflows(tmp_path, digits_dir):
   commands = readme_commands()
   assert len(commands) == 12, commands  # 7 workflows; a changed README updates this test
+  assert [len(c) for c in chains(commands)] == [4, 2, 3, 3], chains(commands)
   logs = run_workflows(str(tmp_path), digits_dir)
   runs = tmp_path / "runs"
 
