@@ -6,6 +6,7 @@ the digits' native 8x8) and the 8x8 -> 16x16 super-resolution model (tiny_sr).
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import runpy
 
@@ -36,8 +37,13 @@ def models(tmp_path_factory, digits_dir):
   base, sr = str(root / "base"), str(root / "sr")
   args = main_args("train", base, digits_dir)
   args[2] = f"--config={base_cfg}"
-  run_python(args)
-  run_python(main_args("train", sr, digits_dir, config="tiny_sr"))
+  with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:  # independent runs
+    runs = [
+      pool.submit(run_python, a)
+      for a in (args, main_args("train", sr, digits_dir, config="tiny_sr"))
+    ]
+    for run in runs:
+      run.result()
   return dict(base_cfg=base_cfg, base=base, sr=sr, data_dir=digits_dir, root=root)
 
 
