@@ -19,13 +19,14 @@ With `--forward_only` it times one U-Net forward pass instead (no sampler), whic
 where the Winograd variants of `--variants` are compared: each is
 `TILE4_MIN_SIDE/CHUNK_MIB`, i.e. Winograd F(4x4, 3x3) for feature maps at least that
 many pixels high (F(2x2, 3x3) below it; 99 = F(2x2) everywhere, the default) and the
-chunk budget of `jdiff.ops.winograd` in MiB (12 = the default), or `xla`.
+inference chunk budget of `jdiff.ops.winograd` in MiB (256 = the default; 12 = the train
+step's, which inference also used before), or `xla`.
 
 Usage::
 
   .venv/bin/python -m experiments.benchmark_pretrained --batches=8,16,32 --repeats=3
   .venv/bin/python -m experiments.benchmark_pretrained --forward_only --batches=8 \
-    --variants=99/12,4/12,32/12,99/1000,xla --repeats=9
+    --variants=99/256,99/12,4/256,32/256,xla --repeats=9
 """
 
 from __future__ import annotations
@@ -87,23 +88,23 @@ def _load() -> float:
 def _winograd_variant(variant: str):
   """While tracing: Winograd F(4x4) on maps >= TILE4_MIN_SIDE high and a chunk budget.
 
-  An experiment hook only (the library's defaults are F(2x2) and 12 MiB): it swaps
+  An experiment hook only (the library's defaults are F(2x2) and 256 MiB): it swaps
   `jdiff.ops.winograd`'s module attributes for the duration of one trace.
   """
   from jdiff.ops import winograd  # pylint: disable=g-import-not-at-top
 
   min_side, mib = (int(float(v)) for v in variant.split("/"))
-  conv3x3, budget = winograd.winograd_conv3x3, winograd._CHUNK_BYTES  # noqa: SLF001
+  conv3x3, budget = winograd.winograd_conv3x3, winograd._INFER_CHUNK_BYTES  # noqa: SLF001
 
   def variant_conv3x3(x, w, tile=2):
     del tile
     return conv3x3(x, w, tile=4 if x.shape[1] >= min_side else 2)
 
-  winograd.winograd_conv3x3, winograd._CHUNK_BYTES = variant_conv3x3, mib * 2**20  # noqa: SLF001
+  winograd.winograd_conv3x3, winograd._INFER_CHUNK_BYTES = variant_conv3x3, mib * 2**20  # noqa: SLF001
   try:
     yield
   finally:
-    winograd.winograd_conv3x3, winograd._CHUNK_BYTES = conv3x3, budget  # noqa: SLF001
+    winograd.winograd_conv3x3, winograd._INFER_CHUNK_BYTES = conv3x3, budget  # noqa: SLF001
 
 
 def _interleaved(fns: dict, repeats: int) -> dict:
@@ -160,7 +161,7 @@ def main(argv=None) -> None:
   p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
   p.add_argument("--conv_impl", default="auto", choices=("auto", "xla", "winograd"))
   p.add_argument("--forward_only", action="store_true", help="time one forward pass")
-  p.add_argument("--variants", default="99/12", help="--forward_only: see the docstring")
+  p.add_argument("--variants", default="99/256", help="--forward_only: see the docstring")
   args = p.parse_args(argv)
   args.batches = [int(b) for b in args.batches.split(",")]
   args.variants = args.variants.split(",")
