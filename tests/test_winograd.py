@@ -80,6 +80,13 @@ def test_chunked_scan_equals_one_chunk(monkeypatch):
   chunked = run()
   for a, b in zip(chunked, whole):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  # Inference (no autodiff) has its own budget: whole batch here, then chunked.
+  infer_whole = jax.jit(lambda x, k: winograd_conv3x3(x, k))(x, k)
+  monkeypatch.setattr(winograd, "_INFER_CHUNK_BYTES", 1)
+  infer_chunked = jax.jit(lambda x, k: winograd_conv3x3(x, k))(x, k)
+  for y in (infer_whole, infer_chunked):
+    np.testing.assert_allclose(y, whole[0], rtol=1e-5, atol=1e-5)
+    assert _rel(y, _direct(x, k)) < 3e-6
 
 
 def test_jit_vmap_and_second_order_grad():

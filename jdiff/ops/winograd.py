@@ -22,9 +22,11 @@ The gradient is Winograd too (``jax.custom_vjp``):
 * ``dw = G^T (sum_tiles V_p^T dM_p) G`` with ``dM = A dY A^T``, the exact
   transpose of the forward's linear maps.
 
-Images are processed in chunks (``lax.map``) whose transformed tiles fit in
-about 12 MiB, so that the batched matmuls' operands stay in the last-level
-cache on XLA:CPU (measurements: BENCHMARKS.md, "U-Net throughput").
+Under autodiff, images are processed in chunks (``lax.map``) whose transformed
+tiles fit in about 12 MiB, so that the batched matmuls' operands stay in the
+last-level cache on XLA:CPU (measurements: BENCHMARKS.md, "U-Net throughput");
+inference (no gradient) takes larger chunks, measured faster for the forward
+alone (BENCHMARKS.md, "Pretrained weights").
 
 The result equals ``lax.conv_general_dilated`` up to float rounding (F(2x2)'s
 transforms use only 0, +-1 and +-1/2). It pays off where convolutions are
@@ -196,6 +198,12 @@ def _tiled_conv(x: Array, u: Array, t: _Tiles, spec: str = "ptc,pco->pto") -> Ar
 # about what stays cache-resident on a CPU. Matmul outputs that spill the
 # last-level cache run slower on XLA:CPU (BENCHMARKS.md, "U-Net throughput").
 _CHUNK_BYTES = 12 * 2**20
+# Inference (the primal, no gradient being taken) takes chunks up to this budget:
+# the whole batch up to 32 CIFAR-size images (8 MiB each at the widest conv). With no
+# backward pass, one larger matmul per point and no chunk loop (nor its
+# dynamic-update-slice copies) gave forwards 4-21% faster at batch 8-16 and equal at
+# 32 (BENCHMARKS.md, "Pretrained weights"). The train step keeps ``_CHUNK_BYTES``.
+_INFER_CHUNK_BYTES = 256 * 2**20
 
 
 def _images_per_chunk(x_shape, o: int, itemsize: int, t: _Tiles, budget: int) -> int:
@@ -210,19 +218,28 @@ def _chunked(x: Array, chunk: int) -> Array:
   return x.reshape(x.shape[0] // chunk, chunk, *x.shape[1:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _winograd_tiled(x: Array, w: Array, m: int, chunk: int) -> Array:
+def _tiled_forward(x: Array, w: Array, m: int, chunk: int) -> Array:
   t = TILES[m]
   u = _filter_transform(w, t)
+  if chunk == x.shape[0]:
+    return _tiled_conv(x, u, t)
   y = lax.map(lambda xc: _tiled_conv(xc, u, t), _chunked(x, chunk))
   return y.reshape(x.shape[0], *y.shape[2:])
 
 
-def _winograd_tiled_fwd(x, w, m, chunk):
-  return _winograd_tiled(x, w, m, chunk), (x, w)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _winograd_tiled(x: Array, w: Array, m: int, chunk: int, infer_chunk: int) -> Array:
+  """Forward with ``infer_chunk`` images per chunk; under autodiff ``chunk`` (both ways)."""
+  return _tiled_forward(x, w, m, infer_chunk)
 
 
-def _winograd_tiled_bwd(m, chunk, res, dy):
+def _winograd_tiled_fwd(x, w, m, chunk, infer_chunk):
+  del infer_chunk
+  return _tiled_forward(x, w, m, chunk), (x, w)
+
+
+def _winograd_tiled_bwd(m, chunk, infer_chunk, res, dy):
+  del infer_chunk
   x, w = res
   t = TILES[m]
   u_flip = _filter_transform(w, t, flip=True)
@@ -296,11 +313,12 @@ def winograd_conv3x3(x: Array, w: Array, tile: int = 2) -> Array:
   ph, pw = -h % tile, -ww % tile
   if ph or pw:
     x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
-  chunk = _images_per_chunk(
-    x.shape, w.shape[-1], jnp.dtype(dtype).itemsize, TILES[tile], _CHUNK_BYTES
+  chunk, infer_chunk = (
+    _images_per_chunk(x.shape, w.shape[-1], jnp.dtype(dtype).itemsize, TILES[tile], budget)
+    for budget in (_CHUNK_BYTES, _INFER_CHUNK_BYTES)
   )
   x, w = _same_varying_axes(x, w)
-  y = _winograd_tiled(x, w, tile, chunk)
+  y = _winograd_tiled(x, w, tile, chunk, infer_chunk)
   return y[:, :h, :ww, :] if ph or pw else y
 
 
