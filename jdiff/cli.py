@@ -148,16 +148,18 @@ def parse_flags(argv):
     _fatal(unknown_override(argv) or f"bad config override: {e!r}")
 
 
+def _is_closed_loop(exc) -> bool:
+  return isinstance(exc, RuntimeError) and CLOSED_LOOP in str(exc)
+
+
 def _drop_closed_loop_reports(unraisable) -> None:
-  if isinstance(unraisable.exc_value, RuntimeError) and CLOSED_LOOP in str(unraisable.exc_value):
-    return
-  sys.__unraisablehook__(unraisable)
+  if not _is_closed_loop(unraisable.exc_value):
+    sys.__unraisablehook__(unraisable)
 
 
 def _drop_closed_loop_thread_errors(args) -> None:
-  if isinstance(args.exc_value, RuntimeError) and CLOSED_LOOP in str(args.exc_value):
-    return
-  threading.__excepthook__(args)
+  if not _is_closed_loop(args.exc_value):
+    threading.__excepthook__(args)
 
 
 def quiet_closed_loops() -> None:
