@@ -14,19 +14,24 @@ Usage (a GPU session, one call)::
 `dit_b2` / `dit_xl2` are DiT-B/2 and XL/2 on 32 x 32 x 4 latents (1000 classes, learned
 sigma), a transformer for comparison with the convolutional U-Nets.
 
+With ``--profile_dir=DIR`` each model's timing is followed by 3 traced steps and their
+top kernels, categories and device-busy share (``experiments/trace_summary.py``): the
+MFU and its diagnosis in the same call.
+
 Goal (issue 15): >= 45 % MFU in bf16 on one GPU. Not measured on the CPU machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 
-from experiments import benchmark_memory
+from experiments import benchmark_memory, trace_summary
 from jdiff.models.dit import make_dit
 from jdiff.schedules import get_schedule
 from jdiff.training import sharding
@@ -128,6 +133,16 @@ def bench(name: str, args) -> dict:
     jax.block_until_ready((state, m))
     times.append(time.perf_counter() - t0)
   dt = statistics.median(times)
+  if args.profile_dir:  # a few more steps under the profiler, then where their time went
+    trace_dir = os.path.join(args.profile_dir, name)
+    jax.profiler.start_trace(trace_dir)
+    for _ in range(3):
+      state, m = compiled(state, batch, schedule, key)
+    jax.block_until_ready((state, m))
+    jax.profiler.stop_trace()
+    events, names = trace_summary.load_events(trace_summary.newest_trace(trace_dir))
+    summary = trace_summary.summarize(trace_summary.op_events(events, names))
+    print(f"{name}, 3 profiled steps:\n{trace_summary.format_summary(summary, 15)}", flush=True)
   # cost_analysis of an SPMD program counts one device's FLOPs.
   peak = _peak(jax.devices()[0].device_kind, args.peak_tflops)
   return dict(
@@ -153,6 +168,11 @@ def main():
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--peak_tflops", type=float, default=0.0, help="bf16 dense peak per device")
+  p.add_argument(
+    "--profile_dir",
+    default="",
+    help="also trace 3 steps of each model into DIR/<model> and print their top ops",
+  )
   p.add_argument(
     "--count_only",
     action="store_true",
