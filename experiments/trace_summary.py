@@ -10,7 +10,8 @@ HLO instructions, i.e. XLA:CPU's ops without the runtime's own events), and prin
   the HLO op that launched them (``args.hlo_op`` where the trace records it, as GPU
   kernels do) or else by the event's name;
 - the same time by category (convolution, matmul, fusion, collective, copy, other), from
-  the kernel and op names;
+  the kernel and op names, and, given the compiled HLO text, by the JAX primitive that
+  each op's ``op_name`` ends with;
 - ``busy``: the union of the op intervals against the span from the first op's start to
   the last op's end. On a GPU, ``1 - busy`` is the time the device waited on the host or
   on launches, the first thing to read when MFU is low.
@@ -120,20 +121,31 @@ def summarize(events: Sequence[dict], op_names: dict[str, str] | None = None) ->
 
   Returns:
     ``{"ops": [(op, total_us, count, share)], "categories": {cat: total_us},
-    "total_us": float, "busy": float}``, ops sorted by total time.
+    "primitives": {primitive: total_us}, "total_us": float, "busy": float}``, ops
+    sorted by total time; ``primitives`` (the last part of each op's ``op_name``, e.g.
+    ``dot_general``, ``conv_general_dilated``) is empty without ``op_names``.
   """
   total, count, cats = collections.Counter(), collections.Counter(), collections.Counter()
+  prims = collections.Counter()
   for e in events:
     op = e.get("args", {}).get("hlo_op") or e["name"]
     total[op] += e["dur"]
     count[op] += 1
     cats[category(f"{e['name']} {op}")] += e["dur"]
+    if op_names:
+      prims[op_names.get(op, "?").rsplit("/", 1)[-1]] += e["dur"]
   all_us = float(sum(total.values()))
   ops = [
     (f"{op}  [{op_names[op]}]" if op_names and op in op_names else op, us, count[op], us / all_us)
     for op, us in total.most_common()
   ]
-  return dict(ops=ops, categories=dict(cats), total_us=all_us, busy=busy_fraction(events))
+  return dict(
+    ops=ops,
+    categories=dict(cats),
+    primitives=dict(prims),
+    total_us=all_us,
+    busy=busy_fraction(events),
+  )
 
 
 def format_summary(summary: dict, top: int = 25) -> str:
@@ -145,6 +157,16 @@ def format_summary(summary: dict, top: int = 25) -> str:
       f"{k} {100 * v / summary['total_us']:.1f} %"
       for k, v in sorted(summary["categories"].items(), key=lambda kv: -kv[1])
     ),
+  ]
+  if summary["primitives"]:
+    lines.append(
+      "by JAX primitive: "
+      + ", ".join(
+        f"{k} {100 * v / summary['total_us']:.1f} %"
+        for k, v in sorted(summary["primitives"].items(), key=lambda kv: -kv[1])[:8]
+      )
+    )
+  lines += [
     "| op | ms | count | share |",
     "|---|---|---|---|",
   ]

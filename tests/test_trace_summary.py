@@ -55,6 +55,7 @@ def test_real_cpu_trace_ranks_the_matmul_first(tmp_path):
   assert count == 3  # one event per execution
   assert share > 0.5
   assert summary["categories"]["matmul"] >= us
+  assert max(summary["primitives"], key=summary["primitives"].get) == "dot_general"
   assert 0.0 < summary["busy"] <= 1.0
   assert sum(u for _, u, _, _ in summary["ops"]) == pytest.approx(summary["total_us"])
   text = trace_summary.format_summary(summary, top=1)
