@@ -58,24 +58,33 @@ def newest_trace(trace_dir: str) -> str:
   return max(files, key=os.path.getmtime)
 
 
-def load_events(path: str) -> tuple[list[dict], dict[int, str]]:
-  """The complete events of a trace file and its process names (pid -> name)."""
+def load_events(path: str) -> tuple[list[dict], dict]:
+  """The complete events of a trace file, and its names: ``{pid: name, (pid, tid): name}``."""
   with gzip.open(path, "rt") as f:
     trace = json.load(f)
   events = trace.get("traceEvents", [])
-  names = {
-    e["pid"]: e.get("args", {}).get("name", "")
-    for e in events
-    if e.get("ph") == "M" and e.get("name") == "process_name"
-  }
+  names = {}
+  for e in events:
+    if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name"):
+      key = e["pid"] if e["name"] == "process_name" else (e["pid"], e.get("tid"))
+      names[key] = e.get("args", {}).get("name", "")
   return [e for e in events if e.get("ph") == "X" and "dur" in e], names
 
 
-def op_events(events: Sequence[dict], process_names: dict[int, str]) -> list[dict]:
-  """The events of the device processes, or of the host CPU when there is no device."""
+def op_events(events: Sequence[dict], names: dict) -> list[dict]:
+  """The events of the device processes, or of the host CPU when there is no device.
+
+  On a device, only its ``Stream ...`` lines count where it has them: the trace viewer's
+  derived lines ("XLA Modules", "XLA Ops", "Steps") repeat the same time.
+  """
+  process_names = {k: v for k, v in names.items() if not isinstance(k, tuple)}
   device = {pid for pid, n in process_names.items() if n.startswith("/device:")}
   if device:
-    return [e for e in events if e["pid"] in device]
+    ops = [e for e in events if e["pid"] in device]
+    streams = {
+      k for k, v in names.items() if isinstance(k, tuple) and k[0] in device and "Stream" in v
+    }
+    return [e for e in ops if (e["pid"], e.get("tid")) in streams] if streams else ops
   host = {pid for pid, n in process_names.items() if n.startswith("/host:")}
   return [e for e in events if e["pid"] in host and _HLO_NAME.match(e["name"])]
 

@@ -1,5 +1,8 @@
 """experiments/trace_summary.py: the op ranking and busy share of a real jax.profiler trace."""
 
+import gzip
+import json
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -60,3 +63,41 @@ def test_real_cpu_trace_ranks_the_matmul_first(tmp_path):
   assert sum(u for _, u, _, _ in summary["ops"]) == pytest.approx(summary["total_us"])
   text = trace_summary.format_summary(summary, top=1)
   assert "device busy" in text and text.count("\n| ") == 1 + 1  # the header and the top row
+
+
+def test_gpu_trace_counts_stream_kernels_once(tmp_path):
+  """A GPU-shaped trace: kernels on a stream, the same time again on a derived "XLA Ops"
+  line, and host events; only the stream's kernels count, grouped by their hlo_op."""
+  meta = [
+    {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+    {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #7(Compute)"}},
+    {"ph": "M", "name": "thread_name", "pid": 1, "tid": 9, "args": {"name": "XLA Ops"}},
+    {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+  ]
+  kernels = [  # conv 0-60 (two kernels of one HLO op), gemm 70-90, idle 60-70 and 90-100
+    ("cudnn::xmma_fprop_implicit_gemm", "convolution.1", 0, 40),
+    ("cudnn::xmma_fprop_implicit_gemm", "convolution.1", 40, 20),
+    ("sm90_xmma_gemm_bf16", "fusion.3", 70, 20),
+    ("loop_add_fusion", "add.4", 100, 0),
+  ]
+  events = [
+    {"ph": "X", "pid": 1, "tid": 7, "name": n, "ts": ts, "dur": d, "args": {"hlo_op": op}}
+    for n, op, ts, d in kernels
+  ]
+  events += [{**e, "tid": 9, "name": e["args"]["hlo_op"]} for e in events]  # derived line
+  events.append({"ph": "X", "pid": 2, "tid": 1, "name": "dot.1", "ts": 0, "dur": 500})
+  path = tmp_path / "plugins" / "profile" / "run" / "host.trace.json.gz"
+  path.parent.mkdir(parents=True)
+  with gzip.open(path, "wt") as f:
+    json.dump({"traceEvents": meta + events}, f)
+
+  loaded, names = trace_summary.load_events(trace_summary.newest_trace(str(tmp_path)))
+  summary = trace_summary.summarize(trace_summary.op_events(loaded, names))
+  assert summary["total_us"] == 80
+  assert [(op, us, n) for op, us, n, _ in summary["ops"]] == [
+    ("convolution.1", 60, 2),
+    ("fusion.3", 20, 1),
+    ("add.4", 0, 1),
+  ]
+  assert summary["categories"] == {"convolution": 60, "matmul": 20, "fusion": 0}
+  assert summary["busy"] == pytest.approx(80 / 100)
