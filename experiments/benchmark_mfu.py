@@ -135,7 +135,9 @@ def bench(name: str, args) -> dict:
   dt = statistics.median(times)
   if args.profile_dir:  # a few more steps under the profiler, then where their time went
     trace_dir = os.path.join(args.profile_dir, name)
-    jax.profiler.start_trace(trace_dir)
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0  # XLA ops only (as train.profile_steps)
+    jax.profiler.start_trace(trace_dir, profiler_options=options)
     for _ in range(3):
       state, m = compiled(state, batch, schedule, key)
     jax.block_until_ready((state, m))

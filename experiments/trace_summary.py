@@ -86,7 +86,11 @@ def op_events(events: Sequence[dict], names: dict) -> list[dict]:
     }
     return [e for e in ops if (e["pid"], e.get("tid")) in streams] if streams else ops
   host = {pid for pid, n in process_names.items() if n.startswith("/host:")}
-  return [e for e in events if e["pid"] in host and _HLO_NAME.match(e["name"])]
+  ops = [e for e in events if e["pid"] in host and _HLO_NAME.match(e["name"])]
+  # XLA:CPU runs its ops on its own pools ("tf_XLAEigen/...", "tf_XLAPjRtCpuClient/...");
+  # the Python threads' events ("shard_args") are the runtime's.
+  xla = {k for k, v in names.items() if isinstance(k, tuple) and k[0] in host and "XLA" in v}
+  return [e for e in ops if (e["pid"], e.get("tid")) in xla] if xla else ops
 
 
 def category(name: str) -> str:

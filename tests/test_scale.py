@@ -361,6 +361,12 @@ def test_profile_steps_write_a_tensorboard_trace(tmp_path):
   assert len(runs) == 1
   files = os.listdir(tmp_path / "tb" / "plugins" / "profile" / runs[0])
   assert any(f.endswith(".xplane.pb") for f in files), files
+  # Exactly steps 2..3 ran under the profiler: every XLA op of the step twice.
+  from experiments import trace_summary  # noqa: PLC0415
+
+  events, names = trace_summary.load_events(trace_summary.newest_trace(str(tmp_path / "tb")))
+  ops = trace_summary.summarize(trace_summary.op_events(events, names))["ops"]
+  assert ops and {n for _, _, n, _ in ops} == {2}, ops
   with pytest.raises(ValueError, match=r"profile_steps=\(1, 3\) needs a profile directory"):
     train_loop(
       jnp.zeros(()),

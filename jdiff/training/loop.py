@@ -92,8 +92,8 @@ class Preemption:
 
 
 class Trace:
-  """A `jax.profiler` trace of steps a+1..b: started before step a+1 runs, stopped once
-  step b's state is computed (a context manager, so an error mid-trace stops it)."""
+  """A `jax.profiler` trace of steps a+1..b: started once step a's state is computed,
+  stopped once step b's is (a context manager, so an error mid-trace stops it)."""
 
   def __init__(self, steps: tuple[int, int], directory: str | None):
     self.start, self.stop = (int(s) for s in steps)
@@ -104,9 +104,14 @@ class Trace:
   def __enter__(self):
     return self
 
-  def before(self, step: int) -> None:
+  def before(self, step: int, state: Any) -> None:
     if self.start < self.stop and step == self.start:
-      jax.profiler.start_trace(self.directory)
+      jax.block_until_ready(state)  # step a's work stays out of the trace
+      # Without the Python tracer: its events (the checkpointer's event loops among them)
+      # flooded the trace buffer and crowded out the XLA ops of the traced steps.
+      options = jax.profiler.ProfileOptions()
+      options.python_tracer_level = 0
+      jax.profiler.start_trace(self.directory, profiler_options=options)
       self.active = True
       logging.info("profiling steps %d..%d into %s", self.start + 1, self.stop, self.directory)
 
@@ -189,7 +194,7 @@ def train_loop(
   trace = Trace(profile_steps, profile_dir)
   with Preemption(check_every=preemption_check_every) as preempt, trace:
     while step < total:
-      trace.before(step)
+      trace.before(step, state)
       state, metrics = step_fn(state)
       step += 1
       trace.after(step, state)
