@@ -194,13 +194,19 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--top", type=int, default=25)
   p.add_argument("--hlo", default="", help="compiled HLO text, to name a CPU trace's ops")
   args = p.parse_args(argv)
-  path = newest_trace(args.trace_dir)
+  try:
+    path = newest_trace(args.trace_dir)
+  except FileNotFoundError as e:
+    raise SystemExit(f"trace_summary: {e}") from None
   events, names = load_events(path)
   ops = op_events(events, names)
   op_names = None
   if args.hlo:
-    with open(args.hlo) as f:
-      op_names = hlo_op_names(f.read())
+    try:
+      with open(args.hlo) as f:
+        op_names = hlo_op_names(f.read())
+    except OSError as e:
+      raise SystemExit(f"trace_summary: cannot read --hlo={args.hlo!r}: {e.strerror}") from None
   print(path)
   print(format_summary(summarize(ops, op_names), args.top))
 
