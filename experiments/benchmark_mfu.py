@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from experiments import benchmark_memory, trace_summary
 from jdiff.models.dit import make_dit
 from jdiff.schedules import get_schedule
-from jdiff.training import sharding
+from jdiff.training import loop, sharding
 from jdiff.training.optim import make_optimizer
 from jdiff.training.state import init_train_state, param_count
 from jdiff.training.step import make_train_step
@@ -135,9 +135,7 @@ def bench(name: str, args) -> dict:
   dt = statistics.median(times)
   if args.profile_dir:  # a few more steps under the profiler, then where their time went
     trace_dir = os.path.join(args.profile_dir, name)
-    options = jax.profiler.ProfileOptions()
-    options.python_tracer_level = 0  # XLA ops only (as train.profile_steps)
-    jax.profiler.start_trace(trace_dir, profiler_options=options)
+    loop.start_trace(trace_dir)
     for _ in range(3):
       state, m = compiled(state, batch, schedule, key)
     jax.block_until_ready((state, m))

@@ -1,7 +1,7 @@
 r"""Where a step's time goes: the top ops of a `jax.profiler` trace, and the idle share.
 
 Reads the newest ``*.trace.json.gz`` under a trace directory (what
-``config.train.profile_steps`` writes into ``<workdir>/profile``, or
+``config.train.profile_steps`` writes under ``<workdir>/tensorboard``, or
 ``jax.profiler.trace(dir)``), keeps the complete events ("ph": "X") of the device
 processes (``/device:GPU:0`` ...; on a CPU-only trace the ``/host:CPU`` events named like
 HLO instructions, i.e. XLA:CPU's ops without the runtime's own events), and prints:
@@ -18,7 +18,7 @@ HLO instructions, i.e. XLA:CPU's ops without the runtime's own events), and prin
 
 Usage::
 
-  .venv/bin/python -m experiments.trace_summary runs/x/profile --top=25
+  .venv/bin/python -m experiments.trace_summary runs/x/tensorboard --top=25
   .venv/bin/python -m experiments.trace_summary DIR --hlo=step.hlo.txt  # CPU: op_name
 """
 

@@ -91,6 +91,17 @@ class Preemption:
     return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
 
 
+def start_trace(directory: str) -> None:
+  """``jax.profiler.start_trace`` of the XLA ops, without the Python tracer.
+
+  The Python tracer's events (the checkpointer's event loops among them) flooded the
+  trace buffer and crowded out the XLA ops of the traced steps.
+  """
+  options = jax.profiler.ProfileOptions()
+  options.python_tracer_level = 0
+  jax.profiler.start_trace(directory, profiler_options=options)
+
+
 class Trace:
   """A `jax.profiler` trace of steps a+1..b: started once step a's state is computed,
   stopped once step b's is (a context manager, so an error mid-trace stops it)."""
@@ -107,11 +118,7 @@ class Trace:
   def before(self, step: int, state: Any) -> None:
     if self.start < self.stop and step == self.start:
       jax.block_until_ready(state)  # step a's work stays out of the trace
-      # Without the Python tracer: its events (the checkpointer's event loops among them)
-      # flooded the trace buffer and crowded out the XLA ops of the traced steps.
-      options = jax.profiler.ProfileOptions()
-      options.python_tracer_level = 0
-      jax.profiler.start_trace(self.directory, profiler_options=options)
+      start_trace(self.directory)
       self.active = True
       logging.info("profiling steps %d..%d into %s", self.start + 1, self.stop, self.directory)
 
