@@ -140,9 +140,9 @@ def bench(name: str, args) -> dict:
       state, m = compiled(state, batch, schedule, key)
     jax.block_until_ready((state, m))
     jax.profiler.stop_trace()
-    events, names = trace_summary.load_events(trace_summary.newest_trace(trace_dir))
+    loaded = trace_summary.load_events(trace_summary.newest_trace(trace_dir))
     op_names = trace_summary.hlo_op_names(compiled.as_text())
-    summary = trace_summary.summarize(trace_summary.op_events(events, names), op_names)
+    summary = trace_summary.summarize(trace_summary.op_events(*loaded), op_names)
     print(f"{name}, 3 profiled steps:\n{trace_summary.format_summary(summary, 15)}", flush=True)
   # cost_analysis of an SPMD program counts one device's FLOPs.
   peak = _peak(jax.devices()[0].device_kind, args.peak_tflops)

@@ -58,39 +58,37 @@ def newest_trace(trace_dir: str) -> str:
   return max(files, key=os.path.getmtime)
 
 
-def load_events(path: str) -> tuple[list[dict], dict]:
-  """The complete events of a trace file, and its names: ``{pid: name, (pid, tid): name}``."""
+def load_events(path: str) -> tuple[list[dict], dict[int, str], dict[tuple, str]]:
+  """The complete events of a trace file, its process names (pid -> name) and its thread
+  names ((pid, tid) -> name)."""
   with gzip.open(path, "rt") as f:
     trace = json.load(f)
   events = trace.get("traceEvents", [])
-  names = {}
+  processes, threads = {}, {}
   for e in events:
-    if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name"):
-      key = e["pid"] if e["name"] == "process_name" else (e["pid"], e.get("tid"))
-      names[key] = e.get("args", {}).get("name", "")
-  return [e for e in events if e.get("ph") == "X" and "dur" in e], names
+    if e.get("ph") == "M" and e.get("name") == "process_name":
+      processes[e["pid"]] = e.get("args", {}).get("name", "")
+    elif e.get("ph") == "M" and e.get("name") == "thread_name":
+      threads[(e["pid"], e.get("tid"))] = e.get("args", {}).get("name", "")
+  return [e for e in events if e.get("ph") == "X" and "dur" in e], processes, threads
 
 
-def op_events(events: Sequence[dict], names: dict) -> list[dict]:
+def op_events(
+  events: Sequence[dict], processes: dict[int, str], threads: dict[tuple, str]
+) -> list[dict]:
   """The events of the device processes, or of the host CPU when there is no device.
 
   On a device, only its ``Stream ...`` lines count where it has them: the trace viewer's
-  derived lines ("XLA Modules", "XLA Ops", "Steps") repeat the same time.
+  derived lines ("XLA Modules", "XLA Ops", "Steps") repeat the same time. On the host,
+  only XLA:CPU's own pools ("tf_XLAEigen/...", "tf_XLAPjRtCpuClient/...") where named:
+  the Python threads' events ("shard_args") are the runtime's.
   """
-  process_names = {k: v for k, v in names.items() if not isinstance(k, tuple)}
-  device = {pid for pid, n in process_names.items() if n.startswith("/device:")}
-  if device:
-    ops = [e for e in events if e["pid"] in device]
-    streams = {
-      k for k, v in names.items() if isinstance(k, tuple) and k[0] in device and "Stream" in v
-    }
-    return [e for e in ops if (e["pid"], e.get("tid")) in streams] if streams else ops
-  host = {pid for pid, n in process_names.items() if n.startswith("/host:")}
-  ops = [e for e in events if e["pid"] in host and _HLO_NAME.match(e["name"])]
-  # XLA:CPU runs its ops on its own pools ("tf_XLAEigen/...", "tf_XLAPjRtCpuClient/...");
-  # the Python threads' events ("shard_args") are the runtime's.
-  xla = {k for k, v in names.items() if isinstance(k, tuple) and k[0] in host and "XLA" in v}
-  return [e for e in ops if (e["pid"], e.get("tid")) in xla] if xla else ops
+  device = {pid for pid, n in processes.items() if n.startswith("/device:")}
+  host = {pid for pid, n in processes.items() if n.startswith("/host:")}
+  pids, marker = (device, "Stream") if device else (host, "XLA")
+  ops = [e for e in events if e["pid"] in pids and (device or _HLO_NAME.match(e["name"]))]
+  lines = {k for k, n in threads.items() if k[0] in pids and marker in n}
+  return [e for e in ops if (e["pid"], e.get("tid")) in lines] if lines else ops
 
 
 def category(name: str) -> str:
@@ -198,8 +196,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     path = newest_trace(args.trace_dir)
   except FileNotFoundError as e:
     raise SystemExit(f"trace_summary: {e}") from None
-  events, names = load_events(path)
-  ops = op_events(events, names)
+  ops = op_events(*load_events(path))
   op_names = None
   if args.hlo:
     try:

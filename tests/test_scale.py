@@ -364,8 +364,8 @@ def test_profile_steps_write_a_tensorboard_trace(tmp_path):
   # Exactly steps 2..3 ran under the profiler: every XLA op of the step twice.
   from experiments import trace_summary  # noqa: PLC0415
 
-  events, names = trace_summary.load_events(trace_summary.newest_trace(str(tmp_path / "tb")))
-  ops = trace_summary.summarize(trace_summary.op_events(events, names))["ops"]
+  loaded = trace_summary.load_events(trace_summary.newest_trace(str(tmp_path / "tb")))
+  ops = trace_summary.summarize(trace_summary.op_events(*loaded))["ops"]
   assert ops and {n for _, _, n, _ in ops} == {2}, ops
   with pytest.raises(ValueError, match=r"profile_steps=\(1, 3\) needs a profile directory"):
     train_loop(

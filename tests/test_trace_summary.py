@@ -47,8 +47,8 @@ def test_real_cpu_trace_ranks_the_matmul_first(tmp_path):
     jax.block_until_ready(compiled(a, v))
   jax.profiler.stop_trace()
 
-  events, names = trace_summary.load_events(trace_summary.newest_trace(str(tmp_path)))
-  ops = trace_summary.op_events(events, names)
+  loaded = trace_summary.load_events(trace_summary.newest_trace(str(tmp_path)))
+  ops = trace_summary.op_events(*loaded)
   op_names = trace_summary.hlo_op_names(compiled.as_text())
   summary = trace_summary.summarize(ops, op_names)
   times = [u for _, u, _, _ in summary["ops"]]
@@ -91,8 +91,8 @@ def test_gpu_trace_counts_stream_kernels_once(tmp_path):
   with gzip.open(path, "wt") as f:
     json.dump({"traceEvents": meta + events}, f)
 
-  loaded, names = trace_summary.load_events(trace_summary.newest_trace(str(tmp_path)))
-  summary = trace_summary.summarize(trace_summary.op_events(loaded, names))
+  loaded = trace_summary.load_events(trace_summary.newest_trace(str(tmp_path)))
+  summary = trace_summary.summarize(trace_summary.op_events(*loaded))
   assert summary["total_us"] == 80
   assert [(op, us, n) for op, us, n, _ in summary["ops"]] == [
     ("convolution.1", 60, 2),
