@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -58,9 +60,11 @@ def test_streaming_equals_one_shot():
 
 
 def _is_reference(p, splits):
-  """The original formula (Salimans et al.'s code): equal contiguous chunks."""
+  """Salimans et al.'s code (openai/improved-gan inception_score/model.py), its slices
+  `preds[(i * N // splits):((i + 1) * N // splits)]` included."""
   scores = []
-  for part in np.array_split(p, splits):
+  for i in range(splits):
+    part = p[i * len(p) // splits : (i + 1) * len(p) // splits]
     py = part.mean(0, keepdims=True)
     scores.append(np.exp(np.mean(np.sum(part * (np.log(part) - np.log(py)), 1))))
   return np.mean(scores), np.std(scores)
@@ -79,6 +83,21 @@ def test_inception_score_streaming_and_reference():
   # one-hot predictions spread evenly over K classes score K; identical ones score 1
   np.testing.assert_allclose(metrics.inception_score(np.eye(6)[np.arange(60) % 6], splits=2)[0], 6)
   np.testing.assert_allclose(metrics.inception_score(np.full((10, 6), 1 / 6), splits=1)[0], 1)
+
+
+@pytest.mark.parametrize("n,splits", [(10, 3), (23, 4), (7, 7)])
+def test_inception_score_splits_when_n_is_not_divisible(n, splits):
+  """N = 10, 3 splits: the reference's splits hold 3, 3, 4 samples (not 4, 3, 3)."""
+  p = np.random.default_rng(n).dirichlet(np.full(5, 0.5), size=n)
+  want = _is_reference(p, splits)
+  np.testing.assert_allclose(metrics.inception_score(p, splits=splits), want, rtol=1e-10)
+  split = streaming.split_of(np.arange(n), n, splits)
+  sizes = [(i + 1) * n // splits - i * n // splits for i in range(splits)]
+  np.testing.assert_array_equal(np.bincount(split, minlength=splits), sizes)
+  st = metrics.init_scores(5, splits)
+  for i in range(0, n, 3):  # streamed in batches of 3
+    st = metrics.accumulate_scores(st, p[i : i + 3], split[i : i + 3])
+  np.testing.assert_allclose(metrics.score_from_stats(st), want, rtol=1e-10)
 
 
 def test_precision_recall_known_clouds():
@@ -114,6 +133,37 @@ def test_kid_unbiased_mmd():
   assert std < 1e-12  # every subset is the whole set
 
 
+def _load_logged(caplog, path):
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    ref = metrics.load_reference(str(path))
+  return ref, " ".join(r.getMessage() for r in caplog.records if str(path) in r.getMessage())
+
+
+def test_foreign_statistics_are_recomputed_or_flagged(tmp_path, caplog):
+  """guided-diffusion's mu/sigma come from TensorFlow's graph: with arr_0 images they are
+  dropped (the caller computes jdiff's own), without them the log says they differ."""
+  rng = np.random.default_rng(6)
+  mu, sigma = rng.normal(size=4), np.eye(4)
+  imgs = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+  gd = tmp_path / "VIRTUAL_ref.npz"  # guided-diffusion's reference batch layout
+  np.savez(gd, arr_0=imgs, mu=mu, sigma=sigma, mu_s=mu, sigma_s=sigma)
+  ref, log = _load_logged(caplog, gd)
+  np.testing.assert_array_equal(ref.images, imgs)
+  assert ref.mu is None and ref.sigma is None
+  assert "from its 3 arr_0 images" in log and "are not used" in log
+  stats_only = tmp_path / "VIRTUAL_stats.npz"
+  np.savez(stats_only, mu=mu, sigma=sigma, mu_s=mu, sigma_s=sigma)
+  ref, log = _load_logged(caplog, stats_only)
+  np.testing.assert_array_equal(ref.mu, mu)
+  assert "TensorFlow's Inception graph" in log and "differs" in log
+  pf = tmp_path / "pytorch_fid.npz"
+  np.savez(pf, mu=mu, sigma=sigma)
+  assert "another implementation" in _load_logged(caplog, pf)[1]
+  ours = metrics.save_reference(str(tmp_path / "ours.npz"), mu, sigma, count=5, feature_net="a")
+  assert _load_logged(caplog, ours)[1] == ""
+
+
 def test_reference_files(tmp_path):
   rng = np.random.default_rng(5)
   mu, sigma = rng.normal(size=4), np.eye(4)
@@ -122,12 +172,6 @@ def test_reference_files(tmp_path):
   ref = metrics.load_reference(str(pf), feature_net="inception_fid")
   np.testing.assert_array_equal(ref.mu, mu)
   assert ref.features is None and ref.feature_net == ""
-  gd = tmp_path / "VIRTUAL_ref.npz"  # guided-diffusion's reference batch layout
-  imgs = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
-  np.savez(gd, arr_0=imgs, mu=mu, sigma=sigma, mu_s=mu, sigma_s=sigma)
-  ref = metrics.load_reference(str(gd))
-  np.testing.assert_array_equal(ref.images, imgs)
-  np.testing.assert_array_equal(ref.sigma, sigma)
   ours = metrics.save_reference(
     str(tmp_path / "ours.npz"),
     mu,

@@ -120,7 +120,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Sample quality (--mode=fid, --mode=fid_ref, and the end of training; jdiff/runs/fid.py).
   c.eval.feature_net = "auto"  # auto (digits for jdiff_digits, else inception) | digits | inception
   c.eval.inception_weights = ""  # .pth of pytorch-fid, or the .npz/.safetensors converted from it
-  c.eval.inception_conv_impl = "winograd"  # xla | winograd (faster on XLA:CPU)
+  c.eval.inception_conv_impl = "auto"  # auto (winograd on CPU, else xla) | xla | winograd
   c.eval.ref_stats = ""  # reference .npz (jdiff, pytorch-fid or guided-diffusion); "" = cached
   c.eval.ref_split = "train"  # the tfds split the reference statistics are computed on
   c.eval.num_samples = 5000  # samples scored by --mode=fid

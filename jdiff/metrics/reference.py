@@ -6,6 +6,12 @@
 * pytorch-fid (`python -m pytorch_fid --save-stats`): `mu`, `sigma`.
 * guided-diffusion's reference batches (e.g. VIRTUAL_imagenet64_labeled.npz): `arr_0`
   uint8 images [N, H, W, 3], `mu`, `sigma` (pool3) and `mu_s`, `sigma_s` (spatial).
+
+Statistics from other code are only comparable where its network sees what jdiff's does.
+guided-diffusion's (and TTUR's) come from TensorFlow's Inception graph, which takes uint8
+pixels, resizes with TF's bilinear kernel and scales by (x - 128) / 128; jdiff follows
+pytorch-fid. So `load_reference` drops `mu`/`sigma` where `arr_0` images are there to
+recompute them from with jdiff's network, and warns where only foreign statistics are.
 """
 
 from __future__ import annotations
@@ -14,13 +20,16 @@ import os
 from typing import NamedTuple
 
 import numpy as np
+from absl import logging
 
 from jdiff.training.writers import atomic_write
 
 
 class Reference(NamedTuple):
   """Loaded reference: mu [D], sigma [D, D], features [K, D] or None, images or None
-  (uint8 [N, H, W, C] of a guided-diffusion batch), feature_net ('' if unknown)."""
+  (uint8 [N, H, W, C] of a guided-diffusion batch), feature_net ('' if unknown).
+
+  mu and sigma are None where the caller must compute them from `images`."""
 
   mu: np.ndarray | None
   sigma: np.ndarray | None
@@ -56,6 +65,10 @@ def load_reference(path: str, *, feature_net: str | None = None) -> Reference:
     path: the file.
     feature_net: if given and the file names its network, they must agree.
 
+  Returns:
+    The reference; with `arr_0` images, mu and sigma None (the file's own were computed
+    by TensorFlow's graph; see the module docstring).
+
   Raises:
     FileNotFoundError: naming the path. ValueError: a file with neither `mu`/`sigma`
     nor `arr_0` images, or statistics of another feature network.
@@ -76,6 +89,30 @@ def load_reference(path: str, *, feature_net: str | None = None) -> Reference:
     raise ValueError(f"{path} holds statistics of feature network {net!r}, not {feature_net!r}")
   if images is not None and (images.ndim != 4 or images.dtype != np.uint8):
     raise ValueError(f"{path}: arr_0 must be uint8 images [N, H, W, C], got {images.shape}")
+  if images is not None:
+    if mu is not None:
+      logging.info(
+        "%s: computing the reference statistics from its %d arr_0 images with jdiff's "
+        "feature network; the file's mu/sigma (TensorFlow's Inception graph) are not used",
+        path,
+        len(images),
+      )
+    mu = sigma = None
+  elif "mu_s" in keys:
+    logging.warning(
+      "%s: guided-diffusion statistics without arr_0 images; its mu/sigma come from "
+      "TensorFlow's Inception graph (uint8 input, TF's bilinear resize, (x - 128) / 128), "
+      "not from jdiff's network (pytorch-fid's), so the FID against them differs from "
+      "the FID against jdiff's own; use the reference batch with arr_0, or --mode=fid_ref",
+      path,
+    )
+  elif not net:
+    logging.warning(
+      "%s: mu/sigma of another implementation, taken as pytorch-fid's (the network jdiff "
+      "follows); statistics of TensorFlow's Inception graph (TTUR, guided-diffusion) "
+      "differ from jdiff's and give another FID",
+      path,
+    )
   return Reference(mu, sigma, feats, images, net)
 
 

@@ -13,7 +13,8 @@ def inception_score(probs, *, splits: int = 10) -> tuple[float, float]:
 
   Args:
     probs: class probabilities [N, C] (rows sum to 1).
-    splits: contiguous splits; sample i is in split floor(i * splits / N).
+    splits: contiguous splits `probs[s * N // splits:(s + 1) * N // splits]`, as
+      Salimans et al.'s code.
 
   Returns:
     (mean, std) over the splits.

@@ -64,8 +64,9 @@ def mean_cov(stats: FeatureStats) -> tuple[np.ndarray, np.ndarray]:
 class ScoreStats(NamedTuple):
   """Per-split sums for the Inception Score of class probabilities p [N, C].
 
-  Sample i of N belongs to split floor(i * S / N) (contiguous, equal-sized splits as in
-  Salimans et al.'s code). Per split s:
+  Split s holds the samples floor(s N / S) <= i < floor((s + 1) N / S): contiguous, with
+  the larger splits last when S does not divide N, as Salimans et al.'s code slices
+  `preds[s * N // S:(s + 1) * N // S]` (StyleGAN2-ADA too). Per split s:
 
   Attributes:
     count: float64 [S] samples.
@@ -83,8 +84,11 @@ def init_scores(num_classes: int, splits: int) -> ScoreStats:
 
 
 def split_of(index, num: int, splits: int) -> np.ndarray:
-  """The split [B] of global sample indices [B] out of `num` samples."""
-  return np.asarray(index, np.int64) * splits // num
+  """The split [B] of global sample indices [B] out of `num` samples (see `ScoreStats`).
+
+  floor(s N / S) <= i  <=>  s N < (i + 1) S, so the last such s is ceil((i + 1) S / N) - 1.
+  """
+  return ((np.asarray(index, np.int64) + 1) * splits - 1) // num
 
 
 def accumulate_scores(stats: ScoreStats, probs, split, mask=None) -> ScoreStats:

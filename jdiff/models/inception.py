@@ -3,12 +3,14 @@
 This is the network of `pytorch_fid.inception.InceptionV3` with `use_fid_inception=True`
 (Heusel et al.'s TF Inception, ported to torch by pytorch-fid): torchvision's Inception3
 with the FID block variants (`FIDInceptionA/C/E_1/E_2`: average pools that exclude the
-padding, and a max pool in the last block), pool3 features [B, 2048] and the 1008-way
-classifier of the TF graph for the Inception Score. The input is resized to 299x299 by
-bilinear interpolation with half-pixel centres and no antialiasing (torch's
-`F.interpolate(mode='bilinear', align_corners=False)`, as pytorch-fid), and is taken in
-[-1, 1] (pytorch-fid maps its [0, 1] input to [-1, 1] after the resize; resizing commutes
-with that affine map).
+padding, and a max pool in the last block), pool3 features [B, 2048] and the logits of the
+1008-way classifier of the TF graph for the Inception Score: pool3 @ W without the
+classifier's bias, as Salimans et al.'s code (`softmax(matmul(pool3, w))` of
+`softmax/logits/MatMul`), ADM's evaluator, StyleGAN2-ADA, torchmetrics and torch-fidelity
+(`logits_unbiased`) compute it. The input is resized to 299x299 by bilinear interpolation
+with half-pixel centres and no antialiasing (torch's `F.interpolate(mode='bilinear',
+align_corners=False)`, as pytorch-fid), and is taken in [-1, 1] (pytorch-fid maps its
+[0, 1] input to [-1, 1] after the resize; resizing commutes with that affine map).
 
 Every conv + BatchNorm pair of the torch network is stored folded into one convolution
 with a bias (inference only; `inception_convert.py` folds). Weights come from a local
@@ -17,8 +19,6 @@ file written by `jdiff.models.inception_convert` (`load_inception_params`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ import numpy as np
 from jax import lax
 
 from jdiff.models.layers import conv_fn
+from jdiff.ops.winograd import resolve_conv_impl
 
 Array = jax.Array
 SIZE = 299
@@ -200,11 +201,12 @@ class InceptionE(_Block):
 
 class InceptionV3(nn.Module):
   """pytorch-fid's FID InceptionV3: images [B, H, W, C] in [-1, 1] (C = 1 or 3) ->
-  (pool3 features [B, 2048], logits [B, 1008]).
+  (pool3 features [B, 2048], logits pool3 @ W [B, 1008], without the classifier's bias).
 
   Attributes:
-    conv_impl: 'xla' or 'winograd' (jdiff.ops.winograd for the 3x3 'SAME' and 1x1
-      convolutions, faster on XLA:CPU).
+    conv_impl: 'xla', 'winograd' (jdiff.ops.winograd for the 3x3 'SAME' and 1x1
+      convolutions, faster on XLA:CPU only) or 'auto' (winograd on XLA:CPU, XLA's
+      convolutions on a GPU or TPU: `jdiff.ops.winograd.resolve_conv_impl`).
     resize: resize the input to 299x299 first (pytorch-fid's resize_input=True).
   """
 
@@ -220,7 +222,7 @@ class InceptionV3(nn.Module):
       x = jnp.repeat(x, 3, axis=-1)
     if self.resize:
       x = resize_bilinear(x, SIZE)
-    ci = self.conv_impl
+    ci = resolve_conv_impl(self.conv_impl, x.dtype)
 
     def conv(name, feat, k, s=1, p=(0, 0)):
       return BasicConv(feat, (k, k), s, p, ci, name=name)
@@ -241,11 +243,5 @@ class InceptionV3(nn.Module):
     x = InceptionE(ci, max_pool=False, name="Mixed_7b")(x)
     x = InceptionE(ci, max_pool=True, name="Mixed_7c")(x)
     pool3 = jnp.mean(x, axis=(1, 2))
-    logits = nn.Dense(NUM_LOGITS, name="fc")(pool3)
+    logits = nn.Dense(NUM_LOGITS, use_bias=False, name="fc")(pool3)
     return pool3, logits
-
-
-def param_names(params) -> Sequence[str]:
-  """Dotted names of the parameter leaves, e.g. 'Mixed_5b.branch1x1.conv.kernel'."""
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  return [".".join(str(getattr(k, "key", k)) for k in path) for path, _ in flat]

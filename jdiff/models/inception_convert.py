@@ -11,6 +11,9 @@ torch. Each torch BasicConv2d (conv without bias + BatchNorm2d with eps 1e-3) is
 into one convolution with a bias:
 
   kernel = W^T * gamma / sqrt(var + eps),  bias = beta - mean * gamma / sqrt(var + eps).
+
+The classifier keeps its weight alone: the Inception Score uses pool3 @ W, not its bias
+(`jdiff.models.inception`).
 """
 
 from __future__ import annotations
@@ -55,11 +58,10 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict:
       "kernel": (w.transpose(2, 3, 1, 0) * scale).astype(np.float32),
       "bias": (beta - mean * scale).astype(np.float32),
     }
-  for k in ("fc.weight", "fc.bias"):
-    if k not in sd:
-      raise ValueError(f"state dict lacks {k!r} (the 1008-way classifier)")
-    used.add(k)
-  params["fc"] = {"kernel": sd["fc.weight"].T.astype(np.float32), "bias": sd["fc.bias"]}
+  if "fc.weight" not in sd:
+    raise ValueError("state dict lacks 'fc.weight' (the 1008-way classifier)")
+  used.update(("fc.weight", "fc.bias"))  # the bias is read past: see the module docstring
+  params["fc"] = {"kernel": sd["fc.weight"].T.astype(np.float32)}
   unused = sorted(set(sd) - used)
   if unused:
     raise ValueError(f"state dict has keys the FID Inception does not use: {unused[:8]}")
@@ -128,16 +130,22 @@ def load_inception_params(path: str, *, what: str = "config.eval.inception_weigh
     )
   if not os.path.exists(path):
     raise FileNotFoundError(f"{what}={path!r}: Inception weights file not found")
-  if path.endswith(".npz"):
-    with np.load(path) as f:
-      return unflatten({k: f[k] for k in f.files})
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-
-    return unflatten(load_file(path))
+  if path.endswith((".npz", ".safetensors")):
+    return unflatten({k: v for k, v in _read_flat(path).items() if k != "fc.bias"})
   if path.endswith((".pth", ".pt")):
     return convert_state_dict(load_torch_state_dict(path))
   raise ValueError(f"{what}={path!r}: expected one of {SUFFIXES}")
+
+
+def _read_flat(path: str) -> dict[str, np.ndarray]:
+  """{dotted name: array} of a `.npz` / `.safetensors` file (one may hold an `fc.bias`,
+  which the network does not use; the caller skips it)."""
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
+    return load_file(path)
+  with np.load(path) as f:
+    return {k: f[k] for k in f.files}
 
 
 def main(argv: list[str]) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 
+from jdiff.ops.winograd import CONV_IMPLS
+
 FEATURE_NETS = ("auto", "digits", "inception")
-CONV_IMPLS = ("xla", "winograd")
 
 
 def validate_eval_config(eval_cfg) -> None:

@@ -1,10 +1,15 @@
 """The feature networks of sample-quality evaluation: FID Inception, or the digits classifier.
 
 `load_feature_net(config, image_shape)` returns a `FeatureNet` whose pure `apply(params,
-images [B, H, W, C] in [-1, 1])` gives (features [B, D], class probabilities [B, K]):
+images [B, H, W, C] in [-1, 1], or uint8)` gives (features [B, D], class probabilities
+[B, K]). Every image, real or generated, enters it through `to_pixels`: the network sees
+the 8-bit image a PNG of it holds, as pytorch-fid (on PNGs) and ADM's evaluator (on uint8
+`.npz`) see samples. The networks:
 
-* 'inception': pytorch-fid's FID InceptionV3 (pool3, softmax of the 1008 logits), weights
-  from `config.eval.inception_weights` (jdiff.models.inception_convert);
+* 'inception': pytorch-fid's FID InceptionV3 (pool3, softmax of the 1008 logits pool3 @ W),
+  weights from `config.eval.inception_weights` (jdiff.models.inception_convert), its
+  convolutions per `config.eval.inception_conv_impl` ('auto': Winograd on XLA:CPU, XLA's
+  convolutions elsewhere);
 * 'digits': `SmallClassifier` trained by jdiff on the dataset's train split (penultimate
   features, softmax), cached beside the dataset under `jdiff_feature_nets/`, the file name
   keyed by a hash of its settings; its held-out (test split) accuracy is stored with it;
@@ -30,6 +35,7 @@ from jdiff.data.digits import NAME as DIGITS_NAME
 from jdiff.models.classifier import SmallClassifier
 from jdiff.models.inception import NUM_FEATURES, NUM_LOGITS, InceptionV3
 from jdiff.models.inception_convert import flatten, load_inception_params, unflatten
+from jdiff.ops.winograd import resolve_conv_impl
 from jdiff.training.writers import atomic_write
 
 # Settings of the digits classifier: part of its cache key (change one, retrain).
@@ -57,19 +63,55 @@ def resolve_feature_net(config) -> str:
   return name
 
 
+def to_pixels(images: jax.Array) -> jax.Array:
+  """Images [B, H, W, C] as a feature network sees them: float32 on the 8-bit grid.
+
+  Float images in [-1, 1] are clipped and rounded to the levels k = round(127.5 (x + 1))
+  in 0..255 that jdiff's PNGs store (`jdiff.training.writers.image_grid`; ADM's sampling
+  scripts truncate instead), uint8 images are taken as k. Both map to k * 2/255 - 1, as
+  the data pipeline maps uint8 pixels, so real images come through bit-identical and a
+  sample scores what it scores written to a PNG and read back. NaN stays NaN.
+  """
+  x = jnp.asarray(images)
+  if x.dtype == jnp.uint8:
+    k = x.astype(jnp.float32)
+  else:
+    k = jnp.clip(jnp.round((x.astype(jnp.float32) + 1.0) * 127.5), 0.0, 255.0)
+  return k * jnp.float32(2 / 255) - jnp.float32(1)
+
+
+def inception_conv_impl(config) -> str:
+  """config.eval.inception_conv_impl with 'auto' resolved for this process's backend."""
+  return resolve_conv_impl(config.eval.inception_conv_impl, jnp.float32)
+
+
 def load_feature_net(config, image_shape) -> FeatureNet:
-  """The feature network of `config.eval` for images of shape `image_shape` (H, W, C)."""
-  kind = resolve_feature_net(config)
-  if kind == "inception":
-    params = load_inception_params(config.eval.inception_weights)
-    module = InceptionV3(conv_impl=config.eval.inception_conv_impl)
+  """The feature network of `config.eval` for images of shape `image_shape` (H, W, C);
+  its `apply` takes the images through `to_pixels` first."""
+  if resolve_feature_net(config) == "inception":
+    net = _inception(config)
+  else:
+    net = digits_classifier(config, image_shape)
+  apply = net.apply
+  return net._replace(apply=lambda p, images: apply(p, to_pixels(images)))
 
-    def apply(p, images):
-      feats, logits = module.apply({"params": p}, images)
-      return feats, jax.nn.softmax(logits)
 
-    return FeatureNet("inception_fid", apply, params, NUM_FEATURES, NUM_LOGITS, {})
-  return digits_classifier(config, image_shape)
+def _inception(config) -> FeatureNet:
+  params = load_inception_params(config.eval.inception_weights)
+  impl = inception_conv_impl(config)
+  logging.info(
+    "FID Inception: %s convolutions (config.eval.inception_conv_impl=%s, backend %s)",
+    impl,
+    config.eval.inception_conv_impl,
+    jax.default_backend(),
+  )
+  module = InceptionV3(conv_impl=impl)
+
+  def apply(p, images):
+    feats, logits = module.apply({"params": p}, images)
+    return feats, jax.nn.softmax(logits)
+
+  return FeatureNet("inception_fid", apply, params, NUM_FEATURES, NUM_LOGITS, {})
 
 
 def data_root(data_dir: str | None) -> str:
