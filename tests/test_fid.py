@@ -6,12 +6,17 @@ from __future__ import annotations
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from jdiff import metrics
-from jdiff.configs import tiny
-from jdiff.runs import fid
+from jdiff.configs import default, tiny
+from jdiff.models.classifier import SmallClassifier
+from jdiff.runs import eval_options, feature_nets, fid
+from jdiff.training.writers import save_image_grid
 from tests.conftest import main_args, run_python
 
 # Small but real: the digits classifier (fewer steps than the default, its own cache key),
@@ -83,6 +88,11 @@ def test_score_npz_and_reference(trained, digits_dir, tmp_path):
   npz = str(tmp_path / "heldout.npz")
   np.savez(npz, arr_0=u8)
   got = fid.fid(_config(digits_dir, **{"eval.samples_npz": npz}), trained)
+  # guided-diffusion's layout: TF statistics beside arr_0 images; jdiff scores the images
+  adm = str(tmp_path / "VIRTUAL_heldout.npz")
+  np.savez(adm, arr_0=u8, mu=np.zeros(128), sigma=np.eye(128), mu_s=np.zeros(9), sigma_s=np.eye(9))
+  same = fid.fid(_config(digits_dir, **{"eval.samples_npz": npz, "eval.ref_stats": adm}), trained)
+  assert abs(same["fd"]) < 1e-6 * got["fd"], (same["fd"], got["fd"])
   ref_path = fid.fid_ref(c, trained)
   held = metrics.reference.heldout_scores(ref_path)
   np.testing.assert_allclose(got["fd"], held["heldout_fd"], rtol=1e-4)
@@ -112,3 +122,56 @@ def test_config_errors(trained, digits_dir, tmp_path):
   c = _config(digits_dir, **{"eval.ref_stats": str(tmp_path / "none.npz")})
   with pytest.raises(FileNotFoundError, match="none.npz.*--mode=fid_ref"):
     fid.fid(c, trained)
+
+
+def test_samples_score_as_their_pngs(tmp_path, monkeypatch):
+  """Float samples (off the 8-bit grid, some outside [-1, 1]) give the feature network's
+  exact features and probabilities of their PNG (jdiff's writer, read back with PIL), of
+  its uint8 pixels and of the [-1, 1] floats the data pipeline makes of them."""
+  module = SmallClassifier(width=4, features=8)
+  params = module.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)))["params"]
+
+  def apply(p, images):
+    feats, logits = module.apply({"params": p}, images)
+    return feats, jax.nn.softmax(logits)
+
+  fake = feature_nets.FeatureNet("random_digits", apply, params, 8, 10, {})
+  monkeypatch.setattr(feature_nets, "digits_classifier", lambda config, shape: fake)
+  net = feature_nets.load_feature_net(_config("unused"), (16, 16, 1))
+  x = np.random.default_rng(0).uniform(-1.2, 1.2, (6, 16, 16, 1)).astype(np.float32)
+  grid = np.asarray(Image.open(save_image_grid(str(tmp_path / "s.png"), x, scale=1, ncols=6)))
+  u8 = np.stack([grid[1:17, 1 + 17 * k : 17 + 17 * k, None] for k in range(6)])
+  run = jax.jit(net.apply)
+  want = run(params, x)
+  for png in (u8, u8 / np.float32(127.5) - 1, u8.astype(np.float32) * np.float32(2 / 255) - 1):
+    for got, w in zip(run(params, png), want):
+      np.testing.assert_array_equal(got, w)
+  assert not np.allclose(apply(params, x)[0], want[0], rtol=1e-3)  # the quantisation shows
+
+
+def test_to_pixels_keeps_real_images_and_nan():
+  """Real images ([-1, 1] floats of uint8 pixels, either formula) pass unchanged."""
+  u8 = np.arange(256, dtype=np.uint8)
+  pipeline = u8.astype(np.float32) * np.float32(2 / 255) - np.float32(1)
+  for x in (u8, pipeline, u8 / np.float32(127.5) - np.float32(1)):
+    np.testing.assert_array_equal(feature_nets.to_pixels(x), pipeline)
+  np.testing.assert_array_equal(feature_nets.to_pixels(np.float32([-7, 3, 0.999])), [-1, 1, 1])
+  assert np.isnan(feature_nets.to_pixels(np.float32([np.nan]))).all()
+
+
+def test_inception_conv_impl_auto(monkeypatch):
+  """config.eval.inception_conv_impl defaults to 'auto': Winograd on XLA:CPU, XLA's
+  convolutions on a GPU or TPU; an explicit choice stays."""
+  c = default.get_config()
+  assert c.eval.inception_conv_impl == "auto"
+  eval_options.validate_eval_config(c.eval)
+  assert jax.default_backend() == "cpu"
+  assert feature_nets.inception_conv_impl(c) == "winograd"
+  for backend in ("gpu", "tpu"):
+    monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+    assert feature_nets.inception_conv_impl(c) == "xla"
+  c.eval.inception_conv_impl = "winograd"
+  assert feature_nets.inception_conv_impl(c) == "winograd"
+  c.eval.inception_conv_impl = "cudnn"
+  with pytest.raises(ValueError, match="config.eval.inception_conv_impl must be one of"):
+    eval_options.validate_eval_config(c.eval)
