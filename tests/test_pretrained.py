@@ -76,6 +76,29 @@ CONFIGS = {
     center_input_sample=True,
     add_attention=False,
   ),
+  # FiLM with a middle attention: diffusers' UNetMidBlock2D builds that attention without
+  # a GroupNorm unless attn_norm_num_groups is given (then with one).
+  "scale_shift_mid_attention": dict(
+    sample_size=8,
+    in_channels=3,
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=4,
+    resnet_time_scale_shift="scale_shift",
+  ),
+  "scale_shift_mid_attention_norm": dict(
+    sample_size=8,
+    in_channels=3,
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D"),
+    norm_num_groups=4,
+    attn_norm_num_groups=4,
+    resnet_time_scale_shift="scale_shift",
+  ),
 }
 # The CLI / mapping-only tests' model: 16x16x1 (the digits data), two levels.
 TINY = dict(

@@ -96,7 +96,7 @@ def unet_kwargs(config: Mapping[str, Any]) -> tuple[dict, tuple[int, int, int]]:
   if c["attn_norm_num_groups"] not in (None, c["norm_num_groups"]):
     raise ValueError(
       f"config.json: attn_norm_num_groups={c['attn_norm_num_groups']} differs from "
-      f"norm_num_groups={c['norm_num_groups']}"
+      f"norm_num_groups={c['norm_num_groups']} (UNet's middle attention uses norm_num_groups)"
     )
   if c["resnet_time_scale_shift"] not in ("default", "scale_shift"):
     raise ValueError(
@@ -153,6 +153,10 @@ def unet_kwargs(config: Mapping[str, Any]) -> tuple[dict, tuple[int, int, int]]:
     freq_shift=float(c["freq_shift"]),
     downsample_padding=int(c["downsample_padding"]),
     mid_attention=bool(c["add_attention"]),
+    # UNetMidBlock2D: attn_groups = attn_norm_num_groups, or if None resnet_groups for
+    # 'default' time conditioning and no GroupNorm at all for 'scale_shift'.
+    mid_attn_norm=c["attn_norm_num_groups"] is not None
+    or c["resnet_time_scale_shift"] == "default",
     center_input=bool(c["center_input_sample"]),
   )
   return kwargs, (h, w, int(c["in_channels"]))
@@ -171,9 +175,8 @@ def _res(prefix: str, path: tuple, has_skip: bool) -> list[Rule]:
   return rules
 
 
-def _attn(prefix: str, path: tuple, deprecated: bool) -> list[Rule]:
-  names = (
-    ("norm", "group_norm", "norm"),
+def _attn(prefix: str, path: tuple, deprecated: bool, *, norm: bool = True) -> list[Rule]:
+  names = ((("norm", "group_norm", "norm"),) if norm else ()) + (
     ("q", "query" if deprecated else "to_q", "dense"),
     ("k", "key" if deprecated else "to_k", "dense"),
     ("v", "value" if deprecated else "to_v", "dense"),
@@ -222,7 +225,12 @@ def rules(
   for j in range(2):
     out += _res(f"mid_block.resnets.{j}", (f"mid_res_{j}",), skip(f"mid_res_{j}"))
   if has("mid_attn"):
-    out += _attn("mid_block.attentions.0", ("mid_attn",), deprecated_attention)
+    out += _attn(
+      "mid_block.attentions.0",
+      ("mid_attn",),
+      deprecated_attention,
+      norm=("mid_attn", "norm", "norm", "scale") in shapes,
+    )
   for i in range(levels):
     k = levels - 1 - i
     for j in range(kwargs["num_res_blocks"] + 1):
