@@ -402,6 +402,68 @@ def test_scheduler_settings():
   assert (b.prediction, b.variance, b.num_steps, b.eta) == ("x0", "fixed_large", 250, 1.0)
 
 
+SAMPLER_ONLY = (  # diffusers schedulers without clip_sample: they never clip x0
+  "PNDMScheduler",
+  "EulerDiscreteScheduler",
+  "EulerAncestralDiscreteScheduler",
+  "UniPCMultistepScheduler",
+  "DEISMultistepScheduler",
+  "DPMSolverMultistepScheduler",
+)
+
+
+@pytest.mark.parametrize("name", sorted(schedulers.CLASS_DEFAULTS))
+def test_scheduler_class_defaults_are_diffusers_constructor_defaults(name):
+  """Each class's table entry is the installed diffusers class's __init__ default, or for an
+  option the class does not have, that option switched off."""
+  import inspect
+
+  params = inspect.signature(getattr(diffusers, name).__init__).parameters
+  for key, value in schedulers.CLASS_DEFAULTS[name].items():
+    want = params[key].default if key in params else schedulers._WITHOUT[key]
+    assert value == want, (name, key, value, want)
+
+
+@pytest.mark.parametrize("name", SAMPLER_ONLY)
+def test_schedulers_without_clip_sample_do_not_clip(name):
+  cls = getattr(diffusers, name)
+  s = schedulers.from_diffusers(json.loads(cls().to_json_string()))  # save_config's json
+  assert (s.clip_x0, s.dynamic_threshold, s.variance) == (0.0, 0.0, "fixed_small")
+  np.testing.assert_allclose(
+    np.asarray(s.schedule.alphas_cumprod), cls().alphas_cumprod.numpy(), atol=1e-6
+  )
+
+
+def test_scheduler_class_defaults_fill_omitted_keys_and_set_alpha_to_one_is_noted():
+  heun = schedulers.from_diffusers({"_class_name": "HeunDiscreteScheduler"})
+  np.testing.assert_allclose(
+    np.asarray(heun.schedule.alphas_cumprod),
+    diffusers.HeunDiscreteScheduler().alphas_cumprod.numpy(),
+    atol=1e-6,
+  )
+  ddim = schedulers.from_diffusers({"_class_name": "DDIMScheduler"})
+  assert ddim.clip_x0 == 1.0 and not any("set_alpha_to_one" in n for n in ddim.notes)
+  for cfg in (
+    {"_class_name": "DDIMScheduler", "set_alpha_to_one": False},
+    {"_class_name": "PNDMScheduler"},  # PNDM's default is False
+  ):
+    s = schedulers.from_diffusers(cfg)
+    assert any("set_alpha_to_one=False" in n for n in s.notes), (cfg, s.notes)
+
+
+def test_unreadable_scheduler_config_warns_and_loads_the_unet(caplog):
+  sd = {k: v.numpy() for k, v in diffusers.UNet2DModel(**TINY).state_dict().items()}
+  dpm = json.loads(diffusers.DPMSolverMultistepScheduler().to_json_string())
+  assert dpm["variance_type"] is None
+  assert build("diffusers", sd, config=TINY, scheduler=dpm).settings.clip_x0 == 0.0
+  bad = dict(dpm, beta_schedule="exp")
+  with caplog.at_level("WARNING"):
+    pt = build("diffusers", sd, config=TINY, scheduler=bad, source="tiny")
+  assert pt.settings is None and pt.params
+  lines = [r.getMessage() for r in caplog.records if "scheduler config" in r.getMessage()]
+  assert len(lines) == 1 and "beta_schedule='exp'" in lines[0] and "\n" not in lines[0]
+
+
 # ----------------------------------------------------------------------------- loading
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 from jdiff.models.unet import UNet
 from jdiff.pretrained import adm, diffusers_unet, mapping, schedulers
@@ -137,6 +138,22 @@ def _read_json(path: str) -> dict:
     return json.load(f)
 
 
+def _scheduler_settings(scheduler: Mapping[str, Any], source: str):
+  """`from_diffusers`, or None with a one-line warning when the config cannot be read:
+  the U-Net is the same function without it (the run's own schedule is used)."""
+  try:
+    return schedulers.from_diffusers(scheduler)
+  except (ValueError, TypeError, KeyError) as e:
+    logging.warning(
+      "pretrained %s: scheduler config %s not used (%s): the U-Net loads without its "
+      "schedule and sampler settings (config.diffusion / config.sample apply)",
+      source,
+      scheduler.get("_class_name", "DDPMScheduler"),
+      " ".join(str(e).split()),
+    )
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Pretrained:
   """An imported U-Net: the module, its params, and everything to sample from it.
@@ -193,7 +210,7 @@ def build(
     if config is None:
       raise ValueError("format 'diffusers' needs the config.json dict")
     kwargs, shape = diffusers_unet.unet_kwargs(config)
-    settings = schedulers.from_diffusers(scheduler) if scheduler is not None else None
+    settings = _scheduler_settings(scheduler, source) if scheduler is not None else None
   elif fmt == "adm":
     if flags is None:
       raise ValueError("format 'adm' needs the model's flags")

@@ -27,28 +27,67 @@ VARIANCES = {
   "fixed_large": "fixed_large",
   "fixed_large_log": "fixed_large",
   "learned_range": "learned_range",
+  # DPM-Solver's variance_type None: the model outputs no variance (C channels).
+  None: "fixed_small",
 }
-# diffusers DDPMScheduler / DDIMScheduler constructor defaults, for omitted keys.
-DEFAULTS: Mapping[str, Any] = {
+# What a scheduler class without the option does: no clipping, no thresholding, no
+# variance output, timesteps ending at the clean data, a linspace grid.
+_WITHOUT = {
+  "variance_type": None,
+  "clip_sample": False,
+  "clip_sample_range": 1.0,
+  "thresholding": False,
+  "dynamic_thresholding_ratio": 0.995,
+  "sample_max_value": 1.0,
+  "rescale_betas_zero_snr": False,
+  "set_alpha_to_one": True,
+  # DPMSolverSinglestep's own grid is linspace-like (the default of the newer classes).
+  "timestep_spacing": "linspace",
+  "steps_offset": 0,
+}
+_SCHEDULE = {
   "num_train_timesteps": 1000,
   "beta_start": 0.0001,
   "beta_end": 0.02,
   "beta_schedule": "linear",
   "trained_betas": None,
-  "variance_type": "fixed_small",
-  "clip_sample": True,
-  "clip_sample_range": 1.0,
   "prediction_type": "epsilon",
+}
+_CLIPPING = {"clip_sample": True, "clip_sample_range": 1.0}
+_THRESHOLDING = {
   "thresholding": False,
   "dynamic_thresholding_ratio": 0.995,
   "sample_max_value": 1.0,
-  "timestep_spacing": "leading",
-  "steps_offset": 0,
-  "rescale_betas_zero_snr": False,
 }
+# Each diffusers scheduler class's constructor defaults (diffusers 0.2x-0.4x) for the keys
+# above, over `_WITHOUT` for the options the class does not have (PNDM, Euler, UniPC, ...
+# have no clip_sample: they never clip). A config saved by `save_config` names its class
+# in `_class_name`; one without it is read as DDPMScheduler's.
+CLASS_DEFAULTS: Mapping[str, Mapping[str, Any]] = {
+  "DDPMScheduler": {
+    **_SCHEDULE,
+    **_CLIPPING,
+    **_THRESHOLDING,
+    "variance_type": "fixed_small",
+    "timestep_spacing": "leading",
+  },
+  "DDIMScheduler": {**_SCHEDULE, **_CLIPPING, **_THRESHOLDING, "timestep_spacing": "leading"},
+  "PNDMScheduler": {**_SCHEDULE, "timestep_spacing": "leading", "set_alpha_to_one": False},
+  "EulerDiscreteScheduler": _SCHEDULE,
+  "EulerAncestralDiscreteScheduler": _SCHEDULE,
+  "LMSDiscreteScheduler": _SCHEDULE,
+  "UniPCMultistepScheduler": {**_SCHEDULE, **_THRESHOLDING},
+  "DEISMultistepScheduler": {**_SCHEDULE, **_THRESHOLDING},
+  "DPMSolverMultistepScheduler": {**_SCHEDULE, **_THRESHOLDING},
+  "DPMSolverSinglestepScheduler": {**_SCHEDULE, **_THRESHOLDING},
+  "HeunDiscreteScheduler": {**_SCHEDULE, "beta_start": 0.00085, "beta_end": 0.012},
+  "KDPM2DiscreteScheduler": {**_SCHEDULE, "beta_start": 0.00085, "beta_end": 0.012},
+}
+CLASS_DEFAULTS = {k: {**_WITHOUT, **v} for k, v in CLASS_DEFAULTS.items()}
+DEFAULTS = CLASS_DEFAULTS["DDPMScheduler"]
 # Keys of other schedulers' sampling loops (or of old diffusers), which do not change the
 # schedule or the parameterisation; others unknown are listed in `Settings.notes`.
-_IGNORED = {"set_alpha_to_one", "skip_prk_steps", "tensor_format"}
+_IGNORED = {"skip_prk_steps", "tensor_format"}
 
 
 class Settings(NamedTuple):
@@ -81,7 +120,7 @@ class Settings(NamedTuple):
 
 def betas_from_diffusers(config: Mapping[str, Any]) -> np.ndarray:
   """diffusers' betas [T] (float32 values, as its torch code computes them), as float64."""
-  c = {**DEFAULTS, **config}
+  c = {**class_defaults(config)[0], **config}
   n = int(c["num_train_timesteps"])
   name = c["beta_schedule"]
   if c["trained_betas"] is not None:
@@ -104,17 +143,29 @@ def betas_from_diffusers(config: Mapping[str, Any]) -> np.ndarray:
   return betas.astype(np.float32).astype(np.float64)
 
 
+def class_defaults(config: Mapping[str, Any]) -> tuple[Mapping[str, Any], list[str]]:
+  """The defaults of the config's `_class_name` (DDPMScheduler's if absent), and notes."""
+  name = config.get("_class_name", "DDPMScheduler")
+  if name in CLASS_DEFAULTS:
+    return CLASS_DEFAULTS[name], []
+  return DEFAULTS, [f"_class_name={name!r} is not known here: DDPMScheduler's defaults are used"]
+
+
 def from_diffusers(config: Mapping[str, Any]) -> Settings:
   """`Settings` from a diffusers `scheduler_config.json` dict (DDPM / DDIM / PNDM / ...).
+
+  Omitted keys take the defaults of the config's `_class_name` (`CLASS_DEFAULTS`): x0
+  clipping and thresholding only where that scheduler has them.
 
   Raises:
     ValueError: an unsupported value (beta_schedule, prediction_type, variance_type),
       naming it.
   """
+  defaults, notes = class_defaults(config)
   unknown = sorted(
-    k for k in config if not k.startswith("_") and k not in DEFAULTS and k not in _IGNORED
+    k for k in config if not k.startswith("_") and k not in defaults and k not in _IGNORED
   )
-  c = {**DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
+  c = {**defaults, **{k: v for k, v in config.items() if not k.startswith("_")}}
   schedule = schedules.from_betas(betas_from_diffusers(c))
   if c["rescale_betas_zero_snr"]:
     schedule = schedules.rescale_zero_terminal_snr(schedule)
@@ -126,9 +177,8 @@ def from_diffusers(config: Mapping[str, Any]) -> Settings:
   if c["variance_type"] not in VARIANCES:
     raise ValueError(
       f"scheduler_config.json: variance_type={c['variance_type']!r} is not supported "
-      f"({sorted(VARIANCES)})"
+      f"({sorted(VARIANCES, key=str)})"
     )
-  notes = []
   if unknown:
     notes.append(f"sampler options {unknown} have no jdiff counterpart and are not used")
   spacing = {"trailing": "trailing", "linspace": "linspace"}.get(c["timestep_spacing"])
@@ -136,6 +186,11 @@ def from_diffusers(config: Mapping[str, Any]) -> Settings:
     notes.append(
       f"timestep_spacing={c['timestep_spacing']!r} (steps_offset={c['steps_offset']}) has "
       "no jdiff grid (it does not start at the last timestep): jdiff's default grid is used"
+    )
+  if not c["set_alpha_to_one"]:
+    notes.append(
+      "set_alpha_to_one=False: diffusers' last step ends at alpha_bar(t=0); jdiff's timestep "
+      "samplers end at the clean data (alpha_bar = 1)"
     )
   if c["thresholding"]:
     notes.append(
