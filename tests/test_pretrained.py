@@ -479,6 +479,53 @@ def test_hub_name_offline_is_one_clear_error(monkeypatch, tmp_path):
   assert "\n" not in str(e.value)
 
 
+# A pipeline repository (the layout of google/ddpm-cifar10-32's later revisions and of
+# Stable Diffusion's): only the U-Net and its scheduler are to be fetched.
+PIPELINE_FILES = [
+  "README.md",
+  "model_index.json",
+  "scheduler/scheduler_config.json",
+  "unet/config.json",
+  "unet/diffusion_pytorch_model.safetensors",
+  "unet/diffusion_pytorch_model.fp16.safetensors",
+  "unet/diffusion_pytorch_model.bin",
+  "vae/config.json",
+  "vae/diffusion_pytorch_model.safetensors",
+  "text_encoder/config.json",
+  "text_encoder/model.safetensors",
+  "safety_checker/model.safetensors",
+  "tokenizer/vocab.json",
+  "feature_extractor/preprocessor_config.json",
+]
+
+
+@pytest.mark.parametrize("torch_weights", [False, True])
+def test_hub_download_names_the_unet_and_scheduler_files(monkeypatch, tmp_path, torch_weights):
+  hub = pytest.importorskip("huggingface_hub")
+  from huggingface_hub.utils import filter_repo_objects
+
+  calls = []
+
+  def fake_snapshot_download(repo_id, *, revision=None, allow_patterns=None, **kw):
+    calls.append(allow_patterns)
+    return str(tmp_path)
+
+  monkeypatch.setattr(hub, "snapshot_download", fake_snapshot_download)
+  assert hub_download("owner/pipeline", torch_weights=torch_weights) == str(tmp_path)
+  # snapshot_download selects files with this function (fnmatch, where * matches '/').
+  fetched = set(filter_repo_objects(PIPELINE_FILES, allow_patterns=calls[0]))
+  want = {"scheduler/scheduler_config.json", "unet/config.json"}
+  want |= {"unet/diffusion_pytorch_model.safetensors"}
+  want |= {"unet/diffusion_pytorch_model.bin"} if torch_weights else set()
+  assert fetched == want
+  root = [p.split("/")[-1] for p in PIPELINE_FILES if p.startswith("unet/")] + [
+    "scheduler_config.json",
+    "model_index.json",
+  ]
+  fetched = set(filter_repo_objects(root, allow_patterns=calls[0]))
+  assert fetched == {p.split("/")[-1] for p in want}
+
+
 _SHARDED = r"""
 import sys, numpy as np, jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P

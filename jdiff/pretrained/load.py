@@ -82,11 +82,21 @@ def looks_like_hub_name(name: str) -> bool:
   return len(parts) == 2 and all(parts) and not os.path.exists(name) and not name.startswith(".")
 
 
+def hub_files(*, torch_weights: bool = False) -> list[str]:
+  """The repository paths `hub_download` fetches (exact names: no wildcards)."""
+  weights = list(WEIGHTS if torch_weights else WEIGHTS[:1])
+  unet = ["config.json", *weights]
+  scheduler = "scheduler_config.json"
+  return [*unet, scheduler, *(f"unet/{f}" for f in unet), f"scheduler/{scheduler}"]
+
+
 def hub_download(repo_id: str, *, revision: str | None = None, torch_weights: bool = False) -> str:
   """Downloads (or finds cached) a hub repo's configs and weights; returns its local dir.
 
-  Only the json configs and the .safetensors weights (at the root, or in `unet/` and
-  `scheduler/` for a pipeline), or with `torch_weights` the .bin weights too.
+  Only the files `diffusers_files` reads, named (a pipeline repository's other
+  components, its VAE or text encoder, are not fetched): `config.json`, the .safetensors
+  weights and `scheduler_config.json` at the root, or in `unet/` and `scheduler/` for a
+  pipeline; with `torch_weights` the .bin weights too.
 
   Raises:
     ImportError: huggingface_hub is not installed.
@@ -99,8 +109,7 @@ def hub_download(repo_id: str, *, revision: str | None = None, torch_weights: bo
       f"loading {repo_id!r} by hub name needs huggingface_hub (pip install huggingface_hub); "
       "or pass a local directory"
     ) from None
-  weights = ["*.safetensors"] + (["*.bin"] if torch_weights else [])
-  patterns = ["*.json", *weights, "unet/*.json", *(f"unet/{w}" for w in weights)]
+  patterns = hub_files(torch_weights=torch_weights)
   try:
     return huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
   except Exception as e:  # noqa: BLE001  (offline: several exception types, one message)
