@@ -296,6 +296,26 @@ def test_adm_same_function_and_exact_round_trip(name, tmp_path):
     np.testing.assert_array_equal(sd[k], v.numpy(), err_msg=k)
 
 
+def test_adm_improved_flags_under_the_guided_variant_are_an_error(tmp_path):
+  """improved-diffusion's T = 4000 models read with guided-diffusion's defaults would see
+  t instead of t * 1000 / T (relative error 0.2 in the output): an error naming the
+  variant, unless rescale_timesteps is given."""
+  flags, variant = ADM_CASES["improved_legacy"]
+  assert variant == "improved" and flags["diffusion_steps"] == 4000
+  model = _perturbed(_adm_reference(flags, variant))
+  path = tmp_path / "model.pt"
+  torch.save(model.state_dict(), path)
+  with pytest.raises(ValueError, match="adm_variant='improved'"):
+    load_pretrained(str(path), format="adm", flags=flags)
+  explicit = load_pretrained(
+    str(path), format="adm", flags=dict(flags, rescale_timesteps=True), conv_impl="xla"
+  )
+  assert explicit.module.timestep_scale == 0.25
+  _compare(explicit, lambda x, t: model(x, t.float() / 4, None), shape=(16, 16, 3), t=(3, 1500))
+  plain = load_pretrained(str(path), format="adm", flags=dict(flags, rescale_timesteps=False))
+  assert plain.module.timestep_scale == 1.0  # asked for: guided's convention
+
+
 # The README flags of the released checkpoints (guided-diffusion).
 RELEASED = {
   "imagenet64_cond": "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 "

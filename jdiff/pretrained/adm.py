@@ -124,6 +124,15 @@ def unet_kwargs(flags: Mapping[str, Any], *, variant: str = "guided") -> tuple[d
       f"ADM num_heads_upsample={heads_up} != num_heads={heads}: UNet uses one head count"
     )
   steps = int(f["diffusion_steps"])
+  if variant == "guided" and steps != 1000 and "rescale_timesteps" not in flags:
+    # The one default that changes the function: improved-diffusion feeds the model
+    # t * 1000 / T, guided-diffusion t (all its models have T = 1000).
+    raise ValueError(
+      f"ADM flags: diffusion_steps={steps} with variant 'guided' (which feeds the model t, "
+      f"not improved-diffusion's t * 1000 / {steps}): for an improved-diffusion checkpoint "
+      "set config.pretrained.adm_variant='improved' (load_pretrained(variant='improved')); "
+      "otherwise pass the flag rescale_timesteps False"
+    )
   kwargs = dict(
     ch=int(f["num_channels"]),
     ch_mult=tuple(mult),
