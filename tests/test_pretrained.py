@@ -484,6 +484,120 @@ def test_unreadable_scheduler_config_warns_and_loads_the_unet(caplog):
   assert len(lines) == 1 and "beta_schedule='exp'" in lines[0] and "\n" not in lines[0]
 
 
+RESPACINGS = [
+  (1000, "ddim25"),
+  (1000, "ddim50"),
+  (4000, "ddim100"),
+  (1000, "250"),
+  (1000, "50"),
+  (1000, "27"),
+  (4000, "250"),
+  (1000, "10,20,30"),
+  (100, "1,2,3,4"),
+  (101, "7,0,9"),
+  (1000, "1000"),
+]
+
+
+@pytest.mark.parametrize("steps,resp", RESPACINGS)
+def test_space_timesteps_is_adms(steps, resp):
+  from jdiff.pretrained.respace import space_timesteps
+  from tests import adm_torch
+
+  ours = space_timesteps(steps, resp)
+  assert ours.tolist() == sorted(adm_torch.space_timesteps(steps, resp))
+  with pytest.raises(ValueError, match="timestep_respacing='ddim40'"):
+    space_timesteps(100, "ddim40")
+
+
+def _toy_model(x, t, xp):
+  """A smooth stand-in network (numpy or jax): eps and variance values from x and t."""
+  s = xp.reshape(t / 100.0, (-1,) + (1,) * (x.ndim - 1)) if xp is jnp else t / 100.0
+  return xp.concatenate([0.6 * x * xp.cos(s) + 0.1 * s, xp.tanh(x + s) * 0.9], axis=-1)
+
+
+@pytest.mark.parametrize(
+  "variance,resp", [("learned_range", "10"), ("fixed_large", "3,4,5"), ("learned_range", "2,5")]
+)
+def test_adm_sample_is_adms_respaced_p_sample_loop(variance, resp):
+  from jdiff.pretrained.respace import adm_sample, space_timesteps
+  from jdiff.schedules import cosine
+  from tests import adm_torch
+
+  schedule, shape, rng = cosine(100), (2, 4, 4, 3), jax.random.key(3)
+  x_T = jax.random.normal(jax.random.key(1), shape)
+  ts = space_timesteps(100, resp)
+  learned = variance == "learned_range"
+
+  def model_fn(x, t, cond):
+    out = _toy_model(x, t.astype(jnp.float32), jnp)
+    return out if learned else out[..., :3]
+
+  got = adm_sample(schedule, model_fn, x_T, rng, timesteps=ts, variance=variance, clip_x0=1.0)
+  noises = [
+    np.asarray(jax.random.normal(jax.random.fold_in(rng, k), shape)) for k in range(len(ts))
+  ]
+  ref = adm_torch.spaced_p_sample_loop(
+    np.asarray(schedule.alphas_cumprod, np.float64),
+    set(ts.tolist()),
+    lambda x, t: _toy_model(x, float(t), np)[..., : 6 if learned else 3],
+    np.asarray(x_T, np.float64),
+    noises,
+    model_var_type=variance,
+  )
+  np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5, rtol=0)  # float32: 2e-7
+
+
+def test_ddim_eta_1_on_adms_grid_is_adms_fixed_small_chain():
+  """What the CLI runs for ADM's 'N' respacing (DDIM, eta 1, linspace) is ADM's ancestral
+  chain on that grid with the respaced posterior variance."""
+  from jdiff.pretrained.respace import adm_sample
+  from jdiff.samplers.ddim import ddim_sample
+  from jdiff.schedules import cosine
+
+  s = schedulers.from_adm(dict(diffusion_steps=100, timestep_respacing="10", sigma_small=True))
+  assert (s.sampler, s.num_steps, s.eta, s.spacing, s.notes) == ("ddim", 10, 1.0, "linspace", ())
+  schedule, shape, rng = cosine(100), (2, 4, 4, 3), jax.random.key(3)
+  x_T = jax.random.normal(jax.random.key(1), shape)
+  model_fn = lambda x, t, c: _toy_model(x, t.astype(jnp.float32), jnp)[..., :3]  # noqa: E731
+  a = ddim_sample(
+    schedule, model_fn, x_T, rng, num_steps=10, eta=1.0, spacing="linspace", clip_x0=1.0
+  )
+  b = adm_sample(
+    schedule, model_fn, x_T, rng, timesteps=s.timesteps, variance="fixed_small", clip_x0=1.0
+  )
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_adm_sampler_settings_replace_config_sample_and_are_logged():
+  from jdiff.configs import pretrained
+  from jdiff.pretrained import respace
+  from jdiff.runs.pretrained import apply_settings
+
+  flags = dict(diffusion_steps=1000, learn_sigma=True, noise_schedule="cosine")
+  cases = {
+    "250": ("ddim", 250, 1.0, "linspace"),
+    "ddim25": ("ddim", 25, 0.0, "trailing"),
+    "1000": ("ddpm", 50, None, "auto"),  # ddpm: every timestep, num_steps unused
+  }
+  for resp, want in cases.items():
+    s = schedulers.from_adm(dict(flags, timestep_respacing=resp))
+    np.testing.assert_array_equal(s.timesteps, respace.space_timesteps(1000, resp))
+    c = pretrained.get_config()
+    with c.unlocked():
+      notes = apply_settings(c, s, scheduler_sampling=True)
+    got = (c.sample.sampler, c.sample.num_steps, c.sample.eta, c.sample.spacing)
+    assert got == want, (resp, got)
+    assert c.sample.clip_x0 == 1.0 and c.diffusion.variance == "learned_range"
+    assert any("replaced by the publisher's" in n for n in notes), notes
+    learned_unused = [n for n in (*s.notes, *notes) if "variance" in n]
+    assert bool(learned_unused) == (want[0] != "ddpm"), (resp, learned_unused)
+  c = pretrained.get_config()
+  with c.unlocked():
+    apply_settings(c, s, scheduler_sampling=False)
+  assert (c.sample.sampler, c.sample.num_steps) == ("ddim", 50)
+
+
 # ----------------------------------------------------------------------------- loading
 
 

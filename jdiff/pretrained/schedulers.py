@@ -18,6 +18,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jdiff import schedules
+from jdiff.pretrained import respace
+from jdiff.samplers import grids
 from jdiff.schedules import Schedule
 
 PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
@@ -103,6 +105,8 @@ class Settings(NamedTuple):
     sampler: a jdiff sampler name the publisher's setting corresponds to, or None.
     num_steps: its step count, or None.
     eta: its eta, or None.
+    timesteps: the publisher's kept timesteps, increasing int64 [N] (ADM's
+      `timestep_respacing`), or None.
     notes: what was approximated or left out, one sentence each.
   """
 
@@ -115,6 +119,7 @@ class Settings(NamedTuple):
   sampler: str | None = None
   num_steps: int | None = None
   eta: float | None = None
+  timesteps: np.ndarray | None = None
   notes: tuple[str, ...] = ()
 
 
@@ -214,9 +219,14 @@ def from_adm(flags: Mapping[str, Any], *, variant: str = "guided") -> Settings:
   `learn_sigma`, `sigma_small`, `predict_xstart`, `timestep_respacing`, ...).
 
   ADM always clips x0_hat to [-1, 1] when sampling (`clip_denoised=True`). Its
-  `timestep_respacing` 'ddimN' becomes DDIM with N steps (eta 0), 'N' becomes N
-  ancestral steps (DDIM with eta 1 on a linspace grid, which takes the posterior
-  variance of the respaced chain).
+  `timestep_respacing` gives `Settings.timesteps` (`respace.space_timesteps`; ADM's own
+  sampler on them is `respace.adm_sample`) and the closest registered jdiff sampler:
+  'ddimN' becomes DDIM with N steps and eta 0 on jdiff's trailing grid; 'N' (or per-section
+  counts) becomes DDIM with eta 1 on the linspace grid, which is ADM's ancestral chain on
+  that grid with the posterior variance of the respaced chain: ADM's learned (or fixed
+  large) variance there is replaced, and a note says so, as it does where the grids differ.
+  'T' (every timestep) becomes 'ddpm'. Without respacing ADM samples all T steps too, but
+  no sampler is set then (config.sample applies).
   """
   from jdiff.pretrained import adm  # pylint: disable=g-import-not-at-top
 
@@ -238,16 +248,35 @@ def from_adm(flags: Mapping[str, Any], *, variant: str = "guided") -> Settings:
       "use_kl / rescale_learned_sigmas set ADM's training loss weights; a fine-tuning run uses "
       "config.diffusion.weighting and vlb_weight instead"
     )
-  sampler = num_steps = eta = spacing = None
+  sampler = num_steps = eta = spacing = timesteps = None
   resp = str(f["timestep_respacing"] or "")
-  if resp.startswith("ddim"):
-    sampler, num_steps, eta, spacing = "ddim", int(resp[4:]), 0.0, "trailing"
-    notes.append("ADM's ddimN grid starts at 0 (leading); jdiff's trailing grid is used")
-  elif resp:
-    counts = [int(s) for s in resp.split(",")]
-    sampler, num_steps, eta, spacing = "ddim", sum(counts), 1.0, "linspace"
-    if len(counts) > 1:
-      notes.append(f"timestep_respacing={resp!r}: per-section counts become one linspace grid")
+  if resp:
+    timesteps = respace.space_timesteps(steps, resp)
+    num_steps = len(timesteps)
+    if num_steps == steps and not resp.startswith("ddim"):
+      sampler = "ddpm"  # every timestep: jdiff's ancestral sampler, variance included
+    elif resp.startswith("ddim"):
+      sampler, eta, spacing = "ddim", 0.0, "trailing"
+      notes.append(
+        f"timestep_respacing={resp!r}: ADM's DDIM grid {timesteps[:3].tolist()}... starts at "
+        f"0 (leading); jdiff's trailing grid of {num_steps} steps is used"
+      )
+    else:
+      sampler, eta, spacing = "ddim", 1.0, "linspace"
+      ours = grids.timesteps(steps, num_steps, spacing="linspace")
+      if not np.array_equal(ours, timesteps):
+        notes.append(
+          f"timestep_respacing={resp!r}: ADM's grid differs from jdiff's linspace grid of "
+          f"{num_steps} steps at {int(np.sum(ours != timesteps))} timesteps; the linspace grid "
+          "is used"
+        )
+      if variance != "fixed_small":
+        notes.append(
+          f"timestep_respacing={resp!r}: ADM samples ancestrally with the {variance} variance "
+          "of the respaced chain; DDIM with eta 1 takes that chain's posterior variance "
+          "instead (jdiff's 'ddpm' uses a learned variance over all T steps only; "
+          "jdiff.pretrained.respace.adm_sample with Settings.timesteps is ADM's sampler)"
+        )
   return Settings(
     schedule=schedule,
     prediction="x0" if f["predict_xstart"] else "eps",
@@ -258,5 +287,6 @@ def from_adm(flags: Mapping[str, Any], *, variant: str = "guided") -> Settings:
     sampler=sampler,
     num_steps=num_steps,
     eta=eta,
+    timesteps=timesteps,
     notes=tuple(notes),
   )

@@ -27,6 +27,39 @@ def enabled(config) -> bool:
   return "pretrained" in config and bool(config.pretrained.path)
 
 
+def apply_settings(c, s, *, scheduler_sampling: bool) -> list[str]:
+  """Writes `Settings` `s` into the unlocked config `c`; returns what to log.
+
+  The parameterisation always; with `scheduler_sampling` also the publisher's clipping /
+  thresholding and, where it names one (ADM's `timestep_respacing`), its sampler, step
+  count, eta and spacing in place of config.sample's, each change logged.
+  """
+  c.diffusion.prediction, c.diffusion.variance = s.prediction, s.variance
+  c.diffusion.num_steps = s.schedule.num_steps
+  notes = []
+  if scheduler_sampling:
+    c.sample.clip_x0, c.sample.dynamic_threshold = s.clip_x0, s.dynamic_threshold
+    if s.sampler is not None:
+      new = dict(sampler=s.sampler, num_steps=s.num_steps, eta=s.eta, spacing=s.spacing or "auto")
+      if s.sampler == "ddpm":
+        new["num_steps"] = c.sample.num_steps  # ddpm takes every timestep
+      old = {k: c.sample[k] for k in new}
+      if old != new:
+        c.sample.update(new)
+        notes.append(
+          f"config.sample {old} replaced by the publisher's {new} "
+          "(config.pretrained.scheduler_sampling=False keeps config.sample's)"
+        )
+    elif s.spacing and c.sample.spacing == "auto" and c.sample.sampler in ("ddim", "pc"):
+      c.sample.spacing = s.spacing
+  if s.variance == "learned_range" and c.sample.sampler != "ddpm":
+    notes.append(
+      f"sampler {c.sample.sampler!r} uses the model's prediction only: its learned variance "
+      "is used by 'ddpm' (all T steps; jdiff.pretrained.respace.adm_sample on a respaced grid)"
+    )
+  return notes
+
+
 def attach(setup) -> None:
   """Loads `config.pretrained` into `setup` (module, schedule, params, config copy)."""
   from jdiff.pretrained import load_pretrained  # pylint: disable=g-import-not-at-top
@@ -61,13 +94,8 @@ def attach(setup) -> None:
     c.conditional = model.num_classes is not None
     c.model.learn_sigma = bool(model.module.learn_sigma)
     if s is not None:
-      c.diffusion.prediction, c.diffusion.variance = s.prediction, s.variance
-      c.diffusion.num_steps = s.schedule.num_steps
-      if p.scheduler_sampling:
-        c.sample.clip_x0, c.sample.dynamic_threshold = s.clip_x0, s.dynamic_threshold
-        if s.spacing and c.sample.spacing == "auto" and c.sample.sampler in ("ddim", "pc"):
-          c.sample.spacing = s.spacing
-      for note in s.notes:
+      notes = apply_settings(c, s, scheduler_sampling=p.scheduler_sampling)
+      for note in (*s.notes, *notes):
         logging.warning("pretrained %s: %s", model.source, note)
   c.lock()
   validate_sample_config(c.sample, latent=False)
