@@ -747,6 +747,42 @@ def test_cli_samples_an_imported_model(tmp_path, tiny_dir, digits_dir):
   assert np.abs(images).max() <= 1.0 + 1e-6  # scheduler_config's clip_sample
 
 
+def _fourier_dir(tmp_path, tiny_dir):
+  import shutil
+
+  d = tmp_path / "fourier"
+  shutil.copytree(tiny_dir, d)
+  cfg = json.loads((d / "config.json").read_text())
+  (d / "config.json").write_text(json.dumps(dict(cfg, time_embedding_type="fourier")))
+  return str(d), "FATAL PretrainedError: config.json: time_embedding_type='fourier'"
+
+
+def _improved_under_guided(tmp_path, tiny_dir):
+  flags, _ = ADM_CASES["improved_legacy"]
+  d = tmp_path / "adm"
+  d.mkdir()
+  torch.save(_adm_reference(flags, "improved").state_dict(), d / "model.pt")
+  (d / "flags.json").write_text(json.dumps(flags))
+  return str(d), "FATAL PretrainedError: ADM flags: diffusion_steps=4000 with variant 'guided'"
+
+
+@pytest.mark.parametrize("case", [_fourier_dir, _improved_under_guided])
+def test_cli_bad_pretrained_input_is_one_fatal_line(tmp_path, tiny_dir, digits_dir, case):
+  path, want = case(tmp_path, tiny_dir)
+  fmt = "adm" if case is _improved_under_guided else "diffusers"
+  args = main_args(
+    "sample",
+    str(tmp_path / "wd"),
+    digits_dir,
+    config="pretrained",
+    **{"pretrained.path": path, "pretrained.format": fmt, "data.name": "jdiff_digits"},
+  )
+  proc = run_python(args, check=False)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith(want), last
+
+
 def test_eval_and_finetune_start_from_the_imported_weights(tmp_path, tiny_dir, digits_dir):
   from jdiff.runs import diffusion
 

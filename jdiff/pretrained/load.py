@@ -27,6 +27,7 @@ from absl import logging
 
 from jdiff.models.unet import UNet
 from jdiff.pretrained import adm, diffusers_unet, mapping, schedulers
+from jdiff.pretrained.mapping import PretrainedError
 
 FORMATS = ("diffusers", "adm")
 WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -73,7 +74,7 @@ def read_state_dict(path: str) -> Mapping[str, np.ndarray]:
     return LazySafetensors(path)
   if path.endswith((".bin", ".pt", ".pth", ".ckpt")):
     return _torch_load(path)
-  raise ValueError(f"unknown weights format {path!r} (.safetensors, .bin, .pt, .pth)")
+  raise PretrainedError(f"unknown weights format {path!r} (.safetensors, .bin, .pt, .pth)")
 
 
 def looks_like_hub_name(name: str) -> bool:
@@ -217,16 +218,16 @@ def build(
   """
   if fmt == "diffusers":
     if config is None:
-      raise ValueError("format 'diffusers' needs the config.json dict")
+      raise PretrainedError("format 'diffusers' needs the config.json dict")
     kwargs, shape = diffusers_unet.unet_kwargs(config)
     settings = _scheduler_settings(scheduler, source) if scheduler is not None else None
   elif fmt == "adm":
     if flags is None:
-      raise ValueError("format 'adm' needs the model's flags")
+      raise PretrainedError("format 'adm' needs the model's flags")
     kwargs, shape = adm.unet_kwargs(flags, variant=variant)
     settings = schedulers.from_adm(flags, variant=variant)
   else:
-    raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    raise PretrainedError(f"format must be one of {FORMATS}, got {fmt!r}")
   module = UNet(**{**kwargs, **module_overrides})
   sample = jax.ShapeDtypeStruct((1, *shape), np.float32)
   # Traced with XLA's convs: the same params as Winograd's (UNet.conv_impl), 3x faster to trace.
@@ -271,7 +272,7 @@ def load_pretrained(
     **module_overrides: e.g. dtype=jnp.bfloat16, conv_impl='xla', remat=True.
   """
   if format not in FORMATS:
-    raise ValueError(f"pretrained format must be one of {FORMATS}, got {format!r}")
+    raise PretrainedError(f"pretrained format must be one of {FORMATS}, got {format!r}")
   if format == "diffusers":
     directory = path
     if not os.path.exists(path):
@@ -304,7 +305,9 @@ def load_pretrained(
     flags = adm.parse_flags(flags)
   all_flags.update(flags or {})
   if not all_flags:
-    raise ValueError(f"ADM weights {file} need their flags (config.pretrained.flags or flags.json)")
+    raise PretrainedError(
+      f"ADM weights {file} need their flags (config.pretrained.flags or flags.json)"
+    )
   return build(
     "adm",
     read_state_dict(file),

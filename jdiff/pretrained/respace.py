@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdiff import schedules
+from jdiff.pretrained.mapping import PretrainedError
 from jdiff.samplers.ddpm import ddpm_sample
 from jdiff.schedules import Schedule
 
@@ -37,7 +38,7 @@ def space_timesteps(num_timesteps: int, section_counts: str) -> np.ndarray:
   (count - 1)), with Python's round (half to even).
 
   Raises:
-    ValueError: no integer stride gives N, or a section is shorter than its count.
+    PretrainedError: no integer stride gives N, or a section is shorter than its count.
   """
   text = str(section_counts)
   if text.startswith("ddim"):
@@ -45,7 +46,7 @@ def space_timesteps(num_timesteps: int, section_counts: str) -> np.ndarray:
     for stride in range(1, num_timesteps):
       if len(range(0, num_timesteps, stride)) == want:
         return np.arange(0, num_timesteps, stride, dtype=np.int64)
-    raise ValueError(
+    raise PretrainedError(
       f"timestep_respacing={text!r}: no integer stride gives exactly {want} of "
       f"{num_timesteps} steps"
     )
@@ -55,7 +56,7 @@ def space_timesteps(num_timesteps: int, section_counts: str) -> np.ndarray:
   for i, count in enumerate(counts):
     size = per + (i < extra)
     if count > size:
-      raise ValueError(
+      raise PretrainedError(
         f"timestep_respacing={text!r}: section {i} has {size} steps, cannot take {count}"
       )
     # ADM's running float sum, kept as is: at exact halves its rounding can differ from

@@ -19,6 +19,7 @@ import numpy as np
 
 from jdiff import schedules
 from jdiff.pretrained import respace
+from jdiff.pretrained.mapping import PretrainedError
 from jdiff.samplers import grids
 from jdiff.schedules import Schedule
 
@@ -141,7 +142,7 @@ def betas_from_diffusers(config: Mapping[str, Any]) -> np.ndarray:
     x = np.linspace(-6, 6, n, dtype=np.float32)
     betas = (1 / (1 + np.exp(-x))) * (c["beta_end"] - c["beta_start"]) + c["beta_start"]
   else:
-    raise ValueError(
+    raise PretrainedError(
       f"scheduler_config.json: beta_schedule={name!r} is not supported "
       "(linear, scaled_linear, squaredcos_cap_v2, sigmoid, or trained_betas)"
     )
@@ -163,7 +164,7 @@ def from_diffusers(config: Mapping[str, Any]) -> Settings:
   clipping and thresholding only where that scheduler has them.
 
   Raises:
-    ValueError: an unsupported value (beta_schedule, prediction_type, variance_type),
+    PretrainedError: an unsupported value (beta_schedule, prediction_type, variance_type),
       naming it.
   """
   defaults, notes = class_defaults(config)
@@ -175,12 +176,12 @@ def from_diffusers(config: Mapping[str, Any]) -> Settings:
   if c["rescale_betas_zero_snr"]:
     schedule = schedules.rescale_zero_terminal_snr(schedule)
   if c["prediction_type"] not in PREDICTIONS:
-    raise ValueError(
+    raise PretrainedError(
       f"scheduler_config.json: prediction_type={c['prediction_type']!r}; "
       f"choose from {sorted(PREDICTIONS)}"
     )
   if c["variance_type"] not in VARIANCES:
-    raise ValueError(
+    raise PretrainedError(
       f"scheduler_config.json: variance_type={c['variance_type']!r} is not supported "
       f"({sorted(VARIANCES, key=str)})"
     )
@@ -237,7 +238,9 @@ def from_adm(flags: Mapping[str, Any], *, variant: str = "guided") -> Settings:
   elif f["noise_schedule"] == "cosine":
     schedule = schedules.cosine(steps)
   else:
-    raise ValueError(f"ADM noise_schedule={f['noise_schedule']!r}: only linear and cosine exist")
+    raise PretrainedError(
+      f"ADM noise_schedule={f['noise_schedule']!r}: only linear and cosine exist"
+    )
   if f["learn_sigma"]:
     variance = "learned_range"
   else:

@@ -6,8 +6,10 @@ parameterisation (`diffusion.prediction`, `diffusion.variance`, `model.learn_sig
 whether the model is class-conditional come from the weights' own configuration and
 are written into the run's copy of the config (logged); `model.dtype`, `conv_impl` and
 `remat` stay the config's. With `pretrained.scheduler_sampling` the publisher's x0
-clipping / thresholding replace `sample.clip_x0` / `dynamic_threshold`. The weights are
-restored straight onto the run's replicated sharding, one array at a time.
+clipping / thresholding replace `sample.clip_x0` / `dynamic_threshold`, and where the
+publisher names a sampler (ADM's `timestep_respacing`) it replaces `sample.sampler`,
+`num_steps`, `eta` and `spacing`; every replacement and approximation is logged. The
+weights are restored straight onto the run's replicated sharding, one array at a time.
 
 Sampling and evaluation then use the imported weights when the workdir has no
 checkpoint; training starts from them (params and EMA) and resumes from the workdir as
@@ -62,12 +64,12 @@ def apply_settings(c, s, *, scheduler_sampling: bool) -> list[str]:
 
 def attach(setup) -> None:
   """Loads `config.pretrained` into `setup` (module, schedule, params, config copy)."""
-  from jdiff.pretrained import load_pretrained  # pylint: disable=g-import-not-at-top
+  from jdiff.pretrained import PretrainedError, load_pretrained  # pylint: disable=g-import-not-at-top
 
   c = setup.config
   p = c.pretrained
   if c.latent.autoencoder_workdir:
-    raise ValueError("config.pretrained imports pixel-space U-Nets: unset config.latent")
+    raise PretrainedError("config.pretrained imports pixel-space U-Nets: unset config.latent")
   model = load_pretrained(
     p.path,
     format=p.format,
@@ -79,12 +81,12 @@ def attach(setup) -> None:
     remat=c.model.remat,
   )
   if tuple(model.image_shape) != tuple(setup.image_shape):
-    raise ValueError(
+    raise PretrainedError(
       f"the imported model takes images {model.image_shape} but config.data gives "
       f"{setup.image_shape}: set config.data.name / image_size to match"
     )
   if model.num_classes is not None and setup.meta.num_classes not in (None, model.num_classes):
-    raise ValueError(
+    raise PretrainedError(
       f"the imported model has {model.num_classes} classes, dataset {c.data.name!r} has "
       f"{setup.meta.num_classes}"
     )
