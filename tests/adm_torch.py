@@ -1,4 +1,5 @@
-"""A compact torch rebuild of openai guided-diffusion's `UNetModel`, the reference for ADM imports.
+"""A compact torch rebuild of openai guided-diffusion's `UNetModel`, the reference for ADM imports
+(and, at the end, its timestep respacing and respaced ancestral sampler in numpy).
 
 No package provides openai's `UNetModel`, so this helper rebuilds it for the tests: it
 was written for jdiff from the module structure of guided-diffusion's
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -187,3 +189,84 @@ class UNetModel(nn.Module):
     for module in self.output_blocks:
       h = module(torch.cat([h, hs.pop()], dim=1), emb)
     return self.out(h)
+
+
+# ----------------------------------------------------------------------------- respacing
+# guided-diffusion's `respace.py` (`space_timesteps`, `SpacedDiffusion`) and the sampling
+# path of `gaussian_diffusion.py` (`p_mean_variance`, `p_sample`, `p_sample_loop`), rebuilt
+# in float64 numpy with the same arithmetic: the reference for `jdiff.pretrained.respace`.
+
+
+def space_timesteps(num_timesteps, section_counts):
+  """ADM's set of kept timesteps for `timestep_respacing`."""
+  if isinstance(section_counts, str):
+    if section_counts.startswith("ddim"):
+      desired_count = int(section_counts[len("ddim") :])
+      for i in range(1, num_timesteps):
+        if len(range(0, num_timesteps, i)) == desired_count:
+          return set(range(0, num_timesteps, i))
+      raise ValueError(f"cannot create exactly {num_timesteps} steps with an integer stride")
+    section_counts = [int(x) for x in section_counts.split(",")]
+  size_per = num_timesteps // len(section_counts)
+  extra = num_timesteps % len(section_counts)
+  start_idx = 0
+  all_steps = []
+  for i, section_count in enumerate(section_counts):
+    size = size_per + (1 if i < extra else 0)
+    if size < section_count:
+      raise ValueError(f"cannot divide section of {size} steps into {section_count}")
+    frac_stride = 1 if section_count <= 1 else (size - 1) / (section_count - 1)
+    cur_idx = 0.0
+    taken_steps = []
+    for _ in range(section_count):
+      taken_steps.append(start_idx + round(cur_idx))
+      cur_idx += frac_stride
+    all_steps += taken_steps
+    start_idx += size
+  return set(all_steps)
+
+
+def spaced_p_sample_loop(alphas_cumprod, use_timesteps, model, x_T, noises, *, model_var_type):
+  """ADM's `SpacedDiffusion(...).p_sample_loop(model, clip_denoised=True)` with given noises.
+
+  Args:
+    alphas_cumprod: the base diffusion's float64 [T].
+    use_timesteps: the kept timesteps (a set).
+    model: numpy `model(x, t) -> out` with the base diffusion's timesteps (the
+      `_WrappedModel`'s timestep_map), eps (and the variance values for 'learned_range').
+    x_T: float64 starting noise.
+    noises: noises[k] for the k-th step from the noisiest (unused at the last).
+    model_var_type: 'learned_range', 'fixed_large' or 'fixed_small'.
+  """
+  last, new_betas, timestep_map = 1.0, [], []
+  for i, ab in enumerate(alphas_cumprod):
+    if i in use_timesteps:
+      new_betas.append(1 - ab / last)
+      last = ab
+      timestep_map.append(i)
+  betas = np.array(new_betas, dtype=np.float64)
+  alphas = 1.0 - betas
+  ac = np.cumprod(alphas)
+  ac_prev = np.append(1.0, ac[:-1])
+  post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+  post_log_var_clipped = np.log(np.append(post_var[1], post_var[1:]))
+  coef1 = betas * np.sqrt(ac_prev) / (1.0 - ac)
+  coef2 = (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac)
+  x = x_T
+  n = len(betas)
+  for k, i in enumerate(reversed(range(n))):
+    out = model(x, timestep_map[i])
+    c = x.shape[-1]
+    if model_var_type == "learned_range":
+      eps, v = out[..., :c], out[..., c:]
+      frac = (v + 1) / 2
+      log_var = frac * np.log(betas[i]) + (1 - frac) * post_log_var_clipped[i]
+    elif model_var_type == "fixed_large":
+      eps, log_var = out, np.log(np.append(post_var[1], betas[1:]))[i]
+    else:
+      eps, log_var = out, post_log_var_clipped[i]
+    x0 = np.sqrt(1.0 / ac[i]) * x - np.sqrt(1.0 / ac[i] - 1) * eps
+    x0 = np.clip(x0, -1, 1)
+    mean = coef1[i] * x0 + coef2[i] * x
+    x = mean + (i > 0) * np.exp(0.5 * log_var) * noises[k]
+  return x

@@ -76,6 +76,29 @@ CONFIGS = {
     center_input_sample=True,
     add_attention=False,
   ),
+  # FiLM with a middle attention: diffusers' UNetMidBlock2D builds that attention without
+  # a GroupNorm unless attn_norm_num_groups is given (then with one).
+  "scale_shift_mid_attention": dict(
+    sample_size=8,
+    in_channels=3,
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=4,
+    resnet_time_scale_shift="scale_shift",
+  ),
+  "scale_shift_mid_attention_norm": dict(
+    sample_size=8,
+    in_channels=3,
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D"),
+    norm_num_groups=4,
+    attn_norm_num_groups=4,
+    resnet_time_scale_shift="scale_shift",
+  ),
 }
 # The CLI / mapping-only tests' model: 16x16x1 (the digits data), two levels.
 TINY = dict(
@@ -273,6 +296,26 @@ def test_adm_same_function_and_exact_round_trip(name, tmp_path):
     np.testing.assert_array_equal(sd[k], v.numpy(), err_msg=k)
 
 
+def test_adm_improved_flags_under_the_guided_variant_are_an_error(tmp_path):
+  """improved-diffusion's T = 4000 models read with guided-diffusion's defaults would see
+  t instead of t * 1000 / T (relative error 0.2 in the output): an error naming the
+  variant, unless rescale_timesteps is given."""
+  flags, variant = ADM_CASES["improved_legacy"]
+  assert variant == "improved" and flags["diffusion_steps"] == 4000
+  model = _perturbed(_adm_reference(flags, variant))
+  path = tmp_path / "model.pt"
+  torch.save(model.state_dict(), path)
+  with pytest.raises(ValueError, match="adm_variant='improved'"):
+    load_pretrained(str(path), format="adm", flags=flags)
+  explicit = load_pretrained(
+    str(path), format="adm", flags=dict(flags, rescale_timesteps=True), conv_impl="xla"
+  )
+  assert explicit.module.timestep_scale == 0.25
+  _compare(explicit, lambda x, t: model(x, t.float() / 4, None), shape=(16, 16, 3), t=(3, 1500))
+  plain = load_pretrained(str(path), format="adm", flags=dict(flags, rescale_timesteps=False))
+  assert plain.module.timestep_scale == 1.0  # asked for: guided's convention
+
+
 # The README flags of the released checkpoints (guided-diffusion).
 RELEASED = {
   "imagenet64_cond": "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 "
@@ -379,6 +422,182 @@ def test_scheduler_settings():
   assert (b.prediction, b.variance, b.num_steps, b.eta) == ("x0", "fixed_large", 250, 1.0)
 
 
+SAMPLER_ONLY = (  # diffusers schedulers without clip_sample: they never clip x0
+  "PNDMScheduler",
+  "EulerDiscreteScheduler",
+  "EulerAncestralDiscreteScheduler",
+  "UniPCMultistepScheduler",
+  "DEISMultistepScheduler",
+  "DPMSolverMultistepScheduler",
+)
+
+
+@pytest.mark.parametrize("name", sorted(schedulers.CLASS_DEFAULTS))
+def test_scheduler_class_defaults_are_diffusers_constructor_defaults(name):
+  """Each class's table entry is the installed diffusers class's __init__ default, or for an
+  option the class does not have, that option switched off."""
+  import inspect
+
+  params = inspect.signature(getattr(diffusers, name).__init__).parameters
+  for key, value in schedulers.CLASS_DEFAULTS[name].items():
+    want = params[key].default if key in params else schedulers._WITHOUT[key]
+    assert value == want, (name, key, value, want)
+
+
+@pytest.mark.parametrize("name", SAMPLER_ONLY)
+def test_schedulers_without_clip_sample_do_not_clip(name):
+  cls = getattr(diffusers, name)
+  s = schedulers.from_diffusers(json.loads(cls().to_json_string()))  # save_config's json
+  assert (s.clip_x0, s.dynamic_threshold, s.variance) == (0.0, 0.0, "fixed_small")
+  np.testing.assert_allclose(
+    np.asarray(s.schedule.alphas_cumprod), cls().alphas_cumprod.numpy(), atol=1e-6
+  )
+
+
+def test_scheduler_class_defaults_fill_omitted_keys_and_set_alpha_to_one_is_noted():
+  heun = schedulers.from_diffusers({"_class_name": "HeunDiscreteScheduler"})
+  np.testing.assert_allclose(
+    np.asarray(heun.schedule.alphas_cumprod),
+    diffusers.HeunDiscreteScheduler().alphas_cumprod.numpy(),
+    atol=1e-6,
+  )
+  ddim = schedulers.from_diffusers({"_class_name": "DDIMScheduler"})
+  assert ddim.clip_x0 == 1.0 and not any("set_alpha_to_one" in n for n in ddim.notes)
+  for cfg in (
+    {"_class_name": "DDIMScheduler", "set_alpha_to_one": False},
+    {"_class_name": "PNDMScheduler"},  # PNDM's default is False
+  ):
+    s = schedulers.from_diffusers(cfg)
+    assert any("set_alpha_to_one=False" in n for n in s.notes), (cfg, s.notes)
+
+
+def test_unreadable_scheduler_config_warns_and_loads_the_unet(caplog):
+  sd = {k: v.numpy() for k, v in diffusers.UNet2DModel(**TINY).state_dict().items()}
+  dpm = json.loads(diffusers.DPMSolverMultistepScheduler().to_json_string())
+  assert dpm["variance_type"] is None
+  assert build("diffusers", sd, config=TINY, scheduler=dpm).settings.clip_x0 == 0.0
+  bad = dict(dpm, beta_schedule="exp")
+  with caplog.at_level("WARNING"):
+    pt = build("diffusers", sd, config=TINY, scheduler=bad, source="tiny")
+  assert pt.settings is None and pt.params
+  lines = [r.getMessage() for r in caplog.records if "scheduler config" in r.getMessage()]
+  assert len(lines) == 1 and "beta_schedule='exp'" in lines[0] and "\n" not in lines[0]
+
+
+RESPACINGS = [
+  (1000, "ddim25"),
+  (1000, "ddim50"),
+  (4000, "ddim100"),
+  (1000, "250"),
+  (1000, "50"),
+  (1000, "27"),
+  (4000, "250"),
+  (1000, "10,20,30"),
+  (100, "1,2,3,4"),
+  (101, "7,0,9"),
+  (1000, "1000"),
+]
+
+
+@pytest.mark.parametrize("steps,resp", RESPACINGS)
+def test_space_timesteps_is_adms(steps, resp):
+  from jdiff.pretrained.respace import space_timesteps
+  from tests import adm_torch
+
+  ours = space_timesteps(steps, resp)
+  assert ours.tolist() == sorted(adm_torch.space_timesteps(steps, resp))
+  with pytest.raises(ValueError, match="timestep_respacing='ddim40'"):
+    space_timesteps(100, "ddim40")
+
+
+def _toy_model(x, t, xp):
+  """A smooth stand-in network (numpy or jax): eps and variance values from x and t."""
+  s = xp.reshape(t / 100.0, (-1,) + (1,) * (x.ndim - 1)) if xp is jnp else t / 100.0
+  return xp.concatenate([0.6 * x * xp.cos(s) + 0.1 * s, xp.tanh(x + s) * 0.9], axis=-1)
+
+
+@pytest.mark.parametrize(
+  "variance,resp", [("learned_range", "10"), ("fixed_large", "3,4,5"), ("learned_range", "2,5")]
+)
+def test_adm_sample_is_adms_respaced_p_sample_loop(variance, resp):
+  from jdiff.pretrained.respace import adm_sample, space_timesteps
+  from jdiff.schedules import cosine
+  from tests import adm_torch
+
+  schedule, shape, rng = cosine(100), (2, 4, 4, 3), jax.random.key(3)
+  x_T = jax.random.normal(jax.random.key(1), shape)
+  ts = space_timesteps(100, resp)
+  learned = variance == "learned_range"
+
+  def model_fn(x, t, cond):
+    out = _toy_model(x, t.astype(jnp.float32), jnp)
+    return out if learned else out[..., :3]
+
+  got = adm_sample(schedule, model_fn, x_T, rng, timesteps=ts, variance=variance, clip_x0=1.0)
+  noises = [
+    np.asarray(jax.random.normal(jax.random.fold_in(rng, k), shape)) for k in range(len(ts))
+  ]
+  ref = adm_torch.spaced_p_sample_loop(
+    np.asarray(schedule.alphas_cumprod, np.float64),
+    set(ts.tolist()),
+    lambda x, t: _toy_model(x, float(t), np)[..., : 6 if learned else 3],
+    np.asarray(x_T, np.float64),
+    noises,
+    model_var_type=variance,
+  )
+  np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5, rtol=0)  # float32: 2e-7
+
+
+def test_ddim_eta_1_on_adms_grid_is_adms_fixed_small_chain():
+  """What the CLI runs for ADM's 'N' respacing (DDIM, eta 1, linspace) is ADM's ancestral
+  chain on that grid with the respaced posterior variance."""
+  from jdiff.pretrained.respace import adm_sample
+  from jdiff.samplers.ddim import ddim_sample
+  from jdiff.schedules import cosine
+
+  s = schedulers.from_adm(dict(diffusion_steps=100, timestep_respacing="10", sigma_small=True))
+  assert (s.sampler, s.num_steps, s.eta, s.spacing, s.notes) == ("ddim", 10, 1.0, "linspace", ())
+  schedule, shape, rng = cosine(100), (2, 4, 4, 3), jax.random.key(3)
+  x_T = jax.random.normal(jax.random.key(1), shape)
+  model_fn = lambda x, t, c: _toy_model(x, t.astype(jnp.float32), jnp)[..., :3]  # noqa: E731
+  a = ddim_sample(
+    schedule, model_fn, x_T, rng, num_steps=10, eta=1.0, spacing="linspace", clip_x0=1.0
+  )
+  b = adm_sample(
+    schedule, model_fn, x_T, rng, timesteps=s.timesteps, variance="fixed_small", clip_x0=1.0
+  )
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_adm_sampler_settings_replace_config_sample_and_are_logged():
+  from jdiff.configs import pretrained
+  from jdiff.pretrained import respace
+  from jdiff.runs.pretrained import apply_settings
+
+  flags = dict(diffusion_steps=1000, learn_sigma=True, noise_schedule="cosine")
+  cases = {
+    "250": ("ddim", 250, 1.0, "linspace"),
+    "ddim25": ("ddim", 25, 0.0, "trailing"),
+    "1000": ("ddpm", 50, None, "auto"),  # ddpm: every timestep, num_steps unused
+  }
+  for resp, want in cases.items():
+    s = schedulers.from_adm(dict(flags, timestep_respacing=resp))
+    np.testing.assert_array_equal(s.timesteps, respace.space_timesteps(1000, resp))
+    c = pretrained.get_config()
+    with c.unlocked():
+      notes = apply_settings(c, s, scheduler_sampling=True)
+    got = (c.sample.sampler, c.sample.num_steps, c.sample.eta, c.sample.spacing)
+    assert got == want, (resp, got)
+    assert c.sample.clip_x0 == 1.0 and c.diffusion.variance == "learned_range"
+    assert any("replaced by the publisher's" in n for n in notes), notes
+    learned_unused = [n for n in (*s.notes, *notes) if "variance" in n]
+    assert bool(learned_unused) == (want[0] != "ddpm"), (resp, learned_unused)
+  c = pretrained.get_config()
+  with c.unlocked():
+    apply_settings(c, s, scheduler_sampling=False)
+  assert (c.sample.sampler, c.sample.num_steps) == ("ddim", 50)
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -392,6 +611,53 @@ def test_hub_name_offline_is_one_clear_error(monkeypatch, tmp_path):
   with pytest.raises(OSError, match="could not fetch 'google/ddpm-cifar10-32'") as e:
     hub_download("google/ddpm-cifar10-32")
   assert "\n" not in str(e.value)
+
+
+# A pipeline repository (the layout of google/ddpm-cifar10-32's later revisions and of
+# Stable Diffusion's): only the U-Net and its scheduler are to be fetched.
+PIPELINE_FILES = [
+  "README.md",
+  "model_index.json",
+  "scheduler/scheduler_config.json",
+  "unet/config.json",
+  "unet/diffusion_pytorch_model.safetensors",
+  "unet/diffusion_pytorch_model.fp16.safetensors",
+  "unet/diffusion_pytorch_model.bin",
+  "vae/config.json",
+  "vae/diffusion_pytorch_model.safetensors",
+  "text_encoder/config.json",
+  "text_encoder/model.safetensors",
+  "safety_checker/model.safetensors",
+  "tokenizer/vocab.json",
+  "feature_extractor/preprocessor_config.json",
+]
+
+
+@pytest.mark.parametrize("torch_weights", [False, True])
+def test_hub_download_names_the_unet_and_scheduler_files(monkeypatch, tmp_path, torch_weights):
+  hub = pytest.importorskip("huggingface_hub")
+  from huggingface_hub.utils import filter_repo_objects
+
+  calls = []
+
+  def fake_snapshot_download(repo_id, *, revision=None, allow_patterns=None, **kw):
+    calls.append(allow_patterns)
+    return str(tmp_path)
+
+  monkeypatch.setattr(hub, "snapshot_download", fake_snapshot_download)
+  assert hub_download("owner/pipeline", torch_weights=torch_weights) == str(tmp_path)
+  # snapshot_download selects files with this function (fnmatch, where * matches '/').
+  fetched = set(filter_repo_objects(PIPELINE_FILES, allow_patterns=calls[0]))
+  want = {"scheduler/scheduler_config.json", "unet/config.json"}
+  want |= {"unet/diffusion_pytorch_model.safetensors"}
+  want |= {"unet/diffusion_pytorch_model.bin"} if torch_weights else set()
+  assert fetched == want
+  root = [p.split("/")[-1] for p in PIPELINE_FILES if p.startswith("unet/")] + [
+    "scheduler_config.json",
+    "model_index.json",
+  ]
+  fetched = set(filter_repo_objects(root, allow_patterns=calls[0]))
+  assert fetched == {p.split("/")[-1] for p in want}
 
 
 _SHARDED = r"""
@@ -479,6 +745,42 @@ def test_cli_samples_an_imported_model(tmp_path, tiny_dir, digits_dir):
   images = out["images"]
   assert images.shape == (4, 16, 16, 1) and np.all(np.isfinite(images))
   assert np.abs(images).max() <= 1.0 + 1e-6  # scheduler_config's clip_sample
+
+
+def _fourier_dir(tmp_path, tiny_dir):
+  import shutil
+
+  d = tmp_path / "fourier"
+  shutil.copytree(tiny_dir, d)
+  cfg = json.loads((d / "config.json").read_text())
+  (d / "config.json").write_text(json.dumps(dict(cfg, time_embedding_type="fourier")))
+  return str(d), "FATAL PretrainedError: config.json: time_embedding_type='fourier'"
+
+
+def _improved_under_guided(tmp_path, tiny_dir):
+  flags, _ = ADM_CASES["improved_legacy"]
+  d = tmp_path / "adm"
+  d.mkdir()
+  torch.save(_adm_reference(flags, "improved").state_dict(), d / "model.pt")
+  (d / "flags.json").write_text(json.dumps(flags))
+  return str(d), "FATAL PretrainedError: ADM flags: diffusion_steps=4000 with variant 'guided'"
+
+
+@pytest.mark.parametrize("case", [_fourier_dir, _improved_under_guided])
+def test_cli_bad_pretrained_input_is_one_fatal_line(tmp_path, tiny_dir, digits_dir, case):
+  path, want = case(tmp_path, tiny_dir)
+  fmt = "adm" if case is _improved_under_guided else "diffusers"
+  args = main_args(
+    "sample",
+    str(tmp_path / "wd"),
+    digits_dir,
+    config="pretrained",
+    **{"pretrained.path": path, "pretrained.format": fmt, "data.name": "jdiff_digits"},
+  )
+  proc = run_python(args, check=False)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith(want), last
 
 
 def test_eval_and_finetune_start_from_the_imported_weights(tmp_path, tiny_dir, digits_dir):

@@ -28,7 +28,8 @@ def get_config():
   p.format = "diffusers"  # diffusers | adm
   p.flags = ""  # ADM: "--image_size 64 --num_channels 192 ..." (over flags.json)
   p.adm_variant = "guided"  # ADM defaults for omitted flags: guided | improved
-  # Take x0 clipping / thresholding (and a DDIM spacing) from the scheduler config / ADM.
+  # Take x0 clipping / thresholding (and a DDIM spacing) from the scheduler config / ADM,
+  # and ADM's timestep_respacing as sample.sampler / num_steps / eta / spacing (logged).
   p.scheduler_sampling = True
   with c.unlocked():
     c.pretrained = p

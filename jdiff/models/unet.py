@@ -79,6 +79,8 @@ class UNet(nn.Module):
       name).
     mid_attention: attention between the two middle ResBlocks (diffusers'
       ``add_attention``).
+    mid_attn_norm: GroupNorm at the input of that attention (diffusers builds none with
+      ``resnet_time_scale_shift='scale_shift'`` and no ``attn_norm_num_groups``).
     center_input: map the input from [0, 1] to [-1, 1] first (diffusers'
       ``center_input_sample``).
     timestep_scale: multiplies t before the embedding (improved-diffusion's
@@ -113,6 +115,7 @@ class UNet(nn.Module):
   freq_shift: float = 0.0
   downsample_padding: int = 1
   mid_attention: bool = True
+  mid_attn_norm: bool = True
   center_input: bool = False
   timestep_scale: float = 1.0
   image_cond_channels: int = 0
@@ -236,8 +239,9 @@ class UNet(nn.Module):
       **kw,
     )
 
-    def attn(name):
+    def attn(name, use_norm=True):
       return AttentionBlock(
+        use_norm=use_norm,
         num_heads=self.num_heads,
         head_channels=self.head_channels,
         num_groups=self.num_groups,
@@ -303,7 +307,7 @@ class UNet(nn.Module):
 
     h = res_cls(h.shape[-1], name="mid_res_0", **blk)(h, emb, train)
     if self.mid_attention:
-      h = attn("mid_attn")(h)
+      h = attn("mid_attn", self.mid_attn_norm)(h)
     h = res_cls(h.shape[-1], name="mid_res_1", **blk)(h, emb, train)
 
     for i in reversed(range(len(self.ch_mult))):

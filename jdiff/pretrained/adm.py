@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from jdiff.pretrained import mapping
-from jdiff.pretrained.mapping import Rule, module_rules
+from jdiff.pretrained.mapping import PretrainedError, Rule, module_rules
 
 # guided-diffusion's model_and_diffusion_defaults(); improved-diffusion differs in
 # rescale_timesteps / rescale_learned_sigmas (True) and has no head-channel options.
@@ -88,11 +88,11 @@ def _ints(value) -> tuple[int, ...]:
 def complete_flags(flags: Mapping[str, Any], *, variant: str = "guided") -> dict:
   """`flags` over the defaults of `variant` ('guided' or 'improved'); unknown flags are errors."""
   if variant not in ("guided", "improved"):
-    raise ValueError(f"ADM variant must be 'guided' or 'improved', got {variant!r}")
+    raise PretrainedError(f"ADM variant must be 'guided' or 'improved', got {variant!r}")
   defaults = GUIDED_DEFAULTS if variant == "guided" else IMPROVED_DEFAULTS
   unknown = sorted(set(flags) - set(defaults))
   if unknown:
-    raise ValueError(f"unknown ADM flags {unknown}; known: {sorted(defaults)}")
+    raise PretrainedError(f"unknown ADM flags {unknown}; known: {sorted(defaults)}")
   return {**defaults, **flags}
 
 
@@ -100,14 +100,14 @@ def unet_kwargs(flags: Mapping[str, Any], *, variant: str = "guided") -> tuple[d
   """`UNet` kwargs and the input shape (H, W, C) from ADM's model flags.
 
   Raises:
-    ValueError: a flag value `UNet` cannot express, naming it.
+    PretrainedError: a flag value `UNet` cannot express, naming it.
   """
   f = complete_flags(flags, variant=variant)
   size = int(f["image_size"])
   mult = f["channel_mult"]
   if mult in ("", None, ()):
     if size not in CHANNEL_MULT:
-      raise ValueError(
+      raise PretrainedError(
         f"ADM image_size={size} without channel_mult: only {sorted(CHANNEL_MULT)} have a "
         "default (the 512 model's channel_mult starts at 0.5, which UNet cannot express)"
       )
@@ -120,10 +120,19 @@ def unet_kwargs(flags: Mapping[str, Any], *, variant: str = "guided") -> tuple[d
     int(f["num_heads_upsample"]),
   )
   if head_ch == -1 and heads_up not in (-1, heads):
-    raise ValueError(
+    raise PretrainedError(
       f"ADM num_heads_upsample={heads_up} != num_heads={heads}: UNet uses one head count"
     )
   steps = int(f["diffusion_steps"])
+  if variant == "guided" and steps != 1000 and "rescale_timesteps" not in flags:
+    # The one default that changes the function: improved-diffusion feeds the model
+    # t * 1000 / T, guided-diffusion t (all its models have T = 1000).
+    raise PretrainedError(
+      f"ADM flags: diffusion_steps={steps} with variant 'guided' (which feeds the model t, "
+      f"not improved-diffusion's t * 1000 / {steps}): for an improved-diffusion checkpoint "
+      "set config.pretrained.adm_variant='improved' (load_pretrained(variant='improved')); "
+      "otherwise pass the flag rescale_timesteps False"
+    )
   kwargs = dict(
     ch=int(f["num_channels"]),
     ch_mult=tuple(mult),
@@ -235,11 +244,11 @@ def parse_flags(text: str) -> dict:
   """'--image_size 64 --class_cond True ...' (the READMEs' MODEL_FLAGS) -> a flags dict."""
   tokens = text.split()
   if len(tokens) % 2:
-    raise ValueError(f"ADM flags must be '--name value' pairs, got {text!r}")
+    raise PretrainedError(f"ADM flags must be '--name value' pairs, got {text!r}")
   out = {}
   for name, value in zip(tokens[::2], tokens[1::2], strict=True):
     if not name.startswith("--"):
-      raise ValueError(f"ADM flags: expected --name, got {name!r} in {text!r}")
+      raise PretrainedError(f"ADM flags: expected --name, got {name!r} in {text!r}")
     out[name[2:]] = _value(value)
   return out
 

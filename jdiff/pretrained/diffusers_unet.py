@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from jdiff.pretrained import mapping
-from jdiff.pretrained.mapping import Rule, module_rules
+from jdiff.pretrained.mapping import PretrainedError, Rule, module_rules
 
 # UNet2DModel's constructor defaults (diffusers 0.2x-0.3x), used for keys a config omits.
 DEFAULTS: Mapping[str, Any] = {
@@ -79,58 +79,60 @@ def unet_kwargs(config: Mapping[str, Any]) -> tuple[dict, tuple[int, int, int]]:
   """`UNet` constructor kwargs and the input shape (H, W, C) from a `config.json` dict.
 
   Raises:
-    ValueError: naming the option `UNet` cannot express, or an inconsistent value.
+    PretrainedError: naming the option `UNet` cannot express, or an inconsistent value.
   """
   name = config.get("_class_name", "UNet2DModel")
   if name != "UNet2DModel":
-    raise ValueError(f"config.json: _class_name={name!r}; only UNet2DModel is supported")
+    raise PretrainedError(f"config.json: _class_name={name!r}; only UNet2DModel is supported")
   unknown = sorted(k for k in config if not k.startswith("_") and k not in DEFAULTS)
   if unknown:
-    raise ValueError(f"config.json: options unknown to this importer: {unknown}")
+    raise PretrainedError(f"config.json: options unknown to this importer: {unknown}")
   c = {**DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
   for key, value in _REQUIRED.items():
     if c[key] != value:
-      raise ValueError(f"config.json: {key}={c[key]!r} is not supported (only {value!r})")
+      raise PretrainedError(f"config.json: {key}={c[key]!r} is not supported (only {value!r})")
   if c["act_fn"] not in ("silu", "swish"):
-    raise ValueError(f"config.json: act_fn={c['act_fn']!r} is not supported (only silu)")
+    raise PretrainedError(f"config.json: act_fn={c['act_fn']!r} is not supported (only silu)")
   if c["attn_norm_num_groups"] not in (None, c["norm_num_groups"]):
-    raise ValueError(
+    raise PretrainedError(
       f"config.json: attn_norm_num_groups={c['attn_norm_num_groups']} differs from "
-      f"norm_num_groups={c['norm_num_groups']}"
+      f"norm_num_groups={c['norm_num_groups']} (UNet's middle attention uses norm_num_groups)"
     )
   if c["resnet_time_scale_shift"] not in ("default", "scale_shift"):
-    raise ValueError(
+    raise PretrainedError(
       f"config.json: resnet_time_scale_shift={c['resnet_time_scale_shift']!r} is not "
       "supported ('default' or 'scale_shift')"
     )
   if c["num_class_embeds"] is not None and c["class_embed_type"] is not None:
-    raise ValueError(f"config.json: class_embed_type={c['class_embed_type']!r} is not supported")
+    raise PretrainedError(
+      f"config.json: class_embed_type={c['class_embed_type']!r} is not supported"
+    )
   chans = [int(b) for b in c["block_out_channels"]]
   ch = chans[0]
   if any(b % ch for b in chans):
-    raise ValueError(
+    raise PretrainedError(
       f"config.json: block_out_channels={chans} must all be multiples of the first ({ch})"
     )
   if c["time_embedding_dim"] not in (None, 4 * ch):
-    raise ValueError(f"config.json: time_embedding_dim={c['time_embedding_dim']} != 4 * {ch}")
+    raise PretrainedError(f"config.json: time_embedding_dim={c['time_embedding_dim']} != 4 * {ch}")
   down, up = list(c["down_block_types"]), list(c["up_block_types"])
   if len(down) != len(chans) or len(up) != len(chans):
-    raise ValueError(
+    raise PretrainedError(
       f"config.json: {len(down)} down and {len(up)} up block types for {len(chans)} levels"
     )
   bad = sorted({b for b in down if b not in _DOWN} | {b for b in up if b not in _UP})
   if bad:
-    raise ValueError(
+    raise PretrainedError(
       f"config.json: block types {bad} are not supported (only {sorted(_DOWN)} / {sorted(_UP)})"
     )
   attn_levels = [i for i, b in enumerate(down) if _DOWN[b]]
   if attn_levels != [i for i, b in enumerate(reversed(up)) if _UP[b]]:
-    raise ValueError(
+    raise PretrainedError(
       f"config.json: attention in down blocks {down} and up blocks {up} is not mirrored"
     )
   size = c["sample_size"]
   if size is None:
-    raise ValueError("config.json: sample_size is needed (it places the attention levels)")
+    raise PretrainedError("config.json: sample_size is needed (it places the attention levels)")
   h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
   heads = c["attention_head_dim"]
   kwargs = dict(
@@ -153,6 +155,10 @@ def unet_kwargs(config: Mapping[str, Any]) -> tuple[dict, tuple[int, int, int]]:
     freq_shift=float(c["freq_shift"]),
     downsample_padding=int(c["downsample_padding"]),
     mid_attention=bool(c["add_attention"]),
+    # UNetMidBlock2D: attn_groups = attn_norm_num_groups, or if None resnet_groups for
+    # 'default' time conditioning and no GroupNorm at all for 'scale_shift'.
+    mid_attn_norm=c["attn_norm_num_groups"] is not None
+    or c["resnet_time_scale_shift"] == "default",
     center_input=bool(c["center_input_sample"]),
   )
   return kwargs, (h, w, int(c["in_channels"]))
@@ -171,9 +177,8 @@ def _res(prefix: str, path: tuple, has_skip: bool) -> list[Rule]:
   return rules
 
 
-def _attn(prefix: str, path: tuple, deprecated: bool) -> list[Rule]:
-  names = (
-    ("norm", "group_norm", "norm"),
+def _attn(prefix: str, path: tuple, deprecated: bool, *, norm: bool = True) -> list[Rule]:
+  names = ((("norm", "group_norm", "norm"),) if norm else ()) + (
     ("q", "query" if deprecated else "to_q", "dense"),
     ("k", "key" if deprecated else "to_k", "dense"),
     ("v", "value" if deprecated else "to_v", "dense"),
@@ -222,7 +227,12 @@ def rules(
   for j in range(2):
     out += _res(f"mid_block.resnets.{j}", (f"mid_res_{j}",), skip(f"mid_res_{j}"))
   if has("mid_attn"):
-    out += _attn("mid_block.attentions.0", ("mid_attn",), deprecated_attention)
+    out += _attn(
+      "mid_block.attentions.0",
+      ("mid_attn",),
+      deprecated_attention,
+      norm=("mid_attn", "norm", "norm", "scale") in shapes,
+    )
   for i in range(levels):
     k = levels - 1 - i
     for j in range(kwargs["num_res_blocks"] + 1):

@@ -23,9 +23,11 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 from jdiff.models.unet import UNet
 from jdiff.pretrained import adm, diffusers_unet, mapping, schedulers
+from jdiff.pretrained.mapping import PretrainedError
 
 FORMATS = ("diffusers", "adm")
 WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -72,7 +74,7 @@ def read_state_dict(path: str) -> Mapping[str, np.ndarray]:
     return LazySafetensors(path)
   if path.endswith((".bin", ".pt", ".pth", ".ckpt")):
     return _torch_load(path)
-  raise ValueError(f"unknown weights format {path!r} (.safetensors, .bin, .pt, .pth)")
+  raise PretrainedError(f"unknown weights format {path!r} (.safetensors, .bin, .pt, .pth)")
 
 
 def looks_like_hub_name(name: str) -> bool:
@@ -81,11 +83,21 @@ def looks_like_hub_name(name: str) -> bool:
   return len(parts) == 2 and all(parts) and not os.path.exists(name) and not name.startswith(".")
 
 
+def hub_files(*, torch_weights: bool = False) -> list[str]:
+  """The repository paths `hub_download` fetches (exact names: no wildcards)."""
+  weights = list(WEIGHTS if torch_weights else WEIGHTS[:1])
+  unet = ["config.json", *weights]
+  scheduler = "scheduler_config.json"
+  return [*unet, scheduler, *(f"unet/{f}" for f in unet), f"scheduler/{scheduler}"]
+
+
 def hub_download(repo_id: str, *, revision: str | None = None, torch_weights: bool = False) -> str:
   """Downloads (or finds cached) a hub repo's configs and weights; returns its local dir.
 
-  Only the json configs and the .safetensors weights (at the root, or in `unet/` and
-  `scheduler/` for a pipeline), or with `torch_weights` the .bin weights too.
+  Only the files `diffusers_files` reads, named (a pipeline repository's other
+  components, its VAE or text encoder, are not fetched): `config.json`, the .safetensors
+  weights and `scheduler_config.json` at the root, or in `unet/` and `scheduler/` for a
+  pipeline; with `torch_weights` the .bin weights too.
 
   Raises:
     ImportError: huggingface_hub is not installed.
@@ -98,8 +110,7 @@ def hub_download(repo_id: str, *, revision: str | None = None, torch_weights: bo
       f"loading {repo_id!r} by hub name needs huggingface_hub (pip install huggingface_hub); "
       "or pass a local directory"
     ) from None
-  weights = ["*.safetensors"] + (["*.bin"] if torch_weights else [])
-  patterns = ["*.json", *weights, "unet/*.json", *(f"unet/{w}" for w in weights)]
+  patterns = hub_files(torch_weights=torch_weights)
   try:
     return huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
   except Exception as e:  # noqa: BLE001  (offline: several exception types, one message)
@@ -135,6 +146,22 @@ def diffusers_files(directory: str) -> tuple[str, str, str | None]:
 def _read_json(path: str) -> dict:
   with open(path) as f:
     return json.load(f)
+
+
+def _scheduler_settings(scheduler: Mapping[str, Any], source: str):
+  """`from_diffusers`, or None with a one-line warning when the config cannot be read:
+  the U-Net is the same function without it (the run's own schedule is used)."""
+  try:
+    return schedulers.from_diffusers(scheduler)
+  except (ValueError, TypeError, KeyError) as e:
+    logging.warning(
+      "pretrained %s: scheduler config %s not used (%s): the U-Net loads without its "
+      "schedule and sampler settings (config.diffusion / config.sample apply)",
+      source,
+      scheduler.get("_class_name", "DDPMScheduler"),
+      " ".join(str(e).split()),
+    )
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,16 +218,16 @@ def build(
   """
   if fmt == "diffusers":
     if config is None:
-      raise ValueError("format 'diffusers' needs the config.json dict")
+      raise PretrainedError("format 'diffusers' needs the config.json dict")
     kwargs, shape = diffusers_unet.unet_kwargs(config)
-    settings = schedulers.from_diffusers(scheduler) if scheduler is not None else None
+    settings = _scheduler_settings(scheduler, source) if scheduler is not None else None
   elif fmt == "adm":
     if flags is None:
-      raise ValueError("format 'adm' needs the model's flags")
+      raise PretrainedError("format 'adm' needs the model's flags")
     kwargs, shape = adm.unet_kwargs(flags, variant=variant)
     settings = schedulers.from_adm(flags, variant=variant)
   else:
-    raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    raise PretrainedError(f"format must be one of {FORMATS}, got {fmt!r}")
   module = UNet(**{**kwargs, **module_overrides})
   sample = jax.ShapeDtypeStruct((1, *shape), np.float32)
   # Traced with XLA's convs: the same params as Winograd's (UNet.conv_impl), 3x faster to trace.
@@ -245,7 +272,7 @@ def load_pretrained(
     **module_overrides: e.g. dtype=jnp.bfloat16, conv_impl='xla', remat=True.
   """
   if format not in FORMATS:
-    raise ValueError(f"pretrained format must be one of {FORMATS}, got {format!r}")
+    raise PretrainedError(f"pretrained format must be one of {FORMATS}, got {format!r}")
   if format == "diffusers":
     directory = path
     if not os.path.exists(path):
@@ -278,7 +305,9 @@ def load_pretrained(
     flags = adm.parse_flags(flags)
   all_flags.update(flags or {})
   if not all_flags:
-    raise ValueError(f"ADM weights {file} need their flags (config.pretrained.flags or flags.json)")
+    raise PretrainedError(
+      f"ADM weights {file} need their flags (config.pretrained.flags or flags.json)"
+    )
   return build(
     "adm",
     read_state_dict(file),

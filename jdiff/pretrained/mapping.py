@@ -27,6 +27,11 @@ PyTree = Any
 Path = tuple[str, ...]
 
 
+class PretrainedError(ValueError):
+  """A pretrained model's configuration, flags or weights that jdiff cannot import as given;
+  the message names the key, flag or file and what to change."""
+
+
 class Rule(NamedTuple):
   """Torch keys <-> flax param paths.
 
@@ -175,7 +180,7 @@ def check_keys(rules: Sequence[Rule], keys, *, what: str) -> None:
   keys = set(keys)
   missing, unexpected = sorted(expected - keys), sorted(keys - expected)
   if missing or unexpected:
-    raise ValueError(
+    raise PretrainedError(
       f"{what}: the state dict does not match the configured architecture: "
       f"{len(missing)} missing keys (e.g. {missing[:4]}), {len(unexpected)} unexpected keys "
       f"(e.g. {unexpected[:4]}); check the config / flags that go with these weights"
@@ -220,7 +225,7 @@ def to_params(
     The params pytree (nested dicts of jax Arrays).
 
   Raises:
-    ValueError: missing / unexpected keys, or a shape that does not match.
+    PretrainedError: missing / unexpected keys, or a shape that does not match.
   """
   check_rules(rules, shapes)
   check_keys(rules, state_dict.keys(), what=what)
@@ -229,7 +234,7 @@ def to_params(
     arrays = [np.asarray(state_dict[k], dtype=np.float32) for k in rule.torch]
     for path, value in zip(rule.flax, rule.to_flax(*arrays), strict=True):
       if tuple(value.shape) != shapes[path]:
-        raise ValueError(
+        raise PretrainedError(
           f"{what}: {rule.torch} gives {'/'.join(path)} the shape {value.shape}, but the "
           f"configured UNet expects {shapes[path]}"
         )

@@ -18,6 +18,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jdiff import schedules
+from jdiff.pretrained import respace
+from jdiff.pretrained.mapping import PretrainedError
+from jdiff.samplers import grids
 from jdiff.schedules import Schedule
 
 PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
@@ -27,28 +30,67 @@ VARIANCES = {
   "fixed_large": "fixed_large",
   "fixed_large_log": "fixed_large",
   "learned_range": "learned_range",
+  # DPM-Solver's variance_type None: the model outputs no variance (C channels).
+  None: "fixed_small",
 }
-# diffusers DDPMScheduler / DDIMScheduler constructor defaults, for omitted keys.
-DEFAULTS: Mapping[str, Any] = {
+# What a scheduler class without the option does: no clipping, no thresholding, no
+# variance output, timesteps ending at the clean data, a linspace grid.
+_WITHOUT = {
+  "variance_type": None,
+  "clip_sample": False,
+  "clip_sample_range": 1.0,
+  "thresholding": False,
+  "dynamic_thresholding_ratio": 0.995,
+  "sample_max_value": 1.0,
+  "rescale_betas_zero_snr": False,
+  "set_alpha_to_one": True,
+  # DPMSolverSinglestep's own grid is linspace-like (the default of the newer classes).
+  "timestep_spacing": "linspace",
+  "steps_offset": 0,
+}
+_SCHEDULE = {
   "num_train_timesteps": 1000,
   "beta_start": 0.0001,
   "beta_end": 0.02,
   "beta_schedule": "linear",
   "trained_betas": None,
-  "variance_type": "fixed_small",
-  "clip_sample": True,
-  "clip_sample_range": 1.0,
   "prediction_type": "epsilon",
+}
+_CLIPPING = {"clip_sample": True, "clip_sample_range": 1.0}
+_THRESHOLDING = {
   "thresholding": False,
   "dynamic_thresholding_ratio": 0.995,
   "sample_max_value": 1.0,
-  "timestep_spacing": "leading",
-  "steps_offset": 0,
-  "rescale_betas_zero_snr": False,
 }
+# Each diffusers scheduler class's constructor defaults (diffusers 0.2x-0.4x) for the keys
+# above, over `_WITHOUT` for the options the class does not have (PNDM, Euler, UniPC, ...
+# have no clip_sample: they never clip). A config saved by `save_config` names its class
+# in `_class_name`; one without it is read as DDPMScheduler's.
+CLASS_DEFAULTS: Mapping[str, Mapping[str, Any]] = {
+  "DDPMScheduler": {
+    **_SCHEDULE,
+    **_CLIPPING,
+    **_THRESHOLDING,
+    "variance_type": "fixed_small",
+    "timestep_spacing": "leading",
+  },
+  "DDIMScheduler": {**_SCHEDULE, **_CLIPPING, **_THRESHOLDING, "timestep_spacing": "leading"},
+  "PNDMScheduler": {**_SCHEDULE, "timestep_spacing": "leading", "set_alpha_to_one": False},
+  "EulerDiscreteScheduler": _SCHEDULE,
+  "EulerAncestralDiscreteScheduler": _SCHEDULE,
+  "LMSDiscreteScheduler": _SCHEDULE,
+  "UniPCMultistepScheduler": {**_SCHEDULE, **_THRESHOLDING},
+  "DEISMultistepScheduler": {**_SCHEDULE, **_THRESHOLDING},
+  "DPMSolverMultistepScheduler": {**_SCHEDULE, **_THRESHOLDING},
+  "DPMSolverSinglestepScheduler": {**_SCHEDULE, **_THRESHOLDING},
+  "HeunDiscreteScheduler": {**_SCHEDULE, "beta_start": 0.00085, "beta_end": 0.012},
+  "KDPM2DiscreteScheduler": {**_SCHEDULE, "beta_start": 0.00085, "beta_end": 0.012},
+}
+CLASS_DEFAULTS = {k: {**_WITHOUT, **v} for k, v in CLASS_DEFAULTS.items()}
+DEFAULTS = CLASS_DEFAULTS["DDPMScheduler"]
 # Keys of other schedulers' sampling loops (or of old diffusers), which do not change the
 # schedule or the parameterisation; others unknown are listed in `Settings.notes`.
-_IGNORED = {"set_alpha_to_one", "skip_prk_steps", "tensor_format"}
+_IGNORED = {"skip_prk_steps", "tensor_format"}
 
 
 class Settings(NamedTuple):
@@ -64,6 +106,8 @@ class Settings(NamedTuple):
     sampler: a jdiff sampler name the publisher's setting corresponds to, or None.
     num_steps: its step count, or None.
     eta: its eta, or None.
+    timesteps: the publisher's kept timesteps, increasing int64 [N] (ADM's
+      `timestep_respacing`), or None.
     notes: what was approximated or left out, one sentence each.
   """
 
@@ -76,12 +120,13 @@ class Settings(NamedTuple):
   sampler: str | None = None
   num_steps: int | None = None
   eta: float | None = None
+  timesteps: np.ndarray | None = None
   notes: tuple[str, ...] = ()
 
 
 def betas_from_diffusers(config: Mapping[str, Any]) -> np.ndarray:
   """diffusers' betas [T] (float32 values, as its torch code computes them), as float64."""
-  c = {**DEFAULTS, **config}
+  c = {**class_defaults(config)[0], **config}
   n = int(c["num_train_timesteps"])
   name = c["beta_schedule"]
   if c["trained_betas"] is not None:
@@ -97,38 +142,49 @@ def betas_from_diffusers(config: Mapping[str, Any]) -> np.ndarray:
     x = np.linspace(-6, 6, n, dtype=np.float32)
     betas = (1 / (1 + np.exp(-x))) * (c["beta_end"] - c["beta_start"]) + c["beta_start"]
   else:
-    raise ValueError(
+    raise PretrainedError(
       f"scheduler_config.json: beta_schedule={name!r} is not supported "
       "(linear, scaled_linear, squaredcos_cap_v2, sigmoid, or trained_betas)"
     )
   return betas.astype(np.float32).astype(np.float64)
 
 
+def class_defaults(config: Mapping[str, Any]) -> tuple[Mapping[str, Any], list[str]]:
+  """The defaults of the config's `_class_name` (DDPMScheduler's if absent), and notes."""
+  name = config.get("_class_name", "DDPMScheduler")
+  if name in CLASS_DEFAULTS:
+    return CLASS_DEFAULTS[name], []
+  return DEFAULTS, [f"_class_name={name!r} is not known here: DDPMScheduler's defaults are used"]
+
+
 def from_diffusers(config: Mapping[str, Any]) -> Settings:
   """`Settings` from a diffusers `scheduler_config.json` dict (DDPM / DDIM / PNDM / ...).
 
+  Omitted keys take the defaults of the config's `_class_name` (`CLASS_DEFAULTS`): x0
+  clipping and thresholding only where that scheduler has them.
+
   Raises:
-    ValueError: an unsupported value (beta_schedule, prediction_type, variance_type),
+    PretrainedError: an unsupported value (beta_schedule, prediction_type, variance_type),
       naming it.
   """
+  defaults, notes = class_defaults(config)
   unknown = sorted(
-    k for k in config if not k.startswith("_") and k not in DEFAULTS and k not in _IGNORED
+    k for k in config if not k.startswith("_") and k not in defaults and k not in _IGNORED
   )
-  c = {**DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
+  c = {**defaults, **{k: v for k, v in config.items() if not k.startswith("_")}}
   schedule = schedules.from_betas(betas_from_diffusers(c))
   if c["rescale_betas_zero_snr"]:
     schedule = schedules.rescale_zero_terminal_snr(schedule)
   if c["prediction_type"] not in PREDICTIONS:
-    raise ValueError(
+    raise PretrainedError(
       f"scheduler_config.json: prediction_type={c['prediction_type']!r}; "
       f"choose from {sorted(PREDICTIONS)}"
     )
   if c["variance_type"] not in VARIANCES:
-    raise ValueError(
+    raise PretrainedError(
       f"scheduler_config.json: variance_type={c['variance_type']!r} is not supported "
-      f"({sorted(VARIANCES)})"
+      f"({sorted(VARIANCES, key=str)})"
     )
-  notes = []
   if unknown:
     notes.append(f"sampler options {unknown} have no jdiff counterpart and are not used")
   spacing = {"trailing": "trailing", "linspace": "linspace"}.get(c["timestep_spacing"])
@@ -136,6 +192,11 @@ def from_diffusers(config: Mapping[str, Any]) -> Settings:
     notes.append(
       f"timestep_spacing={c['timestep_spacing']!r} (steps_offset={c['steps_offset']}) has "
       "no jdiff grid (it does not start at the last timestep): jdiff's default grid is used"
+    )
+  if not c["set_alpha_to_one"]:
+    notes.append(
+      "set_alpha_to_one=False: diffusers' last step ends at alpha_bar(t=0); jdiff's timestep "
+      "samplers end at the clean data (alpha_bar = 1)"
     )
   if c["thresholding"]:
     notes.append(
@@ -159,9 +220,14 @@ def from_adm(flags: Mapping[str, Any], *, variant: str = "guided") -> Settings:
   `learn_sigma`, `sigma_small`, `predict_xstart`, `timestep_respacing`, ...).
 
   ADM always clips x0_hat to [-1, 1] when sampling (`clip_denoised=True`). Its
-  `timestep_respacing` 'ddimN' becomes DDIM with N steps (eta 0), 'N' becomes N
-  ancestral steps (DDIM with eta 1 on a linspace grid, which takes the posterior
-  variance of the respaced chain).
+  `timestep_respacing` gives `Settings.timesteps` (`respace.space_timesteps`; ADM's own
+  sampler on them is `respace.adm_sample`) and the closest registered jdiff sampler:
+  'ddimN' becomes DDIM with N steps and eta 0 on jdiff's trailing grid; 'N' (or per-section
+  counts) becomes DDIM with eta 1 on the linspace grid, which is ADM's ancestral chain on
+  that grid with the posterior variance of the respaced chain: ADM's learned (or fixed
+  large) variance there is replaced, and a note says so, as it does where the grids differ.
+  'T' (every timestep) becomes 'ddpm'. Without respacing ADM samples all T steps too, but
+  no sampler is set then (config.sample applies).
   """
   from jdiff.pretrained import adm  # pylint: disable=g-import-not-at-top
 
@@ -172,7 +238,9 @@ def from_adm(flags: Mapping[str, Any], *, variant: str = "guided") -> Settings:
   elif f["noise_schedule"] == "cosine":
     schedule = schedules.cosine(steps)
   else:
-    raise ValueError(f"ADM noise_schedule={f['noise_schedule']!r}: only linear and cosine exist")
+    raise PretrainedError(
+      f"ADM noise_schedule={f['noise_schedule']!r}: only linear and cosine exist"
+    )
   if f["learn_sigma"]:
     variance = "learned_range"
   else:
@@ -183,16 +251,35 @@ def from_adm(flags: Mapping[str, Any], *, variant: str = "guided") -> Settings:
       "use_kl / rescale_learned_sigmas set ADM's training loss weights; a fine-tuning run uses "
       "config.diffusion.weighting and vlb_weight instead"
     )
-  sampler = num_steps = eta = spacing = None
+  sampler = num_steps = eta = spacing = timesteps = None
   resp = str(f["timestep_respacing"] or "")
-  if resp.startswith("ddim"):
-    sampler, num_steps, eta, spacing = "ddim", int(resp[4:]), 0.0, "trailing"
-    notes.append("ADM's ddimN grid starts at 0 (leading); jdiff's trailing grid is used")
-  elif resp:
-    counts = [int(s) for s in resp.split(",")]
-    sampler, num_steps, eta, spacing = "ddim", sum(counts), 1.0, "linspace"
-    if len(counts) > 1:
-      notes.append(f"timestep_respacing={resp!r}: per-section counts become one linspace grid")
+  if resp:
+    timesteps = respace.space_timesteps(steps, resp)
+    num_steps = len(timesteps)
+    if num_steps == steps and not resp.startswith("ddim"):
+      sampler = "ddpm"  # every timestep: jdiff's ancestral sampler, variance included
+    elif resp.startswith("ddim"):
+      sampler, eta, spacing = "ddim", 0.0, "trailing"
+      notes.append(
+        f"timestep_respacing={resp!r}: ADM's DDIM grid {timesteps[:3].tolist()}... starts at "
+        f"0 (leading); jdiff's trailing grid of {num_steps} steps is used"
+      )
+    else:
+      sampler, eta, spacing = "ddim", 1.0, "linspace"
+      ours = grids.timesteps(steps, num_steps, spacing="linspace")
+      if not np.array_equal(ours, timesteps):
+        notes.append(
+          f"timestep_respacing={resp!r}: ADM's grid differs from jdiff's linspace grid of "
+          f"{num_steps} steps at {int(np.sum(ours != timesteps))} timesteps; the linspace grid "
+          "is used"
+        )
+      if variance != "fixed_small":
+        notes.append(
+          f"timestep_respacing={resp!r}: ADM samples ancestrally with the {variance} variance "
+          "of the respaced chain; DDIM with eta 1 takes that chain's posterior variance "
+          "instead (jdiff's 'ddpm' uses a learned variance over all T steps only; "
+          "jdiff.pretrained.respace.adm_sample with Settings.timesteps is ADM's sampler)"
+        )
   return Settings(
     schedule=schedule,
     prediction="x0" if f["predict_xstart"] else "eps",
@@ -203,5 +290,6 @@ def from_adm(flags: Mapping[str, Any], *, variant: str = "guided") -> Settings:
     sampler=sampler,
     num_steps=num_steps,
     eta=eta,
+    timesteps=timesteps,
     notes=tuple(notes),
   )
