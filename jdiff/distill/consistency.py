@@ -12,12 +12,12 @@ params twice gives [iCT]'s theta^- = sg(theta). The EMA update itself is
 `jdiff.training.optim.ema_update` (with [CM]'s decay mu; [iCT] uses mu = 0).
 
 References:
-  [CM] Song, Dhariwal, Chen, Sutskever. Consistency Models, ICML 2023: App. C (c_skip, c_out),
-    Alg. 1 (multistep sampling), Alg. 2 (consistency distillation), Alg. 3 (consistency training),
-    Sec. 3 / eq. (the Karras level grid, as [EDM] eq. 5).
-  [iCT] Song, Dhariwal. Improved Techniques for Training Consistency Models, ICLR 2024: Sec. 3.3
-    (lambda(sigma_i) = 1 / (sigma_{i+1} - sigma_i)), Sec. 3.3 (pseudo-Huber, c = 0.00054 sqrt(d)),
-    Sec. 3.4 (curriculum N(k), eq. 5), Sec. 3.5 (log-normal levels, eq. 6).
+  [CM] Song, Dhariwal, Chen, Sutskever. Consistency Models, ICML 2023: Sec. 3 (f = c_skip x +
+    c_out F), App. C (c_skip, c_out), Alg. 1 (multistep sampling), Alg. 2 (consistency
+    distillation), Alg. 3 (consistency training); the level grid is [EDM] eq. 5's.
+  [iCT] Song, Dhariwal. Improved Techniques for Training Consistency Models, ICLR 2024, Sec. 3:
+    lambda(sigma_i) = 1 / (sigma_{i+1} - sigma_i), pseudo-Huber with c = 0.00054 sqrt(d), the
+    discretisation curriculum N(k), log-normal level sampling (P_mean = -1.1, P_std = 2.0).
   [EDM] Karras, Aittala, Aila, Laine 2022, Table 1 (c_in), eq. 5 (rho grid), Alg. 1 (Heun).
 """
 
@@ -74,7 +74,7 @@ def cm_coefs(
 def consistency_fn(
   net: Callable[[Array, Array], Array], *, sigma_min: float = 0.002, sigma_data: float = 0.5
 ) -> ConsistencyFn:
-  """Wraps a network F as f(x, sigma) = c_skip x + c_out F(c_in x, sigma) ([CM] eq. 5, App. C).
+  """Wraps a network F as f(x, sigma) = c_skip x + c_out F(c_in x, sigma) ([CM] Sec. 3, App. C).
 
   Args:
     net: `net(x_in [B, ...], sigma [B] float32) -> [B, ...]`, called on c_in(sigma) x (it makes
@@ -126,7 +126,7 @@ def karras_levels(
 
 
 def ict_num_levels(step, total_steps: int, *, s0: int = 10, s1: int = 1280) -> Array:
-  """[iCT] eq. 5's discretisation curriculum N(k) = min(s0 2^floor(k / K'), s1) + 1, int32.
+  """[iCT]'s discretisation curriculum N(k) = min(s0 2^floor(k / K'), s1) + 1, int32.
 
   K' = floor(K / (log2 floor(s1 / s0) + 1)) with K = total_steps; the defaults (10, 1280) double N
   every K / 8 steps from 11 to 1281 levels.
@@ -147,8 +147,10 @@ def ict_num_levels(step, total_steps: int, *, s0: int = 10, s1: int = 1280) -> A
 def log_normal_level_probs(
   levels: Array, num_levels, *, p_mean: float = -1.1, p_std: float = 2.0
 ) -> Array:
-  """[iCT] eq. 6: p(i) proportional to erf((ln sigma_{i+1} - P_mean) / (sqrt2 P_std))
-  - erf((ln sigma_i - P_mean) / (sqrt2 P_std)), i = 0..N-2 (the pair (sigma_i, sigma_{i+1})).
+  """[iCT]'s log-normal level probabilities over the pairs (sigma_i, sigma_{i+1}), i = 0..N-2:
+
+    p(i) proportional to erf((ln sigma_{i+1} - P_mean) / (sqrt2 P_std))
+                       - erf((ln sigma_i - P_mean) / (sqrt2 P_std)).
 
   Args:
     levels: float32 [size], increasing (`karras_levels`).

@@ -170,11 +170,10 @@ def pd_loss(
   x = x0.astype(jnp.float32)
   a, s = _coefs(schedule, t, x)
   z_t = a * x + s * jax.random.normal(n_rng, x.shape, jnp.float32)
-  target = jax.lax.stop_gradient(
-    pd_target(schedule, teacher_fn, z_t, t, num_steps=n, cond=cond, prediction=teacher_prediction)[
-      0
-    ]
+  target, _ = pd_target(
+    schedule, teacher_fn, z_t, t, num_steps=n, cond=cond, prediction=teacher_prediction
   )
+  target = jax.lax.stop_gradient(target)
   sig = continuous.t_to_sigma(schedule, t)
   pred = student_fn(z_t.astype(x0.dtype), t, cond)
   x_hat = continuous.to_x0_eps_sigma(sig, z_t, pred, prediction=student_prediction)[0]
