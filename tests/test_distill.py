@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from jdiff import continuous, distill, schedules
-from jdiff.samplers.ddim import ddim_step
+from jdiff.samplers.ddim import ddim_sample, ddim_step
 from tests import analytic
 
 MU, S = 0.5, 0.5
@@ -86,6 +86,24 @@ def test_pd_target_is_two_exact_teacher_steps(num_steps, i, prediction):
     jnp.zeros((3, 4)), prediction="x0",
   )  # fmt: skip
   np.testing.assert_allclose(one, want_next, rtol=2e-5, atol=2e-5)
+
+
+def test_exact_student_ddim_sample_equals_teacher_at_twice_the_steps():
+  # A student that outputs the PD target (x0-prediction) sampled with jdiff's DDIM on its own
+  # N-step grid reproduces the teacher's DDIM on the 2N-step grid, end to end.
+  sched = schedules.cosine(1000)
+  teacher = _teacher(sched, "v")
+  student = lambda z, t, c: distill.pd_target(sched, teacher, z, t, num_steps=4, prediction="v")[0]
+  x_T = jax.random.normal(jax.random.PRNGKey(5), (6, 3))
+  rng = jax.random.PRNGKey(0)
+  got = ddim_sample(sched, student, x_T, rng, grid=distill.student_grid(1000, 4), prediction="x0")
+  want = ddim_sample(sched, teacher, x_T, rng, grid=distill.student_grid(1000, 8), prediction="v")
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  # ... which the teacher's own 4-step DDIM does not.
+  teacher4 = ddim_sample(
+    sched, teacher, x_T, rng, grid=distill.student_grid(1000, 4), prediction="v"
+  )
+  assert np.max(np.abs(np.asarray(teacher4) - np.asarray(want))) > 1e-2
 
 
 def test_student_grid_and_power_of_two():
