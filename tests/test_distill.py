@@ -117,6 +117,8 @@ def test_student_grid_and_power_of_two():
   with pytest.raises(ValueError, match="N=6"):
     teacher = _teacher(sched)
     distill.pd_loss(sched, teacher, teacher, jnp.zeros((2, 3)), jax.random.PRNGKey(0), num_steps=6)
+  with pytest.raises(ValueError, match="N=1024.*T=1000"):
+    distill.pd_target(sched, teacher, jnp.zeros((2, 3)), jnp.zeros(2), num_steps=1024)
 
 
 def test_pd_loss_zero_for_exact_student_and_weights():

@@ -110,6 +110,10 @@ def pd_target(
     (x~ [B, ...] float32, z_{t''} [B, ...] float32: the teacher's two-step result).
   """
   n = check_num_steps(num_steps)
+  if 2 * n > schedule.num_steps:
+    # The teacher's first midpoint t(1 / 2N) must be a real timestep (>= 0), not the clean data.
+    raise ValueError(f"a student of N={n} steps needs a teacher schedule of T >= 2N steps, "
+                     f"got T={schedule.num_steps}")  # fmt: skip
   diffusion.check_prediction(prediction)
   z = z_t.astype(jnp.float32)
   t = jnp.asarray(t, jnp.float32)
