@@ -17,6 +17,10 @@ fractional timestep t(sigma) (float32 [B]). Its prediction is converted by the o
 `diffusion.convert_prediction`, at coefficients computed from sigma (`vp_coefs`), which are
 exact near sigma = 0 where 1 - alpha_bar would cancel.
 
+`Schedule` and `processes.Process` share one protocol of methods (kind, t_min / t_max /
+t_scale, sigma_min_max, t_to_sigma / sigma_to_t, check_prediction, make_denoiser); the module
+functions of the same names take either and dispatch through those methods.
+
 References:
   [EDM] Karras, Aittala, Aila, Laine. Elucidating the Design Space of Diffusion-Based
     Generative Models, 2022, Sec. 2 and Table 1 (VP as VE with scaling s(t)).
@@ -35,61 +39,40 @@ from jdiff import diffusion, processes
 from jdiff.schedules import Schedule
 
 Array = jax.Array
+# What the protocol functions accept: a discrete `Schedule` or a continuous `processes.Process`,
+# which share kind, t_min / t_max / t_scale, sigma_min_max, t_to_sigma / sigma_to_t,
+# check_prediction and make_denoiser.
+Noise = Schedule | processes.Process
 # denoise(x_ve [B, ...], sigma scalar or [B]) -> x0_hat [B, ...]
 Denoiser = Callable[[Array, Array], Array]
 
-# A zero-terminal-SNR schedule has alpha_bar = 0 at its last step (sigma = inf). There, and only
-# there, alpha_bar is replaced by 2**-24 (sqrt 2**-12), as diffusers does, so that sigma_max
-# stays finite; the model still sees the last timestep. Schedules with alpha_bar > 0 (plain
-# cosine ends at ~2.4e-9) keep their exact sigma_max.
-_ZERO_SNR_SQRT_ALPHA_BAR = 2.0**-12
+# The protocol functions below take a `Schedule` or a `processes.Process` (Noise) and dispatch
+# through its methods; they stay as module functions for existing callers.
 
 
 def log_sigmas(schedule: Schedule) -> Array:
-  """log sigma_t = log sqrt(1 - ab_t) - log sqrt(ab_t), float32 [T], increasing in t.
-
-  Computed from the schedule's float64-derived square roots, so it stays accurate near
-  t = 0 where 1 - ab is small. A zero alpha_bar (zero terminal SNR) counts as 2**-24.
-  """
-  sqrt_ab = schedule.sqrt_alphas_cumprod
-  sqrt_ab = jnp.where(sqrt_ab > 0, sqrt_ab, _ZERO_SNR_SQRT_ALPHA_BAR)
-  return (jnp.log(schedule.sqrt_one_minus_alphas_cumprod) - jnp.log(sqrt_ab)).astype(jnp.float32)
+  """`Schedule.log_sigmas`: log sigma_t, float32 [T], increasing in t."""
+  return schedule.log_sigmas()
 
 
-def sigma_min_max(schedule: Schedule) -> tuple[Array, Array]:
-  """(sigma at t = 0, sigma at t = T-1), float32 scalars (a `processes.Process`: its range)."""
-  if processes.is_process(schedule):
-    return processes.sigma_min_max(schedule)
-  ls = log_sigmas(schedule)
-  return jnp.exp(ls[0]), jnp.exp(ls[-1])
+def sigma_min_max(noise: Noise) -> tuple[Array, Array]:
+  """`noise.sigma_min_max()`: the VE sigmas at t_min and t_max, float32 scalars."""
+  return noise.sigma_min_max()
 
 
-def t_to_sigma(schedule: Schedule, t: Array) -> Array:
-  """sigma(t) at fractional timesteps (log-linear interpolation); 0 where t < 0.
-
-  Args:
-    schedule: the `Schedule`.
-    t: timesteps of any shape, int or float, in [-1, T-1] (values above T-1 are clamped).
-
-  Returns:
-    float32 sigmas of t's shape.
-  """
-  t = jnp.asarray(t, jnp.float32)
-  ls = log_sigmas(schedule)
-  sig = jnp.exp(jnp.interp(t, jnp.arange(ls.shape[0], dtype=jnp.float32), ls))
-  return jnp.where(t < 0, 0.0, sig)
+def t_to_sigma(noise: Noise, t: Array) -> Array:
+  """`noise.t_to_sigma(t)`: sigma at times t (a `Schedule`'s fractional timesteps)."""
+  return noise.t_to_sigma(t)
 
 
-def sigma_to_t(schedule: Schedule, sigma: Array) -> Array:
-  """Fractional timestep t(sigma), the inverse of `t_to_sigma`; float32 of sigma's shape.
+def sigma_to_t(noise: Noise, sigma: Array) -> Array:
+  """`noise.sigma_to_t(sigma)`: the time at VE noise levels sigma, the inverse of t_to_sigma."""
+  return noise.sigma_to_t(sigma)
 
-  Sigmas outside [sigma_min, sigma_max] are clamped to t = 0 or T-1; sigma = 0 gives -1.
-  """
-  sigma = jnp.asarray(sigma, jnp.float32)
-  ls = log_sigmas(schedule)
-  safe = jnp.where(sigma > 0, sigma, 1.0)
-  t = jnp.interp(jnp.log(safe), ls, jnp.arange(ls.shape[0], dtype=jnp.float32))
-  return jnp.where(sigma > 0, t, -1.0)
+
+def check_prediction(noise: Noise, prediction: str) -> None:
+  """`noise.check_prediction(prediction)`: ValueError unless the noise supports it."""
+  noise.check_prediction(prediction)
 
 
 def alpha_bar_at(schedule: Schedule, t: Array) -> Array:
@@ -184,6 +167,26 @@ def batch_sigma(sigma: Array, x: Array) -> Array:
 
 
 def make_denoiser(
+  noise: Noise,
+  model_fn: diffusion.ModelFn,
+  *,
+  cond: Array | None = None,
+  prediction: str = "eps",
+  clip_x0: float | None = None,
+  dynamic_percentile: float | None = None,
+) -> Denoiser:
+  """`noise.make_denoiser(...)`: the EDM denoiser D(x_ve, sigma) -> x0_hat of a model of a
+  `Schedule` (`vp_denoiser`) or of a `processes.Process` (`processes.make_denoiser`)."""
+  return noise.make_denoiser(
+    model_fn,
+    cond=cond,
+    prediction=prediction,
+    clip_x0=clip_x0,
+    dynamic_percentile=dynamic_percentile,
+  )
+
+
+def vp_denoiser(
   schedule: Schedule,
   model_fn: diffusion.ModelFn,
   *,
@@ -209,24 +212,14 @@ def make_denoiser(
 
   Returns:
     `denoise(x_ve [B, ...], sigma scalar or [B]) -> x0_hat [B, ...]` (dtype of x_ve).
-    A `processes.Process` in place of the schedule gives `processes.make_denoiser`'s.
   """
-  if processes.is_process(schedule):
-    return processes.make_denoiser(
-      schedule,
-      model_fn,
-      cond=cond,
-      prediction=prediction,
-      clip_x0=clip_x0,
-      dynamic_percentile=dynamic_percentile,
-    )
   diffusion.check_prediction(prediction)
   diffusion.check_threshold(clip_x0=clip_x0, dynamic_percentile=dynamic_percentile)
 
   def denoise(x: Array, sigma: Array) -> Array:
     sig = batch_sigma(sigma, x)
     x_t = (x.astype(jnp.float32) * vp_coefs(sig, x)[0]).astype(x.dtype)
-    out = model_fn(x_t, sigma_to_t(schedule, sig), cond)
+    out = model_fn(x_t, schedule.sigma_to_t(sig), cond)
     x0 = to_x0_eps_sigma(sig, x_t, out, prediction=prediction)[0]
     x0 = diffusion.threshold_x0(x0, clip_x0=clip_x0, dynamic_percentile=dynamic_percentile)
     return x0.astype(x.dtype)

@@ -62,7 +62,7 @@ def make_velocity(
   """The ODE velocity u(x_t, t) of a flow model (any prediction), t > 0."""
   if p.kind != "flow":
     raise ValueError(f"the flow samplers integrate a 'flow' process, got {p.kind!r}")
-  processes.check_prediction(p, prediction)
+  p.check_prediction(prediction)
   diffusion.check_threshold(clip_x0=clip_x0, dynamic_percentile=dynamic_percentile)
   direct = prediction == "velocity" and clip_x0 is None and dynamic_percentile is None
 

@@ -10,8 +10,9 @@ so a process only has to say four things: alpha(t) and sigma(t) (`alpha_sigma`),
 `make_denoiser` then turns a model of the process, `model_fn(x_t, t * t_scale, cond)` with any
 prediction target, into the EDM denoiser D(x_ve, s) -> x0_hat; that is all the sigma-grid
 samplers (euler, heun, edm, euler_a, dpmpp_2m / 3m / sde, unipc) call, so they run unchanged on
-every process: `continuous.make_denoiser`, `continuous.sigma_min_max` and `grids.sigma_grid`
-accept a `Process` wherever they take a `Schedule`, and dispatch here.
+every process. A `Process` shares the noise protocol of the discrete `Schedule` (kind, t_min /
+t_max / t_scale, sigma_min_max, t_to_sigma / sigma_to_t, check_prediction, make_denoiser), so
+`continuous.make_denoiser`, `grids.sigma_grid` and the guidance wrappers take either.
 
   kind        alpha(t)                 sigma(t)             t          training t
   vp_cosine   cos(f(t)) / cos(f(0))    sqrt(1 - alpha^2)    [0, 1]     uniform on [t_min, t_max]
@@ -53,7 +54,6 @@ from jdiff import diffusion
 Array = jax.Array
 KINDS = ("vp_cosine", "vp_linear", "ve", "flow")
 PREDICTIONS = ("eps", "x0", "v", "velocity")
-T_SAMPLERS = ("uniform", "log_normal", "logit_normal")
 _COS_S = 0.008
 
 
@@ -81,9 +81,43 @@ class Process:
   beta_min: float = 0.1
   beta_max: float = 20.0
 
+  # The noise protocol it shares with the discrete `jdiff.schedules.Schedule` (kind, t_min /
+  # t_max / t_scale are the fields above). Time t is the process's own time.
 
-def is_process(obj) -> bool:
-  return isinstance(obj, Process)
+  def sigma_min_max(self) -> tuple[Array, Array]:
+    """The VE sigmas at t_min and t_max, float32 scalars (the samplers' grid range)."""
+    return sigma_min_max(self)
+
+  def t_to_sigma(self, t) -> Array:
+    """The VE noise level s(t) = sigma(t) / alpha(t) at process times t (`ve_sigma`)."""
+    return ve_sigma(self, t)
+
+  def sigma_to_t(self, sigma) -> Array:
+    """The process time t(s) at VE noise levels s, the inverse of t_to_sigma (`t_of_ve_sigma`)."""
+    return t_of_ve_sigma(self, sigma)
+
+  def check_prediction(self, prediction: str) -> None:
+    """Raises ValueError unless the process supports `prediction` (`check_prediction`)."""
+    check_prediction(self, prediction)
+
+  def make_denoiser(
+    self,
+    model_fn: diffusion.ModelFn,
+    *,
+    cond: Array | None = None,
+    prediction: str = "eps",
+    clip_x0: float | None = None,
+    dynamic_percentile: float | None = None,
+  ) -> Callable[[Array, Array], Array]:
+    """The EDM denoiser D(x_ve, s) -> x0_hat of a model of the process (`make_denoiser`)."""
+    return make_denoiser(
+      self,
+      model_fn,
+      cond=cond,
+      prediction=prediction,
+      clip_x0=clip_x0,
+      dynamic_percentile=dynamic_percentile,
+    )
 
 
 # ----------------------------------------------------------------------------- constructors
@@ -160,14 +194,6 @@ def flow(
     raise ValueError(f"p_std must be positive, got {p_std}")
   t_min, t_max = sigma_min / (1.0 + sigma_min), sigma_max / (1.0 + sigma_max)
   return Process("flow", t_min, t_max, t_scale, t_sampler, p_mean, p_std)
-
-
-def get_process(name: str, **kwargs) -> Process:
-  """A process by kind name: 'vp_cosine', 'vp_linear', 've' (alias 'edm') or 'flow'."""
-  makers = {"vp_cosine": vp_cosine, "vp_linear": vp_linear, "ve": ve, "edm": ve, "flow": flow}
-  if name not in makers:
-    raise ValueError(f"unknown process {name!r}; choose one of {sorted(makers)}")
-  return makers[name](**kwargs)
 
 
 # ----------------------------------------------------------------------------- coefficients

@@ -25,6 +25,12 @@ import numpy as np
 
 Array = jax.Array
 
+# A zero-terminal-SNR schedule has alpha_bar = 0 at its last step (sigma = inf). There, and only
+# there, alpha_bar is replaced by 2**-24 (sqrt 2**-12), as diffusers does, so that sigma_max
+# stays finite; the model still sees the last timestep. Schedules with alpha_bar > 0 (plain
+# cosine ends at ~2.4e-9) keep their exact sigma_max.
+_ZERO_SNR_SQRT_ALPHA_BAR = 2.0**-12
+
 
 class Schedule(NamedTuple):
   """Per-timestep coefficients of a discrete diffusion, each float32 of shape [T].
@@ -76,6 +82,100 @@ class Schedule(NamedTuple):
   def sigmas(self) -> Array:
     """Noise levels of the variance-exploding view, sqrt((1 - alpha_bar) / alpha_bar), [T]."""
     return self.sqrt_one_minus_alphas_cumprod / self.sqrt_alphas_cumprod
+
+  # --------------------------------------------------------------------------- noise protocol
+  # The members a `Schedule` shares with `jdiff.processes.Process`; samplers, guidance and
+  # training reach either one through these only (never a type test). Time t is the
+  # fractional timestep in [0, T-1], which is also what the model is called at.
+
+  @property
+  def kind(self) -> str:
+    """'discrete' (a `Process` says 'vp_cosine', 'vp_linear', 've' or 'flow')."""
+    return "discrete"
+
+  @property
+  def t_min(self) -> int:
+    """The smallest time, 0 (static)."""
+    return 0
+
+  @property
+  def t_max(self) -> int:
+    """The largest time, T-1 (static)."""
+    return self.num_steps - 1
+
+  @property
+  def t_scale(self) -> float:
+    """The model is called at t * t_scale: 1, the timestep itself."""
+    return 1.0
+
+  def log_sigmas(self) -> Array:
+    """log sigma_t = log sqrt(1 - ab_t) - log sqrt(ab_t), float32 [T], increasing in t.
+
+    Computed from the float64-derived square roots, so it stays accurate near t = 0 where
+    1 - ab is small. A zero alpha_bar (zero terminal SNR) counts as 2**-24.
+    """
+    sqrt_ab = self.sqrt_alphas_cumprod
+    sqrt_ab = jnp.where(sqrt_ab > 0, sqrt_ab, _ZERO_SNR_SQRT_ALPHA_BAR)
+    return (jnp.log(self.sqrt_one_minus_alphas_cumprod) - jnp.log(sqrt_ab)).astype(jnp.float32)
+
+  def sigma_min_max(self) -> tuple[Array, Array]:
+    """(sigma at t = 0, sigma at t = T-1), float32 scalars: the sigma grids' range."""
+    ls = self.log_sigmas()
+    return jnp.exp(ls[0]), jnp.exp(ls[-1])
+
+  def t_to_sigma(self, t: Array) -> Array:
+    """sigma(t) at fractional timesteps (log-linear interpolation); 0 where t < 0.
+
+    Args:
+      t: timesteps of any shape, int or float, in [-1, T-1] (values above T-1 are clamped).
+
+    Returns:
+      float32 sigmas of t's shape.
+    """
+    t = jnp.asarray(t, jnp.float32)
+    ls = self.log_sigmas()
+    sig = jnp.exp(jnp.interp(t, jnp.arange(ls.shape[0], dtype=jnp.float32), ls))
+    return jnp.where(t < 0, 0.0, sig)
+
+  def sigma_to_t(self, sigma: Array) -> Array:
+    """Fractional timestep t(sigma), the inverse of `t_to_sigma`; float32 of sigma's shape.
+
+    Sigmas outside [sigma_min, sigma_max] are clamped to t = 0 or T-1; sigma = 0 gives -1.
+    """
+    sigma = jnp.asarray(sigma, jnp.float32)
+    ls = self.log_sigmas()
+    safe = jnp.where(sigma > 0, sigma, 1.0)
+    t = jnp.interp(jnp.log(safe), ls, jnp.arange(ls.shape[0], dtype=jnp.float32))
+    return jnp.where(sigma > 0, t, -1.0)
+
+  def check_prediction(self, prediction: str) -> None:
+    """Raises ValueError unless `prediction` is 'eps', 'x0' or 'v'."""
+    # Deferred: jdiff.diffusion (and jdiff.continuous below) are built on this module.
+    from jdiff import diffusion  # pylint: disable=g-import-not-at-top
+
+    diffusion.check_prediction(prediction)
+
+  def make_denoiser(
+    self,
+    model_fn,
+    *,
+    cond=None,
+    prediction: str = "eps",
+    clip_x0: float | None = None,
+    dynamic_percentile: float | None = None,
+  ):
+    """The EDM denoiser D(x_ve [B, ...], sigma scalar or [B]) -> x0_hat of a model of this
+    schedule: `jdiff.continuous.vp_denoiser`, which documents the arguments."""
+    from jdiff import continuous  # pylint: disable=g-import-not-at-top
+
+    return continuous.vp_denoiser(
+      self,
+      model_fn,
+      cond=cond,
+      prediction=prediction,
+      clip_x0=clip_x0,
+      dynamic_percentile=dynamic_percentile,
+    )
 
 
 def from_betas(betas) -> Schedule:

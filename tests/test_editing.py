@@ -254,8 +254,8 @@ def test_guidance_interval_switches_exactly_at_its_ends():
 def test_guidance_schedules_end_points():
   sig = jnp.ones(3)
   frac = jnp.array([0.0, 0.5, 1.0])
-  np.testing.assert_allclose(schedule_scale(4.0, "linear")(sig, frac), [1.0, 2.5, 4.0])
-  np.testing.assert_allclose(schedule_scale(4.0, "cosine")(sig, frac), [1.0, 2.5, 4.0], atol=1e-6)
+  np.testing.assert_allclose(schedule_scale(4.0, "linear")(sig, frac), [7.0, 4.0, 1.0])
+  np.testing.assert_allclose(schedule_scale(4.0, "cosine")(sig, frac), [7.0, 4.0, 1.0], atol=1e-6)
   np.testing.assert_allclose(schedule_scale(4.0)(sig, frac), [4.0] * 3)
   with pytest.raises(ValueError, match="'step'"):
     schedule_scale(2.0, "step")

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jdiff import continuous, processes
+from jdiff import continuous, processes, schedules
 from jdiff.samplers import dpm_solver, euler, grids, unipc
 
 MU, V = 0.7, 0.3**2
@@ -168,3 +168,41 @@ def test_process_grids():
   np.testing.assert_allclose(grids.sigma_grid(fl, 4, spacing="trailing"), g)
   g = grids.sigma_grid(processes.ve(), 18, spacing="karras")
   np.testing.assert_allclose([g[0], g[-2], g[-1]], [80.0, 0.002, 0.0], rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- noise protocol
+
+
+NOISES = {"discrete": (schedules.cosine(100), "eps"), **PROCESSES}
+
+
+@pytest.mark.parametrize("name", list(NOISES))
+def test_schedule_and_process_share_one_protocol(name):
+  """A `Schedule` and every `Process` answer the same members, and the module functions of
+  `continuous` dispatch through them (no type test): sigma range, t <-> sigma, predictions,
+  the denoiser."""
+  noise, pred = NOISES[name]
+  assert noise.kind == name
+  lo, hi = noise.sigma_min_max()
+  np.testing.assert_allclose([lo, hi], noise.t_to_sigma(jnp.array([noise.t_min, noise.t_max])))
+  assert [float(v) for v in continuous.sigma_min_max(noise)] == [float(lo), float(hi)]
+  t = jnp.linspace(noise.t_min, noise.t_max, 7)[1:-1]
+  sig = continuous.t_to_sigma(noise, t)
+  assert np.all(np.diff(np.asarray(sig)) > 0)
+  np.testing.assert_allclose(continuous.sigma_to_t(noise, sig), t, rtol=1e-4, atol=2e-3)
+  continuous.check_prediction(noise, pred)
+  bad = "velocity" if name == "discrete" else "v" if name in ("ve", "flow") else "score"
+  with pytest.raises(ValueError, match=repr(bad) if bad != "v" else "needs a VP process"):
+    noise.check_prediction(bad)
+  # The denoiser calls the model at t(sigma) * t_scale on x_ve scaled to x_t.
+  seen = []
+
+  def model_fn(x_t, tm, cond):
+    seen.append(tm)
+    return jnp.zeros_like(x_t)
+
+  x = jnp.ones((2, 3))
+  d = continuous.make_denoiser(noise, model_fn, prediction=pred)(x, sig[2])
+  np.testing.assert_allclose(seen[0], [t[2] * noise.t_scale] * 2, rtol=1e-4, atol=2e-3)
+  same = noise.make_denoiser(model_fn, prediction=pred)(x, sig[2])
+  np.testing.assert_array_equal(d, same)

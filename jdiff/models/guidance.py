@@ -16,17 +16,22 @@ deviation of the conditional one and mixed back ([Lin24] eq. 15-16):
 model predicts. For jdiff's class-conditional U-Net the unconditional label is its reserved
 `null_label` (= num_classes), seen in training through label dropout.
 
-A learned-variance model (`UNet(learn_sigma=True)`, [iDDPM] Sec. 3.1) outputs 2C channels:
-eps in the first C, the variance interpolation v in the last C. With `learn_sigma=True` only
-the eps half is guided; v is the conditional branch's, unguided, as in [GLIDE] (the
-`glide_text2im` sampling `model_fn` guides `eps` and keeps the conditional `rest`).
-Extrapolating v as well can push it out of [-1, 1], the variance out of [beta~, beta]
-(`jdiff.diffusion` interpolates the log-variances with (v + 1) / 2).
+A model with extra output channels beyond its prediction sets `learn_sigma=True`: a
+learned-variance model (`UNet(learn_sigma=True)`, [iDDPM] Sec. 3.1) outputs 2C channels, eps
+in the first C and the variance interpolation v in the last C; EDM2's uncertainty
+(`EDMPrecond(uncertainty=True)`, [EDM2] Sec. 5) outputs C + 1, the denoised image and a
+log-variance. Only the first C channels (C = x's channels) are guided; the rest are the
+conditional branch's, unguided, as in [GLIDE] (the `glide_text2im` sampling `model_fn`
+guides `eps` and keeps the conditional `rest`). Extrapolating v as well can push it out of
+[-1, 1], the variance out of [beta~, beta] (`jdiff.diffusion` interpolates the log-variances
+with (v + 1) / 2).
 
 References:
   [iDDPM] Nichol, Dhariwal. Improved Denoising Diffusion Probabilistic Models, 2021.
   [GLIDE] Nichol et al. GLIDE: Towards Photorealistic Image Generation and Editing with
     Text-Guided Diffusion Models, 2022 (released code: `glide_text2im`).
+  [EDM2] Karras et al. Analyzing and Improving the Training Dynamics of Diffusion Models,
+    2024, Sec. 5 (uncertainty).
   [CFG] Ho, Salimans. Classifier-Free Diffusion Guidance, 2022, eq. 6 (there w' = 1 + w).
   [Lin24] Lin, Liu, Li, Yang. Common Diffusion Noise Schedules and Sample Steps are Flawed,
     2024, Sec. 3.4, eqs. 15-16.
@@ -82,9 +87,9 @@ def cfg_model_fn(
     null_cond: the unconditional conditioning, broadcast to cond's shape: e.g. the U-Net's
       `null_label` (an int), or a null embedding of shape cond.shape[1:].
     guidance_rescale: phi in [0, 1] of [Lin24] eq. 16 (0 disables the rescale).
-    learn_sigma: the model outputs [B, ..., 2C] (eps, variance interpolation) on the last
-      axis: guide (and rescale) the first C channels only and take the last C from the
-      conditional prediction.
+    learn_sigma: the model outputs [B, ..., C + k] on the last axis, C = x.shape[-1] (2C:
+      eps and a variance interpolation; C + 1: EDM2's uncertainty): guide (and rescale) the
+      first C channels only and take the other k from the conditional prediction.
 
   Returns:
     `guided_fn(x [B, ...], t [B] or scalar, cond [B, ...]) -> [B, ...]`, the model's
@@ -92,7 +97,7 @@ def cfg_model_fn(
 
   Raises:
     ValueError: for guidance_rescale outside [0, 1], or when called with cond=None, or
-      with learn_sigma and an odd number of output channels.
+      with learn_sigma and no more output channels than x has.
   """
   if not 0.0 <= float(guidance_rescale) <= 1.0:
     raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
@@ -113,12 +118,13 @@ def cfg_model_fn(
     c, u = out[:b], out[b:]
     rest = None
     if learn_sigma:
-      if out.shape[-1] % 2:
+      ch = x.shape[-1]
+      if out.shape[-1] <= ch:
         raise ValueError(
-          f"learn_sigma=True needs an even number of output channels "
-          f"(eps, variance), got output shape {out.shape[1:]}"
+          f"learn_sigma=True needs more output channels than the input's {ch} (the "
+          f"prediction, then a variance or uncertainty), got output shape {out.shape[1:]}"
         )
-      (c, rest), u = jnp.split(c, 2, axis=-1), jnp.split(u, 2, axis=-1)[0]
+      c, rest, u = c[..., :ch], c[..., ch:], u[..., :ch]
     w = jnp.asarray(guidance_scale, jnp.float32)
     guided = u.astype(jnp.float32) + w * (c.astype(jnp.float32) - u.astype(jnp.float32))
     guided = guided.astype(out.dtype)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff import continuous, processes
+from jdiff import continuous
 from jdiff.schedules import Schedule
 
 SPACINGS = ("leading", "trailing", "linspace", "quadratic")
@@ -164,11 +164,11 @@ def sigma_grid(
       f"sigma_min / sigma_max override the end points of the 'karras' and 'log_snr' grids "
       f"only, got spacing={spacing!r}"
     )
-  s_min, s_max = continuous.sigma_min_max(schedule)
-  if processes.is_process(schedule) and spacing in ("uniform", "trailing"):
-    # A continuous process has no integer timesteps: both are uniform in its time t.
+  s_min, s_max = schedule.sigma_min_max()
+  if spacing == "uniform" or (spacing == "trailing" and schedule.kind != "discrete"):
+    # Uniform in time t; a continuous process has no integer timesteps: trailing is uniform.
     t = jnp.linspace(schedule.t_max, schedule.t_min, num_steps, dtype=jnp.float32)
-    return jnp.concatenate([processes.ve_sigma(schedule, t), jnp.zeros((1,), jnp.float32)])
+    return jnp.concatenate([schedule.t_to_sigma(t), jnp.zeros((1,), jnp.float32)])
   s_min = s_min if sigma_min is None else jnp.asarray(sigma_min, jnp.float32)
   # Above the schedule's sigma_max the model is undefined: clamp there, as EDM's sampler does.
   s_max = s_max if sigma_max is None else jnp.minimum(jnp.asarray(sigma_max, jnp.float32), s_max)
@@ -178,11 +178,8 @@ def sigma_grid(
   if spacing == "log_snr":
     sig = jnp.exp(jnp.linspace(jnp.log(s_max), jnp.log(s_min), num_steps, dtype=jnp.float32))
     return jnp.concatenate([sig, zero])
-  if spacing == "uniform":
-    t = jnp.linspace(schedule.num_steps - 1, 0, num_steps, dtype=jnp.float32)
-  else:
-    t = timestep_grid(schedule.num_steps, num_steps, spacing=spacing)[:-1]
-  return jnp.concatenate([continuous.t_to_sigma(schedule, t), zero])
+  t = timestep_grid(schedule.num_steps, num_steps, spacing=spacing)[:-1]
+  return jnp.concatenate([schedule.t_to_sigma(t), zero])
 
 
 def sigma_grid_and_start(

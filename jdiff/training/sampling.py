@@ -259,7 +259,7 @@ def make_sample_fn(
   eps_only = learn_sigma and not (sampler == "ddpm" and variance == "learned_range")
   editing.sdedit_start_index(1, strength)  # validates strength
   flow_sampler = sampler in FLOW_SAMPLERS
-  if flow_sampler and getattr(schedule, "kind", None) != "flow":
+  if flow_sampler and schedule.kind != "flow":
     raise ValueError(
       f"sampler {sampler!r} steps in t on a rectified-flow process (jdiff.processes.flow(), "
       f"config.objective='flow'), got a {type(schedule).__name__}; sample other models with "

@@ -71,7 +71,7 @@ def make_loss_fn(
       drop_rng = dropout_rng
     extra = {} if noise is None else {"t": t, "noise": noise}  # discrete path: both or none
     model_fn = make_model_fn(module, params, train=train, rng=drop_rng if train else None)
-    if processes.is_process(schedule):
+    if schedule.kind != "discrete":
       return processes.process_loss(
         schedule,
         model_fn,
@@ -170,7 +170,7 @@ def make_train_step(
     return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
 
   def accumulate(params, x0: Array, cond: Array | None, schedule: Schedule, rng: Array):
-    if processes.is_process(schedule):
+    if schedule.kind != "discrete":
       raise ValueError(
         "grad_accum_steps > 1 needs the discrete (ddpm) objective; a process "
         f"({type(schedule).__name__}) draws its own noise levels"
