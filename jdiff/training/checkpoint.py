@@ -22,8 +22,10 @@ reason (EACCES, EIO, ...) is no proof of corruption: it stops the restore with
 `CheckpointReadError` naming the file and the errno, and nothing is moved. A step that
 vanished while it was read (deleted by the run that owns the workdir, `keep_checkpoints`)
 is skipped, never called corrupt. A step whose metadata holds no checksum record restores
-unverified only when the directory's record (`CHECKSUMS_SINCE_FILE`, or the oldest step
-that has checksums) says it was saved before jdiff recorded them, or with
+unverified only when the workdir's record (`<directory>_checksums.json` beside the
+directory, e.g. `<workdir>/checkpoints_checksums.json`, written before the first save; for
+a directory older than that file, an older step with checksums) says it was saved before
+jdiff recorded them, or with
 `allow_unverified=True` (`config.train.allow_unverified_checkpoints`).
 """
 
@@ -47,8 +49,9 @@ STATE = "state"
 DATA = "data"
 CHECKSUMS = integrity.CHECKSUMS  # key of the record in the step's custom metadata
 METADATA_FILE = integrity.METADATA_FILE  # orbax's step metadata, which holds the record
-# {"since_step": S}: every step >= S was saved with checksums (written before the first save)
-CHECKSUMS_SINCE_FILE = "jdiff_checksums_since.json"
+# <directory>_checksums.json, beside the directory: {"since_step": S}, every step >= S was
+# saved with checksums (written before the first save)
+SINCE_SUFFIX = "_checksums.json"
 ALLOW_UNVERIFIED = "config.train.allow_unverified_checkpoints"
 _VANISHED = "vanished"  # a step deleted while it was read: not a verdict on its files
 
@@ -164,14 +167,14 @@ class Checkpointer:
 
   @property
   def _since_path(self) -> str:
-    return os.path.join(self.directory, CHECKSUMS_SINCE_FILE)
+    return self.directory + SINCE_SUFFIX
 
   def _has_checksums(self, step: int) -> bool:
     return integrity.has_record(os.path.join(self.directory, str(step)))
 
   def _predates_checksums(self, step: int) -> bool:
     """Whether the directory's record says `step` was saved before jdiff recorded checksums:
-    its `CHECKSUMS_SINCE_FILE`, or (a directory written before that file existed) no older
+    `<directory>_checksums.json`, or (a directory written before that file existed) no older
     step has checksums."""
     try:
       with open(self._since_path, encoding="utf-8") as f:
@@ -244,7 +247,8 @@ class Checkpointer:
     integrity.check_shapes(record, target, where=where)
     restored, unreadable = None, ""
     try:
-      restored = self._restore(target, step, data_iter, partial=partial)
+      with integrity.quiet_failed_read():
+        restored = self._restore(target, step, data_iter, partial=partial)
       why = integrity.verify_arrays(record, restored) or ""
     except Exception as e:  # pylint: disable=broad-except
       why, unreadable = _one_line(e), integrity.read_error(e)

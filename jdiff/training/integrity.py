@@ -19,10 +19,14 @@ over the state at each save (milliseconds for the configs here).
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import gc
 import json
+import logging
 import os
 import re
+import sys
 import zlib
 from typing import Any
 
@@ -220,3 +224,32 @@ def read_error(e: BaseException | None) -> str:
       return f"{match.group(1)}: [Errno {code}] {os.strerror(code)}"
     e = e.__cause__ or e.__context__
   return ""
+
+
+class _DropNeverRetrieved(logging.Filter):
+  def filter(self, record) -> bool:
+    return "never retrieved" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_failed_read():
+  """Silences the reports of a failed restore's abandoned reads, collected within the block.
+
+  When one of orbax's concurrent TensorStore reads fails (a truncated file), the others'
+  futures and coroutines are abandoned, and each is reported when it is collected
+  ("Future exception was never retrieved", "Exception ignored in coroutine"): hundreds of
+  tracebacks for one fault that the caller reports in one line. On an error the block
+  collects them (`gc.collect`) while the asyncio logger's and `sys.unraisablehook`'s
+  reports of them are dropped; other asyncio records pass.
+  """
+  asyncio_log, drop, hook = logging.getLogger("asyncio"), _DropNeverRetrieved(), sys.unraisablehook
+  asyncio_log.addFilter(drop)
+  sys.unraisablehook = lambda unraisable: None
+  try:
+    yield
+  except BaseException:
+    gc.collect()
+    raise
+  finally:
+    sys.unraisablehook = hook
+    asyncio_log.removeFilter(drop)
