@@ -614,6 +614,16 @@ def test_failed_read_reports_once(tmp_path, reference, abstract, reference_state
   corrupt(wd, STEPS, "truncated array file")
   original, unraisable = Checkpointer._restore, []
 
+  class Suspend:
+    def __await__(self):
+      yield
+
+  async def cancelled_read():
+    try:
+      await Suspend()
+    finally:  # its clean-up fails when it is collected: "Exception ignored in coroutine"
+      raise ValueError("OUT_OF_RANGE: Requested byte range is not valid")
+
   def abandoning(self, target, step, *args, **kwargs):
     if step != STEPS:  # only the failing restore abandons reads
       return original(self, target, step, *args, **kwargs)
@@ -622,7 +632,8 @@ def test_failed_read_reports_once(tmp_path, reference, abstract, reference_state
     for f in futures:
       f.set_exception(ValueError("OUT_OF_RANGE: Requested byte range is not valid"))
       f.cycle = f  # collected by gc only, as orbax's abandoned reads are
-    pending = [asyncio.sleep(0)]  # a coroutine that is never awaited
+    pending = [cancelled_read()]  # a read suspended mid-way, then abandoned
+    pending[0].send(None)
     pending.append(pending)
     loop.close()
     del futures, pending

@@ -240,11 +240,18 @@ def quiet_failed_read():
   ("Future exception was never retrieved", "Exception ignored in coroutine"): hundreds of
   tracebacks for one fault that the caller reports in one line. On an error the block
   collects them (`gc.collect`) while the asyncio logger's and `sys.unraisablehook`'s
-  reports of them are dropped; other asyncio records pass.
+  reports of them are dropped; other records and reports pass.
   """
+  import asyncio  # pylint: disable=g-import-not-at-top
+
   asyncio_log, drop, hook = logging.getLogger("asyncio"), _DropNeverRetrieved(), sys.unraisablehook
+
+  def drop_abandoned(unraisable) -> None:
+    if not (asyncio.iscoroutine(unraisable.object) or asyncio.isfuture(unraisable.object)):
+      hook(unraisable)
+
   asyncio_log.addFilter(drop)
-  sys.unraisablehook = lambda unraisable: None
+  sys.unraisablehook = drop_abandoned
   try:
     yield
   except BaseException:
