@@ -170,8 +170,8 @@ def quiet_closed_loops() -> None:
   threading.excepthook = _drop_closed_loop_thread_errors
 
 
-def _fatal(message: str) -> None:
-  """Ends the process with `message` as one last line of stderr.
+def _fatal(message: str, code: int = 1) -> None:
+  """Ends the process (exit status `code`) with `message` as one last line of stderr.
 
   The process ends with `os._exit(1)` after flushing: every mode has closed its
   checkpointer and writers on its way here, and skipping the interpreter's finalisation
@@ -186,16 +186,18 @@ def _fatal(message: str) -> None:
   sys.stderr.flush()
   sys.stderr.write("FATAL " + " ".join(str(message).split()) + "\n")
   sys.stderr.flush()
-  os._exit(1)
+  os._exit(code)
 
 
 def _run_mode(mode: str, workdir: str) -> None:
   """Runs the mode; any error ends the process with its cause as the last line of stderr.
 
-  Errors that explain themselves (a busy workdir, no intact checkpoint, a changed config,
-  a NaN loss) print that line alone; others print their traceback above it. Each mode
-  closes its checkpointer (finishing an in-flight save) and writers before the error
-  gets here, so nothing follows the line.
+  Errors that explain themselves (a busy workdir, no intact checkpoint, an unreadable
+  checkpoint file, a changed config, a NaN loss) print that line alone; others print their
+  traceback above it. Ctrl-C ends with one line and exit status 130 (training saved a
+  checkpoint first, unless it was the second Ctrl-C). Each mode closes its checkpointer
+  (finishing an in-flight save) and writers before the error gets here, so nothing follows
+  the line.
   """
   from jdiff.runs.stored_config import ConfigChangedError  # pylint: disable=g-import-not-at-top
   from jdiff.training import checkpoint, integrity, lock, loop  # pylint: disable=g-import-not-at-top
@@ -204,12 +206,17 @@ def _run_mode(mode: str, workdir: str) -> None:
     lock.WorkdirBusyError,
     checkpoint.NoIntactCheckpointError,
     checkpoint.CorruptCheckpointError,
+    checkpoint.CheckpointReadError,
     integrity.ShapeMismatchError,
     ConfigChangedError,
     loop.NonFiniteLossError,
   )
   try:
     MODES[mode](FLAGS.config, workdir)
+  except KeyboardInterrupt as e:  # Ctrl-C: loop.Interrupted says what it saved
+    logging.flush()
+    what = str(e) if isinstance(e, loop.Interrupted) else f"Ctrl-C (SIGINT) during --mode={mode}"
+    _fatal(f"Interrupted: {what}", code=130)
   except Exception as e:  # pylint: disable=broad-except
     if not isinstance(e, clear):
       logging.error("--mode=%s failed:\n%s", mode, traceback.format_exc())
@@ -220,6 +227,12 @@ def _run_mode(mode: str, workdir: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from jdiff.training import writers  # pylint: disable=g-import-not-at-top
+
+  try:  # before any work: a run must not fail at its first write, after hours
+    writers.check_workdir(FLAGS.workdir)
+  except writers.WorkdirError as e:
+    _fatal(f"{type(e).__name__}: {e}")
   import jax  # pylint: disable=g-import-not-at-top
 
   if FLAGS.coordinator_address or FLAGS.distributed:

@@ -13,10 +13,13 @@ import hashlib
 import json
 import logging
 import os
+import pathlib
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -459,3 +462,350 @@ def test_unknown_overrides_and_missing_config_file(tmp_path):
   assert proc.stderr.splitlines() == [
     "FATAL config file jdiff/configs/nope.py does not exist (--config=jdiff/configs/nope.py)"
   ]
+
+
+# ----------------------------------------------------------------------------- issue 24
+
+
+def _metadata_path(workdir: str, step: int) -> str:
+  return os.path.join(ckpt_dir(workdir), str(step), "_CHECKPOINT_METADATA")
+
+
+def _strip_record(workdir: str, step: int) -> None:
+  """Rewrites the step's metadata as valid JSON without jdiff's checksum record."""
+  path = _metadata_path(workdir, step)
+  meta = json.load(open(path))
+  meta["custom_metadata"] = {}
+  with open(path, "w") as f:
+    json.dump(meta, f)
+
+
+def test_damaged_metadata_is_corruption(tmp_path, reference, abstract, reference_states, caplog):
+  """A truncated `_CHECKPOINT_METADATA` (before: the step restored unverified, a flipped
+  array with it) and a record stripped from valid metadata are corruption; only the
+  override, or a directory whose steps predate checksums, restores unverified."""
+  wd = copy_of(reference, tmp_path)
+  path = _metadata_path(wd, STEPS)
+  os.truncate(path, os.path.getsize(path) // 2)
+  corrupt(wd, STEPS, "4-byte bit flip")
+  _strip_record(wd, STEPS - 1)
+  with caplog.at_level(logging.WARNING), Checkpointer(ckpt_dir(wd)) as ckpt:
+    state = ckpt.restore(abstract)
+  assert int(state.step) == STEPS - 2
+  assert_trees_equal(state, reference_states[STEPS - 2])
+  warnings = [r.getMessage() for r in caplog.records if "is corrupt" in r.getMessage()]
+  assert len(warnings) == 2, warnings
+  assert "_CHECKPOINT_METADATA cannot be parsed" in warnings[0]
+  assert "has no checksum record" in warnings[1]
+  assert all("config.train.allow_unverified_checkpoints=true" in w for w in warnings)
+
+  # The override restores a step without a record, unverified (here: intact step 5).
+  shutil.move(os.path.join(ckpt_dir(wd), f"{STEPS - 1}.corrupt"), ckpt_dir(wd) + f"/{STEPS - 1}")
+  with Checkpointer(ckpt_dir(wd), allow_unverified=True) as ckpt:
+    assert_trees_equal(ckpt.restore(abstract), reference_states[STEPS - 1])
+
+  # A directory written before jdiff recorded checksums (no record anywhere) restores as is.
+  legacy = copy_of(reference, tmp_path, "legacy")
+  for step in range(1, STEPS + 1):
+    _strip_record(legacy, step)
+  if os.path.exists(ckpt_dir(legacy) + "_checksums.json"):  # the workdir's record
+    os.remove(ckpt_dir(legacy) + "_checksums.json")
+  with Checkpointer(ckpt_dir(legacy)) as ckpt:
+    assert_trees_equal(ckpt.restore(abstract), reference_states[STEPS])
+
+
+def test_deleted_lock_file_still_excludes(tmp_path, reference, abstract):
+  """The lock is the workdir's own inode: deleting `.lock` (before: a second trainer got the
+  lock) changes nothing; a holder whose workdir was replaced stops before moving a step."""
+  from jdiff.training.lock import WorkdirBusyError, WorkdirLock
+
+  wd = copy_of(reference, tmp_path)
+  with WorkdirLock(wd):
+    os.remove(os.path.join(wd, ".lock"))
+    with pytest.raises(WorkdirBusyError, match="is in use by another run"):
+      WorkdirLock(wd).acquire()
+
+  lock = WorkdirLock(wd).acquire()
+  try:
+    corrupt(wd, STEPS, "4-byte bit flip")
+    with Checkpointer(ckpt_dir(wd), guard=lock.verified) as ckpt:
+      os.rename(wd, wd + "-moved")  # a user moved the workdir, another run copied it back
+      shutil.copytree(wd + "-moved", wd)
+      before = digests(ckpt_dir(wd))
+      with pytest.raises(WorkdirBusyError, match="moved, deleted or replaced"):
+        ckpt.restore(abstract)
+    assert digests(ckpt_dir(wd)) == before  # the other run's step 6 was not moved
+  finally:
+    lock.release()
+
+
+def test_vanished_step_is_not_corrupt(tmp_path, reference, abstract, reference_states, caplog):
+  """A step deleted while it is read (the live run's keep_checkpoints) is skipped: never
+  "corrupt", never an error (before: the rename to .corrupt failed, or it was set aside)."""
+  wd = copy_of(reference, tmp_path)
+  original = Checkpointer._restore
+
+  def deleted_meanwhile(self, target, step, *args, **kwargs):
+    if step == STEPS:
+      shutil.rmtree(os.path.join(self.directory, str(step)))
+    return original(self, target, step, *args, **kwargs)
+
+  with caplog.at_level(logging.WARNING), Checkpointer(ckpt_dir(wd)) as ckpt:
+    Checkpointer._restore = deleted_meanwhile
+    try:
+      state = ckpt.restore(abstract)
+    finally:
+      Checkpointer._restore = original
+  assert int(state.step) == STEPS - 1
+  assert_trees_equal(state, reference_states[STEPS - 1])
+  assert not any("corrupt" in r.getMessage() for r in caplog.records)
+  assert sorted(os.listdir(ckpt_dir(wd))) == list(map(str, range(1, STEPS)))
+
+
+def test_unreadable_file_is_not_corruption(tmp_path, reference, abstract):
+  """`chmod 000` on an array file (before: the intact step was renamed .corrupt, rc 0):
+  the restore stops with one line naming the file and the errno, nothing is moved."""
+  from jdiff.training.checkpoint import CheckpointReadError
+
+  root = os.geteuid() == 0  # root reads anything: it reads as nobody, from a dir nobody enters
+  base = pathlib.Path(tempfile.mkdtemp(dir="/tmp")) if root else tmp_path
+  try:
+    os.chmod(base, 0o755)
+    wd = copy_of(reference, base)
+    before = digests(ckpt_dir(wd))
+    victim = _largest_array_file(os.path.join(ckpt_dir(wd), str(STEPS)))
+    os.chmod(victim, 0)
+    if root:
+      for path, dirs, files in os.walk(wd):
+        for name in dirs + files:
+          os.chown(os.path.join(path, name), 65534, 65534)
+      os.seteuid(65534)
+    try:
+      with Checkpointer(ckpt_dir(wd)) as ckpt, pytest.raises(CheckpointReadError) as err:
+        ckpt.restore(abstract)
+    finally:
+      if root:
+        os.seteuid(0)
+    os.chmod(victim, 0o644)
+    assert digests(ckpt_dir(wd)) == before  # nothing moved aside
+  finally:
+    if root:
+      shutil.rmtree(base)
+  message = str(err.value)
+  assert f"{victim}: [Errno 13] Permission denied" in message, message
+  assert "\n" not in message and "nothing was moved aside" in message
+  # EIO, as TensorStore (orbax's reader) reports it, is an I/O error too; a short file is not.
+  ts = "Failed to open: \"/w/checkpoints/6/state/d/ab\": Input/output error [os_error_code='5']"
+  wrapped = Exception("Encountered error while reading array index")
+  wrapped.__cause__ = ValueError(ts)
+  assert integrity.read_error(wrapped) == f"/w/checkpoints/6/state/d/ab: [Errno 5] {os.strerror(5)}"
+  assert integrity.read_error(ValueError("OUT_OF_RANGE: Requested byte range [1, 9)")) == ""
+  assert integrity.read_error(FileNotFoundError(2, "No such file", "/w/x")) == ""
+
+
+def test_failed_read_reports_once(tmp_path, reference, abstract, reference_states, caplog):
+  """A truncated array file fails one of orbax's concurrent reads; the others' abandoned
+  futures and coroutines used to be reported one traceback each ("Future exception was
+  never retrieved", "Exception ignored in coroutine": 356 in the report). The injected
+  restore abandons futures and a coroutine the same way; one warning line is all."""
+  import asyncio
+
+  wd = copy_of(reference, tmp_path)
+  corrupt(wd, STEPS, "truncated array file")
+  original, unraisable = Checkpointer._restore, []
+
+  class Suspend:
+    def __await__(self):
+      yield
+
+  async def cancelled_read():
+    try:
+      await Suspend()
+    finally:  # its clean-up fails when it is collected: "Exception ignored in coroutine"
+      raise ValueError("OUT_OF_RANGE: Requested byte range is not valid")
+
+  def abandoning(self, target, step, *args, **kwargs):
+    if step != STEPS:  # only the failing restore abandons reads
+      return original(self, target, step, *args, **kwargs)
+    loop = asyncio.new_event_loop()
+    futures = [loop.create_future() for _ in range(5)]
+    for f in futures:
+      f.set_exception(ValueError("OUT_OF_RANGE: Requested byte range is not valid"))
+      f.cycle = f  # collected by gc only, as orbax's abandoned reads are
+    pending = [cancelled_read()]  # a read suspended mid-way, then abandoned
+    pending[0].send(None)
+    pending.append(pending)
+    loop.close()
+    del futures, pending
+    return original(self, target, step, *args, **kwargs)
+
+  hook = sys.unraisablehook
+  sys.unraisablehook = unraisable.append
+  try:
+    with caplog.at_level(logging.WARNING), Checkpointer(ckpt_dir(wd)) as ckpt:
+      Checkpointer._restore = abandoning
+      try:
+        state = ckpt.restore(abstract)
+      finally:
+        Checkpointer._restore = original
+    __import__("gc").collect()
+  finally:
+    sys.unraisablehook = hook
+  assert_trees_equal(state, reference_states[STEPS - 1])
+  messages = [r.getMessage() for r in caplog.records]
+  assert not any("never retrieved" in m for m in messages), messages
+  assert not unraisable, unraisable
+  assert sum("is corrupt" in m for m in messages) == 1
+  assert "See full TensorStore details" not in messages[-1]  # the cause, not orbax's wrapper
+
+
+@pytest.mark.parametrize("interrupts", [1, 2])
+def test_sigint_saves_like_sigterm(interrupts):
+  """A first Ctrl-C saves the step and raises `Interrupted` (before: KeyboardInterrupt
+  inside the step, nothing saved); a second one aborts at once, saving nothing."""
+  from jdiff.training.loop import Interrupted
+
+  logged, saved = [], []
+
+  def step_fn(state):
+    if state + 1 == 5:
+      for _ in range(interrupts):
+        os.kill(os.getpid(), signal.SIGINT)
+    return state + 1, {"loss": np.float32(1.0)}
+
+  with pytest.raises(KeyboardInterrupt) as err:
+    train_loop(
+      0,
+      step_fn,
+      start=0,
+      total=100,
+      batch_size=1,
+      log_every=3,
+      ckpt_every=0,
+      save=lambda step, state: saved.append(step),
+      log=lambda step, metrics, rate, eta: logged.append((step, len(metrics))),
+    )
+  if interrupts == 1:
+    assert isinstance(err.value, Interrupted) and saved == [5]
+    assert str(err.value) == "Ctrl-C (SIGINT): saved checkpoint 5; rerun to resume"
+    assert logged == [(3, 3), (5, 2)]
+  else:
+    assert not isinstance(err.value, Interrupted) and saved == [] and logged == [(3, 3)]
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def _popen_logged(args: list[str], log: str) -> subprocess.Popen:
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  with open(log, "w") as f:
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=f, stderr=f)
+
+
+def _wait_for_text(log: str, proc: subprocess.Popen, text: str, timeout: float = 300) -> None:
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    if text in open(log).read():
+      return
+    time.sleep(0.05)
+
+
+def test_ctrl_c_is_one_line(tmp_path, reference, digits_dir, abstract, reference_states):
+  """Ctrl-C in training saves the step and ends with one line, exit status 130; in sampling
+  it ends with one line too (before: a traceback, last line `KeyboardInterrupt`)."""
+  wd = copy_of(reference, tmp_path)
+  log = str(tmp_path / "train.log")
+  long = {"train.num_steps": 100000, "train.ckpt_every": 0}
+  proc = _popen_logged(main_args("train", wd, digits_dir, **{**RUN, **long}), log)
+  wait_for_rows(wd, proc, STEPS + 2)
+  proc.send_signal(signal.SIGINT)
+  assert proc.wait(timeout=300) == 130
+  text = open(log).read()
+  line = last_line(text)
+  assert re.fullmatch(
+    r"FATAL Interrupted: Ctrl-C \(SIGINT\): saved checkpoint (\d+); rerun to resume", line
+  ), line
+  step = int(re.search(r"checkpoint (\d+)", line).group(1))
+  assert "Traceback" not in text and step > STEPS + 1
+  with Checkpointer(ckpt_dir(wd)) as ckpt:
+    assert ckpt.latest_step() == step and int(ckpt.restore(abstract).step) == step
+
+  wd = copy_of(reference, tmp_path, "sampling")
+  log = str(tmp_path / "sample.log")
+  many = {"sample.num_samples": 100000, "sample.batch_size": 8}
+  proc = _popen_logged(main_args("sample", wd, digits_dir, **{**RUN, **many}), log)
+  _wait_for_text(log, proc, "samples: 8/")
+  proc.send_signal(signal.SIGINT)
+  assert proc.wait(timeout=300) == 130
+  text = open(log).read()
+  assert last_line(text) == "FATAL Interrupted: Ctrl-C (SIGINT) during --mode=sample"
+  assert "Traceback" not in text
+
+
+def test_sample_files_take_one_suffix(tmp_path, reference, digits_dir):
+  """samples_*.npz deleted, its .png kept: the next set is `-1.npz` with `-1.png` (before:
+  the plain .npz beside a -1.png)."""
+  from jdiff.runs import diffusion
+
+  wd = copy_of(reference, tmp_path)
+  first = diffusion.sample(config(digits_dir), wd)
+  stem = first[: -len(".npz")]
+  assert os.path.isfile(stem + ".png")
+  os.remove(first)
+  second = diffusion.sample(config(digits_dir), wd)
+  assert second == stem + "-1.npz"
+  assert sorted(os.listdir(os.path.dirname(stem))) == sorted(
+    [os.path.basename(p) for p in (stem + ".png", stem + "-1.npz", stem + "-1.png")]
+    + [n for n in os.listdir(os.path.dirname(stem)) if n.startswith("grid_")]
+  )
+
+
+def test_check_workdir_names_the_flag(tmp_path):
+  """A workdir that is a file, or under one (before: a raw OSError never naming --workdir)."""
+  from jdiff.training.writers import WorkdirError, check_workdir
+
+  path = str(tmp_path / "file")
+  open(path, "w").close()
+  with pytest.raises(WorkdirError, match=f"^--workdir={re.escape(path)} is not a directory$"):
+    check_workdir(path)
+  with pytest.raises(WorkdirError, match=f"^--workdir={re.escape(path)}/run cannot be created: "):
+    check_workdir(path + "/run")
+  assert check_workdir(str(tmp_path / "new" / "run")) == str(tmp_path / "new" / "run")
+  assert not os.path.exists(tmp_path / "new")  # checked, not created
+
+
+@pytest.mark.parametrize("kind", ["empty", "read-only"])
+def test_bad_workdir_is_one_line_before_any_work(tmp_path, reference, digits_dir, kind):
+  """`--workdir=` (before: trained in the current directory, rc 0) or a read-only directory
+  (before: a raw OSError after all the sampling work) fail at once, naming it."""
+  workdir, mounted = str(tmp_path / "wd"), False
+  if kind == "read-only":
+    workdir = copy_of(reference, tmp_path)
+    if os.geteuid() == 0:
+      ro = subprocess.run(["mount", "--bind", "-o", "ro", workdir, workdir], capture_output=True)
+      if ro.returncode != 0:
+        pytest.skip(f"cannot mount read-only (needs root): {ro.stderr.decode().strip()}")
+      mounted = True
+    else:
+      os.chmod(workdir, 0o555)
+  else:
+    workdir = ""
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  args = main_args("sample", workdir, digits_dir, **RUN)
+  args[2] = f"--config={REPO}/jdiff/configs/tiny.py"  # run from another directory
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  try:
+    proc = subprocess.run(
+      [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+  finally:
+    if mounted:
+      subprocess.run(["umount", workdir], check=False)
+  expected = {
+    "empty": "FATAL WorkdirError: --workdir is empty: give the run's directory, e.g. "
+    "--workdir=runs/digits",
+    "read-only": f"FATAL WorkdirError: --workdir={workdir} is not writable: [Errno ",
+  }[kind]
+  assert proc.returncode == 1
+  assert last_line(proc.stderr).startswith(expected), proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr and "sampled" not in proc.stderr
+  assert os.listdir(cwd) == []

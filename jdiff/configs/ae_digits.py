@@ -52,6 +52,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.log_every = 100
   c.train.ckpt_every = 500
   c.train.keep_checkpoints = 3
+  # Restore a checkpoint whose checksum record is missing or unreadable, unverified.
+  c.train.allow_unverified_checkpoints = False
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 100

@@ -70,6 +70,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.ckpt_every = 500
   c.train.sample_every = 0  # 0: only at the end
   c.train.keep_checkpoints = 3
+  # Restore a checkpoint whose checksum record is missing or unreadable, unverified.
+  c.train.allow_unverified_checkpoints = False
   c.train.label_dropout = 0.0  # classifier-free guidance training (conditional only)
   c.train.grad_accum_steps = 1  # k microbatches of batch_size / k per update (lax.scan)
   # Multi-process runs agree on a SIGTERM every N steps (one small collective), unless JAX's

@@ -36,7 +36,13 @@ from jdiff.training.rng import stream
 from jdiff.training.sampling import make_sample_fn
 from jdiff.training.state import TrainState, param_count
 from jdiff.training.step import make_eval_step, make_train_step
-from jdiff.training.writers import MetricWriter, save_image_grid, save_npz, write_scalars_once
+from jdiff.training.writers import (
+  MetricWriter,
+  save_image_grid,
+  save_npz,
+  unique_stem,
+  write_scalars_once,
+)
 
 Array = jax.Array
 KIND = "diffusion"
@@ -268,6 +274,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   out = os.path.join(setup.workdir, "samples", f"samples_{s.sampler}{s.num_steps}_step{step}")
   if jax.process_index() != 0:
     return out + ".npz"
+  out = unique_stem(out, (".npz", ".png"))  # the two files take one suffix together
   npz = save_npz(out + ".npz", images=images, step=np.int64(step))
   png = save_image_grid(out + ".png", images[: s.grid_size])
   with MetricWriter(setup.workdir) as writer:

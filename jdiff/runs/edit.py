@@ -32,7 +32,7 @@ from jdiff.runs.setup import Setup, log_process_info
 from jdiff.samplers import editing
 from jdiff.training.progress import Progress
 from jdiff.training.rng import stream
-from jdiff.training.writers import save_image_grid, save_npz
+from jdiff.training.writers import save_image_grid, save_npz, unique_stem
 
 TASKS = ("img2img", "inpaint", "superres")
 
@@ -240,6 +240,7 @@ def edit(config, workdir: str) -> str:
   stem = f"{stem}_{e.task}"
   if jax.process_index() != 0:
     return stem + ".png"
+  stem = unique_stem(stem, (".npz", ".png"))  # the two files take one suffix together
   npz = save_npz(stem + ".npz", results=results, inputs=inputs, step=np.int64(step))
   png = save_image_grid(stem + ".png", np.concatenate([before, results]), ncols=len(results))
   logging.info("edit %s: wrote %s and %s", e.task, png, npz)

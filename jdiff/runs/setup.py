@@ -305,10 +305,12 @@ class Setup:
     self.optimizer = make_optimizer(total_steps=config.train.num_steps, **config.optim)
     self.keys = run_keys(config.seed)
     # Last: nothing after it can fail, so an error above leaves nothing open.
+    guard = self.lock.verified if self.lock else None  # re-checked before saves and moves
     self.checkpointer = Checkpointer(
       os.path.join(self.workdir, stage1.CKPT_DIR),
       max_to_keep=config.train.keep_checkpoints,
-      guard=None if writer else lambda: lock_if_free(self.workdir),
+      guard=guard if writer else lambda: lock_if_free(self.workdir),
+      allow_unverified=config.train.get("allow_unverified_checkpoints", False),
     )
 
   def _build_diffusion(self) -> None:

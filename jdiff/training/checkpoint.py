@@ -15,10 +15,23 @@ a step that is missing files, fails to load or mismatches is moved aside to
 `<step>.corrupt` with one warning line and the next older step is tried, until one is
 intact (`NoIntactCheckpointError`, one line, when none is). In a multi-process run every
 process verifies what it holds, all agree on the verdict, and only process 0 renames.
+
+Only integrity failures set a step aside: a checksum mismatch, data or metadata that
+cannot be parsed, a file missing inside the step. A file that cannot be read for another
+reason (EACCES, EIO, ...) is no proof of corruption: it stops the restore with
+`CheckpointReadError` naming the file and the errno, and nothing is moved. A step that
+vanished while it was read (deleted by the run that owns the workdir, `keep_checkpoints`)
+is skipped, never called corrupt. A step whose metadata holds no checksum record restores
+unverified only when the workdir's record (`<directory>_checksums.json` beside the
+directory, e.g. `<workdir>/checkpoints_checksums.json`, written before the first save; for
+a directory older than that file, an older step with checksums) says it was saved before
+jdiff recorded them, or with
+`allow_unverified=True` (`config.train.allow_unverified_checkpoints`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -30,11 +43,17 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from jdiff.training import integrity
+from jdiff.training.writers import write_json
 
 STATE = "state"
 DATA = "data"
-CHECKSUMS = "jdiff_checksums"  # key of the record in the step's custom metadata
-METADATA_FILE = "_CHECKPOINT_METADATA"  # orbax's step metadata, which holds the record
+CHECKSUMS = integrity.CHECKSUMS  # key of the record in the step's custom metadata
+METADATA_FILE = integrity.METADATA_FILE  # orbax's step metadata, which holds the record
+# <directory>_checksums.json, beside the directory: {"since_step": S}, every step >= S was
+# saved with checksums (written before the first save)
+SINCE_SUFFIX = "_checksums.json"
+ALLOW_UNVERIFIED = "config.train.allow_unverified_checkpoints"
+_VANISHED = "vanished"  # a step deleted while it was read: not a verdict on its files
 
 
 class NoIntactCheckpointError(FileNotFoundError):
@@ -43,6 +62,10 @@ class NoIntactCheckpointError(FileNotFoundError):
 
 class CorruptCheckpointError(ValueError):
   """An explicitly requested step failed verification."""
+
+
+class CheckpointReadError(OSError):
+  """A checkpoint file could not be read (permissions, I/O): no verdict on its integrity."""
 
 
 class Checkpointer:
@@ -59,7 +82,10 @@ class Checkpointer:
     guard: `guard()` is entered around moving a corrupt step aside and yields whether
       this process may (e.g. `jdiff.training.lock.lock_if_free` for read-only modes, so
       that they never touch a running trainer's files); None: always (the workdir's
-      writer holds the lock).
+      writer holds the lock). The writer's guard (`WorkdirLock.verified`) is also entered
+      before every save, which may delete old steps.
+    allow_unverified: restore a step without a (readable) checksum record, unverified, even
+      when the directory's record says it should have one.
   """
 
   def __init__(
@@ -68,12 +94,14 @@ class Checkpointer:
     *,
     max_to_keep: int = 3,
     guard: Callable[[], AbstractContextManager[bool]] | None = None,
+    allow_unverified: bool = False,
   ):
     if max_to_keep < 1:
       raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
     self.directory = os.path.abspath(directory)
     self._guard = guard or (lambda: nullcontext(True))
-    self._skipped: set[int] = set()  # corrupt steps left in place (guard said no)
+    self._skipped: set[int] = set()  # corrupt steps left in place (guard said no), vanished
+    self._allow_unverified = allow_unverified
     # PyTreeCheckpointHandler (StandardCheckpointHandler's own backend, same files) so that
     # a subtree can be restored alone (`partial_restore`).
     self._manager = ocp.CheckpointManager(
@@ -114,6 +142,12 @@ class Checkpointer:
     if data_iter is not None:
       items[DATA] = grain.checkpoint.CheckpointSave(data_iter)
     record = integrity.make_record(state, data_iter)
+    with self._guard() as allowed:  # the writer's lock is still its own (a save deletes)
+      if not allowed:
+        raise RuntimeError(f"cannot save checkpoint {step}: another run holds the workdir")
+    if jax.process_index() == 0 and not os.path.exists(self._since_path):
+      since = min([s for s in self.all_steps() if self._has_checksums(s)] + [step])
+      write_json(self._since_path, {"since_step": since})
     self._manager.save(
       step, args=ocp.args.Composite(**items), force=True, custom_metadata={CHECKSUMS: record}
     )
@@ -131,11 +165,42 @@ class Checkpointer:
       items[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
     return self._manager.restore(step, args=ocp.args.Composite(**items))[STATE]
 
+  @property
+  def _since_path(self) -> str:
+    return self.directory + SINCE_SUFFIX
+
+  def _has_checksums(self, step: int) -> bool:
+    return integrity.has_record(os.path.join(self.directory, str(step)))
+
+  def _predates_checksums(self, step: int) -> bool:
+    """Whether the directory's record says `step` was saved before jdiff recorded checksums:
+    `<directory>_checksums.json`, or (a directory written before that file existed) no older
+    step has checksums."""
+    try:
+      with open(self._since_path, encoding="utf-8") as f:
+        return step < int(json.load(f)["since_step"])
+    except FileNotFoundError:
+      return not any(self._has_checksums(s) for s in self.all_steps() if s < step)
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"{self._since_path} cannot be parsed ({e})") from None
+
   def _record(self, step: int) -> dict | None:
-    """The step's checksum record; None for a step saved before jdiff recorded them."""
-    if not os.path.isfile(os.path.join(self.directory, str(step), METADATA_FILE)):
-      raise FileNotFoundError(f"{METADATA_FILE} is missing")
-    record = (self._manager.metadata(step).custom_metadata or {}).get(CHECKSUMS)
+    """The step's checksum record; None for a step restored unverified (saved before jdiff
+    recorded checksums, or `allow_unverified`)."""
+    try:
+      record = integrity.step_record(os.path.join(self.directory, str(step)))
+    except ValueError:
+      if not self._allow_unverified:
+        raise ValueError(
+          f"{METADATA_FILE} cannot be parsed, so its checksums cannot be read (set "
+          f"{ALLOW_UNVERIFIED}=true to restore it unverified)"
+        ) from None
+      record = None
+    if record is None and not (self._allow_unverified or self._predates_checksums(step)):
+      raise ValueError(
+        f"{METADATA_FILE} has no checksum record, but the directory records checksums for "
+        f"this step (set {ALLOW_UNVERIFIED}=true to restore it unverified)"
+      )
     if record is not None and "arrays" not in record:
       raise ValueError("its checksum record is malformed")
     return record
@@ -154,30 +219,55 @@ class Checkpointer:
     """(restored, '') if `step` verifies on this process, else (None, why it does not).
 
     A checkpoint that is intact but holds other shapes than `target` is not corrupt: that
-    raises `integrity.ShapeMismatchError` instead.
+    raises `integrity.ShapeMismatchError` instead; a file that cannot be read for another
+    reason than its absence raises `CheckpointReadError`. A step deleted meanwhile gives
+    (None, _VANISHED).
     """
     where = f"checkpoint {step} under {self.directory}"
     # The file checks run first and are agreed by every process before orbax's restore,
     # whose collectives would otherwise wait for a process that skipped it.
-    why = ""
+    why, unreadable, record = "", "", None
     try:
+      integrity.check_readable(os.path.join(self.directory, str(step)))
       record = self._record(step)
       if record is not None:
         self._check_data_file(step, record)
     except Exception as e:  # pylint: disable=broad-except
-      why = _one_line(e)
+      why, unreadable = _one_line(e), integrity.read_error(e)
+    self._raise_unreadable(where, unreadable)
     if not _all_agree(not why):
-      return None, why or "a file check failed on another process"
-    if record is None:  # written by an older jdiff: restored as before, errors raised as is
-      logging.warning("%s has no checksums (saved before jdiff recorded them): unverified", where)
+      return None, self._vanished(step) or why or "a file check failed on another process"
+    if record is None:  # saved before checksums (or allowed): restored as is, errors raised
+      logging.warning(
+        "%s has no checksums (saved before jdiff recorded them, or %s): restored unverified",
+        where,
+        ALLOW_UNVERIFIED,
+      )
       return self._restore(target, step, data_iter, partial=partial), ""
     integrity.check_shapes(record, target, where=where)
+    restored, unreadable = None, ""
     try:
-      restored = self._restore(target, step, data_iter, partial=partial)
-      problem = integrity.verify_arrays(record, restored)
+      with integrity.quiet_failed_read():
+        restored = self._restore(target, step, data_iter, partial=partial)
+      why = integrity.verify_arrays(record, restored) or ""
     except Exception as e:  # pylint: disable=broad-except
-      return None, _one_line(e)
-    return (None, problem) if problem else (restored, "")
+      why, unreadable = _one_line(e), integrity.read_error(e)
+    self._raise_unreadable(where, unreadable)
+    if why:
+      return None, self._vanished(step) or why
+    return restored, ""
+
+  def _raise_unreadable(self, where: str, unreadable: str) -> None:
+    """One verdict for all processes: any unreadable file stops the restore everywhere."""
+    if not _all_agree(not unreadable):
+      raise CheckpointReadError(
+        f"cannot read {where}: {unreadable or 'a file is unreadable on another process'}; "
+        "this is not corruption (nothing was moved aside): fix the permissions or the disk "
+        "and rerun"
+      )
+
+  def _vanished(self, step: int) -> str:
+    return "" if os.path.isdir(os.path.join(self.directory, str(step))) else _VANISHED
 
   def _set_aside(self, step: int, why: str) -> None:
     """Moves a corrupt step to `<step>.corrupt` (process 0, if the guard allows)."""
@@ -190,7 +280,10 @@ class Checkpointer:
           k = 0
           while os.path.exists(dst):
             dst, k = f"{src}.corrupt" + (f"-{k}" if k else ""), k + 1
-          os.rename(src, dst)
+          try:
+            os.rename(src, dst)
+          except FileNotFoundError:  # deleted meanwhile: nothing to set aside
+            why = _VANISHED
           where = f"moved aside to {os.path.basename(dst)}"
       if jax.process_count() > 1:
         from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -200,12 +293,25 @@ class Checkpointer:
       self._manager.reload()
     else:
       self._skipped.add(step)
+    if why == _VANISHED:
+      self._skip_vanished(step)
+      return
     logging.warning(
       "checkpoint %d under %s is corrupt (%s): %s; falling back to an older step",
       step,
       self.directory,
       why,
       where,
+    )
+
+  def _skip_vanished(self, step: int) -> None:
+    self._skipped.add(step)
+    self._manager.reload()
+    logging.info(
+      "checkpoint %d under %s was deleted while it was read (by the run that "
+      "owns the workdir, keep_checkpoints): trying the next",
+      step,
+      self.directory,
     )
 
   def _restore_verified(self, target: Any, step: int | None, data_iter, *, partial: bool):
@@ -218,6 +324,11 @@ class Checkpointer:
       restored, why = self._try_step(target, step, data_iter, partial=partial)
       if _all_agree(not why):
         return restored, step
+      if why == _VANISHED:
+        raise FileNotFoundError(
+          f"checkpoint {step} under {self.directory} was deleted while "
+          "it was read (by the run that owns the workdir?)"
+        )
       raise CorruptCheckpointError(f"checkpoint {step} under {self.directory} is corrupt ({why})")
     if not self.all_steps():
       raise FileNotFoundError(f"no checkpoint under {self.directory}")
@@ -227,8 +338,13 @@ class Checkpointer:
       restored, why = self._try_step(target, step, data_iter, partial=partial)
       if _all_agree(not why):
         return restored, step
+      if why == _VANISHED:
+        self._skip_vanished(step)
+        continue
       self._set_aside(step, why or "corrupt on another process")
       bad.append(step)
+    if not bad:
+      raise FileNotFoundError(f"no checkpoint under {self.directory} (deleted while read)")
     raise NoIntactCheckpointError(
       f"no intact checkpoint under {self.directory}: step(s) {', '.join(map(str, bad))} "
       "failed verification (each moved aside to <step>.corrupt unless another run holds the "
@@ -298,6 +414,8 @@ class Checkpointer:
 
 
 def _one_line(e: BaseException) -> str:
+  while e.__cause__ is not None:  # orbax wraps TensorStore's error (the one that says why)
+    e = e.__cause__
   text = " ".join(str(e).split())
   return f"{type(e).__name__}: {text[:300]}"
 

@@ -19,7 +19,14 @@ over the state at each save (milliseconds for the configs here).
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import gc
 import json
+import logging
+import os
+import re
+import sys
 import zlib
 from typing import Any
 
@@ -27,6 +34,8 @@ import jax
 import numpy as np
 
 VERSION = 1
+CHECKSUMS = "jdiff_checksums"  # key of the record in the step's custom metadata
+METADATA_FILE = "_CHECKPOINT_METADATA"  # orbax's step metadata, which holds the record
 
 
 def leaf_name(path) -> str:
@@ -157,3 +166,97 @@ def verify_arrays(record: dict, restored: Any) -> str | None:
         if index in saved["shards"] and saved["shards"][index] != crc:
           return f"checksum mismatch in {name} shard {index}"
   return None
+
+
+# ----------------------------------------------------------------------------- reading a step
+
+
+def step_metadata(step_dir: str) -> dict:
+  """The step's `_CHECKPOINT_METADATA`, parsed; ValueError when it cannot be (corruption),
+  OSError when it cannot be read."""
+  with open(os.path.join(step_dir, METADATA_FILE), "rb") as f:
+    raw = f.read()
+  try:
+    meta = json.loads(raw)
+  except ValueError:
+    meta = None
+  if not isinstance(meta, dict):
+    raise ValueError(f"{METADATA_FILE} cannot be parsed ({len(raw)} bytes)")
+  return meta
+
+
+def step_record(step_dir: str) -> dict | None:
+  """The checksum record in the step's metadata; None when the metadata holds none."""
+  return (step_metadata(step_dir).get("custom_metadata") or {}).get(CHECKSUMS)
+
+
+def has_record(step_dir: str) -> bool:
+  try:
+    return step_record(step_dir) is not None
+  except (OSError, ValueError):
+    return False
+
+
+def check_readable(step_dir: str) -> None:
+  """Opens every file under `step_dir`: an unreadable one raises its OSError."""
+
+  def fail(e: OSError):
+    raise e
+
+  for root, _, files in os.walk(step_dir, onerror=fail):
+    for name in files:
+      os.close(os.open(os.path.join(root, name), os.O_RDONLY | os.O_CLOEXEC))
+
+
+# TensorStore (orbax's reader) reports an OS error as `..."<path>": <why> [os_error_code='N']`.
+_TS_OS_ERROR = re.compile(r"""([^"]*)": [^"\[]*\[os_error_code='(\d+)'\]""")
+
+
+def read_error(e: BaseException | None) -> str:
+  """'<file>: [Errno N] <why>' when `e` (or its cause) is a read failure other than a
+  missing file (permissions, I/O: no verdict on integrity), else ''."""
+  while e is not None:
+    if isinstance(e, OSError) and e.errno not in (None, errno.ENOENT):
+      return f"{e.filename}: [Errno {e.errno}] {e.strerror}"
+    match = _TS_OS_ERROR.search(str(e))
+    if match and int(match.group(2)) != errno.ENOENT:
+      code = int(match.group(2))
+      return f"{match.group(1)}: [Errno {code}] {os.strerror(code)}"
+    e = e.__cause__ or e.__context__
+  return ""
+
+
+class _DropNeverRetrieved(logging.Filter):
+  def filter(self, record) -> bool:
+    return "never retrieved" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_failed_read():
+  """Silences the reports of a failed restore's abandoned reads, collected within the block.
+
+  When one of orbax's concurrent TensorStore reads fails (a truncated file), the others'
+  futures and coroutines are abandoned, and each is reported when it is collected
+  ("Future exception was never retrieved", "Exception ignored in coroutine"): hundreds of
+  tracebacks for one fault that the caller reports in one line. On an error the block
+  collects them (`gc.collect`) while the asyncio logger's and `sys.unraisablehook`'s
+  reports of them are dropped; other records and reports pass.
+  """
+  import asyncio  # pylint: disable=g-import-not-at-top
+
+  asyncio_log, drop, hook = logging.getLogger("asyncio"), _DropNeverRetrieved(), sys.unraisablehook
+
+  def drop_abandoned(unraisable) -> None:
+    if not (asyncio.iscoroutine(unraisable.object) or asyncio.isfuture(unraisable.object)):
+      hook(unraisable)
+
+  asyncio_log.addFilter(drop)
+  sys.unraisablehook = drop_abandoned
+  try:
+    yield
+  except BaseException:
+    gc.collect()
+    raise
+  finally:
+    sys.unraisablehook = hook
+    asyncio_log.removeFilter(drop)

@@ -1,9 +1,18 @@
-"""One writer per workdir: an OS-level exclusive lock on `<workdir>/.lock`.
+"""One writer per workdir: an OS-level exclusive lock on the workdir itself.
 
-The lock is `fcntl.flock` on an open file, so the kernel drops it when the process dies,
-however it dies (SIGKILL included): a stale lock never blocks a restart. The file holds
-the holder's host and pid, for the error message of a second run; its content is only
-informative, the flock is the lock. Only process 0 of a multi-process run takes it.
+The lock is `fcntl.flock` on the workdir directory (and on `<workdir>/.lock`), so the
+kernel drops it when the process dies, however it dies (SIGKILL included): a stale lock
+never blocks a restart. The directory cannot be unlinked while it holds the run's files,
+so deleting `.lock` (which stays behind after every run) does not let a second trainer
+in; the file holds the holder's host and pid, for the error message of a second run, and
+its own flock excludes runs of older jdiff versions, which lock only the file. Where a
+filesystem cannot flock a directory (some network filesystems), the file alone is the
+lock. Only process 0 of a multi-process run takes it.
+
+A holder calls `verify` before anything destructive (moving a checkpoint aside, a save
+that deletes old checkpoints): if the locked inode is no longer the one at its path (the
+workdir was moved or replaced; in file-only mode, `.lock` was deleted), another run may
+be using the path, and the holder stops instead of touching its files.
 
 Caveats: flock is per host on most network filesystems (NFS gives no cross-host
 exclusion for flock on older kernels), and a child forked without exec inherits it.
@@ -25,6 +34,10 @@ class WorkdirBusyError(RuntimeError):
   """Another process holds the workdir's lock."""
 
 
+class WorkdirLockLostError(WorkdirBusyError):
+  """The locked workdir (or lock file) was moved, deleted or replaced while it was held."""
+
+
 class WorkdirLock:
   """An exclusive, non-blocking lock on `workdir` (a context manager).
 
@@ -39,35 +52,71 @@ class WorkdirLock:
   def __init__(self, workdir: str):
     self.workdir = os.path.abspath(workdir)
     self.path = os.path.join(self.workdir, LOCK_FILE)
-    self._fd: int | None = None
+    self._fds: list[int] = []  # [directory fd (if it could be locked), lock file fd]
+    self._locked_path = ""  # the path whose inode `verify` compares: workdir, or the file
 
   @property
   def held(self) -> bool:
-    return self._fd is not None
+    return bool(self._fds)
 
   def acquire(self) -> WorkdirLock:
-    if self._fd is not None:
+    if self._fds:
       return self
     os.makedirs(self.workdir, exist_ok=True)
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fds = []
     try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      holder = _read_holder(fd)
-      os.close(fd)
-      raise WorkdirBusyError(
-        f"workdir {self.workdir} is in use by another run ({holder}; lock {self.path}): "
-        "wait for it, stop it, or use another --workdir"
-      ) from None
+      fds.append(os.open(self.workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+      if not _flock(fds[0], self):
+        os.close(fds.pop())  # the filesystem cannot flock a directory: the file alone
+      fds.append(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644))
+      if not _flock(fds[-1], self) and len(fds) == 1:
+        raise OSError(f"cannot flock {self.path}")
+    except BaseException:
+      for fd in fds:
+        os.close(fd)
+      raise
+    self._fds = fds
+    self._locked_path = self.workdir if len(fds) == 2 else self.path
+    try:
+      self.verify("taking the lock")  # the file was deleted between its open and its flock
+    except WorkdirLockLostError:
+      self.release()
+      return self.acquire()
+    fd = fds[-1]
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode(), 0)
-    self._fd = fd
     return self
+
+  def verify(self, before: str = "continuing") -> None:
+    """Raises WorkdirLockLostError unless the locked inode is still the one at its path.
+
+    Args:
+      before: what the holder is about to do, for the message.
+    """
+    if not self._fds:
+      raise WorkdirLockLostError(f"the lock of workdir {self.workdir} is not held ({before})")
+    locked = os.fstat(self._fds[0])
+    try:
+      now = os.stat(self._locked_path)
+      same = (now.st_dev, now.st_ino) == (locked.st_dev, locked.st_ino)
+    except FileNotFoundError:
+      same = False
+    if not same:
+      raise WorkdirLockLostError(
+        f"{self._locked_path} was moved, deleted or replaced while this run held its lock: "
+        f"stopped before {before}, so as not to touch the files of another run there"
+      )
+
+  @contextlib.contextmanager
+  def verified(self, before: str = "continuing") -> Iterator[bool]:
+    """`verify`, as the guard of `jdiff.training.checkpoint.Checkpointer` (yields True)."""
+    self.verify(before)
+    yield True
 
   def release(self) -> None:
     """Releases the lock (idempotent); the file stays, naming the last holder."""
-    fd, self._fd = self._fd, None
-    if fd is not None:
+    fds, self._fds = self._fds, []
+    for fd in reversed(fds):
       fcntl.flock(fd, fcntl.LOCK_UN)
       os.close(fd)
 
@@ -78,10 +127,30 @@ class WorkdirLock:
     self.release()
 
 
-def _read_holder(fd: int) -> str:
+def _flock(fd: int, lock: WorkdirLock) -> bool:
+  """Locks `fd` (exclusive, non-blocking): True, or False where its filesystem cannot.
+
+  Raises WorkdirBusyError, naming the holder, when another process holds it.
+  """
   try:
-    holder = json.loads(os.pread(fd, 4096, 0).decode())
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    raise WorkdirBusyError(
+      f"workdir {lock.workdir} is in use by another run ({_read_holder(lock.path)}; lock "
+      f"{lock.path}): wait for it, stop it, or use another --workdir"
+    ) from None
+  except OSError:  # EBADF/ENOLCK/EINVAL: e.g. NFS cannot flock a read-only directory fd
+    return False
+  return True
+
+
+def _read_holder(path: str) -> str:
+  try:
+    with open(path, encoding="utf-8") as f:
+      holder = json.load(f)
     return f"host {holder['host']}, pid {holder['pid']}"
+  except FileNotFoundError:
+    return "host and pid unknown: its lock file was deleted"
   except (ValueError, KeyError, TypeError, OSError):  # the holder has not written it yet
     return "host and pid not yet recorded"
 

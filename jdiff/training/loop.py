@@ -37,8 +37,13 @@ def preemption_service_running() -> bool:
   return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
 
 
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C (SIGINT) stopped training after a checkpoint of the last step was saved."""
+
+
 class Preemption:
-  """Turns SIGTERM into a stop at a step every process agrees on, without a per-step sync.
+  """Turns SIGTERM (and Ctrl-C) into a stop at a step every process agrees on, without a
+  per-step sync.
 
   - One process: a SIGTERM handler sets a flag, read after every step (no collective).
   - Several processes with JAX's preemption service (`jax.distributed.initialize`): the
@@ -46,6 +51,9 @@ class Preemption:
     becomes true on all of them at the same step; it is a local call, no collective.
   - Several processes without it: the flag is agreed by a `process_allgather` every
     `check_every` steps only (so a SIGTERM is acted on up to check_every - 1 steps late).
+
+  Without the service, a first SIGINT is handled like SIGTERM (`interrupted` says so) and
+  a second one raises KeyboardInterrupt at once (Python's own handler is back).
 
   Args:
     check_every: the agreement period in steps of the last case.
@@ -56,26 +64,31 @@ class Preemption:
       raise ValueError(f"check_every must be >= 1, got {check_every!r}")
     self.check_every = check_every
     self.requested = False
+    self.interrupted = False  # the request came from SIGINT
     self.sync_point = False
-    self._previous = None
+    self._previous = {}
 
   def __enter__(self):
     self.sync_point = preemption_service_running()
-    if self.sync_point:  # the service's own SIGTERM handler must stay in place
-      return self
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: no handler
-      self._previous = None
+    # With the service, SIGTERM is its own, and a local SIGINT flag would stop one process
+    # alone: Ctrl-C keeps Python's KeyboardInterrupt there.
+    for sig in () if self.sync_point else (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle) or signal.SIG_DFL
+      except ValueError:  # not the main thread: no handler
+        pass
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
+    del frame
     self.requested = True
+    if signum == signal.SIGINT:
+      self.interrupted = True
+      signal.signal(signal.SIGINT, self._previous[signal.SIGINT])  # a second one aborts
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
 
   def should_stop(self, step: int | None = None) -> bool:
     """Whether to save and stop after `step` (the step just completed), on every process."""
@@ -170,7 +183,8 @@ def train_loop(
 
   Metrics stay on the device until a log, a checkpoint or a stop needs them; then every
   pending loss is checked for NaN/inf before anything is written. Checkpoints are saved
-  every `ckpt_every` steps (0: never), at the end and on SIGTERM.
+  every `ckpt_every` steps (0: never), at the end and on SIGTERM or a first Ctrl-C (which
+  then raises `Interrupted`; a second Ctrl-C raises KeyboardInterrupt at once).
 
   Args:
     state: the initial (possibly restored) state.
@@ -220,6 +234,8 @@ def train_loop(
       if (save_now or stop) and step != last_saved:
         save(step, state)
         last_saved = step
+      if stop and preempt.interrupted:
+        raise Interrupted(f"Ctrl-C (SIGINT): saved checkpoint {step}; rerun to resume")
       if stop:
         logging.warning("SIGTERM: saved checkpoint %d, exiting", step)
         break

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 
 import jax
@@ -25,6 +26,54 @@ def unique_path(path: str) -> str:
   while os.path.exists(f"{stem}-{i}{ext}"):
     i += 1
   return f"{stem}-{i}{ext}"
+
+
+def unique_stem(stem: str, exts: tuple[str, ...]) -> str:
+  """`stem`, or `stem-1`, `stem-2`, ... : the first with none of `stem + ext` existing.
+
+  The files of one set (a sample's `.npz` and its `.png`) then take one suffix together,
+  even when only some of an earlier set's files are left.
+  """
+  out, i = stem, 0
+  while any(os.path.exists(out + ext) for ext in exts):
+    i += 1
+    out = f"{stem}-{i}"
+  return out
+
+
+class WorkdirError(ValueError):
+  """--workdir is empty, not a directory, or not writable."""
+
+
+def check_workdir(path: str, *, flag: str = "--workdir") -> str:
+  """The absolute `path`, once it is known to be (or to be creatable as) a writable
+  directory: checked before any work, so that a run never fails at its first write.
+
+  Raises:
+    WorkdirError: one line naming `flag`, the path and the reason (with the errno).
+  """
+  if not path:
+    raise WorkdirError(f"{flag} is empty: give the run's directory, e.g. {flag}=runs/digits")
+  path = os.path.abspath(path)
+  where = f"{flag}={path}"
+  if os.path.exists(path):
+    if not os.path.isdir(path):
+      raise WorkdirError(f"{where} is not a directory")
+    try:  # a real write: access() does not see every cause (read-only mounts over NFS)
+      fd, probe = tempfile.mkstemp(dir=path, prefix=".jdiff-write-check-")
+      os.close(fd)
+      os.remove(probe)
+    except OSError as e:
+      raise WorkdirError(f"{where} is not writable: [Errno {e.errno}] {e.strerror}") from None
+    return path
+  parent = os.path.dirname(path)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise WorkdirError(f"{where} cannot be created: {parent} is not a directory")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise WorkdirError(f"{where} cannot be created: {parent} is not writable")
+  return path
 
 
 def atomic_write(path: str, write: Callable[[str], None], *, overwrite: bool = False) -> str:
