@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jdiff.training.writers import atomic_write
+from jdiff.io import atomic_write
 
 
 class Reference(NamedTuple):

@@ -380,6 +380,7 @@ class Setup:
       split=split,
       data_dir=self.data_dir,
       image_size=self.image_size,
+      shardings=local_shardings(),
     )
 
   def train_iterator(self):
@@ -514,6 +515,13 @@ class Setup:
     )
     self.checkpointer.wait()
     return out
+
+
+def local_shardings():
+  """(replicated, batch-sharded) over this process's devices: per-process work such as
+  encoding a dataset once per process (`jdiff.data.latents.encode_split`)."""
+  local = sharding.local_mesh()
+  return sharding.replicated(local), sharding.data_sharding(local)
 
 
 def run_training(
