@@ -25,12 +25,10 @@ from jdiff.data.latents import latent_shape_of
 from jdiff.models.autoencoder import AutoencoderKL, make_autoencoder
 from jdiff.models.layers import DTYPES
 from jdiff.models.unet import UNet
-from jdiff.ops.winograd import CONV_IMPLS
 from jdiff.runs import objectives, stage1, stored_config
 from jdiff.runs import pretrained as pretrained_run
-from jdiff.runs.config_checks import check_ranges
-from jdiff.runs.eval_options import validate_eval_config
-from jdiff.runs.sample_options import validate_sample_config
+from jdiff.runs.validate import kind_of, resolve, validate
+from jdiff.runs.validate import validate as validate_config  # noqa: F401 (its former name)
 from jdiff.schedules import get_schedule
 from jdiff.training import sharding
 from jdiff.training.checkpoint import Checkpointer
@@ -42,11 +40,6 @@ from jdiff.training.rng import run_keys
 from jdiff.training.state import init_autoencoder_state, init_train_state
 from jdiff.training.writers import MetricWriter
 
-KINDS = ("diffusion", "autoencoder")
-SECTIONS = {
-  "diffusion": ("data", "model", "diffusion", "optim", "train", "sample", "eval", "latent"),
-  "autoencoder": ("data", "autoencoder", "loss", "optim", "train", "eval"),
-}
 MODES = {
   "diffusion": "--mode=train|sample|eval|fid|fid_ref",
   "autoencoder": "--mode=train_autoencoder|eval_autoencoder",
@@ -64,122 +57,14 @@ def log_process_info() -> None:
   )
 
 
-# ----------------------------------------------------------------------------- config checks
-
-
-def kind_of(config) -> str:
-  """'autoencoder' for a stage-1 config (it has an `autoencoder` section), else 'diffusion'."""
-  return "autoencoder" if "autoencoder" in config else "diffusion"
-
-
-def _check_int(config, section: str, key: str, minimum: int) -> None:
-  value = config[section][key]
-  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-    what = "a positive" if minimum > 0 else "a non-negative"
-    raise ValueError(f"config.{section}.{key} must be {what} integer, got {value!r}")
-
-
-def validate_config(config) -> None:
-  """Raises ValueError naming the bad key/value: the shared checks, then the kind's own."""
-  kind = kind_of(config)
-  for section in SECTIONS[kind]:
-    if section not in config:
-      raise ValueError(f"{kind} config is missing the section {section!r}")
-  if not isinstance(config.seed, int) or not 0 <= config.seed < 2**32:
-    raise ValueError(f"config.seed must be an int in [0, 2**32), got {config.seed!r}")
-  for key in ("num_steps", "batch_size", "keep_checkpoints"):
-    _check_int(config, "train", key, 1)
-  for key in ("log_every", "ckpt_every"):
-    _check_int(config, "train", key, 0)
-  _check_int(config, "eval", "batch_size", 1)
-  check_ranges(config)
-  if kind == "diffusion":
-    _check_diffusion(config)
-  else:
-    _check_autoencoder(config)
-
-
-def _check_diffusion(config) -> None:
-  _check_int(config, "train", "sample_every", 0)
-  t = config.train
-  if not 0.0 <= t.label_dropout < 1.0:
-    raise ValueError(f"config.train.label_dropout must be in [0, 1), got {t.label_dropout}")
-  if t.label_dropout and not config.conditional:
-    raise ValueError("config.train.label_dropout > 0 needs config.conditional=True")
-  validate_sample_config(config.sample, latent=bool(config.latent.autoencoder_workdir))
-  if "feature_net" in config.eval:
-    validate_eval_config(config.eval)
-  if not 0.0 <= config.ema_decay < 1.0:
-    raise ValueError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
-  if config.get("superres") is not None and config.superres.factor:
-    sr, size = config.superres, config.data.image_size
-    if sr.factor < 2 or (size and size % sr.factor):
-      raise ValueError(
-        f"config.superres.factor must be >= 2 and divide data.image_size={size}, got {sr.factor}"
-      )
-    if config.conditional:
-      raise ValueError("config.superres.factor > 0 conditions on images: set conditional=False")
-    for key in ("aug_max", "aug_level"):
-      if not 0.0 <= sr[key] < 1.0:
-        raise ValueError(f"config.superres.{key} must be in [0, 1), got {sr[key]}")
-  _check_scale(config)
-
-
-def _check_scale(config) -> None:
-  """The cluster-scale keys (issue 15): accumulation, preemption period, profiling, mesh."""
-  for key in ("grad_accum_steps", "preemption_check_every"):
-    _check_int(config, "train", key, 1)
-  steps = tuple(config.train.profile_steps)
-  if len(steps) != 2 or not all(isinstance(s, int) for s in steps) or not 0 <= steps[0] <= steps[1]:
-    raise ValueError(
-      f"config.train.profile_steps must be two integers (a, b) with 0 <= a <= b, got {steps!r}"
-    )
-  if config.train.grad_accum_steps > 1 and config.get("objective", "ddpm") != "ddpm":
-    raise ValueError(
-      f"config.train.grad_accum_steps={config.train.grad_accum_steps} needs "
-      f"config.objective='ddpm', got {config.objective!r} (its noise levels are drawn per call)"
-    )
-  _check_int(config, "mesh", "fsdp_min_size", 0)
-  sharding.mesh_shape(jax.device_count(), data=config.mesh.data, fsdp=config.mesh.fsdp)
-  objectives.check_objective(config)
-
-
-def _check_autoencoder(config) -> None:
-  loss = config.loss
-  if loss.recon_loss not in ("l1", "l2"):
-    raise ValueError(f"config.loss.recon_loss must be 'l1' or 'l2', got {loss.recon_loss!r}")
-  if not loss.kl_weight >= 0:
-    raise ValueError(f"config.loss.kl_weight must be >= 0, got {loss.kl_weight!r}")
-  for key in ("perceptual_weight", "adversarial_weight"):
-    if loss[key] != 0:
-      raise ValueError(
-        f"config.loss.{key}={loss[key]!r}: the LPIPS perceptual and PatchGAN adversarial "
-        "terms of LDM are not implemented (LPIPS needs pretrained VGG weights, which "
-        "cannot be downloaded here); set it to 0"
-      )
-  _check_int(config, "eval", "num_recon_images", 0)
-
-
 # ----------------------------------------------------------------------------- builders
 
 
 def build_model(config, *, num_classes: int | None, channels: int) -> UNet:
   """The U-Net from `config.model` (its fields are UNet's constructor arguments)."""
-  kwargs = dict(config.model)
+  kwargs = dict(config.model)  # checked by jdiff.runs.validate
   kwargs.pop("arch", None)
   dtype = kwargs.pop("dtype", "float32")
-  if dtype not in DTYPES:
-    raise ValueError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-  if config.model.learn_sigma != (config.diffusion.variance == "learned_range"):
-    raise ValueError(
-      "config.model.learn_sigma=True goes with config.diffusion.variance="
-      f"'learned_range' and vice versa; got learn_sigma={config.model.learn_sigma}"
-      f", variance={config.diffusion.variance!r}"
-    )
-  if kwargs.get("conv_impl", "auto") not in CONV_IMPLS:
-    raise ValueError(
-      f"config.model.conv_impl must be one of {CONV_IMPLS}, got {kwargs['conv_impl']!r}"
-    )
   kwargs["num_classes"] = num_classes if config.conditional else None
   kwargs["out_channels"] = channels
   if config.get("superres") is not None and config.superres.factor:
@@ -199,12 +84,7 @@ def build_autoencoder(config, image_shape) -> AutoencoderKL:
   overrides = {k: v for k, v in config.autoencoder.overrides.items() if v is not None}
   if "ch_mult" in overrides:
     overrides["ch_mult"] = tuple(overrides["ch_mult"])
-  if "dtype" in overrides:
-    if overrides["dtype"] not in DTYPES:
-      raise ValueError(
-        f"config.autoencoder.overrides.dtype must be one of {sorted(DTYPES)}, "
-        f"got {overrides['dtype']!r}"
-      )
+  if "dtype" in overrides:  # a name checked by jdiff.runs.validate
     overrides["dtype"] = DTYPES[overrides["dtype"]]
   overrides.setdefault("in_channels", int(image_shape[-1]))
   module = make_autoencoder(config.autoencoder.preset, **overrides)
@@ -269,8 +149,8 @@ class Setup:
         f"this mode runs {kind} configs ({MODES[kind]}); the config given is "
         f"of kind {self.kind!r}: run it with {MODES[self.kind]}"
       )
-    validate_config(config)
-    self.config, self.workdir = config, os.path.abspath(workdir)
+    validate(config)  # first: a bad value stops the run before anything is touched
+    self.config, self.workdir = resolve(config), os.path.abspath(workdir)
     self.lock = WorkdirLock(self.workdir) if writer and jax.process_index() == 0 else None
     if self.lock is not None:
       self.lock.acquire()  # first: a second trainer fails before it prepares anything
