@@ -186,7 +186,7 @@ def _train(setup: Setup, writer: MetricWriter) -> TrainState:
 def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Writes `config.sample.num_samples` samples (.npz and a PNG grid) from the EMA params."""
   log_process_info()
-  with Setup(config, workdir, kind=KIND) as setup:
+  with Setup(config, workdir, kind=KIND, reads_data=False) as setup:
     s = setup.config.sample  # its sampler resolved ('auto')
     params, step = setup.restore_params("ema_params" if s.use_ema else "params")
     t0 = time.perf_counter()

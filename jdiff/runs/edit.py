@@ -205,7 +205,7 @@ def _base_samples(config, rng) -> np.ndarray:
       "config.edit.base_config and config.edit.base_workdir (a base model to sample: cascade)"
     )
   base_cfg = runpy.run_path(e.base_config)["get_config"]()
-  with Setup(base_cfg, e.base_workdir, kind="diffusion") as base:
+  with Setup(base_cfg, e.base_workdir, kind="diffusion", reads_data=False) as base:
     params, _ = base.restore_params("ema_params")
     return generate(base, params, e.num, rng)
 
@@ -223,7 +223,7 @@ def edit(config, workdir: str) -> str:
     )
   if not sr and config.superres.factor:
     raise ValueError(f"config.edit.task={e.task!r} needs an image model, not a superres config")
-  with Setup(config, workdir, kind="diffusion") as setup:
+  with Setup(config, workdir, kind="diffusion", reads_data=False) as setup:
     params, step = setup.restore_params("ema_params" if config.sample.use_ema else "params")
     rng = jax.random.fold_in(setup.keys.stream("edit"), step)
     if sr and not e.input:

@@ -341,7 +341,10 @@ def fid(config, workdir: str) -> dict:
   config.eval.use_ema), or the `.npz` config.eval.samples_npz; writes metrics."""
   log_process_info()
   c = config.eval
-  with Setup(config, workdir, kind=KIND) as setup, MetricWriter(setup.workdir) as writer:
+  with (
+    Setup(config, workdir, kind=KIND, reads_data=False) as setup,
+    MetricWriter(setup.workdir) as writer,
+  ):
     if c.samples_npz:
       net = feature_nets.load_feature_net(config, setup.pixel_shape)
       ref, path = load_or_compute_reference(config, setup, net)

@@ -40,7 +40,7 @@ def write_pairs(config, workdir: str) -> str:
     raise ValueError(
       f"--mode=reflow_pairs needs a flow model (config.objective), got {config.objective!r}"
     )
-  with Setup(config, workdir, kind="diffusion") as setup:
+  with Setup(config, workdir, kind="diffusion", reads_data=False) as setup:
     params, step = setup.restore_params("ema_params" if config.sample.use_ema else "params")
     fn = jax.jit(sample_fn(setup, sampler="flow_heun", num_steps=config.flow.reflow_steps))
     num, batch = config.flow.reflow_num_pairs, config.sample.batch_size

@@ -22,11 +22,9 @@ from absl import logging
 
 from jdiff.data import pipeline, sources
 from jdiff.data.latents import latent_shape_of
-from jdiff.models.autoencoder import AutoencoderKL, make_autoencoder
-from jdiff.models.layers import DTYPES
-from jdiff.models.unet import UNet
 from jdiff.runs import objectives, stage1, stored_config
 from jdiff.runs import pretrained as pretrained_run
+from jdiff.runs.builders import build_autoencoder, build_model
 from jdiff.runs.validate import kind_of, resolve, validate
 from jdiff.runs.validate import validate as validate_config  # noqa: F401 (its former name)
 from jdiff.schedules import get_schedule
@@ -60,38 +58,6 @@ def log_process_info() -> None:
 # ----------------------------------------------------------------------------- builders
 
 
-def build_model(config, *, num_classes: int | None, channels: int) -> UNet:
-  """The U-Net from `config.model` (its fields are UNet's constructor arguments)."""
-  kwargs = dict(config.model)  # checked by jdiff.runs.validate
-  kwargs.pop("arch", None)
-  dtype = kwargs.pop("dtype", "float32")
-  kwargs["num_classes"] = num_classes if config.conditional else None
-  kwargs["out_channels"] = channels
-  if config.get("superres") is not None and config.superres.factor:
-    kwargs["image_cond_channels"] = channels + 1  # [augmented upsampled low-res, level]
-  for key in ("ch_mult", "attn_resolutions"):
-    kwargs[key] = tuple(kwargs[key])
-  if config.get("objective", "ddpm") != "ddpm" or config.model.get("arch", "unet") != "unet":
-    return objectives.build_network(config, kwargs, dtype=DTYPES[dtype])
-  return UNet(dtype=DTYPES[dtype], **kwargs)
-
-
-def build_autoencoder(config, image_shape) -> AutoencoderKL:
-  """The AutoencoderKL of `config.autoencoder` (preset + non-None overrides).
-
-  `in_channels` defaults to the data's channel count.
-  """
-  overrides = {k: v for k, v in config.autoencoder.overrides.items() if v is not None}
-  if "ch_mult" in overrides:
-    overrides["ch_mult"] = tuple(overrides["ch_mult"])
-  if "dtype" in overrides:  # a name checked by jdiff.runs.validate
-    overrides["dtype"] = DTYPES[overrides["dtype"]]
-  overrides.setdefault("in_channels", int(image_shape[-1]))
-  module = make_autoencoder(config.autoencoder.preset, **overrides)
-  latent_shape_of(module, image_shape)  # validates size and channels
-  return module
-
-
 def prepared_metadata(config) -> sources.DatasetMetadata:
   """Dataset metadata, preparing the dataset once: process 0 first, the others after a barrier
   (so processes sharing a data_dir never build it concurrently)."""
@@ -120,8 +86,10 @@ class Setup:
     kind: 'diffusion' or 'autoencoder' (`kind_of(config)`).
     config, workdir: as given (workdir made absolute).
     data_dir, image_size: config.data's, with '' / 0 as None.
-    meta: the dataset's metadata.
-    pixel_shape: (H, W, C) of the data's images.
+    meta: the dataset's metadata (opened on first use: a mode that reads no data never
+      opens the dataset).
+    pixel_shape: (H, W, C) of the data's images: the dataset's, or without `reads_data`
+      the imported weights', the autoencoder's or the workdir's record of them.
     image_shape: (H, W, C) of the model's input: the pixels, or for latent diffusion
       the latents.
     mesh, repl, data_sh: the device mesh, replicated and batch-sharded shardings.
@@ -140,9 +108,21 @@ class Setup:
       for the whole run and stores the config in the workdir if it has none. A
       read-only run (sample, eval) only compares the stored config and leaves corrupt
       checkpoints in place while another run holds the lock.
+    reads_data: the mode reads the dataset (train, eval, reference statistics). Without
+      it the image shape and class count come from the imported weights, the stage-1
+      autoencoder or the workdir's `dataset.json` (written by training), and the dataset
+      is opened only if none of them has them.
   """
 
-  def __init__(self, config, workdir: str, *, kind: str | None = None, writer: bool = False):
+  def __init__(
+    self,
+    config,
+    workdir: str,
+    *,
+    kind: str | None = None,
+    writer: bool = False,
+    reads_data: bool = True,
+  ):
     self.kind = kind_of(config)
     if kind is not None and kind != self.kind:
       raise ValueError(
@@ -151,6 +131,8 @@ class Setup:
       )
     validate(config)  # first: a bad value stops the run before anything is touched
     self.config, self.workdir = resolve(config), os.path.abspath(workdir)
+    self.reads_data = reads_data
+    self._meta = None
     self.lock = WorkdirLock(self.workdir) if writer and jax.process_index() == 0 else None
     if self.lock is not None:
       self.lock.acquire()  # first: a second trainer fails before it prepares anything
@@ -165,23 +147,20 @@ class Setup:
     stored_config.check_or_store(config, self.workdir, write=writer)
     self.data_dir = config.data.data_dir or None
     self.image_size = config.data.image_size or None
-    self.meta = prepared_metadata(config)
-    self.pixel_shape = self.image_shape = tuple(self.meta.image_shape)
     self.codec = None
     self.pretrained = None  # a jdiff.pretrained.Pretrained with config.pretrained.path
-    if self.kind == "diffusion":
-      self._build_diffusion()
-    else:
-      self.module = build_autoencoder(config, self.image_shape)
-      self.latent_shape = latent_shape_of(self.module, self.image_shape)
     if "mesh" in config:
       self.mesh = sharding.make_mesh_2d(data=config.mesh.data, fsdp=config.mesh.fsdp)
     else:
       self.mesh = sharding.make_mesh()
     self.repl = sharding.replicated(self.mesh)
     self.data_sh = sharding.data_sharding(self.mesh)
-    if self.kind == "diffusion" and pretrained_run.enabled(config):
-      pretrained_run.attach(self)  # module, schedule, params (replicated), config copy
+    if self.kind == "diffusion":
+      self._build_diffusion(writer)
+    else:
+      self.pixel_shape = self.image_shape = tuple(self.meta.image_shape)
+      self.module = build_autoencoder(config, self.image_shape)
+      self.latent_shape = latent_shape_of(self.module, self.image_shape)
     self.optimizer = make_optimizer(total_steps=config.train.num_steps, **config.optim)
     self.keys = run_keys(config.seed)
     # Last: nothing after it can fail, so an error above leaves nothing open.
@@ -191,14 +170,48 @@ class Setup:
       guard=None if writer else lambda: lock_if_free(self.workdir),
     )
 
-  def _build_diffusion(self) -> None:
+  @property
+  def meta(self) -> sources.DatasetMetadata:
+    """The dataset's metadata, prepared on first use (`prepared_metadata`)."""
+    if self._meta is None:
+      self._meta = prepared_metadata(self.config)
+    return self._meta
+
+  def _dataset(self, writer: bool) -> tuple[tuple[int, int, int], int | None]:
+    """(pixel shape, class count): the dataset's (stored in the workdir by a training run),
+    or without `reads_data` the workdir's record or the autoencoder's shape."""
     c = self.config
-    if c.conditional and not self.meta.num_classes:
-      raise ValueError(f"config.conditional=True but dataset {c.data.name!r} has no labels")
+    if not self.reads_data:
+      record = stored_config.read_dataset(self.workdir, c)
+      if record is not None:
+        return record
+      if self.codec is not None and not c.conditional:
+        return tuple(self.codec.image_shape), None
+    shape, classes = tuple(self.meta.image_shape), self.meta.num_classes
+    if writer:
+      stored_config.store_dataset(self.workdir, c, shape, classes)
+    return shape, classes
+
+  def _build_diffusion(self, writer: bool) -> None:
+    c = self.config
+    d = c.diffusion
+    self.schedule = get_schedule(d.schedule, d.num_steps, zero_terminal_snr=d.zero_terminal_snr)
+    if c.objective != "ddpm":  # edm / flow: the continuous process (jdiff.processes)
+      self.schedule = objectives.make_process(c)
     if c.latent.autoencoder_workdir:
       self.codec = stage1.load_codec(
         c.latent.autoencoder_workdir, scale_factor=c.latent.scale_factor
       )
+    if pretrained_run.enabled(c):
+      if self.reads_data:  # the data must fit the imported model
+        self.pixel_shape = self.image_shape = tuple(self.meta.image_shape)
+      pretrained_run.attach(self)  # module, schedule, params, shape, classes, config copy
+      return
+    self.pixel_shape, classes = self._dataset(writer)
+    self.image_shape = self.pixel_shape
+    if c.conditional and not classes:
+      raise ValueError(f"config.conditional=True but dataset {c.data.name!r} has no labels")
+    if self.codec is not None:
       if tuple(self.codec.image_shape) != self.pixel_shape:
         raise ValueError(
           f"the autoencoder in {c.latent.autoencoder_workdir} was trained on "
@@ -206,13 +219,9 @@ class Setup:
           f"{self.pixel_shape}"
         )
       self.image_shape = tuple(self.codec.latent_shape)
-    self.num_classes = self.meta.num_classes if c.conditional else None
-    self.module = build_model(c, num_classes=self.meta.num_classes, channels=self.image_shape[-1])
+    self.num_classes = classes if c.conditional else None
+    self.module = build_model(c, num_classes=classes, channels=self.image_shape[-1])
     self.null_label = self.num_classes  # the U-Net reserves label num_classes for "no class"
-    d = c.diffusion
-    self.schedule = get_schedule(d.schedule, d.num_steps, zero_terminal_snr=d.zero_terminal_snr)
-    if c.objective != "ddpm":  # edm / flow: the continuous process (jdiff.processes)
-      self.schedule = objectives.make_process(c)
 
   def __enter__(self) -> Setup:
     return self
