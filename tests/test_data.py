@@ -580,3 +580,15 @@ def test_imported_model_samples_and_scores_without_data(tmp_path, monkeypatch):
   scores = fid.fid(c, str(tmp_path / "wd"))
   assert scores["num_samples"] == 4 and np.isfinite(scores["fd"]) and np.isfinite(scores["is"])
   assert list(empty.iterdir()) == []  # nothing prepared
+
+
+def test_a_mode_that_reads_missing_data_says_so(tmp_path):
+  from jdiff.runs import diffusion  # pylint: disable=g-import-not-at-top
+
+  cfg = _tiny(str(tmp_path), **{"data.name": "no_such_dataset_xyz"})
+  with pytest.raises(ValueError) as err:
+    diffusion.evaluate(cfg, str(tmp_path / "wd"))
+  line = str(err.value)
+  assert "\n" not in line
+  assert line.startswith("this mode reads the dataset config.data.name='no_such_dataset_xyz'")
+  assert "unknown dataset 'no_such_dataset_xyz'" in line

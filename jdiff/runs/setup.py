@@ -174,7 +174,17 @@ class Setup:
   def meta(self) -> sources.DatasetMetadata:
     """The dataset's metadata, prepared on first use (`prepared_metadata`)."""
     if self._meta is None:
-      self._meta = prepared_metadata(self.config)
+      d = self.config.data
+      try:
+        self._meta = prepared_metadata(self.config)
+      except (ValueError, ImportError) as e:  # one line: who needs the data, which, why not
+        why = (
+          "this mode reads the dataset"
+          if self.reads_data
+          else "the image shape comes from the dataset (no imported weights, autoencoder or "
+          f"{stored_config.DATASET_FILE} in the workdir)"
+        )
+        raise type(e)(f"{why} config.data.name={d.name!r} (data_dir={d.data_dir!r}): {e}") from e
     return self._meta
 
   def _dataset(self, writer: bool) -> tuple[tuple[int, int, int], int | None]:
