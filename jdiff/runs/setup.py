@@ -2,8 +2,8 @@
 
 Two kinds of config exist: diffusion configs (jdiff/configs/default.py and its
 variants) and stage-1 autoencoder configs (those with an `autoencoder` section, e.g.
-ae_digits.py). `Setup` validates either (shared checks, then the kind's own), prepares
-the dataset (process 0 first, the others after a barrier), builds the mesh, the model,
+ae_digits.py). `Setup` validates either (`jdiff.runs.validate`), prepares the dataset when
+the mode reads it (process 0 first, the others after a barrier), builds the mesh, the model,
 the optimiser, the random keys and the checkpointer. Use it as a context manager: the
 checkpointer is closed on every path, errors included.
 """
