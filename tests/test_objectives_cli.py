@@ -1,7 +1,6 @@
 """objective = ddpm | edm | flow and model.arch = unet | dit through the runs: train, sample, eval
 and reflow on tiny configs (one session fixture trains each combination once)."""
 
-
 import numpy as np
 import pytest
 
