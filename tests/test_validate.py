@@ -40,6 +40,7 @@ BAD = [
   # ranges
   ("optim.lr", -1e-3, "config.optim.lr must be a finite number > 0.0"),
   ("optim.b2", 1.0, "config.optim.b2 must be a finite number in [0.0, 1.0)"),
+  ("optim.optimizer", "sgd", "config.optim: "),
   ("model.dropout", 1.0, "config.model.dropout must be a finite number in [0.0, 1.0)"),
   ("model.num_groups", 3, "divisible by config.model.num_groups=3"),
   ("eval.bound_examples", -1, "config.eval.bound_examples must be an integer >= 0"),
@@ -86,6 +87,8 @@ def test_bad_value_is_one_clear_error(key, value, message):
     ({"latent.autoencoder_workdir": "/x", "sample.clip_x0": 1.0},
      "config.sample.clip_x0 must be 0 for latent diffusion"),
     ({"superres.factor": 3}, "config.superres.factor must be >= 2 and divide"),
+    ({"optim.schedule": "cosine", "optim.warmup_steps": 6},
+     "config.optim: a cosine lr schedule needs total_steps (train.num_steps=6) > warmup_steps=6"),
   ],
 )  # fmt: skip
 def test_bad_combination_is_one_clear_error(overrides, message):

@@ -22,6 +22,7 @@ from jdiff.ops.winograd import CONV_IMPLS
 from jdiff.runs import feature_nets, objectives
 from jdiff.schedules import get_schedule
 from jdiff.training import sharding
+from jdiff.training.optim import make_optimizer
 from jdiff.training.sampling import FLOW_SAMPLERS, resolve_options
 
 KINDS = ("diffusion", "autoencoder")
@@ -117,6 +118,10 @@ def validate(config) -> None:
   if not isinstance(config.seed, int) or not 0 <= config.seed < 2**32:
     raise ValueError(f"config.seed must be an int in [0, 2**32), got {config.seed!r}")
   check_ranges(config)
+  try:  # optax transforms only: the optimiser's own checks (names, lr schedule vs steps)
+    make_optimizer(total_steps=config.train.num_steps, **config.optim)
+  except ValueError as e:
+    raise ValueError(f"config.optim: {e}") from None
   if kind == "diffusion":
     _check_diffusion(config)
   else:
