@@ -30,19 +30,22 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff import diffusion, processes
-from jdiff.schedules import Schedule
+from jdiff import diffusion
+
+if TYPE_CHECKING:  # annotations only: Schedule's protocol methods call into this module
+  from jdiff.schedules import Schedule
 
 Array = jax.Array
 # What the protocol functions accept: a discrete `Schedule` or a continuous `processes.Process`,
 # which share kind, t_min / t_max / t_scale, sigma_min_max, t_to_sigma / sigma_to_t,
 # check_prediction and make_denoiser.
-Noise = Schedule | processes.Process
+Noise = "Schedule | processes.Process"
 # denoise(x_ve [B, ...], sigma scalar or [B]) -> x0_hat [B, ...]
 Denoiser = Callable[[Array, Array], Array]
 

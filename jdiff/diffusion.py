@@ -15,12 +15,13 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jdiff.schedules import Schedule
+if TYPE_CHECKING:  # annotations only: schedules.py builds on this module's maths
+  from jdiff.schedules import Schedule
 
 Array = jax.Array
 # The one interface between the library and a network: model_fn(x_t [B, ...], t [B], cond)

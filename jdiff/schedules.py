@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdiff import continuous, diffusion
+
 Array = jax.Array
 
 # A zero-terminal-SNR schedule has alpha_bar = 0 at its last step (sigma = inf). There, and only
@@ -150,9 +152,6 @@ class Schedule(NamedTuple):
 
   def check_prediction(self, prediction: str) -> None:
     """Raises ValueError unless `prediction` is 'eps', 'x0' or 'v'."""
-    # Deferred: jdiff.diffusion (and jdiff.continuous below) are built on this module.
-    from jdiff import diffusion  # pylint: disable=g-import-not-at-top
-
     diffusion.check_prediction(prediction)
 
   def make_denoiser(
@@ -166,8 +165,6 @@ class Schedule(NamedTuple):
   ):
     """The EDM denoiser D(x_ve [B, ...], sigma scalar or [B]) -> x0_hat of a model of this
     schedule: `jdiff.continuous.vp_denoiser`, which documents the arguments."""
-    from jdiff import continuous  # pylint: disable=g-import-not-at-top
-
     return continuous.vp_denoiser(
       self,
       model_fn,

@@ -482,3 +482,113 @@ def test_missing_tensorflow_reported_when_tf_import_fails(tmp_path, monkeypatch)
   monkeypatch.setattr("builtins.__import__", no_tf)
   with pytest.raises(sources.TensorFlowRequiredError, match="pip install tensorflow"):
     sources.load_source("jdiff_test_needs_tf", split="train", data_dir=str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- modes without data
+# A mode opens the dataset only if it reads from it (train, eval, reference statistics);
+# sample, edit and fid on stored statistics take the image shape from the workdir's record,
+# the stage-1 autoencoder or the imported weights.
+
+
+def _tiny(data_dir, **overrides):
+  from jdiff.configs import tiny  # pylint: disable=g-import-not-at-top
+
+  c = tiny.get_config()
+  c.data.data_dir = data_dir
+  c.model.conv_impl = "xla"
+  c.train.num_steps, c.train.ckpt_every = 2, 0
+  c.sample.num_steps, c.sample.num_samples, c.sample.grid_size, c.sample.batch_size = 2, 4, 4, 4
+  for key, value in overrides.items():
+    *path, field = key.split(".")
+    node = c
+    for part in path:
+      node = node[part]
+    node[field] = value
+  return c
+
+
+def test_trained_workdir_samples_without_its_data(tmp_path):
+  """Train on a private copy of the digits, delete it, sample: nothing reads (or rebuilds)
+  the data directory (before: sampling prepared the dataset again)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+
+  from jdiff.runs import diffusion  # pylint: disable=g-import-not-at-top
+
+  data = str(tmp_path / "tfds")
+  digits_lib.prepare_digits(image_size=16, data_dir=data)
+  cfg = _tiny(data, conditional=True)
+  wd = str(tmp_path / "wd")
+  diffusion.train_and_evaluate(cfg, wd)
+  shutil.rmtree(data)
+  images = np.load(diffusion.sample(cfg, wd))["images"]
+  assert images.shape == (4, 16, 16, 1) and np.all(np.isfinite(images))
+  assert not (tmp_path / "tfds").exists()
+
+
+def test_imported_model_samples_and_scores_without_data(tmp_path, monkeypatch):
+  """The pretrained config (data.name cifar10, 32x32x3) on a 16x16x1 diffusers UNet2DModel
+  with random weights, and an empty TFDS data dir: --mode=sample takes the weights' shape,
+  --mode=fid scores against a reference .npz (random Inception weights). Before: cifar10
+  was opened (not prepared) and its shape compared with the weights'."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from jdiff import metrics  # pylint: disable=g-import-not-at-top
+  from jdiff.configs import pretrained  # pylint: disable=g-import-not-at-top
+  from jdiff.models.inception import NUM_FEATURES, InceptionV3  # pylint: disable=g-import-not-at-top
+  from jdiff.models.inception_convert import flatten  # pylint: disable=g-import-not-at-top
+  from jdiff.runs import diffusion, fid  # pylint: disable=g-import-not-at-top
+
+  empty = tmp_path / "empty_tfds"
+  empty.mkdir()
+  monkeypatch.setenv("TFDS_DATA_DIR", str(empty))
+  torch.manual_seed(0)
+  unet = diffusers.UNet2DModel(
+    sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+    layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+  )  # fmt: skip
+  unet.save_pretrained(tmp_path / "unet", safe_serialization=True)
+  diffusers.DDPMScheduler(num_train_timesteps=50, clip_sample=True).save_config(tmp_path / "unet")
+
+  # Random Inception weights (shapes only: nothing compiled) and random reference statistics.
+  shapes = jax.eval_shape(
+    lambda: InceptionV3().init(jax.random.key(0), jax.numpy.zeros((1, 299, 299, 3)))["params"]
+  )
+  rs = np.random.default_rng(0)
+  weights = {}  # Kaiming-scaled: the signal survives the depth
+  for k, v in flatten(jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes)).items():
+    fan_in = max(1, int(np.prod(v.shape[:-1])))
+    weights[k] = (rs.standard_normal(v.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+  np.savez(tmp_path / "inception.npz", **weights)
+  f = rs.standard_normal((64, NUM_FEATURES))
+  ref = str(tmp_path / "ref.npz")
+  metrics.save_reference(
+    ref, f.mean(0), np.cov(f, rowvar=False), count=64, feature_net="inception_fid"
+  )
+
+  c = pretrained.get_config()
+  c.pretrained.path = str(tmp_path / "unet")
+  c.sample.num_steps, c.sample.num_samples, c.sample.grid_size, c.sample.batch_size = 2, 4, 4, 4
+  c.eval.num_samples, c.eval.is_splits, c.eval.pr_samples = 4, 1, 0
+  c.eval.ref_stats, c.eval.inception_weights = ref, str(tmp_path / "inception.npz")
+  c.eval.inception_conv_impl = "xla"
+  assert c.data.name == "cifar10" and c.data.data_dir == ""
+  images = np.load(diffusion.sample(c, str(tmp_path / "wd")))["images"]
+  assert images.shape == (4, 16, 16, 1) and np.all(np.abs(images) <= 1.0)
+  scores = fid.fid(c, str(tmp_path / "wd"))
+  assert scores["num_samples"] == 4 and np.isfinite(scores["fd"]) and np.isfinite(scores["is"])
+  assert list(empty.iterdir()) == []  # nothing prepared
+
+
+def test_a_mode_that_reads_missing_data_says_so(tmp_path):
+  from jdiff.runs import diffusion  # pylint: disable=g-import-not-at-top
+
+  cfg = _tiny(str(tmp_path), **{"data.name": "no_such_dataset_xyz"})
+  with pytest.raises(ValueError) as err:
+    diffusion.evaluate(cfg, str(tmp_path / "wd"))
+  line = str(err.value)
+  assert "\n" not in line
+  assert line.startswith("this mode reads the dataset config.data.name='no_such_dataset_xyz'")
+  assert "unknown dataset 'no_such_dataset_xyz'" in line

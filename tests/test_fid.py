@@ -15,7 +15,7 @@ from PIL import Image
 from jdiff import metrics
 from jdiff.configs import default, tiny
 from jdiff.models.classifier import SmallClassifier
-from jdiff.runs import eval_options, feature_nets, fid
+from jdiff.runs import feature_nets, fid, validate
 from jdiff.training.writers import save_image_grid
 from tests.conftest import main_args, run_python
 
@@ -106,16 +106,7 @@ def test_score_npz_and_reference(trained, digits_dir, tmp_path):
 
 
 def test_config_errors(trained, digits_dir, tmp_path):
-  from jdiff.runs.setup import validate_config  # pylint: disable=g-import-not-at-top
-
-  for key, value, match in (
-    ("eval.feature_net", "vgg", "config.eval.feature_net must be one of"),
-    ("eval.num_samples", 0, "config.eval.num_samples must be an integer >= 2"),
-    ("eval.inception_weights", "/nope/w.npz", "file not found"),
-    ("eval.samples_npz", "x.png", "must be a .npz file"),
-  ):
-    with pytest.raises(ValueError, match=match):
-      validate_config(_config(digits_dir, **{key: value}))
+  # The config's own rules (feature_net, num_samples, the files' names): tests/test_validate.py.
   c = _config(digits_dir, **{"eval.feature_net": "inception"})
   with pytest.raises(ValueError, match="config.eval.inception_weights is empty"):
     fid.fid(c, trained)
@@ -164,7 +155,7 @@ def test_inception_conv_impl_auto(monkeypatch):
   convolutions on a GPU or TPU; an explicit choice stays."""
   c = default.get_config()
   assert c.eval.inception_conv_impl == "auto"
-  eval_options.validate_eval_config(c.eval)
+  validate.validate(c)
   assert jax.default_backend() == "cpu"
   assert feature_nets.inception_conv_impl(c) == "winograd"
   for backend in ("gpu", "tpu"):
@@ -174,4 +165,4 @@ def test_inception_conv_impl_auto(monkeypatch):
   assert feature_nets.inception_conv_impl(c) == "winograd"
   c.eval.inception_conv_impl = "cudnn"
   with pytest.raises(ValueError, match="config.eval.inception_conv_impl must be one of"):
-    eval_options.validate_eval_config(c.eval)
+    validate.validate(c)

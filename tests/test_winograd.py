@@ -206,12 +206,12 @@ def test_unet_conv_impls_share_parameters_and_agree():
 
 def test_bad_conv_impl_in_config_is_named():
   from jdiff.configs import default  # pylint: disable=g-import-not-at-top
-  from jdiff.runs.setup import build_model  # pylint: disable=g-import-not-at-top
+  from jdiff.runs.validate import validate  # pylint: disable=g-import-not-at-top
 
   c = default.get_config()
   c.model.conv_impl = "cudnn"
   with pytest.raises(ValueError, match="config.model.conv_impl.*'cudnn'"):
-    build_model(c, num_classes=None, channels=1)
+    validate(c)
 
 
 def test_pmap_and_shard_map_equal_unmapped():

@@ -82,9 +82,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.profile_steps = (0, 0)
 
   c.sample = ml_collections.ConfigDict()
-  # Any name of jdiff.training.sampling.SAMPLERS: ddpm | ddim | pc | euler | heun | euler_a |
-  # edm | dpmpp_2m | dpmpp_2m_sde | dpmpp_3m | unipc.
-  c.sample.sampler = "ddim"
+  # "auto": the objective's own sampler (ddim for ddpm, heun for edm, flow_euler for flow), or
+  # any name of jdiff.training.sampling.SAMPLERS: ddpm | ddim | pc | euler | heun | euler_a |
+  # edm | dpmpp_2m | dpmpp_2m_sde | dpmpp_3m | unipc | flow_euler | flow_heun.
+  c.sample.sampler = "auto"
   c.sample.num_steps = 50  # ignored by ddpm (all T steps)
   # None: the sampler's own (ddim 0, pc / euler_a / dpmpp_2m_sde 1, dpmpp_3m 0); the other
   # samplers are deterministic and reject an eta.

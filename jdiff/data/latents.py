@@ -32,10 +32,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, Sharding
+from jax.sharding import PartitionSpec as P
 
 from jdiff.data import pipeline, sources
 from jdiff.models.autoencoder_losses import latent_scale_factor
-from jdiff.training import sharding
 
 Array = jax.Array
 PyTree = Any
@@ -101,6 +102,12 @@ def decode(codec: LatentCodec, z: Array) -> Array:
   return jnp.clip(x, -1.0, 1.0)
 
 
+def local_shardings() -> tuple[Sharding, Sharding]:
+  """(replicated, batch-sharded) over a 1-D mesh of this process's devices."""
+  mesh = Mesh(np.asarray(jax.local_devices()), ("batch",))
+  return NamedSharding(mesh, P()), NamedSharding(mesh, P("batch"))
+
+
 def encode_split(
   module,
   params: PyTree,
@@ -110,23 +117,25 @@ def encode_split(
   data_dir: str | None = None,
   image_size: int | None = None,
   batch_size: int = 256,
+  shardings: tuple[Sharding, Sharding] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
   """Unscaled posterior means of a whole split, batched through one jitted encoder.
 
   Each process encodes the whole split itself (its batch split over its own devices);
   the last batch is padded (the eval iterator's mask drops the padding).
 
+  Args:
+    shardings: (replicated, batch-sharded) over this process's devices, as the caller's
+      mesh lays them out; None: a 1-D mesh over `jax.local_devices()`.
+
   Returns:
     (latents float32 [N, h, w, c], labels int32 [N] or None if the data have none).
   """
-  mesh = sharding.local_mesh()
-  n_dev = mesh.devices.size
+  repl, data_sh = shardings or local_shardings()
+  n_dev = len(data_sh.device_set)
   batch_size = max(n_dev, batch_size // n_dev * n_dev)
-  data_sh = sharding.data_sharding(mesh)
   fn = jax.jit(
-    functools.partial(encode_mean, module),
-    in_shardings=(sharding.replicated(mesh), data_sh),
-    out_shardings=data_sh,
+    functools.partial(encode_mean, module), in_shardings=(repl, data_sh), out_shardings=data_sh
   )
   it = pipeline.make_eval_iterator(
     name,
@@ -158,9 +167,15 @@ def scale_factor_of_split(
   split: str,
   data_dir: str | None = None,
   image_size: int | None = None,
+  shardings: tuple[Sharding, Sharding] | None = None,
 ) -> tuple[float, int]:
-  """1 / std of the posterior means of a split ([LDM] App. G), and its example count."""
-  z, _ = encode_split(module, params, name, split=split, data_dir=data_dir, image_size=image_size)
+  """1 / std of the posterior means of a split ([LDM] App. G), and its example count.
+
+  `shardings`: as `encode_split`'s."""
+  z, _ = encode_split(
+    module, params, name, split=split, data_dir=data_dir, image_size=image_size,
+    shardings=shardings,
+  )  # fmt: skip
   return latent_scale_factor(z), len(z)
 
 
@@ -202,6 +217,7 @@ def encode_source(
   data_dir: str | None = None,
   image_size: int | None = None,
   batch_size: int = 256,
+  shardings: tuple[Sharding, Sharding] | None = None,
 ) -> LatentSource:
   """Encodes a whole split once into a random-access source of scaled latents.
 
@@ -212,6 +228,7 @@ def encode_source(
     data_dir: TFDS data directory.
     image_size: the square resize used in stage 1 (None: the stored size).
     batch_size: encoder batch.
+    shardings: (replicated, batch-sharded) over this process's devices (`encode_split`).
 
   Returns:
     A `LatentSource` of `codec.scale_factor * mean(q(z | x))`, float32 [h, w, c] each.
@@ -234,6 +251,7 @@ def encode_source(
     data_dir=data_dir,
     image_size=image_size,
     batch_size=batch_size,
+    shardings=shardings,
   )
   z = (z * np.float32(codec.scale_factor)).astype(np.float32)
   desc = (

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 from absl import logging
 
-from jdiff.training.writers import atomic_write
+from jdiff.io import atomic_write
 
 
 class Reference(NamedTuple):

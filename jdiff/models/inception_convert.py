@@ -25,7 +25,7 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from jdiff.training.writers import atomic_write
+from jdiff.io import atomic_write
 
 BN_EPS = 1e-3  # torchvision's BasicConv2d
 SUFFIXES = (".pth", ".pt", ".npz", ".safetensors")

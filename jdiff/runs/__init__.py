@@ -1,8 +1,12 @@
 """Config-driven runs: the one place where a config and a workdir become a run.
 
-  setup.py           `Setup`, shared by every mode: config checks (shared, then per kind),
-                     dataset metadata with the multi-host preparation barrier, mesh,
+  validate.py        every config rule, checked once (by `Setup`) before any work.
+  setup.py           `Setup`, shared by every mode: dataset metadata (opened only by the
+                     modes that read data) with the multi-host preparation barrier, mesh,
                      model or autoencoder, optimiser, random keys, checkpointer.
+  builders.py        the U-Net / DiT (objective-wrapped) and the autoencoder of a config.
+  generate.py        the leaf every mode samples through: sample function, per-batch
+                     noise and labels, one `generate`.
   diffusion.py       `train_and_evaluate`, `sample`, `evaluate` (diffusion configs).
   autoencoder.py     `train_autoencoder`, `evaluate_autoencoder` (stage-1 configs).
   stage1.py          the stage-1 workdir on disk and `load_codec`.

@@ -31,7 +31,7 @@ from absl import logging
 from jdiff.data import latents, pipeline
 from jdiff.models import autoencoder_losses as ae_losses
 from jdiff.runs import stage1
-from jdiff.runs.setup import Setup, log_process_info, run_training
+from jdiff.runs.setup import Setup, local_shardings, log_process_info, run_training
 from jdiff.training import sharding
 from jdiff.training.progress import format_seconds
 from jdiff.training.state import AutoencoderState, param_count
@@ -168,6 +168,7 @@ def _write_scale_factor(setup: Setup, params, step: int, writer: MetricWriter) -
     split=d.train_split,
     data_dir=setup.data_dir,
     image_size=setup.image_size,
+    shardings=local_shardings(),
   )
   if jax.process_index() == 0:
     stage1.write_scale_factor(

@@ -14,7 +14,6 @@ with the batch index folded in.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import time
@@ -28,12 +27,10 @@ from absl import logging
 from jdiff import losses
 from jdiff.models.bridge import make_model_fn
 from jdiff.runs import objectives
-from jdiff.runs.sample_options import sample_options
+from jdiff.runs.generate import generate, sample_fn  # noqa: F401 (sample_fn re-exported)
 from jdiff.runs.setup import Setup, log_process_info, run_training
 from jdiff.training import sharding
 from jdiff.training.progress import Progress, format_seconds
-from jdiff.training.rng import stream
-from jdiff.training.sampling import make_sample_fn
 from jdiff.training.state import TrainState, param_count
 from jdiff.training.step import make_eval_step, make_train_step
 from jdiff.training.writers import (
@@ -78,63 +75,6 @@ def params_checksum(params) -> float:
     leaves = jax.tree.leaves(sharding.replicate(params, mesh))
   leaves = [np.asarray(x.addressable_data(0), np.float64) for x in leaves]
   return float(sum(np.sum(x * (1.0 + 1e-3 * i)) for i, x in enumerate(leaves)))
-
-
-# ----------------------------------------------------------------------------- sampling
-
-
-def sample_fn(setup: Setup, **overrides):
-  """The pure `sample_fn(params, x_T, rng, labels)` of `config.sample` (with overrides)."""
-  c = setup.config
-  opts = {**sample_options(c.sample), **objectives.sample_overrides(c), **overrides}
-  return make_sample_fn(
-    setup.module,
-    setup.schedule,
-    prediction=objectives.prediction_of(c),
-    variance=c.diffusion.variance,
-    null_label=setup.null_label,
-    **opts,
-  )
-
-
-def generate(
-  setup: Setup, params, num: int, rng: Array, *, progress: bool = False, **overrides
-) -> np.ndarray:
-  """`num` samples [num, H, W, C] in [-1, 1] from `params` (batched, jitted once).
-
-  Batch k draws its starting noise from the stream 'x_T' and the sampler's randomness
-  from the stream 'sampler' of `fold_in(rng, k)`; latent samples are decoded to pixels.
-  With `progress`, logs done/total, rate and ETA (process 0).
-  """
-  batch = setup.config.sample.batch_size
-  n_dev = setup.mesh.devices.size
-  batch = max(n_dev, batch // n_dev * n_dev)
-  fn = jax.jit(
-    sample_fn(setup, **overrides),
-    in_shardings=(setup.repl, setup.data_sh, setup.repl, setup.data_sh),
-    out_shardings=setup.repl,
-  )
-  params = sharding.replicate(params, setup.mesh)  # FSDP-sharded EMA: gathered once
-  decode = None
-  if setup.codec is not None:
-    from jdiff.data import latents  # pylint: disable=g-import-not-at-top
-
-    decode = jax.jit(functools.partial(latents.decode, setup.codec))
-  out = []
-  meter = Progress(num, "samples") if progress else None
-  for k in range(math.ceil(num / batch)):
-    key = jax.random.fold_in(rng, k)
-    x_T = jax.random.normal(stream(key, "x_T"), (batch, *setup.image_shape), jnp.float32)
-    labels = jnp.arange(k * batch, (k + 1) * batch, dtype=jnp.int32) % (setup.num_classes or 1)
-    x0 = fn(params, x_T, stream(key, "sampler"), labels)
-    if decode is not None:
-      x0 = decode(x0)
-    out.append(np.asarray(jax.device_get(x0)))
-    if meter is not None:
-      meter.update(batch)
-  if meter is not None:
-    meter.close()
-  return np.concatenate(out)[:num]
 
 
 # ----------------------------------------------------------------------------- training
@@ -252,8 +192,8 @@ def _train(setup: Setup, writer: MetricWriter) -> TrainState:
 def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Writes `config.sample.num_samples` samples (.npz and a PNG grid) from the EMA params."""
   log_process_info()
-  s = config.sample
-  with Setup(config, workdir, kind=KIND) as setup:
+  with Setup(config, workdir, kind=KIND, reads_data=False) as setup:
+    s = setup.config.sample  # its sampler resolved ('auto')
     params, step = setup.restore_params("ema_params" if s.use_ema else "params")
     t0 = time.perf_counter()
     images = generate(

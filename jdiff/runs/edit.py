@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 
 from jdiff import conditioning
-from jdiff.runs import diffusion
+from jdiff.runs.generate import generate, sample_fn
 from jdiff.runs.setup import Setup, log_process_info
 from jdiff.samplers import editing
 from jdiff.training.progress import Progress
@@ -159,7 +159,7 @@ def superres(setup: Setup, params, lowres: np.ndarray, rng, *, batch: int | None
       f"superres input shape {lowres.shape[1:]} must be the model's {(h, w, c)} / "
       f"factor {f} = {(h // f, w // f, c)}"
     )
-  fn = jax.jit(diffusion.sample_fn(setup))
+  fn = jax.jit(sample_fn(setup))
   level = cfg.superres.aug_level
 
   def run(k, lowres):
@@ -205,9 +205,9 @@ def _base_samples(config, rng) -> np.ndarray:
       "config.edit.base_config and config.edit.base_workdir (a base model to sample: cascade)"
     )
   base_cfg = runpy.run_path(e.base_config)["get_config"]()
-  with Setup(base_cfg, e.base_workdir, kind="diffusion") as base:
+  with Setup(base_cfg, e.base_workdir, kind="diffusion", reads_data=False) as base:
     params, _ = base.restore_params("ema_params")
-    return diffusion.generate(base, params, e.num, rng)
+    return generate(base, params, e.num, rng)
 
 
 def edit(config, workdir: str) -> str:
@@ -223,7 +223,7 @@ def edit(config, workdir: str) -> str:
     )
   if not sr and config.superres.factor:
     raise ValueError(f"config.edit.task={e.task!r} needs an image model, not a superres config")
-  with Setup(config, workdir, kind="diffusion") as setup:
+  with Setup(config, workdir, kind="diffusion", reads_data=False) as setup:
     params, step = setup.restore_params("ema_params" if config.sample.use_ema else "params")
     rng = jax.random.fold_in(setup.keys.stream("edit"), step)
     if sr and not e.input:
@@ -258,7 +258,7 @@ def _edit_images(setup: Setup, params, images: np.ndarray, rng):
     None if setup.null_label is None else jnp.full((b,), setup.null_label, jnp.int32)
   )
   if e.task == "img2img":
-    fn = jax.jit(diffusion.sample_fn(setup, strength=e.strength))
+    fn = jax.jit(sample_fn(setup, strength=e.strength))
 
     def run(k, x0):
       key = jax.random.fold_in(rng, k)
@@ -269,7 +269,7 @@ def _edit_images(setup: Setup, params, images: np.ndarray, rng):
     return images, results
   mask = load_mask(e.mask, images.shape)
   mask = np.broadcast_to(mask, images.shape[:3] + (1,)).astype(np.float32)
-  fn = jax.jit(diffusion.sample_fn(setup))
+  fn = jax.jit(sample_fn(setup))
 
   def run(k, known, mask):
     key = jax.random.fold_in(rng, k)

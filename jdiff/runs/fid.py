@@ -4,7 +4,7 @@ Samples are generated sharded over every device of every process: batch k of the
 batch B draws its noise from the stream 'x_T' and the sampler's randomness from the stream
 'sampler' of `fold_in(rng, k)` inside one jitted function that also runs the feature
 network, so every device generates and featurises its own rows (the same rows
-`diffusion.generate` draws for that rng). Each process folds the rows it holds into
+`generate.generate` draws for that rng). Each process folds the rows it holds into
 float64 running statistics (`jdiff.metrics.streaming`); the processes' statistics are
 summed at the end. Only `config.eval.pr_samples` feature rows are kept, for precision /
 recall and KID.
@@ -22,7 +22,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding
@@ -31,10 +30,9 @@ from jax.sharding import PartitionSpec as P
 from jdiff import metrics
 from jdiff.data import pipeline
 from jdiff.data.sources import stored_name
-from jdiff.runs import feature_nets
+from jdiff.runs import feature_nets, generate
 from jdiff.runs.setup import Setup, log_process_info
 from jdiff.training.progress import Progress
-from jdiff.training.rng import stream
 from jdiff.training.sharding import DATA_AXIS
 from jdiff.training.writers import MetricWriter
 
@@ -133,16 +131,11 @@ def _feature_fn(setup: Setup, net: feature_nets.FeatureNet):
   return jax.jit(fn, in_shardings=(setup.repl, setup.data_sh), out_shardings=setup.data_sh)
 
 
-def _global_batch(setup: Setup, batch: int) -> int:
-  n_dev = setup.mesh.devices.size
-  return max(n_dev, batch // n_dev * n_dev)
-
-
 def score_images(setup, net, images_fn, num: int, *, batch: int, what: str) -> Collector:
   """Streams `num` images through `net`: `images_fn(rows)` returns the images [len(rows),
   H, W, C] in [-1, 1] of the given global rows; each process reads only its own rows."""
   c = setup.config.eval
-  batch = _global_batch(setup, batch)
+  batch = generate.global_batch(setup, batch)
   p, n_proc = jax.process_index(), jax.process_count()
   local = batch // n_proc
   fn = _feature_fn(setup, net)
@@ -206,37 +199,16 @@ def npz_images(path: str):
 
 
 def generate_features(setup: Setup, params, net, num: int, rng, **overrides) -> Collector:
-  """Generates `num` samples sharded over all devices and processes, featurising on the fly."""
-  from jdiff.runs.diffusion import sample_fn  # pylint: disable=g-import-not-at-top
-
+  """Generates `num` samples sharded over all devices and processes (the rows of
+  `generate.generate` for `rng`), featurising them in the same jitted call."""
   cfg = setup.config
-  batch = _global_batch(setup, cfg.sample.batch_size)
-  sample = sample_fn(setup, **overrides)
-  n_cls = setup.num_classes or 1
-  decode = None
-  if setup.codec is not None:
-    from jdiff.data import latents  # pylint: disable=g-import-not-at-top
-
-    decode = lambda z: latents.decode(setup.codec, z)  # noqa: E731
-
-  def fn(params, net_params, rng, k):
-    key = jax.random.fold_in(rng, k)
-    x_T = jax.random.normal(stream(key, "x_T"), (batch, *setup.image_shape), jnp.float32)
-    x_T = jax.lax.with_sharding_constraint(x_T, setup.data_sh)
-    index = k * batch + jnp.arange(batch, dtype=jnp.int32)
-    labels = jax.lax.with_sharding_constraint(index % n_cls, setup.data_sh)
-    x0 = sample(params, x_T, stream(key, "sampler"), labels)
-    if decode is not None:
-      x0 = decode(x0)
-    feats, probs = net.apply(net_params, x0)
-    return feats, probs, jax.lax.with_sharding_constraint(index, setup.data_sh)
-
-  jfn = jax.jit(fn, in_shardings=(setup.repl,) * 4, out_shardings=setup.data_sh)
   col = Collector(net, num, splits=cfg.eval.is_splits, keep=cfg.eval.pr_samples)
-  with Progress(num, "samples") as progress:
-    for k in range(math.ceil(num / batch)):
-      col.add(*jfn(params, net.params, rng, jnp.int32(k)))
-      progress.update(min(batch, num - k * batch))
+  batches = generate.generate_batches(
+    setup, params, num, rng, post=net.apply, post_params=net.params, progress="samples",
+    **overrides,
+  )  # fmt: skip
+  for out in batches:
+    col.add(*out)
   return col
 
 
@@ -369,7 +341,10 @@ def fid(config, workdir: str) -> dict:
   config.eval.use_ema), or the `.npz` config.eval.samples_npz; writes metrics."""
   log_process_info()
   c = config.eval
-  with Setup(config, workdir, kind=KIND) as setup, MetricWriter(setup.workdir) as writer:
+  with (
+    Setup(config, workdir, kind=KIND, reads_data=False) as setup,
+    MetricWriter(setup.workdir) as writer,
+  ):
     if c.samples_npz:
       net = feature_nets.load_feature_net(config, setup.pixel_shape)
       ref, path = load_or_compute_reference(config, setup, net)

@@ -22,52 +22,13 @@ from jdiff.training.sampling import FLOW_SAMPLERS
 OBJECTIVES = ("ddpm", "edm", "flow")
 ARCHS = ("unet", "dit")
 DISCRETE_SAMPLERS = ("ddpm", "ddim", "pc")
+AUTO_SAMPLERS = {"ddpm": "ddim", "edm": "heun", "flow": "flow_euler"}
 
 
-def check_objective(config) -> None:
-  """Raises ValueError naming the bad key: objective, arch, and what they exclude."""
-  c = config
-  if c.objective not in OBJECTIVES:
-    raise ValueError(f"config.objective must be one of {OBJECTIVES}, got {c.objective!r}")
-  if c.model.arch not in ARCHS:
-    raise ValueError(f"config.model.arch must be one of {ARCHS}, got {c.model.arch!r}")
-  sampler = c.sample.sampler
-  if c.objective != "ddpm":
-    if sampler in DISCRETE_SAMPLERS:
-      raise ValueError(
-        f"config.sample.sampler={sampler!r} steps on the discrete DDPM schedule; objective "
-        f"{c.objective!r} samples with a sigma-grid sampler (euler, heun, edm, euler_a, "
-        "dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, unipc)"
-        + (" or flow_euler / flow_heun" if c.objective == "flow" else "")
-      )
-    if c.model.learn_sigma:
-      raise ValueError(
-        "config.model.learn_sigma=True (the DDPM hybrid loss) needs objective 'ddpm', "
-        f"got {c.objective!r}"
-      )
-  if sampler in FLOW_SAMPLERS and c.objective != "flow":
-    raise ValueError(
-      f"config.sample.sampler={sampler!r} needs config.objective='flow', got {c.objective!r}"
-    )
-  if c.flow.reflow_pairs and c.objective != "flow":
-    raise ValueError(
-      f"config.flow.reflow_pairs is set but config.objective is {c.objective!r}, not 'flow'"
-    )
-  if c.edm.uncertainty and c.objective != "edm":
-    raise ValueError(
-      f"config.edm.uncertainty=True needs config.objective='edm', got {c.objective!r}"
-    )
-  for key in ("sigma_data", "p_std", "sigma_min", "sigma_max", "c_noise_scale"):
-    if not c.edm[key] > 0:
-      raise ValueError(f"config.edm.{key} must be positive, got {c.edm[key]!r}")
-  if c.flow.t_sampler not in ("uniform", "logit_normal"):
-    raise ValueError(
-      f"config.flow.t_sampler must be 'uniform' or 'logit_normal', got {c.flow.t_sampler!r}"
-    )
-  if not c.flow.p_std > 0 or not c.flow.shift > 0:
-    raise ValueError(
-      f"config.flow.p_std and .shift must be positive, got {c.flow.p_std}, {c.flow.shift}"
-    )
+def default_sampler(objective: str) -> str:
+  """The sampler `sample.sampler='auto'` means: DDIM on the discrete schedule (ddpm, any
+  prediction), EDM's deterministic Heun (Alg. 1) for edm, Euler in t for flow."""
+  return AUTO_SAMPLERS[objective]
 
 
 def make_process(config) -> processes.Process:

@@ -80,12 +80,17 @@ def attach(setup) -> None:
     conv_impl=c.model.conv_impl,
     remat=c.model.remat,
   )
-  if tuple(model.image_shape) != tuple(setup.image_shape):
+  # A mode that reads no data (sample, edit, fid on stored statistics) takes the weights' shape.
+  if setup.reads_data and tuple(model.image_shape) != tuple(setup.image_shape):
     raise PretrainedError(
       f"the imported model takes images {model.image_shape} but config.data gives "
       f"{setup.image_shape}: set config.data.name / image_size to match"
     )
-  if model.num_classes is not None and setup.meta.num_classes not in (None, model.num_classes):
+  if (
+    model.num_classes is not None
+    and setup.reads_data
+    and setup.meta.num_classes not in (None, model.num_classes)
+  ):
     raise PretrainedError(
       f"the imported model has {model.num_classes} classes, dataset {c.data.name!r} has "
       f"{setup.meta.num_classes}"
@@ -107,6 +112,7 @@ def attach(setup) -> None:
   if s is not None:
     setup.schedule = s.schedule
   setup.num_classes = model.num_classes
+  setup.pixel_shape = setup.image_shape = tuple(model.image_shape)
   setup.null_label = model.num_classes
   logging.info(
     "imported %s U-Net from %s: %s; prediction %s, variance %s, T = %d, clip_x0 %s",

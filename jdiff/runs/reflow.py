@@ -26,7 +26,7 @@ import numpy as np
 from absl import logging
 
 from jdiff import flow
-from jdiff.runs import diffusion
+from jdiff.runs.generate import sample_fn
 from jdiff.runs.setup import Setup, log_process_info
 from jdiff.training.progress import Progress
 from jdiff.training.rng import stream
@@ -40,11 +40,9 @@ def write_pairs(config, workdir: str) -> str:
     raise ValueError(
       f"--mode=reflow_pairs needs a flow model (config.objective), got {config.objective!r}"
     )
-  with Setup(config, workdir, kind="diffusion") as setup:
+  with Setup(config, workdir, kind="diffusion", reads_data=False) as setup:
     params, step = setup.restore_params("ema_params" if config.sample.use_ema else "params")
-    fn = jax.jit(
-      diffusion.sample_fn(setup, sampler="flow_heun", num_steps=config.flow.reflow_steps)
-    )
+    fn = jax.jit(sample_fn(setup, sampler="flow_heun", num_steps=config.flow.reflow_steps))
     num, batch = config.flow.reflow_num_pairs, config.sample.batch_size
     base = stream(setup.keys.stream("reflow"), "x_T")
     pairs, labels = [], []

@@ -2,8 +2,8 @@
 
 Two kinds of config exist: diffusion configs (jdiff/configs/default.py and its
 variants) and stage-1 autoencoder configs (those with an `autoencoder` section, e.g.
-ae_digits.py). `Setup` validates either (shared checks, then the kind's own), prepares
-the dataset (process 0 first, the others after a barrier), builds the mesh, the model,
+ae_digits.py). `Setup` validates either (`jdiff.runs.validate`), prepares the dataset when
+the mode reads it (process 0 first, the others after a barrier), builds the mesh, the model,
 the optimiser, the random keys and the checkpointer. Use it as a context manager: the
 checkpointer is closed on every path, errors included.
 """
@@ -22,15 +22,11 @@ from absl import logging
 
 from jdiff.data import pipeline, sources
 from jdiff.data.latents import latent_shape_of
-from jdiff.models.autoencoder import AutoencoderKL, make_autoencoder
-from jdiff.models.layers import DTYPES
-from jdiff.models.unet import UNet
-from jdiff.ops.winograd import CONV_IMPLS
 from jdiff.runs import objectives, stage1, stored_config
 from jdiff.runs import pretrained as pretrained_run
-from jdiff.runs.config_checks import check_ranges
-from jdiff.runs.eval_options import validate_eval_config
-from jdiff.runs.sample_options import validate_sample_config
+from jdiff.runs.builders import build_autoencoder, build_model
+from jdiff.runs.validate import kind_of, resolve, validate
+from jdiff.runs.validate import validate as validate_config  # noqa: F401 (its former name)
 from jdiff.schedules import get_schedule
 from jdiff.training import sharding
 from jdiff.training.checkpoint import Checkpointer
@@ -42,11 +38,6 @@ from jdiff.training.rng import run_keys
 from jdiff.training.state import init_autoencoder_state, init_train_state
 from jdiff.training.writers import MetricWriter
 
-KINDS = ("diffusion", "autoencoder")
-SECTIONS = {
-  "diffusion": ("data", "model", "diffusion", "optim", "train", "sample", "eval", "latent"),
-  "autoencoder": ("data", "autoencoder", "loss", "optim", "train", "eval"),
-}
 MODES = {
   "diffusion": "--mode=train|sample|eval|fid|fid_ref",
   "autoencoder": "--mode=train_autoencoder|eval_autoencoder",
@@ -64,152 +55,7 @@ def log_process_info() -> None:
   )
 
 
-# ----------------------------------------------------------------------------- config checks
-
-
-def kind_of(config) -> str:
-  """'autoencoder' for a stage-1 config (it has an `autoencoder` section), else 'diffusion'."""
-  return "autoencoder" if "autoencoder" in config else "diffusion"
-
-
-def _check_int(config, section: str, key: str, minimum: int) -> None:
-  value = config[section][key]
-  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-    what = "a positive" if minimum > 0 else "a non-negative"
-    raise ValueError(f"config.{section}.{key} must be {what} integer, got {value!r}")
-
-
-def validate_config(config) -> None:
-  """Raises ValueError naming the bad key/value: the shared checks, then the kind's own."""
-  kind = kind_of(config)
-  for section in SECTIONS[kind]:
-    if section not in config:
-      raise ValueError(f"{kind} config is missing the section {section!r}")
-  if not isinstance(config.seed, int) or not 0 <= config.seed < 2**32:
-    raise ValueError(f"config.seed must be an int in [0, 2**32), got {config.seed!r}")
-  for key in ("num_steps", "batch_size", "keep_checkpoints"):
-    _check_int(config, "train", key, 1)
-  for key in ("log_every", "ckpt_every"):
-    _check_int(config, "train", key, 0)
-  _check_int(config, "eval", "batch_size", 1)
-  check_ranges(config)
-  if kind == "diffusion":
-    _check_diffusion(config)
-  else:
-    _check_autoencoder(config)
-
-
-def _check_diffusion(config) -> None:
-  _check_int(config, "train", "sample_every", 0)
-  t = config.train
-  if not 0.0 <= t.label_dropout < 1.0:
-    raise ValueError(f"config.train.label_dropout must be in [0, 1), got {t.label_dropout}")
-  if t.label_dropout and not config.conditional:
-    raise ValueError("config.train.label_dropout > 0 needs config.conditional=True")
-  validate_sample_config(config.sample, latent=bool(config.latent.autoencoder_workdir))
-  if "feature_net" in config.eval:
-    validate_eval_config(config.eval)
-  if not 0.0 <= config.ema_decay < 1.0:
-    raise ValueError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
-  if config.get("superres") is not None and config.superres.factor:
-    sr, size = config.superres, config.data.image_size
-    if sr.factor < 2 or (size and size % sr.factor):
-      raise ValueError(
-        f"config.superres.factor must be >= 2 and divide data.image_size={size}, got {sr.factor}"
-      )
-    if config.conditional:
-      raise ValueError("config.superres.factor > 0 conditions on images: set conditional=False")
-    for key in ("aug_max", "aug_level"):
-      if not 0.0 <= sr[key] < 1.0:
-        raise ValueError(f"config.superres.{key} must be in [0, 1), got {sr[key]}")
-  _check_scale(config)
-
-
-def _check_scale(config) -> None:
-  """The cluster-scale keys (issue 15): accumulation, preemption period, profiling, mesh."""
-  for key in ("grad_accum_steps", "preemption_check_every"):
-    _check_int(config, "train", key, 1)
-  steps = tuple(config.train.profile_steps)
-  if len(steps) != 2 or not all(isinstance(s, int) for s in steps) or not 0 <= steps[0] <= steps[1]:
-    raise ValueError(
-      f"config.train.profile_steps must be two integers (a, b) with 0 <= a <= b, got {steps!r}"
-    )
-  if config.train.grad_accum_steps > 1 and config.get("objective", "ddpm") != "ddpm":
-    raise ValueError(
-      f"config.train.grad_accum_steps={config.train.grad_accum_steps} needs "
-      f"config.objective='ddpm', got {config.objective!r} (its noise levels are drawn per call)"
-    )
-  _check_int(config, "mesh", "fsdp_min_size", 0)
-  sharding.mesh_shape(jax.device_count(), data=config.mesh.data, fsdp=config.mesh.fsdp)
-  objectives.check_objective(config)
-
-
-def _check_autoencoder(config) -> None:
-  loss = config.loss
-  if loss.recon_loss not in ("l1", "l2"):
-    raise ValueError(f"config.loss.recon_loss must be 'l1' or 'l2', got {loss.recon_loss!r}")
-  if not loss.kl_weight >= 0:
-    raise ValueError(f"config.loss.kl_weight must be >= 0, got {loss.kl_weight!r}")
-  for key in ("perceptual_weight", "adversarial_weight"):
-    if loss[key] != 0:
-      raise ValueError(
-        f"config.loss.{key}={loss[key]!r}: the LPIPS perceptual and PatchGAN adversarial "
-        "terms of LDM are not implemented (LPIPS needs pretrained VGG weights, which "
-        "cannot be downloaded here); set it to 0"
-      )
-  _check_int(config, "eval", "num_recon_images", 0)
-
-
 # ----------------------------------------------------------------------------- builders
-
-
-def build_model(config, *, num_classes: int | None, channels: int) -> UNet:
-  """The U-Net from `config.model` (its fields are UNet's constructor arguments)."""
-  kwargs = dict(config.model)
-  kwargs.pop("arch", None)
-  dtype = kwargs.pop("dtype", "float32")
-  if dtype not in DTYPES:
-    raise ValueError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-  if config.model.learn_sigma != (config.diffusion.variance == "learned_range"):
-    raise ValueError(
-      "config.model.learn_sigma=True goes with config.diffusion.variance="
-      f"'learned_range' and vice versa; got learn_sigma={config.model.learn_sigma}"
-      f", variance={config.diffusion.variance!r}"
-    )
-  if kwargs.get("conv_impl", "auto") not in CONV_IMPLS:
-    raise ValueError(
-      f"config.model.conv_impl must be one of {CONV_IMPLS}, got {kwargs['conv_impl']!r}"
-    )
-  kwargs["num_classes"] = num_classes if config.conditional else None
-  kwargs["out_channels"] = channels
-  if config.get("superres") is not None and config.superres.factor:
-    kwargs["image_cond_channels"] = channels + 1  # [augmented upsampled low-res, level]
-  for key in ("ch_mult", "attn_resolutions"):
-    kwargs[key] = tuple(kwargs[key])
-  if config.get("objective", "ddpm") != "ddpm" or config.model.get("arch", "unet") != "unet":
-    return objectives.build_network(config, kwargs, dtype=DTYPES[dtype])
-  return UNet(dtype=DTYPES[dtype], **kwargs)
-
-
-def build_autoencoder(config, image_shape) -> AutoencoderKL:
-  """The AutoencoderKL of `config.autoencoder` (preset + non-None overrides).
-
-  `in_channels` defaults to the data's channel count.
-  """
-  overrides = {k: v for k, v in config.autoencoder.overrides.items() if v is not None}
-  if "ch_mult" in overrides:
-    overrides["ch_mult"] = tuple(overrides["ch_mult"])
-  if "dtype" in overrides:
-    if overrides["dtype"] not in DTYPES:
-      raise ValueError(
-        f"config.autoencoder.overrides.dtype must be one of {sorted(DTYPES)}, "
-        f"got {overrides['dtype']!r}"
-      )
-    overrides["dtype"] = DTYPES[overrides["dtype"]]
-  overrides.setdefault("in_channels", int(image_shape[-1]))
-  module = make_autoencoder(config.autoencoder.preset, **overrides)
-  latent_shape_of(module, image_shape)  # validates size and channels
-  return module
 
 
 def prepared_metadata(config) -> sources.DatasetMetadata:
@@ -240,8 +86,10 @@ class Setup:
     kind: 'diffusion' or 'autoencoder' (`kind_of(config)`).
     config, workdir: as given (workdir made absolute).
     data_dir, image_size: config.data's, with '' / 0 as None.
-    meta: the dataset's metadata.
-    pixel_shape: (H, W, C) of the data's images.
+    meta: the dataset's metadata (opened on first use: a mode that reads no data never
+      opens the dataset).
+    pixel_shape: (H, W, C) of the data's images: the dataset's, or without `reads_data`
+      the imported weights', the autoencoder's or the workdir's record of them.
     image_shape: (H, W, C) of the model's input: the pixels, or for latent diffusion
       the latents.
     mesh, repl, data_sh: the device mesh, replicated and batch-sharded shardings.
@@ -260,17 +108,31 @@ class Setup:
       for the whole run and stores the config in the workdir if it has none. A
       read-only run (sample, eval) only compares the stored config and leaves corrupt
       checkpoints in place while another run holds the lock.
+    reads_data: the mode reads the dataset (train, eval, reference statistics). Without
+      it the image shape and class count come from the imported weights, the stage-1
+      autoencoder or the workdir's `dataset.json` (written by training), and the dataset
+      is opened only if none of them has them.
   """
 
-  def __init__(self, config, workdir: str, *, kind: str | None = None, writer: bool = False):
+  def __init__(
+    self,
+    config,
+    workdir: str,
+    *,
+    kind: str | None = None,
+    writer: bool = False,
+    reads_data: bool = True,
+  ):
     self.kind = kind_of(config)
     if kind is not None and kind != self.kind:
       raise ValueError(
         f"this mode runs {kind} configs ({MODES[kind]}); the config given is "
         f"of kind {self.kind!r}: run it with {MODES[self.kind]}"
       )
-    validate_config(config)
-    self.config, self.workdir = config, os.path.abspath(workdir)
+    validate(config)  # first: a bad value stops the run before anything is touched
+    self.config, self.workdir = resolve(config), os.path.abspath(workdir)
+    self.reads_data = reads_data
+    self._meta = None
     self.lock = WorkdirLock(self.workdir) if writer and jax.process_index() == 0 else None
     if self.lock is not None:
       self.lock.acquire()  # first: a second trainer fails before it prepares anything
@@ -285,23 +147,20 @@ class Setup:
     stored_config.check_or_store(config, self.workdir, write=writer)
     self.data_dir = config.data.data_dir or None
     self.image_size = config.data.image_size or None
-    self.meta = prepared_metadata(config)
-    self.pixel_shape = self.image_shape = tuple(self.meta.image_shape)
     self.codec = None
     self.pretrained = None  # a jdiff.pretrained.Pretrained with config.pretrained.path
-    if self.kind == "diffusion":
-      self._build_diffusion()
-    else:
-      self.module = build_autoencoder(config, self.image_shape)
-      self.latent_shape = latent_shape_of(self.module, self.image_shape)
     if "mesh" in config:
       self.mesh = sharding.make_mesh_2d(data=config.mesh.data, fsdp=config.mesh.fsdp)
     else:
       self.mesh = sharding.make_mesh()
     self.repl = sharding.replicated(self.mesh)
     self.data_sh = sharding.data_sharding(self.mesh)
-    if self.kind == "diffusion" and pretrained_run.enabled(config):
-      pretrained_run.attach(self)  # module, schedule, params (replicated), config copy
+    if self.kind == "diffusion":
+      self._build_diffusion(writer)
+    else:
+      self.pixel_shape = self.image_shape = tuple(self.meta.image_shape)
+      self.module = build_autoencoder(config, self.image_shape)
+      self.latent_shape = latent_shape_of(self.module, self.image_shape)
     self.optimizer = make_optimizer(total_steps=config.train.num_steps, **config.optim)
     self.keys = run_keys(config.seed)
     # Last: nothing after it can fail, so an error above leaves nothing open.
@@ -313,14 +172,58 @@ class Setup:
       allow_unverified=config.train.get("allow_unverified_checkpoints", False),
     )
 
-  def _build_diffusion(self) -> None:
+  @property
+  def meta(self) -> sources.DatasetMetadata:
+    """The dataset's metadata, prepared on first use (`prepared_metadata`)."""
+    if self._meta is None:
+      d = self.config.data
+      try:
+        self._meta = prepared_metadata(self.config)
+      except (ValueError, ImportError) as e:  # one line: who needs the data, which, why not
+        why = (
+          "this mode reads the dataset"
+          if self.reads_data
+          else "the image shape comes from the dataset (no imported weights, autoencoder or "
+          f"{stored_config.DATASET_FILE} in the workdir)"
+        )
+        raise type(e)(f"{why} config.data.name={d.name!r} (data_dir={d.data_dir!r}): {e}") from e
+    return self._meta
+
+  def _dataset(self, writer: bool) -> tuple[tuple[int, int, int], int | None]:
+    """(pixel shape, class count): the dataset's (stored in the workdir by a training run),
+    or without `reads_data` the workdir's record or the autoencoder's shape."""
     c = self.config
-    if c.conditional and not self.meta.num_classes:
-      raise ValueError(f"config.conditional=True but dataset {c.data.name!r} has no labels")
+    if not self.reads_data:
+      record = stored_config.read_dataset(self.workdir, c)
+      if record is not None:
+        return record
+      if self.codec is not None and not c.conditional:
+        return tuple(self.codec.image_shape), None
+    shape, classes = tuple(self.meta.image_shape), self.meta.num_classes
+    if writer:
+      stored_config.store_dataset(self.workdir, c, shape, classes)
+    return shape, classes
+
+  def _build_diffusion(self, writer: bool) -> None:
+    c = self.config
+    d = c.diffusion
+    self.schedule = get_schedule(d.schedule, d.num_steps, zero_terminal_snr=d.zero_terminal_snr)
+    if c.objective != "ddpm":  # edm / flow: the continuous process (jdiff.processes)
+      self.schedule = objectives.make_process(c)
     if c.latent.autoencoder_workdir:
       self.codec = stage1.load_codec(
         c.latent.autoencoder_workdir, scale_factor=c.latent.scale_factor
       )
+    if pretrained_run.enabled(c):
+      if self.reads_data:  # the data must fit the imported model
+        self.pixel_shape = self.image_shape = tuple(self.meta.image_shape)
+      pretrained_run.attach(self)  # module, schedule, params, shape, classes, config copy
+      return
+    self.pixel_shape, classes = self._dataset(writer)
+    self.image_shape = self.pixel_shape
+    if c.conditional and not classes:
+      raise ValueError(f"config.conditional=True but dataset {c.data.name!r} has no labels")
+    if self.codec is not None:
       if tuple(self.codec.image_shape) != self.pixel_shape:
         raise ValueError(
           f"the autoencoder in {c.latent.autoencoder_workdir} was trained on "
@@ -328,13 +231,9 @@ class Setup:
           f"{self.pixel_shape}"
         )
       self.image_shape = tuple(self.codec.latent_shape)
-    self.num_classes = self.meta.num_classes if c.conditional else None
-    self.module = build_model(c, num_classes=self.meta.num_classes, channels=self.image_shape[-1])
+    self.num_classes = classes if c.conditional else None
+    self.module = build_model(c, num_classes=classes, channels=self.image_shape[-1])
     self.null_label = self.num_classes  # the U-Net reserves label num_classes for "no class"
-    d = c.diffusion
-    self.schedule = get_schedule(d.schedule, d.num_steps, zero_terminal_snr=d.zero_terminal_snr)
-    if c.objective != "ddpm":  # edm / flow: the continuous process (jdiff.processes)
-      self.schedule = objectives.make_process(c)
 
   def __enter__(self) -> Setup:
     return self
@@ -382,6 +281,7 @@ class Setup:
       split=split,
       data_dir=self.data_dir,
       image_size=self.image_size,
+      shardings=local_shardings(),
     )
 
   def train_iterator(self):
@@ -516,6 +416,13 @@ class Setup:
     )
     self.checkpointer.wait()
     return out
+
+
+def local_shardings():
+  """(replicated, batch-sharded) over this process's devices: per-process work such as
+  encoding a dataset once per process (`jdiff.data.latents.encode_split`)."""
+  local = sharding.local_mesh()
+  return sharding.replicated(local), sharding.data_sharding(local)
 
 
 def run_training(

@@ -121,3 +121,41 @@ def check_or_store(config, workdir: str, *, write: bool) -> None:
     )
   if changes:
     logging.info("config changes since %s was created (safe): %s", workdir, _describe(changes))
+
+
+DATASET_FILE = "dataset.json"
+
+
+def store_dataset(workdir: str, config, image_shape, num_classes: int | None) -> None:
+  """Records the dataset's image shape and class count in the workdir (process 0), so that
+  modes that read no data (sample, edit, fid on stored statistics) need no dataset."""
+  if jax.process_index() != 0:
+    return
+  record = {
+    "data.name": config.data.name,
+    "data.image_size": config.data.image_size,
+    "image_shape": [int(n) for n in image_shape],
+    "num_classes": num_classes,
+  }
+  path = os.path.join(workdir, DATASET_FILE)
+  if _read_json(path) != record:
+    write_json(path, record)
+
+
+def read_dataset(workdir: str, config) -> tuple[tuple[int, int, int], int | None] | None:
+  """(image shape, class count) of the workdir's record, or None if it has none for
+  `config.data` (name and image size)."""
+  r = _read_json(os.path.join(workdir, DATASET_FILE))
+  if r is None or (r["data.name"], r["data.image_size"]) != (
+    config.data.name,
+    config.data.image_size,
+  ):
+    return None
+  return tuple(r["image_shape"]), r["num_classes"]
+
+
+def _read_json(path: str) -> dict | None:
+  if not os.path.isfile(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)

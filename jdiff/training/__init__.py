@@ -33,4 +33,4 @@ from jdiff.training.step import (
   make_eval_step,
   make_train_step,
 )
-from jdiff.training.writers import MetricWriter, atomic_write, save_image_grid, write_json
+from jdiff.training.writers import MetricWriter, save_image_grid, write_json

@@ -11,21 +11,12 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import jax
 import numpy as np
 
-
-def unique_path(path: str) -> str:
-  """`path` if it does not exist, else `stem-1.ext`, `stem-2.ext`, ... (first free)."""
-  if not os.path.exists(path):
-    return path
-  stem, ext = os.path.splitext(path)
-  i = 1
-  while os.path.exists(f"{stem}-{i}{ext}"):
-    i += 1
-  return f"{stem}-{i}{ext}"
+from jdiff.io import atomic_write, unique_path  # noqa: F401 (re-exported)
 
 
 def unique_stem(stem: str, exts: tuple[str, ...]) -> str:
@@ -73,29 +64,6 @@ def check_workdir(path: str, *, flag: str = "--workdir") -> str:
     raise WorkdirError(f"{where} cannot be created: {parent} is not a directory")
   if not os.access(parent, os.W_OK | os.X_OK):
     raise WorkdirError(f"{where} cannot be created: {parent} is not writable")
-  return path
-
-
-def atomic_write(path: str, write: Callable[[str], None], *, overwrite: bool = False) -> str:
-  """Calls `write(tmp_path)`, then renames the file to `path` (readers never see half a file).
-
-  Args:
-    path: destination.
-    write: writes the whole file at the path it is given.
-    overwrite: replace an existing `path`; otherwise write to `unique_path(path)`.
-
-  Returns:
-    The path written.
-  """
-  path = path if overwrite else unique_path(path)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
   return path
 
 

@@ -1,0 +1,169 @@
+"""The config rules (`jdiff.runs.validate`), called directly: each bad value is one ValueError
+naming the key and what is accepted; nothing is built and no data are read."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from jdiff.configs import ae_digits, default, digits, edm_digits, flow_digits, tiny
+from jdiff.runs import diffusion
+from jdiff.runs.validate import resolve, sampler_of, validate
+
+
+def _set(c, **overrides):
+  for key, value in overrides.items():
+    *path, field = key.split(".")
+    target = c
+    for part in path:
+      target = target[part]
+    target[field] = value
+  return c
+
+
+def config(**overrides):
+  return _set(tiny.get_config(), **overrides)
+
+
+BAD = [
+  # the training loop's periods and sizes
+  ("train.num_steps", 0, "config.train.num_steps must be an integer >= 1, got 0"),
+  ("train.log_every", 0, "config.train.log_every must be an integer >= 1, got 0"),
+  ("train.log_every", -2, "config.train.log_every must be an integer >= 1, got -2"),
+  ("train.ckpt_every", -1, "config.train.ckpt_every must be an integer >= 0, got -1"),
+  ("train.grad_accum_steps", 0, "config.train.grad_accum_steps must be an integer >= 1"),
+  ("train.profile_steps", (5, 2), "config.train.profile_steps must be two integers (a, b)"),
+  ("train.label_dropout", 0.1, "label_dropout > 0 needs config.conditional=True"),
+  ("mesh.fsdp", 3, "the fixed sizes multiply to 3, which does not divide the device count 1"),
+  ("mesh.data", 0, "config.mesh.data must be a positive integer or -1, got 0"),
+  # ranges
+  ("optim.lr", -1e-3, "config.optim.lr must be a finite number > 0.0"),
+  ("optim.b2", 1.0, "config.optim.b2 must be a finite number in [0.0, 1.0)"),
+  ("optim.optimizer", "sgd", "config.optim: "),
+  ("model.dropout", 1.0, "config.model.dropout must be a finite number in [0.0, 1.0)"),
+  ("model.num_groups", 3, "divisible by config.model.num_groups=3"),
+  ("eval.bound_examples", -1, "config.eval.bound_examples must be an integer >= 0"),
+  ("sample.num_samples", 0, "config.sample.num_samples must be an integer >= 1, got 0"),
+  ("sample.grid_size", -2, "config.sample.grid_size must be an integer >= 1"),
+  ("sample.guidance_scale", 3.0, "config.sample.guidance_scale=3.0 needs a conditional"),
+  # the model and the schedule (once inside build_model and get_schedule)
+  ("model.dtype", "float16", "config.model.dtype must be one of"),
+  ("model.conv_impl", "fft", "config.model.conv_impl must be one of"),
+  ("diffusion.schedule", "quadratic", "config.diffusion.schedule: unknown schedule 'quadratic'"),
+  ("diffusion.variance", "learned_range", "learn_sigma=True goes with"),
+  # the sampler
+  ("sample.sampler", "magic", "config.sample: unknown sampler 'magic'"),
+  ("sample.spacing", "karras", "sampler 'ddim' does not accept spacing 'karras'"),
+  ("sample.guidance_schedule", "exp", "config.sample.guidance_schedule must be one of"),
+  # objective and architecture
+  ("objective", "vp", "config.objective must be one of"),
+  ("model.arch", "vit", "config.model.arch must be one of"),
+  ("sample.sampler", "flow_euler", "config.sample.sampler='flow_euler' needs config.objective="),
+  ("edm.uncertainty", True, "config.edm.uncertainty=True needs config.objective='edm'"),
+  # sample quality
+  ("eval.feature_net", "vgg", "config.eval.feature_net must be one of"),
+  ("eval.num_samples", 0, "config.eval.num_samples must be an integer >= 2"),
+  ("eval.inception_weights", "/nope/w.npz", "file not found"),
+  ("eval.samples_npz", "x.png", "config.eval.samples_npz must be a .npz file"),
+  ("eval.quality_samples", 1, "config.eval.quality_samples must be 0 (off) or >= 2, got 1"),
+]
+
+
+@pytest.mark.parametrize("key,value,message", BAD)
+def test_bad_value_is_one_clear_error(key, value, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    validate(config(**{key: value}))
+
+
+@pytest.mark.parametrize(
+  "overrides,message",
+  [
+    ({"objective": "flow", "sample.sampler": "ddim"}, "steps on the discrete DDPM schedule"),
+    ({"objective": "edm", "sample.sampler": "pc"}, "steps on the discrete DDPM schedule"),
+    ({"objective": "edm", "train.grad_accum_steps": 2}, "needs config.objective='ddpm'"),
+    ({"objective": "flow", "model.learn_sigma": True, "diffusion.variance": "learned_range"},
+     "config.model.learn_sigma=True (the DDPM hybrid loss) needs objective 'ddpm'"),
+    ({"latent.autoencoder_workdir": "/x", "sample.clip_x0": 1.0},
+     "config.sample.clip_x0 must be 0 for latent diffusion"),
+    ({"superres.factor": 3}, "config.superres.factor must be >= 2 and divide"),
+    ({"optim.schedule": "cosine", "optim.warmup_steps": 6},
+     "config.optim: a cosine lr schedule needs total_steps (train.num_steps=6) > warmup_steps=6"),
+  ],
+)  # fmt: skip
+def test_bad_combination_is_one_clear_error(overrides, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    validate(config(**overrides))
+
+
+@pytest.mark.parametrize(
+  "key,value,message",
+  [
+    ("loss.recon_loss", "l3", "config.loss.recon_loss must be 'l1' or 'l2'"),
+    ("loss.perceptual_weight", 1.0, "are not implemented"),
+    ("loss.kl_weight", -1.0, "config.loss.kl_weight must be a finite number >= 0.0"),
+    ("autoencoder.overrides.dtype", "float16", "config.autoencoder.overrides.dtype must be"),
+    ("train.log_every", 0, "config.train.log_every must be an integer >= 1, got 0"),
+  ],
+)
+def test_bad_autoencoder_value(key, value, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    validate(_set(ae_digits.get_config(), **{key: value}))
+
+
+@pytest.mark.parametrize("get_config", [default, digits, tiny, edm_digits, flow_digits, ae_digits])
+def test_shipped_configs_are_valid(get_config):
+  validate(get_config.get_config())
+
+
+# ----------------------------------------------------------------------------- issue 23.8
+
+
+@pytest.mark.parametrize(
+  "objective,sampler",
+  [("ddpm", "ddim"), ("edm", "heun"), ("flow", "flow_euler")],
+)
+def test_auto_sampler_follows_the_objective(objective, sampler):
+  c = config(objective=objective)
+  assert c.sample.sampler == "auto"  # the default
+  validate(c)  # before: objective edm with the default ddim was an error
+  assert sampler_of(c) == sampler
+  assert resolve(c).sample.sampler == sampler
+  assert c.sample.sampler == "auto"  # resolve copies
+
+
+def test_main_job_still_samples_ddim():
+  assert resolve(digits.get_config()).sample.sampler == "ddim"
+
+
+def test_edm_samples_with_the_default_sampler(digits_dir, tmp_path):
+  """objective=edm with nothing else set samples (with heun) instead of stopping."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from jdiff.runs.setup import Setup  # pylint: disable=g-import-not-at-top
+
+  c = config(
+    **{"objective": "edm", "data.data_dir": digits_dir, "sample.num_steps": 1,
+       "sample.batch_size": 2, "model.conv_impl": "xla"}
+  )  # fmt: skip
+  with Setup(c, str(tmp_path / "w")) as setup:
+    assert setup.config.sample.sampler == "heun"
+    images = diffusion.generate(setup, setup.init_state().params, 2, jax.random.key(0))
+  assert images.shape == (2, 16, 16, 1) and np.all(np.isfinite(images))
+
+
+# ----------------------------------------------------------------------------- issue 23.12
+
+
+def test_missing_inception_weights_stop_before_training(tmp_path):
+  """cifar10 scored at the end of training needs the Inception weights: an error before the
+  dataset is opened or a step is run (before: after the last step)."""
+  c = config(**{"data.name": "cifar10", "data.data_dir": str(tmp_path), "eval.quality_samples": 10})
+  with pytest.raises(ValueError, match=r"config.eval.inception_weights is empty"):
+    validate(c)
+  with pytest.raises(ValueError, match=r"config.eval.quality_samples=10 .* is empty"):
+    diffusion.train_and_evaluate(c, str(tmp_path / "w"))
+  assert not (tmp_path / "w" / "checkpoints").exists()
+  validate(_set(c, **{"eval.quality_samples": 0}))  # nothing scored: nothing needed
+  validate(_set(c, **{"eval.quality_samples": 10, "eval.feature_net": "digits"}))
