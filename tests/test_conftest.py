@@ -31,7 +31,7 @@ def test_tiny_run_is_the_documented_run(tiny_run, tmp_path):
   assert steps == [2, 4, 6]
   assert re.search(r"params checksum \S+ at step 6", tiny_run.log)
   with open(os.path.join(wd, "config.json")) as f:
-    assert json.load(f)["model"]["conv_impl"] == "xla"
+    assert json.load(f)["model.conv_impl"] == "xla"  # the stored config, flat keys
   # A copy is private: writing to it leaves the shared run as it was.
   copy = tiny_run.copy(tmp_path)
   os.remove(os.path.join(copy, "metrics.jsonl"))
