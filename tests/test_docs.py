@@ -130,3 +130,12 @@ def test_fid_commands_count_with_eval_num_samples():
     keys = [a.split("=", 1)[0] for a in args]
     assert "--config.sample.num_samples" not in keys, " ".join(args)
   assert default.get_config().eval.num_samples == 5000  # what an unset count scores
+
+
+def test_readme_points_at_existing_benchmark_sections():
+  """`BENCHMARKS.md, "Name"` in the README names the start of a BENCHMARKS.md heading."""
+  headings = re.findall(r"^#+ (.+)$", read(BENCHMARKS), flags=re.M)
+  cited = re.findall(r'BENCHMARKS\.md,\s+"([^"]+)"', read(README))
+  assert cited, "the README cites BENCHMARKS.md sections"
+  missing = [c for c in cited if not any(h.startswith(c) for h in headings)]
+  assert not missing, f"README cites BENCHMARKS.md sections that do not exist: {missing}"
