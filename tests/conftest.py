@@ -1,13 +1,40 @@
-"""Shared fixtures: a prepared copy of the embedded digits dataset, and CLI runners."""
+"""Shared fixtures and helpers of the test suite.
+
+Import the helpers as ``from conftest import ...``: pytest loads this file as the module
+``conftest`` (tests/ is not a package). ``tests.conftest`` is registered as the same module
+object, so a file that still writes ``from tests.conftest import ...`` shares its state
+instead of executing a second copy.
+
+Fixtures (session scope, built once and shared by every file that names them):
+
+* ``digits_dir``: a tfds data_dir holding the embedded digits dataset at 16x16.
+* ``tiny_run``: the ``tiny`` config (jdiff/configs/tiny.py) trained through the CLI,
+  ``--mode=train`` with no overrides: 6 steps at batch 8, checkpoints at steps 3 and 6 (EMA
+  and raw parameters), ``metrics.jsonl``, the final sample grid ``samples/grid_0000006.png``
+  and the log in ``TinyRun.log``. Use it instead of training the same model again; treat
+  ``workdir`` as read-only and take ``tiny_run.copy(tmp_path)`` for a run that writes
+  (sample, eval, resume, corrupt a checkpoint).
+
+Helpers: ``run_python`` (a subprocess with N fake CPU devices), ``main_args`` (the
+arguments of ``python -m experiments.main``), ``free_port`` and ``launch_two_processes``.
+
+Marker: ``@pytest.mark.e2e`` on tests that run the CLI end to end in subprocesses
+(registered in pyproject.toml; ``-m "not e2e"`` runs the rest in a few minutes).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 import socket
 import subprocess
 import sys
 
 import pytest
+
+sys.modules.setdefault("conftest", sys.modules[__name__])
+sys.modules.setdefault("tests.conftest", sys.modules[__name__])
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A persistent XLA compilation cache shared by the in-process tests and their subprocesses:
@@ -60,6 +87,35 @@ def main_args(mode: str, workdir: str, data_dir: str, config: str = "tiny", **ov
   ]
   args += [f"--config.{k}={v}" for k, v in overrides.items()]
   return args
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyRun:
+  """A finished `--mode=train` run of the tiny config (the `tiny_run` fixture).
+
+  Attributes:
+    workdir: its workdir (read-only for tests: copy it to write).
+    data_dir: the tfds data_dir it trained on (`digits_dir`).
+    log: the run's stderr (absl log lines, the params checksum at step 6).
+  """
+
+  workdir: str
+  data_dir: str
+  log: str
+
+  def copy(self, dst) -> str:
+    """A private copy of the workdir at `dst`/tiny_run (returned), for runs that write."""
+    path = os.path.join(str(dst), "tiny_run")
+    shutil.copytree(self.workdir, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(digits_dir, tmp_path_factory) -> TinyRun:
+  """The tiny config trained once per session through the CLI (see the module docstring)."""
+  workdir = str(tmp_path_factory.mktemp("tiny_run") / "workdir")
+  proc = run_python(main_args("train", workdir, digits_dir))
+  return TinyRun(workdir=workdir, data_dir=digits_dir, log=proc.stderr)
 
 
 def free_port() -> int:

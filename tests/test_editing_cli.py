@@ -17,6 +17,8 @@ from PIL import Image
 
 from jdiff.runs import edit
 
+pytestmark = pytest.mark.e2e  # every test uses the models the CLI trains
+
 BASE_CONFIG = """
 from jdiff.configs import tiny
 

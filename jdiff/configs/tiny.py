@@ -9,6 +9,10 @@ def get_config():
   c.model.ch_mult = (1, 2)
   c.model.attn_resolutions = (8,)
   c.model.num_groups = 4
+  # XLA's own convolutions: the tests on this config check the trainer, the CLI and the
+  # samplers, not the convolution. `conv_impl="auto"` (jdiff.ops.winograd on CPU) is tested
+  # in tests/test_winograd.py and runs in the README workflows' commands (digits configs).
+  c.model.conv_impl = "xla"
   c.diffusion.num_steps = 50
   c.optim.schedule = "constant"
   c.optim.warmup_steps = 2
