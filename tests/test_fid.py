@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import main_args, run_python
 from PIL import Image
 
 from jdiff import metrics
@@ -17,7 +18,6 @@ from jdiff.configs import default, tiny
 from jdiff.models.classifier import SmallClassifier
 from jdiff.runs import feature_nets, fid, validate
 from jdiff.training.writers import save_image_grid
-from tests.conftest import main_args, run_python
 
 # Small but real: the digits classifier (fewer steps than the default, its own cache key),
 # 24 samples in 3 global batches (the last one padded), features kept for P/R and KID.

@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import main_args, run_python
 
 from jdiff.pretrained import adm, build, load_pretrained, mapping, schedulers
 from jdiff.pretrained.load import hub_download
-from tests.conftest import main_args, run_python
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
