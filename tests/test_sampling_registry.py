@@ -17,7 +17,7 @@ import pytest
 from jdiff import continuous, diffusion, schedules
 from jdiff.runs.sample_options import sample_options, validate_sample_config
 from jdiff.samplers import grids
-from jdiff.training.sampling import FLOW_SAMPLERS, SAMPLERS, make_sample_fn, resolve_options
+from jdiff.samplers.registry import FLOW_SAMPLERS, SAMPLERS, make_sample_fn, resolve_options
 from tests import analytic
 
 MU, STD = 0.3, 0.5
@@ -221,8 +221,9 @@ def test_sample_config_validation():
 
 
 def test_guided_learned_variance_model_guides_the_eps_half_only(monkeypatch):
-  """make_sample_fn passes learn_sigma to cfg_model_fn, and the sampler sees C channels."""
-  from jdiff.training import sampling  # pylint: disable=g-import-not-at-top
+  """make_sample_fn passes learn_sigma to cfg_model_fn (through `denoisers.guided`), and the
+  sampler sees C channels."""
+  from jdiff.samplers import denoisers as sampling  # pylint: disable=g-import-not-at-top
 
   seen = {}
   real = sampling.cfg_model_fn

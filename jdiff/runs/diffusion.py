@@ -30,10 +30,10 @@ from jdiff.models.bridge import make_model_fn
 from jdiff.runs import objectives
 from jdiff.runs.sample_options import sample_options
 from jdiff.runs.setup import Setup, log_process_info, run_training
+from jdiff.samplers.registry import make_sample_fn
 from jdiff.training import sharding
 from jdiff.training.progress import Progress, format_seconds
 from jdiff.training.rng import stream
-from jdiff.training.sampling import make_sample_fn
 from jdiff.training.state import TrainState, param_count
 from jdiff.training.step import make_eval_step, make_train_step
 from jdiff.training.writers import MetricWriter, save_image_grid, save_npz, write_scalars_once

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from jdiff.models.guidance_schedules import SCALE_SCHEDULES
-from jdiff.training.sampling import resolve_options
+from jdiff.samplers.registry import resolve_options
 
 
 def validate_sample_config(sample_cfg, *, latent: bool) -> None:
