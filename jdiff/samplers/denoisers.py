@@ -2,9 +2,9 @@
 
 A sampler never sees the network. The caller builds, once per sample call,
 
-  model_fn = guided(model_fn, schedule, ...)        # classifier-free guidance (optional)
-  model_fn = eps_half(model_fn)                     # learned-variance models (optional)
-  denoise  = make_denoiser(schedule, model_fn, space=..., cond=..., prediction=...,
+  chain    = compose(partial(guided, ...),         # classifier-free guidance (optional)
+                     eps_half)                     # learned-variance models (optional)
+  denoise  = make_denoiser(schedule, chain(model_fn), space=..., cond=..., prediction=...,
                            clip_x0=..., dynamic_percentile=...)   # x0 thresholding inside
 
 and hands `denoise` to the sampler with its grid, as k-diffusion's `(model, x, sigmas)`.
@@ -135,6 +135,18 @@ def make_denoiser(
   if space == "vp":
     return VPDenoiser(schedule, model_fn, **kw)
   return SigmaDenoiser(continuous.make_denoiser(schedule, model_fn, **kw), schedule)
+
+
+def compose(*wrappers: Callable[[ModelFn], ModelFn] | None) -> Callable[[ModelFn], ModelFn]:
+  """`chain(model_fn) = w_n(... w_1(model_fn))` for the wrappers given (None: skipped)."""
+
+  def chain(model_fn: ModelFn) -> ModelFn:
+    for wrap in wrappers:
+      if wrap is not None:
+        model_fn = wrap(model_fn)
+    return model_fn
+
+  return chain
 
 
 def eps_half(model_fn: ModelFn) -> ModelFn:

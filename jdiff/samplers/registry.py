@@ -42,6 +42,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -51,7 +52,7 @@ import jax.numpy as jnp
 from jdiff import conditioning, continuous, flow
 from jdiff.models.bridge import make_model_fn
 from jdiff.samplers import ddim, ddpm, dpm_solver, editing, euler, grid_files, pc, unipc
-from jdiff.samplers.denoisers import eps_half, guidance_scale_fn, guided, make_denoiser
+from jdiff.samplers.denoisers import compose, eps_half, guidance_scale_fn, guided, make_denoiser
 from jdiff.samplers.grids import ddpm_grid, sigma_grid, timestep_grid, ve_start
 from jdiff.schedules import Schedule
 
@@ -328,8 +329,10 @@ def make_sample_fn(
       raise ValueError(f"shift={shift} applies to flow_euler / flow_heun, not {sampler!r}")
     kw["shift"] = shift
   _check_editing(sampler, schedule, strength)
-  if grid is not None or strength < 1.0:  # explicit / SDEdit grids end with 0
-    kw = {k: v for k, v in kw.items() if k not in ("spacing", "final_sigma")}
+  drop = ("final_sigma",) if strength < 1.0 else ()  # SDEdit's tail of the grid ends with 0
+  if grid is not None:
+    drop = ("spacing", "final_sigma")  # so does an explicit grid, which replaces the spacing
+  kw = {k: v for k, v in kw.items() if k not in drop}
   grid_kw, options = split_options(kw)
   grid_of = lambda: make_grid(schedule, spec.space, num_steps=num_steps, grid=grid, **grid_kw)
   if strength < 1.0:  # the tail of the sampler's grid, made once here
@@ -338,9 +341,21 @@ def make_sample_fn(
   if learn_sigma is None:
     learn_sigma = bool(getattr(module, "learn_sigma", False))
   eps_only = learn_sigma and not (sampler == "ddpm" and variance == "learned_range")
-  scale_fn = guidance_scale_fn(
-    guidance_scale, interval=guidance_interval, schedule=guidance_schedule
-  )
+  guide = None
+  if null_label is not None:
+    guide = functools.partial(
+      guided,
+      schedule=schedule,
+      scale=guidance_scale,
+      null_cond=null_label,
+      rescale=guidance_rescale,
+      learn_sigma=learn_sigma,
+      scale_fn=guidance_scale_fn(
+        guidance_scale, interval=guidance_interval, schedule=guidance_schedule
+      ),
+    )
+  # The model-function chain, composed once per call: network -> guidance -> eps half.
+  chain = compose(guide, eps_half if eps_only else None)
   image_channels = int(getattr(module, "image_cond_channels", 0) or 0)
   thresh = dict(prediction=prediction, clip_x0=clip_x0, dynamic_percentile=dynamic_threshold)
 
@@ -354,25 +369,14 @@ def make_sample_fn(
     inpaint: editing.Inpaint | None = None,
     image_cond: Array | None = None,
   ) -> Array:
-    model_fn = make_model_fn(module, params, train=False)
+    model_fn = chain(make_model_fn(module, params, train=False))
     cond = None
     if null_label is not None:
       if labels is None:
         raise ValueError("a class-conditional model needs labels to sample")
       cond = labels
-      model_fn = guided(
-        model_fn,
-        schedule,
-        scale=guidance_scale,
-        null_cond=null_label,
-        rescale=guidance_rescale,
-        learn_sigma=learn_sigma,
-        scale_fn=scale_fn,
-      )
     if image_channels:
       cond = _image_cond(image_channels, image_cond, inpaint, x_T)
-    if eps_only:
-      model_fn = eps_half(model_fn)
     if spec.space == "flow":
       if inpaint is not None or x0 is not None:
         raise ValueError(
