@@ -21,8 +21,8 @@ from jdiff.models.guidance_schedules import (
   scheduled_cfg_model_fn,
 )
 from jdiff.models.unet import UNet
-from jdiff.samplers import editing
-from jdiff.samplers.registry import FLOW_SAMPLERS, SAMPLERS, make_sample_fn, sample
+from jdiff.samplers import editing, registry
+from jdiff.samplers.registry import FLOW_SAMPLERS, SAMPLERS, make_sample_fn
 
 SCH = schedules.cosine(100)
 MU = np.array([0.5, -0.3, 0.2, 0.0])
@@ -80,7 +80,7 @@ def test_repaint_matches_the_gaussian_conditional_and_replacement_is_biased():
   x_t = jax.random.normal(jax.random.key(0), (b, 2, 2, 1))
 
   def sample(inp):
-    return sample("ddpm", SCH, exact_eps, x_t, jax.random.key(1), inpaint=inp)
+    return registry.sample("ddpm", SCH, exact_eps, x_t, jax.random.key(1), inpaint=inp)
 
   repl_mean, repl_cov = _inpaint_errors(sample, b)
   rp_mean, rp_cov = _inpaint_errors(sample, b, jump_length=5, jump_n=10)
@@ -94,7 +94,7 @@ def test_repaint_on_a_sigma_grid_sampler_reduces_the_bias():
   x_t = jax.random.normal(jax.random.key(2), (b, 2, 2, 1))
 
   def sample(inp):
-    return sample(
+    return registry.sample(
       "euler_a",
       SCH,
       exact_eps,
@@ -146,7 +146,7 @@ def test_inpaint_errors_name_the_bad_value():
   with pytest.raises(ValueError, match="jump_n=0"):
     editing.check_inpaint(editing.Inpaint(x, jnp.zeros((4, 4, 1)), jump_n=0))
   with pytest.raises(ValueError, match="one-step sampler"):
-    sample(
+    registry.sample(
       "dpmpp_2m",
       SCH,
       exact_eps,
