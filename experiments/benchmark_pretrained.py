@@ -172,7 +172,7 @@ def main(argv=None) -> None:
   import torch
 
   from jdiff.pretrained import load_pretrained
-  from jdiff.training.sampling import make_sample_fn
+  from jdiff.samplers.registry import make_sample_fn
 
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)

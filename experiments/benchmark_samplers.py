@@ -14,7 +14,7 @@ as the gaps being compared.)
 
 With ``--digits WORKDIR`` it instead samples the trained digits model of a workdir (the
 README's ``experiments.main --config=jdiff/configs/digits.py``) with every sampler of
-the registry (`jdiff.training.sampling.SAMPLERS`, on its default grid, through the config
+the registry (`jdiff.samplers.registry.SAMPLERS`, on its default grid, through the config
 path's `make_sample_fn`) at NFE 10, 20 and 50, without thresholding, with x0 clipping and
 with dynamic thresholding, and compares pixel statistics with the held-out digits (the test
 split): mean, std, fraction of saturated pixels (|x| > 0.99), the 1-D Wasserstein distance
@@ -41,8 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdiff import continuous, schedules
-from jdiff.samplers import dpm_solver, euler, pc, unipc
-from jdiff.samplers.ddim import ddim_sample
+from jdiff.samplers.registry import SAMPLERS, sample
 
 NFES = (5, 10, 20, 50)
 K = 8
@@ -85,39 +84,45 @@ def sliced_w2(a: np.ndarray, b: np.ndarray, *, num_dirs: int = 128, seed: int = 
 def jdiff_samplers():
   """name -> (sample_fn(schedule, model, x_T, rng, nfe) or None if nfe unreachable, note)."""
 
-  def steps(fn, per_step=1, extra=0, **kw):
+  def steps(name, per_step=1, extra=0, **kw):
+    if SAMPLERS[name].space == "ve":  # the library's plain grid: Karras, full range, ends at 0
+      kw = dict(spacing="karras", sigma_max=None, final_sigma="zero") | kw
+
     def run(sched, model, x_T, rng, nfe):
       n = (nfe + extra) // per_step
-      return fn(sched, model, x_T, rng, num_steps=n, **kw), n * per_step - extra
+      return sample(name, sched, model, x_T, rng, num_steps=n, **kw), n * per_step - extra
 
     return run
 
+  # unipc with final sigma_min lands on D(x; sigma_min): one call more (extra=-1).
   return {
-    "DDIM (trailing)": steps(ddim_sample, spacing="trailing"),
-    "DDPM ancestral, respaced (trailing)": steps(ddim_sample, eta=1.0, spacing="trailing"),
-    "Euler (Karras)": steps(euler.euler_sample),
-    "Heun / EDM Alg. 1 (Karras)": steps(euler.heun_sample, per_step=2, extra=1),
-    "Euler-ancestral (Karras)": steps(euler.euler_ancestral_sample),
+    "DDIM (trailing)": steps("ddim", spacing="trailing"),
+    "DDPM ancestral, respaced (trailing)": steps("ddim", eta=1.0, spacing="trailing"),
+    "Euler (Karras)": steps("euler"),
+    "Heun / EDM Alg. 1 (Karras)": steps("heun", per_step=2, extra=1),
+    "Euler-ancestral (Karras)": steps("euler_a"),
     "EDM Alg. 2, S_churn=10 (Karras)": steps(
-      euler.edm_sample, per_step=2, extra=1, s_churn=10.0, s_tmin=0.05, s_tmax=10.0
+      "edm", per_step=2, extra=1, s_churn=10.0, s_tmin=0.05, s_tmax=10.0
     ),
-    "DPM-Solver++(2M) (Karras)": steps(dpm_solver.dpmpp_2m_sample),
-    "DPM-Solver++(2M) (log-SNR)": steps(dpm_solver.dpmpp_2m_sample, spacing="log_snr"),
-    "DPM-Solver++(3M) (Karras)": steps(dpm_solver.dpmpp_3m_sample),
-    "DPM-Solver++(3M) (log-SNR)": steps(dpm_solver.dpmpp_3m_sample, spacing="log_snr"),
+    "DPM-Solver++(2M) (Karras)": steps("dpmpp_2m"),
+    "DPM-Solver++(2M) (log-SNR)": steps("dpmpp_2m", spacing="log_snr"),
+    "DPM-Solver++(3M) (Karras)": steps("dpmpp_3m"),
+    "DPM-Solver++(3M) (log-SNR)": steps("dpmpp_3m", spacing="log_snr"),
     "DPM-Solver++(3M) (log-SNR, lower_order_final)": steps(
-      dpm_solver.dpmpp_3m_sample, spacing="log_snr", lower_order_final=True
+      "dpmpp_3m", spacing="log_snr", lower_order_final=True
     ),
     "DPM-Solver++(2M) (log-SNR, final sigma_min)": steps(
-      dpm_solver.dpmpp_2m_sample, spacing="log_snr", final_sigma="sigma_min"
+      "dpmpp_2m", spacing="log_snr", final_sigma="sigma_min"
     ),
-    "UniPC-2 bh2 (log-SNR)": steps(unipc.unipc_sample),
-    "UniPC-2 bh2 (log-SNR, final sigma_min)": steps(unipc.unipc_sample, final_sigma="sigma_min"),
+    "UniPC-2 bh2 (log-SNR)": steps("unipc", spacing="log_snr"),
+    "UniPC-2 bh2 (log-SNR, final sigma_min)": steps(
+      "unipc", extra=-1, spacing="log_snr", final_sigma="sigma_min"
+    ),
     "UniPC-3 bh2 (log-SNR, final sigma_min)": steps(
-      unipc.unipc_sample, order=3, final_sigma="sigma_min"
+      "unipc", extra=-1, order=3, spacing="log_snr", final_sigma="sigma_min"
     ),
-    "DPM-Solver++(2M) SDE (Karras)": steps(dpm_solver.dpmpp_2m_sde_sample),
-    "PC: ancestral + 1 Langevin (snr 0.1)": steps(pc.pc_sample, per_step=2, n_corrector=1, snr=0.1),
+    "DPM-Solver++(2M) SDE (Karras)": steps("dpmpp_2m_sde"),
+    "PC: ancestral + 1 Langevin (snr 0.1)": steps("pc", per_step=2, n_corrector=1, snr=0.1),
   }
 
 
@@ -374,7 +379,7 @@ def run_digits(
 
 def _digit_variants(names, nfe, spacings, records):
   """(sampler, grid label, make_sample_fn kwargs) for each row of one digits cell."""
-  from jdiff.training import sampling  # pylint: disable=g-import-not-at-top
+  from jdiff.samplers import registry as sampling  # pylint: disable=g-import-not-at-top
 
   for name in names:
     spec = sampling.SAMPLERS[name]

@@ -28,8 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jdiff import continuous
-from jdiff.samplers import optimize
-from jdiff.training import grid_files
+from jdiff.samplers import grid_files, optimize
 
 # Deterministic samplers on sigma grids: a single reference solution exists for them.
 SAMPLERS = ("euler", "heun", "dpmpp_2m", "dpmpp_3m", "unipc")
@@ -60,7 +59,7 @@ def fit(
   from jdiff.configs import digits as digits_config  # pylint: disable=g-import-not-at-top
   from jdiff.runs.sample_options import sample_options  # pylint: disable=g-import-not-at-top
   from jdiff.runs.setup import Setup  # pylint: disable=g-import-not-at-top
-  from jdiff.training import sampling  # pylint: disable=g-import-not-at-top
+  from jdiff.samplers import registry as sampling  # pylint: disable=g-import-not-at-top
 
   if sampler not in SAMPLERS:
     raise ValueError(f"--sampler must be one of {SAMPLERS} (deterministic), got {sampler!r}")

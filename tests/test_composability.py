@@ -46,8 +46,9 @@ ref_loss = jnp.stack([loss(x0[i], rngs[i]) for i in range(4)])
 out["pmap_loss"] = diff(jax.pmap(loss)(x0, rngs), ref_loss)
 out["vmap_loss"] = diff(jax.vmap(loss)(x0, rngs), ref_loss)
 
-ddpm = lambda x, n: samplers.ddpm_step(s, f, x, 37, n, variance="fixed_large")[0]
-ddim = lambda x, n: samplers.ddim_step(s, f, x, 60, 20, n, eta=0.5)[0]
+den = samplers.VPDenoiser(s, f)
+ddpm = lambda x, n: samplers.ddpm_step(den, x, 37, n, variance="fixed_large")[0]
+ddim = lambda x, n: samplers.ddim_step(den, x, 60, 20, n, eta=0.5)[0]
 flat = lambda a: a.reshape(32, 3)
 for name, step in (("ddpm", ddpm), ("ddim", ddim)):
   ref = step(flat(x_t), flat(noise))
@@ -111,8 +112,8 @@ def test_no_retrace_when_t_or_schedule_values_change():
   def step(s, x, t, t_prev, noise, rng):
     traces.append(1)  # Python side effect: runs only while tracing.
     f = analytic.gaussian_eps_fn(s, 0.1, 0.5)
-    a = samplers.ddpm_step(s, f, x, t, noise)[0]
-    b = samplers.ddim_step(s, f, x, t, t_prev, noise, eta=0.3)[0]
+    a = samplers.ddpm_step(samplers.VPDenoiser(s, f), x, t, noise)[0]
+    b = samplers.ddim_step(samplers.VPDenoiser(s, f), x, t, t_prev, noise, eta=0.3)[0]
     c = losses.denoising_loss(s, f, x, rng, t=jnp.full((x.shape[0],), t))
     return a, b, c
 
@@ -164,10 +165,18 @@ def test_bfloat16_is_kept():
   assert p.mean.dtype == bf and p.log_variance.dtype == bf
   f = analytic.gaussian_eps_fn(s, 0.1, 0.5)
   for variance in ("fixed_small", "fixed_large"):
-    assert samplers.ddpm_step(s, f, x_t, 20, noise, variance=variance)[0].dtype == bf
-  a, b = samplers.ddim_step(s, f, x_t, 50, 20, noise, eta=0.5)
+    assert (
+      samplers.ddpm_step(samplers.VPDenoiser(s, f), x_t, 20, noise, variance=variance)[0].dtype
+      == bf
+    )
+  a, b = samplers.ddim_step(samplers.VPDenoiser(s, f), x_t, 50, 20, noise, eta=0.5)
   assert a.dtype == bf and b.dtype == bf
-  assert samplers.ddim_sample(s, f, x_t, jax.random.PRNGKey(2), num_steps=5).dtype == bf
+  assert (
+    samplers.ddim_sample(
+      samplers.VPDenoiser(s, f), x_t, samplers.timestep_grid(s.num_steps, 5), jax.random.PRNGKey(2)
+    ).dtype
+    == bf
+  )
   for pred in ("eps", "x0", "v"):
     loss = losses.denoising_loss(
       s, f, x0, jax.random.PRNGKey(3), prediction=pred, weighting="min_snr"

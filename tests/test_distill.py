@@ -19,6 +19,7 @@ import pytest
 
 from jdiff import continuous, distill, schedules
 from jdiff.samplers.ddim import ddim_sample, ddim_step
+from jdiff.samplers.denoisers import make_denoiser
 from tests import analytic
 
 MU, S = 0.5, 0.5
@@ -82,8 +83,8 @@ def test_pd_target_is_two_exact_teacher_steps(num_steps, i, prediction):
     sched, teacher, zz, tt, num_steps=num_steps, prediction=prediction
   )[0]
   one, _ = ddim_step(
-    sched, student, jnp.asarray(z, jnp.float32), jnp.float32(t), jnp.float32(t - 2 * h),
-    jnp.zeros((3, 4)), prediction="x0",
+    make_denoiser(sched, student, space="vp", prediction="x0"),
+    jnp.asarray(z, jnp.float32), jnp.float32(t), jnp.float32(t - 2 * h), jnp.zeros((3, 4)),
   )  # fmt: skip
   np.testing.assert_allclose(one, want_next, rtol=2e-5, atol=2e-5)
 
@@ -96,13 +97,12 @@ def test_exact_student_ddim_sample_equals_teacher_at_twice_the_steps():
   student = lambda z, t, c: distill.pd_target(sched, teacher, z, t, num_steps=4, prediction="v")[0]
   x_T = jax.random.normal(jax.random.PRNGKey(5), (6, 3))
   rng = jax.random.PRNGKey(0)
-  got = ddim_sample(sched, student, x_T, rng, grid=distill.student_grid(1000, 4), prediction="x0")
-  want = ddim_sample(sched, teacher, x_T, rng, grid=distill.student_grid(1000, 8), prediction="v")
+  vp = lambda fn, prediction: make_denoiser(sched, fn, space="vp", prediction=prediction)
+  got = ddim_sample(vp(student, "x0"), x_T, distill.student_grid(1000, 4), rng)
+  want = ddim_sample(vp(teacher, "v"), x_T, distill.student_grid(1000, 8), rng)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
   # ... which the teacher's own 4-step DDIM does not.
-  teacher4 = ddim_sample(
-    sched, teacher, x_T, rng, grid=distill.student_grid(1000, 4), prediction="v"
-  )
+  teacher4 = ddim_sample(vp(teacher, "v"), x_T, distill.student_grid(1000, 4), rng)
   assert np.max(np.abs(np.asarray(teacher4) - np.asarray(want))) > 1e-2
 
 

@@ -18,7 +18,7 @@ import pytest
 from jdiff import processes
 from jdiff.models.bridge import make_model_fn
 from jdiff.models.edm import EDMPrecond, edm_coefs
-from jdiff.samplers import euler
+from jdiff.samplers import registry
 
 MU, S = 0.3, 0.5
 
@@ -146,8 +146,8 @@ def test_heun_and_edm_samplers_are_edm_algorithms_1_and_2(churn):
   x_T = jax.random.normal(jax.random.key(3), (4, 4, 4, 1))
   rng = jax.random.key(4)
   kw = dict(s_churn=churn, s_tmin=0.05, s_tmax=50.0, s_noise=1.003)
-  out = euler.edm_sample(
-    p, model_fn, x_T, rng, num_steps=18, spacing="karras", prediction="x0", **kw
+  out = registry.sample(
+    "edm", p, model_fn, x_T, rng, num_steps=18, spacing="karras", prediction="x0", **kw
   )
   ramp = np.linspace(0, 1, 18)
   sig = (80 ** (1 / 7) + ramp * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
@@ -156,5 +156,7 @@ def test_heun_and_edm_samplers_are_edm_algorithms_1_and_2(churn):
   ref = _edm_reference(exact_d, x_T, sigmas, rng, **kw)
   np.testing.assert_allclose(np.asarray(out), ref, rtol=2e-4, atol=2e-4)
   if churn == 0.0:
-    heun = euler.heun_sample(p, model_fn, x_T, rng, num_steps=18, spacing="karras", prediction="x0")
+    heun = registry.sample(
+      "heun", p, model_fn, x_T, rng, num_steps=18, spacing="karras", prediction="x0"
+    )
     np.testing.assert_allclose(np.asarray(heun), np.asarray(out), rtol=1e-6, atol=1e-6)

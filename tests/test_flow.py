@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from jdiff import flow, processes
-from jdiff.samplers import dpm_solver, unipc
+from jdiff.samplers import registry
 
 MU = 0.4
 
@@ -75,9 +75,17 @@ def test_ode_flows_the_gaussian_to_the_exact_target():
   s0 = float(processes.sigma_min_max(p)[1])
   start = x1 * math.sqrt(1 + s0**2)  # the sigma-grid samplers' start at sigma_max = 80
   exact = MU + (start - MU) * s / math.sqrt(s**2 + s0**2)
-  for fn in (dpm_solver.dpmpp_2m_sample, unipc.unipc_sample):
-    out = fn(
-      p, model_fn, x1, jax.random.key(1), num_steps=32, spacing="log_snr", prediction="velocity"
+  for name in ("dpmpp_2m", "unipc"):
+    out = registry.sample(
+      name,
+      p,
+      model_fn,
+      x1,
+      jax.random.key(1),
+      num_steps=32,
+      spacing="log_snr",
+      prediction="velocity",
+      final_sigma="zero",
     )
     np.testing.assert_allclose(out, exact, atol=0.02)  # orders: test_processes.py
 

@@ -14,7 +14,7 @@ from jdiff.models.guidance import cfg_model_fn, rescale_guidance
 from jdiff.models.guidance_schedules import interval_scale, schedule_scale, scheduled_cfg_model_fn
 from jdiff.runs import objectives
 from jdiff.runs.sample_options import sample_options, validate_sample_config
-from jdiff.training.sampling import make_sample_fn
+from jdiff.samplers.registry import make_sample_fn
 
 NULL = 10  # the U-Net's null_label for num_classes = 10
 

@@ -25,9 +25,13 @@ LAYERS = (
     "jdiff.losses",
     "jdiff.likelihood",
     "jdiff.conditioning",
+    # model_fn -> model_fn wrappers: pure functions of the library's one interface
+    "jdiff.models.guidance",
+    "jdiff.models.guidance_schedules",
   ),  # the pure maths
-  ("jdiff.samplers", "jdiff.flow"),
-  ("jdiff.models", "jdiff.metrics"),
+  ("jdiff.samplers", "jdiff.flow", "jdiff.distill"),
+  # The registry binds a Flax module's parameters to the samplers (`make_sample_fn`).
+  ("jdiff.models", "jdiff.metrics", "jdiff.samplers.registry"),
   ("jdiff.pretrained", "jdiff.data"),
   ("jdiff.training",),  # the config-free toolkit
   ("jdiff.runs", "jdiff.configs"),  # config -> run

@@ -19,9 +19,8 @@ import pytest
 from jdiff import continuous, schedules
 from jdiff.configs import default
 from jdiff.runs.sample_options import sample_options
-from jdiff.samplers import dpm_solver, grids, optimize, unipc
-from jdiff.training import grid_files
-from jdiff.training.sampling import SIGMA_GRIDS, make_sample_fn
+from jdiff.samplers import grid_files, grids, optimize
+from jdiff.samplers.registry import SIGMA_GRIDS, make_sample_fn, sample
 from tests import analytic
 
 K = 8
@@ -48,12 +47,10 @@ def fitted():
   key = jax.random.key(0)
 
   def sampler(grid, x):
-    return dpm_solver.dpmpp_2m_sample(schedule, model, x, key, grid=grid)
+    return sample("dpmpp_2m", schedule, model, x, key, grid=grid)
 
   reference = jax.jit(
-    lambda x, n: dpm_solver.dpmpp_2m_sample(
-      schedule, model, x, key, num_steps=n, spacing="log_snr"
-    ),
+    lambda x, n: sample("dpmpp_2m", schedule, model, x, key, num_steps=n, spacing="log_snr"),
     static_argnums=1,
   )
   x_cal = jax.random.normal(jax.random.key(1), (256, 2))
@@ -167,10 +164,8 @@ class _ExactEps(nn.Module):
     return eps.reshape(x.shape)
 
 
-@pytest.mark.parametrize(
-  "name,fn", [("dpmpp_2m", dpm_solver.dpmpp_2m_sample), ("unipc", unipc.unipc_sample)]
-)
-def test_grid_file_drives_make_sample_fn(tmp_path, name, fn):
+@pytest.mark.parametrize("name", ["dpmpp_2m", "unipc"])
+def test_grid_file_drives_make_sample_fn(tmp_path, name):
   schedule = schedules.linear(1000)
   grid = np.array([80.0, 4.0, 0.7, 0.1, 0.03, 0.0], np.float32)
   path = grid_files.save_grid(
@@ -184,9 +179,11 @@ def test_grid_file_drives_make_sample_fn(tmp_path, name, fn):
   rng = jax.random.key(4)
   got = jax.jit(make_sample_fn(_ExactEps(schedule), schedule, **opts))({}, x_T, rng, None)
   model = _mixture_model(schedule)
-  want = fn(schedule, model, x_T.reshape(64, 2), rng, grid=jnp.asarray(grid))
+  want = sample(name, schedule, model, x_T.reshape(64, 2), rng, grid=jnp.asarray(grid))
   np.testing.assert_allclose(np.asarray(got).reshape(64, 2), np.asarray(want), atol=1e-5)
-  default_grid = fn(schedule, model, x_T.reshape(64, 2), rng, num_steps=NFE, spacing="log_snr")
+  default_grid = sample(
+    name, schedule, model, x_T.reshape(64, 2), rng, num_steps=NFE, spacing="log_snr"
+  )
   assert np.max(np.abs(np.asarray(want) - np.asarray(default_grid))) > 1e-3
   opts["num_steps"] = 4
   with pytest.raises(ValueError, match=f"{name}_nfe5.json.*not num_steps=4"):

@@ -183,7 +183,7 @@ def test_one_ddim_step_on_an_exact_model_returns_the_data():
   """For data concentrated at mu, the exact eps model is (x_t - sqrt(abar) mu) / sqrt(1-abar);
   one deterministic DDIM step from any x_T then lands exactly on mu."""
   import jdiff  # pylint: disable=g-import-not-at-top
-  from jdiff import samplers  # pylint: disable=g-import-not-at-top
+  from jdiff.samplers import registry  # pylint: disable=g-import-not-at-top
 
   schedule = jdiff.cosine(50)
   mu = jnp.linspace(-0.5, 0.5, 8).reshape(1, 2, 4, 1)
@@ -195,8 +195,8 @@ def test_one_ddim_step_on_an_exact_model_returns_the_data():
     return (x_t - a * mu) / s
 
   x_T = jax.random.normal(jax.random.key(2), (2, 2, 4, 1))
-  out = samplers.ddim_sample(
-    schedule, model_fn, x_T, jax.random.key(3), num_steps=1, eta=0.0, spacing="trailing"
+  out = registry.sample(
+    "ddim", schedule, model_fn, x_T, jax.random.key(3), num_steps=1, eta=0.0, spacing="trailing"
   )
   np.testing.assert_allclose(np.asarray(out), np.broadcast_to(np.asarray(mu), x_T.shape), atol=2e-4)
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from jdiff import continuous, processes, schedules
-from jdiff.samplers import dpm_solver, euler, grids, unipc
+from jdiff.samplers import grids, registry
 
 MU, V = 0.7, 0.3**2
 PROCESSES = {
@@ -104,11 +104,11 @@ def test_denoiser_is_the_exact_ve_denoiser(name):
 
 ODE_SAMPLERS = {
   # name: (sample fn, order, extra kwargs)
-  "euler": (euler.euler_sample, 1, {}),
-  "heun": (euler.heun_sample, 2, {}),
-  "dpmpp_2m": (dpm_solver.dpmpp_2m_sample, 2, {}),
-  "dpmpp_3m": (dpm_solver.dpmpp_3m_sample, 3, {}),
-  "unipc": (unipc.unipc_sample, 3, {}),
+  "euler": ("euler", 1, {}),
+  "heun": ("heun", 2, {}),
+  "dpmpp_2m": ("dpmpp_2m", 2, {}),
+  "dpmpp_3m": ("dpmpp_3m", 3, {}),
+  "unipc": ("unipc", 3, {"final_sigma": "zero"}),
 }
 
 
@@ -123,8 +123,16 @@ def test_ode_samplers_converge_at_their_order(name):
     errs = []
     for n in (16, 32):
       out = jax.jit(
-        lambda x, fn=fn, n=n, kw=kw: fn(
-          p, model_fn, x, jax.random.key(1), num_steps=n, spacing="log_snr", prediction=pred, **kw
+        lambda x, fn=fn, n=n, kw=kw: registry.sample(
+          fn,
+          p,
+          model_fn,
+          x,
+          jax.random.key(1),
+          num_steps=n,
+          spacing="log_snr",
+          prediction=pred,
+          **kw,
         )
       )(x_T)
       errs.append(float(jnp.max(jnp.abs(out - want))))
@@ -133,14 +141,24 @@ def test_ode_samplers_converge_at_their_order(name):
 
 
 STOCHASTIC = {
-  "euler_a": lambda p, m, x, k, pred, n: euler.euler_ancestral_sample(
-    p, m, x, k, num_steps=n, spacing="log_snr", prediction=pred
+  "euler_a": lambda p, m, x, k, pred, n: registry.sample(
+    "euler_a", p, m, x, k, num_steps=n, spacing="log_snr", prediction=pred
   ),
-  "edm": lambda p, m, x, k, pred, n: euler.edm_sample(
-    p, m, x, k, num_steps=n, s_churn=40.0, s_tmin=0.05, s_tmax=50.0, prediction=pred
+  "edm": lambda p, m, x, k, pred, n: registry.sample(
+    "edm",
+    p,
+    m,
+    x,
+    k,
+    num_steps=n,
+    spacing="karras",
+    s_churn=40.0,
+    s_tmin=0.05,
+    s_tmax=50.0,
+    prediction=pred,
   ),
-  "dpmpp_2m_sde": lambda p, m, x, k, pred, n: dpm_solver.dpmpp_2m_sde_sample(
-    p, m, x, k, num_steps=n, spacing="log_snr", prediction=pred
+  "dpmpp_2m_sde": lambda p, m, x, k, pred, n: registry.sample(
+    "dpmpp_2m_sde", p, m, x, k, num_steps=n, spacing="log_snr", prediction=pred
   ),
 }
 

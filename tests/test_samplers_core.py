@@ -17,7 +17,8 @@ import pytest
 from scipy import stats
 
 from jdiff import diffusion, samplers, schedules
-from jdiff.samplers.grids import timestep_grid
+from jdiff.samplers import VPDenoiser
+from jdiff.samplers.grids import ddpm_grid, timestep_grid
 from tests import analytic
 
 T = 1000
@@ -39,8 +40,11 @@ def _sample(
       s, [0.5, 0.25, 0.25], [[0.6, 0.6], [-0.6, 0.0], [0.3, -0.7]], [0.1, 0.15, 0.1]
     )
   if kind == "ddpm":
-    return samplers.ddpm_sample(s, f, x_T, rng, variance=variance)
-  return samplers.ddim_sample(s, f, x_T, rng, num_steps=steps, eta=eta, spacing=spacing)
+    return samplers.ddpm_sample(
+      VPDenoiser(s, f), x_T, ddpm_grid(s.num_steps), rng, variance=variance
+    )
+  grid = timestep_grid(s.num_steps, steps, spacing=spacing)
+  return samplers.ddim_sample(VPDenoiser(s, f), x_T, grid, rng, eta=eta)
 
 
 def _propagate(grid, mu, sig, *, kind, variance="fixed_small", eta=0.0):
@@ -156,7 +160,7 @@ def test_ddpm_step_matches_posterior():
     x0 = diffusion.x0_from_eps(s, x_t, tb, eps)
     post = diffusion.q_posterior(s, x0, x_t, tb)
     for variance, var in (("fixed_small", s.posterior_variance[t]), ("fixed_large", s.betas[t])):
-      x_prev, x0_hat = samplers.ddpm_step(s, f, x_t, t, noise, variance=variance)
+      x_prev, x0_hat = samplers.ddpm_step(VPDenoiser(s, f), x_t, t, noise, variance=variance)
       expected = post.mean + (0.0 if t == 0 else jnp.sqrt(var)) * noise
       np.testing.assert_allclose(x_prev, expected, rtol=1e-5, atol=1e-5)
       np.testing.assert_allclose(x0_hat, x0, rtol=1e-5, atol=1e-5)
@@ -169,20 +173,20 @@ def test_ddim_step_special_cases():
   noise = jax.random.normal(jax.random.PRNGKey(1), (3, 4))
   for t in (1, 50, 99):
     # eta = 1 on consecutive steps is the ancestral step with beta_tilde ([DDIM] Sec. 4.1).
-    a, _ = samplers.ddim_step(s, f, x_t, t, t - 1, noise, eta=1.0)
-    b, _ = samplers.ddpm_step(s, f, x_t, t, noise, variance="fixed_small")
+    a, _ = samplers.ddim_step(VPDenoiser(s, f), x_t, t, t - 1, noise, eta=1.0)
+    b, _ = samplers.ddpm_step(VPDenoiser(s, f), x_t, t, noise, variance="fixed_small")
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     # eta = 0 is deterministic: noise is ignored.
-    c, _ = samplers.ddim_step(s, f, x_t, t, t - 1, noise, eta=0.0)
-    d, _ = samplers.ddim_step(s, f, x_t, t, t - 1, 0 * noise, eta=0.0)
+    c, _ = samplers.ddim_step(VPDenoiser(s, f), x_t, t, t - 1, noise, eta=0.0)
+    d, _ = samplers.ddim_step(VPDenoiser(s, f), x_t, t, t - 1, 0 * noise, eta=0.0)
     np.testing.assert_array_equal(c, d)
     # t_prev = -1 lands on x0_hat.
-    e, x0 = samplers.ddim_step(s, f, x_t, t, -1, noise, eta=1.0)
+    e, x0 = samplers.ddim_step(VPDenoiser(s, f), x_t, t, -1, noise, eta=1.0)
     np.testing.assert_allclose(e, x0, rtol=1e-6)
   # Predictions of each kind give the same step.
   t, tp = 60, 30
   outs = [
-    samplers.ddim_step(s, g, x_t, t, tp, noise, eta=0.5, prediction=k)[0]
+    samplers.ddim_step(VPDenoiser(s, g, prediction=k), x_t, t, tp, noise, eta=0.5)[0]
     for g, k in (
       (f, "eps"),
       (analytic.gaussian_x0_fn(s, 0.1, 0.4), "x0"),
@@ -199,22 +203,19 @@ def test_samplers_replay_step_by_step():
   f = analytic.mixture_eps_fn(s, W, M, SD)
   x_T = jax.random.normal(jax.random.PRNGKey(0), (5, 1))
   rng = jax.random.PRNGKey(7)
-  out = samplers.ddpm_sample(s, f, x_T, rng, variance="fixed_large")
+  out = samplers.ddpm_sample(VPDenoiser(s, f), x_T, ddpm_grid(20), rng, variance="fixed_large")
   x = x_T
   for i, t in enumerate(range(19, -1, -1)):
     noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape)
-    x, _ = samplers.ddpm_step(s, f, x, t, noise, variance="fixed_large")
+    x, _ = samplers.ddpm_step(VPDenoiser(s, f), x, t, noise, variance="fixed_large")
   np.testing.assert_allclose(out, x, rtol=1e-5, atol=1e-6)
   grid = np.asarray(timestep_grid(20, 5, spacing="trailing"))
-  out = samplers.ddim_sample(s, f, x_T, rng, num_steps=5, eta=0.7, spacing="trailing")
+  out = samplers.ddim_sample(VPDenoiser(s, f), x_T, jnp.asarray(grid), rng, eta=0.7)
   x = x_T
   for i, (t, tp) in enumerate(zip(grid[:-1], grid[1:])):
     noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape)
-    x, _ = samplers.ddim_step(s, f, x, int(t), int(tp), noise, eta=0.7)
+    x, _ = samplers.ddim_step(VPDenoiser(s, f), x, int(t), int(tp), noise, eta=0.7)
   np.testing.assert_allclose(out, x, rtol=1e-5, atol=1e-6)
-  # An explicit grid overrides the spacing.
-  out2 = samplers.ddim_sample(s, f, x_T, rng, eta=0.7, grid=grid)
-  np.testing.assert_allclose(out2, out, rtol=1e-6)
 
 
 def test_sample_loop_records_and_rejects_bad_grid():

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jdiff import continuous, diffusion, schedules
-from jdiff.samplers import dpm_solver, euler, grids, pc, unipc
+from jdiff import continuous, diffusion, processes, schedules
+from jdiff.samplers import denoisers, dpm_solver, euler, grids, pc, registry, unipc
+from jdiff.samplers.registry import make_grid
 from tests import analytic
 
 SCHED = schedules.linear(1000)
@@ -44,6 +45,20 @@ def exact_flow(x_T):
 X_T = jax.random.normal(jax.random.PRNGKey(0), (512, 2))
 
 
+def run_sampler(
+  fn, schedule, model, x_T, rng, *, num_steps=20, spacing=None, grid=None, prediction="eps",
+  final_sigma="zero", **opts,
+):  # fmt: skip
+  """Builds the denoiser and the grid (Karras by default; pc: 'trailing'), runs `fn` from x_T."""
+  space = "vp" if fn is pc.pc_sample else "ve"
+  spacing = spacing or ("trailing" if space == "vp" else "karras")
+  den = denoisers.make_denoiser(schedule, model, space=space, prediction=prediction)
+  g = make_grid(
+    schedule, space, num_steps=num_steps, grid=grid, spacing=spacing, final_sigma=final_sigma
+  )
+  return fn(den, grids.ve_start(x_T, g) if space == "ve" else x_T, g, rng, **opts)
+
+
 @functools.cache
 def _run(name, n, model=gauss_model, batch=512, **kw):
   fn = next(getattr(m, name) for m in (euler, dpm_solver, unipc, pc) if hasattr(m, name))
@@ -53,7 +68,9 @@ def _run(name, n, model=gauss_model, batch=512, **kw):
     if batch == 512
     else jax.random.normal(jax.random.PRNGKey(0), (batch,) + kw.pop("event", (2,)))
   )
-  out = jax.jit(lambda x, r: fn(SCHED, model, x, r, num_steps=n, **kw))(x_T, jax.random.PRNGKey(1))
+  out = jax.jit(lambda x, r: run_sampler(fn, SCHED, model, x, r, num_steps=n, **kw))(
+    x_T, jax.random.PRNGKey(1)
+  )
   return np.asarray(out), x_T
 
 
@@ -163,11 +180,16 @@ def test_grid_errors():
   with pytest.raises(ValueError, match="offset=5"):
     grids.timesteps(1000, 1000, spacing="leading", offset=5)
   with pytest.raises(ValueError, match="end with 0"):
-    euler.euler_sample(
-      SCHED, gauss_model, X_T, jax.random.PRNGKey(0), grid=jnp.array([10.0, 1.0, 0.1])
+    run_sampler(
+      euler.euler_sample,
+      SCHED,
+      gauss_model,
+      X_T,
+      jax.random.PRNGKey(0),
+      grid=jnp.array([10.0, 1.0, 0.1]),
     )
   with pytest.raises(ValueError, match="n_corrector"):
-    pc.pc_sample(SCHED, gauss_model, X_T, jax.random.PRNGKey(0), n_corrector=-1)
+    run_sampler(pc.pc_sample, SCHED, gauss_model, X_T, jax.random.PRNGKey(0), n_corrector=-1)
 
 
 # ----------------------------------------------------------------------------- ODE samplers
@@ -194,6 +216,7 @@ def exact_flow_to_sigma_min(x_T):
 # (sampler, options, step counts, order). final_sigma='sigma_min' makes every call a solver
 # step that ends at sigma_min, where the exact flow is known: the jump sigma_min -> 0 returns
 # D(x; sigma_min), a 1st-order step whose error (~1e-4 here) would floor the measurement.
+# unipc takes that jump from sigma_min (`unipc_sample`), so its reference is D(exact; sigma_min).
 # UniC raises the predictor's order by one ([UniPC] Thm 3.1): UniPC-p is of order p + 1.
 ORDER_CASES = [
   ("dpmpp_2m_sample", {}, (20, 40, 80), 2),
@@ -214,6 +237,9 @@ def test_multistep_order_of_convergence(name, kw, steps, order):
   kw = dict(kw, spacing="log_snr", final_sigma="sigma_min")
   if name == "unipc_sample":
     kw["lower_order_final"] = False  # its 1st-order last steps would mask the order
+    # unipc returns D(x; sigma_min), linear in x for Gaussian data: the error keeps its order.
+    smin = continuous.sigma_min_max(SCHED)[0]
+    exact = np.asarray(continuous.make_denoiser(SCHED, gauss_model)(jnp.asarray(exact), smin))
   errs = [np.mean(np.abs(_run(name, n, **kw)[0] - exact)) for n in steps]
   ratios = [errs[0] / errs[1], errs[1] / errs[2]]
   if order >= 3:
@@ -235,8 +261,10 @@ def test_prediction_kinds_agree(prediction):
     return jnp.sqrt(abb) * eps - jnp.sqrt(1 - abb) * x0
 
   key = jax.random.PRNGKey(0)
-  ref = euler.heun_sample(SCHED, gauss_model, X_T[:64], key, num_steps=10)
-  got = euler.heun_sample(SCHED, model, X_T[:64], key, num_steps=10, prediction=prediction)
+  ref = run_sampler(euler.heun_sample, SCHED, gauss_model, X_T[:64], key, num_steps=10)
+  got = run_sampler(
+    euler.heun_sample, SCHED, model, X_T[:64], key, num_steps=10, prediction=prediction
+  )
   np.testing.assert_allclose(got, ref, atol=2e-3)
 
 
@@ -293,7 +321,7 @@ def _count_calls(sample_fn, **kw):
     return gauss_model(x, t, cond)
 
   jax.block_until_ready(
-    jax.jit(lambda x: sample_fn(SCHED, model, x, jax.random.PRNGKey(0), **kw))(X_T[:4])
+    jax.jit(lambda x: run_sampler(sample_fn, SCHED, model, x, jax.random.PRNGKey(0), **kw))(X_T[:4])
   )
   return len(calls)
 
@@ -314,7 +342,7 @@ def test_nfe(fn, kw, nfe):
 def test_euler_ancestral_replays_with_explicit_noise():
   rng = jax.random.PRNGKey(5)
   x_T = X_T[:16]
-  out = euler.euler_ancestral_sample(SCHED, gauss_model, x_T, rng, num_steps=5)
+  out = run_sampler(euler.euler_ancestral_sample, SCHED, gauss_model, x_T, rng, num_steps=5)
 
   @jax.jit
   def replay(x_T):
@@ -355,7 +383,8 @@ def test_sigma_grid_final_sigma_min():
   with pytest.raises(ValueError, match="final"):
     grids.sigma_grid(SCHED, 5, final="one")
   with pytest.raises(ValueError, match="explicit grid"):
-    dpm_solver.dpmpp_2m_sample(
+    run_sampler(
+      dpm_solver.dpmpp_2m_sample,
       SCHED,
       gauss_model,
       X_T,
@@ -381,7 +410,8 @@ def test_final_sigma_min_ends_at_sigma_of_t0_on_every_spacing(spacing, n):
 def test_final_sigma_min_last_step_is_a_solver_step():
   """With final_sigma='sigma_min', N calls take N solver steps and stop at sigma_min."""
   n = 4
-  out = dpm_solver.dpmpp_2m_sample(
+  out = run_sampler(
+    dpm_solver.dpmpp_2m_sample,
     SCHED,
     gauss_model,
     X_T[:16],
@@ -419,7 +449,8 @@ def test_dpmpp_3m_max_order_1_is_ddim():
 
 def test_dpmpp_3m_lower_order_final_wiring():
   n = 5
-  out = dpm_solver.dpmpp_3m_sample(
+  out = run_sampler(
+    dpm_solver.dpmpp_3m_sample,
     SCHED,
     gauss_model,
     X_T[:16],
@@ -441,10 +472,22 @@ def test_unip2_without_corrector_is_dpmpp_2m(final_sigma):
   """[UniPC]: UniP-2 with B(h) = e^h - 1 is DPM-Solver++(2M) (at the same orders, so no
   lower order at the end: 2M's last step is 2nd order when it does not jump to 0)."""
   kw = dict(num_steps=7, spacing="log_snr", final_sigma=final_sigma)
-  a = unipc.unipc_sample(
-    SCHED, mixture_model, X_T, jax.random.PRNGKey(0), corrector=False, lower_order_final=False, **kw
+  a = run_sampler(
+    unipc.unipc_sample,
+    SCHED,
+    mixture_model,
+    X_T,
+    jax.random.PRNGKey(0),
+    corrector=False,
+    lower_order_final=False,
+    **kw,
   )
-  b = dpm_solver.dpmpp_2m_sample(SCHED, mixture_model, X_T, jax.random.PRNGKey(0), **kw)
+  b = run_sampler(
+    dpm_solver.dpmpp_2m_sample, SCHED, mixture_model, X_T, jax.random.PRNGKey(0), **kw
+  )
+  if final_sigma == "sigma_min":  # unipc then steps on to 0: the denoiser's x0 at sigma_min
+    smin = grids.sigma_grid(SCHED, 7, spacing="log_snr", final="sigma_min")[-1]
+    b = continuous.make_denoiser(SCHED, mixture_model)(b, smin)
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -463,8 +506,38 @@ def test_unic_1_closed_form():
 
 def test_unipc_nfe_and_errors():
   assert _count_calls(unipc.unipc_sample, num_steps=7) == 7
-  assert _count_calls(unipc.unipc_sample, num_steps=7, final_sigma="sigma_min") == 7
+  # sigma_min: one call more, the denoiser at sigma_min (test_unipc_lands_on_clean_sample).
+  assert _count_calls(unipc.unipc_sample, num_steps=7, final_sigma="sigma_min") == 8
   with pytest.raises(ValueError, match="order"):
-    unipc.unipc_sample(SCHED, gauss_model, X_T, jax.random.PRNGKey(0), order=4)
+    run_sampler(unipc.unipc_sample, SCHED, gauss_model, X_T, jax.random.PRNGKey(0), order=4)
   with pytest.raises(ValueError, match="bh3"):
-    unipc.unipc_sample(SCHED, gauss_model, X_T, jax.random.PRNGKey(0), variant="bh3")
+    run_sampler(unipc.unipc_sample, SCHED, gauss_model, X_T, jax.random.PRNGKey(0), variant="bh3")
+
+
+def test_unipc_lands_on_clean_sample():
+  """Issue 23.6: unipc's grid ends at sigma_min; its last step now lands on the denoiser's
+  clipped x0 there (before: the sample at sigma_min, up to 1.02 with clip_x0 = 1)."""
+  n, key = 6, jax.random.PRNGKey(0)
+  x_T = X_T  # N(0.5, 0.3^2) data has mass above 1; the clipping must hold it
+  out = np.asarray(registry.sample("unipc", SCHED, gauss_model, x_T, key, num_steps=n, clip_x0=1.0))
+  assert np.abs(out).max() <= 1.0
+  grid = grids.sigma_grid(SCHED, n, spacing="log_snr", final="sigma_min")
+  den = continuous.make_denoiser(SCHED, gauss_model, clip_x0=1.0)
+  st = unipc.unipc_init_state(grids.ve_start(x_T, grid), order=2)
+  for i in range(n):  # a Python loop on purpose: the reference is not the driver
+    st = unipc.unipc_step(den, st, grid[i], grid[i + 1], max_order=n - i)
+  np.testing.assert_allclose(out, den(st.x, grid[-1]), rtol=1e-5, atol=1e-6)
+  assert np.abs(np.asarray(st.x)).max() > 1.0  # the sample at sigma_min itself overshoots
+
+
+def test_sigma_grid_errors_name_the_cause():
+  """Issue 23.5: 'quadratic' on a process was an AttributeError; final='sigma_min' with the
+  integer spacings at N = T asked for N + 1 = T + 1 timesteps and said so (misleadingly)."""
+  with pytest.raises(ValueError, match="'quadratic' takes the integer timesteps.*Process"):
+    grids.sigma_grid(processes.flow(), 4, spacing="quadratic")
+  sch = schedules.cosine(10)
+  for spacing in ("trailing", "quadratic"):
+    with pytest.raises(ValueError, match="num_steps must be <= T - 1 = 9; got num_steps=10"):
+      grids.sigma_grid(sch, 10, spacing=spacing, final="sigma_min")
+    g = np.asarray(grids.sigma_grid(sch, 9, spacing=spacing, final="sigma_min"))
+    np.testing.assert_allclose(g, continuous.t_to_sigma(sch, np.arange(9.0, -1.0, -1.0)))

@@ -36,7 +36,7 @@ import pytest
 from jdiff.configs import tiny
 from jdiff.runs import diffusion as runs_diffusion
 from jdiff.runs.setup import Setup
-from jdiff.training.sampling import AUTO, FLOW_SAMPLERS, SAMPLERS
+from jdiff.samplers.registry import AUTO, FLOW_SAMPLERS, SAMPLERS
 from tests.conftest import main_args, run_python
 
 TRAIN = {

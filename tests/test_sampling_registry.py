@@ -17,7 +17,7 @@ import pytest
 from jdiff import continuous, diffusion, schedules
 from jdiff.runs.sample_options import sample_options, validate_sample_config
 from jdiff.samplers import grids
-from jdiff.training.sampling import FLOW_SAMPLERS, SAMPLERS, make_sample_fn, resolve_options
+from jdiff.samplers.registry import FLOW_SAMPLERS, SAMPLERS, make_sample_fn, resolve_options
 from tests import analytic
 
 MU, STD = 0.3, 0.5
@@ -165,10 +165,7 @@ def test_thresholding_exact_on_a_point_mass(name):
   q = 0.9
   s = np.maximum(np.quantile(np.abs(target).reshape(2, -1), q, axis=1), 1.0)[:, None, None, None]
   want = {"clip": np.clip(target, -1.0, 1.0), "dynamic": np.clip(target, -s, s) / s}
-  if name == "unipc":  # ends at sigma_min = sigma(t = 0): the exact flow for a constant D
-    smin, smax = map(float, continuous.sigma_min_max(schedule))
-    x_ve = np.asarray(x_T) * np.sqrt(1.0 + smax**2)
-    want = {k: v + (x_ve - v) * smin / smax for k, v in want.items()}
+  # unipc too: its grid ends at sigma_min, and its last step lands on D (issue 23.6).
   # The learned-variance case also checks that only the eps half reaches the sampler.
   for kind, learn_sigma, kw in (
     ("clip", False, dict(clip_x0=1.0)),
@@ -221,8 +218,9 @@ def test_sample_config_validation():
 
 
 def test_guided_learned_variance_model_guides_the_eps_half_only(monkeypatch):
-  """make_sample_fn passes learn_sigma to cfg_model_fn, and the sampler sees C channels."""
-  from jdiff.training import sampling  # pylint: disable=g-import-not-at-top
+  """make_sample_fn passes learn_sigma to cfg_model_fn (through `denoisers.guided`), and the
+  sampler sees C channels."""
+  from jdiff.samplers import denoisers as sampling  # pylint: disable=g-import-not-at-top
 
   seen = {}
   real = sampling.cfg_model_fn

@@ -83,7 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.sample = ml_collections.ConfigDict()
   # "auto": the objective's own sampler (ddim for ddpm, heun for edm, flow_euler for flow), or
-  # any name of jdiff.training.sampling.SAMPLERS: ddpm | ddim | pc | euler | heun | euler_a |
+  # any name of jdiff.samplers.registry.SAMPLERS: ddpm | ddim | pc | euler | heun | euler_a |
   # edm | dpmpp_2m | dpmpp_2m_sde | dpmpp_3m | unipc | flow_euler | flow_heun.
   c.sample.sampler = "auto"
   c.sample.num_steps = 50  # ignored by ddpm (all T steps)
@@ -94,7 +94,7 @@ def get_config() -> ml_collections.ConfigDict:
   # (euler, heun, edm, dpmpp_2m, dpmpp_3m, unipc); ddpm takes every timestep. Others:
   # linspace for ddim / pc; log_snr | karras | uniform | trailing for the sigma-grid samplers
   # (heun, edm: log_snr | karras). A name the sampler does not accept is an error (see
-  # jdiff/training/sampling.py for why leading / quadratic are not offered).
+  # jdiff/samplers/registry.py for why leading / quadratic are not offered).
   c.sample.spacing = "auto"
   c.sample.clip_x0 = 1.0  # clip x0_hat to [-c, c] in every sampler; <= 0 disables
   # Imagen's dynamic thresholding: percentile p in (0, 1] of |x0_hat|, floored at clip_x0

@@ -11,7 +11,7 @@ With `uncertainty=True` the wrapper also returns EDM2's learned log-variance u(s
 Sec. 5, eq. 21): a linear layer on Fourier features of c_noise, as one extra output channel
 (broadcast over the image), which `processes.process_loss(..., uncertainty=True)` reads.
 Samplers see only the first C channels (the `learn_sigma` property below tells
-`training.sampling` so).
+`samplers.registry` so).
 
 The wrapper is a model of the VE process (`processes.ve`): it is called at the process time,
 which is sigma itself, with the noisy x = x0 + sigma eps, and predicts x0.

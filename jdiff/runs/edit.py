@@ -8,7 +8,7 @@ generate, 0 / black = keep). It writes, beside the input, `<input>_<task>.png` (
 in the first row, the results in the second) and `<input>_<task>.npz` (`results`, `inputs`),
 never over an existing file (`writers.unique_path` picks `-1`, `-2`, ...).
 
-Every task is `training.sampling.make_sample_fn`'s `sample_fn` with one argument more:
+Every task is `samplers.registry.make_sample_fn`'s `sample_fn` with one argument more:
 img2img passes `x0` (with `strength`), inpaint an `editing.Inpaint`, superres the
 conditioning image (`conditioning.superres_cond`). Super-resolution without an input runs
 the cascade: `config.edit.base_config` / `base_workdir` name a base model whose samples are

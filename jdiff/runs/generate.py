@@ -20,10 +20,10 @@ import numpy as np
 
 from jdiff.runs import objectives
 from jdiff.runs.sample_options import sample_options
+from jdiff.samplers.registry import make_sample_fn
 from jdiff.training import sharding
 from jdiff.training.progress import Progress
 from jdiff.training.rng import stream
-from jdiff.training.sampling import make_sample_fn
 
 Array = jax.Array
 

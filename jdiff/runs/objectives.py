@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 
 from jdiff import processes
-from jdiff.training.sampling import FLOW_SAMPLERS
+from jdiff.samplers.registry import FLOW_SAMPLERS
 
 OBJECTIVES = ("ddpm", "edm", "flow")
 ARCHS = ("unet", "dit")

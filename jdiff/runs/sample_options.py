@@ -1,4 +1,4 @@
-"""The `config.sample` section as keyword arguments of `training.sampling.make_sample_fn`."""
+"""The `config.sample` section as keyword arguments of `samplers.registry.make_sample_fn`."""
 
 from __future__ import annotations
 

@@ -20,10 +20,10 @@ from jdiff.models.guidance_schedules import SCALE_SCHEDULES
 from jdiff.models.layers import DTYPES
 from jdiff.ops.winograd import CONV_IMPLS
 from jdiff.runs import feature_nets, objectives
+from jdiff.samplers.registry import FLOW_SAMPLERS, resolve_options
 from jdiff.schedules import get_schedule
 from jdiff.training import sharding
 from jdiff.training.optim import make_optimizer
-from jdiff.training.sampling import FLOW_SAMPLERS, resolve_options
 
 KINDS = ("diffusion", "autoencoder")
 SECTIONS = {

@@ -1,16 +1,21 @@
 """Samplers: one step function each, driven by one `lax.scan` loop (`sample_loop`).
 
-Discrete-time samplers (DDPM, DDIM, predictor-corrector) walk integer timestep grids;
-the continuous ones (Euler, Heun, Euler-ancestral, EDM, DPM-Solver++, UniPC) walk sigma
-grids and call the model at fractional t through `jdiff.continuous.make_denoiser`.
+As k-diffusion's `sample_*(model, x, sigmas)`, every sampler is
+`fn(denoise, x, grid, rng, *, inpaint=None, **its own options)`: it receives a ready
+denoiser (`denoisers.make_denoiser`: guidance, thresholding composed once) and a ready grid.
+Discrete-time samplers (DDPM, DDIM, predictor-corrector) walk timestep grids with a
+`VPDenoiser`; the continuous ones (Euler, Heun, Euler-ancestral, EDM, DPM-Solver++, UniPC)
+walk sigma grids with a `SigmaDenoiser`, which calls the model at fractional t.
 
 One family per module: `ddpm`, `ddim`, `pc`, `euler` (Euler, Heun, Euler-ancestral, EDM),
 `dpm_solver` (DPM-Solver++ 2M/3M and SDE), `unipc`; `grids` builds the timestep and sigma
-grids, `driver` holds the scan and `optimize` fits few-step sigma grids to a model.
+grids, `driver` holds the scan, `editing` the inpainting / SDEdit hooks, `optimize` fits
+few-step sigma grids to a model, and `registry` maps a sampler name to a `sample_fn`.
 """
 
 from jdiff.samplers.ddim import ddim_sample, ddim_step
 from jdiff.samplers.ddpm import ddpm_sample, ddpm_step
+from jdiff.samplers.denoisers import SigmaDenoiser, VPDenoiser, make_denoiser
 from jdiff.samplers.dpm_solver import (
   DPMState,
   dpmpp_2m_sample,
@@ -36,6 +41,7 @@ from jdiff.samplers.grids import (
   karras_sigmas,
   sigma_grid,
   timestep_grid,
+  ve_start,
 )
 from jdiff.samplers.optimize import OptimizedGrid, optimize_grid
 from jdiff.samplers.pc import langevin_corrector_step, pc_sample, pc_step

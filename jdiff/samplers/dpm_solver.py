@@ -37,8 +37,7 @@ import jax.numpy as jnp
 
 from jdiff import continuous
 from jdiff.samplers.driver import sample_loop
-from jdiff.samplers.grids import denoiser_grid_and_start, lambda_step
-from jdiff.schedules import Schedule
+from jdiff.samplers.grids import lambda_step
 
 Array = jax.Array
 Denoiser = continuous.Denoiser
@@ -166,173 +165,75 @@ def dpmpp_3m_step(
   return DPMState(x_next, denoised, state.denoised_1, h, state.h_1, state.n + 1)
 
 
-def _sample(
-  step_fn,
-  schedule,
-  model_fn,
-  x_T,
-  rng,
-  *,
-  eta,
-  s_noise,
-  num_steps,
-  spacing,
-  rho,
-  grid,
-  cond,
-  prediction,
-  clip_x0,
-  dynamic_percentile,
-  final_sigma="zero",
-  lower_order_final=None,
-  inpaint=None,
-):
+def _multistep(step_fn, denoise, x, grid, rng, *, eta, s_noise, inpaint, order_cap=None):
+  """Runs a multistep solver over the grid; `order_cap(i, n)` caps the order of step i."""
   if eta < 0:
     raise ValueError(f"eta must be >= 0, got {eta}")
-  denoise, grid, x = denoiser_grid_and_start(
-    schedule,
-    model_fn,
-    x_T,
-    cond=cond,
-    prediction=prediction,
-    clip_x0=clip_x0,
-    dynamic_percentile=dynamic_percentile,
-    num_steps=num_steps,
-    spacing=spacing,
-    rho=rho,
-    grid=grid,
-    final_sigma=final_sigma,
-  )
-  n_steps = grid.shape[0] - 1
+  n = grid.shape[0] - 1
 
   def step(state, i, s, s_next, key):
     noise = jax.random.normal(key, state.x.shape, state.x.dtype) if eta > 0 else None
-    kw = (
-      {} if lower_order_final is None else dict(max_order=n_steps - i if lower_order_final else 3)
-    )
+    kw = {} if order_cap is None else dict(max_order=order_cap(i, n))
     return step_fn(denoise, state, s, s_next, noise, eta=eta, s_noise=s_noise, **kw)
 
-  return sample_loop(
-    step, init_state(x), grid, rng, inpaint=inpaint, schedule=schedule, space="ve"
-  )[0].x
+  return sample_loop(step, init_state(x), grid, rng, inpaint=inpaint, space="ve")[0].x
 
 
 def dpmpp_2m_sample(
-  schedule: Schedule,
-  model_fn,
-  x_T: Array,
+  denoise: Denoiser,
+  x: Array,
+  grid: Array,
   rng: Array,
   *,
-  num_steps: int = 20,
   eta: float = 0.0,
   s_noise: float = 1.0,
-  spacing: str = "karras",
-  rho: float = 7.0,
-  grid: Array | None = None,
-  cond: Array | None = None,
-  prediction: str = "eps",
-  final_sigma: str = "zero",
-  clip_x0: float | None = None,
-  dynamic_percentile: float | None = None,
   inpaint=None,
 ) -> Array:
-  """DPM-Solver++(2M) ([DPM-Solver++] Alg. 2). NFE = num_steps.
+  """DPM-Solver++(2M) ([DPM-Solver++] Alg. 2). NFE = N.
 
   Args:
-    schedule: the `Schedule` the model was trained with.
-    model_fn: `model_fn(x_t, t, cond)`, called with float32 fractional t [B].
-    x_T: [B, ...] standard normal starting noise.
+    denoise: `denoise(x_ve, sigma) -> x0_hat` (`denoisers.make_denoiser`).
+    x: [B, ...] VE sample at grid[0].
+    grid: [N + 1] decreasing sigmas: ending with 0 (the jump to 0 returns the last data
+      prediction) or with sigma_min (`grids.sigma_grid(final='sigma_min')`: every call a
+      solver step, the sample at sigma_min is returned).
     rng: PRNG key (used only when eta > 0).
-    num_steps: number of sigma levels N.
     eta: 0 for the ODE solver; > 0 injects noise (see `dpmpp_2m_sde_sample`).
     s_noise: noise scale for eta > 0.
-    spacing, rho: the sigma grid (see `grids.sigma_grid`).
-    grid: explicit decreasing sigma grid ending with 0 (overrides num_steps / spacing).
-    cond: conditioning passed to model_fn.
-    prediction: 'eps', 'x0' or 'v'.
-    final_sigma: 'zero' (N levels, then the jump to sigma = 0 returns the last data
-      prediction) or 'sigma_min' (N + 1 levels down to sigma_min, every call a solver step,
-      the sample at sigma_min is returned; see `grids.sigma_grid`).
-    clip_x0, dynamic_percentile: static clipping / dynamic thresholding of the data
-      prediction inside the denoiser (`continuous.make_denoiser`); None disables.
+    inpaint: optional `editing.Inpaint` (see `driver.sample_loop`).
 
   Returns:
     x_0 samples [B, ...].
   """
-  return _sample(
-    dpmpp_2m_step,
-    schedule,
-    model_fn,
-    x_T,
-    rng,
-    eta=eta,
-    s_noise=s_noise,
-    num_steps=num_steps,
-    spacing=spacing,
-    rho=rho,
-    grid=grid,
-    cond=cond,
-    prediction=prediction,
-    final_sigma=final_sigma,
-    clip_x0=clip_x0,
-    dynamic_percentile=dynamic_percentile,
-    inpaint=inpaint,
-  )
+  return _multistep(dpmpp_2m_step, denoise, x, grid, rng, eta=eta, s_noise=s_noise, inpaint=inpaint)
 
 
 def dpmpp_2m_sde_sample(
-  schedule: Schedule, model_fn, x_T: Array, rng: Array, *, eta: float = 1.0, **kwargs
+  denoise: Denoiser, x: Array, grid: Array, rng: Array, *, eta: float = 1.0, **kwargs
 ) -> Array:
-  """DPM-Solver++(2M) SDE ([DPM-Solver++] Sec. 5): `dpmpp_2m_sample` with eta = 1. NFE = N.
-
-  Args: as `dpmpp_2m_sample` (keyword arguments passed through), with eta defaulting to 1.
-  """
-  return dpmpp_2m_sample(schedule, model_fn, x_T, rng, eta=eta, **kwargs)
+  """DPM-Solver++(2M) SDE ([DPM-Solver++] Sec. 5): `dpmpp_2m_sample` with eta = 1. NFE = N."""
+  return dpmpp_2m_sample(denoise, x, grid, rng, eta=eta, **kwargs)
 
 
 def dpmpp_3m_sample(
-  schedule: Schedule,
-  model_fn,
-  x_T: Array,
+  denoise: Denoiser,
+  x: Array,
+  grid: Array,
   rng: Array,
   *,
-  num_steps: int = 20,
   eta: float = 0.0,
   s_noise: float = 1.0,
-  spacing: str = "karras",
-  rho: float = 7.0,
-  grid: Array | None = None,
-  cond: Array | None = None,
-  prediction: str = "eps",
-  final_sigma: str = "zero",
   lower_order_final: bool = False,
-  clip_x0: float | None = None,
-  dynamic_percentile: float | None = None,
   inpaint=None,
 ) -> Array:
-  """DPM-Solver++(3M); eta > 0 gives the 3M SDE variant. NFE = num_steps.
+  """DPM-Solver++(3M); eta > 0 gives the 3M SDE variant. NFE = N.
 
   Args: as `dpmpp_2m_sample`, plus
     lower_order_final: step i of N uses order <= N - i (the second-to-last step is 2nd
       order), as diffusers' `lower_order_final` (their default for N < 15; here off by
       default, it lost at NFE 10 in experiments/benchmark_samplers.py).
   """
-  return _sample(
-    dpmpp_3m_step,
-    schedule,
-    model_fn,
-    x_T,
-    rng,
-    eta=eta,
-    s_noise=s_noise,
-    num_steps=num_steps,
-    spacing=spacing,
-    rho=rho,
-    grid=grid,
-    cond=cond,
-    prediction=prediction,
-    final_sigma=final_sigma,
-    clip_x0=clip_x0,
-    dynamic_percentile=dynamic_percentile,
-    lower_order_final=bool(lower_order_final),
+  cap = (lambda i, n: n - i) if lower_order_final else (lambda i, n: 3)
+  return _multistep(
+    dpmpp_3m_step, denoise, x, grid, rng, eta=eta, s_noise=s_noise, inpaint=inpaint, order_cap=cap
   )

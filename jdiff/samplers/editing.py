@@ -36,7 +36,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdiff import continuous
-from jdiff.samplers.grids import sigma_grid, timestep_grid
 from jdiff.schedules import Schedule
 
 Array = jax.Array
@@ -132,19 +131,6 @@ def sdedit_start_index(num_steps: int, strength: float) -> int:
 def sdedit_grid(grid: Array, strength: float) -> Array:
   """The tail `grid[k:]` of a decreasing [N + 1] grid for strength s (`sdedit_start_index`)."""
   return grid[sdedit_start_index(grid.shape[0] - 1, strength) :]
-
-
-def sampler_grid(schedule: Schedule, kw: dict, *, num_steps: int, space: str) -> Array:
-  """The grid a registered sampler walks, from its resolved options `kw` (explicit grid,
-  'spacing' and 'sigma_max'; no 'spacing': DDPM's every timestep). unipc's final sigma_min
-  is not reproduced: the grid ends with 0."""
-  if kw.get("grid") is not None:
-    return jnp.asarray(kw["grid"])
-  if "spacing" not in kw:
-    return jnp.arange(schedule.num_steps - 1, -2, -1, dtype=jnp.int32)
-  if space == "vp":
-    return timestep_grid(schedule.num_steps, num_steps, spacing=kw["spacing"])
-  return sigma_grid(schedule, num_steps, spacing=kw["spacing"], sigma_max=kw.get("sigma_max"))
 
 
 def start_from(schedule: Schedule, space: str, x0: Array, level: Array, noise: Array) -> Array:

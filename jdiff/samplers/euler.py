@@ -5,10 +5,10 @@ VP model (see `jdiff.continuous`), along a decreasing sigma grid ending with 0
 (`grids.sigma_grid`, Karras rho = 7 by default). The probability-flow ODE there is
 dx/dsigma = (x - D(x, sigma)) / sigma, D the denoiser ([EDM] eq. 4 with s = 1, sigma(t) = t).
 
-Every `*_sample` takes standard normal x_T (the VP sample at the first grid level, as for
-DDIM) and an rng; it starts from x_ve = x_T sqrt(1 + sigma_0^2) and returns x_0 [B, ...].
-A step function takes a `denoise(x_ve, sigma)` (from `continuous.make_denoiser`) and explicit
-noise, so a run can be replayed step by step.
+Every `*_sample` takes a denoiser `denoise(x_ve, sigma)` (`denoisers.make_denoiser`), the VE
+start x_ve = x_T sqrt(1 + sigma_0^2) (`grids.ve_start`), the sigma grid and an rng, and returns
+x_0 [B, ...]. A step function takes the denoiser and explicit noise, so a run can be replayed
+step by step.
 
 NFE (model calls) for N sigma levels (a grid of N + 1 entries):
   Euler N; Heun 2N - 1 (the last step, to sigma = 0, is Euler, as in EDM);
@@ -29,8 +29,6 @@ import jax.numpy as jnp
 
 from jdiff import continuous
 from jdiff.samplers.driver import sample_loop
-from jdiff.samplers.grids import denoiser_grid_and_start
-from jdiff.schedules import Schedule
 
 Array = jax.Array
 Denoiser = continuous.Denoiser
@@ -165,246 +163,96 @@ def edm_gamma(
 
 
 # ----------------------------------------------------------------------------- samplers
+# Each takes a ready denoiser, the VE start x = x_T sqrt(1 + sigma_0^2) and its sigma grid
+# (`registry.sample` builds all three once), as k-diffusion's `sample_*(model, x, sigmas)`.
 
 
-def _sample(
-  step,
-  schedule,
-  model_fn,
-  x_T,
-  rng,
-  *,
-  num_steps,
-  spacing,
-  rho,
-  grid,
-  cond,
-  prediction,
-  clip_x0,
-  dynamic_percentile,
-  sigma_max=None,
-  inpaint=None,
-):
-  denoise, grid, x = denoiser_grid_and_start(
-    schedule,
-    model_fn,
-    x_T,
-    cond=cond,
-    prediction=prediction,
-    clip_x0=clip_x0,
-    dynamic_percentile=dynamic_percentile,
-    num_steps=num_steps,
-    spacing=spacing,
-    rho=rho,
-    grid=grid,
-    sigma_max=sigma_max,
-  )
+def _walk(step, x: Array, grid: Array, rng: Array, inpaint) -> Array:
+  """Runs `step(x, s, s_next, key)` over the grid in the VE space (inpainting included)."""
   return sample_loop(
-    lambda c, i, s, s_next, key: step(denoise, c, i, s, s_next, key, grid),
-    x,
-    grid,
-    rng,
-    inpaint=inpaint,
-    schedule=schedule,
-    space="ve",
+    lambda c, i, s, s_next, key: step(c, s, s_next, key), x, grid, rng, inpaint=inpaint, space="ve"
   )[0]
 
 
-def euler_sample(
-  schedule: Schedule,
-  model_fn,
-  x_T: Array,
-  rng: Array,
-  *,
-  num_steps: int = 50,
-  spacing: str = "karras",
-  rho: float = 7.0,
-  grid: Array | None = None,
-  cond: Array | None = None,
-  prediction: str = "eps",
-  clip_x0: float | None = None,
-  dynamic_percentile: float | None = None,
-  inpaint=None,
-) -> Array:
-  """Euler PF-ODE sampler ([EDM] Alg. 1 without the correction). NFE = num_steps.
+def euler_sample(denoise: Denoiser, x: Array, grid: Array, rng: Array, *, inpaint=None) -> Array:
+  """Euler PF-ODE sampler ([EDM] Alg. 1 without the correction). NFE = N.
 
   Args:
-    schedule: the `Schedule` the model was trained with.
-    model_fn: `model_fn(x_t, t, cond)`, called with float32 fractional t [B].
-    x_T: [B, ...] standard normal starting noise.
+    denoise: `denoise(x_ve, sigma) -> x0_hat` (`denoisers.make_denoiser`).
+    x: [B, ...] VE sample at grid[0].
+    grid: [N + 1] decreasing sigmas ending with 0 (`grids.sigma_grid`).
     rng: PRNG key (unused by this deterministic sampler; kept for a uniform API).
-    num_steps: number of sigma levels N.
-    spacing: sigma spacing, see `grids.sigma_grid`.
-    rho: Karras rho.
-    grid: explicit decreasing sigma grid ending with 0 (overrides num_steps / spacing).
-    cond: conditioning passed to model_fn.
-    prediction: 'eps', 'x0' or 'v'.
-    clip_x0, dynamic_percentile: static clipping / dynamic thresholding of the data
-      prediction inside the denoiser (`continuous.make_denoiser`); None disables.
+    inpaint: optional `editing.Inpaint` (see `driver.sample_loop`).
 
   Returns:
     x_0 samples [B, ...].
   """
-  step = lambda d, x, i, s, s_next, key, g: euler_step(d, x, s, s_next)
-  return _sample(
-    step,
-    schedule,
-    model_fn,
-    x_T,
-    rng,
-    num_steps=num_steps,
-    spacing=spacing,
-    rho=rho,
-    grid=grid,
-    cond=cond,
-    prediction=prediction,
-    clip_x0=clip_x0,
-    dynamic_percentile=dynamic_percentile,
-    inpaint=inpaint,
-  )
+  return _walk(lambda x, s, s_next, key: euler_step(denoise, x, s, s_next), x, grid, rng, inpaint)
 
 
-def heun_sample(
-  schedule: Schedule,
-  model_fn,
-  x_T: Array,
-  rng: Array,
-  *,
-  num_steps: int = 18,
-  spacing: str = "karras",
-  rho: float = 7.0,
-  grid: Array | None = None,
-  cond: Array | None = None,
-  prediction: str = "eps",
-  clip_x0: float | None = None,
-  dynamic_percentile: float | None = None,
-  sigma_max: float | None = None,
-  inpaint=None,
-) -> Array:
-  """EDM's deterministic 2nd-order sampler ([EDM] Alg. 1). NFE = 2 num_steps - 1.
+def heun_sample(denoise: Denoiser, x: Array, grid: Array, rng: Array, *, inpaint=None) -> Array:
+  """EDM's deterministic 2nd-order sampler ([EDM] Alg. 1). NFE = 2 N - 1.
 
-  Args: as `euler_sample`, plus `sigma_max`: the generated grid's largest level, clamped to
-    the schedule's (None: the schedule's). EDM uses 80 ([EDM] Table 1): on a VP schedule whose
-    sigma(T-1) is ~1e4 (cosine, T = 1000) a few-step grid from there takes steps whose sigma
-    ratio Heun's trapezoid cannot follow, while x_T sqrt(1 + 80^2) already has the marginal
-    of sigma = 80 up to the data's variance over 80^2.
+  Args: as `euler_sample`. EDM starts its grid at sigma_max = 80 ([EDM] Table 1;
+    `grids.sigma_grid(sigma_max=80)`): on a VP schedule whose sigma(T-1) is ~1e4 (cosine,
+    T = 1000) a few-step grid from there takes steps whose sigma ratio Heun's trapezoid cannot
+    follow, while x_T sqrt(1 + 80^2) already has the marginal of sigma = 80 up to the data's
+    variance over 80^2.
   """
-  step = lambda d, x, i, s, s_next, key, g: heun_step(d, x, s, s_next)
-  return _sample(
-    step,
-    schedule,
-    model_fn,
-    x_T,
-    rng,
-    num_steps=num_steps,
-    spacing=spacing,
-    rho=rho,
-    grid=grid,
-    cond=cond,
-    prediction=prediction,
-    clip_x0=clip_x0,
-    dynamic_percentile=dynamic_percentile,
-    sigma_max=sigma_max,
-    inpaint=inpaint,
-  )
+  return _walk(lambda x, s, s_next, key: heun_step(denoise, x, s, s_next), x, grid, rng, inpaint)
 
 
 def euler_ancestral_sample(
-  schedule: Schedule,
-  model_fn,
-  x_T: Array,
+  denoise: Denoiser,
+  x: Array,
+  grid: Array,
   rng: Array,
   *,
-  num_steps: int = 50,
   eta: float = 1.0,
   s_noise: float = 1.0,
-  spacing: str = "karras",
-  rho: float = 7.0,
-  grid: Array | None = None,
-  cond: Array | None = None,
-  prediction: str = "eps",
-  clip_x0: float | None = None,
-  dynamic_percentile: float | None = None,
   inpaint=None,
 ) -> Array:
-  """Euler-ancestral sampler (k-diffusion's `sample_euler_ancestral`). NFE = num_steps.
+  """Euler-ancestral sampler (k-diffusion's `sample_euler_ancestral`). NFE = N.
 
   Args: as `euler_sample`, plus eta (ancestral noise fraction) and s_noise.
   """
 
-  def step(d, x, i, s, s_next, key, g):
+  def step(x, s, s_next, key):
     noise = jax.random.normal(key, x.shape, x.dtype)
-    return euler_ancestral_step(d, x, s, s_next, noise, eta=eta, s_noise=s_noise)
+    return euler_ancestral_step(denoise, x, s, s_next, noise, eta=eta, s_noise=s_noise)
 
-  return _sample(
-    step,
-    schedule,
-    model_fn,
-    x_T,
-    rng,
-    num_steps=num_steps,
-    spacing=spacing,
-    rho=rho,
-    grid=grid,
-    cond=cond,
-    prediction=prediction,
-    clip_x0=clip_x0,
-    dynamic_percentile=dynamic_percentile,
-    inpaint=inpaint,
-  )
+  return _walk(step, x, grid, rng, inpaint)
 
 
 def edm_sample(
-  schedule: Schedule,
-  model_fn,
-  x_T: Array,
+  denoise: Denoiser,
+  x: Array,
+  grid: Array,
   rng: Array,
   *,
-  num_steps: int = 18,
   s_churn: float = 0.0,
   s_tmin: float = 0.0,
   s_tmax: float = float("inf"),
   s_noise: float = 1.0,
-  spacing: str = "karras",
-  rho: float = 7.0,
-  grid: Array | None = None,
-  cond: Array | None = None,
-  prediction: str = "eps",
-  clip_x0: float | None = None,
-  dynamic_percentile: float | None = None,
-  sigma_max: float | None = None,
   inpaint=None,
 ) -> Array:
-  """EDM's stochastic sampler ([EDM] Alg. 2). NFE = 2 num_steps - 1.
+  """EDM's stochastic sampler ([EDM] Alg. 2). NFE = 2 N - 1.
 
-  s_churn = 0 is exactly `heun_sample`. sigma_hat is clipped to the schedule's sigma_max
-  (the model is undefined above it).
+  s_churn = 0 is exactly `heun_sample`. sigma_hat is clipped to the sigma_max of
+  `denoise.schedule` (the model is undefined above it).
 
-  Args: as `heun_sample`, plus S_churn, S_tmin, S_tmax, S_noise of [EDM] Alg. 2.
+  Args: as `euler_sample`, plus S_churn, S_tmin, S_tmax, S_noise of [EDM] Alg. 2.
   """
   if s_churn < 0 or s_noise < 0:
     raise ValueError(f"s_churn and s_noise must be >= 0, got {s_churn}, {s_noise}")
-  cap = continuous.sigma_min_max(schedule)[1]
+  cap = continuous.sigma_min_max(denoise.schedule)[1]
+  n = grid.shape[0] - 1
 
-  def step(d, x, i, s, s_next, key, g):
+  def step(x, s, s_next, key):
     noise = jax.random.normal(key, x.shape, x.dtype)
-    gamma = edm_gamma(s, g.shape[0] - 1, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax)
-    return edm_stochastic_step(d, x, s, s_next, noise, gamma=gamma, s_noise=s_noise, sigma_cap=cap)
+    gamma = edm_gamma(s, n, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax)
+    return edm_stochastic_step(
+      denoise, x, s, s_next, noise, gamma=gamma, s_noise=s_noise, sigma_cap=cap
+    )
 
-  return _sample(
-    step,
-    schedule,
-    model_fn,
-    x_T,
-    rng,
-    num_steps=num_steps,
-    spacing=spacing,
-    rho=rho,
-    grid=grid,
-    cond=cond,
-    prediction=prediction,
-    clip_x0=clip_x0,
-    dynamic_percentile=dynamic_percentile,
-    sigma_max=sigma_max,
-    inpaint=inpaint,
-  )
+  return _walk(step, x, grid, rng, inpaint)

@@ -152,6 +152,19 @@ def sigma_grid(
   if final not in FINAL_SIGMAS:
     raise ValueError(f"unknown final sigma {final!r}; choose one of {FINAL_SIGMAS}")
   _check_num_steps(num_steps)
+  discrete = schedule.kind == "discrete"
+  if spacing == "quadratic" and not discrete:
+    raise ValueError(
+      "sigma spacing 'quadratic' takes the integer timesteps of a discrete Schedule; a "
+      f"{type(schedule).__name__} has none: use one of {SIGMA_SPACINGS[:4]}"
+    )
+  if final == "sigma_min" and discrete and spacing in ("trailing", "quadratic"):
+    if num_steps >= schedule.num_steps:
+      raise ValueError(
+        f"final='sigma_min' with spacing {spacing!r} takes num_steps + 1 distinct integer "
+        f"timesteps, so num_steps must be <= T - 1 = {schedule.num_steps - 1}; got "
+        f"num_steps={num_steps} (use final='zero', or spacing 'uniform' / 'log_snr' / 'karras')"
+      )
   if final == "sigma_min":
     g = sigma_grid(
       schedule, num_steps + 1, spacing=spacing, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max
@@ -165,7 +178,7 @@ def sigma_grid(
       f"only, got spacing={spacing!r}"
     )
   s_min, s_max = schedule.sigma_min_max()
-  if spacing == "uniform" or (spacing == "trailing" and schedule.kind != "discrete"):
+  if spacing == "uniform" or (spacing == "trailing" and not discrete):
     # Uniform in time t; a continuous process has no integer timesteps: trailing is uniform.
     t = jnp.linspace(schedule.t_max, schedule.t_min, num_steps, dtype=jnp.float32)
     return jnp.concatenate([schedule.t_to_sigma(t), jnp.zeros((1,), jnp.float32)])
@@ -182,86 +195,18 @@ def sigma_grid(
   return jnp.concatenate([schedule.t_to_sigma(t), zero])
 
 
-def sigma_grid_and_start(
-  schedule: Schedule,
-  x_T: jax.Array,
-  *,
-  num_steps: int,
-  spacing: str,
-  rho: float,
-  grid: jax.Array | None = None,
-  final_sigma: str = "zero",
-  sigma_max: float | None = None,
-) -> tuple[jax.Array, jax.Array]:
-  """(sigma grid, VE start x_T sqrt(1 + sigma_0^2)) for the sigma-grid samplers.
+def ddpm_grid(num_train_steps: int) -> jax.Array:
+  """Every timestep T-1, ..., 0, then -1: ancestral sampling's grid, int32 [T + 1]."""
+  return jnp.arange(num_train_steps - 1, -2, -1, dtype=jnp.int32)
 
-  Args:
-    schedule: the `Schedule`.
-    x_T: [B, ...] standard normal noise, the VP sample at the first level.
-    num_steps, spacing, rho: the generated grid (`sigma_grid`).
-    grid: explicit decreasing sigma grid ending with 0 (overrides the above).
-    final_sigma: 'zero' or 'sigma_min' (generated grids only; see `sigma_grid`).
-    sigma_max: the generated grid's largest level ('karras' / 'log_snr'; None: the
-      schedule's sigma_max).
 
-  Returns:
-    (float32 [N + 1] grid, x_ve [B, ...]).
+def ve_start(x_T: jax.Array, grid: jax.Array) -> jax.Array:
+  """The VE sample x_T sqrt(1 + sigma_0^2) at grid[0] of standard normal x_T [B, ...].
+
+  x_T is the VP sample at the first level (as DDIM's), so every sampler starts from the
+  same noise whatever its space.
   """
-  if final_sigma not in FINAL_SIGMAS:
-    raise ValueError(f"unknown final_sigma {final_sigma!r}; choose one of {FINAL_SIGMAS}")
-  if grid is not None:
-    if final_sigma != "zero":
-      raise ValueError(
-        f"final_sigma={final_sigma!r} applies to generated grids; an explicit grid must end with 0"
-      )
-    grid = continuous.check_sigma_grid(grid)
-  else:
-    grid = sigma_grid(
-      schedule, num_steps, spacing=spacing, rho=rho, final=final_sigma, sigma_max=sigma_max
-    )
-  return grid, x_T * jnp.sqrt(1.0 + grid[0] ** 2).astype(x_T.dtype)
-
-
-def denoiser_grid_and_start(
-  schedule: Schedule,
-  model_fn,
-  x_T: jax.Array,
-  *,
-  cond=None,
-  prediction: str = "eps",
-  clip_x0: float | None = None,
-  dynamic_percentile: float | None = None,
-  num_steps: int,
-  spacing: str,
-  rho: float,
-  grid: jax.Array | None = None,
-  final_sigma: str = "zero",
-  sigma_max: float | None = None,
-) -> tuple[continuous.Denoiser, jax.Array, jax.Array]:
-  """The common start of the sigma-grid samplers: (denoiser, sigma grid, VE start).
-
-  The denoiser is `continuous.make_denoiser` (thresholding included); the grid and start
-  are `sigma_grid_and_start`'s.
-  """
-  denoise = continuous.make_denoiser(
-    schedule,
-    model_fn,
-    cond=cond,
-    prediction=prediction,
-    clip_x0=clip_x0,
-    dynamic_percentile=dynamic_percentile,
-  )
-  grid, x = sigma_grid_and_start(
-    schedule,
-    x_T,
-    num_steps=num_steps,
-    spacing=spacing,
-    rho=rho,
-    grid=grid,
-    final_sigma=final_sigma,
-    sigma_max=sigma_max,
-  )
-  return denoise, grid, x
+  return x_T * jnp.sqrt(1.0 + grid[0] ** 2).astype(x_T.dtype)
 
 
 def lambda_step(sigma: jax.Array, sigma_next: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -26,7 +26,7 @@ The loss on the calibration batch therefore never increases, and the grid stays 
 decreasing by construction.
 
 Storage beside the model (`<workdir>/grids/<sampler>_nfe<NFE>.json`, which `sample.grid_file`
-points `training.sampling.make_sample_fn` to) is `jdiff.training.grid_files`: this module is
+points `samplers.registry.make_sample_fn` to) is `jdiff.samplers.grid_files`: this module is
 pure and writes nothing.
 """
 

@@ -21,10 +21,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jdiff.samplers.ddim import alpha_bar_or_one, ddim_step, predict_x0_eps
+from jdiff.samplers.ddim import ddim_step
+from jdiff.samplers.denoisers import VPDenoiser
 from jdiff.samplers.driver import sample_loop
-from jdiff.samplers.grids import timestep_grid
-from jdiff.schedules import Schedule
 
 Array = jax.Array
 
@@ -37,18 +36,7 @@ def _mean_norm(a: Array) -> Array:
 
 
 def langevin_corrector_step(
-  schedule: Schedule,
-  model_fn,
-  x: Array,
-  t: Array,
-  t_next: Array,
-  noise: Array,
-  *,
-  snr: float = 0.16,
-  cond: Array | None = None,
-  prediction: str = "eps",
-  clip_x0: float | None = None,
-  dynamic_percentile: float | None = None,
+  denoise: VPDenoiser, x: Array, t: Array, t_next: Array, noise: Array, *, snr: float = 0.16
 ) -> Array:
   """One Langevin step x <- x + e s(x, t) + sqrt(2 e) z targeting q_t ([ScoreSDE] Alg. 5). NFE 1.
 
@@ -60,38 +48,26 @@ def langevin_corrector_step(
   predictor does.
 
   Args:
-    schedule: the `Schedule`.
-    model_fn: `model_fn(x_t, t, cond)`.
+    denoise: the `VPDenoiser`.
     x: [B, ...] sample at t.
     t: scalar timestep (int or float) of x; t_next: the grid's next timestep (-1: data).
     noise: [B, ...] standard normal noise.
     snr: the signal-to-noise ratio r of the corrector (0.16 for CIFAR-10 in [ScoreSDE]).
-    cond, prediction, clip_x0, dynamic_percentile: see `ddim.predict_x0_eps`.
 
   Returns:
     the corrected sample [B, ...].
   """
-  _, eps = predict_x0_eps(
-    schedule,
-    model_fn,
-    x,
-    t,
-    cond=cond,
-    prediction=prediction,
-    clip_x0=clip_x0,
-    dynamic_percentile=dynamic_percentile,
-  )
-  ab = alpha_bar_or_one(schedule, t)
+  _, eps = denoise(x, t)
+  ab = denoise.alpha_bar(t)
   score = -eps.astype(jnp.float32) / jnp.sqrt(1.0 - ab)
-  alpha = ab / alpha_bar_or_one(schedule, t_next)
+  alpha = ab / denoise.alpha_bar(t_next)
   step = 2.0 * alpha * (snr * _mean_norm(noise) / _mean_norm(score)) ** 2
   out = x.astype(jnp.float32) + step * score + jnp.sqrt(2.0 * step) * noise.astype(jnp.float32)
   return out.astype(x.dtype)
 
 
 def pc_step(
-  schedule: Schedule,
-  model_fn,
+  denoise: VPDenoiser,
   x: Array,
   t: Array,
   t_next: Array,
@@ -100,14 +76,11 @@ def pc_step(
   n_corrector: int = 1,
   snr: float = 0.16,
   eta: float = 1.0,
-  cond: Array | None = None,
-  prediction: str = "eps",
-  clip_x0: float | None = None,
-  dynamic_percentile: float | None = None,
 ) -> Array:
   """Corrector (n_corrector Langevin steps at t) then predictor (t -> t_next). NFE 1 + n_corrector.
 
   Args:
+    denoise: the `VPDenoiser`.
     noise: [n_corrector + 1, B, ...] standard normal noise: one slice per corrector step,
       the last for the predictor.
     eta: predictor stochasticity (1: ancestral, 0: DDIM), see `ddim_step`.
@@ -119,79 +92,54 @@ def pc_step(
       f"got shape {noise.shape}"
     )
 
-  kw = dict(
-    cond=cond, prediction=prediction, clip_x0=clip_x0, dynamic_percentile=dynamic_percentile
-  )
-
   def correct(x, z):
-    return langevin_corrector_step(schedule, model_fn, x, t, t_next, z, snr=snr, **kw), None
+    return langevin_corrector_step(denoise, x, t, t_next, z, snr=snr), None
 
   if n_corrector:
     x, _ = jax.lax.scan(correct, x, noise[:-1])
-  return ddim_step(schedule, model_fn, x, t, t_next, noise[-1], eta=eta, **kw)[0]
+  return ddim_step(denoise, x, t, t_next, noise[-1], eta=eta)[0]
 
 
-def pc_sample(
-  schedule: Schedule,
-  model_fn,
-  x_T: Array,
-  rng: Array,
-  *,
-  num_steps: int = 100,
-  n_corrector: int = 1,
-  snr: float = 0.16,
-  eta: float = 1.0,
-  spacing: str = "trailing",
-  grid: Array | None = None,
-  cond: Array | None = None,
-  prediction: str = "eps",
-  clip_x0: float | None = None,
-  dynamic_percentile: float | None = None,
-  inpaint=None,
-) -> Array:
-  """Predictor-corrector sampling ([ScoreSDE] Alg. 3). NFE = num_steps (1 + n_corrector).
-
-  Args:
-    schedule: the `Schedule`.
-    model_fn: `model_fn(x_t, t, cond)`.
-    x_T: [B, ...] standard normal starting noise (x at the first grid timestep).
-    rng: PRNG key; step i uses fold_in(rng, i).
-    num_steps: predictor steps N.
-    n_corrector: Langevin corrector steps per predictor step (0: plain ancestral sampling).
-    snr: corrector signal-to-noise ratio.
-    eta: predictor stochasticity (1 ancestral, 0 DDIM).
-    spacing: timestep spacing for `timestep_grid` ('trailing' starts at T-1, where x_T is
-      standard normal).
-    grid: explicit decreasing timesteps (int or float) ending with -1 (overrides the above).
-    cond, prediction, clip_x0, dynamic_percentile: see `ddim_step`.
-
-  Returns:
-    x_0 samples [B, ...].
-  """
+def check_options(*, n_corrector: int = 1, snr: float = 0.16) -> None:
+  """Raises ValueError naming a bad n_corrector or snr."""
   if not isinstance(n_corrector, int) or n_corrector < 0:
     raise ValueError(f"n_corrector must be an integer >= 0, got {n_corrector!r}")
   if snr <= 0:
     raise ValueError(f"snr must be positive, got {snr}")
-  if grid is None:
-    grid = timestep_grid(schedule.num_steps, num_steps, spacing=spacing)
+
+
+def pc_sample(
+  denoise: VPDenoiser,
+  x_T: Array,
+  grid: Array,
+  rng: Array,
+  *,
+  n_corrector: int = 1,
+  snr: float = 0.16,
+  eta: float = 1.0,
+  inpaint=None,
+) -> Array:
+  """Predictor-corrector sampling ([ScoreSDE] Alg. 3). NFE = N (1 + n_corrector).
+
+  Args:
+    denoise: the `VPDenoiser`.
+    x_T: [B, ...] standard normal starting noise (x at the first grid timestep; the
+      'trailing' grid starts at T-1, where x_T is standard normal).
+    grid: decreasing timesteps (int or float) ending with -1, N steps.
+    rng: PRNG key; step i uses fold_in(rng, i).
+    n_corrector: Langevin corrector steps per predictor step (0: plain ancestral sampling).
+    snr: corrector signal-to-noise ratio.
+    eta: predictor stochasticity (1 ancestral, 0 DDIM).
+    inpaint: optional `editing.Inpaint` (see `driver.sample_loop`).
+
+  Returns:
+    x_0 samples [B, ...].
+  """
+  check_options(n_corrector=n_corrector, snr=snr)
 
   def step(x, i, t, t_next, key):
     del i
     noise = jax.random.normal(key, (n_corrector + 1,) + x.shape, x.dtype)
-    return pc_step(
-      schedule,
-      model_fn,
-      x,
-      t,
-      t_next,
-      noise,
-      n_corrector=n_corrector,
-      snr=snr,
-      eta=eta,
-      cond=cond,
-      prediction=prediction,
-      clip_x0=clip_x0,
-      dynamic_percentile=dynamic_percentile,
-    )
+    return pc_step(denoise, x, t, t_next, noise, n_corrector=n_corrector, snr=snr, eta=eta)
 
-  return sample_loop(step, x_T, grid, rng, inpaint=inpaint, schedule=schedule)[0]
+  return sample_loop(step, x_T, grid, rng, inpaint=inpaint, schedule=denoise.schedule)[0]

@@ -20,8 +20,7 @@ import jax.numpy as jnp
 
 from jdiff import continuous
 from jdiff.samplers.driver import sample_loop
-from jdiff.samplers.grids import denoiser_grid_and_start, lambda_step
-from jdiff.schedules import Schedule
+from jdiff.samplers.grids import lambda_step
 
 Array = jax.Array
 Denoiser = continuous.Denoiser
@@ -187,89 +186,60 @@ def unipc_step(
 
 
 def unipc_sample(
-  schedule: Schedule,
-  model_fn,
-  x_T: Array,
+  denoise: Denoiser,
+  x: Array,
+  grid: Array,
   rng: Array,
   *,
-  num_steps: int = 20,
   order: int = 2,
   variant: str = "bh2",
   corrector: bool = True,
   lower_order_final: bool = True,
-  spacing: str = "log_snr",
-  rho: float = 7.0,
-  grid: Array | None = None,
-  cond: Array | None = None,
-  prediction: str = "eps",
-  final_sigma: str = "zero",
-  clip_x0: float | None = None,
-  dynamic_percentile: float | None = None,
   inpaint=None,
 ) -> Array:
-  """UniPC ([UniPC] Alg. 3 with UniC): multistep UniP-p + UniC, data prediction. NFE = N.
+  """UniPC ([UniPC] Alg. 3 with UniC): multistep UniP-p + UniC, data prediction.
 
-  Deterministic. The default
-  log-SNR grid is the one [DPM-Solver] Sec. 3.3 recommends for exponential integrators.
+  Deterministic. NFE = N on a grid ending with 0. A grid ending at sigma_min > 0
+  (`grids.sigma_grid(final='sigma_min')`) gets one step more, to 0, which returns the
+  denoiser's x0 at sigma_min (NFE N + 1): the sample lands on the clean, thresholded data
+  prediction instead of x at sigma_min, which still holds sigma_min noise and the
+  extrapolation's overshoot (values beyond the clip range).
 
   Args:
-    schedule: the `Schedule` the model was trained with.
-    model_fn: `model_fn(x_t, t, cond)`, called with float32 fractional t [B].
-    x_T: [B, ...] standard normal starting noise.
+    denoise: `denoise(x_ve, sigma) -> x0_hat` (`denoisers.make_denoiser`).
+    x: [B, ...] VE sample at grid[0].
+    grid: [N + 1] decreasing sigmas ending with 0 or with sigma_min.
     rng: PRNG key (unused: the sampler is deterministic).
-    num_steps: number of sigma levels N.
     order: predictor order p in {1, 2, 3} (the corrector adds one).
     variant: 'bh2' (B(h) = e^h - 1, the paper's choice for guided / few-step sampling) or
       'bh1' (B(h) = h).
     corrector: apply UniC (False: plain UniP; order 2 'bh2' is then DPM-Solver++(2M)).
     lower_order_final: step i of N uses order <= N - i, as diffusers.
-    spacing, rho: the sigma grid (see `grids.sigma_grid`).
-    grid: explicit decreasing sigma grid ending with 0 (overrides num_steps / spacing).
-    cond: conditioning passed to model_fn.
-    prediction: 'eps', 'x0' or 'v'.
-    final_sigma: 'zero' or 'sigma_min', as `dpmpp_2m_sample` (with 'sigma_min' the last
-      predicted sample is returned uncorrected: correcting it would cost one more call).
-    clip_x0, dynamic_percentile: static clipping / dynamic thresholding of the data
-      prediction inside the denoiser (`continuous.make_denoiser`); None disables.
+    inpaint: optional `editing.Inpaint` (see `driver.sample_loop`).
 
   Returns:
     x_0 samples [B, ...].
   """
   _check_unipc(order, variant)
-  denoise, grid, x = denoiser_grid_and_start(
-    schedule,
-    model_fn,
-    x_T,
-    cond=cond,
-    prediction=prediction,
-    clip_x0=clip_x0,
-    dynamic_percentile=dynamic_percentile,
-    num_steps=num_steps,
-    spacing=spacing,
-    rho=rho,
-    grid=grid,
-    final_sigma=final_sigma,
-  )
   n_steps = grid.shape[0] - 1
 
   def step(state, i, s, s_next, key):
     del key
+    max_order = n_steps - i if lower_order_final else order
     return unipc_step(
-      denoise,
-      state,
-      s,
-      s_next,
-      variant=variant,
-      corrector=corrector,
-      max_order=n_steps - i if lower_order_final else order,
+      denoise, state, s, s_next, variant=variant, corrector=corrector, max_order=max_order
     )
 
-  return sample_loop(
-    step,
-    unipc_init_state(x, order=order),
-    grid,
-    rng,
-    inpaint=inpaint,
-    schedule=schedule,
-    space="ve",
-  )[0].x
+  state = sample_loop(
+    step, unipc_init_state(x, order=order), grid, rng, inpaint=inpaint, space="ve"
+  )
+  # The step sigma_min -> 0 returns D(x, sigma_min), the inpainted pixels replaced at 0. The
+  # grid may be traced (jit), so whether it ends above 0 is decided by `lax.cond`.
+  to_zero = jnp.stack([grid[-1], jnp.zeros((), grid.dtype)])
+  state = jax.lax.cond(
+    grid[-1] > 0,
+    lambda st: sample_loop(step, st, to_zero, rng, inpaint=inpaint, space="ve")[0],
+    lambda st: st,
+    state[0],
+  )
+  return state.x

@@ -1,6 +1,6 @@
 """A config-free training toolkit: states, pure steps, optimiser and EMA, sharding,
 checkpoints, the host loop, named random streams, process-0 writers, and the sampler
-registry that maps a sampler name to a pure `sample_fn` (`sampling.make_sample_fn`).
+registry (moved to `jdiff.samplers.registry`).
 
 Nothing here reads a config: config-driven runs are assembled in `jdiff.runs`.
 """

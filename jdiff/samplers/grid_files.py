@@ -1,7 +1,7 @@
 """Sigma grids stored beside a model: `<workdir>/grids/<sampler>_nfe<NFE>.json`.
 
 The grids are fitted by `jdiff.samplers.optimize.optimize_grid`; `sample.grid_file` points
-`training.sampling.make_sample_fn` at such a file. Files are written atomically and never
+`samplers.registry.make_sample_fn` at such a file. Files are written atomically and never
 overwritten unless asked; reading checks the format, the sigmas and the sampler / step count
 they were made for, and every error names the file.
 """
@@ -14,8 +14,8 @@ import os
 
 import numpy as np
 
+from jdiff.io import atomic_write
 from jdiff.samplers.optimize import OBJECTIVE, nfe_of
-from jdiff.training.writers import atomic_write
 
 FORMAT = "jdiff.sigma_grid.v1"
 

@@ -1,4 +1,9 @@
-"""From a sampler name to a pure `sample_fn(params, x_T, rng, labels) -> x_0`.
+"""The sampler registry: from a name to a pure `sample_fn(params, x_T, rng, labels) -> x_0`.
+
+A sample call composes, once and visibly: the network bound to its parameters -> guidance
+-> the prediction half of a learned-variance model -> the denoiser (thresholding inside)
+(`jdiff.samplers.denoisers`); the grid of the sampler's family; the start; then the sampler
+`fn(denoise, x, grid, rng, *, inpaint, **its options)`.
 
 Each registered sampler belongs to a family that fixes which grids it accepts and its
 default one ('auto'):
@@ -42,14 +47,14 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 
-from jdiff import conditioning, flow
-from jdiff.models import guidance_schedules
+from jdiff import conditioning, continuous, flow
 from jdiff.models.bridge import make_model_fn
-from jdiff.models.guidance import cfg_model_fn
-from jdiff.samplers import ddim, ddpm, dpm_solver, editing, euler, pc, unipc
+from jdiff.samplers import ddim, ddpm, dpm_solver, editing, euler, grid_files, pc, unipc
+from jdiff.samplers.denoisers import compose, eps_half, guidance_scale_fn, guided, make_denoiser
+from jdiff.samplers.grids import ddpm_grid, sigma_grid, timestep_grid, ve_start
 from jdiff.schedules import Schedule
-from jdiff.training import grid_files
 
 Array = jax.Array
 
@@ -58,51 +63,59 @@ TIMESTEP_GRIDS = ("trailing", "linspace")
 SIGMA_GRIDS = ("log_snr", "karras", "uniform", "trailing")
 HEUN_GRIDS = ("log_snr", "karras")
 EDM_SIGMA_MAX = 80.0  # [EDM] Table 1; the grid of heun and edm starts there (see above)
+GRID_KEYS = ("spacing", "rho", "sigma_max", "final_sigma")  # options of the grid, not the step
 
 
 class Sampler(NamedTuple):
   """A registry entry.
 
   Attributes:
-    fn: `fn(schedule, model_fn, x_T, rng, *, cond, prediction, clip_x0, dynamic_percentile,
-      **grid_and_eta_kwargs) -> x_0`.
+    fn: `fn(denoise, x, grid, rng, *, inpaint, **options) -> x_0` ('flow': `fn(process,
+      model_fn, x_T, rng, *, num_steps, shift, cond, prediction, clip_x0, ...)`).
+    space: 'vp' (timestep grid, `VPDenoiser`), 've' (sigma grid, `SigmaDenoiser`, VE start)
+      or 'flow' (steps in t on a flow process).
     spacings: the grid names it accepts (besides 'auto').
     default_spacing: what 'auto' means (None: the sampler takes no spacing).
     default_eta: its stochasticity when eta is None (None: it takes no eta).
-    fixed: other keyword arguments it is registered with.
+    fixed: other options it is registered with (grid or sampler options).
   """
 
   fn: Callable
-  spacings: tuple[str, ...]
-  default_spacing: str | None
+  space: str
+  spacings: tuple[str, ...] = ()
+  default_spacing: str | None = None
   default_eta: float | None = None
   fixed: tuple = ()
 
 
 SAMPLERS: dict[str, Sampler] = {
-  "ddpm": Sampler(ddpm.ddpm_sample, (), None),
-  "ddim": Sampler(ddim.ddim_sample, TIMESTEP_GRIDS, "trailing", 0.0),
-  "pc": Sampler(pc.pc_sample, TIMESTEP_GRIDS, "trailing", 1.0),
-  "euler": Sampler(euler.euler_sample, SIGMA_GRIDS, "log_snr"),
-  "heun": Sampler(euler.heun_sample, HEUN_GRIDS, "log_snr", fixed=(("sigma_max", EDM_SIGMA_MAX),)),
-  "euler_a": Sampler(euler.euler_ancestral_sample, SIGMA_GRIDS, "trailing", 1.0),
+  "ddpm": Sampler(ddpm.ddpm_sample, "vp"),
+  "ddim": Sampler(ddim.ddim_sample, "vp", TIMESTEP_GRIDS, "trailing", 0.0),
+  "pc": Sampler(pc.pc_sample, "vp", TIMESTEP_GRIDS, "trailing", 1.0),
+  "euler": Sampler(euler.euler_sample, "ve", SIGMA_GRIDS, "log_snr"),
+  "heun": Sampler(
+    euler.heun_sample, "ve", HEUN_GRIDS, "log_snr", fixed=(("sigma_max", EDM_SIGMA_MAX),)
+  ),
+  "euler_a": Sampler(euler.euler_ancestral_sample, "ve", SIGMA_GRIDS, "trailing", 1.0),
   "edm": Sampler(
     euler.edm_sample,
+    "ve",
     HEUN_GRIDS,
     "log_snr",
     fixed=(("s_churn", 10.0), ("sigma_max", EDM_SIGMA_MAX)),
   ),
-  "dpmpp_2m": Sampler(dpm_solver.dpmpp_2m_sample, SIGMA_GRIDS, "log_snr"),
-  "dpmpp_2m_sde": Sampler(dpm_solver.dpmpp_2m_sde_sample, SIGMA_GRIDS, "trailing", 1.0),
-  "dpmpp_3m": Sampler(dpm_solver.dpmpp_3m_sample, SIGMA_GRIDS, "log_snr", 0.0),
+  "dpmpp_2m": Sampler(dpm_solver.dpmpp_2m_sample, "ve", SIGMA_GRIDS, "log_snr"),
+  "dpmpp_2m_sde": Sampler(dpm_solver.dpmpp_2m_sde_sample, "ve", SIGMA_GRIDS, "trailing", 1.0),
+  "dpmpp_3m": Sampler(dpm_solver.dpmpp_3m_sample, "ve", SIGMA_GRIDS, "log_snr", 0.0),
   "unipc": Sampler(
-    unipc.unipc_sample, SIGMA_GRIDS, "log_snr", fixed=(("final_sigma", "sigma_min"),)
+    unipc.unipc_sample, "ve", SIGMA_GRIDS, "log_snr", fixed=(("final_sigma", "sigma_min"),)
   ),
   # Flow models only (objective 'flow'): Euler / Heun in t from t = 1 (jdiff.flow).
-  "flow_euler": Sampler(flow.flow_euler_sample, (), None),
-  "flow_heun": Sampler(flow.flow_heun_sample, (), None),
+  "flow_euler": Sampler(flow.flow_euler_sample, "flow"),
+  "flow_heun": Sampler(flow.flow_heun_sample, "flow"),
 }
-FLOW_SAMPLERS = ("flow_euler", "flow_heun")  # step in t on a flow process, not on a grid
+FLOW_SAMPLERS = tuple(k for k, s in SAMPLERS.items() if s.space == "flow")
+SIGMA_SAMPLERS = tuple(k for k, s in SAMPLERS.items() if s.space == "ve")
 
 
 def resolve_options(sampler: str, *, spacing: str = AUTO, eta: float | None = None) -> dict:
@@ -135,14 +148,90 @@ def resolve_options(sampler: str, *, spacing: str = AUTO, eta: float | None = No
   return kw
 
 
-def _eps_half(model_fn: Callable) -> Callable:
-  """The first C output channels of a learned-variance model (eps / x0 / v, not the variance)."""
+def split_options(kw: dict) -> tuple[dict, dict]:
+  """(grid options, sampler options) of resolved options `kw`."""
+  return {k: v for k, v in kw.items() if k in GRID_KEYS}, {
+    k: v for k, v in kw.items() if k not in GRID_KEYS
+  }
 
-  def eps_fn(x, t, cond):
-    out = model_fn(x, t, cond)
-    return out[..., : x.shape[-1]]
 
-  return eps_fn
+def make_grid(
+  schedule,
+  space: str,
+  *,
+  num_steps: int,
+  grid: Array | None = None,
+  spacing: str | None = None,
+  rho: float = 7.0,
+  sigma_max: float | None = None,
+  final_sigma: str = "zero",
+) -> Array:
+  """The grid a sampler of `space` walks: explicit, or generated by `spacing`.
+
+  'vp': `timestep_grid` (no spacing: DDPM's every timestep); 've': `sigma_grid` (with
+  `rho`, `sigma_max` and `final_sigma`); an explicit sigma grid must end with 0.
+  """
+  if grid is not None:
+    if space != "ve":
+      return jnp.asarray(grid)
+    if final_sigma != "zero":
+      raise ValueError(
+        f"final_sigma={final_sigma!r} applies to generated grids; an explicit grid must end with 0"
+      )
+    return continuous.check_sigma_grid(grid)
+  if space == "vp":
+    if spacing is None:
+      return ddpm_grid(schedule.num_steps)
+    return timestep_grid(schedule.num_steps, num_steps, spacing=spacing)
+  return sigma_grid(
+    schedule, num_steps, spacing=spacing, rho=rho, final=final_sigma, sigma_max=sigma_max
+  )
+
+
+def run(spec: Sampler, denoise, x_T: Array, grid: Array, rng: Array, *, inpaint=None, **options):
+  """`spec.fn` from standard normal x_T (the VP sample at grid[0]; scaled to VE for 've')."""
+  x = ve_start(x_T, grid) if spec.space == "ve" else x_T
+  return spec.fn(denoise, x, grid, rng, inpaint=inpaint, **options)
+
+
+def sample(
+  sampler: str,
+  schedule,
+  model_fn,
+  x_T: Array,
+  rng: Array,
+  *,
+  cond: Array | None = None,
+  prediction: str = "eps",
+  clip_x0: float | None = None,
+  dynamic_percentile: float | None = None,
+  num_steps: int = 50,
+  spacing: str = AUTO,
+  eta: float | None = None,
+  grid: Array | None = None,
+  inpaint=None,
+  **options,
+) -> Array:
+  """Samples with a registered sampler from a plain `model_fn(x_t, t, cond)`.
+
+  Builds the denoiser and the grid once and runs the sampler. `options` override the
+  registry's (e.g. `sigma_max=None` for heun's full range, `final_sigma='zero'` for unipc)
+  and pass the sampler's own (`s_churn`, `order`, `variance`, `n_corrector`, `rho`, ...).
+
+  Returns:
+    x_0 [B, ...].
+  """
+  spec = SAMPLERS[sampler]
+  kw = resolve_options(sampler, spacing=spacing, eta=eta) | options
+  thresh = dict(prediction=prediction, clip_x0=clip_x0, dynamic_percentile=dynamic_percentile)
+  if spec.space == "flow":
+    return spec.fn(schedule, model_fn, x_T, rng, num_steps=num_steps, cond=cond, **thresh, **kw)
+  if grid is not None:
+    kw = {k: v for k, v in kw.items() if k not in ("spacing", "final_sigma")}
+  grid_kw, opts = split_options(kw)
+  g = make_grid(schedule, spec.space, num_steps=num_steps, grid=grid, **grid_kw)
+  denoise = make_denoiser(schedule, model_fn, space=spec.space, cond=cond, **thresh)
+  return run(spec, denoise, x_T, g, rng, inpaint=inpaint, **opts)
 
 
 def make_sample_fn(
@@ -201,7 +290,7 @@ def make_sample_fn(
       is guided, as GLIDE / ADM do.
     guidance_rescale: guidance rescale phi.
     null_label: the model's null label; None for unconditional models.
-    grid_file: a sigma grid record (`jdiff.training.grid_files.save_grid`, e.g. from
+    grid_file: a sigma grid record (`jdiff.samplers.grid_files.save_grid`, e.g. from
       experiments/optimize_grid.py) made for this sampler and num_steps; the sampler then
       steps along its sigmas instead of `spacing`'s grid (the grid ends with 0, so unipc's
       final step is the jump to 0). "" = off. Sigma-grid samplers only.
@@ -234,67 +323,41 @@ def make_sample_fn(
   spec = SAMPLERS[sampler]
   if sampler == "ddpm":
     kw["variance"] = variance
-  else:
-    kw["num_steps"] = num_steps
-  if grid_file or grid is not None:
-    on_sigmas = sorted(k for k, s in SAMPLERS.items() if s.spacings in (SIGMA_GRIDS, HEUN_GRIDS))
-    if sampler not in on_sigmas:
-      raise ValueError(
-        f"grid_file={grid_file!r} / grid: sampler {sampler!r} does not step on a sigma grid; "
-        f"stored grids apply to {on_sigmas}"
-      )
-    if grid_file and grid is not None:
-      raise ValueError(f"pass grid_file ({grid_file!r}) or grid, not both")
-    if grid_file:
-      grid = grid_files.load_grid(grid_file, sampler=sampler, num_steps=num_steps)["sigmas"]
-    for key in ("spacing", "num_steps", "final_sigma"):
-      kw.pop(key, None)
-    kw["grid"] = grid
+  grid = _explicit_grid(sampler, grid_file, grid, num_steps)
   if shift is not None:
-    if sampler not in FLOW_SAMPLERS:
+    if spec.space != "flow":
       raise ValueError(f"shift={shift} applies to flow_euler / flow_heun, not {sampler!r}")
     kw["shift"] = shift
+  _check_editing(sampler, schedule, strength)
+  drop = ("final_sigma",) if strength < 1.0 else ()  # SDEdit's tail of the grid ends with 0
+  if grid is not None:
+    drop = ("spacing", "final_sigma")  # so does an explicit grid, which replaces the spacing
+  kw = {k: v for k, v in kw.items() if k not in drop}
+  grid_kw, options = split_options(kw)
+  grid_of = lambda: make_grid(schedule, spec.space, num_steps=num_steps, grid=grid, **grid_kw)
+  if strength < 1.0:  # the tail of the sampler's grid, made once here
+    tail = editing.sdedit_grid(grid_of(), strength)
+    grid_of = lambda: tail
   if learn_sigma is None:
     learn_sigma = bool(getattr(module, "learn_sigma", False))
   eps_only = learn_sigma and not (sampler == "ddpm" and variance == "learned_range")
-  editing.sdedit_start_index(1, strength)  # validates strength
-  flow_sampler = sampler in FLOW_SAMPLERS
-  if flow_sampler and schedule.kind != "flow":
-    raise ValueError(
-      f"sampler {sampler!r} steps in t on a rectified-flow process (jdiff.processes.flow(), "
-      f"config.objective='flow'), got a {type(schedule).__name__}; sample other models with "
-      "the sigma-grid samplers (euler, heun, dpmpp_2m, unipc, ...)"
+  guide = None
+  if null_label is not None:
+    guide = functools.partial(
+      guided,
+      schedule=schedule,
+      scale=guidance_scale,
+      null_cond=null_label,
+      rescale=guidance_rescale,
+      learn_sigma=learn_sigma,
+      scale_fn=guidance_scale_fn(
+        guidance_scale, interval=guidance_interval, schedule=guidance_schedule
+      ),
     )
-  if flow_sampler and strength < 1.0:
-    raise ValueError(
-      f"strength={strength} (SDEdit) is not supported by {sampler!r}, which steps in t; "
-      "use a sigma-grid sampler (euler, heun, dpmpp_2m, unipc, ...), which runs flow models "
-      "through their denoiser"
-    )
-  space = "vp" if spec.spacings in ((), TIMESTEP_GRIDS) else "ve"
-  start_grid = None
-  if not flow_sampler:
-    start_grid = editing.sdedit_grid(
-      editing.sampler_grid(schedule, kw, num_steps=num_steps, space=space), strength
-    )
-  if strength < 1.0:
-    for key in ("spacing", "num_steps", "final_sigma"):
-      kw.pop(key, None)
-    kw["grid"] = start_grid
-  run = functools.partial(
-    spec.fn, prediction=prediction, clip_x0=clip_x0, dynamic_percentile=dynamic_threshold, **kw
-  )
-  scale_fn = None
-  if guidance_interval is not None or guidance_schedule != "constant":
-    scale_fn = guidance_schedules.schedule_scale(guidance_scale, guidance_schedule)
-    if guidance_interval is not None:
-      scale_fn = guidance_schedules.interval_scale(guidance_scale, *guidance_interval)
-      if guidance_schedule != "constant":
-        raise ValueError(
-          f"use a guidance_interval {guidance_interval} or a guidance_schedule "
-          f"{guidance_schedule!r}, not both"
-        )
+  # The model-function chain, composed once per call: network -> guidance -> eps half.
+  chain = compose(guide, eps_half if eps_only else None)
   image_channels = int(getattr(module, "image_cond_channels", 0) or 0)
+  thresh = dict(prediction=prediction, clip_x0=clip_x0, dynamic_percentile=dynamic_threshold)
 
   def sample_fn(
     params,
@@ -306,50 +369,75 @@ def make_sample_fn(
     inpaint: editing.Inpaint | None = None,
     image_cond: Array | None = None,
   ) -> Array:
-    model_fn = make_model_fn(module, params, train=False)
+    model_fn = chain(make_model_fn(module, params, train=False))
     cond = None
     if null_label is not None:
       if labels is None:
         raise ValueError("a class-conditional model needs labels to sample")
       cond = labels
-      if scale_fn is not None:
-        model_fn = guidance_schedules.scheduled_cfg_model_fn(
-          model_fn,
-          schedule,
-          scale_fn=scale_fn,
-          null_cond=null_label,
-          guidance_rescale=guidance_rescale,
-          learn_sigma=learn_sigma,
-        )
-      elif guidance_scale != 1.0:
-        model_fn = cfg_model_fn(
-          model_fn,
-          guidance_scale=guidance_scale,
-          null_cond=null_label,
-          guidance_rescale=guidance_rescale,
-          learn_sigma=learn_sigma,
-        )
     if image_channels:
-      if image_cond is None and inpaint is not None and image_channels == x_T.shape[-1] + 1:
-        image_cond = conditioning.inpaint_cond(inpaint.known, inpaint.mask)
-      if image_cond is None:
+      cond = _image_cond(image_channels, image_cond, inpaint, x_T)
+    if spec.space == "flow":
+      if inpaint is not None or x0 is not None:
         raise ValueError(
-          f"the model takes a conditioning image of {image_channels} channels "
-          "(image_cond_channels); pass image_cond (or inpaint, for a mask-conditioned model)"
+          f"{'inpainting' if inpaint is not None else 'SDEdit (x0)'} is not supported by "
+          f"{sampler!r}, which steps in t; use a sigma-grid sampler (euler, euler_a, heun, ...), "
+          "which runs flow models through their denoiser"
         )
-      cond = image_cond
-    if eps_only:
-      model_fn = _eps_half(model_fn)
+      return spec.fn(schedule, model_fn, x_T, rng, num_steps=num_steps, cond=cond, **thresh, **kw)
+    denoise = make_denoiser(schedule, model_fn, space=spec.space, cond=cond, **thresh)
+    g = grid_of()
     if x0 is not None:
-      x_T = editing.start_from(schedule, space, x0, start_grid[0], x_T)
+      x_T = editing.start_from(schedule, spec.space, x0, g[0], x_T)
     elif strength < 1.0:
       raise ValueError(f"strength={strength} < 1 needs the image x0 to start from")
-    if inpaint is not None and flow_sampler:
-      raise ValueError(
-        f"inpainting is not supported by {sampler!r}, which steps in t; use a sigma-grid "
-        "sampler (euler, euler_a, heun, ...), which runs flow models through their denoiser"
-      )
-    extra = {} if inpaint is None else {"inpaint": inpaint}
-    return run(schedule, model_fn, x_T, rng, cond=cond, **extra)
+    return run(spec, denoise, x_T, g, rng, inpaint=inpaint, **options)
 
   return sample_fn
+
+
+def _explicit_grid(sampler: str, grid_file: str, grid: Array | None, num_steps: int):
+  """The sigma grid of `grid_file` or `grid` (None: the sampler's own); checks they apply."""
+  if not grid_file and grid is None:
+    return None
+  if sampler not in SIGMA_SAMPLERS:
+    raise ValueError(
+      f"grid_file={grid_file!r} / grid: sampler {sampler!r} does not step on a sigma grid; "
+      f"stored grids apply to {sorted(SIGMA_SAMPLERS)}"
+    )
+  if grid_file and grid is not None:
+    raise ValueError(f"pass grid_file ({grid_file!r}) or grid, not both")
+  if grid_file:
+    return grid_files.load_grid(grid_file, sampler=sampler, num_steps=num_steps)["sigmas"]
+  return grid
+
+
+def _check_editing(sampler: str, schedule, strength: float) -> None:
+  """Checks SDEdit's strength, and that a flow sampler gets a flow process and no SDEdit."""
+  editing.sdedit_start_index(1, strength)  # validates strength
+  if SAMPLERS[sampler].space != "flow":
+    return
+  if getattr(schedule, "kind", None) != "flow":
+    raise ValueError(
+      f"sampler {sampler!r} steps in t on a rectified-flow process (jdiff.processes.flow(), "
+      f"config.objective='flow'), got a {type(schedule).__name__}; sample other models with "
+      "the sigma-grid samplers (euler, heun, dpmpp_2m, unipc, ...)"
+    )
+  if strength < 1.0:
+    raise ValueError(
+      f"strength={strength} (SDEdit) is not supported by {sampler!r}, which steps in t; "
+      "use a sigma-grid sampler (euler, heun, dpmpp_2m, unipc, ...), which runs flow models "
+      "through their denoiser"
+    )
+
+
+def _image_cond(channels: int, image_cond: Array | None, inpaint, x_T: Array) -> Array:
+  """The conditioning image of an image-conditioned model (a mask-conditioned one: from inpaint)."""
+  if image_cond is None and inpaint is not None and channels == x_T.shape[-1] + 1:
+    image_cond = conditioning.inpaint_cond(inpaint.known, inpaint.mask)
+  if image_cond is None:
+    raise ValueError(
+      f"the model takes a conditioning image of {channels} channels "
+      "(image_cond_channels); pass image_cond (or inpaint, for a mask-conditioned model)"
+    )
+  return image_cond
