@@ -62,6 +62,24 @@ def _peak(kind: str, override: float) -> float:
   raise SystemExit(f"unknown device kind {kind!r}: pass --peak_tflops")
 
 
+def step_flops(compiled) -> float:
+  """One device's FLOPs per call of a compiled program (XLA's cost analysis; a loop's body
+  counts once, whatever its trip count)."""
+  return float((compiled.cost_analysis() or {}).get("flops", float("nan")))
+
+
+def model_flops(jitted, k: int, compiled, *args) -> float:
+  """FLOPs per step of the k-microbatch step `compiled` (`jitted(k)`, called on `args`).
+
+  Cost analysis counts a scan's body once, so under accumulation (k > 1) it would report
+  about 1 / k of the work: count the same batch's step without accumulation instead (only
+  compiled; it is the same computation up to the k - 1 extra gradient additions).
+  """
+  if k == 1:
+    return step_flops(compiled)
+  return step_flops(jitted(1).lower(*args).compile())
+
+
 def bench(name: str, args) -> dict:
   module, image_shape = build(name, args.dtype)
   n = jax.device_count()
@@ -95,24 +113,27 @@ def bench(name: str, args) -> dict:
       "label": jax.device_put(jnp.arange(b, dtype=jnp.int32) % 1000, data_sh),
     }
   schedule = get_schedule("linear", 1000)
-  step = jax.jit(
-    make_train_step(
-      module,
-      optimizer,
-      null_label=module.null_label if conditional else None,
-      grad_accum_steps=args.grad_accum_steps,
-      micro_sharding=data_sh,
-      grad_shardings=state_sh.params,
-      learn_sigma=module.learn_sigma,
-    ),
-    in_shardings=(state_sh, data_sh, repl, repl),
-    out_shardings=(state_sh, repl),
-    donate_argnums=(0,),
-  )
+
+  def jitted(k):
+    return jax.jit(
+      make_train_step(
+        module,
+        optimizer,
+        null_label=module.null_label if conditional else None,
+        grad_accum_steps=k,
+        micro_sharding=data_sh,
+        grad_shardings=state_sh.params,
+        learn_sigma=module.learn_sigma,
+      ),
+      in_shardings=(state_sh, data_sh, repl, repl),
+      out_shardings=(state_sh, repl),
+      donate_argnums=(0,),
+    )
+
   t0 = time.perf_counter()
-  compiled = step.lower(state, batch, schedule, key).compile()
+  compiled = jitted(args.grad_accum_steps).lower(state, batch, schedule, key).compile()
   compile_s = time.perf_counter() - t0
-  flops = float((compiled.cost_analysis() or {}).get("flops", float("nan")))
+  flops = model_flops(jitted, args.grad_accum_steps, compiled, state, batch, schedule, key)
   if args.count_only:
     print(
       f"{name}: batch {b}, {flops:.6e} FLOPs per step (XLA cost analysis, "
