@@ -277,7 +277,7 @@ class ResBlock(nn.Module):
     return x + h
 
 
-class _DenseParams(nn.Module):
+class DenseParams(nn.Module):
   """The kernel [in, features] and bias [features] of an ``nn.Dense``, unapplied.
 
   Same names, shapes, initialisers and init RNG as ``nn.Dense(features)`` in
@@ -287,12 +287,11 @@ class _DenseParams(nn.Module):
 
   features: int
   param_dtype: Dtype = jnp.float32
+  kernel_init: Any = nn.linear.default_kernel_init
 
   @nn.compact
   def __call__(self, in_features: int) -> tuple[Array, Array]:
-    kernel = self.param(
-      "kernel", nn.linear.default_kernel_init, (in_features, self.features), self.param_dtype
-    )
+    kernel = self.param("kernel", self.kernel_init, (in_features, self.features), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
     return kernel, bias
 
@@ -337,18 +336,21 @@ class AttentionBlock(nn.Module):
     norm = GroupNorm32(self.num_groups, self.norm_eps, name="norm", **kw)
     h = norm(x).reshape(b, hh * ww, c)
     # Separate q/k/v parameters (as DDPM's NIN layers and diffusers' to_q/k/v),
-    # applied as one [C, 3C] matmul: one pass over h (on XLA:CPU 16-17 ms against 34
-    # ms for three [C, C] ones in a profile, 0-1% of a whole forward; BENCHMARKS.md,
-    # "Pretrained weights").
-    qkv = [_DenseParams(c, name=n, param_dtype=self.param_dtype)(c) for n in "qkv"]
+    # applied as one matmul: one pass over h (on XLA:CPU 16-17 ms against 34 ms for three
+    # [C, C] ones in a profile, 0-1% of a whole forward; BENCHMARKS.md, "Pretrained
+    # weights"). The kernels are stacked on a new axis ([C, 3, C], the memory layout of the
+    # [C, 3C] concatenation) rather than concatenated: under FSDP each is split along its
+    # output axis, and a concatenation along that axis made the compiler reshuffle the
+    # shards with all-to-alls.
+    qkv = [DenseParams(c, name=n, param_dtype=self.param_dtype)(c) for n in "qkv"]
     h, kernel, bias = nn.dtypes.promote_dtype(
       h,
-      jnp.concatenate([kernel for kernel, _ in qkv], axis=1),
-      jnp.concatenate([bias for _, bias in qkv]),
+      jnp.stack([kernel for kernel, _ in qkv], axis=1),
+      jnp.stack([bias for _, bias in qkv]),
       dtype=self.dtype,
     )
-    q, k, v = jnp.split((h @ kernel + bias).reshape(b, hh * ww, 3, heads, d), 3, axis=2)
-    q, k, v = (a.squeeze(2) for a in (q, k, v))
+    qkv = jnp.einsum("bnc,ctd->bntd", h, kernel) + bias
+    q, k, v = (qkv[:, :, i].reshape(b, hh * ww, heads, d) for i in range(3))
     a = jax.nn.dot_product_attention(q, k, v).reshape(b, hh * ww, c)
     out = nn.Dense(c, name="proj_out", kernel_init=_zero_or_default(self.zero_init), **kw)(a)
     return x + out.reshape(b, hh, ww, c)
