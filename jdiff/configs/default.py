@@ -36,6 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.remat = False
   # auto (Winograd for float32 on CPU, native elsewhere) | xla | winograd
   c.model.conv_impl = "auto"
+  # accel (issue 25): the attention kernel, xla | cudnn | auto (cudnn on a GPU in bf16)
+  c.model.attention_impl = "xla"
   c.model.arch = "unet"  # unet | dit (the DiT's shape is config.dit)
 
   c.diffusion = ml_collections.ConfigDict()

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdiff.models.layers import DenseParams
+from jdiff.ops.attention import dot_product_attention
 
 Array = jax.Array
 Dtype = Any
@@ -101,6 +102,7 @@ class DiTBlock(nn.Module):
   mlp_ratio: float = 4.0
   mlp_norm_eps: float = 1e-5
   dtype: Dtype = jnp.float32
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: Array, c: Array) -> Array:
@@ -119,7 +121,7 @@ class DiTBlock(nn.Module):
     h, kernel, bias = nn.dtypes.promote_dtype(h, kernel, bias, dtype=self.dtype)
     qkv = jnp.einsum("bnc,ctd->bntd", h, kernel) + bias
     q, k, v = (qkv[:, :, i].reshape(b, n, self.num_heads, d // self.num_heads) for i in range(3))
-    a = jax.nn.dot_product_attention(q, k, v).reshape(b, n, d)
+    a = dot_product_attention(q, k, v, impl=self.attention_impl).reshape(b, n, d)
     x = x + gate1[:, None] * dense(d, "attn_out")(a).astype(jnp.float32)
     h = nn.LayerNorm(epsilon=self.mlp_norm_eps, use_scale=False, use_bias=False, name="norm2")(x)
     h = _modulate(h, shift2, scale2).astype(self.dtype)
@@ -142,6 +144,7 @@ class DiT(nn.Module):
     mlp_norm_eps: eps of each block's second LayerNorm (diffusers 1e-5, original DiT 1e-6).
     freq_shift: the timestep sinusoid's frequency shift (diffusers 1, original DiT 0).
     dtype: compute dtype (the residual stream and norms stay float32).
+    attention_impl: "xla" (default), "cudnn" or "auto" (`jdiff.ops.attention`).
   """
 
   patch_size: int = 2
@@ -155,6 +158,7 @@ class DiT(nn.Module):
   mlp_norm_eps: float = 1e-5
   freq_shift: float = 1.0
   dtype: Dtype = jnp.float32
+  attention_impl: str = "xla"
 
   @property
   def null_label(self) -> int | None:
@@ -184,7 +188,13 @@ class DiT(nn.Module):
       c = c + nn.Embed(self.num_classes + 1, d, embedding_init=std, name="label")(y)
     for i in range(self.depth):
       tok = DiTBlock(
-        d, self.num_heads, self.mlp_ratio, self.mlp_norm_eps, self.dtype, name=f"block{i}"
+        d,
+        self.num_heads,
+        self.mlp_ratio,
+        self.mlp_norm_eps,
+        self.dtype,
+        attention_impl=self.attention_impl,
+        name=f"block{i}",
       )(tok, c)
     shift, scale = jnp.split(
       nn.Dense(2 * d, kernel_init=_zeros, name="final_adaLN")(nn.silu(c)), 2, -1

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jdiff.ops.attention import dot_product_attention
 from jdiff.ops.winograd import winograd_conv_general_dilated
 
 # config names of the compute dtypes (`config.model.dtype`, the autoencoder's `dtype`)
@@ -309,6 +310,7 @@ class AttentionBlock(nn.Module):
     num_groups: GroupNorm groups.
     zero_init: zero-initialise the output projection.
     norm_eps: GroupNorm epsilon.
+    attention_impl: "xla", "cudnn" or "auto" (`jdiff.ops.attention`).
   """
 
   num_heads: int = 1
@@ -318,6 +320,7 @@ class AttentionBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   norm_eps: float = 1e-5
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -351,6 +354,6 @@ class AttentionBlock(nn.Module):
     )
     qkv = jnp.einsum("bnc,ctd->bntd", h, kernel) + bias
     q, k, v = (qkv[:, :, i].reshape(b, hh * ww, heads, d) for i in range(3))
-    a = jax.nn.dot_product_attention(q, k, v).reshape(b, hh * ww, c)
+    a = dot_product_attention(q, k, v, impl=self.attention_impl).reshape(b, hh * ww, c)
     out = nn.Dense(c, name="proj_out", kernel_init=_zero_or_default(self.zero_init), **kw)(a)
     return x + out.reshape(b, hh, ww, c)

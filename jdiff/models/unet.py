@@ -83,6 +83,8 @@ class UNet(nn.Module):
       ``center_input_sample``).
     timestep_scale: multiplies t before the embedding (improved-diffusion's
       ``rescale_timesteps``: 1000 / T).
+    attention_impl: the attention kernel, "xla" (default), "cudnn" or "auto"
+      (`jdiff.ops.attention`).
     image_cond_channels: channels of an image concatenated to x (SR3's upsampled
       low-resolution image and its augmentation level, or a known image and its mask);
       then ``y`` is that image [B, H, W, image_cond_channels] instead of a label, and the
@@ -116,6 +118,7 @@ class UNet(nn.Module):
   center_input: bool = False
   timestep_scale: float = 1.0
   image_cond_channels: int = 0
+  attention_impl: str = "xla"
 
   @property
   def null_label(self) -> int | None:
@@ -243,6 +246,7 @@ class UNet(nn.Module):
         num_groups=self.num_groups,
         zero_init=self.zero_init,
         norm_eps=self.norm_eps,
+        attention_impl=self.attention_impl,
         name=name,
         **kw,
       )
