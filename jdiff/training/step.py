@@ -11,7 +11,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jdiff import flow, losses, processes
@@ -19,8 +18,8 @@ from jdiff.models import autoencoder_losses as ae_losses
 from jdiff.models.autoencoder import AutoencoderKL
 from jdiff.models.bridge import make_model_fn
 from jdiff.schedules import Schedule
+from jdiff.training import partition
 from jdiff.training.optim import ema_decay_at, ema_update
-from jdiff.training.sharding import DATA_AXIS
 from jdiff.training.state import AutoencoderState, TrainState
 
 Array = jax.Array
@@ -33,13 +32,6 @@ def drop_labels(rng: Array, labels: Array, *, rate: float, null_label: int) -> A
     return labels
   drop = jax.random.bernoulli(rng, rate, labels.shape)
   return jnp.where(drop, jnp.asarray(null_label, labels.dtype), labels)
-
-
-def _data_axis(micro_sharding) -> str | None:
-  """The mesh axis named 'data' of a batch sharding, or None (no mesh, or no such axis)."""
-  if isinstance(micro_sharding, NamedSharding) and DATA_AXIS in micro_sharding.mesh.axis_names:
-    return DATA_AXIS
-  return None
 
 
 def make_loss_fn(
@@ -131,6 +123,7 @@ def make_train_step(
   grad_accum_steps: int = 1,
   micro_sharding: Any = None,
   grad_shardings: Any = None,
+  cast_params: bool = False,
   reflow: bool = False,
   cond_fn: Callable | None = None,
   **loss_kwargs,
@@ -167,6 +160,9 @@ def make_train_step(
       The discrete (ddpm) objective only: a process draws its own noise levels.
     micro_sharding: optional sharding each microbatch is constrained to (the batch's).
     grad_shardings: optional shardings of the accumulated gradients (the params').
+    cast_params: cast the FSDP-split parameters to the module's compute dtype on their
+      shards, before the all-gathers (`make_param_cast`); off by default until measured
+      on a GPU.
     reflow: batch images are reflow pairs [x0 | x1] (channel axis); x1 is the noise of x0.
     **loss_kwargs: prediction, weighting, min_snr_gamma, learn_sigma, vlb_weight, and for a
       process sigma_data and uncertainty.
@@ -182,12 +178,14 @@ def make_train_step(
   if grad_accum_steps > 1 and reflow:
     raise ValueError("grad_accum_steps > 1 is not supported with reflow pairs")
   loss_fn = make_loss_fn(module, **loss_kwargs)
+  cast = partition.make_param_cast(module, grad_shardings if cast_params else None)
   k = grad_accum_steps
 
   def constrain(tree, shardings):
     return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
 
-  data_axis = _data_axis(micro_sharding)
+  data_axis = partition.data_axis(micro_sharding)
+  act_sharding = micro_sharding if partition.fsdp_size(micro_sharding) > 1 else None
 
   def scan_micro(params, schedule, arrays, drop_rng, rng, group):
     """Sums the losses and gradients of k microbatches of `arrays` (x0, t, noise, cond)."""
@@ -206,7 +204,7 @@ def make_train_step(
 
       def mean_loss(p):
         per_ex = loss_fn(
-          p,
+          cast(p),
           schedule,
           parts["x0"],
           parts.get("cond"),
@@ -218,7 +216,9 @@ def make_train_step(
         )
         return jnp.mean(per_ex)
 
-      loss_i, grads_i = jax.value_and_grad(mean_loss)(params)
+      act_sh = act_sharding if group is None else None
+      with partition.batch_sharded_activations(act_sh, parts["x0"].shape[0]):
+        loss_i, grads_i = jax.value_and_grad(mean_loss)(params)
       loss_sum, grad_sum = carry
       grad_sum = constrain(jax.tree.map(jnp.add, grad_sum, grads_i), grad_shardings)
       return (loss_sum + loss_i, grad_sum), None
@@ -284,9 +284,11 @@ def make_train_step(
     if grad_accum_steps == 1:
 
       def mean_loss(params):
-        return jnp.mean(loss_fn(params, schedule, x0, cond, loss_rng, train=True, noise=noise))
+        per_ex = loss_fn(cast(params), schedule, x0, cond, loss_rng, train=True, noise=noise)
+        return jnp.mean(per_ex)
 
-      loss, grads = jax.value_and_grad(mean_loss)(state.params)
+      with partition.batch_sharded_activations(act_sharding, x0.shape[0]):
+        loss, grads = jax.value_and_grad(mean_loss)(state.params)
     else:
       loss, grads = accumulate(state.params, x0, cond, schedule, loss_rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
