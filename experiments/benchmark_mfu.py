@@ -2,10 +2,12 @@ r"""Train-step time and MFU (bf16) of `ddpm_cifar10` and the ADM ImageNet-64 U-N
 
 One call measures both models with jdiff's real train step (forward, backward, Adam, EMA;
 jitted, donated) on every local device (FSDP over all of them when --fsdp, else data-
-parallel): compile time apart, then the median of --steps timed steps after --warmup.
-MFU = (model FLOPs per step from XLA's cost analysis of the compiled step) / (step time x
-the device's bf16 dense peak x devices). The peak is taken from --peak_tflops, or from a
-table of known GPUs by `device_kind` (H100/H200 SXM: 989 TFLOP/s dense bf16, A100: 312).
+parallel): compile time apart, then --steps timed steps after --warmup, twice: blocked (a
+wait after each step, the median) and pipelined (one wait after all, total / steps).
+MFU = (model FLOPs per step from XLA's cost analysis of the compiled step) / (pipelined step
+time x the device's bf16 dense peak x devices). The peak is taken from --peak_tflops, or
+from a table of known GPUs by `device_kind` (H100/H200 SXM: 989 TFLOP/s dense bf16, A100:
+312).
 
 Usage (a GPU session, one call)::
 
@@ -80,6 +82,24 @@ def model_flops(jitted, k: int, compiled, *args) -> float:
   return step_flops(jitted(1).lower(*args).compile())
 
 
+def time_steps(step, state, n: int, *, blocked: bool):
+  """Seconds per step of `state, metrics = step(state)` over n steps -> (state, seconds).
+
+  blocked: wait for each step (the latency, host dispatch included: the median); else
+  dispatch all n and wait once at the end (the throughput of a training loop, whose host
+  dispatch overlaps the device's work: total / n).
+  """
+  times, t_all = [], time.perf_counter()
+  for _ in range(n):
+    t0 = time.perf_counter()
+    state, m = step(state)
+    if blocked:
+      jax.block_until_ready((state, m))
+      times.append(time.perf_counter() - t0)
+  jax.block_until_ready(state)
+  return state, statistics.median(times) if blocked else (time.perf_counter() - t_all) / n
+
+
 def bench(name: str, args) -> dict:
   module, image_shape = build(name, args.dtype)
   n = jax.device_count()
@@ -147,13 +167,9 @@ def bench(name: str, args) -> dict:
   for _ in range(args.warmup):
     state, m = compiled(state, batch, schedule, key)
   jax.block_until_ready(state)
-  times = []
-  for _ in range(args.steps):
-    t0 = time.perf_counter()
-    state, m = compiled(state, batch, schedule, key)
-    jax.block_until_ready((state, m))
-    times.append(time.perf_counter() - t0)
-  dt = statistics.median(times)
+  run = lambda st: compiled(st, batch, schedule, key)
+  state, blocked = time_steps(run, state, args.steps, blocked=True)
+  state, dt = time_steps(run, state, args.steps, blocked=False)
   if args.profile_dir:  # a few more steps under the profiler, then where their time went
     trace_dir = os.path.join(args.profile_dir, name)
     loop.start_trace(trace_dir)
@@ -172,6 +188,7 @@ def bench(name: str, args) -> dict:
     params=param_count(shapes.params),
     batch=b,
     compile_s=compile_s,
+    blocked_ms=blocked * 1e3,
     step_ms=dt * 1e3,
     img_s=b / dt,
     tflops=flops / dt / 1e12,
@@ -210,15 +227,18 @@ def main():
     k: float(v) for k, v in (kv.split("=") for kv in filter(None, args.flops.split(",")))
   }
   print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, {args.dtype}")
-  print("| model | params | batch | compile s | step ms | img/s | TFLOP/s/dev | MFU |")
-  print("|---|---|---|---|---|---|---|---|")
+  print(
+    "| model | params | batch | compile s | blocked ms | pipelined ms | img/s | TFLOP/s/dev | MFU |"
+  )
+  print("|---|---|---|---|---|---|---|---|---|")
   for name in args.models.split(","):
     r = bench(name, args)
     if not r:
       continue
     print(
       f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['compile_s']:.1f} | "
-      f"{r['step_ms']:.1f} | {r['img_s']:.0f} | {r['tflops']:.1f} | {100 * r['mfu']:.1f} % |",
+      f"{r['blocked_ms']:.1f} | {r['step_ms']:.1f} | {r['img_s']:.0f} | {r['tflops']:.1f} | "
+      f"{100 * r['mfu']:.1f} % |",
       flush=True,
     )
 

@@ -188,3 +188,30 @@ def test_benchmark_flops_count_the_whole_accumulated_step():
   accumulated = jitted(4).lower(*args).compile()
   assert benchmark_mfu.step_flops(accumulated) < 0.5 * plain  # the body, once
   np.testing.assert_allclose(benchmark_mfu.model_flops(jitted, 4, accumulated, *args), plain)
+
+
+def test_benchmark_times_blocked_and_pipelined_steps():
+  """time_steps: blocked waits after each step (median), pipelined once after n (total / n);
+  both run the n steps on the state."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from experiments import benchmark_mfu  # noqa: PLC0415
+
+  waits = []
+  step = jax.jit(lambda s: (s + 1, {"loss": jnp.sum(s)}))
+  real = jax.block_until_ready
+
+  def counting(x):
+    waits.append(1)
+    return real(x)
+
+  jax.block_until_ready = counting
+  try:
+    state, blocked = benchmark_mfu.time_steps(step, jnp.zeros(()), 5, blocked=True)
+    n_blocked = len(waits)
+    state, piped = benchmark_mfu.time_steps(step, state, 5, blocked=False)
+  finally:
+    jax.block_until_ready = real
+  assert float(state) == 10 and blocked > 0 and piped > 0
+  assert n_blocked == 6 and len(waits) - n_blocked == 1
