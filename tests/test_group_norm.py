@@ -51,3 +51,19 @@ def test_group_norm32_colsum_keeps_the_parameter_tree():
   )
   with pytest.raises(ValueError, match="config.model.norm_impl must be one of"):
     GroupNorm32(4, norm_impl="fused").init(jax.random.key(1), x)
+
+
+def test_unet_norm_impl_colsum_matches_flax():
+  """Every GroupNorm of the U-Net (ResBlocks, attention, output) takes config.model.norm_impl."""
+  from jdiff.models.unet import UNet  # noqa: PLC0415
+
+  def net(**kw):
+    return UNet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=4, **kw)
+
+  x, t = jax.random.normal(jax.random.key(0), (2, 8, 8, 3)), jnp.array([3, 7])
+  params = net().init(jax.random.key(1), x, t, train=False)
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
+  ref = net().apply(params, x, t, train=False)
+  out = net(norm_impl="colsum").apply(params, x, t, train=False)
+  assert not np.array_equal(np.asarray(out), np.asarray(ref))  # really another computation
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-4)
