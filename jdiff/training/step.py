@@ -123,7 +123,6 @@ def make_train_step(
   grad_accum_steps: int = 1,
   micro_sharding: Any = None,
   grad_shardings: Any = None,
-  cast_params: bool = False,
   reflow: bool = False,
   cond_fn: Callable | None = None,
   **loss_kwargs,
@@ -160,9 +159,6 @@ def make_train_step(
       The discrete (ddpm) objective only: a process draws its own noise levels.
     micro_sharding: optional sharding each microbatch is constrained to (the batch's).
     grad_shardings: optional shardings of the accumulated gradients (the params').
-    cast_params: cast the FSDP-split parameters to the module's compute dtype on their
-      shards, before the all-gathers (`make_param_cast`); off by default until measured
-      on a GPU.
     reflow: batch images are reflow pairs [x0 | x1] (channel axis); x1 is the noise of x0.
     **loss_kwargs: prediction, weighting, min_snr_gamma, learn_sigma, vlb_weight, and for a
       process sigma_data and uncertainty.
@@ -178,7 +174,6 @@ def make_train_step(
   if grad_accum_steps > 1 and reflow:
     raise ValueError("grad_accum_steps > 1 is not supported with reflow pairs")
   loss_fn = make_loss_fn(module, **loss_kwargs)
-  cast = partition.make_param_cast(module, grad_shardings if cast_params else None)
   k = grad_accum_steps
 
   def constrain(tree, shardings):
@@ -204,7 +199,7 @@ def make_train_step(
 
       def mean_loss(p):
         per_ex = loss_fn(
-          cast(p),
+          p,
           schedule,
           parts["x0"],
           parts.get("cond"),
@@ -284,7 +279,7 @@ def make_train_step(
     if grad_accum_steps == 1:
 
       def mean_loss(params):
-        per_ex = loss_fn(cast(params), schedule, x0, cond, loss_rng, train=True, noise=noise)
+        per_ex = loss_fn(params, schedule, x0, cond, loss_rng, train=True, noise=noise)
         return jnp.mean(per_ex)
 
       with partition.batch_sharded_activations(act_sharding, x0.shape[0]):
