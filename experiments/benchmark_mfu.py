@@ -2,10 +2,12 @@ r"""Train-step time and MFU (bf16) of `ddpm_cifar10` and the ADM ImageNet-64 U-N
 
 One call measures both models with jdiff's real train step (forward, backward, Adam, EMA;
 jitted, donated) on every local device (FSDP over all of them when --fsdp, else data-
-parallel): compile time apart, then the median of --steps timed steps after --warmup.
-MFU = (model FLOPs per step from XLA's cost analysis of the compiled step) / (step time x
-the device's bf16 dense peak x devices). The peak is taken from --peak_tflops, or from a
-table of known GPUs by `device_kind` (H100/H200 SXM: 989 TFLOP/s dense bf16, A100: 312).
+parallel): compile time apart, then --steps timed steps after --warmup, twice: blocked (a
+wait after each step, the median) and pipelined (one wait after all, total / steps).
+MFU = (model FLOPs per step from XLA's cost analysis of the compiled step) / (pipelined step
+time x the device's bf16 dense peak x devices). The peak is taken from --peak_tflops, or
+from a table of known GPUs by `device_kind` (H100/H200 SXM: 989 TFLOP/s dense bf16, A100:
+312).
 
 Usage (a GPU session, one call)::
 
@@ -62,6 +64,42 @@ def _peak(kind: str, override: float) -> float:
   raise SystemExit(f"unknown device kind {kind!r}: pass --peak_tflops")
 
 
+def step_flops(compiled) -> float:
+  """One device's FLOPs per call of a compiled program (XLA's cost analysis; a loop's body
+  counts once, whatever its trip count)."""
+  return float((compiled.cost_analysis() or {}).get("flops", float("nan")))
+
+
+def model_flops(jitted, k: int, compiled, *args) -> float:
+  """FLOPs per step of the k-microbatch step `compiled` (`jitted(k)`, called on `args`).
+
+  Cost analysis counts a scan's body once, so under accumulation (k > 1) it would report
+  about 1 / k of the work: count the same batch's step without accumulation instead (only
+  compiled; it is the same computation up to the k - 1 extra gradient additions).
+  """
+  if k == 1:
+    return step_flops(compiled)
+  return step_flops(jitted(1).lower(*args).compile())
+
+
+def time_steps(step, state, n: int, *, blocked: bool):
+  """Seconds per step of `state, metrics = step(state)` over n steps -> (state, seconds).
+
+  blocked: wait for each step (the latency, host dispatch included: the median); else
+  dispatch all n and wait once at the end (the throughput of a training loop, whose host
+  dispatch overlaps the device's work: total / n).
+  """
+  times, t_all = [], time.perf_counter()
+  for _ in range(n):
+    t0 = time.perf_counter()
+    state, m = step(state)
+    if blocked:
+      jax.block_until_ready((state, m))
+      times.append(time.perf_counter() - t0)
+  jax.block_until_ready(state)
+  return state, statistics.median(times) if blocked else (time.perf_counter() - t_all) / n
+
+
 def bench(name: str, args) -> dict:
   module, image_shape = build(name, args.dtype)
   n = jax.device_count()
@@ -95,24 +133,27 @@ def bench(name: str, args) -> dict:
       "label": jax.device_put(jnp.arange(b, dtype=jnp.int32) % 1000, data_sh),
     }
   schedule = get_schedule("linear", 1000)
-  step = jax.jit(
-    make_train_step(
-      module,
-      optimizer,
-      null_label=module.null_label if conditional else None,
-      grad_accum_steps=args.grad_accum_steps,
-      micro_sharding=data_sh,
-      grad_shardings=state_sh.params,
-      learn_sigma=module.learn_sigma,
-    ),
-    in_shardings=(state_sh, data_sh, repl, repl),
-    out_shardings=(state_sh, repl),
-    donate_argnums=(0,),
-  )
+
+  def jitted(k):
+    return jax.jit(
+      make_train_step(
+        module,
+        optimizer,
+        null_label=module.null_label if conditional else None,
+        grad_accum_steps=k,
+        micro_sharding=data_sh,
+        grad_shardings=state_sh.params,
+        learn_sigma=module.learn_sigma,
+      ),
+      in_shardings=(state_sh, data_sh, repl, repl),
+      out_shardings=(state_sh, repl),
+      donate_argnums=(0,),
+    )
+
   t0 = time.perf_counter()
-  compiled = step.lower(state, batch, schedule, key).compile()
+  compiled = jitted(args.grad_accum_steps).lower(state, batch, schedule, key).compile()
   compile_s = time.perf_counter() - t0
-  flops = float((compiled.cost_analysis() or {}).get("flops", float("nan")))
+  flops = model_flops(jitted, args.grad_accum_steps, compiled, state, batch, schedule, key)
   if args.count_only:
     print(
       f"{name}: batch {b}, {flops:.6e} FLOPs per step (XLA cost analysis, "
@@ -126,13 +167,9 @@ def bench(name: str, args) -> dict:
   for _ in range(args.warmup):
     state, m = compiled(state, batch, schedule, key)
   jax.block_until_ready(state)
-  times = []
-  for _ in range(args.steps):
-    t0 = time.perf_counter()
-    state, m = compiled(state, batch, schedule, key)
-    jax.block_until_ready((state, m))
-    times.append(time.perf_counter() - t0)
-  dt = statistics.median(times)
+  run = lambda st: compiled(st, batch, schedule, key)
+  state, blocked = time_steps(run, state, args.steps, blocked=True)
+  state, dt = time_steps(run, state, args.steps, blocked=False)
   if args.profile_dir:  # a few more steps under the profiler, then where their time went
     trace_dir = os.path.join(args.profile_dir, name)
     loop.start_trace(trace_dir)
@@ -151,6 +188,7 @@ def bench(name: str, args) -> dict:
     params=param_count(shapes.params),
     batch=b,
     compile_s=compile_s,
+    blocked_ms=blocked * 1e3,
     step_ms=dt * 1e3,
     img_s=b / dt,
     tflops=flops / dt / 1e12,
@@ -189,15 +227,18 @@ def main():
     k: float(v) for k, v in (kv.split("=") for kv in filter(None, args.flops.split(",")))
   }
   print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, {args.dtype}")
-  print("| model | params | batch | compile s | step ms | img/s | TFLOP/s/dev | MFU |")
-  print("|---|---|---|---|---|---|---|---|")
+  print(
+    "| model | params | batch | compile s | blocked ms | pipelined ms | img/s | TFLOP/s/dev | MFU |"
+  )
+  print("|---|---|---|---|---|---|---|---|---|")
   for name in args.models.split(","):
     r = bench(name, args)
     if not r:
       continue
     print(
       f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['compile_s']:.1f} | "
-      f"{r['step_ms']:.1f} | {r['img_s']:.0f} | {r['tflops']:.1f} | {100 * r['mfu']:.1f} % |",
+      f"{r['blocked_ms']:.1f} | {r['step_ms']:.1f} | {r['img_s']:.0f} | {r['tflops']:.1f} | "
+      f"{100 * r['mfu']:.1f} % |",
       flush=True,
     )
 

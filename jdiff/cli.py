@@ -233,6 +233,10 @@ def main(argv):
     writers.check_workdir(FLAGS.workdir)
   except writers.WorkdirError as e:
     _fatal(f"{type(e).__name__}: {e}")
+  from jdiff.training import xla_flags  # pylint: disable=g-import-not-at-top
+
+  if flags_set := xla_flags.apply_gpu_flags():  # before the backend starts; never over the user's
+    logging.info("XLA_FLAGS for the GPU: %s", flags_set)
   import jax  # pylint: disable=g-import-not-at-top
 
   if FLAGS.coordinator_address or FLAGS.distributed:

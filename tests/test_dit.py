@@ -93,3 +93,23 @@ def test_adaln_zero_starts_at_zero_and_checks_patches():
   np.testing.assert_array_equal(out, 0.0)
   with pytest.raises(ValueError, match="not divisible by patch_size=2"):
     net.apply(params, jnp.ones((1, 5, 4, 3)), jnp.ones((1,)), None)
+
+
+def test_init_variances_follow_the_reference():
+  """facebookresearch/DiT `initialize_weights`: the patch conv is xavier-uniform on its weight
+  viewed as [D, C p^2] (variance 2 / (C p^2 + D)); q, k, v are one [D, 3D] xavier layer
+  (variance 2 / (D + 3D) = 1 / (2D)); the MLP's [D, 4D] layers are xavier."""
+  d, c, p = 256, 4, 2
+  model = DiT(patch_size=p, hidden=d, depth=1, num_heads=4, num_classes=None)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, c)), jnp.zeros((1,)))["params"]
+
+  def check(w, fan_in, fan_out):
+    var = 2.0 / (fan_in + fan_out)
+    np.testing.assert_allclose(np.var(np.asarray(w)), var, rtol=0.1)
+    assert np.max(np.abs(w)) <= np.sqrt(3 * var)  # uniform on [-bound, bound]
+
+  check(params["patch"]["kernel"], c * p * p, d)
+  block = params["block0"]
+  for name in "qkv":
+    check(block[name]["kernel"], d, 3 * d)
+  check(block["fc1"]["kernel"], d, 4 * d)

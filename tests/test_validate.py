@@ -50,6 +50,8 @@ BAD = [
   # the model and the schedule (once inside build_model and get_schedule)
   ("model.dtype", "float16", "config.model.dtype must be one of"),
   ("model.conv_impl", "fft", "config.model.conv_impl must be one of"),
+  ("model.attention_impl", "flash", "config.model.attention_impl must be one of"),
+  ("model.norm_impl", "fused", "config.model.norm_impl must be one of"),
   ("diffusion.schedule", "quadratic", "config.diffusion.schedule: unknown schedule 'quadratic'"),
   ("diffusion.variance", "learned_range", "learn_sigma=True goes with"),
   # the sampler

@@ -41,11 +41,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdiff.models.layers import DenseParams
+from jdiff.ops.attention import dot_product_attention
+
 Array = jax.Array
 Dtype = Any
 
 PRESETS = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
 _xavier = nn.initializers.xavier_uniform()
+# The reference's patch embedding: xavier on the conv weight viewed as [D, C * p * p]
+# (fan_in C p^2, fan_out D); flax's xavier on [p, p, C, D] would count p^2 on both sides.
+_xavier_patch = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2))
+
+
+def _xavier_qkv(key, shape, dtype=jnp.float32):
+  """One [D, D] third of the reference's fused qkv layer: xavier over [D, 3D]."""
+  return nn.initializers.xavier_uniform()(key, (shape[0], 3 * shape[1]), dtype)[:, : shape[1]]
+
+
 _zeros = nn.initializers.zeros
 
 
@@ -89,6 +102,7 @@ class DiTBlock(nn.Module):
   mlp_ratio: float = 4.0
   mlp_norm_eps: float = 1e-5
   dtype: Dtype = jnp.float32
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: Array, c: Array) -> Array:
@@ -100,8 +114,14 @@ class DiTBlock(nn.Module):
     )
     h = nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, name="norm1")(x)
     h = _modulate(h, shift1, scale1).astype(self.dtype)
-    heads = lambda name: dense(d, name)(h).reshape(b, n, self.num_heads, d // self.num_heads)
-    a = jax.nn.dot_product_attention(heads("q"), heads("k"), heads("v")).reshape(b, n, d)
+    # q, k, v: the reference's one [D, 3D] layer (xavier over its fan D + 3D), kept as three
+    # parameters (the tree of diffusers' to_q / to_k / to_v) and applied as one matmul.
+    qkv = [DenseParams(d, kernel_init=_xavier_qkv, name=name)(d) for name in "qkv"]
+    kernel, bias = jnp.stack([k for k, _ in qkv], axis=1), jnp.stack([b_ for _, b_ in qkv])
+    h, kernel, bias = nn.dtypes.promote_dtype(h, kernel, bias, dtype=self.dtype)
+    qkv = jnp.einsum("bnc,ctd->bntd", h, kernel) + bias
+    q, k, v = (qkv[:, :, i].reshape(b, n, self.num_heads, d // self.num_heads) for i in range(3))
+    a = dot_product_attention(q, k, v, impl=self.attention_impl).reshape(b, n, d)
     x = x + gate1[:, None] * dense(d, "attn_out")(a).astype(jnp.float32)
     h = nn.LayerNorm(epsilon=self.mlp_norm_eps, use_scale=False, use_bias=False, name="norm2")(x)
     h = _modulate(h, shift2, scale2).astype(self.dtype)
@@ -124,6 +144,7 @@ class DiT(nn.Module):
     mlp_norm_eps: eps of each block's second LayerNorm (diffusers 1e-5, original DiT 1e-6).
     freq_shift: the timestep sinusoid's frequency shift (diffusers 1, original DiT 0).
     dtype: compute dtype (the residual stream and norms stay float32).
+    attention_impl: "xla" (default), "cudnn" or "auto" (`jdiff.ops.attention`).
   """
 
   patch_size: int = 2
@@ -137,6 +158,7 @@ class DiT(nn.Module):
   mlp_norm_eps: float = 1e-5
   freq_shift: float = 1.0
   dtype: Dtype = jnp.float32
+  attention_impl: str = "xla"
 
   @property
   def null_label(self) -> int | None:
@@ -152,9 +174,9 @@ class DiT(nn.Module):
     if d % self.num_heads:
       raise ValueError(f"hidden={d} is not divisible by num_heads={self.num_heads}")
     h, w = hh // p, ww // p
-    tok = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", kernel_init=_xavier, name="patch")(
-      x.astype(jnp.float32)
-    )
+    tok = nn.Conv(
+      d, (p, p), strides=(p, p), padding="VALID", kernel_init=_xavier_patch, name="patch"
+    )(x.astype(jnp.float32))
     tok = tok.reshape(b, h * w, d) + jnp.asarray(sincos_pos_embed(d, h, w))[None]
     t = jnp.broadcast_to(jnp.asarray(t), (b,))
     std = nn.initializers.normal(0.02)
@@ -166,7 +188,13 @@ class DiT(nn.Module):
       c = c + nn.Embed(self.num_classes + 1, d, embedding_init=std, name="label")(y)
     for i in range(self.depth):
       tok = DiTBlock(
-        d, self.num_heads, self.mlp_ratio, self.mlp_norm_eps, self.dtype, name=f"block{i}"
+        d,
+        self.num_heads,
+        self.mlp_ratio,
+        self.mlp_norm_eps,
+        self.dtype,
+        attention_impl=self.attention_impl,
+        name=f"block{i}",
       )(tok, c)
     shift, scale = jnp.split(
       nn.Dense(2 * d, kernel_init=_zeros, name="final_adaLN")(nn.silu(c)), 2, -1

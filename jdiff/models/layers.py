@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jdiff.ops.attention import dot_product_attention
 from jdiff.ops.winograd import winograd_conv_general_dilated
 
 # config names of the compute dtypes (`config.model.dtype`, the autoencoder's `dtype`)
@@ -79,6 +80,53 @@ def _zero_or_default(zero: bool):
   return nn.initializers.zeros if zero else nn.linear.default_kernel_init
 
 
+NORM_IMPLS = ("flax", "colsum")
+
+
+def group_norm_colsum(x: Array, scale: Array, bias: Array, *, num_groups: int, eps: float) -> Array:
+  """flax's GroupNorm (fast variance E[x^2] - E[x]^2, clipped at 0) in two reductions.
+
+  First per-channel column sums of x and x^2 over (H, W) -> [B, C] (long, contiguous rows),
+  then a [B, G, C / G] sum -> [B, G], instead of one reduction over axes (1, 3) of
+  [B, HW, G, C / G] with inner rows of C / G elements. Same statistics up to the order of
+  float32 sums.
+
+  Args:
+    x: float32 activations [B, H, W, C] (or [B, ..., C]).
+    scale, bias: [C].
+    num_groups: G; C must be divisible by it.
+    eps: added to the variance.
+  """
+  b, c = x.shape[0], x.shape[-1]
+  axes = tuple(range(1, x.ndim - 1))
+  n = x.size // (b * c) * (c // num_groups)
+  s1 = jnp.sum(x, axis=axes).reshape(b, num_groups, -1).sum(-1)
+  s2 = jnp.sum(jnp.square(x), axis=axes).reshape(b, num_groups, -1).sum(-1)
+  mean = s1 / n
+  var = jnp.maximum(s2 / n - jnp.square(mean), 0.0)
+  per_channel = lambda a: jnp.repeat(a, c // num_groups, axis=-1).reshape(b, *[1] * len(axes), c)
+  mul = per_channel(jax.lax.rsqrt(var + eps)) * scale
+  return (x - per_channel(mean)) * mul + bias
+
+
+class _ColsumGroupNorm(nn.Module):
+  """Parameters named as nn.GroupNorm's (scale, bias [C]); `group_norm_colsum`."""
+
+  num_groups: int
+  epsilon: float
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+    f32 = jnp.float32
+    return group_norm_colsum(
+      x, scale.astype(f32), bias.astype(f32), num_groups=self.num_groups, eps=self.epsilon
+    )
+
+
 class GroupNorm32(nn.Module):
   """GroupNorm computed in float32, result cast back to the compute dtype.
 
@@ -86,12 +134,15 @@ class GroupNorm32(nn.Module):
     num_groups: number of groups (32 in DDPM / ADM).
     dtype: dtype of the returned activations.
     param_dtype: dtype of scale and bias.
+    norm_impl: "flax" (nn.GroupNorm) or "colsum" (`group_norm_colsum`: the same numbers,
+      other reductions; not yet measured on a GPU).
   """
 
   num_groups: int = 32
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  norm_impl: str = "flax"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -99,14 +150,21 @@ class GroupNorm32(nn.Module):
     c = x.shape[-1]
     if c % self.num_groups:
       raise ValueError(f"GroupNorm: channels={c} is not divisible by num_groups={self.num_groups}")
-    y = nn.GroupNorm(
-      num_groups=self.num_groups,
-      epsilon=self.epsilon,
-      dtype=jnp.float32,
-      param_dtype=self.param_dtype,
-      name="norm",
-    )(x.astype(jnp.float32))
-    return y.astype(self.dtype)
+    if self.norm_impl not in NORM_IMPLS:
+      raise ValueError(
+        f"config.model.norm_impl must be one of {NORM_IMPLS}, got {self.norm_impl!r}"
+      )
+    if self.norm_impl == "colsum":
+      norm = _ColsumGroupNorm(self.num_groups, self.epsilon, self.param_dtype, name="norm")
+    else:
+      norm = nn.GroupNorm(
+        num_groups=self.num_groups,
+        epsilon=self.epsilon,
+        dtype=jnp.float32,
+        param_dtype=self.param_dtype,
+        name="norm",
+      )
+    return norm(x.astype(jnp.float32)).astype(self.dtype)
 
 
 def conv_fn(conv_impl: str):
@@ -236,6 +294,7 @@ class ResBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
   conv_impl: str = "xla"
   norm_eps: float = 1e-5
+  norm_impl: str = "flax"
 
   @nn.compact
   def __call__(self, x: Array, emb: Array, train: bool) -> Array:
@@ -250,7 +309,9 @@ class ResBlock(nn.Module):
       [B, H', W', out_channels] with H' = 2H (up), H/2 (down) or H.
     """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = nn.silu(GroupNorm32(self.num_groups, self.norm_eps, name="norm1", **kw)(x))
+    h = nn.silu(
+      GroupNorm32(self.num_groups, self.norm_eps, name="norm1", norm_impl=self.norm_impl, **kw)(x)
+    )
     if self.up:
       h, x = _upsample_nearest(h), _upsample_nearest(x)
     elif self.down:
@@ -260,7 +321,9 @@ class ResBlock(nn.Module):
     n_emb = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
     e = nn.Dense(n_emb, name="emb_proj", **kw)(nn.silu(emb.astype(self.dtype)))
     e = e[:, None, None, :]
-    norm2 = GroupNorm32(self.num_groups, self.norm_eps, name="norm2", **kw)
+    norm2 = GroupNorm32(
+      self.num_groups, self.norm_eps, name="norm2", norm_impl=self.norm_impl, **kw
+    )
     if self.use_scale_shift_norm:
       scale, shift = jnp.split(e, 2, axis=-1)
       h = norm2(h) * (1 + scale) + shift
@@ -277,7 +340,7 @@ class ResBlock(nn.Module):
     return x + h
 
 
-class _DenseParams(nn.Module):
+class DenseParams(nn.Module):
   """The kernel [in, features] and bias [features] of an ``nn.Dense``, unapplied.
 
   Same names, shapes, initialisers and init RNG as ``nn.Dense(features)`` in
@@ -287,12 +350,11 @@ class _DenseParams(nn.Module):
 
   features: int
   param_dtype: Dtype = jnp.float32
+  kernel_init: Any = nn.linear.default_kernel_init
 
   @nn.compact
   def __call__(self, in_features: int) -> tuple[Array, Array]:
-    kernel = self.param(
-      "kernel", nn.linear.default_kernel_init, (in_features, self.features), self.param_dtype
-    )
+    kernel = self.param("kernel", self.kernel_init, (in_features, self.features), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
     return kernel, bias
 
@@ -312,6 +374,8 @@ class AttentionBlock(nn.Module):
     norm_eps: GroupNorm epsilon.
     use_norm: GroupNorm the input first (diffusers' U-Net middle attention with
       'scale_shift' time conditioning has none).
+    attention_impl: "xla", "cudnn" or "auto" (`jdiff.ops.attention`).
+    norm_impl: "flax" or "colsum" (`GroupNorm32`).
   """
 
   num_heads: int = 1
@@ -322,6 +386,8 @@ class AttentionBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
   norm_eps: float = 1e-5
   use_norm: bool = True
+  attention_impl: str = "xla"
+  norm_impl: str = "flax"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -337,21 +403,29 @@ class AttentionBlock(nn.Module):
       heads = self.num_heads
     d = c // heads
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = GroupNorm32(self.num_groups, self.norm_eps, name="norm", **kw)(x) if self.use_norm else x
-    h = h.reshape(b, hh * ww, c)
+    if self.use_norm:
+      x_in = GroupNorm32(
+        self.num_groups, self.norm_eps, name="norm", norm_impl=self.norm_impl, **kw
+      )(x)
+    else:
+      x_in = x
+    h = x_in.reshape(b, hh * ww, c)
     # Separate q/k/v parameters (as DDPM's NIN layers and diffusers' to_q/k/v),
-    # applied as one [C, 3C] matmul: one pass over h (on XLA:CPU 16-17 ms against 34
-    # ms for three [C, C] ones in a profile, 0-1% of a whole forward; BENCHMARKS.md,
-    # "Pretrained weights").
-    qkv = [_DenseParams(c, name=n, param_dtype=self.param_dtype)(c) for n in "qkv"]
+    # applied as one matmul: one pass over h (on XLA:CPU 16-17 ms against 34 ms for three
+    # [C, C] ones in a profile, 0-1% of a whole forward; BENCHMARKS.md, "Pretrained
+    # weights"). The kernels are stacked on a new axis ([C, 3, C], the memory layout of the
+    # [C, 3C] concatenation) rather than concatenated: under FSDP each is split along its
+    # output axis, and a concatenation along that axis made the compiler reshuffle the
+    # shards with all-to-alls.
+    qkv = [DenseParams(c, name=n, param_dtype=self.param_dtype)(c) for n in "qkv"]
     h, kernel, bias = nn.dtypes.promote_dtype(
       h,
-      jnp.concatenate([kernel for kernel, _ in qkv], axis=1),
-      jnp.concatenate([bias for _, bias in qkv]),
+      jnp.stack([kernel for kernel, _ in qkv], axis=1),
+      jnp.stack([bias for _, bias in qkv]),
       dtype=self.dtype,
     )
-    q, k, v = jnp.split((h @ kernel + bias).reshape(b, hh * ww, 3, heads, d), 3, axis=2)
-    q, k, v = (a.squeeze(2) for a in (q, k, v))
-    a = jax.nn.dot_product_attention(q, k, v).reshape(b, hh * ww, c)
+    qkv = jnp.einsum("bnc,ctd->bntd", h, kernel) + bias
+    q, k, v = (qkv[:, :, i].reshape(b, hh * ww, heads, d) for i in range(3))
+    a = dot_product_attention(q, k, v, impl=self.attention_impl).reshape(b, hh * ww, c)
     out = nn.Dense(c, name="proj_out", kernel_init=_zero_or_default(self.zero_init), **kw)(a)
     return x + out.reshape(b, hh, ww, c)

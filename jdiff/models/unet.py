@@ -85,6 +85,9 @@ class UNet(nn.Module):
       ``center_input_sample``).
     timestep_scale: multiplies t before the embedding (improved-diffusion's
       ``rescale_timesteps``: 1000 / T).
+    attention_impl: the attention kernel, "xla" (default), "cudnn" or "auto"
+      (`jdiff.ops.attention`).
+    norm_impl: GroupNorm's reductions, "flax" (default) or "colsum" (`layers.GroupNorm32`).
     image_cond_channels: channels of an image concatenated to x (SR3's upsampled
       low-resolution image and its augmentation level, or a known image and its mask);
       then ``y`` is that image [B, H, W, image_cond_channels] instead of a label, and the
@@ -119,6 +122,8 @@ class UNet(nn.Module):
   center_input: bool = False
   timestep_scale: float = 1.0
   image_cond_channels: int = 0
+  attention_impl: str = "xla"
+  norm_impl: str = "flax"
 
   @property
   def null_label(self) -> int | None:
@@ -236,6 +241,7 @@ class UNet(nn.Module):
       zero_init=self.zero_init,
       conv_impl=impl,
       norm_eps=self.norm_eps,
+      norm_impl=self.norm_impl,
       **kw,
     )
 
@@ -247,6 +253,8 @@ class UNet(nn.Module):
         num_groups=self.num_groups,
         zero_init=self.zero_init,
         norm_eps=self.norm_eps,
+        attention_impl=self.attention_impl,
+        norm_impl=self.norm_impl,
         name=name,
         **kw,
       )
@@ -320,7 +328,11 @@ class UNet(nn.Module):
         h = resample(h, up=True, name=f"up_{i}_upsample")
     assert not hs
 
-    h = nn.silu(GroupNorm32(self.num_groups, self.norm_eps, name="norm_out", **kw)(h))
+    h = nn.silu(
+      GroupNorm32(self.num_groups, self.norm_eps, name="norm_out", norm_impl=self.norm_impl, **kw)(
+        h
+      )
+    )
     init = nn.initializers.zeros if self.zero_init else nn.linear.default_kernel_init
     return nn.Conv(
       out_ch,

@@ -86,6 +86,7 @@ def build_network(config, base_kwargs: dict, *, dtype):
     out_channels=base_kwargs["out_channels"],
     learn_sigma=base_kwargs["learn_sigma"],
     dtype=dtype,
+    attention_impl=config.model.get("attention_impl", "xla"),
   )
   if config.model.arch == "dit":
     d = config.dit

@@ -17,7 +17,8 @@ import os
 import jax
 
 from jdiff.models.guidance_schedules import SCALE_SCHEDULES
-from jdiff.models.layers import DTYPES
+from jdiff.models.layers import DTYPES, NORM_IMPLS
+from jdiff.ops.attention import ATTENTION_IMPLS
 from jdiff.ops.winograd import CONV_IMPLS
 from jdiff.runs import feature_nets, objectives
 from jdiff.samplers.registry import FLOW_SAMPLERS, resolve_options
@@ -237,6 +238,9 @@ def _check_model(c) -> None:
     raise ValueError(
       f"config.model.conv_impl must be one of {CONV_IMPLS}, got {c.model.conv_impl!r}"
     )
+  for key, allowed in (("attention_impl", ATTENTION_IMPLS), ("norm_impl", NORM_IMPLS)):
+    if c.model.get(key, allowed[0] if key == "norm_impl" else "xla") not in allowed:
+      raise ValueError(f"config.model.{key} must be one of {allowed}, got {c.model[key]!r}")
 
 
 def check_sample(sample_cfg, *, latent: bool, objective: str = "ddpm") -> None:

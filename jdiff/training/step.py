@@ -11,12 +11,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
 from jdiff import flow, losses, processes
 from jdiff.models import autoencoder_losses as ae_losses
 from jdiff.models.autoencoder import AutoencoderKL
 from jdiff.models.bridge import make_model_fn
 from jdiff.schedules import Schedule
+from jdiff.training import partition
 from jdiff.training.optim import ema_decay_at, ema_update
 from jdiff.training.state import AutoencoderState, TrainState
 
@@ -138,6 +140,14 @@ def make_train_step(
   float rounding. Dropout masks are drawn per microbatch (key `fold_in(dropout key, i)`):
   same distribution, different masks.
 
+  On a mesh with a 'data' axis of n > 1 devices (and B / n divisible by k) the microbatch
+  loop runs per data-parallel group (`jax.shard_map` over 'data', other axes left to the
+  compiler): each group accumulates the gradients of its own examples unreduced, and one
+  all-reduce over 'data' follows the scan, instead of one per microbatch. The microbatches
+  hold the same examples as above; dropout keys also fold in the group index (so masks then
+  depend on n). Under FSDP the gradients are still reduced over 'fsdp' per microbatch, so
+  that the accumulator stays sharded (1 / fsdp of the gradients per device).
+
   Args:
     module: the network, called as `module(x, t, y, *, train)`.
     optimizer: the optax transformation (its learning rate is a function of the step).
@@ -169,6 +179,50 @@ def make_train_step(
   def constrain(tree, shardings):
     return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
 
+  data_axis = partition.data_axis(micro_sharding)
+  act_sharding = micro_sharding if partition.fsdp_size(micro_sharding) > 1 else None
+
+  def scan_micro(params, schedule, arrays, drop_rng, rng, group):
+    """Sums the losses and gradients of k microbatches of `arrays` (x0, t, noise, cond)."""
+    b = arrays["x0"].shape[0]
+
+    def micro(a):  # [b, ...] -> [k, b / k, ...]; microbatch i = examples i, i + k, ...
+      return a.reshape(b // k, k, *a.shape[1:]).swapaxes(0, 1)
+
+    def body(carry, xs):
+      i, parts = xs
+      if group is None:
+        parts = constrain(parts, micro_sharding)
+        key = jax.random.fold_in(drop_rng, i)
+      else:  # one dropout stream per data-parallel group
+        key = jax.random.fold_in(jax.random.fold_in(drop_rng, i), group)
+
+      def mean_loss(p):
+        per_ex = loss_fn(
+          p,
+          schedule,
+          parts["x0"],
+          parts.get("cond"),
+          rng,
+          train=True,
+          t=parts["t"],
+          noise=parts["noise"],
+          dropout_rng=key,
+        )
+        return jnp.mean(per_ex)
+
+      act_sh = act_sharding if group is None else None
+      with partition.batch_sharded_activations(act_sh, parts["x0"].shape[0]):
+        loss_i, grads_i = jax.value_and_grad(mean_loss)(params)
+      loss_sum, grad_sum = carry
+      grad_sum = constrain(jax.tree.map(jnp.add, grad_sum, grads_i), grad_shardings)
+      return (loss_sum + loss_i, grad_sum), None
+
+    zeros = constrain(jax.tree.map(jnp.zeros_like, params), grad_shardings)
+    xs = (jnp.arange(k), jax.tree.map(micro, arrays))
+    (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), xs)
+    return loss_sum, grad_sum
+
   def accumulate(params, x0: Array, cond: Array | None, schedule: Schedule, rng: Array):
     if schedule.kind != "discrete":
       raise ValueError(
@@ -180,39 +234,34 @@ def make_train_step(
       raise ValueError(f"batch size {b} is not divisible by grad_accum_steps={k}")
     drop_rng, draw_rng = jax.random.split(rng)  # as loss_fn splits its rng
     t, noise = losses.sample_t_and_noise(draw_rng, x0, schedule.num_steps)
+    arrays = {"x0": x0, "t": t, "noise": noise}
+    if cond is not None:
+      arrays["cond"] = cond
+    n = 1 if data_axis is None else micro_sharding.mesh.shape[data_axis]
+    if n == 1 or b % (n * k):
+      loss_sum, grad_sum = scan_micro(params, schedule, arrays, drop_rng, rng, None)
+      return loss_sum / k, jax.tree.map(lambda g: g / k, grad_sum)
 
-    def micro(a):  # [B, ...] -> [k, B / k, ...]; microbatch i = examples i, i + k, ...
-      return None if a is None else a.reshape(b // k, k, *a.shape[1:]).swapaxes(0, 1)
+    # Each data-parallel group sums the gradients of its own examples over the k
+    # microbatches, unreduced; one all-reduce over `data_axis` follows the scan. The local
+    # microbatch i (local examples i, i + k, ...) holds the same examples as the global one
+    # (global examples i, i + k, ...) because each group's b / n examples are contiguous
+    # and b / n is a multiple of k.
+    def per_group(params, schedule, arrays, drop_rng, rng):
+      group = jax.lax.axis_index(data_axis)
+      loss_sum, grad_sum = scan_micro(params, schedule, arrays, drop_rng, rng, group)
+      loss_sum, grad_sum = jax.lax.psum((loss_sum, grad_sum), data_axis)
+      return loss_sum / (k * n), jax.tree.map(lambda g: g / (k * n), grad_sum)
 
-    def body(carry, xs):
-      i, *arrays = xs
-      x_i, t_i, noise_i, cond_i = (
-        None if a is None else constrain(a, micro_sharding) for a in arrays
-      )
-
-      def mean_loss(p):
-        per_ex = loss_fn(
-          p,
-          schedule,
-          x_i,
-          cond_i,
-          rng,
-          train=True,
-          t=t_i,
-          noise=noise_i,
-          dropout_rng=jax.random.fold_in(drop_rng, i),
-        )
-        return jnp.mean(per_ex)
-
-      loss_i, grads_i = jax.value_and_grad(mean_loss)(params)
-      loss_sum, grad_sum = carry
-      grad_sum = constrain(jax.tree.map(jnp.add, grad_sum, grads_i), grad_shardings)
-      return (loss_sum + loss_i, grad_sum), None
-
-    zeros = constrain(jax.tree.map(jnp.zeros_like, params), grad_shardings)
-    xs = (jnp.arange(k), micro(x0), micro(t), micro(noise), micro(cond))
-    (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), xs)
-    return loss_sum / k, jax.tree.map(lambda g: g / k, grad_sum)
+    batch_spec = P(data_axis)
+    return jax.shard_map(
+      per_group,
+      mesh=micro_sharding.mesh,
+      in_specs=(P(), P(), batch_spec, P(), P()),
+      out_specs=(P(), P()),
+      axis_names={data_axis},
+      check_vma=False,
+    )(params, schedule, arrays, drop_rng, rng)
 
   def train_step(state: TrainState, batch: dict, schedule: Schedule, rng: Array):
     rng = jax.random.fold_in(rng, state.step)
@@ -230,9 +279,11 @@ def make_train_step(
     if grad_accum_steps == 1:
 
       def mean_loss(params):
-        return jnp.mean(loss_fn(params, schedule, x0, cond, loss_rng, train=True, noise=noise))
+        per_ex = loss_fn(params, schedule, x0, cond, loss_rng, train=True, noise=noise)
+        return jnp.mean(per_ex)
 
-      loss, grads = jax.value_and_grad(mean_loss)(state.params)
+      with partition.batch_sharded_activations(act_sharding, x0.shape[0]):
+        loss, grads = jax.value_and_grad(mean_loss)(state.params)
     else:
       loss, grads = accumulate(state.params, x0, cond, schedule, loss_rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

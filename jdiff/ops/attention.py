@@ -1,0 +1,50 @@
+"""Multi-head attention with a choice of kernel: XLA's, or cuDNN's fused one.
+
+`jax.nn.dot_product_attention` without `implementation` is XLA's: it writes the whole
+float32 score matrix [B, heads, N, N] to memory. cuDNN's fused (flash) kernel does not;
+it needs a GPU with cuDNN and a half-precision dtype. `impl`:
+  - "xla": always XLA (the default, the numbers every test and benchmark was run with);
+  - "cudnn": cuDNN's kernel; where it is refused (no GPU, no cuDNN, an unsupported shape
+    or dtype) one warning line, then XLA;
+  - "auto": cuDNN on a GPU in bfloat16 / float16, XLA elsewhere.
+The choice is logged once per (impl, backend, dtype).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+Array = jax.Array
+
+
+@functools.cache
+def _log_once(level: str, message: str) -> None:
+  getattr(logging, level)(message)
+
+
+def resolve_attention_impl(impl: str, dtype, backend: str | None = None) -> str:
+  """'xla' or 'cudnn' for `impl` (see the module docstring) at compute `dtype`."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"config.model.attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+  backend = backend or jax.default_backend()
+  if impl == "auto":
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    impl = "cudnn" if backend == "gpu" and half else "xla"
+    _log_once("info", f"attention_impl=auto: {impl} ({backend}, {jnp.dtype(dtype).name})")
+  return impl
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, *, impl: str = "xla") -> Array:
+  """Softmax attention of q, k, v [B, N, heads, D] -> [B, N, heads, D] by `impl`."""
+  impl = resolve_attention_impl(impl, q.dtype)
+  if impl == "cudnn":
+    try:
+      return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    except (RuntimeError, ValueError, NotImplementedError) as e:  # refused at trace time
+      _log_once("warning", f"attention_impl=cudnn refused ({e}); using XLA's attention")
+  return jax.nn.dot_product_attention(q, k, v)

@@ -1,0 +1,46 @@
+"""`model.attention_impl`: auto picks XLA on the CPU (bit-identical to the default), and cudnn,
+refused on the CPU, falls back to XLA with one warning line."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import logging
+
+from jdiff.models.dit import DiT
+from jdiff.models.unet import UNet
+from jdiff.ops import attention
+
+
+def _unet(**kw):
+  return UNet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=4, **kw)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_auto_is_xla_on_cpu_bit_for_bit(dtype):
+  assert attention.resolve_attention_impl("auto", dtype) == "xla"
+  assert attention.resolve_attention_impl("auto", jnp.bfloat16, backend="gpu") == "cudnn"
+  assert attention.resolve_attention_impl("auto", jnp.float32, backend="gpu") == "xla"
+  x, t = jax.random.normal(jax.random.key(0), (2, 8, 8, 3)), jnp.array([3, 7])
+  for make in (_unet, lambda **kw: DiT(patch_size=2, hidden=32, depth=1, num_heads=2, **kw)):
+    params = make().init(jax.random.key(1), x, t, train=False)
+    ref = make(dtype=dtype).apply(params, x, t, train=False)
+    out = make(dtype=dtype, attention_impl="auto").apply(params, x, t, train=False)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+
+
+def test_cudnn_on_cpu_falls_back_with_one_warning(monkeypatch):
+  warnings = []
+  monkeypatch.setattr(logging, "warning", lambda msg, *a: warnings.append(msg % a if a else msg))
+  attention._log_once.cache_clear()
+  x, t = jax.random.normal(jax.random.key(0), (2, 8, 8, 3)), jnp.array([3, 7])
+  params = _unet().init(jax.random.key(1), x, t, train=False)
+  ref = _unet().apply(params, x, t, train=False)
+  for _ in range(2):  # two traces, one warning
+    out = _unet(attention_impl="cudnn").apply(params, x, t, train=False)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+  assert len(warnings) == 1 and "attention_impl=cudnn refused" in warnings[0], warnings
+  with pytest.raises(ValueError, match="config.model.attention_impl must be one of"):
+    attention.resolve_attention_impl("flash", jnp.float32)
