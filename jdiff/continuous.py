@@ -169,24 +169,11 @@ def batch_sigma(sigma: Array, x: Array) -> Array:
   return jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (x.shape[0],))
 
 
-def make_denoiser(
-  noise: Noise,
-  model_fn: diffusion.ModelFn,
-  *,
-  cond: Array | None = None,
-  prediction: str = "eps",
-  clip_x0: float | None = None,
-  dynamic_percentile: float | None = None,
-) -> Denoiser:
-  """`noise.make_denoiser(...)`: the EDM denoiser D(x_ve, sigma) -> x0_hat of a model of a
-  `Schedule` (`vp_denoiser`) or of a `processes.Process` (`processes.make_denoiser`)."""
-  return noise.make_denoiser(
-    model_fn,
-    cond=cond,
-    prediction=prediction,
-    clip_x0=clip_x0,
-    dynamic_percentile=dynamic_percentile,
-  )
+def make_denoiser(noise: Noise, model_fn: diffusion.ModelFn, **options) -> Denoiser:
+  """`noise.make_denoiser(model_fn, **options)`: the EDM denoiser D(x_ve, sigma) -> x0_hat of a
+  model of a `Schedule` (`vp_denoiser`, which documents the options) or of a
+  `processes.Process` (`processes.make_denoiser`)."""
+  return noise.make_denoiser(model_fn, **options)
 
 
 def vp_denoiser(

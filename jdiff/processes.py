@@ -101,23 +101,11 @@ class Process:
     check_prediction(self, prediction)
 
   def make_denoiser(
-    self,
-    model_fn: diffusion.ModelFn,
-    *,
-    cond: Array | None = None,
-    prediction: str = "eps",
-    clip_x0: float | None = None,
-    dynamic_percentile: float | None = None,
+    self, model_fn: diffusion.ModelFn, **options
   ) -> Callable[[Array, Array], Array]:
-    """The EDM denoiser D(x_ve, s) -> x0_hat of a model of the process (`make_denoiser`)."""
-    return make_denoiser(
-      self,
-      model_fn,
-      cond=cond,
-      prediction=prediction,
-      clip_x0=clip_x0,
-      dynamic_percentile=dynamic_percentile,
-    )
+    """The EDM denoiser D(x_ve, s) -> x0_hat of a model of the process: `make_denoiser`, which
+    documents the options (cond, prediction, clip_x0, dynamic_percentile)."""
+    return make_denoiser(self, model_fn, **options)
 
 
 # ----------------------------------------------------------------------------- constructors

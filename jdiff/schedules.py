@@ -154,25 +154,11 @@ class Schedule(NamedTuple):
     """Raises ValueError unless `prediction` is 'eps', 'x0' or 'v'."""
     diffusion.check_prediction(prediction)
 
-  def make_denoiser(
-    self,
-    model_fn,
-    *,
-    cond=None,
-    prediction: str = "eps",
-    clip_x0: float | None = None,
-    dynamic_percentile: float | None = None,
-  ):
+  def make_denoiser(self, model_fn, **options):
     """The EDM denoiser D(x_ve [B, ...], sigma scalar or [B]) -> x0_hat of a model of this
-    schedule: `jdiff.continuous.vp_denoiser`, which documents the arguments."""
-    return continuous.vp_denoiser(
-      self,
-      model_fn,
-      cond=cond,
-      prediction=prediction,
-      clip_x0=clip_x0,
-      dynamic_percentile=dynamic_percentile,
-    )
+    schedule: `jdiff.continuous.vp_denoiser`, which documents the options (cond, prediction,
+    clip_x0, dynamic_percentile)."""
+    return continuous.vp_denoiser(self, model_fn, **options)
 
 
 def from_betas(betas) -> Schedule:
