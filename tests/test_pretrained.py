@@ -553,6 +553,8 @@ def test_ddim_eta_1_on_adms_grid_is_adms_fixed_small_chain():
   chain on that grid with the respaced posterior variance."""
   from jdiff.pretrained.respace import adm_sample
   from jdiff.samplers.ddim import ddim_sample
+  from jdiff.samplers.denoisers import make_denoiser
+  from jdiff.samplers.grids import timestep_grid
   from jdiff.schedules import cosine
 
   s = schedulers.from_adm(dict(diffusion_steps=100, timestep_respacing="10", sigma_small=True))
@@ -560,9 +562,8 @@ def test_ddim_eta_1_on_adms_grid_is_adms_fixed_small_chain():
   schedule, shape, rng = cosine(100), (2, 4, 4, 3), jax.random.key(3)
   x_T = jax.random.normal(jax.random.key(1), shape)
   model_fn = lambda x, t, c: _toy_model(x, t.astype(jnp.float32), jnp)[..., :3]  # noqa: E731
-  a = ddim_sample(
-    schedule, model_fn, x_T, rng, num_steps=10, eta=1.0, spacing="linspace", clip_x0=1.0
-  )
+  denoise = make_denoiser(schedule, model_fn, space="vp", clip_x0=1.0)
+  a = ddim_sample(denoise, x_T, timestep_grid(100, 10, spacing="linspace"), rng, eta=1.0)
   b = adm_sample(
     schedule, model_fn, x_T, rng, timesteps=s.timesteps, variance="fixed_small", clip_x0=1.0
   )

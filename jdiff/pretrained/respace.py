@@ -24,6 +24,8 @@ import numpy as np
 from jdiff import schedules
 from jdiff.pretrained.mapping import PretrainedError
 from jdiff.samplers.ddpm import ddpm_sample
+from jdiff.samplers.denoisers import VPDenoiser
+from jdiff.samplers.grids import ddpm_grid
 from jdiff.schedules import Schedule
 
 Array = jax.Array
@@ -116,14 +118,13 @@ def adm_sample(
   Returns:
     x_0 samples [B, ...].
   """
-  return ddpm_sample(
-    respaced_schedule(schedule, timesteps),
+  respaced = respaced_schedule(schedule, timesteps)
+  denoise = VPDenoiser(
+    respaced,
     respaced_model_fn(model_fn, timesteps),
-    x_T,
-    rng,
     cond=cond,
     prediction=prediction,
-    variance=variance,
     clip_x0=clip_x0,
     dynamic_percentile=dynamic_percentile,
   )
+  return ddpm_sample(denoise, x_T, ddpm_grid(respaced.num_steps), rng, variance=variance)
