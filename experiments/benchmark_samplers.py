@@ -327,10 +327,8 @@ def run_digits(
   """
   from jdiff.configs import digits as digits_config  # pylint: disable=g-import-not-at-top
   from jdiff.runs.setup import Setup  # pylint: disable=g-import-not-at-top
-  from jdiff.training import (
-    grid_files,  # pylint: disable=g-import-not-at-top
-    sampling,  # pylint: disable=g-import-not-at-top
-  )
+  from jdiff.samplers import grid_files  # pylint: disable=g-import-not-at-top
+  from jdiff.samplers import registry as sampling  # pylint: disable=g-import-not-at-top
 
   config = digits_config.get_config()
   with Setup(config, workdir, kind="diffusion") as setup:
