@@ -31,6 +31,7 @@ from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 from jdiff.runs import autoencoder, diffusion, edit, fid, reflow
+from jdiff.training.integrity import CLOSED_LOOP, is_closed_loop
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -72,9 +73,6 @@ MODES = {
   "reflow_pairs": reflow.write_pairs,
   "edit": edit.edit,
 }
-
-
-CLOSED_LOOP = "Event loop is closed"
 
 
 class _QuietLibraries:
@@ -148,17 +146,13 @@ def parse_flags(argv):
     _fatal(unknown_override(argv) or f"bad config override: {e!r}")
 
 
-def _is_closed_loop(exc) -> bool:
-  return isinstance(exc, RuntimeError) and CLOSED_LOOP in str(exc)
-
-
 def _drop_closed_loop_reports(unraisable) -> None:
-  if not _is_closed_loop(unraisable.exc_value):
+  if not is_closed_loop(unraisable.exc_value):
     sys.__unraisablehook__(unraisable)
 
 
 def _drop_closed_loop_thread_errors(args) -> None:
-  if not _is_closed_loop(args.exc_value):
+  if not is_closed_loop(args.exc_value):
     threading.__excepthook__(args)
 
 

@@ -247,8 +247,9 @@ class Checkpointer:
     integrity.check_shapes(record, target, where=where)
     restored, unreadable = None, ""
     try:
-      with integrity.quiet_failed_read():
-        restored = self._restore(target, step, data_iter, partial=partial)
+      restored = integrity.read_quietly(
+        lambda: self._restore(target, step, data_iter, partial=partial)
+      )
       why = integrity.verify_arrays(record, restored) or ""
     except Exception as e:  # pylint: disable=broad-except
       why, unreadable = _one_line(e), integrity.read_error(e)

@@ -19,7 +19,6 @@ over the state at each save (milliseconds for the configs here).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import gc
 import json
@@ -28,7 +27,7 @@ import os
 import re
 import sys
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -226,37 +225,93 @@ def read_error(e: BaseException | None) -> str:
   return ""
 
 
+CLOSED_LOOP = "Event loop is closed"
+
+
+def is_closed_loop(exc) -> bool:
+  """Whether `exc` is asyncio's report of a call on an event loop orbax already closed."""
+  return isinstance(exc, RuntimeError) and CLOSED_LOOP in str(exc)
+
+
+def _is_orbax_read(obj) -> bool:
+  code = getattr(obj, "cr_code", None)
+  return code is not None and "/orbax/" in code.co_filename
+
+
+class _DropLateReads:
+  """The unraisable hook after a failed read: drops the late reports of its abandoned reads
+  (calls on a closed event loop, orbax's coroutines) and passes the rest to `hook`."""
+
+  def __init__(self, hook):
+    self.hook = hook
+
+  def __call__(self, unraisable) -> None:
+    if not (is_closed_loop(unraisable.exc_value) or _is_orbax_read(unraisable.object)):
+      self.hook(unraisable)
+
+
 class _DropNeverRetrieved(logging.Filter):
+  """Drops asyncio's "never retrieved" reports: all of them, or (`orbax_only`) orbax's."""
+
+  def __init__(self, orbax_only: bool = False):
+    super().__init__()
+    self.orbax_only = orbax_only
+
   def filter(self, record) -> bool:
-    return "never retrieved" not in record.getMessage()
+    text = record.getMessage()
+    return "never retrieved" not in text or (self.orbax_only and "/orbax/" not in text)
 
 
-@contextlib.contextmanager
-def quiet_failed_read():
-  """Silences the reports of a failed restore's abandoned reads, collected within the block.
+_LATE_READS = _DropNeverRetrieved(orbax_only=True)
+
+
+def _drop_tracebacks(error: BaseException) -> None:
+  """Clears the tracebacks of `error` and of its causes: their frames hold the failed read."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    error.__traceback__ = None
+    error = error.__cause__ or error.__context__
+
+
+def read_quietly(read: Callable[[], Any]) -> Any:
+  """`read()`, silencing the reports of its abandoned reads when it fails.
 
   When one of orbax's concurrent TensorStore reads fails (a truncated file), the others'
   futures and coroutines are abandoned, and each is reported when it is collected
-  ("Future exception was never retrieved", "Exception ignored in coroutine"): hundreds of
-  tracebacks for one fault that the caller reports in one line. On an error the block
-  collects them (`gc.collect`) while the asyncio logger's and `sys.unraisablehook`'s
-  reports of them are dropped; other records and reports pass.
+  ("Future exception was never retrieved", "Exception ignored in coroutine"); their
+  callbacks meet a closed event loop ("Event loop is closed"): hundreds of tracebacks for
+  one fault that the caller reports in one line. On an error, the error's tracebacks (whose
+  frames hold the abandoned reads) are dropped and the reads collected (`gc.collect`) while
+  the asyncio logger's and `sys.unraisablehook`'s reports of them are dropped; other records
+  and reports pass; the error is re-raised. orbax's event-loop threads and TensorStore's
+  own threads keep finishing the abandoned reads afterwards, at times the caller cannot
+  wait for: after a failed read, the reports of orbax's abandoned coroutines and tasks and
+  of calls on closed event loops (and only those) stay dropped for the rest of the process.
   """
   import asyncio  # pylint: disable=g-import-not-at-top
 
   asyncio_log, drop, hook = logging.getLogger("asyncio"), _DropNeverRetrieved(), sys.unraisablehook
 
   def drop_abandoned(unraisable) -> None:
-    if not (asyncio.iscoroutine(unraisable.object) or asyncio.isfuture(unraisable.object)):
+    abandoned = asyncio.iscoroutine(unraisable.object) or asyncio.isfuture(unraisable.object)
+    if not (abandoned or is_closed_loop(unraisable.exc_value)):
       hook(unraisable)
 
   asyncio_log.addFilter(drop)
   sys.unraisablehook = drop_abandoned
+  error = None
   try:
-    yield
-  except BaseException:
+    try:
+      return read()
+    except Exception as e:  # pylint: disable=broad-except
+      error = e
+    _drop_tracebacks(error)  # outside the handler: nothing else holds the read's frames
     gc.collect()
-    raise
+    raise error
   finally:
-    sys.unraisablehook = hook
+    late = error is not None and not isinstance(hook, _DropLateReads)
+    sys.unraisablehook = _DropLateReads(hook) if late else hook
     asyncio_log.removeFilter(drop)
+    if error is not None:
+      asyncio_log.addFilter(_LATE_READS)  # once: a filter is not added twice
