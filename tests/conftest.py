@@ -46,14 +46,37 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
+def _session_dir(request, name: str, build) -> str:
+  """`name`, a directory that `build(path)` fills once per test session.
+
+  Under pytest-xdist every worker is its own process with its own session fixtures; the
+  workers share the session's base temporary directory, so the first one to get there builds
+  (holding a file lock) and the others reuse the result."""
+  tmp_path_factory = request.getfixturevalue("tmp_path_factory")
+  if not hasattr(request.config, "workerinput"):  # not an xdist worker
+    path = str(tmp_path_factory.mktemp(name))
+    build(path)
+    return path
+  from filelock import FileLock  # pylint: disable=g-import-not-at-top
+
+  root = tmp_path_factory.getbasetemp().parent  # shared by this session's workers
+  path, done = root / name, root / f"{name}.done"
+  with FileLock(str(root / f"{name}.lock")):
+    if not done.exists():
+      shutil.rmtree(path, ignore_errors=True)
+      path.mkdir()
+      build(str(path))
+      done.touch()
+  return str(path)
+
+
 @pytest.fixture(scope="session")
-def digits_dir(tmp_path_factory) -> str:
+def digits_dir(request) -> str:
   """A tfds data_dir holding the digits dataset at 16x16, built once per session."""
   from jdiff.data import digits  # pylint: disable=g-import-not-at-top
 
-  path = str(tmp_path_factory.mktemp("tfds"))
-  digits.prepare_digits(image_size=16, data_dir=path)
-  return path
+  build = lambda path: digits.prepare_digits(image_size=16, data_dir=path)
+  return _session_dir(request, "tfds", build)
 
 
 def run_python(
@@ -111,11 +134,18 @@ class TinyRun:
 
 
 @pytest.fixture(scope="session")
-def tiny_run(digits_dir, tmp_path_factory) -> TinyRun:
+def tiny_run(digits_dir, request) -> TinyRun:
   """The tiny config trained once per session through the CLI (see the module docstring)."""
-  workdir = str(tmp_path_factory.mktemp("tiny_run") / "workdir")
-  proc = run_python(main_args("train", workdir, digits_dir))
-  return TinyRun(workdir=workdir, data_dir=digits_dir, log=proc.stderr)
+
+  def build(path):
+    proc = run_python(main_args("train", os.path.join(path, "workdir"), digits_dir))
+    with open(os.path.join(path, "train.log"), "w", encoding="utf-8") as f:
+      f.write(proc.stderr)
+
+  path = _session_dir(request, "tiny_run", build)
+  with open(os.path.join(path, "train.log"), encoding="utf-8") as f:
+    log = f.read()
+  return TinyRun(workdir=os.path.join(path, "workdir"), data_dir=digits_dir, log=log)
 
 
 def free_port() -> int:

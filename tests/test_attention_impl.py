@@ -25,9 +25,10 @@ def test_auto_is_xla_on_cpu_bit_for_bit(dtype):
   assert attention.resolve_attention_impl("auto", jnp.float32, backend="gpu") == "xla"
   x, t = jax.random.normal(jax.random.key(0), (2, 8, 8, 3)), jnp.array([3, 7])
   for make in (_unet, lambda **kw: DiT(patch_size=2, hidden=32, depth=1, num_heads=2, **kw)):
-    params = make().init(jax.random.key(1), x, t, train=False)
-    ref = make(dtype=dtype).apply(params, x, t, train=False)
-    out = make(dtype=dtype, attention_impl="auto").apply(params, x, t, train=False)
+    params = jax.jit(make().init, static_argnames="train")(jax.random.key(1), x, t, train=False)
+    ref = jax.jit(make(dtype=dtype).apply, static_argnames="train")(params, x, t, train=False)
+    auto = make(dtype=dtype, attention_impl="auto")
+    out = jax.jit(auto.apply, static_argnames="train")(params, x, t, train=False)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
 
 
