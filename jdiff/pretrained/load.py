@@ -238,7 +238,12 @@ def build(
   )
   if fmt == "diffusers":
     deprecated = diffusers_unet.uses_deprecated_attention(state_dict.keys())
-    rules = diffusers_unet.rules(kwargs, shapes, deprecated_attention=deprecated)
+    rules = diffusers_unet.rules(
+      kwargs,
+      shapes,
+      deprecated_attention=deprecated,
+      linear_projection=bool(config.get("use_linear_projection", False)),
+    )
   else:
     new_order = bool(adm.complete_flags(flags, variant=variant)["use_new_attention_order"])
     rules = adm.rules(kwargs, shapes, new_attention_order=new_order)
