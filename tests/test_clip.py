@@ -65,7 +65,7 @@ def tiny_config(act: str, vocab: int = 600, layers: int = 3):
   )
 
 
-def _torch_model(config):
+def perturbed_text_model(config):
   torch.manual_seed(0)
   model = transformers.CLIPTextModel(config).eval()
   with torch.no_grad():
@@ -76,7 +76,7 @@ def _torch_model(config):
 
 @pytest.mark.parametrize("act,skip", [("quick_gelu", 0), ("gelu", 1)], ids=["sd1", "sd2"])
 def test_text_encoder_equals_transformers_and_round_trips(act, skip):
-  model = _torch_model(tiny_config(act))
+  model = perturbed_text_model(tiny_config(act))
   sd = {k: v.numpy() for k, v in model.state_dict().items()}
   kwargs = clip_convert.clip_kwargs(model.config.to_dict(), skip_last_layers=skip)
   encoder = clip_convert.CLIPTextEncoder(**kwargs)

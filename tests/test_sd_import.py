@@ -66,19 +66,20 @@ def test_condition_unet_same_function_and_exact_round_trip(cfg):
   ctx = rs.randn(2, 5, 12).astype(np.float32)
   mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
   t = np.array([3, 999])
-  apply = jax.jit(lambda p, x, t, c: pt.module.apply({"params": p}, x, t, c, train=False))
-  for m in (None, mask):
-    with torch.no_grad():
-      ref = model(
-        torch.from_numpy(x),
-        torch.from_numpy(t),
-        torch.from_numpy(ctx),
-        encoder_attention_mask=None if m is None else torch.from_numpy(m),
-      ).sample.numpy()
-    cond = ctx if m is None else {"context": ctx, "mask": m}
-    out = apply(pt.params, x.transpose(0, 2, 3, 1), t, cond)
-    out = np.asarray(out).transpose(0, 3, 1, 2)
-    np.testing.assert_allclose(out, ref, atol=1e-4 * np.abs(ref).max())
+  # Row 0 masks two context tokens; row 1 attends to all (the same as no mask).
+  with torch.no_grad():
+    ref = model(
+      torch.from_numpy(x),
+      torch.from_numpy(t),
+      torch.from_numpy(ctx),
+      encoder_attention_mask=torch.from_numpy(mask),
+    ).sample.numpy()
+  cond = {"context": ctx, "mask": mask}
+  out = jax.jit(lambda p, x, c: pt.module.apply({"params": p}, x, t, c, train=False))(
+    pt.params, x.transpose(0, 2, 3, 1), cond
+  )
+  out = np.asarray(out).transpose(0, 3, 1, 2)
+  np.testing.assert_allclose(out, ref, atol=1e-4 * np.abs(ref).max())
   sd, ref_sd = pt.state_dict(), _state_dict(model)
   assert sorted(sd) == sorted(ref_sd)
   for k, v in ref_sd.items():
@@ -105,3 +106,70 @@ def test_context_shape_is_checked():
   x = jnp.zeros((2, 4, 4, 3))
   with pytest.raises(ValueError, match=r"context must have shape \[B, L, context_dim\]"):
     net.init(jax.random.key(0), x, jnp.zeros(2), jnp.zeros((2, 3, 5)), train=False)
+
+
+# ----------------------------------------------------------------------------- whole pipeline
+
+PIPE_UNET = dict(SD1, cross_attention_dim=32, sample_size=8)
+PIPE_VAE = dict(
+  block_out_channels=(16, 16),
+  layers_per_block=1,
+  latent_channels=4,
+  norm_num_groups=8,
+  down_block_types=("DownEncoderBlock2D",) * 2,
+  up_block_types=("UpDecoderBlock2D",) * 2,
+  sample_size=16,
+  scaling_factor=0.5,
+)
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory):
+  """A whole tiny StableDiffusionPipeline, random weights, saved with save_pretrained."""
+  from test_clip import perturbed_text_model, tiny_config, write_tokenizer
+
+  d = tmp_path_factory.mktemp("tiny_sd")
+  (d / "tok").mkdir()
+  vocab = write_tokenizer(d / "tok")
+  transformers = pytest.importorskip("transformers")
+  pipe = diffusers.StableDiffusionPipeline(
+    vae=perturbed(diffusers.AutoencoderKL(**PIPE_VAE)),
+    text_encoder=perturbed_text_model(tiny_config("quick_gelu", vocab=vocab)),
+    tokenizer=transformers.CLIPTokenizer.from_pretrained(str(d / "tok")),
+    unet=perturbed(diffusers.UNet2DConditionModel(**PIPE_UNET)),
+    scheduler=diffusers.DDIMScheduler(
+      beta_schedule="scaled_linear",
+      beta_start=0.00085,
+      beta_end=0.012,
+      clip_sample=False,
+      set_alpha_to_one=True,
+      timestep_spacing="trailing",
+    ),
+    safety_checker=None,
+    feature_extractor=None,
+    requires_safety_checker=False,
+  )
+  pipe.save_pretrained(str(d / "sd"), safe_serialization=True)
+  return d / "sd"
+
+
+def test_pipeline_same_image_as_diffusers(sd_dir):
+  from jdiff.pretrained.stable_diffusion import load_stable_diffusion, make_text_to_image
+
+  pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(sd_dir), safety_checker=None)
+  sd = load_stable_diffusion(str(sd_dir), conv_impl="xla")
+  assert sd.vae.scale_factor == 0.5 and sd.unet.module.context_dim == 32
+  prompts = ["the digit seven", "seven"]
+  z = np.random.RandomState(0).randn(2, 4, 8, 8).astype(np.float32)
+  kw = dict(num_inference_steps=4, guidance_scale=5.0, output_type="np")
+  with torch.no_grad():
+    ref = pipe(prompts, latents=torch.from_numpy(z), negative_prompt=["the"] * 2, **kw).images
+  generate = make_text_to_image(sd, negative_prompt="the", guidance=5.0, num_steps=4)
+  images, _ = generate(prompts, latents_T=z.transpose(0, 2, 3, 1))
+  assert images.shape == ref.shape == (2, 16, 16, 3)
+  np.testing.assert_allclose(images, ref, atol=1e-3)
+  # One seed per prompt: a prompt's image depends on its prompt and seed only.
+  a, _ = generate(prompts, seeds=[4, 5])
+  b, _ = generate(prompts[::-1], seeds=[5, 6])
+  np.testing.assert_array_equal(a[1], b[0])
+  assert np.abs(a[0] - b[1]).max() > 1e-3
