@@ -10,6 +10,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from test_pretrained import _perturbed as perturbed
 
 from jdiff.pretrained import clip_convert
 
@@ -66,12 +67,7 @@ def tiny_config(act: str, vocab: int = 600, layers: int = 3):
 
 
 def perturbed_text_model(config):
-  torch.manual_seed(0)
-  model = transformers.CLIPTextModel(config).eval()
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.05 * torch.randn_like(p))
-  return model
+  return perturbed(transformers.CLIPTextModel(config))
 
 
 @pytest.mark.parametrize("act,skip", [("quick_gelu", 0), ("gelu", 1)], ids=["sd1", "sd2"])

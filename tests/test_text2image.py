@@ -7,14 +7,16 @@ from __future__ import annotations
 import glob
 import os
 
+import jax
 import numpy as np
 import pytest
 from test_sd_import import sd_dir  # noqa: F401  (the tiny saved StableDiffusionPipeline)
 
 from jdiff import cli
 from jdiff.configs import text2image as t2i_config
-from jdiff.pretrained.stable_diffusion import load_stable_diffusion, make_text_to_image
 
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 
@@ -22,11 +24,12 @@ def _config(path, **sample):
   c = t2i_config.get_config()
   c.pretrained.path = str(path)
   c.model.conv_impl = "xla"
-  c.sample.update({**dict(num_steps=3, sampler="euler", guidance_scale=3.0), **sample})
+  c.sample.update({**dict(num_steps=3, sampler="ddim", guidance_scale=3.0), **sample})
   return c
 
 
 def test_sample_mode_writes_the_prompts_images(sd_dir, tmp_path):  # noqa: F811
+  """The .npz holds diffusers' images of each prompt from the latents of its seed."""
   prompts_file = tmp_path / "prompts.txt"
   prompts_file.write_text("the digit seven\n\nseven\n")
   c = _config(sd_dir, prompts_file=str(prompts_file), negative_prompt="the", seeds=(3, 9))
@@ -34,17 +37,22 @@ def test_sample_mode_writes_the_prompts_images(sd_dir, tmp_path):  # noqa: F811
   out = np.load(npz)
   assert list(out["prompts"]) == ["the digit seven", "seven"]
   assert list(out["seeds"]) == [3, 9]
-  sd = load_stable_diffusion(str(sd_dir), conv_impl="xla")
-  generate = make_text_to_image(
-    sd, negative_prompt="the", guidance=3.0, sampler="euler", num_steps=3
-  )
-  images, z0 = generate(["the digit seven", "seven"], seeds=[3, 9])
-  np.testing.assert_array_equal(out["images"], images)
-  np.testing.assert_array_equal(out["latents"], z0)
+  z = np.stack([jax.random.normal(jax.random.key(s), (8, 8, 4)) for s in (3, 9)])
+  pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(sd_dir), safety_checker=None)
+  with torch.no_grad():
+    ref = pipe(
+      ["the digit seven", "seven"],
+      latents=torch.from_numpy(z.transpose(0, 3, 1, 2)),
+      negative_prompt=["the"] * 2,
+      num_inference_steps=3,
+      guidance_scale=3.0,
+      output_type="np",
+    ).images
+  np.testing.assert_allclose(out["images"], ref, atol=1e-3)
   pngs = sorted(glob.glob(os.path.join(os.path.dirname(npz), "*.png")))
   assert [os.path.basename(p) for p in pngs] == [
-    "prompts_euler3_000_the_digit_seven_seed3.png",
-    "prompts_euler3_001_seven_seed9.png",
+    "prompts_ddim3_000_the_digit_seven_seed3.png",
+    "prompts_ddim3_001_seven_seed9.png",
   ]
 
 

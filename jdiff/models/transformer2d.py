@@ -58,37 +58,6 @@ class Attention(nn.Module):
     return nn.Dense(x.shape[-1], name="to_out", **kw)(a.reshape(*x.shape[:2], inner))
 
 
-class TransformerBlock(nn.Module):
-  """Self-attention, cross-attention, GEGLU feed-forward (4x), each pre-LayerNorm + residual.
-
-  diffusers' `BasicTransformerBlock` with its SD defaults (LayerNorm eps 1e-5, exact GELU).
-  """
-
-  heads: int
-  head_dim: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  attention_impl: str = "xla"
-
-  @nn.compact
-  def __call__(self, x: Array, context: Array, mask: Array | None) -> Array:
-    """x [B, N, C], context [B, L, D], mask [B, L] or None -> [B, N, C]."""
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    att = dict(heads=self.heads, head_dim=self.head_dim, attention_impl=self.attention_impl, **kw)
-
-    def norm(name):
-      ln = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=self.param_dtype, name=name)
-      return lambda h: ln(h.astype(jnp.float32)).astype(self.dtype)
-
-    x = x + Attention(name="attn1", **att)(norm("norm1")(x))
-    x = x + Attention(name="attn2", **att)(norm("norm2")(x), context.astype(self.dtype), mask)
-    c = x.shape[-1]
-    h = nn.Dense(8 * c, name="ff_proj", **kw)(norm("norm3")(x))  # GEGLU: value and gate
-    h, gate = jnp.split(h, 2, axis=-1)
-    h = h * nn.gelu(gate, approximate=False)
-    return x + nn.Dense(c, name="ff_out", **kw)(h)
-
-
 class Transformer2D(nn.Module):
   """[LDM]'s spatial transformer over the H*W positions of [B, H, W, C], with a residual.
 
@@ -128,10 +97,23 @@ class Transformer2D(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = GroupNorm32(self.num_groups, 1e-6, name="norm", norm_impl=self.norm_impl, **kw)(x)
     h = nn.Dense(self.heads * self.head_dim, name="proj_in", **kw)(h.reshape(b, hh * ww, c))
+    att = dict(heads=self.heads, head_dim=self.head_dim, attention_impl=self.attention_impl, **kw)
+
+    def norm(name):
+      ln = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=self.param_dtype, name=name)
+      return lambda h: ln(h.astype(jnp.float32)).astype(self.dtype)
+
+    # Each block (diffusers' BasicTransformerBlock, LayerNorm eps 1e-5, exact GELU):
+    # self-attention, cross-attention, GEGLU feed-forward (4x), each pre-norm + residual.
+    context = context.astype(self.dtype)
     for d in range(self.depth):
-      h = TransformerBlock(
-        self.heads, self.head_dim, attention_impl=self.attention_impl, name=f"block_{d}", **kw
-      )(h, context, mask)
+      p = f"block_{d}_"
+      h = h + Attention(name=p + "attn1", **att)(norm(p + "norm1")(h))
+      h = h + Attention(name=p + "attn2", **att)(norm(p + "norm2")(h), context, mask)
+      inner = self.heads * self.head_dim
+      g = nn.Dense(8 * inner, name=p + "ff_proj", **kw)(norm(p + "norm3")(h))  # value, gate
+      g, gate = jnp.split(g, 2, axis=-1)
+      h = h + nn.Dense(inner, name=p + "ff_out", **kw)(g * nn.gelu(gate, approximate=False))
     init = nn.initializers.zeros if self.zero_init else nn.linear.default_kernel_init
     h = nn.Dense(c, kernel_init=init, name="proj_out", **kw)(h)
     return x + h.reshape(b, hh, ww, c)

@@ -275,17 +275,18 @@ def _transformer(prefix: str, path: tuple, depth: int, linear: bool) -> list[Rul
       out += [_conv1x1(f"{prefix}.{name}.weight", (*path, name, "kernel"))]
       out += [mapping.same(f"{prefix}.{name}.bias", (*path, name, "bias"))]
   for d in range(depth):
-    tp, jp = f"{prefix}.transformer_blocks.{d}", (*path, f"block_{d}")
+    tp, jp = f"{prefix}.transformer_blocks.{d}", f"block_{d}_"
     for n in ("norm1", "norm2", "norm3"):
-      out += [mapping.same(f"{tp}.{n}.weight", (*jp, n, "scale"))]
-      out += [mapping.same(f"{tp}.{n}.bias", (*jp, n, "bias"))]
+      out += [mapping.same(f"{tp}.{n}.weight", (*path, jp + n, "scale"))]
+      out += [mapping.same(f"{tp}.{n}.bias", (*path, jp + n, "bias"))]
     for a in ("attn1", "attn2"):
       out += [
-        mapping.dense(f"{tp}.{a}.to_{x}.weight", (*jp, a, f"to_{x}", "kernel")) for x in "qkv"
+        mapping.dense(f"{tp}.{a}.to_{x}.weight", (*path, jp + a, f"to_{x}", "kernel"))
+        for x in "qkv"
       ]
-      out += module_rules("dense", f"{tp}.{a}.to_out.0", (*jp, a, "to_out"), {})
-    out += module_rules("dense", f"{tp}.ff.net.0.proj", (*jp, "ff_proj"), {})
-    out += module_rules("dense", f"{tp}.ff.net.2", (*jp, "ff_out"), {})
+      out += module_rules("dense", f"{tp}.{a}.to_out.0", (*path, jp + a, "to_out"), {})
+    out += module_rules("dense", f"{tp}.ff.net.0.proj", (*path, jp + "ff_proj"), {})
+    out += module_rules("dense", f"{tp}.ff.net.2", (*path, jp + "ff_out"), {})
   return out
 
 

@@ -51,15 +51,8 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     conv_impl=config.model.conv_impl,
   )
   logging.info("loaded %s in %.1fs", sd.source, time.perf_counter() - t0)
-  generate = make_text_to_image(
-    sd,
-    negative_prompt=s.negative_prompt,
-    guidance=s.guidance_scale,
-    sampler=s.sampler,
-    num_steps=s.num_steps,
-    eta=s.eta,
-    spacing=s.spacing,
-  )
+  options = {k: s[k] for k in ("negative_prompt", "sampler", "num_steps", "eta", "spacing")}
+  generate = make_text_to_image(sd, guidance=s.guidance_scale, **options)
   t0 = time.perf_counter()
   images, z0 = generate(prompts, seeds=seeds)
   logging.info("sampled %d prompts in %.1fs", len(prompts), time.perf_counter() - t0)
