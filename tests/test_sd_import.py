@@ -152,8 +152,18 @@ def test_pipeline_same_image_as_diffusers(sd_dir):
   from jdiff.pretrained.stable_diffusion import load_stable_diffusion, make_text_to_image
 
   pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(sd_dir), safety_checker=None)
-  sd = load_stable_diffusion(str(sd_dir), conv_impl="xla")
-  assert sd.vae.scale_factor == 0.5 and sd.unet.module.context_dim == 32
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("fsdp",))
+  placed = []
+
+  def shardings(path, shape):  # restored onto a mesh, array by array, as the U-Nets are
+    placed.append(path)
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  sd = load_stable_diffusion(str(sd_dir), conv_impl="xla", shardings=shardings)
+  leaves = [sd.unet.params, sd.text_params, sd.vae_params]
+  assert len(placed) == sum(len(jax.tree.leaves(p)) for p in leaves)
+  assert all(x.sharding.mesh == mesh for x in jax.tree.leaves(leaves))
+  assert sd.scaling_factor == 0.5 and sd.unet.module.context_dim == 32
   ref_sd = _state_dict(pipe.unet)
   assert sorted(sd.unet.state_dict()) == sorted(ref_sd)
   for k, v in sd.unet.state_dict().items():
@@ -172,3 +182,22 @@ def test_pipeline_same_image_as_diffusers(sd_dir):
   b, _ = generate(prompts[::-1], seeds=[5, 6])
   np.testing.assert_array_equal(a[1], b[0])
   assert np.abs(a[0] - b[1]).max() > 1e-3
+
+
+def test_hub_name_fetches_the_pipeline_files_and_offline_is_one_line(monkeypatch):
+  hub = pytest.importorskip("huggingface_hub")
+  from jdiff.pretrained.stable_diffusion import HUB_FILES, load_stable_diffusion
+
+  asked = {}
+
+  def offline(repo_id, *, revision=None, allow_patterns=None, **kw):
+    asked.update(repo=repo_id, patterns=allow_patterns)
+    raise hub.errors.LocalEntryNotFoundError("offline\nand not cached")
+
+  monkeypatch.setattr(hub, "snapshot_download", offline)
+  with pytest.raises(OSError, match="could not fetch 'owner/sd-x'") as e:
+    load_stable_diffusion("owner/sd-x")
+  assert "\n" not in str(e.value)
+  assert asked == dict(repo="owner/sd-x", patterns=list(HUB_FILES))
+  assert {"model_index.json", "text_encoder/model.safetensors", "vae/config.json"} <= set(HUB_FILES)
+  assert not any("safety_checker" in f or f.endswith(".bin") for f in HUB_FILES)

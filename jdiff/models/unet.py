@@ -223,7 +223,8 @@ class UNet(nn.Module):
         ``2 ** (len(ch_mult) - 1)``.
       t: timesteps [B] (or a scalar), int or float.
       y: class labels [B] int in ``[0, num_classes]``; required iff
-        ``num_classes`` is set (``null_label`` = unconditional).
+        ``num_classes`` is set (``null_label`` = unconditional). With ``context_dim``:
+        the context [B, L, context_dim], or {'context', 'mask' [B, L], 'labels' [B]}.
       train: enables dropout; needs a ``'dropout'`` rng when ``dropout > 0``.
 
     Returns:

@@ -35,7 +35,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff.data import latents
 from jdiff.models.autoencoder import AutoencoderKL
 from jdiff.models.autoencoder_convert import (
   ldm_state_dict_from_diffusers,
@@ -80,7 +79,10 @@ class StableDiffusion:
 
   Attributes:
     unet: the `load.Pretrained` U-Net (module, params, latent shape, schedule settings).
-    vae: the `latents.LatentCodec` (AutoencoderKL, params, scaling_factor).
+    vae: the `AutoencoderKL`.
+    vae_params: its params.
+    scaling_factor: the diffusion model sees latents `z * scaling_factor`.
+    latent_shape: (h, w, c) of the U-Net's latents.
     text_encoder: the `CLIPTextEncoder`.
     text_params: its params.
     tokenizer: the pipeline's CLIP tokenizer (transformers).
@@ -89,7 +91,10 @@ class StableDiffusion:
   """
 
   unet: load.Pretrained
-  vae: latents.LatentCodec
+  vae: AutoencoderKL
+  vae_params: Any
+  scaling_factor: float
+  latent_shape: tuple[int, int, int]
   text_encoder: CLIPTextEncoder
   text_params: Any
   tokenizer: Any
@@ -179,9 +184,6 @@ def load_stable_diffusion(
   vae_module = AutoencoderKL(**kwargs)
   vae_sd = ldm_state_dict_from_diffusers(load.read_state_dict(join("vae", load.WEIGHTS[0])))
   vae_params = _place(params_from_ldm_state_dict(vae_sd, config=vae_module), shardings)
-  h, w, c = unet.image_shape
-  f = vae_module.downsample_factor
-  codec = latents.LatentCodec(vae_module, vae_params, scale, (h, w, c), (h * f, w * f, 3))
   encoder, text_params = clip_convert.load_text_encoder(join("text_encoder"), shardings=shardings)
   if encoder.width != unet.module.context_dim:
     raise PretrainedError(
@@ -189,7 +191,18 @@ def load_stable_diffusion(
       f"{unet.module.context_dim}"
     )
   tokenizer = clip_convert.load_tokenizer(join("tokenizer"))
-  return StableDiffusion(unet, codec, encoder, text_params, tokenizer, settings, directory)
+  return StableDiffusion(
+    unet,
+    vae_module,
+    vae_params,
+    scale,
+    tuple(unet.image_shape),
+    encoder,
+    text_params,
+    tokenizer,
+    settings,
+    directory,
+  )
 
 
 def encode_prompts(sd: StableDiffusion, prompts: Sequence[str]) -> np.ndarray:
@@ -224,7 +237,7 @@ def make_text_to_image(
   pipeline's). It returns (images [N, H, W, 3] float32 in [0, 1], final latents [N, h, w, c]).
   """
   s = sd.settings
-  shape = sd.vae.latent_shape
+  shape = sd.latent_shape
   null_ids = encode_prompts(sd, [negative_prompt])
 
   def run(unet_params, text_params, vae_params, ids, x_T, keys):
@@ -243,8 +256,9 @@ def make_text_to_image(
     )
     one = lambda x, k, c: sample(unet_params, x[None], jax.random.fold_in(k, 1), c[None])[0]  # noqa: E731
     z0 = jax.vmap(one)(x_T, keys, text(ids))
-    codec = dataclasses.replace(sd.vae, params=vae_params)
-    return latents.decode(codec, z0) / 2 + 0.5, z0
+    # [LDM] App. G: the decoder takes z / scaling_factor (as jdiff.data.latents.decode).
+    x = sd.vae.apply({"params": vae_params}, z0 / sd.scaling_factor, method="decode")
+    return jnp.clip(x / 2 + 0.5, 0.0, 1.0), z0
 
   jrun = jax.jit(run)
 
@@ -259,7 +273,7 @@ def make_text_to_image(
     elif tuple(np.shape(latents_T)) != (n, *shape):
       raise ValueError(f"latents_T must have shape {(n, *shape)}, got {np.shape(latents_T)}")
     ids = encode_prompts(sd, prompts)
-    params = (sd.unet.params, sd.text_params, sd.vae.params)
+    params = (sd.unet.params, sd.text_params, sd.vae_params)
     images, z0 = jrun(*params, ids, jnp.asarray(latents_T), keys)
     return np.asarray(images), np.asarray(z0)
 
