@@ -75,3 +75,17 @@ def test_missing_pipeline_path_is_named(tmp_path):
   c = _config("")
   with pytest.raises(ValueError, match="config.pretrained.path"):
     cli.MODES["sample"](c, str(tmp_path))
+
+
+def test_pixel_pretrained_config_refuses_a_text_unet(sd_dir):  # noqa: F811
+  import types
+
+  from jdiff.configs import pretrained as pretrained_config
+  from jdiff.pretrained import PretrainedError
+  from jdiff.runs.pretrained import attach
+
+  c = pretrained_config.get_config()
+  c.pretrained.path = str(sd_dir / "unet")
+  setup = types.SimpleNamespace(config=c, repl=None, reads_data=False)
+  with pytest.raises(PretrainedError, match="text-conditioned .* jdiff/configs/text2image.py"):
+    attach(setup)
