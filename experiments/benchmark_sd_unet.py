@@ -49,6 +49,7 @@ def main():
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--reps", type=int, default=3)
   ap.add_argument("--conv_impl", default="auto")
+  ap.add_argument("--ch", type=int, default=320, help="base width (SD 1.5: 320; 32: a smoke test)")
   args = ap.parse_args()
   import diffusers  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
@@ -56,7 +57,9 @@ def main():
   from jdiff.pretrained import build  # pylint: disable=g-import-not-at-top
 
   torch.manual_seed(0)
-  model = diffusers.UNet2DConditionModel(**SD15).eval()
+  c = args.ch
+  model = diffusers.UNet2DConditionModel(**{**SD15, "block_out_channels": (c, 2 * c, 4 * c, 4 * c)})
+  model = model.eval()
   n_params = sum(p.numel() for p in model.parameters())
   config = {**dict(model.config), "_class_name": "UNet2DConditionModel"}
   state = {k: v.numpy() for k, v in model.state_dict().items()}
@@ -82,7 +85,7 @@ def main():
   s_torch = _median_seconds(torch_fwd, args.reps)
   s_jax = _median_seconds(jax_fwd, args.reps)
   peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-  print(f"SD 1.5 U-Net: {n_params / 1e6:.0f}M parameters, batch {args.batch}, 64x64 latents")
+  print(f"SD 1.5-layout U-Net: {n_params / 1e6:.0f}M parameters, batch {args.batch}, 64x64 latents")
   print(f"torch {torch.__version__} threads {torch.get_num_threads()}, jax {jax.__version__}")
   print(f"diffusers  {s_torch:.2f} s/forward  {args.batch / s_torch:.3f} images/s")
   print(f"jdiff      {s_jax:.2f} s/forward  {args.batch / s_jax:.3f} images/s")
