@@ -30,7 +30,7 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from jdiff.runs import autoencoder, diffusion, edit, fid, reflow
+from jdiff.runs import autoencoder, diffusion, edit, fid, reflow, text2image
 from jdiff.training.integrity import CLOSED_LOOP, is_closed_loop
 
 FLAGS = flags.FLAGS
@@ -62,9 +62,16 @@ flags.DEFINE_integer("num_processes", None, "Number of processes, for multi-host
 flags.DEFINE_integer("process_id", None, "This process's index, for multi-host.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+
+def _sample(config, workdir):
+  """Prompts -> images for a text-to-image config (`sample.prompts`), else the run's samples."""
+  run = text2image.sample if text2image.enabled(config) else diffusion.sample
+  return run(config, workdir)
+
+
 MODES = {
   "train": diffusion.train_and_evaluate,
-  "sample": diffusion.sample,
+  "sample": _sample,
   "eval": diffusion.evaluate,
   "train_autoencoder": autoencoder.train_autoencoder,
   "eval_autoencoder": autoencoder.evaluate_autoencoder,

@@ -38,7 +38,13 @@ LAYERS = (
   ("jdiff.cli", "jdiff.__main__", "jdiff"),  # entry points and the re-exporting package
 )
 # Within runs/: the leaf that every mode samples through imports no mode.
-MODES = ("jdiff.runs.diffusion", "jdiff.runs.fid", "jdiff.runs.edit", "jdiff.runs.reflow")
+MODES = (
+  "jdiff.runs.diffusion",
+  "jdiff.runs.fid",
+  "jdiff.runs.edit",
+  "jdiff.runs.reflow",
+  "jdiff.runs.text2image",
+)
 
 
 def _modules() -> dict[str, str]:

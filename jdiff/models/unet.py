@@ -25,6 +25,7 @@ from jdiff.models.layers import (
   conv_fn,
   timestep_embedding,
 )
+from jdiff.models.transformer2d import Transformer2D, split_text_cond
 from jdiff.ops.winograd import resolve_conv_impl
 
 Array = jax.Array
@@ -92,6 +93,14 @@ class UNet(nn.Module):
       low-resolution image and its augmentation level, or a known image and its mask);
       then ``y`` is that image [B, H, W, image_cond_channels] instead of a label, and the
       output keeps x's channels. 0 (default): no image input, parameters unchanged.
+    context_dim: width D of a text context [B, L, D]: the attention at `attn_resolutions`
+      (and in the middle) becomes a `Transformer2D` cross-attending to it ([LDM] Sec. 3.3),
+      and `y` is the context, or a dict {'context', 'mask' [B, L], 'labels' [B]}. None
+      (default): no context, parameters unchanged.
+    transformer_depth: transformer blocks per `Transformer2D`.
+    attention_head_dim: channels per head of the transformers, one int or one per level
+      (the middle takes the last level's); None: `num_heads` / `head_channels`. (diffusers'
+      SD configs name the head COUNT `attention_head_dim`; the importer converts.)
   """
 
   ch: int = 128
@@ -124,6 +133,9 @@ class UNet(nn.Module):
   image_cond_channels: int = 0
   attention_impl: str = "xla"
   norm_impl: str = "flax"
+  context_dim: int | None = None
+  transformer_depth: int = 1
+  attention_head_dim: int | Sequence[int] | None = None
 
   @property
   def null_label(self) -> int | None:
@@ -211,7 +223,8 @@ class UNet(nn.Module):
         ``2 ** (len(ch_mult) - 1)``.
       t: timesteps [B] (or a scalar), int or float.
       y: class labels [B] int in ``[0, num_classes]``; required iff
-        ``num_classes`` is set (``null_label`` = unconditional).
+        ``num_classes`` is set (``null_label`` = unconditional). With ``context_dim``:
+        the context [B, L, context_dim], or {'context', 'mask' [B, L], 'labels' [B]}.
       train: enables dropout; needs a ``'dropout'`` rng when ``dropout > 0``.
 
     Returns:
@@ -219,6 +232,9 @@ class UNet(nn.Module):
       when ``learn_sigma``.
     """
     self._check_config()
+    context = mask = None
+    if self.context_dim is not None:
+      y, context, mask = split_text_cond(y, context_dim=self.context_dim, batch=x.shape[0])
     image_cond, y = self._split_image_cond(x, y)
     t, y = self._check_inputs(x, t, y)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -245,7 +261,9 @@ class UNet(nn.Module):
       **kw,
     )
 
-    def attn(name, use_norm=True):
+    def attn(name, level, use_norm=True):
+      if self.context_dim is not None:
+        return lambda h: self._transformer(name, level, h.shape[-1], kw)(h, context, mask)
       return AttentionBlock(
         use_norm=use_norm,
         num_heads=self.num_heads,
@@ -307,7 +325,7 @@ class UNet(nn.Module):
       for j in range(self.num_res_blocks):
         h = res_cls(self.ch * mult, name=f"down_{i}_res_{j}", **blk)(h, emb, train)
         if h.shape[1] in self.attn_resolutions:
-          h = attn(f"down_{i}_attn_{j}")(h)
+          h = attn(f"down_{i}_attn_{j}", i)(h)
         hs.append(h)
       if i != last:
         h = resample(h, up=False, name=f"down_{i}_downsample")
@@ -315,7 +333,7 @@ class UNet(nn.Module):
 
     h = res_cls(h.shape[-1], name="mid_res_0", **blk)(h, emb, train)
     if self.mid_attention:
-      h = attn("mid_attn", self.mid_attn_norm)(h)
+      h = attn("mid_attn", last, self.mid_attn_norm)(h)
     h = res_cls(h.shape[-1], name="mid_res_1", **blk)(h, emb, train)
 
     for i in reversed(range(len(self.ch_mult))):
@@ -323,7 +341,7 @@ class UNet(nn.Module):
         h = jnp.concatenate([h, hs.pop()], axis=-1)
         h = res_cls(self.ch * self.ch_mult[i], name=f"up_{i}_res_{j}", **blk)(h, emb, train)
         if h.shape[1] in self.attn_resolutions:
-          h = attn(f"up_{i}_attn_{j}")(h)
+          h = attn(f"up_{i}_attn_{j}", i)(h)
       if i != 0:
         h = resample(h, up=True, name=f"up_{i}_upsample")
     assert not hs
@@ -343,6 +361,26 @@ class UNet(nn.Module):
       name="conv_out",
       **kw,
     )(h)
+
+  def _transformer(self, name: str, level: int, channels: int, kw) -> Transformer2D:
+    dims = self.attention_head_dim
+    if dims is None:
+      head_dim = self.head_channels or channels // self.num_heads
+    else:
+      head_dim = dims if isinstance(dims, int) else dims[level]
+    if channels % head_dim:
+      raise ValueError(f"{name}: channels={channels} not divisible by the head size {head_dim}")
+    return Transformer2D(
+      channels // head_dim,
+      head_dim,
+      depth=self.transformer_depth,
+      num_groups=self.num_groups,
+      zero_init=self.zero_init,
+      attention_impl=self.attention_impl,
+      norm_impl=self.norm_impl,
+      name=name,
+      **kw,
+    )
 
 
 # Presets: constructor kwargs per name (read-only; make_unet copies).

@@ -39,12 +39,19 @@ def resolve_attention_impl(impl: str, dtype, backend: str | None = None) -> str:
   return impl
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, *, impl: str = "xla") -> Array:
-  """Softmax attention of q, k, v [B, N, heads, D] -> [B, N, heads, D] by `impl`."""
+def dot_product_attention(
+  q: Array, k: Array, v: Array, *, impl: str = "xla", mask: Array | None = None
+) -> Array:
+  """Softmax attention of q [B, N, heads, D] to k, v [B, L, heads, D] -> [B, N, heads, D].
+
+  `mask` [B, L] bool (None: every key) marks the keys each query may attend to.
+  """
   impl = resolve_attention_impl(impl, q.dtype)
+  if mask is not None:
+    mask = jnp.asarray(mask, bool)[:, None, None, :]
   if impl == "cudnn":
     try:
-      return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+      return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
     except (RuntimeError, ValueError, NotImplementedError) as e:  # refused at trace time
       _log_once("warning", f"attention_impl=cudnn refused ({e}); using XLA's attention")
-  return jax.nn.dot_product_attention(q, k, v)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask)

@@ -63,8 +63,9 @@ DEFAULTS: Mapping[str, Any] = {
   "num_class_embeds": None,
   "num_train_timesteps": None,
 }
-_DOWN = {"DownBlock2D": False, "AttnDownBlock2D": True}
-_UP = {"UpBlock2D": False, "AttnUpBlock2D": True}
+_DOWN = {"DownBlock2D": False, "AttnDownBlock2D": True, "CrossAttnDownBlock2D": True}
+_UP = {"UpBlock2D": False, "AttnUpBlock2D": True, "CrossAttnUpBlock2D": True}
+_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 _REQUIRED = {
   "time_embedding_type": "positional",
   "mid_block_type": "UNetMidBlock2D",
@@ -75,6 +76,48 @@ _REQUIRED = {
 }
 
 
+# UNet2DConditionModel (Stable Diffusion 1.x / 2.x): its options beyond UNet2DModel's
+# with their defaults, and the values jdiff's UNet can express (None: any).
+COND_DEFAULTS: Mapping[str, Any] = {
+  **DEFAULTS,
+  "in_channels": 4,
+  "out_channels": 4,
+  "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+  "mid_block_type": "UNetMidBlock2DCrossAttn",
+  "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+  "block_out_channels": (320, 640, 1280, 1280),
+  "cross_attention_dim": 1280,
+  "num_attention_heads": None,
+  "transformer_layers_per_block": 1,
+  "use_linear_projection": False,
+  "upcast_attention": False,  # softmax in float32 either way
+}
+_COND_REQUIRED = {
+  **{k: v for k, v in _REQUIRED.items() if k != "mid_block_type"},
+  "mid_block_type": "UNetMidBlock2DCrossAttn",
+  "only_cross_attention": False,
+  "dual_cross_attention": False,
+  "reverse_transformer_layers_per_block": None,
+  "encoder_hid_dim": None,
+  "encoder_hid_dim_type": None,
+  "addition_embed_type": None,  # SDXL's 'text_time': see the module docstring
+  "addition_time_embed_dim": None,
+  "resnet_skip_time_act": False,
+  "resnet_out_scale_factor": 1.0,
+  "time_embedding_act_fn": None,
+  "timestep_post_act": None,
+  "time_cond_proj_dim": None,
+  "conv_in_kernel": 3,
+  "conv_out_kernel": 3,
+  "projection_class_embeddings_input_dim": None,
+  "attention_type": "default",
+  "class_embeddings_concat": False,
+  "mid_block_only_cross_attention": None,
+  "cross_attention_norm": None,
+  "addition_embed_type_num_heads": 64,
+}
+
+
 def unet_kwargs(config: Mapping[str, Any]) -> tuple[dict, tuple[int, int, int]]:
   """`UNet` constructor kwargs and the input shape (H, W, C) from a `config.json` dict.
 
@@ -82,14 +125,16 @@ def unet_kwargs(config: Mapping[str, Any]) -> tuple[dict, tuple[int, int, int]]:
     PretrainedError: naming the option `UNet` cannot express, or an inconsistent value.
   """
   name = config.get("_class_name", "UNet2DModel")
-  if name != "UNet2DModel":
-    raise PretrainedError(f"config.json: _class_name={name!r}; only UNet2DModel is supported")
-  unknown = sorted(k for k in config if not k.startswith("_") and k not in DEFAULTS)
+  if name not in _CLASSES:
+    raise PretrainedError(f"config.json: _class_name={name!r}; supported: {list(_CLASSES)}")
+  text = name == "UNet2DConditionModel"
+  defaults = {**COND_DEFAULTS, **_COND_REQUIRED} if text else DEFAULTS
+  unknown = sorted(k for k in config if not k.startswith("_") and k not in defaults)
   if unknown:
     raise PretrainedError(f"config.json: options unknown to this importer: {unknown}")
-  c = {**DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
-  for key, value in _REQUIRED.items():
-    if c[key] != value:
+  c = {**defaults, **{k: v for k, v in config.items() if not k.startswith("_")}}
+  for key, value in (_COND_REQUIRED if text else _REQUIRED).items():
+    if c[key] != value and not (key == "mid_block_only_cross_attention" and not c[key]):
       raise PretrainedError(f"config.json: {key}={c[key]!r} is not supported (only {value!r})")
   if c["act_fn"] not in ("silu", "swish"):
     raise PretrainedError(f"config.json: act_fn={c['act_fn']!r} is not supported (only silu)")
@@ -120,7 +165,11 @@ def unet_kwargs(config: Mapping[str, Any]) -> tuple[dict, tuple[int, int, int]]:
     raise PretrainedError(
       f"config.json: {len(down)} down and {len(up)} up block types for {len(chans)} levels"
     )
-  bad = sorted({b for b in down if b not in _DOWN} | {b for b in up if b not in _UP})
+  cross = lambda b: b.startswith("CrossAttn")  # noqa: E731
+  bad = sorted(
+    {b for b in down if b not in _DOWN or (_DOWN[b] and cross(b) != text)}
+    | {b for b in up if b not in _UP or (_UP[b] and cross(b) != text)}
+  )
   if bad:
     raise PretrainedError(
       f"config.json: block types {bad} are not supported (only {sorted(_DOWN)} / {sorted(_UP)})"
@@ -134,7 +183,7 @@ def unet_kwargs(config: Mapping[str, Any]) -> tuple[dict, tuple[int, int, int]]:
   if size is None:
     raise PretrainedError("config.json: sample_size is needed (it places the attention levels)")
   h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-  heads = c["attention_head_dim"]
+  heads = None if text else c["attention_head_dim"]
   kwargs = dict(
     ch=ch,
     ch_mult=tuple(b // ch for b in chans),
@@ -161,7 +210,41 @@ def unet_kwargs(config: Mapping[str, Any]) -> tuple[dict, tuple[int, int, int]]:
     or c["resnet_time_scale_shift"] == "default",
     center_input=bool(c["center_input_sample"]),
   )
+  if text:
+    kwargs.update(_context_kwargs(c, chans))
   return kwargs, (h, w, int(c["in_channels"]))
+
+
+def _per_level(c: Mapping[str, Any], key: str, levels: int) -> list[int]:
+  v = c[key]
+  v = [int(v)] * levels if isinstance(v, int) else [int(a) for a in v]
+  if len(v) != levels:
+    raise PretrainedError(f"config.json: {key}={c[key]} does not give one value per level")
+  return v
+
+
+def _context_kwargs(c: Mapping[str, Any], chans: list[int]) -> dict:
+  """The cross-attention fields of `UNet` for a UNet2DConditionModel config.
+
+  diffusers' `attention_head_dim` is, in UNet2DConditionModel, the number of heads
+  (`num_attention_heads` falls back to it); jdiff's is the channels per head.
+  """
+  key = "num_attention_heads" if c["num_attention_heads"] is not None else "attention_head_dim"
+  heads = _per_level(c, key, len(chans))
+  if any(ch % n for ch, n in zip(chans, heads)):
+    raise PretrainedError(f"config.json: {key}={c[key]} does not divide {chans}")
+  depth = set(_per_level(c, "transformer_layers_per_block", len(chans)))
+  if len(depth) != 1:
+    raise PretrainedError(
+      f"config.json: transformer_layers_per_block={c['transformer_layers_per_block']} varies "
+      "by level; UNet has one transformer_depth"
+    )
+  return dict(
+    context_dim=int(c["cross_attention_dim"]),
+    transformer_depth=depth.pop(),
+    attention_head_dim=tuple(ch // n for ch, n in zip(chans, heads)),
+    mid_attn_norm=True,
+  )
 
 
 def _res(prefix: str, path: tuple, has_skip: bool) -> list[Rule]:
@@ -175,6 +258,36 @@ def _res(prefix: str, path: tuple, has_skip: bool) -> list[Rule]:
   ) + ((("skip", "conv_shortcut", "conv"),) if has_skip else ()):
     rules += module_rules(kind, f"{prefix}.{tn}", (*path, jd), {})
   return rules
+
+
+def _conv1x1(key: str, path: tuple) -> Rule:
+  """A 1x1 conv weight [O, I, 1, 1] <-> a Dense kernel [I, O] (Transformer2D's projections)."""
+  return Rule((key,), (path,), lambda w: (w[:, :, 0, 0].T,), lambda w: (w.T[:, :, None, None],))
+
+
+def _transformer(prefix: str, path: tuple, depth: int, linear: bool) -> list[Rule]:
+  """Transformer2DModel <-> `Transformer2D` (`linear`: use_linear_projection)."""
+  out = module_rules("norm", f"{prefix}.norm", (*path, "norm"), {})
+  for name in ("proj_in", "proj_out"):
+    if linear:
+      out += module_rules("dense", f"{prefix}.{name}", (*path, name), {})
+    else:
+      out += [_conv1x1(f"{prefix}.{name}.weight", (*path, name, "kernel"))]
+      out += [mapping.same(f"{prefix}.{name}.bias", (*path, name, "bias"))]
+  for d in range(depth):
+    tp, jp = f"{prefix}.transformer_blocks.{d}", f"block_{d}_"
+    for n in ("norm1", "norm2", "norm3"):
+      out += [mapping.same(f"{tp}.{n}.weight", (*path, jp + n, "scale"))]
+      out += [mapping.same(f"{tp}.{n}.bias", (*path, jp + n, "bias"))]
+    for a in ("attn1", "attn2"):
+      out += [
+        mapping.dense(f"{tp}.{a}.to_{x}.weight", (*path, jp + a, f"to_{x}", "kernel"))
+        for x in "qkv"
+      ]
+      out += module_rules("dense", f"{tp}.{a}.to_out.0", (*path, jp + a, "to_out"), {})
+    out += module_rules("dense", f"{tp}.ff.net.0.proj", (*path, jp + "ff_proj"), {})
+    out += module_rules("dense", f"{tp}.ff.net.2", (*path, jp + "ff_out"), {})
+  return out
 
 
 def _attn(prefix: str, path: tuple, deprecated: bool, *, norm: bool = True) -> list[Rule]:
@@ -191,7 +304,11 @@ def _attn(prefix: str, path: tuple, deprecated: bool, *, norm: bool = True) -> l
 
 
 def rules(
-  kwargs: Mapping[str, Any], shapes: Mapping[tuple, tuple], *, deprecated_attention: bool = False
+  kwargs: Mapping[str, Any],
+  shapes: Mapping[tuple, tuple],
+  *,
+  deprecated_attention: bool = False,
+  linear_projection: bool = False,
 ) -> list[Rule]:
   """The rules between a `UNet2DModel` state dict and the `UNet(**kwargs)` params.
 
@@ -201,8 +318,17 @@ def rules(
       shortcuts are).
     deprecated_attention: attention keys named query/key/value/proj_attn (checkpoints
       saved before diffusers 0.14, e.g. the google/ddpm-* hub files).
+    linear_projection: a UNet2DConditionModel's `use_linear_projection` (SD 2.x): the
+      transformers' proj_in / proj_out are linear [O, I], else 1x1 convs [O, I, 1, 1].
   """
   top = {p[0] for p in shapes}
+  attn = _attn
+  if kwargs.get("context_dim") is not None:  # UNet2DConditionModel: Transformer2DModels
+    depth = kwargs["transformer_depth"]
+
+    def attn(prefix, path, _, norm=True):
+      return _transformer(prefix, path, depth, linear_projection)
+
   has = lambda name: name in top  # noqa: E731
   skip = lambda name: (name, "skip", "kernel") in shapes  # noqa: E731
   out = []
@@ -217,7 +343,7 @@ def rules(
       name = f"down_{i}_res_{j}"
       out += _res(f"down_blocks.{i}.resnets.{j}", (name,), skip(name))
       if has(f"down_{i}_attn_{j}"):
-        out += _attn(
+        out += attn(
           f"down_blocks.{i}.attentions.{j}", (f"down_{i}_attn_{j}",), deprecated_attention
         )
     if i != levels - 1:
@@ -227,7 +353,7 @@ def rules(
   for j in range(2):
     out += _res(f"mid_block.resnets.{j}", (f"mid_res_{j}",), skip(f"mid_res_{j}"))
   if has("mid_attn"):
-    out += _attn(
+    out += attn(
       "mid_block.attentions.0",
       ("mid_attn",),
       deprecated_attention,
@@ -239,7 +365,7 @@ def rules(
       name = f"up_{i}_res_{j}"
       out += _res(f"up_blocks.{k}.resnets.{j}", (name,), skip(name))
       if has(f"up_{i}_attn_{j}"):
-        out += _attn(f"up_blocks.{k}.attentions.{j}", (f"up_{i}_attn_{j}",), deprecated_attention)
+        out += attn(f"up_blocks.{k}.attentions.{j}", (f"up_{i}_attn_{j}",), deprecated_attention)
     if i != 0:
       out += module_rules(
         "conv", f"up_blocks.{k}.upsamplers.0.conv", (f"up_{i}_upsample", "conv"), {}

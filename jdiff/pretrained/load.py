@@ -91,13 +91,19 @@ def hub_files(*, torch_weights: bool = False) -> list[str]:
   return [*unet, scheduler, *(f"unet/{f}" for f in unet), f"scheduler/{scheduler}"]
 
 
-def hub_download(repo_id: str, *, revision: str | None = None, torch_weights: bool = False) -> str:
+def hub_download(
+  repo_id: str,
+  *,
+  revision: str | None = None,
+  torch_weights: bool = False,
+  patterns: list[str] | None = None,
+) -> str:
   """Downloads (or finds cached) a hub repo's configs and weights; returns its local dir.
 
   Only the files `diffusers_files` reads, named (a pipeline repository's other
   components, its VAE or text encoder, are not fetched): `config.json`, the .safetensors
   weights and `scheduler_config.json` at the root, or in `unet/` and `scheduler/` for a
-  pipeline; with `torch_weights` the .bin weights too.
+  pipeline; with `torch_weights` the .bin weights too; or exactly `patterns`.
 
   Raises:
     ImportError: huggingface_hub is not installed.
@@ -110,7 +116,7 @@ def hub_download(repo_id: str, *, revision: str | None = None, torch_weights: bo
       f"loading {repo_id!r} by hub name needs huggingface_hub (pip install huggingface_hub); "
       "or pass a local directory"
     ) from None
-  patterns = hub_files(torch_weights=torch_weights)
+  patterns = patterns or hub_files(torch_weights=torch_weights)
   try:
     return huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
   except Exception as e:  # noqa: BLE001  (offline: several exception types, one message)
@@ -238,7 +244,12 @@ def build(
   )
   if fmt == "diffusers":
     deprecated = diffusers_unet.uses_deprecated_attention(state_dict.keys())
-    rules = diffusers_unet.rules(kwargs, shapes, deprecated_attention=deprecated)
+    rules = diffusers_unet.rules(
+      kwargs,
+      shapes,
+      deprecated_attention=deprecated,
+      linear_projection=bool(config.get("use_linear_projection", False)),
+    )
   else:
     new_order = bool(adm.complete_flags(flags, variant=variant)["use_new_attention_order"])
     rules = adm.rules(kwargs, shapes, new_attention_order=new_order)

@@ -153,6 +153,9 @@ def param_shapes(module, sample_x: jax.ShapeDtypeStruct, *, conditional: bool) -
 
   def init(x):
     y = jnp.zeros((b,), jnp.int32) if conditional else None
+    if getattr(module, "context_dim", None) is not None:  # a text-conditioned U-Net
+      context = jnp.zeros((b, 1, module.context_dim), jnp.float32)
+      y = context if y is None else {"context": context, "labels": y}
     return module.init(jax.random.key(0), x, jnp.zeros((b,), jnp.int32), y, train=False)
 
   shapes = jax.eval_shape(init, sample_x)["params"]

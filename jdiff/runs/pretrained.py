@@ -80,6 +80,11 @@ def attach(setup) -> None:
     conv_impl=c.model.conv_impl,
     remat=c.model.remat,
   )
+  if model.module.context_dim is not None:
+    raise PretrainedError(
+      f"{model.source} is a text-conditioned UNet2DConditionModel: sample it with "
+      "jdiff/configs/text2image.py (config.sample.prompts), a Stable Diffusion pipeline"
+    )
   # A mode that reads no data (sample, edit, fid on stored statistics) takes the weights' shape.
   if setup.reads_data and tuple(model.image_shape) != tuple(setup.image_shape):
     raise PretrainedError(
