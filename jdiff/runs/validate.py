@@ -11,6 +11,7 @@ resolved by `resolve` before the sampler rules apply.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -20,7 +21,7 @@ from jdiff.models.guidance_schedules import SCALE_SCHEDULES
 from jdiff.models.layers import DTYPES, NORM_IMPLS
 from jdiff.ops.attention import ATTENTION_IMPLS
 from jdiff.ops.winograd import CONV_IMPLS
-from jdiff.runs import feature_nets, objectives
+from jdiff.runs import distilled, feature_nets, objectives
 from jdiff.samplers.registry import FLOW_SAMPLERS, resolve_options
 from jdiff.schedules import get_schedule
 from jdiff.training import sharding
@@ -96,7 +97,11 @@ def kind_of(config) -> str:
 def sampler_of(config) -> str:
   """`config.sample.sampler`, with 'auto' resolved to the objective's own sampler."""
   s = config.sample.sampler
-  return objectives.default_sampler(config.get("objective", "ddpm")) if s == "auto" else s
+  if s != "auto":
+    return s
+  return distilled.auto_sampler(config) or objectives.default_sampler(
+    config.get("objective", "ddpm")
+  )
 
 
 def resolve(config):
@@ -201,6 +206,8 @@ def _check_diffusion(config) -> None:
   _check_objective(c)
   check_sample(c.sample, latent=bool(c.latent.autoencoder_workdir), objective=c.objective)
   _check_eval(c)
+  if c.get("distill") is not None:
+    _check_distill(c)
   if c.get("superres") is not None and c.superres.factor:
     sr, size = c.superres, c.data.image_size
     if sr.factor < 2 or (size and size % sr.factor):
@@ -378,4 +385,48 @@ def _check_autoencoder(config) -> None:
   if dtype is not None and dtype not in DTYPES:
     raise ValueError(
       f"config.autoencoder.overrides.dtype must be one of {sorted(DTYPES)}, got {dtype!r}"
+    )
+
+
+# ----------------------------------------------------------------------------- distill
+
+
+def _check_distill(c) -> None:
+  """`--mode=distill`'s section: the method, the teacher workdir and what the method needs."""
+  d, pow2 = c.distill, lambda n: isinstance(n, int) and n >= 1 and not n & (n - 1)
+  if d.method not in distilled.METHODS:
+    raise ValueError(f"config.distill.method must be one of {distilled.METHODS}, got {d.method!r}")
+  path = os.path.join(d.teacher_workdir, "config.json")
+  if not d.teacher_workdir or not os.path.isfile(path):
+    raise ValueError(
+      f"config.distill.teacher_workdir={d.teacher_workdir!r} is not a training workdir (no "
+      "config.json): give the teacher's workdir"
+    )
+  with open(path) as f:
+    objective = json.load(f).get("objective", "ddpm")
+  if objective != "ddpm" or c.objective != "ddpm":
+    raise ValueError(
+      f"config.distill.teacher_workdir={d.teacher_workdir!r} holds a teacher of objective "
+      f"{objective!r} (config.objective={c.objective!r}); distill.method={d.method!r} distils "
+      "a DDPM teacher into a student of the same objective 'ddpm'"
+    )
+  for key in ("steps", "final_steps", "round_steps"):
+    if not (pow2(d[key]) or (key == "round_steps" and d[key] == 0)):
+      raise ValueError(
+        f"config.distill.{key} must be a power of two (progressive distillation halves the "
+        f"step count every round), got {d[key]!r}"
+      )
+  if d.method == "progressive" and not d.final_steps < d.steps <= c.diffusion.num_steps // 2:
+    raise ValueError(
+      f"config.distill: need final_steps < steps <= diffusion.num_steps / 2, got final_steps="
+      f"{d.final_steps}, steps={d.steps}, diffusion.num_steps={c.diffusion.num_steps}"
+    )
+  for key, allowed in distilled.CHOICES.items():
+    if d[key] not in allowed:
+      raise ValueError(f"config.distill.{key} must be one of {allowed}, got {d[key]!r}")
+  if d.num_levels < 2 or not 1 <= d.s0 <= d.s1 or not d.sigma_max > 0 or not d.sigma_data > 0:
+    raise ValueError(
+      "config.distill: need num_levels >= 2, 1 <= s0 <= s1, sigma_max > 0 and sigma_data > 0; "
+      f"got num_levels={d.num_levels}, s0={d.s0}, s1={d.s1}, sigma_max={d.sigma_max}, "
+      f"sigma_data={d.sigma_data}"
     )
