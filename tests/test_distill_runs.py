@@ -131,13 +131,7 @@ def test_a_consistency_workdir_refuses_other_samplers(tmp_path):
 def _config(teacher, **kw):
   c = distill_digits.get_config("tiny")
   with c.unlocked():
-    c.distill.teacher_workdir = str(teacher)
-    for k, v in kw.items():
-      node = c
-      *path, last = k.split(".")
-      for p in path:
-        node = node[p]
-      node[last] = v
+    c.update_from_flattened_dict({"distill.teacher_workdir": str(teacher), **kw})
   return c
 
 
