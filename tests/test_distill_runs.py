@@ -138,14 +138,16 @@ def _config(teacher, **kw):
 def test_distill_config_errors_name_the_key(tmp_path):
   with pytest.raises(ValueError, match=r"config.distill.teacher_workdir='.*nowhere' is not a"):
     validate.validate(_config(tmp_path / "nowhere"))
-  edm = tmp_path / "edm"
-  edm.mkdir()
-  (edm / "config.json").write_text(json.dumps({"objective": "edm"}))
+  ok, edm = tmp_path / "ok", tmp_path / "edm"
+  for workdir, objective in ((ok, "ddpm"), (edm, "edm")):
+    workdir.mkdir()
+    (workdir / "config.json").write_text(json.dumps({"objective": objective}))
+  with pytest.raises(ValueError, match=r"teacher_workdir='.*ok' has no checkpoint"):
+    validate.validate(_config(ok))
+  for workdir in (ok, edm):
+    (workdir / "checkpoints" / "6").mkdir(parents=True)
   with pytest.raises(ValueError, match=r"teacher_workdir=.* holds a teacher of objective 'edm'"):
     validate.validate(_config(edm))
-  ok = tmp_path / "ok"
-  ok.mkdir()
-  (ok / "config.json").write_text(json.dumps({"objective": "ddpm"}))
   validate.validate(_config(ok))
   with pytest.raises(ValueError, match=r"config.distill.steps must be a power of two.*got 6"):
     validate.validate(_config(ok, **{"distill.steps": 6}))

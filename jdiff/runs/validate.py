@@ -21,7 +21,7 @@ from jdiff.models.guidance_schedules import SCALE_SCHEDULES
 from jdiff.models.layers import DTYPES, NORM_IMPLS
 from jdiff.ops.attention import ATTENTION_IMPLS
 from jdiff.ops.winograd import CONV_IMPLS
-from jdiff.runs import distilled, feature_nets, objectives
+from jdiff.runs import distilled, feature_nets, objectives, stored_config
 from jdiff.samplers.registry import FLOW_SAMPLERS, resolve_options
 from jdiff.schedules import get_schedule
 from jdiff.training import sharding
@@ -401,6 +401,10 @@ def _check_distill(c) -> None:
     raise ValueError(
       f"config.distill.teacher_workdir={d.teacher_workdir!r} is not a training workdir (no "
       "config.json): give the teacher's workdir"
+    )
+  if not stored_config.has_checkpoints(d.teacher_workdir):
+    raise ValueError(
+      f"config.distill.teacher_workdir={d.teacher_workdir!r} has no checkpoint: train it first"
     )
   with open(path) as f:
     objective = json.load(f).get("objective", "ddpm")
