@@ -164,9 +164,10 @@ def test_distill_config_errors_name_the_key(tmp_path):
 
 @pytest.mark.e2e
 def test_teacher_distill_resume_sample_fid(tiny_run, tmp_path):
-  """tiny teacher -> one PD round (8 -> 4 steps... here steps 4 -> 2) and consistency
-  distillation, in process; a rerun from the step-3 checkpoint ends bit-equal; then
-  --mode=sample and --mode=fid read the workdirs' records."""
+  """The chain on the tiny teacher (the `tiny_run` workdir), in process: --mode=distill runs
+  one progressive round (4 -> 2 steps) into <workdir>/steps_0002, an ordinary workdir with its
+  record and sample grid; a copy without its step-6 checkpoint resumes from step 3 and ends
+  bit-equal; --mode=sample and --mode=fid then sample it through its record (DDIM on its grid)."""
   from jdiff.runs import diffusion, distill, fid  # pylint: disable=g-import-not-at-top
   from jdiff.runs.diffusion import params_checksum  # pylint: disable=g-import-not-at-top
 
