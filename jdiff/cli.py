@@ -30,7 +30,7 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from jdiff.runs import autoencoder, diffusion, edit, fid, reflow, text2image
+from jdiff.runs import autoencoder, diffusion, distill, edit, fid, reflow, text2image
 from jdiff.training.integrity import CLOSED_LOOP, is_closed_loop
 
 FLAGS = flags.FLAGS
@@ -51,10 +51,12 @@ flags.DEFINE_enum(
     "fid_ref",
     "reflow_pairs",
     "edit",
+    "distill",
   ],
   "What to run: diffusion train/sample/eval, sample quality fid/fid_ref (jdiff/runs/fid.py), "
   "stage-1 autoencoder train/eval, the reflow pairs of a flow model (jdiff/runs/reflow.py), "
-  "or image editing: img2img / inpaint / superres (jdiff/runs/edit.py).",
+  "image editing: img2img / inpaint / superres (jdiff/runs/edit.py), or few-step students "
+  "of a trained model (jdiff/runs/distill.py).",
 )
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (cluster env).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host.")
@@ -79,6 +81,7 @@ MODES = {
   "fid_ref": fid.fid_ref,
   "reflow_pairs": reflow.write_pairs,
   "edit": edit.edit,
+  "distill": distill.distill,
 }
 
 

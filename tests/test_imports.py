@@ -44,6 +44,7 @@ MODES = (
   "jdiff.runs.edit",
   "jdiff.runs.reflow",
   "jdiff.runs.text2image",
+  "jdiff.runs.distill",
 )
 
 

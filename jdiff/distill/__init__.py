@@ -27,3 +27,4 @@ from jdiff.distill.consistency import (
   sampling_levels,
 )
 from jdiff.distill.progressive import check_num_steps, pd_loss, pd_target, student_grid, time_of
+from jdiff.distill.sampling import consistency_denoiser_sample, denoiser_consistency_fn

@@ -7,7 +7,10 @@
   builders.py        the U-Net / DiT (objective-wrapped) and the autoencoder of a config.
   generate.py        the leaf every mode samples through: sample function, per-batch
                      noise and labels, one `generate`.
+  train.py           the training skeleton every training mode shares (`TrainMode`, `MeanLogger`).
   diffusion.py       `train_and_evaluate`, `sample`, `evaluate` (diffusion configs).
+  distill.py         `distill`: few-step students of a trained model (--mode=distill).
+  distilled.py       a distilled workdir's record and the sampler it implies (a leaf).
   autoencoder.py     `train_autoencoder`, `evaluate_autoencoder` (stage-1 configs).
   stage1.py          the stage-1 workdir on disk and `load_codec`.
   sample_options.py  the `config.sample` section as `make_sample_fn` options.

@@ -32,8 +32,8 @@ from jdiff.data import latents, pipeline
 from jdiff.models import autoencoder_losses as ae_losses
 from jdiff.runs import stage1
 from jdiff.runs.setup import Setup, local_shardings, log_process_info, run_training
+from jdiff.runs.train import MeanLogger, TrainMode, train
 from jdiff.training import sharding
-from jdiff.training.progress import format_seconds
 from jdiff.training.state import AutoencoderState, param_count
 from jdiff.training.step import make_autoencoder_state_step
 from jdiff.training.writers import MetricWriter, save_image_grid, write_scalars_once
@@ -54,76 +54,56 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str) -> Autoen
 
 
 def _train(setup: Setup, writer: MetricWriter) -> AutoencoderState:
-  cfg, mesh, ckpt = setup.config, setup.mesh, setup.checkpointer
-  is_main = jax.process_index() == 0
+  cfg, mesh = setup.config, setup.mesh
   stage1.check_or_write_architecture(
     setup.workdir,
     stage1.architecture_record(cfg.autoencoder.preset, setup.module, setup.image_shape),
   )
-  train_iter = setup.train_iterator()  # first: it checks the batch size against the devices
-  state = setup.init_state()
-  logging.info(
-    "autoencoder: %d parameters; images %s -> latents %s (f=%d)",
-    param_count(state.params),
-    setup.image_shape,
-    setup.latent_shape,
-    setup.module.downsample_factor,
-  )
-  state, start = ckpt.restore_or_keep(state, train_iter)
-  if writer.truncate_after(start):  # rows of the interrupted run's lost steps
-    logging.info("metrics.jsonl: dropped the rows past the restored step %d", start)
 
-  train_step = jax.jit(
-    make_autoencoder_state_step(
-      setup.module, setup.optimizer, recon_loss=cfg.loss.recon_loss, kl_weight=cfg.loss.kl_weight
-    ),
-    in_shardings=(setup.repl, setup.data_sh, setup.repl),
-    out_shardings=(setup.repl, setup.repl),
-    donate_argnums=(0,),
-  )
-
-  def step_fn(state):
-    images = sharding.to_global(next(train_iter)["image"], mesh)
-    return train_step(state, images, setup.keys.train)
-
-  def log(step, metrics, rate, eta_s):
-    if not is_main:
-      return
-    mean = {
-      k: float(np.mean([m[k] for m in metrics])) for k in ("loss", "rec_loss", "kl", "mse", "psnr")
-    }
-    logging.info(
-      "step %d/%d  loss %.4f  rec %.4f  kl %.1f  psnr %.2f dB  %.1f img/s  ETA %s",
-      step,
-      cfg.train.num_steps,
-      mean["loss"],
-      mean["rec_loss"],
-      mean["kl"],
-      mean["psnr"],
-      rate,
-      format_seconds(eta_s),
-    )
-    writer.write_scalars(
-      step,
-      {
-        **{f"train/{k}": v for k, v in mean.items()},
-        "train/img_per_s": rate,
-        "train/grad_norm": float(metrics[-1]["grad_norm"]),
-        "train/window_steps": len(metrics),  # how many steps the means average
-        "train/latent_std": float(metrics[-1]["latent_std"]),
-      },
+  def describe(state):
+    return (
+      f"autoencoder: {param_count(state.params)} parameters; images {setup.image_shape} -> "
+      f"latents {setup.latent_shape} (f={setup.module.downsample_factor})"
     )
 
-  state, step, preempted = setup.train_loop(
-    state, step_fn, train_iter, start, log=log, what="autoencoder loss"
-  )
-  if step == cfg.train.num_steps and not preempted:
+  def make_step(state, train_iter):
+    del state
+    train_step = jax.jit(
+      make_autoencoder_state_step(
+        setup.module, setup.optimizer, recon_loss=cfg.loss.recon_loss, kl_weight=cfg.loss.kl_weight
+      ),
+      in_shardings=(setup.repl, setup.data_sh, setup.repl),
+      out_shardings=(setup.repl, setup.repl),
+      donate_argnums=(0,),
+    )
+
+    def step_fn(state):
+      images = sharding.to_global(next(train_iter)["image"], mesh)
+      return train_step(state, images, setup.keys.train)
+
+    return step_fn
+
+  def finish(step, state):
     params = _local_params(state.params)
     path = _write_reconstructions(setup, params, step)
     if path is not None:
       writer.write_image(step, "autoencoder/reconstructions", path)
     _write_scale_factor(setup, params, step, writer)
-  return state
+
+  logger = MeanLogger(
+    writer,
+    cfg.train.num_steps,
+    means=(
+      ("loss", "loss %.4f"),
+      ("rec_loss", "rec %.4f"),
+      ("kl", "kl %.1f"),
+      ("mse", None),
+      ("psnr", "psnr %.2f dB"),
+    ),
+    extra=("latent_std",),
+  )
+  mode = TrainMode(describe, make_step, logger, finish=finish, what="autoencoder loss")
+  return train(setup, writer, mode)
 
 
 def _local_params(params):

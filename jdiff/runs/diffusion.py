@@ -29,8 +29,9 @@ from jdiff.models.bridge import make_model_fn
 from jdiff.runs import objectives
 from jdiff.runs.generate import generate, sample_fn  # noqa: F401 (sample_fn re-exported)
 from jdiff.runs.setup import Setup, log_process_info, run_training
+from jdiff.runs.train import MeanLogger, TrainMode, train
 from jdiff.training import sharding
-from jdiff.training.progress import Progress, format_seconds
+from jdiff.training.progress import Progress
 from jdiff.training.state import TrainState, param_count
 from jdiff.training.step import make_eval_step, make_train_step
 from jdiff.training.writers import (
@@ -86,104 +87,109 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
 
 def _train(setup: Setup, writer: MetricWriter) -> TrainState:
-  cfg, mesh, ckpt = setup.config, setup.mesh, setup.checkpointer
-  is_main = jax.process_index() == 0
-  train_iter = setup.train_iterator()  # first: it checks the batch size against the devices
-  state = setup.init_state()
-  logging.info(
-    "model: %d parameters; image shape %s; %s",
-    param_count(state.params),
-    setup.image_shape,
-    setup.module.__class__.__name__,
-  )
-  # Restored onto this run's shardings, whatever mesh the checkpoint was saved from.
-  state, start = ckpt.restore_or_keep(state, train_iter)
-  state_sh = setup.state_shardings(state)
-  if writer.truncate_after(start):  # rows of the interrupted run's lost steps
-    logging.info("metrics.jsonl: dropped the rows past the restored step %d", start)
+  cfg, mesh = setup.config, setup.mesh
 
-  train_step = jax.jit(
-    make_train_step(
-      setup.module,
-      setup.optimizer,
-      ema_decay=cfg.ema_decay,
-      ema_warmup=cfg.ema_warmup,
-      label_dropout=cfg.train.label_dropout,
-      null_label=setup.null_label,
-      grad_accum_steps=cfg.train.grad_accum_steps,
-      micro_sharding=setup.data_sh,
-      grad_shardings=state_sh.params,
-      reflow=bool(cfg.flow.reflow_pairs),
-      cond_fn=superres_cond_fn(cfg),
-      **loss_kwargs(cfg),
-    ),
-    in_shardings=(state_sh, setup.data_sh, setup.repl, setup.repl),
-    out_shardings=(state_sh, setup.repl),
-    donate_argnums=(0,),
-  )
-  grid_rng = setup.keys.stream("grid")
-
-  def step_fn(state):
-    batch = sharding.to_global({k: v for k, v in next(train_iter).items() if k != "mask"}, mesh)
-    return train_step(state, batch, setup.schedule, setup.keys.train)
-
-  def log(step, metrics, rate, eta_s):
-    if not is_main:
-      return
-    loss = float(np.mean([m["loss"] for m in metrics]))
-    logging.info(
-      "step %d/%d  loss %.5f  %.1f img/s  ETA %s",
-      step,
-      cfg.train.num_steps,
-      loss,
-      rate,
-      format_seconds(eta_s),
-    )
-    writer.write_scalars(
-      step,
-      {
-        "train/loss": loss,
-        "train/img_per_s": rate,
-        "train/grad_norm": float(metrics[-1]["grad_norm"]),
-        "train/window_steps": len(metrics),  # how many steps the means average
-      },
+  def describe(state):
+    return (
+      f"model: {param_count(state.params)} parameters; image shape {setup.image_shape}; "
+      f"{setup.module.__class__.__name__}"
     )
 
-  def sample_grid(step, state):
-    if superres_cond_fn(cfg) is not None:  # a before/after grid of held-out images
-      from jdiff.runs import edit  # pylint: disable=g-import-not-at-top
-
-      edit.superres_eval_grid(setup, state.ema_params, step)
-      return
-    images = generate(
-      setup, state.ema_params, cfg.sample.grid_size, jax.random.fold_in(grid_rng, step)
+  def make_step(state, train_iter):
+    state_sh = setup.state_shardings(state)
+    train_step = jax.jit(
+      make_train_step(
+        setup.module,
+        setup.optimizer,
+        ema_decay=cfg.ema_decay,
+        ema_warmup=cfg.ema_warmup,
+        label_dropout=cfg.train.label_dropout,
+        null_label=setup.null_label,
+        grad_accum_steps=cfg.train.grad_accum_steps,
+        micro_sharding=setup.data_sh,
+        grad_shardings=state_sh.params,
+        reflow=bool(cfg.flow.reflow_pairs),
+        cond_fn=superres_cond_fn(cfg),
+        **loss_kwargs(cfg),
+      ),
+      in_shardings=(state_sh, setup.data_sh, setup.repl, setup.repl),
+      out_shardings=(state_sh, setup.repl),
+      donate_argnums=(0,),
     )
-    if is_main:
-      path = save_image_grid(os.path.join(setup.workdir, "samples", f"grid_{step:07d}.png"), images)
-      writer.write_image(step, "samples/grid", path)
-      logging.info("wrote sample grid %s", path)
 
-  def periodic(step, state):
-    if cfg.train.sample_every and step % cfg.train.sample_every == 0:
-      sample_grid(step, state)
+    def step_fn(state):
+      batch = sharding.to_global({k: v for k, v in next(train_iter).items() if k != "mask"}, mesh)
+      return train_step(state, batch, setup.schedule, setup.keys.train)
 
-  state, step, preempted = setup.train_loop(
-    state, step_fn, train_iter, start, log=log, periodic=periodic
+    return step_fn
+
+  grids = SampleGrids(setup, writer)
+
+  def finish(step, state):
+    grids(step, state)
+    if cfg.eval.quality_samples:
+      from jdiff.runs import fid  # pylint: disable=g-import-not-at-top
+
+      rng = jax.random.fold_in(setup.keys.stream("quality"), step)
+      fid.quality(setup, state.ema_params, cfg.eval.quality_samples, rng, writer=writer, step=step)
+
+  mode = TrainMode(
+    describe=describe,
+    make_step=make_step,
+    logger=MeanLogger(writer, cfg.train.num_steps),
+    periodic=grids.periodic,
+    finish=finish,
+    after=log_checksum,
   )
+  return train(setup, writer, mode)
+
+
+def log_checksum(step: int, state) -> None:
   logging.info(
     "process %d: params checksum %.10e at step %d",
     jax.process_index(),
     params_checksum(state.params),
     step,
   )
-  if step == cfg.train.num_steps and not preempted:
-    sample_grid(step, state)
-    if cfg.eval.quality_samples:
-      from jdiff.runs import fid  # pylint: disable=g-import-not-at-top
 
-      rng = jax.random.fold_in(setup.keys.stream("quality"), step)
-      fid.quality(setup, state.ema_params, cfg.eval.quality_samples, rng, writer=writer, step=step)
-  return state
+
+class SampleGrids:
+  """The sample grids of a training run: `periodic(step, state)` every
+  `config.train.sample_every` steps, and `self(step, state)` at the end (the EMA params);
+  a super-resolution config writes a before/after grid of held-out images instead.
+
+  Args:
+    setup, writer: the run's.
+    tag: the TensorBoard image tag.
+  """
+
+  def __init__(self, setup: Setup, writer: MetricWriter, *, tag: str = "samples/grid"):
+    self.setup, self.writer, self.tag = setup, writer, tag
+    self.rng = setup.keys.stream("grid")
+
+  def __call__(self, step: int, state, **overrides) -> None:
+    setup, cfg = self.setup, self.setup.config
+    if superres_cond_fn(cfg) is not None:  # a before/after grid of held-out images
+      from jdiff.runs import edit  # pylint: disable=g-import-not-at-top
+
+      edit.superres_eval_grid(setup, state.ema_params, step)
+      return
+    images = generate(
+      setup,
+      state.ema_params,
+      cfg.sample.grid_size,
+      jax.random.fold_in(self.rng, step),
+      **overrides,
+    )
+    if jax.process_index() == 0:
+      path = save_image_grid(os.path.join(setup.workdir, "samples", f"grid_{step:07d}.png"), images)
+      self.writer.write_image(step, self.tag, path)
+      logging.info("wrote sample grid %s", path)
+
+  def periodic(self, step: int, state) -> None:
+    every = self.setup.config.train.sample_every
+    if every and step % every == 0:
+      self(step, state)
 
 
 # ----------------------------------------------------------------------------- sample / eval

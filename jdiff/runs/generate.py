@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff.runs import objectives
+from jdiff.runs import distilled, objectives
 from jdiff.runs.sample_options import sample_options
 from jdiff.samplers.registry import make_sample_fn
 from jdiff.training import sharding
@@ -32,7 +32,8 @@ def sample_fn(setup, **overrides) -> Callable:
   """The pure `sample_fn(params, x_T, rng, labels, **extra)` of `config.sample`, with
   `overrides` of its `make_sample_fn` options (e.g. sampler, num_steps, strength)."""
   c = setup.config
-  opts = {**sample_options(c.sample), **objectives.sample_overrides(c), **overrides}
+  record = distilled.sample_overrides(setup.workdir, setup.schedule, c.sample.sampler)
+  opts = {**sample_options(c.sample), **objectives.sample_overrides(c), **record, **overrides}
   return make_sample_fn(
     setup.module,
     setup.schedule,

@@ -20,7 +20,8 @@ from jdiff.models.guidance_schedules import SCALE_SCHEDULES
 from jdiff.models.layers import DTYPES, NORM_IMPLS
 from jdiff.ops.attention import ATTENTION_IMPLS
 from jdiff.ops.winograd import CONV_IMPLS
-from jdiff.runs import feature_nets, objectives
+from jdiff.runs import distilled, feature_nets, objectives
+from jdiff.runs.validate_modes import check_distill, check_text2image  # noqa: F401
 from jdiff.samplers.registry import FLOW_SAMPLERS, resolve_options
 from jdiff.schedules import get_schedule
 from jdiff.training import sharding
@@ -96,7 +97,11 @@ def kind_of(config) -> str:
 def sampler_of(config) -> str:
   """`config.sample.sampler`, with 'auto' resolved to the objective's own sampler."""
   s = config.sample.sampler
-  return objectives.default_sampler(config.get("objective", "ddpm")) if s == "auto" else s
+  if s != "auto":
+    return s
+  return distilled.auto_sampler(config) or objectives.default_sampler(
+    config.get("objective", "ddpm")
+  )
 
 
 def resolve(config):
@@ -201,6 +206,8 @@ def _check_diffusion(config) -> None:
   _check_objective(c)
   check_sample(c.sample, latent=bool(c.latent.autoencoder_workdir), objective=c.objective)
   _check_eval(c)
+  if c.get("distill") is not None:
+    check_distill(c)
   if c.get("superres") is not None and c.superres.factor:
     sr, size = c.superres, c.data.image_size
     if sr.factor < 2 or (size and size % sr.factor):
@@ -378,45 +385,4 @@ def _check_autoencoder(config) -> None:
   if dtype is not None and dtype not in DTYPES:
     raise ValueError(
       f"config.autoencoder.overrides.dtype must be one of {sorted(DTYPES)}, got {dtype!r}"
-    )
-
-
-def check_text2image(config) -> None:
-  """The keys of a prompt -> image config (jdiff/configs/text2image.py)."""
-  s = config.sample
-  if not config.pretrained.path:
-    raise ValueError("config.pretrained.path must name a Stable Diffusion pipeline (dir or hub)")
-  if s.prompts_file and not os.path.isfile(s.prompts_file):
-    raise ValueError(f"config.sample.prompts_file: no file {s.prompts_file!r}")
-  prompts = s.prompts
-  if not s.prompts_file and (
-    isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts)
-  ):
-    raise ValueError(f"config.sample.prompts must be a non-empty tuple of strings, got {prompts!r}")
-  if not isinstance(s.negative_prompt, str):
-    raise ValueError(f"config.sample.negative_prompt must be a string, got {s.negative_prompt!r}")
-  if s.seeds is not None:
-    n = None if s.prompts_file else len(prompts)
-    if not all(isinstance(x, int) and 0 <= x < 2**32 for x in s.seeds) or n not in (
-      None,
-      len(s.seeds),
-    ):
-      raise ValueError(
-        f"config.sample.seeds must be one int in [0, 2**32) per prompt ({n}), got {s.seeds!r}"
-      )
-  if not isinstance(s.guidance_scale, (int, float)) or not math.isfinite(s.guidance_scale):
-    raise ValueError(
-      f"config.sample.guidance_scale must be a finite number, got {s.guidance_scale!r}"
-    )
-  if not isinstance(s.num_steps, int) or s.num_steps < 1:
-    raise ValueError(f"config.sample.num_steps must be an integer >= 1, got {s.num_steps!r}")
-  if s.sampler in FLOW_SAMPLERS:
-    raise ValueError(f"config.sample.sampler={s.sampler!r} is for flow models; SD is not one")
-  try:
-    resolve_options(s.sampler, spacing=s.spacing, eta=s.eta)
-  except ValueError as e:
-    raise ValueError(f"config.sample: {e}") from None
-  if config.model.dtype not in DTYPES:
-    raise ValueError(
-      f"config.model.dtype must be one of {sorted(DTYPES)}, got {config.model.dtype!r}"
     )

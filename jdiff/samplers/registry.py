@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 
 from jdiff import conditioning, continuous, flow
+from jdiff.distill.sampling import consistency_denoiser_sample
 from jdiff.models.bridge import make_model_fn
 from jdiff.samplers import ddim, ddpm, dpm_solver, editing, euler, grid_files, pc, unipc
 from jdiff.samplers.denoisers import compose, eps_half, guidance_scale_fn, guided, make_denoiser
@@ -114,6 +115,11 @@ SAMPLERS: dict[str, Sampler] = {
   "flow_euler": Sampler(flow.flow_euler_sample, "flow"),
   "flow_heun": Sampler(flow.flow_heun_sample, "flow"),
 }
+_CM_GRID = (("sigma_max", EDM_SIGMA_MAX), ("final_sigma", "sigma_min"))  # Karras, 80..sigma(0)
+DISTILLED_SAMPLERS = {  # consistency models only ([CM] Alg. 1): not swept with SAMPLERS
+  "consistency": Sampler(consistency_denoiser_sample, "ve", ("karras",), "karras", fixed=_CM_GRID)
+}
+ALL_SAMPLERS = {**SAMPLERS, **DISTILLED_SAMPLERS}
 FLOW_SAMPLERS = tuple(k for k, s in SAMPLERS.items() if s.space == "flow")
 SIGMA_SAMPLERS = tuple(k for k, s in SAMPLERS.items() if s.space == "ve")
 
@@ -125,16 +131,16 @@ def resolve_options(sampler: str, *, spacing: str = AUTO, eta: float | None = No
     ValueError: an unknown sampler, a spacing it does not accept, or an eta it does not take,
       naming the sampler and the valid values.
   """
-  if sampler not in SAMPLERS:
-    raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
-  spec = SAMPLERS[sampler]
+  if sampler not in ALL_SAMPLERS:
+    raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(ALL_SAMPLERS)}")
+  spec = ALL_SAMPLERS[sampler]
   if spacing != AUTO and spacing not in spec.spacings:
     raise ValueError(
       f"sampler {sampler!r} does not accept spacing {spacing!r}; choose one of "
       f"{(AUTO,) + spec.spacings}"
     )
   if eta is not None and spec.default_eta is None:
-    takes = sorted(k for k, s in SAMPLERS.items() if s.default_eta is not None)
+    takes = sorted(k for k, s in ALL_SAMPLERS.items() if s.default_eta is not None)
     raise ValueError(
       f"sampler {sampler!r} is deterministic and takes no eta (got {eta}); eta applies to {takes}"
     )
@@ -221,7 +227,7 @@ def sample(
   Returns:
     x_0 [B, ...].
   """
-  spec = SAMPLERS[sampler]
+  spec = ALL_SAMPLERS[sampler]
   kw = resolve_options(sampler, spacing=spacing, eta=eta) | options
   thresh = dict(prediction=prediction, clip_x0=clip_x0, dynamic_percentile=dynamic_percentile)
   if spec.space == "flow":
@@ -320,7 +326,7 @@ def make_sample_fn(
       another sampler or number of steps (the message names the file).
   """
   kw = resolve_options(sampler, spacing=spacing, eta=eta)
-  spec = SAMPLERS[sampler]
+  spec = ALL_SAMPLERS[sampler]
   if sampler == "ddpm":
     kw["variance"] = variance
   grid = _explicit_grid(sampler, grid_file, grid, num_steps)
@@ -400,7 +406,8 @@ def _explicit_grid(sampler: str, grid_file: str, grid: Array | None, num_steps: 
   """The sigma grid of `grid_file` or `grid` (None: the sampler's own); checks they apply."""
   if not grid_file and grid is None:
     return None
-  if sampler not in SIGMA_SAMPLERS:
+  timesteps = grid is not None and not grid_file and sampler in ("ddim", "pc")  # a PD student's
+  if sampler not in SIGMA_SAMPLERS and not timesteps:
     raise ValueError(
       f"grid_file={grid_file!r} / grid: sampler {sampler!r} does not step on a sigma grid; "
       f"stored grids apply to {sorted(SIGMA_SAMPLERS)}"
@@ -415,7 +422,7 @@ def _explicit_grid(sampler: str, grid_file: str, grid: Array | None, num_steps: 
 def _check_editing(sampler: str, schedule, strength: float) -> None:
   """Checks SDEdit's strength, and that a flow sampler gets a flow process and no SDEdit."""
   editing.sdedit_start_index(1, strength)  # validates strength
-  if SAMPLERS[sampler].space != "flow":
+  if ALL_SAMPLERS[sampler].space != "flow":
     return
   if getattr(schedule, "kind", None) != "flow":
     raise ValueError(

@@ -112,6 +112,21 @@ def make_loss_fn(
   return loss_fn
 
 
+def apply_gradients(
+  state: TrainState, grads, optimizer, *, ema_decay: float, ema_warmup: bool
+) -> TrainState:
+  """One optimiser update of `state` by `grads`, its EMA at the decay of `state.step`, step + 1."""
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  decay = ema_decay_at(state.step, decay=ema_decay, warmup=ema_warmup)
+  return state.replace(
+    step=state.step + 1,
+    params=params,
+    ema_params=ema_update(state.ema_params, params, decay),
+    opt_state=opt_state,
+  )
+
+
 def make_train_step(
   module,
   optimizer: optax.GradientTransformation,
@@ -286,15 +301,7 @@ def make_train_step(
         loss, grads = jax.value_and_grad(mean_loss)(state.params)
     else:
       loss, grads = accumulate(state.params, x0, cond, schedule, loss_rng)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    decay = ema_decay_at(state.step, decay=ema_decay, warmup=ema_warmup)
-    new_state = state.replace(
-      step=state.step + 1,
-      params=params,
-      ema_params=ema_update(state.ema_params, params, decay),
-      opt_state=opt_state,
-    )
+    new_state = apply_gradients(state, grads, optimizer, ema_decay=ema_decay, ema_warmup=ema_warmup)
     return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
   return train_step

@@ -1,0 +1,80 @@
+"""What a distilled workdir is, on disk: `<workdir>/distilled.json`, and how it samples.
+
+`--mode=distill` writes the record before its first step: the method, the teacher and, for a
+progressive-distillation round, the student's step count N. Every mode that samples
+(`runs.generate.sample_fn`: sample, fid, edit, the training grids) reads it, so a distilled
+workdir samples as what it is:
+
+  progressive           DDIM on the student's own grid t(i / N) = i T / N - 1, i = N..0
+                        ([PD]; `distill.progressive.student_grid`);
+  consistency(_training) [CM] Alg. 1 (`sample.sampler='consistency'`, 'auto' with a
+                        config that has a `distill` section); another sampler is an error.
+
+A leaf of runs/: it imports no mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+
+from jdiff.distill.progressive import student_grid
+from jdiff.training.writers import write_json
+
+RECORD_FILE = "distilled.json"
+METHODS = ("progressive", "consistency", "consistency_training")
+CONSISTENCY_METHODS = ("consistency", "consistency_training")
+CHOICES = {  # the distill section's named options (`jdiff.distill`'s names)
+  "solver": ("euler", "heun"),
+  "metric": ("pseudo_huber", "l2"),
+  "loss_weighting": ("ict", "uniform"),
+  "level_sampling": ("uniform", "log_normal"),
+  "target": ("online", "ema"),
+  "pd_weighting": ("truncated_snr", "snr_plus_one"),
+}
+
+
+def read_record(workdir: str) -> dict | None:
+  """The workdir's record, or None for a workdir that is not distilled."""
+  path = os.path.join(workdir, RECORD_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_record(workdir: str, record: dict) -> None:
+  """Writes (process 0) the record, replacing an older one."""
+  if jax.process_index() == 0:
+    write_json(os.path.join(workdir, RECORD_FILE), record)
+
+
+def auto_sampler(config) -> str | None:
+  """The sampler 'auto' means for a distill config (None: the objective's own)."""
+  d = config.get("distill")
+  if d is not None and d.method in CONSISTENCY_METHODS:
+    return "consistency"
+  return None
+
+
+def sample_overrides(workdir: str, schedule, sampler: str) -> dict:
+  """`make_sample_fn` options that the workdir's record implies for `sampler`.
+
+  Raises:
+    ValueError: a consistency model sampled with another sampler.
+  """
+  record = read_record(workdir)
+  if record is None:
+    return {}
+  if record["method"] in CONSISTENCY_METHODS and sampler != "consistency":
+    raise ValueError(
+      f"{workdir} holds a consistency model ({RECORD_FILE}: method "
+      f"{record['method']!r}); sample it with config.sample.sampler='consistency' (or 'auto' "
+      f"with the distill config), not {sampler!r}"
+    )
+  if record["method"] == "progressive" and sampler == "ddim":
+    n = int(record["num_steps"])
+    return dict(grid=student_grid(schedule.num_steps, n), num_steps=n)
+  return {}
