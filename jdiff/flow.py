@@ -95,30 +95,24 @@ def heun_step(velocity: Velocity, x: Array, t: Array, t_next: Array) -> Array:
   return jax.lax.cond(t_next > 0, correct, lambda _: x_euler, None)
 
 
-def _sample(step, p, model_fn, x_T, rng, *, num_steps, shift, cond, prediction, clip_x0, dyn):
-  velocity = make_velocity(
-    p, model_fn, cond=cond, prediction=prediction, clip_x0=clip_x0, dynamic_percentile=dyn
-  )
-  grid = time_grid(num_steps, shift=shift)
-  return sample_loop(lambda x, i, t, tn, key: step(velocity, x, t, tn), x_T, grid, rng)[0]
-
-
-def flow_euler_sample(
+def flow_sample(
+  step: Callable,
   p: processes.Process,
   model_fn: diffusion.ModelFn,
   x_T: Array,
   rng: Array,
   *,
-  num_steps: int = 50,
+  num_steps: int,
   shift: float = 1.0,
   cond: Array | None = None,
   prediction: str = "velocity",
   clip_x0: float | None = None,
   dynamic_percentile: float | None = None,
 ) -> Array:
-  """Euler in t from t = 1 (x = x_T) to 0. NFE = num_steps.
+  """Integrates the flow ODE in t from t = 1 (x = x_T) to 0 with `step` on `time_grid`.
 
   Args:
+    step: `euler_step` or `heun_step`.
     p: a `processes.flow` process.
     model_fn: `model_fn(x_t, t * t_scale, cond)`.
     x_T: [B, ...] standard normal noise (the exact law at t = 1).
@@ -130,30 +124,26 @@ def flow_euler_sample(
   Returns:
     x_0 [B, ...].
   """
-  return _sample(
-    euler_step, p, model_fn, x_T, rng, num_steps=num_steps, shift=shift, cond=cond,
-    prediction=prediction, clip_x0=clip_x0, dyn=dynamic_percentile,
-  )  # fmt: skip
+  velocity = make_velocity(
+    p,
+    model_fn,
+    cond=cond,
+    prediction=prediction,
+    clip_x0=clip_x0,
+    dynamic_percentile=dynamic_percentile,
+  )
+  grid = time_grid(num_steps, shift=shift)
+  return sample_loop(lambda x, i, t, tn, key: step(velocity, x, t, tn), x_T, grid, rng)[0]
 
 
-def flow_heun_sample(
-  p: processes.Process,
-  model_fn: diffusion.ModelFn,
-  x_T: Array,
-  rng: Array,
-  *,
-  num_steps: int = 25,
-  shift: float = 1.0,
-  cond: Array | None = None,
-  prediction: str = "velocity",
-  clip_x0: float | None = None,
-  dynamic_percentile: float | None = None,
-) -> Array:
-  """Heun in t from t = 1 to 0. NFE = 2 num_steps - 1. Args: as `flow_euler_sample`."""
-  return _sample(
-    heun_step, p, model_fn, x_T, rng, num_steps=num_steps, shift=shift, cond=cond,
-    prediction=prediction, clip_x0=clip_x0, dyn=dynamic_percentile,
-  )  # fmt: skip
+def flow_euler_sample(p, model_fn, x_T: Array, rng: Array, *, num_steps: int = 50, **options):
+  """Euler in t from t = 1 to 0 (`euler_step`). NFE = num_steps. Args: as `flow_sample`."""
+  return flow_sample(euler_step, p, model_fn, x_T, rng, num_steps=num_steps, **options)
+
+
+def flow_heun_sample(p, model_fn, x_T: Array, rng: Array, *, num_steps: int = 25, **options):
+  """Heun in t from t = 1 to 0 (`heun_step`). NFE = 2 num_steps - 1. Args: as `flow_sample`."""
+  return flow_sample(heun_step, p, model_fn, x_T, rng, num_steps=num_steps, **options)
 
 
 def reflow_pairs(sample: Callable[[Array, Array], Array], x1: Array, rng: Array) -> Array:

@@ -318,57 +318,27 @@ class BoundTerms(NamedTuple):
 
 
 def vlb_terms(
-  schedule: Schedule,
-  model_fn: ModelFn,
-  x0: Array,
-  rng: Array,
-  ts: Array,
-  *,
-  cond: Array | None = None,
-  prediction: str = "eps",
-  variance: str = "fixed_small",
-  clip_x0: float | None = None,
-  num_levels: int = 256,
+  schedule: Schedule, model_fn: ModelFn, x0: Array, rng: Array, ts: Array, **options
 ) -> Array:
   """The bound's terms L_t at the timesteps `ts` [K], float32 [B, K], one `lax.scan`.
 
   Term t draws its noise from `fold_in(rng, t)`, as `variational_bound` does, so summing
   the terms of any partition of 0..T-1 (e.g. chunks, with progress in between) gives the
-  same bound.
+  same bound. `options` are `vlb_term`'s (cond, prediction, variance, clip_x0, num_levels).
   """
   b = x0.shape[0]
 
   def body(_, t_scalar):
     noise = jax.random.normal(jax.random.fold_in(rng, t_scalar), x0.shape, jnp.float32)
     t = jnp.full((b,), t_scalar, jnp.int32)
-    return None, vlb_term(
-      schedule,
-      model_fn,
-      x0,
-      t,
-      noise,
-      cond=cond,
-      prediction=prediction,
-      variance=variance,
-      clip_x0=clip_x0,
-      num_levels=num_levels,
-    )
+    return None, vlb_term(schedule, model_fn, x0, t, noise, **options)
 
   _, terms = jax.lax.scan(body, None, jnp.asarray(ts, jnp.int32))
   return terms.T
 
 
 def variational_bound(
-  schedule: Schedule,
-  model_fn: ModelFn,
-  x0: Array,
-  rng: Array,
-  *,
-  cond: Array | None = None,
-  prediction: str = "eps",
-  variance: str = "fixed_small",
-  clip_x0: float | None = None,
-  num_levels: int = 256,
+  schedule: Schedule, model_fn: ModelFn, x0: Array, rng: Array, **options
 ) -> BoundTerms:
   """The full variational bound -log p(x_0) <= L in bits/dim, all T terms ([DDPM] eq. 5).
 
@@ -379,26 +349,16 @@ def variational_bound(
     model_fn: `model_fn(x_t, t, cond)`.
     x0: [B, ...] data in [-1, 1] on the grid of `num_levels` levels.
     rng: PRNG key; term t uses fold_in(rng, t) for its noise.
-    cond: optional conditioning.
-    prediction, variance, clip_x0: the reverse-process parameterisation (see
-      `diffusion.p_mean_variance`).
-    num_levels: quantisation levels of the data (256 for 8-bit images).
+    **options: `vlb_term`'s keyword options: `cond` (optional conditioning); `prediction`,
+      `variance`, `clip_x0`, the reverse-process parameterisation (see
+      `diffusion.p_mean_variance`); `num_levels`, the quantisation levels of the data (256
+      for 8-bit images).
 
   Returns:
     `BoundTerms`.
   """
-  terms = vlb_terms(
-    schedule,
-    model_fn,
-    x0,
-    rng,
-    jnp.arange(schedule.num_steps, dtype=jnp.int32),
-    cond=cond,
-    prediction=prediction,
-    variance=variance,
-    clip_x0=clip_x0,
-    num_levels=num_levels,
-  )
+  ts = jnp.arange(schedule.num_steps, dtype=jnp.int32)
+  terms = vlb_terms(schedule, model_fn, x0, rng, ts, **options)
   prior = prior_bpd(schedule, x0)
   return BoundTerms(prior + jnp.sum(terms, axis=1), prior, terms)
 

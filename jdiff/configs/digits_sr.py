@@ -17,13 +17,7 @@ from jdiff.configs import default
 def get_config():
   c = default.get_config()
   c.superres.factor = 2
-  c.model.ch = 16
-  c.model.ch_mult = (1, 2)
-  c.model.attn_resolutions = ()
-  c.train.num_steps = 1500
-  c.train.batch_size = 32
-  c.train.ckpt_every = 500
-  c.sample.num_steps = 20
-  c.sample.grid_size = 16
-  c.sample.batch_size = 16
+  c.model.update(ch=16, ch_mult=(1, 2), attn_resolutions=())
+  c.train.update(num_steps=1500, batch_size=32, ckpt_every=500)
+  c.sample.update(num_steps=20, grid_size=16, batch_size=16)
   return c

@@ -20,9 +20,8 @@ from jdiff.configs import default
 
 def get_config():
   c = default.get_config()
-  c.data.name = "cifar10"  # the data the imported model was trained on (train / eval)
-  c.data.image_size = 32
-  c.data.random_flip = True
+  # The data the imported model was trained on (train / eval).
+  c.data.update(name="cifar10", image_size=32, random_flip=True)
   p = ml_collections.ConfigDict()
   p.path = ""  # directory, hub name (owner/name) or ADM .pt file
   p.format = "diffusers"  # diffusers | adm
@@ -34,14 +33,9 @@ def get_config():
   with c.unlocked():
     c.pretrained = p
   # Fine-tuning: a small learning rate, EMA from the imported weights.
-  c.optim.lr = 2e-5
-  c.optim.warmup_steps = 0
-  c.optim.schedule = "constant"
-  c.ema_decay = 0.9999
-  c.ema_warmup = False
-  c.train.num_steps = 1000
-  c.train.batch_size = 64
-  c.sample.sampler = "ddim"
-  c.sample.num_steps = 50
+  c.optim.update(lr=2e-5, warmup_steps=0, schedule="constant")
+  c.update(ema_decay=0.9999, ema_warmup=False)
+  c.train.update(num_steps=1000, batch_size=64)
+  c.sample.update(sampler="ddim", num_steps=50)
   c.eval.bound_examples = 0
   return c

@@ -159,23 +159,11 @@ def encode_split(
   )
 
 
-def scale_factor_of_split(
-  module,
-  params: PyTree,
-  name: str,
-  *,
-  split: str,
-  data_dir: str | None = None,
-  image_size: int | None = None,
-  shardings: tuple[Sharding, Sharding] | None = None,
-) -> tuple[float, int]:
+def scale_factor_of_split(module, params: PyTree, name: str, **options) -> tuple[float, int]:
   """1 / std of the posterior means of a split ([LDM] App. G), and its example count.
 
-  `shardings`: as `encode_split`'s."""
-  z, _ = encode_split(
-    module, params, name, split=split, data_dir=data_dir, image_size=image_size,
-    shardings=shardings,
-  )  # fmt: skip
+  `options`: `encode_split`'s (split, data_dir, image_size, batch_size, shardings)."""
+  z, _ = encode_split(module, params, name, **options)
   return latent_scale_factor(z), len(z)
 
 
@@ -210,14 +198,7 @@ class LatentSource:
 
 
 def encode_source(
-  codec: LatentCodec,
-  name: str,
-  *,
-  split: str,
-  data_dir: str | None = None,
-  image_size: int | None = None,
-  batch_size: int = 256,
-  shardings: tuple[Sharding, Sharding] | None = None,
+  codec: LatentCodec, name: str, *, split: str, image_size: int | None = None, **options
 ) -> LatentSource:
   """Encodes a whole split once into a random-access source of scaled latents.
 
@@ -225,10 +206,9 @@ def encode_source(
     codec: the frozen autoencoder (e.g. `jdiff.runs.stage1.load_codec(workdir)`).
     name: dataset name, as for `jdiff.data.sources.load_source`.
     split: split to encode.
-    data_dir: TFDS data directory.
     image_size: the square resize used in stage 1 (None: the stored size).
-    batch_size: encoder batch.
-    shardings: (replicated, batch-sharded) over this process's devices (`encode_split`).
+    **options: `encode_split`'s data_dir (TFDS data directory), batch_size (encoder batch)
+      and shardings ((replicated, batch-sharded) over this process's devices).
 
   Returns:
     A `LatentSource` of `codec.scale_factor * mean(q(z | x))`, float32 [h, w, c] each.
@@ -236,7 +216,7 @@ def encode_source(
   Raises:
     ValueError: the split's images do not have the autoencoder's image shape.
   """
-  meta = sources.dataset_metadata(name, data_dir=data_dir, image_size=image_size)
+  meta = sources.dataset_metadata(name, data_dir=options.get("data_dir"), image_size=image_size)
   if tuple(meta.image_shape) != tuple(codec.image_shape):
     raise ValueError(
       f"dataset {name!r} (image_size={image_size}) has images "
@@ -244,14 +224,7 @@ def encode_source(
       f"{tuple(codec.image_shape)}"
     )
   z, labels = encode_split(
-    codec.module,
-    codec.params,
-    name,
-    split=split,
-    data_dir=data_dir,
-    image_size=image_size,
-    batch_size=batch_size,
-    shardings=shardings,
+    codec.module, codec.params, name, split=split, image_size=image_size, **options
   )
   z = (z * np.float32(codec.scale_factor)).astype(np.float32)
   desc = (

@@ -326,14 +326,17 @@ def _plain_nhwc(
   lhs,
   rhs,
   window_strides,
-  lhs_dilation,
-  rhs_dilation,
-  dimension_numbers,
-  feature_group_count,
-  batch_group_count,
-  preferred_element_type,
+  *,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count: int = 1,
+  batch_group_count: int = 1,
+  precision=None,
+  preferred_element_type=None,
 ) -> bool:
-  """A stride-1, undilated, ungrouped NHWC/HWIO 2-D convolution."""
+  """A stride-1, undilated, ungrouped NHWC/HWIO 2-D convolution (`precision` aside)."""
+  del precision  # only lax's path takes it
   if lhs.ndim != 4 or rhs.ndim != 4:
     return False
   nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
@@ -354,17 +357,7 @@ def _padding(padding) -> Any:
 
 
 def winograd_conv_general_dilated(
-  lhs: Array,
-  rhs: Array,
-  window_strides: Sequence[int],
-  padding: Any,
-  lhs_dilation=None,
-  rhs_dilation=None,
-  dimension_numbers=None,
-  feature_group_count: int = 1,
-  batch_group_count: int = 1,
-  precision=None,
-  preferred_element_type=None,
+  lhs: Array, rhs: Array, window_strides: Sequence[int], padding: Any, **options
 ) -> Array:
   """``lax.conv_general_dilated`` with the CPU-friendly paths for U-Net convs.
 
@@ -379,38 +372,18 @@ def winograd_conv_general_dilated(
 
   Anything else (strided, dilated, grouped, other layouts) goes to
   ``lax.conv_general_dilated`` unchanged; ``precision`` only applies there.
-  Pass it as ``flax.linen.Conv(conv_general_dilated=...)``.
+  ``options`` are ``lax.conv_general_dilated``'s keyword arguments (lhs_dilation,
+  rhs_dilation, dimension_numbers, feature_group_count, batch_group_count, precision,
+  preferred_element_type). Pass it as ``flax.linen.Conv(conv_general_dilated=...)``.
   """
-  if _plain_nhwc(
-    lhs,
-    rhs,
-    window_strides,
-    lhs_dilation,
-    rhs_dilation,
-    dimension_numbers,
-    feature_group_count,
-    batch_group_count,
-    preferred_element_type,
-  ):
+  if _plain_nhwc(lhs, rhs, window_strides, **options):
     pad = _padding(padding)
     wide = min(rhs.shape[2:]) >= MIN_WINOGRAD_CHANNELS
     if rhs.shape[:2] == (3, 3) and pad in ("SAME", ((1, 1), (1, 1))) and wide:
       return winograd_conv3x3(lhs, rhs)
     if rhs.shape[:2] == (1, 1) and pad in ("SAME", "VALID", ((0, 0), (0, 0))):
       return jnp.einsum("nhwc,co->nhwo", lhs, rhs[0, 0])
-  return lax.conv_general_dilated(
-    lhs,
-    rhs,
-    window_strides,
-    padding,
-    lhs_dilation=lhs_dilation,
-    rhs_dilation=rhs_dilation,
-    dimension_numbers=dimension_numbers,
-    feature_group_count=feature_group_count,
-    batch_group_count=batch_group_count,
-    precision=precision,
-    preferred_element_type=preferred_element_type,
-  )
+  return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
 
 
 def resolve_conv_impl(conv_impl: str, dtype: Any) -> str:

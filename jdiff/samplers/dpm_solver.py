@@ -67,74 +67,36 @@ def init_state(x: Array) -> DPMState:
   return DPMState(x, z, z, jnp.float32(1.0), jnp.float32(1.0), jnp.int32(0))
 
 
-def dpmpp_2m_step(
-  denoise: Denoiser,
-  state: DPMState,
-  sigma: Array,
-  sigma_next: Array,
-  noise: Array | None = None,
-  *,
-  eta: float = 0.0,
-  s_noise: float = 1.0,
-) -> DPMState:
-  """One DPM-Solver++(2M) step ([DPM-Solver++] Alg. 2; eta > 0: its SDE variant). NFE 1.
-
-  With r = h_{i-1} / h_i the 2nd-order term uses the midpoint form
-  D = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}.
-
-  Args:
-    denoise: `denoise(x_ve, sigma) -> x0_hat`.
-    state: the `DPMState` at sigma.
-    sigma, sigma_next: scalars, sigma > sigma_next >= 0.
-    noise: [B, ...] standard normal noise (required when eta > 0).
-    eta: 0 for the ODE solver, 1 for DPM-Solver++(2M) SDE.
-    s_noise: scale of the injected noise.
-
-  Returns:
-    the `DPMState` at sigma_next.
-  """
+def _solver_step(update, name, denoise, state, sigma, sigma_next, noise, *, eta, s_noise, **kw):
+  """One multistep solver step around `update(state, denoised, h, sigma, sigma_next, eta=,
+  **kw) -> x_next (deterministic part)`: the model call, the SDE noise, the jump to 0, the
+  new history. NFE 1."""
   x = state.x
   denoised = denoise(x, sigma)
   h, sn, last = lambda_step(sigma, sigma_next)
-  eta_h = eta * h
-  one_minus = -jnp.expm1(-h - eta_h)
-  x_next = (sn / sigma * jnp.exp(-eta_h)).astype(x.dtype) * x + one_minus.astype(x.dtype) * denoised
-  r = state.h_1 / h
-  second = (0.5 * one_minus / r).astype(x.dtype) * (denoised - state.denoised_1)
-  x_next = x_next + jnp.where(state.n > 0, second, 0.0).astype(x.dtype)
+  x_next = update(state, denoised, h, sigma, sn, eta=eta, **kw)
   if eta > 0:
     if noise is None:
-      raise ValueError(f"dpmpp_2m_step with eta={eta} needs noise")
-    std = sn * jnp.sqrt(-jnp.expm1(-2.0 * eta_h)) * s_noise
+      raise ValueError(f"{name} with eta={eta} needs noise")
+    std = sn * jnp.sqrt(-jnp.expm1(-2.0 * (eta * h))) * s_noise
     x_next = x_next + std.astype(x.dtype) * noise.astype(x.dtype)
   x_next = jnp.where(last, denoised, x_next)
   return DPMState(x_next, denoised, state.denoised_1, h, state.h_1, state.n + 1)
 
 
-def dpmpp_3m_step(
-  denoise: Denoiser,
-  state: DPMState,
-  sigma: Array,
-  sigma_next: Array,
-  noise: Array | None = None,
-  *,
-  eta: float = 0.0,
-  s_noise: float = 1.0,
-  max_order: Array | int = 3,
-) -> DPMState:
-  """One DPM-Solver++(3M) step (k-diffusion's `sample_dpmpp_3m_sde`; eta = 0: ODE). NFE 1.
-
-  Uses the phi-functions phi_2 = (e^{-h} - 1)/h + 1, phi_3 = phi_2 / h - 1/2 of the
-  exponential integrator with the divided differences of the last three predictions
-  ([DPM-Solver++] Sec. 4 / App. for the multistep 3rd order).
-
-  Args: as `dpmpp_2m_step`, plus
-    max_order: int (may be traced), caps the order of this step (1, 2 or 3); the sampler
-      passes N - i for `lower_order_final`.
-  """
+def _update_2m(state: DPMState, denoised: Array, h, sigma, sn, *, eta: float) -> Array:
   x = state.x
-  denoised = denoise(x, sigma)
-  h, sn, last = lambda_step(sigma, sigma_next)
+  eta_h = eta * h
+  one_minus = -jnp.expm1(-h - eta_h)
+  x_next = (sn / sigma * jnp.exp(-eta_h)).astype(x.dtype) * x + one_minus.astype(x.dtype) * denoised
+  r = state.h_1 / h
+  second = (0.5 * one_minus / r).astype(x.dtype) * (denoised - state.denoised_1)
+  return x_next + jnp.where(state.n > 0, second, 0.0).astype(x.dtype)
+
+
+def _update_3m(state: DPMState, denoised: Array, h, sigma, sn, *, eta: float, max_order) -> Array:
+  del sigma, sn  # e^{-(1 + eta) h} = (sn / sigma) e^{-eta h}, written in h alone
+  x = state.x
   h_eta = h * (eta + 1.0)
   x_next = jnp.exp(-h_eta).astype(x.dtype) * x + (-jnp.expm1(-h_eta)).astype(x.dtype) * denoised
   phi_2 = jnp.expm1(-h_eta) / h_eta + 1.0
@@ -155,17 +117,52 @@ def dpmpp_3m_step(
   corr2 = phi_2.astype(x.dtype) * d_2nd
   order = jnp.minimum(state.n + 1, max_order)
   corr = jnp.where(order >= 3, corr3, jnp.where(order == 2, corr2, 0.0))
-  x_next = x_next + corr.astype(x.dtype)
-  if eta > 0:
-    if noise is None:
-      raise ValueError(f"dpmpp_3m_step with eta={eta} needs noise")
-    std = sn * jnp.sqrt(-jnp.expm1(-2.0 * h * eta)) * s_noise
-    x_next = x_next + std.astype(x.dtype) * noise.astype(x.dtype)
-  x_next = jnp.where(last, denoised, x_next)
-  return DPMState(x_next, denoised, state.denoised_1, h, state.h_1, state.n + 1)
+  return x_next + corr.astype(x.dtype)
 
 
-def _multistep(step_fn, denoise, x, grid, rng, *, eta, s_noise, inpaint, order_cap=None):
+def dpmpp_2m_step(denoise: Denoiser, state: DPMState, sigma, sigma_next, noise=None, **options):
+  """One DPM-Solver++(2M) step ([DPM-Solver++] Alg. 2; eta > 0: its SDE variant). NFE 1.
+
+  With r = h_{i-1} / h_i the 2nd-order term uses the midpoint form
+  D = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}.
+
+  Args:
+    denoise: `denoise(x_ve, sigma) -> x0_hat`.
+    state: the `DPMState` at sigma.
+    sigma, sigma_next: scalars, sigma > sigma_next >= 0.
+    noise: [B, ...] standard normal noise (required when eta > 0).
+    **options: `eta` (0, the ODE solver; 1, DPM-Solver++(2M) SDE) and `s_noise` (1, the
+      scale of the injected noise).
+
+  Returns:
+    the `DPMState` at sigma_next.
+  """
+  options = dict(eta=0.0, s_noise=1.0) | options
+  return _solver_step(
+    _update_2m, "dpmpp_2m_step", denoise, state, sigma, sigma_next, noise, **options
+  )
+
+
+def dpmpp_3m_step(denoise: Denoiser, state: DPMState, sigma, sigma_next, noise=None, **options):
+  """One DPM-Solver++(3M) step (k-diffusion's `sample_dpmpp_3m_sde`; eta = 0: ODE). NFE 1.
+
+  Uses the phi-functions phi_2 = (e^{-h} - 1)/h + 1, phi_3 = phi_2 / h - 1/2 of the
+  exponential integrator with the divided differences of the last three predictions
+  ([DPM-Solver++] Sec. 4 / App. for the multistep 3rd order).
+
+  Args: as `dpmpp_2m_step`, plus the option
+    max_order: int (may be traced; 3), caps the order of this step (1, 2 or 3); the sampler
+      passes N - i for `lower_order_final`.
+  """
+  options = dict(eta=0.0, s_noise=1.0, max_order=3) | options
+  return _solver_step(
+    _update_3m, "dpmpp_3m_step", denoise, state, sigma, sigma_next, noise, **options
+  )
+
+
+def _multistep(
+  step_fn, denoise, x, grid, rng, *, eta=0.0, s_noise=1.0, inpaint=None, order_cap=None
+):
   """Runs a multistep solver over the grid; `order_cap(i, n)` caps the order of step i."""
   if eta < 0:
     raise ValueError(f"eta must be >= 0, got {eta}")
@@ -216,24 +213,14 @@ def dpmpp_2m_sde_sample(
 
 
 def dpmpp_3m_sample(
-  denoise: Denoiser,
-  x: Array,
-  grid: Array,
-  rng: Array,
-  *,
-  eta: float = 0.0,
-  s_noise: float = 1.0,
-  lower_order_final: bool = False,
-  inpaint=None,
+  denoise: Denoiser, x: Array, grid: Array, rng: Array, *, lower_order_final=False, **options
 ) -> Array:
   """DPM-Solver++(3M); eta > 0 gives the 3M SDE variant. NFE = N.
 
-  Args: as `dpmpp_2m_sample`, plus
+  Args: as `dpmpp_2m_sample` (options eta, s_noise, inpaint), plus
     lower_order_final: step i of N uses order <= N - i (the second-to-last step is 2nd
       order), as diffusers' `lower_order_final` (their default for N < 15; here off by
       default, it lost at NFE 10 in experiments/benchmark_samplers.py).
   """
   cap = (lambda i, n: n - i) if lower_order_final else (lambda i, n: 3)
-  return _multistep(
-    dpmpp_3m_step, denoise, x, grid, rng, eta=eta, s_noise=s_noise, inpaint=inpaint, order_cap=cap
-  )
+  return _multistep(dpmpp_3m_step, denoise, x, grid, rng, order_cap=cap, **options)

@@ -73,7 +73,6 @@ def pc_step(
   t_next: Array,
   noise: Array,
   *,
-  n_corrector: int = 1,
   snr: float = 0.16,
   eta: float = 1.0,
 ) -> Array:
@@ -82,20 +81,16 @@ def pc_step(
   Args:
     denoise: the `VPDenoiser`.
     noise: [n_corrector + 1, B, ...] standard normal noise: one slice per corrector step,
-      the last for the predictor.
+      the last for the predictor (its leading dimension sets n_corrector).
     eta: predictor stochasticity (1: ancestral, 0: DDIM), see `ddim_step`.
     Other args: see `langevin_corrector_step` and `ddim_step`.
   """
-  if noise.shape[0] != n_corrector + 1:
-    raise ValueError(
-      f"noise must have leading dimension n_corrector + 1 = {n_corrector + 1}, "
-      f"got shape {noise.shape}"
-    )
+  check_options(snr=snr)
 
   def correct(x, z):
     return langevin_corrector_step(denoise, x, t, t_next, z, snr=snr), None
 
-  if n_corrector:
+  if noise.shape[0] > 1:
     x, _ = jax.lax.scan(correct, x, noise[:-1])
   return ddim_step(denoise, x, t, t_next, noise[-1], eta=eta)[0]
 
@@ -115,9 +110,8 @@ def pc_sample(
   rng: Array,
   *,
   n_corrector: int = 1,
-  snr: float = 0.16,
-  eta: float = 1.0,
   inpaint=None,
+  **options,
 ) -> Array:
   """Predictor-corrector sampling ([ScoreSDE] Alg. 3). NFE = N (1 + n_corrector).
 
@@ -128,18 +122,18 @@ def pc_sample(
     grid: decreasing timesteps (int or float) ending with -1, N steps.
     rng: PRNG key; step i uses fold_in(rng, i).
     n_corrector: Langevin corrector steps per predictor step (0: plain ancestral sampling).
-    snr: corrector signal-to-noise ratio.
-    eta: predictor stochasticity (1 ancestral, 0 DDIM).
     inpaint: optional `editing.Inpaint` (see `driver.sample_loop`).
+    **options: `pc_step`'s `snr` (corrector signal-to-noise ratio, 0.16) and `eta`
+      (predictor stochasticity, 1 ancestral, 0 DDIM).
 
   Returns:
     x_0 samples [B, ...].
   """
-  check_options(n_corrector=n_corrector, snr=snr)
+  check_options(n_corrector=n_corrector)
 
   def step(x, i, t, t_next, key):
     del i
     noise = jax.random.normal(key, (n_corrector + 1,) + x.shape, x.dtype)
-    return pc_step(denoise, x, t, t_next, noise, n_corrector=n_corrector, snr=snr, eta=eta)
+    return pc_step(denoise, x, t, t_next, noise, **options)
 
   return sample_loop(step, x_T, grid, rng, inpaint=inpaint, schedule=denoise.schedule)[0]

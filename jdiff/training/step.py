@@ -5,6 +5,7 @@ jit, shardings and donation are applied by the caller.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -56,6 +57,26 @@ def make_loss_fn(
   there `noise` alone fixes the noise of each x0 (reflow) and `t` is not used.
   """
 
+  # The loss of each schedule type, its options bound once here.
+  process_loss = functools.partial(
+    processes.process_loss,
+    prediction=prediction,
+    weighting=weighting,
+    sigma_data=sigma_data,
+    uncertainty=uncertainty,
+  )
+  if learn_sigma:
+    discrete_loss = functools.partial(
+      losses.hybrid_loss, prediction=prediction, vlb_weight=vlb_weight
+    )
+  else:
+    discrete_loss = functools.partial(
+      losses.denoising_loss,
+      prediction=prediction,
+      weighting=weighting,
+      min_snr_gamma=min_snr_gamma,
+    )
+
   def loss_fn(
     params,
     schedule: Schedule,
@@ -71,43 +92,11 @@ def make_loss_fn(
     drop_rng, loss_rng = jax.random.split(rng)
     if dropout_rng is not None:
       drop_rng = dropout_rng
-    extra = {} if noise is None else {"t": t, "noise": noise}  # discrete path: both or none
     model_fn = make_model_fn(module, params, train=train, rng=drop_rng if train else None)
     if schedule.kind != "discrete":
-      return processes.process_loss(
-        schedule,
-        model_fn,
-        x0,
-        loss_rng,
-        cond=cond,
-        noise=noise,
-        prediction=prediction,
-        weighting=weighting,
-        sigma_data=sigma_data,
-        uncertainty=uncertainty,
-      )
-    if learn_sigma:
-      return losses.hybrid_loss(
-        schedule,
-        model_fn,
-        x0,
-        loss_rng,
-        cond=cond,
-        prediction=prediction,
-        vlb_weight=vlb_weight,
-        **extra,
-      )
-    return losses.denoising_loss(
-      schedule,
-      model_fn,
-      x0,
-      loss_rng,
-      cond=cond,
-      prediction=prediction,
-      weighting=weighting,
-      min_snr_gamma=min_snr_gamma,
-      **extra,
-    )
+      return process_loss(schedule, model_fn, x0, loss_rng, cond=cond, noise=noise)
+    extra = {} if noise is None else {"t": t, "noise": noise}  # discrete path: both or none
+    return discrete_loss(schedule, model_fn, x0, loss_rng, cond=cond, **extra)
 
   return loss_fn
 
@@ -371,18 +360,13 @@ def make_autoencoder_train_step(
   return train_step
 
 
-def make_autoencoder_state_step(
-  module: AutoencoderKL,
-  optimizer: optax.GradientTransformation,
-  *,
-  recon_loss: str = "l1",
-  kl_weight: float = 1e-6,
-) -> Callable:
+def make_autoencoder_state_step(module: AutoencoderKL, optimizer, **loss_options) -> Callable:
   """`step(state, images [B, H, W, C], rng) -> (state, metrics)` on an `AutoencoderState`.
 
   The posterior sample's key is `fold_in(rng, state.step)` (the step is the only clock).
+  `loss_options` (recon_loss, kl_weight) are `make_autoencoder_train_step`'s.
   """
-  inner = make_autoencoder_train_step(module, optimizer, recon_loss=recon_loss, kl_weight=kl_weight)
+  inner = make_autoencoder_train_step(module, optimizer, **loss_options)
 
   def step(state: AutoencoderState, images: Array, rng: Array):
     params, opt_state, metrics = inner(
