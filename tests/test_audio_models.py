@@ -123,12 +123,8 @@ def test_samplers_guidance_and_time_span_inpainting_on_a_1d_model():
   schedule = get_schedule("linear", 100)
   known = jnp.sin(jnp.arange(32.0) / 3.0)[None, :, None] * jnp.ones((2, 1, 1)) * 0.5
   mask = (jnp.arange(32) >= 16).astype(jnp.float32)[None, :, None]  # generate the 2nd half
-  for sampler in ("ddim", "dpmpp_2m"):
-    fn = make_sample_fn(
-      net, schedule, sampler=sampler, num_steps=4, null_label=3, guidance_scale=2.0
-    )
-    out = fn(params, x_T, jax.random.key(1), labels)
-    assert out.shape == x_T.shape and bool(jnp.isfinite(out).all())
-    inp = fn(params, x_T, jax.random.key(1), labels, inpaint=editing.Inpaint(known, mask))
-    np.testing.assert_allclose(inp[:, :16], known[:, :16], atol=1e-5)
-    assert not np.allclose(inp[:, 16:], known[:, 16:], atol=1e-2)
+  fn = make_sample_fn(net, schedule, sampler="ddim", num_steps=3, null_label=3, guidance_scale=2.0)
+  out = fn(params, x_T, jax.random.key(1), labels, inpaint=editing.Inpaint(known, mask))
+  assert out.shape == x_T.shape and bool(jnp.isfinite(out).all())
+  np.testing.assert_allclose(out[:, :16], known[:, :16], atol=1e-5)  # the kept span
+  assert not np.allclose(out[:, 16:], known[:, 16:], atol=1e-2)  # the generated one
