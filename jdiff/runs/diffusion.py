@@ -26,7 +26,7 @@ from absl import logging
 
 from jdiff import losses
 from jdiff.models.bridge import make_model_fn
-from jdiff.runs import objectives
+from jdiff.runs import audio, objectives
 from jdiff.runs.generate import generate, sample_fn  # noqa: F401 (sample_fn re-exported)
 from jdiff.runs.setup import Setup, log_process_info, run_training
 from jdiff.training import sharding
@@ -35,7 +35,6 @@ from jdiff.training.state import TrainState, param_count
 from jdiff.training.step import make_eval_step, make_train_step
 from jdiff.training.writers import (
   MetricWriter,
-  save_image_grid,
   save_npz,
   unique_stem,
   write_scalars_once,
@@ -159,7 +158,8 @@ def _train(setup: Setup, writer: MetricWriter) -> TrainState:
       setup, state.ema_params, cfg.sample.grid_size, jax.random.fold_in(grid_rng, step)
     )
     if is_main:
-      path = save_image_grid(os.path.join(setup.workdir, "samples", f"grid_{step:07d}.png"), images)
+      png = os.path.join(setup.workdir, "samples", f"grid_{step:07d}.png")
+      path = audio.save_grid(cfg, png, images, writer=writer, step=step)  # images or signals
       writer.write_image(step, "samples/grid", path)
       logging.info("wrote sample grid %s", path)
 
@@ -216,8 +216,10 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     return out + ".npz"
   out = unique_stem(out, (".npz", ".png"))  # the two files take one suffix together
   npz = save_npz(out + ".npz", images=images, step=np.int64(step))
-  png = save_image_grid(out + ".png", images[: s.grid_size])
   with MetricWriter(setup.workdir) as writer:
+    # signals [N, L, C]: every one as a WAV file too
+    grid = images if images.ndim == 3 else images[: s.grid_size]
+    png = audio.save_grid(setup.config, out + ".png", grid, writer=writer, step=step)
     writer.write_image(step, f"samples/{s.sampler}{s.num_steps}", png)
   logging.info("wrote %s and %s", npz, png)
   return npz
