@@ -44,6 +44,7 @@ class DiffWave(nn.Module):
   layers: int = 12
   dilation_cycle: int = 6
   embed_dim: int = 256
+  # conditioning and output, as the U-Nets'
   num_classes: int | None = None
   out_channels: int | None = None
   learn_sigma: bool = False

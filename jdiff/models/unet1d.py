@@ -4,12 +4,8 @@
 `jdiff.models.layers` (ResBlock, Resample, AttentionBlock, GroupNorm32 take the rank from
 their input): the same levels, skips, time MLP, class embedding with a null label for
 classifier-free guidance, and the same option names, so `config.model` configures either.
-Attention runs at the levels whose length is in ``attn_resolutions``.
-
-References:
-  Ho, Jain, Abbeel, "Denoising Diffusion Probabilistic Models", 2020, App. B.
-  Dhariwal, Nichol, "Diffusion Models Beat GANs on Image Synthesis", 2021, §3.
-  Ho, Salimans, "Classifier-Free Diffusion Guidance", 2022 (null label).
+Attention runs at the levels whose length is in ``attn_resolutions``. The references are the
+2-D U-Net's (DDPM App. B, ADM §3, classifier-free guidance's null label).
 """
 
 from __future__ import annotations
@@ -21,13 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdiff.models.layers import (
-  AttentionBlock,
-  GroupNorm32,
-  Resample,
-  ResBlock,
-  timestep_embedding,
-)
+from jdiff.models import layers
+from jdiff.models.layers import AttentionBlock, GroupNorm32, ResBlock
 
 Array = jax.Array
 Dtype = Any
@@ -82,7 +73,7 @@ class TimeClassEmbedding(nn.Module):
   @nn.compact
   def __call__(self, t: Array, y: Array | None) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    emb = timestep_embedding(t, self.ch).astype(self.dtype)
+    emb = layers.timestep_embedding(t, self.ch).astype(self.dtype)
     emb = nn.Dense(self.dim, name="time_mlp_1", **kw)(
       nn.silu(nn.Dense(self.dim, name="time_mlp_0", **kw)(emb))
     )
@@ -109,28 +100,33 @@ class UNet1D(nn.Module):
     norm_eps, norm_impl, attention_impl: GroupNorm epsilon / reductions, attention kernel.
   """
 
+  # levels
   ch: int = 32
   ch_mult: Sequence[int] = (1, 2, 2, 2)
   num_res_blocks: int = 1
+  # attention
   attn_resolutions: Sequence[int] = ()
   num_heads: int = 1
   head_channels: int | None = None
-  dropout: float = 0.0
-  num_groups: int = 8
-  use_scale_shift_norm: bool = False
-  resblock_updown: bool = False
-  conv_resample: bool = True
-  num_classes: int | None = None
-  out_channels: int | None = None
-  learn_sigma: bool = False
-  zero_init: bool = True
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  remat: bool = False
   mid_attention: bool = True
-  norm_eps: float = 1e-5
-  norm_impl: str = "flax"
   attention_impl: str = "xla"
+  # residual blocks and resampling
+  conv_resample: bool = True
+  resblock_updown: bool = False
+  use_scale_shift_norm: bool = False
+  num_groups: int = 8
+  dropout: float = 0.0
+  # conditioning and output
+  learn_sigma: bool = False
+  out_channels: int | None = None
+  num_classes: int | None = None
+  zero_init: bool = True
+  # numerics
+  param_dtype: Dtype = jnp.float32
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+  norm_impl: str = "flax"
+  norm_eps: float = 1e-5
 
   @property
   def null_label(self) -> int | None:
@@ -170,7 +166,7 @@ class UNet1D(nn.Module):
     def resample(h, up, name):
       if self.resblock_updown:  # BigGAN-style residual resampling (ADM)
         return res_cls(h.shape[-1], up=up, down=not up, name=name, **blk)(h, emb, train)
-      return Resample(h.shape[-1], up=up, use_conv=self.conv_resample, name=name, **kw)(h)
+      return layers.Resample(h.shape[-1], up=up, use_conv=self.conv_resample, name=name, **kw)(h)
 
     h = nn.Conv(self.ch, (3,), padding=((1, 1),), name="conv_in", **kw)(x.astype(self.dtype))
     skips, last = [h], len(self.ch_mult) - 1
