@@ -17,9 +17,9 @@ def get_config():
   c.conditional = True
   c.train.label_dropout = 0.1
   c.model.arch = "unet1d"
-  c.model.ch = 32
-  c.model.ch_mult = (1, 1, 2, 2, 2, 4)  # lengths 2048 .. 64
-  c.model.attn_resolutions = (128, 64)
+  c.model.ch = 16  # the 2,048-long first levels dominate the cost: keep them narrow
+  c.model.ch_mult = (1, 2, 2, 4, 4, 4)  # lengths 2048 .. 64
+  c.model.attn_resolutions = (64,)
   c.model.num_groups = 8
   c.model.conv_impl = "xla"
   c.optim.lr = 1e-3

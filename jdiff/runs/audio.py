@@ -49,15 +49,16 @@ def spectrogram_images(signals: np.ndarray) -> np.ndarray:
 
 
 def save_grid(config, png: str, samples: np.ndarray, *, writer=None, step: int = 0) -> str:
-  """Writes the PNG of samples (an image grid; for signals [N, L, C] their spectrograms, and
-  every signal as a WAV beside it, `<png stem>_000.wav`, ...); returns the PNG's path. With a
-  `writer`, signals also go to TensorBoard as audio (tag 'samples/audio_i')."""
-  samples = np.asarray(samples)
+  """Writes the PNG of the first `config.sample.grid_size` samples (an image grid; for signals
+  [N, L, C] their spectrograms, and every signal as a WAV beside it, `<png stem>_000.wav`,
+  ...); returns the PNG's path. With a `writer`, signals also go to TensorBoard as audio
+  (tag 'samples/audio_i', the first 8)."""
+  samples, grid = np.asarray(samples), config.sample.grid_size
   if samples.ndim == 4:
-    return save_image_grid(png, samples)
+    return save_image_grid(png, samples[:grid])
   rate = sample_rate(config)
   paths = audio_io.save_wavs(os.path.splitext(png)[0], samples, rate)
-  out = save_image_grid(png, spectrogram_images(samples), scale=2)
+  out = save_image_grid(png, spectrogram_images(samples[:grid]), scale=2)
   if writer is not None:  # the WAV files themselves
     for i, path in enumerate(paths[:8]):
       writer.write_audio(step, f"samples/audio_{i}", path)

@@ -217,9 +217,8 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   out = unique_stem(out, (".npz", ".png"))  # the two files take one suffix together
   npz = save_npz(out + ".npz", images=images, step=np.int64(step))
   with MetricWriter(setup.workdir) as writer:
-    # signals [N, L, C]: every one as a WAV file too
-    grid = images if images.ndim == 3 else images[: s.grid_size]
-    png = audio.save_grid(setup.config, out + ".png", grid, writer=writer, step=step)
+    # the first grid_size in the PNG; signals [N, L, C]: every one as a WAV file too
+    png = audio.save_grid(setup.config, out + ".png", images, writer=writer, step=step)
     writer.write_image(step, f"samples/{s.sampler}{s.num_steps}", png)
   logging.info("wrote %s and %s", npz, png)
   return npz
