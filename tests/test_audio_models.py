@@ -128,3 +128,20 @@ def test_samplers_guidance_and_time_span_inpainting_on_a_1d_model():
   assert out.shape == x_T.shape and bool(jnp.isfinite(out).all())
   np.testing.assert_allclose(out[:, :16], known[:, :16], atol=1e-5)  # the kept span
   assert not np.allclose(out[:, 16:], known[:, 16:], atol=1e-2)  # the generated one
+
+
+def test_config_builds_the_1d_networks_and_rejects_a_resize():
+  from jdiff.configs import audio_notes
+  from jdiff.runs import validate
+  from jdiff.runs.builders import build_model
+
+  c = audio_notes.get_config()
+  validate.validate(c)
+  net = build_model(c, num_classes=12, channels=1)
+  assert isinstance(net, UNet1D) and net.num_classes == 12 and net.ch == c.model.ch
+  c.model.arch = "diffwave"
+  net = build_model(c, num_classes=12, channels=1)
+  assert isinstance(net, DiffWave) and net.layers == c.diffwave.layers and net.null_label == 12
+  c.data.image_size = 16
+  with pytest.raises(ValueError, match="config.data.image_size=0"):
+    validate.validate(c)
