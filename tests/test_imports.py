@@ -16,7 +16,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 # Lowest first. A module may import its own layer and the layers below, never one above.
 # A module's layer is that of the longest entry that is a prefix of its name.
 LAYERS = (
-  ("jdiff.io", "jdiff.ops"),  # leaves
+  ("jdiff.io", "jdiff.audio_io", "jdiff.ops"),  # leaves
   (
     "jdiff.schedules",
     "jdiff.diffusion",

@@ -43,20 +43,34 @@ def _center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
   return out.reshape(size, size, c)
 
 
+def audio_to_float(audio, image_size: int | None) -> np.ndarray:
+  """int16 PCM [L] -> float32 [L, 1] = audio / 32768 (model-ready; no resizing)."""
+  audio = np.asarray(audio)
+  if audio.dtype != np.int16 or audio.ndim != 1 or image_size is not None:
+    raise ValueError(
+      f"expected int16 audio [L] and no image_size, got {audio.dtype} {audio.shape}, "
+      f"image_size={image_size}"
+    )
+  return (audio.astype(np.float32) / np.float32(32768))[:, None]
+
+
 @dataclasses.dataclass(frozen=True)
 class _Preprocess(grain.MapTransform):
   """Example dict -> {'image': float32 [H, W, C] in [-1, 1], 'label': int32 []}.
 
-  uint8 images are scaled to [-1, 1]; float32 images (precomputed latents) pass unchanged.
+  uint8 images are scaled to [-1, 1]; float32 images (precomputed latents) pass unchanged;
+  int16 audio [L] (`jdiff.data.notes`) becomes float32 [L, 1] = audio / 32768.
   """
 
   image_size: int | None = None
 
   def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
-    image = np.asarray(element["image"])
-    if image.ndim == 2:
+    image = np.asarray(element["image"]) if "audio" not in element else None
+    if image is not None and image.ndim == 2:
       image = image[:, :, None]
-    if image.dtype == np.float32 and image.ndim == 3 and self.image_size is None:
+    if image is None:  # int16 PCM [L] -> float32 [L, 1] in [-1, 1), the model's input 'image'
+      image = audio_to_float(element["audio"], self.image_size)
+    if image.dtype == np.float32 and image.ndim in (2, 3) and self.image_size is None:
       # Already model-ready values (e.g. precomputed autoencoder latents): pass through.
       out = {"image": image}
       if "label" in element:

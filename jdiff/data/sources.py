@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import tensorflow_datasets as tfds
 
 from jdiff.data import digits as digits_lib
+from jdiff.data import notes as notes_lib
 
 TF_INSTALL_HINT = "pip install tensorflow  (or: pip install 'jdiff[tf]')"
 
@@ -113,6 +114,8 @@ def prepared_builder(name: str, *, data_dir: str | None = None) -> tfds.core.Dat
   size = _digits_size(name)
   if size is not None:
     return digits_lib.prepare_digits(image_size=size, data_dir=data_dir)
+  if notes_lib.config_of(name) is not None:
+    return notes_lib.prepare_notes(name, data_dir=data_dir)
 
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -178,23 +181,35 @@ def dataset_metadata(
   """
   info = prepared_builder(stored_name(name, image_size), data_dir=data_dir).info
   features = info.features
-  if "image" not in features:
+  if "audio" in features and "image" not in features:  # a 1-D signal [L] -> [L, 1]
+    shape = (*features["audio"].shape, 1)
+  elif "image" not in features:
     raise ValueError(f"dataset {name!r} has no 'image' feature; has {list(features)}")
-  shape = tuple(features["image"].shape)
-  if len(shape) == 2:
+  else:
+    shape = tuple(features["image"].shape)
+  if len(shape) == 2 and "image" in features:
     shape = (*shape, 1)
+  if len(shape) == 2:  # a signal [L, C]
+    return DatasetMetadata(name, shape, _num_classes(features), _num_examples(info))
   if len(shape) != 3 or shape[-1] is None:
     raise ValueError(f"dataset {name!r}: expected images [H, W, C], got shape {shape}")
   if image_size is not None:
     shape = (image_size, image_size, shape[-1])
-  label = features["label"] if "label" in features else None
-  num_classes = label.num_classes if isinstance(label, tfds.features.ClassLabel) else None
   return DatasetMetadata(
     name=name,
     image_shape=tuple(int(d) if d is not None else None for d in shape),
-    num_classes=num_classes,
-    num_examples={k: int(v.num_examples) for k, v in info.splits.items()},
+    num_classes=_num_classes(features),
+    num_examples=_num_examples(info),
   )
+
+
+def _num_classes(features) -> int | None:
+  label = features["label"] if "label" in features else None
+  return label.num_classes if isinstance(label, tfds.features.ClassLabel) else None
+
+
+def _num_examples(info) -> dict[str, int]:
+  return {k: int(v.num_examples) for k, v in info.splits.items()}
 
 
 def stored_name(name: str, image_size: int | None) -> str:

@@ -1,6 +1,7 @@
 """Building blocks of the diffusion U-Net (DDPM / improved DDPM / ADM family).
 
-All layers take and return NHWC activations ``[B, H, W, C]``. Parameters are
+All layers take and return channels-last activations: NHWC ``[B, H, W, C]`` for images,
+``[B, L, C]`` for 1-D signals (`jdiff.models.unet1d`); the rank comes from the input. Parameters are
 stored in ``param_dtype`` (float32 by default) while the convolutions and
 matmuls run in ``dtype`` (float32 or bfloat16); GroupNorm statistics and the
 attention softmax are always computed in float32.
@@ -190,13 +191,14 @@ def _conv(
   zero: bool = False,
   conv_impl: str = "xla",
   padding=None,
+  rank: int = 2,
 ) -> nn.Conv:
   pad = kernel // 2
   return nn.Conv(
     features,
-    (kernel, kernel),
-    strides=(strides, strides),
-    padding=((pad, pad), (pad, pad)) if padding is None else padding,
+    (kernel,) * rank,
+    strides=(strides,) * rank,
+    padding=((pad, pad),) * rank if padding is None else padding,
     dtype=dtype,
     param_dtype=param_dtype,
     kernel_init=_zero_or_default(zero),
@@ -206,12 +208,17 @@ def _conv(
 
 
 def _upsample_nearest(x: Array) -> Array:
+  if x.ndim == 3:  # [B, L, C]
+    return jnp.repeat(x, 2, axis=1)
   b, h, w, c = x.shape
   x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
   return x.reshape(b, 2 * h, 2 * w, c)
 
 
 def _downsample_avg(x: Array) -> Array:
+  if x.ndim == 3:  # [B, L, C]
+    b, n, c = x.shape
+    return x.reshape(b, n // 2, 2, c).astype(jnp.float32).mean(axis=2).astype(x.dtype)
   b, h, w, c = x.shape
   y = x.reshape(b, h // 2, 2, w // 2, 2, c).astype(jnp.float32).mean(axis=(2, 4))
   return y.astype(x.dtype)
@@ -243,7 +250,8 @@ class Resample(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    """[B, H, W, C] -> [B, 2H, 2W, channels] (up) or [B, H/2, W/2, channels] (down)."""
+    """[B, H, W, C] -> [B, 2H, 2W, channels] (up) or [B, H/2, W/2, channels] (down);
+    [B, L, C] -> [B, 2L | L/2, channels]."""
     if not self.use_conv:
       return _upsample_nearest(x) if self.up else _downsample_avg(x)
     if self.up:
@@ -254,11 +262,12 @@ class Resample(nn.Module):
       self.channels,
       3,
       strides=1 if self.up else 2,
-      padding=((0, 1), (0, 1)) if not self.up and self.down_padding == 0 else None,
+      padding=((0, 1),) * (x.ndim - 2) if not self.up and self.down_padding == 0 else None,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       conv_impl=self.conv_impl,
       name="conv",
+      rank=x.ndim - 2,
     )(x)
 
 
@@ -301,16 +310,17 @@ class ResBlock(nn.Module):
     """Applies the block.
 
     Args:
-      x: activations [B, H, W, C_in].
+      x: activations [B, H, W, C_in] (or [B, L, C_in]).
       emb: conditioning embedding [B, E].
       train: enables dropout (needs a 'dropout' rng).
 
     Returns:
       [B, H', W', out_channels] with H' = 2H (up), H/2 (down) or H.
     """
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, rank=x.ndim - 2)
+    nkw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = nn.silu(
-      GroupNorm32(self.num_groups, self.norm_eps, name="norm1", norm_impl=self.norm_impl, **kw)(x)
+      GroupNorm32(self.num_groups, self.norm_eps, name="norm1", norm_impl=self.norm_impl, **nkw)(x)
     )
     if self.up:
       h, x = _upsample_nearest(h), _upsample_nearest(x)
@@ -319,10 +329,10 @@ class ResBlock(nn.Module):
     h = _conv(self.out_channels, 3, name="conv1", conv_impl=self.conv_impl, **kw)(h)
 
     n_emb = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
-    e = nn.Dense(n_emb, name="emb_proj", **kw)(nn.silu(emb.astype(self.dtype)))
-    e = e[:, None, None, :]
+    e = nn.Dense(n_emb, name="emb_proj", **nkw)(nn.silu(emb.astype(self.dtype)))
+    e = e.reshape(e.shape[0], *[1] * (x.ndim - 2), n_emb)  # over every spatial axis
     norm2 = GroupNorm32(
-      self.num_groups, self.norm_eps, name="norm2", norm_impl=self.norm_impl, **kw
+      self.num_groups, self.norm_eps, name="norm2", norm_impl=self.norm_impl, **nkw
     )
     if self.use_scale_shift_norm:
       scale, shift = jnp.split(e, 2, axis=-1)
@@ -391,8 +401,9 @@ class AttentionBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    """[B, H, W, C] -> [B, H, W, C]."""
-    b, hh, ww, c = x.shape
+    """[B, H, W, C] -> [B, H, W, C] (or [B, L, C] -> [B, L, C])."""
+    b, c = x.shape[0], x.shape[-1]
+    n = x.size // (b * c)  # positions attended over: H*W, or L
     if self.head_channels is not None:
       if c % self.head_channels:
         raise ValueError(f"channels={c} not divisible by head_channels={self.head_channels}")
@@ -409,7 +420,7 @@ class AttentionBlock(nn.Module):
       )(x)
     else:
       x_in = x
-    h = x_in.reshape(b, hh * ww, c)
+    h = x_in.reshape(b, n, c)
     # Separate q/k/v parameters (as DDPM's NIN layers and diffusers' to_q/k/v),
     # applied as one matmul: one pass over h (on XLA:CPU 16-17 ms against 34 ms for three
     # [C, C] ones in a profile, 0-1% of a whole forward; BENCHMARKS.md, "Pretrained
@@ -425,7 +436,7 @@ class AttentionBlock(nn.Module):
       dtype=self.dtype,
     )
     qkv = jnp.einsum("bnc,ctd->bntd", h, kernel) + bias
-    q, k, v = (qkv[:, :, i].reshape(b, hh * ww, heads, d) for i in range(3))
-    a = dot_product_attention(q, k, v, impl=self.attention_impl).reshape(b, hh * ww, c)
+    q, k, v = (qkv[:, :, i].reshape(b, n, heads, d) for i in range(3))
+    a = dot_product_attention(q, k, v, impl=self.attention_impl).reshape(b, n, c)
     out = nn.Dense(c, name="proj_out", kernel_init=_zero_or_default(self.zero_init), **kw)(a)
-    return x + out.reshape(b, hh, ww, c)
+    return x + out.reshape(x.shape)

@@ -26,7 +26,7 @@ from absl import logging
 
 from jdiff import losses
 from jdiff.models.bridge import make_model_fn
-from jdiff.runs import objectives
+from jdiff.runs import audio, objectives
 from jdiff.runs.generate import generate, sample_fn  # noqa: F401 (sample_fn re-exported)
 from jdiff.runs.setup import Setup, log_process_info, run_training
 from jdiff.runs.train import MeanLogger, TrainMode, train
@@ -36,7 +36,6 @@ from jdiff.training.state import TrainState, param_count
 from jdiff.training.step import make_eval_step, make_train_step
 from jdiff.training.writers import (
   MetricWriter,
-  save_image_grid,
   save_npz,
   unique_stem,
   write_scalars_once,
@@ -182,7 +181,8 @@ class SampleGrids:
       **overrides,
     )
     if jax.process_index() == 0:
-      path = save_image_grid(os.path.join(setup.workdir, "samples", f"grid_{step:07d}.png"), images)
+      png = os.path.join(setup.workdir, "samples", f"grid_{step:07d}.png")
+      path = audio.save_grid(cfg, png, images, writer=self.writer, step=step)  # images or signals
       self.writer.write_image(step, self.tag, path)
       logging.info("wrote sample grid %s", path)
 
@@ -222,8 +222,9 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     return out + ".npz"
   out = unique_stem(out, (".npz", ".png"))  # the two files take one suffix together
   npz = save_npz(out + ".npz", images=images, step=np.int64(step))
-  png = save_image_grid(out + ".png", images[: s.grid_size])
   with MetricWriter(setup.workdir) as writer:
+    # the first grid_size in the PNG; signals [N, L, C]: every one as a WAV file too
+    png = audio.save_grid(setup.config, out + ".png", images, writer=writer, step=step)
     writer.write_image(step, f"samples/{s.sampler}{s.num_steps}", png)
   logging.info("wrote %s and %s", npz, png)
   return npz

@@ -13,7 +13,11 @@ the 8-bit image a PNG of it holds, as pytorch-fid (on PNGs) and ADM's evaluator 
 * 'digits': `SmallClassifier` trained by jdiff on the dataset's train split (penultimate
   features, softmax), cached beside the dataset under `jdiff_feature_nets/`, the file name
   keyed by a hash of its settings; its held-out (test split) accuracy is stored with it;
-* 'auto': 'digits' for the embedded jdiff_digits dataset, else 'inception'.
+* 'audio': for 1-D signals (the embedded jdiff_notes), the same training and cache with
+  `jdiff.metrics.audio.SpectrogramClassifier` (SmallClassifier on the log spectrogram), the
+  signals taken to the 16-bit grid a WAV file holds (`to_pcm16_grid`) instead of `to_pixels`;
+* 'auto': 'digits' for the embedded jdiff_digits dataset, 'audio' for jdiff_notes, else
+  'inception'.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from absl import logging
 
 from jdiff.data import pipeline
 from jdiff.data.digits import NAME as DIGITS_NAME
+from jdiff.data.notes import NAME as NOTES_NAME
+from jdiff.metrics.audio import SpectrogramClassifier
 from jdiff.models.classifier import SmallClassifier
 from jdiff.models.inception import NUM_FEATURES, NUM_LOGITS, InceptionV3
 from jdiff.models.inception_convert import flatten, load_inception_params, unflatten
@@ -40,6 +46,7 @@ from jdiff.training.writers import atomic_write
 
 # Settings of the digits classifier: part of its cache key (change one, retrain).
 DIGITS_CLASSIFIER = dict(width=32, features=128, batch_size=128, lr=2e-3, seed=0)
+AUDIO_CLASSIFIER = dict(width=16, features=128, batch_size=64, lr=2e-3, seed=0, num_classes=12)
 CACHE_DIR = "jdiff_feature_nets"
 
 
@@ -59,7 +66,8 @@ class FeatureNet(NamedTuple):
 def resolve_feature_net(config) -> str:
   name = config.eval.feature_net
   if name == "auto":
-    return "digits" if config.data.name.split("/")[0] == DIGITS_NAME else "inception"
+    base = config.data.name.split("/")[0]
+    return {DIGITS_NAME: "digits", NOTES_NAME: "audio"}.get(base, "inception")
   return name
 
 
@@ -92,8 +100,16 @@ def load_feature_net(config, image_shape) -> FeatureNet:
     net = _inception(config)
   else:
     net = digits_classifier(config, image_shape)
-  apply = net.apply
-  return net._replace(apply=lambda p, images: apply(p, to_pixels(images)))
+  apply, quantize = net.apply, to_pcm16_grid if len(image_shape) == 2 else to_pixels
+  return net._replace(apply=lambda p, images: apply(p, quantize(images)))
+
+
+def to_pcm16_grid(signals: jax.Array) -> jax.Array:
+  """Signals [B, L, C] as the audio feature network sees them: clipped to [-1, 1) and rounded
+  to the 16-bit grid k / 32768 a WAV file stores (`jdiff.audio_io`): real data, stored as
+  int16, come through bit-identical."""
+  k = jnp.clip(jnp.round(jnp.asarray(signals, jnp.float32) * 32768.0), -32768.0, 32767.0)
+  return k / jnp.float32(32768)
 
 
 def _inception(config) -> FeatureNet:
@@ -143,13 +159,14 @@ def digits_classifier(config, image_shape) -> FeatureNet:
   Process 0 trains and writes it; the others wait at a barrier and read it.
   """
   settings = dict(
-    DIGITS_CLASSIFIER,
+    AUDIO_CLASSIFIER if len(image_shape) == 2 else DIGITS_CLASSIFIER,
     steps=config.eval.classifier_steps,
     dataset=config.data.name,
     image_shape=list(image_shape),
   )
   digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-  name = f"digits_classifier_{image_shape[0]}x{image_shape[1]}_{digest}"
+  size = "x".join(map(str, image_shape[:-1]))  # H x W, or L for signals
+  name = f"{'audio' if len(image_shape) == 2 else 'digits'}_classifier_{size}_{digest}"
   path = os.path.join(data_root(config.data.data_dir), CACHE_DIR, name + ".npz")
   if not os.path.exists(path) and jax.process_index() == 0:
     _train_classifier(config, path, settings)
@@ -160,23 +177,31 @@ def digits_classifier(config, image_shape) -> FeatureNet:
   with np.load(path) as f:
     params = unflatten({k[len("params/") :]: f[k] for k in f.files if k.startswith("params/")})
     accuracy = float(f["test_accuracy"])
-  logging.info("digits classifier %s: held-out accuracy %.4f", path, accuracy)
-  module = SmallClassifier(width=settings["width"], features=settings["features"])
+  logging.info("feature classifier %s: held-out accuracy %.4f", path, accuracy)
+  module = _classifier(settings)
 
   def apply(p, images):
     feats, logits = module.apply({"params": p}, images)
     return feats, jax.nn.softmax(logits)
 
+  classes = settings.get("num_classes", 10)
   return FeatureNet(
-    name, apply, params, settings["features"], 10, {"classifier_accuracy": accuracy}
+    name, apply, params, settings["features"], classes, {"classifier_accuracy": accuracy}
   )
+
+
+def _classifier(settings: dict):
+  """The digits SmallClassifier, or the audio SpectrogramClassifier (settings with classes)."""
+  if "num_classes" in settings:
+    return SpectrogramClassifier(settings["num_classes"], settings["width"], settings["features"])
+  return SmallClassifier(width=settings["width"], features=settings["features"])
 
 
 def _train_classifier(config, path: str, settings: dict) -> None:
   """Adam on cross-entropy with +-1 pixel random shifts; writes params and test accuracy."""
   images, labels = _split_arrays(config, config.data.train_split)
   test_images, test_labels = _split_arrays(config, config.data.eval_split)
-  module = SmallClassifier(width=settings["width"], features=settings["features"])
+  module = _classifier(settings)
   rng = jax.random.key(settings["seed"])
   params = module.init(rng, jnp.zeros((1, *images.shape[1:])))["params"]
   opt = optax.adamw(optax.cosine_decay_schedule(settings["lr"], settings["steps"]), 1e-4)
@@ -187,8 +212,8 @@ def _train_classifier(config, path: str, settings: dict) -> None:
   def step(params, opt_state, key):
     k_idx, k_shift = jax.random.split(key)
     idx = jax.random.randint(k_idx, (settings["batch_size"],), 0, x_all.shape[0])
-    shift = jax.random.randint(k_shift, (2,), -1, 2)
-    x = jnp.roll(x_all[idx], shift, axis=(1, 2))
+    shift = jax.random.randint(k_shift, (x_all.ndim - 2,), -1, 2)  # +-1 pixel or sample
+    x = jnp.roll(x_all[idx], shift, axis=tuple(range(1, x_all.ndim - 1)))
 
     def loss_fn(p):
       logits = module.apply({"params": p}, x)[1]

@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 from jdiff import metrics
 from jdiff.data import pipeline
 from jdiff.data.sources import stored_name
-from jdiff.runs import feature_nets, generate
+from jdiff.runs import audio, feature_nets, generate
 from jdiff.runs.setup import Setup, log_process_info
 from jdiff.training.progress import Progress
 from jdiff.training.sharding import DATA_AXIS
@@ -308,6 +308,8 @@ def quality(setup: Setup, params, num: int, rng, *, writer: MetricWriter, step: 
     setup.workdir, "quality", f"stats_{s.sampler}{s.num_steps}_n{num}_step{step}.npz"
   )
   results = summarize(col, ref, cfg.eval.pr_k, save=stats_path)
+  if len(setup.pixel_shape) == 2:  # 1-D signals: the same rows again, for their FFT pitch
+    results.update(audio.pitch_scores(setup, generate.generate(setup, params, num, rng)))
   results["sec"] = time.perf_counter() - t0
   results.update(net.info)
   results.update(metrics.reference.heldout_scores(path))
@@ -330,7 +332,8 @@ def quality(setup: Setup, params, num: int, rng, *, writer: MetricWriter, step: 
 
 
 def _extra(r: dict) -> str:
-  parts = [f"  {k} {r[k]:.4f}" for k in ("precision", "recall", "kid") if k in r]
+  keys = ("precision", "recall", "kid", "pitch_accuracy", "heldout_pitch_accuracy")
+  parts = [f"  {k} {r[k]:.4f}" for k in keys if k in r]
   if "heldout_fd" in r:
     parts.append(f"  (real held-out data: FD {r['heldout_fd']:.4f}, IS {r['heldout_is']:.4f})")
   return "".join(parts)

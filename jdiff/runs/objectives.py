@@ -20,7 +20,8 @@ from jdiff import processes
 from jdiff.samplers.registry import FLOW_SAMPLERS
 
 OBJECTIVES = ("ddpm", "edm", "flow")
-ARCHS = ("unet", "dit")
+SIGNAL_ARCHS = ("unet1d", "diffwave")  # 1-D signals [L, C] (jdiff.runs.audio)
+ARCHS = ("unet", "dit", *SIGNAL_ARCHS)
 DISCRETE_SAMPLERS = ("ddpm", "ddim", "pc")
 AUTO_SAMPLERS = {"ddpm": "ddim", "edm": "heun", "flow": "flow_euler"}
 
@@ -97,6 +98,10 @@ def build_network(config, base_kwargs: dict, *, dtype):
         patch_size=d.patch_size, hidden=d.hidden, depth=d.depth, num_heads=d.num_heads,
         mlp_ratio=d.mlp_ratio, **common,
       )  # fmt: skip
+  elif config.model.arch in SIGNAL_ARCHS:
+    from jdiff.runs.audio import build_signal_net  # pylint: disable=g-import-not-at-top
+
+    net = build_signal_net(config, base_kwargs, dtype=dtype)
   else:
     net = UNet(dtype=dtype, **base_kwargs)
   if config.objective == "edm":

@@ -32,7 +32,7 @@ SECTIONS = {
   "diffusion": ("data", "model", "diffusion", "optim", "train", "sample", "eval", "latent"),
   "autoencoder": ("data", "autoencoder", "loss", "optim", "train", "eval"),
 }
-FEATURE_NETS = ("auto", "digits", "inception")
+FEATURE_NETS = ("auto", "digits", "inception", "audio")
 
 _INT, _FLOAT = "an integer", "a finite number"
 # (key, kind, low, high, low inclusive, high inclusive, None allowed). A key a config lacks is
@@ -292,6 +292,11 @@ def _check_objective(c) -> None:
     )
   if c.model.arch not in objectives.ARCHS:
     raise ValueError(f"config.model.arch must be one of {objectives.ARCHS}, got {c.model.arch!r}")
+  if c.model.arch in objectives.SIGNAL_ARCHS and c.data.image_size:
+    raise ValueError(
+      f"config.model.arch={c.model.arch!r} models 1-D signals, which are not resized: set "
+      f"config.data.image_size=0, got {c.data.image_size}"
+    )
   sampler = sampler_of(c)
   if c.objective != "ddpm" and sampler in objectives.DISCRETE_SAMPLERS:
     raise ValueError(

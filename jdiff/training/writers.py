@@ -194,6 +194,33 @@ class MetricWriter:
     self._tb.add_image(tag, pixels, int(step), dataformats="HWC")
     self._tb.flush()
 
+  def write_audio(self, step: int, tag: str, wav_path: str) -> None:
+    """Shows an already written WAV file (16-bit PCM) in TensorBoard, its bytes as they are.
+
+    tensorboardX's `add_audio` would encode the clip again with `soundfile`; the summary proto
+    takes the file's bytes directly.
+    """
+    if not self.active or self._tb is None:
+      return
+    import wave  # pylint: disable=g-import-not-at-top
+
+    from tensorboardX.proto.summary_pb2 import Summary  # pylint: disable=g-import-not-at-top
+
+    with wave.open(wav_path, "rb") as w:
+      rate, channels, frames = w.getframerate(), w.getnchannels(), w.getnframes()
+    with open(wav_path, "rb") as f:
+      clip = Summary.Audio(
+        sample_rate=rate,
+        num_channels=channels,
+        length_frames=frames,
+        encoded_audio_string=f.read(),
+        content_type="audio/wav",
+      )
+    self._tb._get_file_writer().add_summary(  # noqa: SLF001 (add_audio's own path)
+      Summary(value=[Summary.Value(tag=tag, audio=clip)]), int(step)
+    )
+    self._tb.flush()
+
   def write_text(self, step: int, tag: str, text: str) -> None:
     """A text panel in TensorBoard (markdown), e.g. the run's config."""
     if not self.active or self._tb is None:
