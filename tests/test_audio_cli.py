@@ -48,7 +48,8 @@ def test_audio_notes_train_then_sample_writes_wavs(tmp_path):
   from jdiff.configs import audio_notes
   from jdiff.runs import diffusion
 
-  flags.FLAGS(["test"])  # grain reads absl flags
+  if not flags.FLAGS.is_parsed():  # grain reads absl flags; jdiff.cli's required ones may be
+    flags.FLAGS.mark_as_parsed()  # defined already, so do not parse (and validate) argv
   config = audio_notes.get_config()
   for key, value in {**TINY, "data.data_dir": data_dir}.items():
     section, name = key.split(".")
