@@ -105,6 +105,20 @@ def test_score_npz_and_reference(trained, digits_dir, tmp_path):
   )
 
 
+def test_cached_reference_with_too_few_features_is_recomputed(trained, digits_dir, tmp_path):
+  """A cached reference written under eval.pr_samples=0 (another run on the same data) is
+  rewritten when a run asks for 20 feature rows, so precision/recall are not dropped."""
+  path = fid.fid_ref(_config(digits_dir, **{"eval.pr_samples": 0}), trained)
+  assert len(metrics.load_reference(path).features) == 0
+  c = _config(digits_dir)
+  num, images_fn = fid.split_images(c, "test")
+  npz = str(tmp_path / "heldout.npz")
+  np.savez(npz, arr_0=np.round((images_fn(np.arange(num)) + 1) * 127.5).astype(np.uint8))
+  got = fid.fid(_config(digits_dir, **{"eval.samples_npz": npz}), trained)
+  assert 0 <= got["precision"] <= 1 and 0 <= got["recall"] <= 1
+  assert metrics.load_reference(path).features.shape == (20, 128)
+
+
 def test_config_errors(trained, digits_dir, tmp_path):
   # The config's own rules (feature_net, num_samples, the files' names): tests/test_validate.py.
   c = _config(digits_dir, **{"eval.feature_net": "inception"})

@@ -275,6 +275,9 @@ def load_or_compute_reference(config, setup, net):
         "or point to pytorch-fid / guided-diffusion statistics"
       )
     compute_reference(config, setup, net)
+  elif not config.eval.ref_stats and _kept_too_few(path, config.eval.pr_samples):
+    logging.info("%s keeps fewer than eval.pr_samples feature rows: recomputing it", path)
+    compute_reference(config, setup, net)
   ref = metrics.load_reference(path, feature_net=net.name)
   if ref.mu is None:  # a guided-diffusion batch of images without statistics
     col = score_images(
@@ -290,6 +293,15 @@ def load_or_compute_reference(config, setup, net):
       mu=metrics.mean_cov(stats)[0], sigma=metrics.mean_cov(stats)[1], features=feats
     )
   return ref, path
+
+
+def _kept_too_few(path: str, pr_samples: int) -> bool:
+  """Whether the cached reference keeps fewer feature rows than `pr_samples` asks for
+  (it was written under a smaller eval.pr_samples; the cache key leaves that out)."""
+  with np.load(path) as f:
+    count = int(f["count"]) if "count" in f.files else 0
+    kept = len(f["features"]) if "features" in f.files else 0
+  return kept < min(pr_samples, count)
 
 
 # ----------------------------------------------------------------------------- modes
