@@ -139,9 +139,15 @@ def copy_of(reference: str, tmp_path, name: str = "run") -> str:
 # ----------------------------------------------------------------------------- corruptions
 
 
-def _largest_array_file(step_dir: str) -> str:
+def _array_files(step_dir: str) -> list[str]:
+  """Every data file of the step's OCDBT databases. Which of them hold the arrays that a
+  restore reads varies from run to run (asynchronous writes), so a corruption hits all."""
   files = glob.glob(os.path.join(step_dir, "state", "ocdbt.process_*", "d", "*"))
-  return max(files, key=os.path.getsize)
+  return files + glob.glob(os.path.join(step_dir, "state", "d", "*"))
+
+
+def _truncate(path: str) -> None:
+  os.truncate(path, os.path.getsize(path) // 2)
 
 
 def _rewrite_middle(path: str, change) -> None:
@@ -153,20 +159,20 @@ def _rewrite_middle(path: str, change) -> None:
     f.write(change(old))
 
 
+def _each(change):
+  return lambda d: [change(path) for path in _array_files(d)]
+
+
 CORRUPTIONS = {
   "deleted manifest.ocdbt": lambda d: os.remove(os.path.join(d, "state", "manifest.ocdbt")),
-  "truncated array file": lambda d: os.truncate(
-    _largest_array_file(d), os.path.getsize(_largest_array_file(d)) // 2
-  ),
+  "truncated array files": _each(_truncate),
   "garbage iterator JSON": lambda d: open(
     os.path.join(d, "data", "process_0-of-1.json"), "w"
   ).write("{garbage"),
   "deleted _METADATA": lambda d: os.remove(os.path.join(d, "state", "_METADATA")),
-  "64 overwritten bytes": lambda d: _rewrite_middle(
-    _largest_array_file(d), lambda old: bytes(len(old))
-  ),
-  "4-byte bit flip": lambda d: _rewrite_middle(
-    _largest_array_file(d), lambda old: bytes(b ^ 0xFF for b in old[:4])
+  "64 overwritten bytes": _each(lambda p: _rewrite_middle(p, lambda old: bytes(len(old)))),
+  "4-byte bit flips": _each(
+    lambda p: _rewrite_middle(p, lambda old: bytes(b ^ 0xFF for b in old[:4]))
   ),
 }
 
@@ -193,13 +199,15 @@ def test_corrupt_newest_step_falls_back(
   warnings = [r.getMessage() for r in caplog.records if "is corrupt" in r.getMessage()]
   assert len(warnings) == 1 and "moved aside to 6.corrupt" in warnings[0], warnings
   assert "\n" not in warnings[0]
+  if kind == "deleted _METADATA":  # found by the file check, not by minutes inside orbax
+    assert "state/_METADATA is missing" in warnings[0], warnings
 
 
 def test_corrupt_newest_step_train_sample_eval(tmp_path, reference, digits_dir, reference_states):
   """train (CLI) resumes from the previous step and ends bit-identical to the uninterrupted
   run; sample and eval (restore_params) fall back the same way."""
   wd = copy_of(reference, tmp_path)
-  corrupt(wd, STEPS, "4-byte bit flip")  # before: restored silently, a different result
+  corrupt(wd, STEPS, "4-byte bit flips")  # before: restored silently, a different result
   proc = run_python(main_args("train", wd, digits_dir, **RUN))
   assert "falling back to an older step" in proc.stderr
   assert "resumed from" in proc.stderr and f"at step {STEPS - 1}" in proc.stderr
@@ -492,7 +500,7 @@ def test_damaged_metadata_is_corruption(tmp_path, reference, abstract, reference
   wd = copy_of(reference, tmp_path)
   path = _metadata_path(wd, STEPS)
   os.truncate(path, os.path.getsize(path) // 2)
-  corrupt(wd, STEPS, "4-byte bit flip")
+  corrupt(wd, STEPS, "4-byte bit flips")
   _strip_record(wd, STEPS - 1)
   with caplog.at_level(logging.WARNING), Checkpointer(ckpt_dir(wd)) as ckpt:
     state = ckpt.restore(abstract)
@@ -532,7 +540,7 @@ def test_deleted_lock_file_still_excludes(tmp_path, reference, abstract):
 
   lock = WorkdirLock(wd).acquire()
   try:
-    corrupt(wd, STEPS, "4-byte bit flip")
+    corrupt(wd, STEPS, "4-byte bit flips")
     with Checkpointer(ckpt_dir(wd), guard=lock.verified) as ckpt:
       os.rename(wd, wd + "-moved")  # a user moved the workdir, another run copied it back
       shutil.copytree(wd + "-moved", wd)
@@ -578,8 +586,9 @@ def test_unreadable_file_is_not_corruption(tmp_path, reference, abstract):
     os.chmod(base, 0o755)
     wd = copy_of(reference, base)
     before = digests(ckpt_dir(wd))
-    victim = _largest_array_file(os.path.join(ckpt_dir(wd), str(STEPS)))
-    os.chmod(victim, 0)
+    victims = _array_files(os.path.join(ckpt_dir(wd), str(STEPS)))
+    for victim in victims:
+      os.chmod(victim, 0)
     if root:
       for path, dirs, files in os.walk(wd):
         for name in dirs + files:
@@ -591,13 +600,14 @@ def test_unreadable_file_is_not_corruption(tmp_path, reference, abstract):
     finally:
       if root:
         os.seteuid(0)
-    os.chmod(victim, 0o644)
+    for victim in victims:
+      os.chmod(victim, 0o644)
     assert digests(ckpt_dir(wd)) == before  # nothing moved aside
   finally:
     if root:
       shutil.rmtree(base)
   message = str(err.value)
-  assert f"{victim}: [Errno 13] Permission denied" in message, message
+  assert any(f"{v}: [Errno 13] Permission denied" in message for v in victims), message
   assert "\n" not in message and "nothing was moved aside" in message
   # EIO, as TensorStore (orbax's reader) reports it, is an I/O error too; a short file is not.
   ts = "Failed to open: \"/w/checkpoints/6/state/d/ab\": Input/output error [os_error_code='5']"
@@ -616,7 +626,7 @@ def test_failed_read_reports_once(tmp_path, reference, abstract, reference_state
   import asyncio
 
   wd = copy_of(reference, tmp_path)
-  corrupt(wd, STEPS, "truncated array file")
+  corrupt(wd, STEPS, "truncated array files")
   original, unraisable = Checkpointer._restore, []
 
   class Suspend:

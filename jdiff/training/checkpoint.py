@@ -47,6 +47,7 @@ from jdiff.training.writers import write_json
 
 STATE = "state"
 DATA = "data"
+PYTREE_METADATA = "_METADATA"  # orbax's tree structure of the saved state
 CHECKSUMS = integrity.CHECKSUMS  # key of the record in the step's custom metadata
 METADATA_FILE = integrity.METADATA_FILE  # orbax's step metadata, which holds the record
 # <directory>_checksums.json, beside the directory: {"since_step": S}, every step >= S was
@@ -206,7 +207,12 @@ class Checkpointer:
     return record
 
   def _check_data_file(self, step: int, record: dict) -> None:
-    """Compares this process's iterator file with its recorded CRC-32."""
+    """Compares this process's iterator file with its recorded CRC-32; the state's pytree
+    metadata must be there (without it orbax spends minutes rebuilding the tree from the
+    arrays, then fails)."""
+    tree = os.path.join(self.directory, str(step), STATE, PYTREE_METADATA)
+    if not os.path.exists(tree):
+      raise FileNotFoundError(f"{STATE}/{PYTREE_METADATA} is missing")
     key = str(jax.process_index())
     if key not in record.get("data", {}):
       return
