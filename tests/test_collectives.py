@@ -12,7 +12,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import run_python
+from conftest import run_python, xla_flags
 
 from jdiff.training import hlo
 
@@ -94,7 +94,7 @@ def test_fsdp_gathers_bfloat16_parameters(tmp_path):
   XLA:CPU itself later widens bf16 collectives to f32, hence the f32 gathers in the final CPU
   program). A guard: an explicit cast before the gather changed nothing here."""
   dump = tmp_path / "dump"
-  flags = f"--xla_force_host_platform_device_count=4 --xla_dump_to={dump} "
+  flags = f"{xla_flags(4)} --xla_dump_to={dump} "
   flags += "--xla_dump_hlo_pass_re=spmd-partitioning"
   env = {"XLA_FLAGS": flags, "JAX_ENABLE_COMPILATION_CACHE": "false"}  # compile: dump
   run_python(["-c", SCRIPT, "1_4_1_bfloat16"], devices=4, env=env)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 from jdiff import diffusion, losses, samplers, schedules
 from tests import analytic
@@ -82,7 +83,7 @@ print("RESULT" + json.dumps(out))
 def mapped():
   env = dict(
     os.environ,
-    XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    XLA_FLAGS=xla_flags(4),
     JAX_PLATFORMS="cpu",
     PYTHONPATH=str(ROOT),
   )

@@ -26,7 +26,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, free_port
+from conftest import REPO, free_port, xla_flags
 
 README = os.path.join(REPO, "README.md")
 
@@ -106,7 +106,7 @@ def chains(commands: list[str]) -> list[list[str]]:
 def run_chain(commands: list[str], root: str, data_dir: str, port: str) -> dict[str, str]:
   """Runs README commands in order (background `&` ones concurrently until `wait`);
   returns stderr by line."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
   logs, background = {}, []
   for command in commands:
     if command == "wait":

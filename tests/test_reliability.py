@@ -25,7 +25,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, main_args, run_python
+from conftest import REPO, main_args, run_python, xla_flags
 
 from jdiff.configs import tiny
 from jdiff.runs import stored_config
@@ -85,7 +85,7 @@ def assert_trees_equal(a, b):
 
 
 def popen(args: list[str]) -> subprocess.Popen:
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
   return subprocess.Popen(
     [sys.executable, *args],
     cwd=REPO,
@@ -711,7 +711,7 @@ def test_sigint_saves_like_sigterm(interrupts):
 
 
 def _popen_logged(args: list[str], log: str) -> subprocess.Popen:
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
   with open(log, "w") as f:
     return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=f, stderr=f)
 

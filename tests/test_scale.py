@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import launch_two_processes, run_python
+from conftest import launch_two_processes, run_python, xla_flags
 from jax.sharding import PartitionSpec as P
 
 from jdiff.training import sharding
@@ -270,7 +270,7 @@ def test_two_processes_fsdp_sigterm_and_resume(tmp_path, digits_dir):
   wd = str(tmp_path / "dist")
   env = dict(
     os.environ,
-    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    XLA_FLAGS=xla_flags(2),
     JAX_PLATFORMS="cpu",
     JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
   )

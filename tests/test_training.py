@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, launch_two_processes, main_args, run_python
+from conftest import REPO, launch_two_processes, main_args, run_python, xla_flags
 
 from jdiff.configs import tiny
 from jdiff.runs import autoencoder, diffusion
@@ -137,7 +137,7 @@ def test_sigterm_saves_and_resume_matches(tmp_path, digits_dir):
   """SIGTERM mid-run writes a checkpoint at the current step; resuming ends bit-identical."""
   wd = str(tmp_path / "preempted")
   overrides = {"train.num_steps": 400, "train.ckpt_every": 0, "train.log_every": 1}
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
   proc = subprocess.Popen(
     [sys.executable, *main_args("train", wd, digits_dir, **overrides)],
     cwd=REPO,
@@ -231,7 +231,7 @@ def test_two_processes_agree(tmp_path, digits_dir):
   wd = str(tmp_path / "dist")
   env = dict(
     os.environ,
-    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    XLA_FLAGS=xla_flags(2),
     JAX_PLATFORMS="cpu",
     JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
   )
