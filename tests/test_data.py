@@ -462,6 +462,10 @@ def test_missing_tensorflow_clear_error(tmp_path):
   # A real catalog dataset: mnist is refused before anything is downloaded.
   with pytest.raises(sources.TensorFlowRequiredError, match="'mnist'"):
     sources.load_source("mnist", split="train", data_dir=d)
+  # Catalog audio (tfds.features.Audio): the builder itself is built with TensorFlow.
+  for name in ("speech_commands", "nsynth/gansynth_subset"):
+    with pytest.raises(sources.TensorFlowRequiredError, match=rf"'{name}'.*Audio.*jdiff\[tf\]"):
+      sources.load_source(name, split="train", data_dir=d)
   downloads = tmp_path / "downloads"
   assert not downloads.exists() or not any(downloads.rglob("*.*"))
 

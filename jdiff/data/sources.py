@@ -7,7 +7,8 @@ Every dataset, embedded or from the TFDS catalog, goes through one path:
 (:mod:`jdiff.data.digits`). Any other name is a TFDS catalog dataset: read as is when
 already prepared as ``array_record`` under ``data_dir``, otherwise downloaded and
 prepared as ``array_record``. Preparing catalog image datasets (mnist, cifar10,
-celeb_a, fashion_mnist, ...) encodes PNG/JPEG through TensorFlow; without it a
+celeb_a, fashion_mnist, ...) encodes PNG/JPEG through TensorFlow, and catalog audio datasets
+(speech_commands, nsynth) need it to construct their builders at all; without it a
 :class:`TensorFlowRequiredError` names the install command, before anything is
 downloaded. The grain iterators over these sources are in :mod:`jdiff.data.pipeline`.
 
@@ -119,6 +120,15 @@ def prepared_builder(name: str, *, data_dir: str | None = None) -> tfds.core.Dat
 
   try:
     builder = tfds.builder(name, data_dir=data_dir)
+  except ModuleNotFoundError as e:  # tfds.features.Audio (speech_commands, nsynth) needs TF
+    if e.name == "tensorflow" or "tensorflow" in str(e):
+      raise TensorFlowRequiredError(
+        f"dataset {name!r}: tensorflow_datasets needs TensorFlow to construct its builder "
+        f"(its features, e.g. tfds.features.Audio, are defined with TensorFlow dtypes), even "
+        f"to read a prepared copy. Install it with: {TF_INSTALL_HINT}. (jdiff_digits and "
+        "jdiff_notes need no TensorFlow.)"
+      ) from None
+    raise
   except tfds.core.registered.DatasetNotFoundError:
     raise ValueError(
       f"unknown dataset {name!r}: not in the TFDS catalog and not prepared under "
