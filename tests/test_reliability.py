@@ -825,3 +825,28 @@ def test_bad_workdir_is_one_line_before_any_work(tmp_path, reference, digits_dir
   assert last_line(proc.stderr).startswith(expected), proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr and "sampled" not in proc.stderr
   assert os.listdir(cwd) == []
+
+
+def test_late_reports_of_a_failed_read_are_dropped_others_kept(caplog):
+  """After a failed read, TensorStore's threads finish its abandoned reads at any time: the
+  "never retrieved" reports of those futures (a TensorStore error, or orbax's frames) are
+  dropped for the rest of the process; another future's report still reaches the log."""
+
+  def failing_read():
+    raise ValueError("OUT_OF_RANGE: a damaged file")
+
+  with pytest.raises(ValueError, match="damaged file"):
+    integrity.read_quietly(failing_read)
+  log = logging.getLogger("asyncio")
+  read_error = ValueError(
+    "OUT_OF_RANGE: Error reading \"x/.zarray\" [tensorstore_spec='{\"driver\":\"zarr\"}']"
+  )
+  with caplog.at_level(logging.ERROR, logger="asyncio"):
+    for exc in (read_error, ValueError("a user's own future")):
+      log.error(
+        "Future exception was never retrieved\nfuture: <Future finished exception=%r>",
+        exc,
+        exc_info=exc,
+      )
+  messages = [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()]
+  assert len(messages) == 1 and "a user's own future" in messages[0], messages

@@ -79,7 +79,9 @@ def test_chunked_scan_equals_one_chunk(monkeypatch):
   assert winograd._images_per_chunk(x.shape, 8, 4, winograd.TILES[2], 1) == 1
   chunked = run()
   for a, b in zip(chunked, whole):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # the same sums in another order: float32 rounding (eps 1.2e-7) of ~36 terms, relative
+    # to the array's scale (an entry near 0 is a cancellation of terms of that size)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=36 * 1.2e-7 * float(np.abs(b).max()))
   # Inference (no autodiff) has its own budget: whole batch here, then chunked.
   infer_whole = jax.jit(lambda x, k: winograd_conv3x3(x, k))(x, k)
   monkeypatch.setattr(winograd, "_INFER_CHUNK_BYTES", 1)

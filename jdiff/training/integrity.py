@@ -260,7 +260,21 @@ class _DropNeverRetrieved(logging.Filter):
 
   def filter(self, record) -> bool:
     text = record.getMessage()
-    return "never retrieved" not in text or (self.orbax_only and "/orbax/" not in text)
+    return "never retrieved" not in text or (self.orbax_only and not _from_a_read(record, text))
+
+
+def _from_a_read(record, text: str) -> bool:
+  """Whether a "never retrieved" report is of an orbax read: orbax's code in the message or
+  the exception's frames, or TensorStore's error (a read failing on a damaged file)."""
+  if "/orbax/" in text or "tensorstore_spec" in text:
+    return True
+  exc = record.exc_info[1] if record.exc_info else None
+  tb = getattr(exc, "__traceback__", None)
+  while tb is not None:
+    if "/orbax/" in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
 
 
 _LATE_READS = _DropNeverRetrieved(orbax_only=True)
