@@ -58,9 +58,11 @@ if os.environ.get("PYTEST_XDIST_WORKER") and signal.getsignal(signal.SIGINT) == 
   signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def xla_flags(devices: int) -> str:
-  """XLA_FLAGS for a subprocess with `devices` fake CPU devices (and the suite's fast compile)."""
-  return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
+def xla_flags(devices: int, *, fast_compile: bool = True) -> str:
+  """XLA_FLAGS for a subprocess with `devices` fake CPU devices (and the suite's fast compile,
+  unless the process computes more than it compiles: `fast_compile=False`)."""
+  flags = f"--xla_force_host_platform_device_count={devices}"
+  return f"{flags} {FAST_COMPILE}" if fast_compile else flags
 
 
 def _session_dir(request, name: str, build) -> str:
@@ -97,11 +99,17 @@ def digits_dir(request) -> str:
 
 
 def run_python(
-  args: list[str], *, devices: int = 1, timeout: float = 600, env=None, check: bool = True
+  args: list[str],
+  *,
+  devices: int = 1,
+  timeout: float = 600,
+  env=None,
+  check: bool = True,
+  fast_compile: bool = True,
 ) -> subprocess.CompletedProcess:
   """Runs `python ARGS` from the repo root with `devices` fake CPU devices."""
   full_env = dict(os.environ)
-  full_env["XLA_FLAGS"] = xla_flags(devices)
+  full_env["XLA_FLAGS"] = xla_flags(devices, fast_compile=fast_compile)
   full_env["JAX_PLATFORMS"] = "cpu"
   full_env.update(env or {})
   proc = subprocess.run(

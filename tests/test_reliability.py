@@ -839,7 +839,7 @@ def test_late_reports_of_a_failed_read_are_dropped_others_kept(caplog):
     integrity.read_quietly(failing_read)
   log = logging.getLogger("asyncio")
   read_error = ValueError(
-    "OUT_OF_RANGE: Error reading \"x/.zarray\" [tensorstore_spec='{\"driver\":\"zarr\"}']"
+    'OUT_OF_RANGE: Error reading "x/.zarray" [tensorstore_spec=\'{"driver":"zarr"}\']'
   )
   with caplog.at_level(logging.ERROR, logger="asyncio"):
     for exc in (read_error, ValueError("a user's own future")):

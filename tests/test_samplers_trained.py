@@ -70,7 +70,7 @@ def _config(digits_dir: str, **sample):
 def trained(digits_dir, tmp_path_factory):
   """(setup, EMA params, workdir) of the tiny config trained through the CLI."""
   workdir = str(tmp_path_factory.mktemp("trained_tiny"))
-  run_python(main_args("train", workdir, digits_dir, **TRAIN))
+  run_python(main_args("train", workdir, digits_dir, **TRAIN), fast_compile=False)  # 300 steps
   with Setup(_config(digits_dir), workdir, kind="diffusion") as setup:
     params, _ = setup.restore_params("ema_params")
     yield setup, params, workdir
