@@ -52,9 +52,10 @@ FAST_COMPILE = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 
-# pytest-xdist's workers ignore SIGINT, and a child inherits an ignored signal: the trainers
-# of the Ctrl-C tests would never see theirs. The workers take Python's default back.
-if os.environ.get("PYTEST_XDIST_WORKER") and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+# pytest-xdist's workers (and a suite started as a background job) ignore SIGINT, and a
+# child inherits an ignored signal: the Ctrl-C tests' trainers would never see theirs, and
+# the in-process ones would restore "ignored". The suite takes Python's default back.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
   signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
