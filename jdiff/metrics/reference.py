@@ -36,6 +36,7 @@ class Reference(NamedTuple):
   features: np.ndarray | None
   images: np.ndarray | None
   feature_net: str
+  count: int | None = None  # examples the statistics were computed from (jdiff's files)
 
 
 def save_reference(
@@ -80,6 +81,7 @@ def load_reference(path: str, *, feature_net: str | None = None) -> Reference:
     get = lambda k: np.asarray(f[k]) if k in keys else None  # noqa: E731
     mu, sigma, feats, images = get("mu"), get("sigma"), get("features"), get("arr_0")
     net = str(f["feature_net"]) if "feature_net" in keys else ""
+    count = int(f["count"]) if "count" in keys else None
   if (mu is None or sigma is None) and images is None:
     raise ValueError(
       f"{path}: expected 'mu' and 'sigma' (pytorch-fid / jdiff) or 'arr_0' images "
@@ -113,7 +115,7 @@ def load_reference(path: str, *, feature_net: str | None = None) -> Reference:
       "differ from jdiff's and give another FID",
       path,
     )
-  return Reference(mu, sigma, feats, images, net)
+  return Reference(mu, sigma, feats, images, net, count)
 
 
 def heldout_scores(path: str) -> dict[str, float]:

@@ -233,7 +233,7 @@ def compute_reference(config, setup, net) -> str:
   col = score_images(setup, net, images_fn, num, batch=c.batch_size, what=f"{c.ref_split} images")
   stats, _, feats = col.gather()
   mu, sigma = metrics.mean_cov(stats)
-  ref = metrics.reference.Reference(mu, sigma, feats, None, net.name)
+  ref = metrics.reference.Reference(mu, sigma, feats, None, net.name, int(stats.count))
   held = {}
   if config.data.eval_split != c.ref_split:
     num_h, images_h = split_images(config, config.data.eval_split)
@@ -275,10 +275,11 @@ def load_or_compute_reference(config, setup, net):
         "or point to pytorch-fid / guided-diffusion statistics"
       )
     compute_reference(config, setup, net)
-  elif not config.eval.ref_stats and _kept_too_few(path, config.eval.pr_samples):
+  ref = metrics.load_reference(path, feature_net=net.name)
+  if not config.eval.ref_stats and _kept_too_few(ref, config.eval.pr_samples):
     logging.info("%s keeps fewer than eval.pr_samples feature rows: recomputing it", path)
     compute_reference(config, setup, net)
-  ref = metrics.load_reference(path, feature_net=net.name)
+    ref = metrics.load_reference(path, feature_net=net.name)
   if ref.mu is None:  # a guided-diffusion batch of images without statistics
     col = score_images(
       setup,
@@ -295,13 +296,11 @@ def load_or_compute_reference(config, setup, net):
   return ref, path
 
 
-def _kept_too_few(path: str, pr_samples: int) -> bool:
+def _kept_too_few(ref: metrics.reference.Reference, pr_samples: int) -> bool:
   """Whether the cached reference keeps fewer feature rows than `pr_samples` asks for
   (it was written under a smaller eval.pr_samples; the cache key leaves that out)."""
-  with np.load(path) as f:
-    count = int(f["count"]) if "count" in f.files else 0
-    kept = len(f["features"]) if "features" in f.files else 0
-  return kept < min(pr_samples, count)
+  kept = 0 if ref.features is None else len(ref.features)
+  return kept < min(pr_samples, ref.count or 0)
 
 
 # ----------------------------------------------------------------------------- modes

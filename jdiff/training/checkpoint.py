@@ -206,10 +206,10 @@ class Checkpointer:
       raise ValueError("its checksum record is malformed")
     return record
 
-  def _check_data_file(self, step: int, record: dict) -> None:
-    """Compares this process's iterator file with its recorded CRC-32; the state's pytree
-    metadata must be there (without it orbax spends minutes rebuilding the tree from the
-    arrays, then fails)."""
+  def _check_files(self, step: int, record: dict) -> None:
+    """The state's pytree metadata must be there (without it orbax spends minutes rebuilding
+    the tree from the arrays, then fails); this process's iterator file must match its
+    recorded CRC-32."""
     tree = os.path.join(self.directory, str(step), STATE, PYTREE_METADATA)
     if not os.path.exists(tree):
       raise FileNotFoundError(f"{STATE}/{PYTREE_METADATA} is missing")
@@ -237,7 +237,7 @@ class Checkpointer:
       integrity.check_readable(os.path.join(self.directory, str(step)))
       record = self._record(step)
       if record is not None:
-        self._check_data_file(step, record)
+        self._check_files(step, record)
     except Exception as e:  # pylint: disable=broad-except
       why, unreadable = _one_line(e), integrity.read_error(e)
     self._raise_unreadable(where, unreadable)
