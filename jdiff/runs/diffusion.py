@@ -25,10 +25,12 @@ import numpy as np
 from absl import logging
 
 from jdiff import losses
+from jdiff.data import captions
 from jdiff.models.bridge import make_model_fn
 from jdiff.runs import audio, objectives
 from jdiff.runs.generate import generate, sample_fn  # noqa: F401 (sample_fn re-exported)
 from jdiff.runs.setup import Setup, log_process_info, run_training
+from jdiff.runs.text2image import prompts_of
 from jdiff.runs.train import MeanLogger, TrainMode, train
 from jdiff.training import sharding
 from jdiff.training.progress import Progress
@@ -109,6 +111,7 @@ def _train(setup: Setup, writer: MetricWriter) -> TrainState:
         grad_shardings=state_sh.params,
         reflow=bool(cfg.flow.reflow_pairs),
         cond_fn=superres_cond_fn(cfg),
+        label_fn=setup.caption_fn,
         **loss_kwargs(cfg),
       ),
       in_shardings=(state_sh, setup.data_sh, setup.repl, setup.repl),
@@ -200,6 +203,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   log_process_info()
   with Setup(config, workdir, kind=KIND, reads_data=False) as setup:
     s = setup.config.sample  # its sampler resolved ('auto')
+    prompts = _use_prompts(setup)
     params, step = setup.restore_params("ema_params" if s.use_ema else "params")
     t0 = time.perf_counter()
     images = generate(
@@ -221,13 +225,28 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   if jax.process_index() != 0:
     return out + ".npz"
   out = unique_stem(out, (".npz", ".png"))  # the two files take one suffix together
-  npz = save_npz(out + ".npz", images=images, step=np.int64(step))
+  extra = {"prompts": np.asarray([prompts[i % len(prompts)] for i in range(len(images))])}
+  npz = save_npz(out + ".npz", images=images, step=np.int64(step), **(extra if prompts else {}))
   with MetricWriter(setup.workdir) as writer:
     # the first grid_size in the PNG; signals [N, L, C]: every one as a WAV file too
     png = audio.save_grid(setup.config, out + ".png", images, writer=writer, step=step)
     writer.write_image(step, f"samples/{s.sampler}{s.num_steps}", png)
   logging.info("wrote %s and %s", npz, png)
   return npz
+
+
+def _use_prompts(setup: Setup) -> list[str]:
+  """A text model's `sample.prompts` (or `prompts_file`): sample i gets prompt i mod P, and
+  `sample.negative_prompt` replaces the empty prompt as guidance's null condition. Returns
+  the prompts ([] for a model without text or without prompts: one prompt per class)."""
+  s = setup.config.sample
+  if setup.cond_table is None or not (s.get("prompts") or s.get("prompts_file")):
+    return []
+  prompts, length = prompts_of(s), setup.config.text.max_length
+  setup.cond_table = captions.tokenize_all(prompts, max_length=length)
+  setup.null_label = captions.tokenize(s.negative_prompt, max_length=length)
+  logging.info("sampling %d prompt(s), negative prompt %r", len(prompts), s.negative_prompt)
+  return prompts
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -252,6 +271,7 @@ def _evaluate(setup: Setup, params) -> dict[str, float]:
       setup.module,
       conditional=cfg.conditional,
       cond_fn=superres_cond_fn(cfg),
+      label_fn=setup.caption_fn,
       **loss_kwargs(cfg),
     ),
     in_shardings=(repl, data_sh, repl, repl),
@@ -300,6 +320,8 @@ def _bound(setup: Setup, params, num: int) -> tuple[float, int]:
   def chunk(params, batch, rng, ts, valid):
     model_fn = make_model_fn(setup.module, params, train=False)
     cond = batch["label"] if cfg.conditional else None
+    if setup.caption_fn is not None:  # each example's caption, drawn once from the stream
+      cond = setup.caption_fn(cond, jax.random.fold_in(rng, 2))
     terms = losses.vlb_terms(setup.schedule, model_fn, batch["image"], rng, ts, cond=cond, **kwargs)
     return jnp.sum(terms * valid * batch["mask"].astype(jnp.float32)[:, None])
 

@@ -45,14 +45,25 @@ KIND = "diffusion"
 class Collector:
   """Folds (features, probs, index) of the rows this process holds into statistics.
 
-  index is the global sample index (-1 for padding); rows with index < keep are kept.
+  index is the global sample index (-1 for padding); rows with index < keep are kept. With
+  `label_classes` K (a model conditioned on class index mod K whose classes the feature
+  network's are), it also counts the rows the network classifies as their class.
   """
 
-  def __init__(self, net: feature_nets.FeatureNet, num: int, *, splits: int, keep: int):
+  def __init__(
+    self,
+    net: feature_nets.FeatureNet,
+    num: int,
+    *,
+    splits: int,
+    keep: int,
+    label_classes: int | None = None,
+  ):
     self.num, self.splits, self.keep = num, splits, keep
     self.stats = metrics.init_stats(net.dim)
     self.scores = metrics.init_scores(net.num_classes, splits)
     self.kept_index, self.kept = [], []
+    self.label_classes, self.hits = label_classes, 0
 
   def add(self, feats: jax.Array, probs: jax.Array, index: jax.Array) -> None:
     for f, p, i in zip(*(_local_rows(a) for a in (feats, probs, index))):
@@ -60,10 +71,25 @@ class Collector:
       self.stats = metrics.accumulate(self.stats, f, valid)
       split = metrics.streaming.split_of(np.where(valid, i, 0), self.num, self.splits)
       self.scores = metrics.accumulate_scores(self.scores, p, split, valid)
+      if self.label_classes:
+        pred = np.argmax(np.asarray(p), axis=-1)
+        self.hits += int(np.sum(valid & (pred == i % self.label_classes)))
       k = valid & (i < self.keep)
       if k.any():
         self.kept_index.append(i[k])
         self.kept.append(np.asarray(f[k], np.float32))
+
+  def label_accuracy(self) -> float | None:
+    """The share of samples classified as the class they were conditioned on (None if not
+    counted), over all processes."""
+    if not self.label_classes:
+      return None
+    hits = np.asarray([self.hits], np.int64)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+      hits = np.sum(multihost_utils.process_allgather(hits), 0)
+    return float(hits[0]) / self.num
 
   def gather(self):
     """(FeatureStats, ScoreStats, kept features [K, D] in index order) over all processes."""
@@ -202,7 +228,8 @@ def generate_features(setup: Setup, params, net, num: int, rng, **overrides) -> 
   """Generates `num` samples sharded over all devices and processes (the rows of
   `generate.generate` for `rng`), featurising them in the same jitted call."""
   cfg = setup.config
-  col = Collector(net, num, splits=cfg.eval.is_splits, keep=cfg.eval.pr_samples)
+  k = setup.num_classes if setup.num_classes == net.num_classes else None
+  col = Collector(net, num, splits=cfg.eval.is_splits, keep=cfg.eval.pr_samples, label_classes=k)
   batches = generate.generate_batches(
     setup, params, num, rng, post=net.apply, post_params=net.params, progress="samples",
     **overrides,
@@ -319,6 +346,8 @@ def quality(setup: Setup, params, num: int, rng, *, writer: MetricWriter, step: 
     setup.workdir, "quality", f"stats_{s.sampler}{s.num_steps}_n{num}_step{step}.npz"
   )
   results = summarize(col, ref, cfg.eval.pr_k, save=stats_path)
+  if col.label_accuracy() is not None:  # a conditional model: samples that are their class
+    results["label_accuracy"] = col.label_accuracy()
   if len(setup.pixel_shape) == 2:  # 1-D signals: the same rows again, for their FFT pitch
     results.update(audio.pitch_scores(setup, generate.generate(setup, params, num, rng)))
   results["sec"] = time.perf_counter() - t0
@@ -343,7 +372,7 @@ def quality(setup: Setup, params, num: int, rng, *, writer: MetricWriter, step: 
 
 
 def _extra(r: dict) -> str:
-  keys = ("precision", "recall", "kid", "pitch_accuracy", "heldout_pitch_accuracy")
+  keys = ("precision", "recall", "kid", "label_accuracy", "pitch_accuracy", "heldout_pitch_accuracy")
   parts = [f"  {k} {r[k]:.4f}" for k in keys if k in r]
   if "heldout_fd" in r:
     parts.append(f"  (real held-out data: FD {r['heldout_fd']:.4f}, IS {r['heldout_is']:.4f})")

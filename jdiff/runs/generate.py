@@ -51,11 +51,18 @@ def global_batch(setup, batch: int) -> int:
 
 
 def batch_inputs(setup, rng: Array, k, batch: int) -> tuple[Array, Array, Array]:
-  """Batch k's (x_T [B, H, W, C], labels [B], global indices [B]), batch-sharded."""
+  """Batch k's (x_T [B, H, W, C], labels [B], global indices [B]), batch-sharded.
+
+  A text model's labels are prompts: row `index % P` of `setup.cond_table` [P, L] (token
+  ids; by default the prompt of each class, "a handwritten seven").
+  """
   key = jax.random.fold_in(rng, k)
   x_T = jax.random.normal(stream(key, "x_T"), (batch, *setup.image_shape), jnp.float32)
   index = k * batch + jnp.arange(batch, dtype=jnp.int32)
   labels = index % (setup.num_classes or 1)
+  if getattr(setup, "cond_table", None) is not None:
+    table = jnp.asarray(setup.cond_table)
+    labels = table[index % table.shape[0]]
   constrain = lambda x: jax.lax.with_sharding_constraint(x, setup.data_sh)  # noqa: E731
   return constrain(x_T), constrain(labels), constrain(index)
 

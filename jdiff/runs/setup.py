@@ -24,7 +24,7 @@ from jdiff.data import pipeline, sources
 from jdiff.data.latents import latent_shape_of
 from jdiff.runs import objectives, stage1, stored_config
 from jdiff.runs import pretrained as pretrained_run
-from jdiff.runs.builders import build_autoencoder, build_model
+from jdiff.runs.builders import build_autoencoder, build_model, text_conditioning
 from jdiff.runs.validate import kind_of, resolve, validate
 from jdiff.runs.validate import validate as validate_config  # noqa: F401 (its former name)
 from jdiff.schedules import get_schedule
@@ -148,6 +148,7 @@ class Setup:
     self.data_dir = config.data.data_dir or None
     self.image_size = config.data.image_size or None
     self.codec = None
+    self.caption_fn = self.cond_table = None  # a text model's captions and label prompts
     self.pretrained = None  # a jdiff.pretrained.Pretrained with config.pretrained.path
     if "mesh" in config:
       self.mesh = sharding.make_mesh_2d(data=config.mesh.data, fsdp=config.mesh.fsdp)
@@ -234,6 +235,8 @@ class Setup:
     self.num_classes = classes if c.conditional else None
     self.module = build_model(c, num_classes=classes, channels=self.image_shape[-1])
     self.null_label = self.num_classes  # the U-Net reserves label num_classes for "no class"
+    if c.get("text") is not None:  # token ids for labels; the empty prompt is the null
+      self.caption_fn, self.null_label, self.cond_table = text_conditioning(c, classes)
 
   def __enter__(self) -> Setup:
     return self
@@ -339,13 +342,16 @@ class Setup:
     x = jnp.zeros((1, *self.image_shape), jnp.float32)
     if self.kind == "diffusion":
       cond_ch = getattr(self.module, "image_cond_channels", 0)
+      cond = jnp.zeros((*x.shape[:-1], cond_ch), jnp.float32) if cond_ch else None
+      if self.cond_table is not None:  # a text model: token ids [1, L]
+        cond = jnp.zeros((1, self.cond_table.shape[1]), jnp.int32)
       return functools.partial(
         init_train_state,
         self.module,
         self.optimizer,
         sample_x=x,
         num_classes=self.num_classes,
-        sample_cond=jnp.zeros((*x.shape[:-1], cond_ch), jnp.float32) if cond_ch else None,
+        sample_cond=cond,
       )
     return functools.partial(init_autoencoder_state, self.module, self.optimizer, sample_x=x)
 

@@ -29,6 +29,7 @@ UNSAFE = (
   "model",
   "autoencoder",
   "conditional",
+  "text",
   "optim.optimizer",
   # the stream the saved iterator position indexes
   "data.name",

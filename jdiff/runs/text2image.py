@@ -22,8 +22,9 @@ from jdiff.training.writers import save_image_grid, save_npz, unique_stem
 
 
 def enabled(config) -> bool:
-  """Whether `config` is a prompt -> image config (it has `sample.prompts`)."""
-  return "sample" in config and "prompts" in config.sample
+  """Whether `config` samples prompts with an imported Stable Diffusion pipeline (it has
+  `sample.prompts` and no `text` section: a trained text model samples in `diffusion`)."""
+  return "sample" in config and "prompts" in config.sample and "text" not in config
 
 
 def prompts_of(sample_cfg) -> list[str]:

@@ -16,6 +16,7 @@ import os
 
 import jax
 
+from jdiff.data import captions
 from jdiff.models.guidance_schedules import SCALE_SCHEDULES
 from jdiff.models.layers import DTYPES, NORM_IMPLS
 from jdiff.ops.attention import ATTENTION_IMPLS
@@ -48,6 +49,11 @@ _RANGES = (
   ("train.preemption_check_every", _INT, 1, None, True, None, False),
   ("train.label_dropout", _FLOAT, 0.0, 1.0, True, False, False),
   ("mesh.fsdp_min_size", _INT, 0, None, True, None, False),
+  ("text.max_length", _INT, 3, None, True, None, False),
+  ("text.width", _INT, 1, None, True, None, False),
+  ("text.num_layers", _INT, 1, None, True, None, False),
+  ("text.heads", _INT, 1, None, True, None, False),
+  ("text.mlp_dim", _INT, 1, None, True, None, False),
   ("ema_decay", _FLOAT, 0.0, 1.0, True, False, False),
   ("data.image_size", _INT, 0, None, True, None, False),
   ("model.ch", _INT, 1, None, True, None, False),
@@ -208,6 +214,8 @@ def _check_diffusion(config) -> None:
   _check_eval(c)
   if c.get("distill") is not None:
     check_distill(c)
+  if c.get("text") is not None:
+    _check_text(c)
   if c.get("superres") is not None and c.superres.factor:
     sr, size = c.superres, c.data.image_size
     if sr.factor < 2 or (size and size % sr.factor):
@@ -230,6 +238,36 @@ def _check_diffusion(config) -> None:
       f"config.objective='ddpm', got {c.objective!r} (its noise levels are drawn per call)"
     )
   sharding.mesh_shape(jax.device_count(), data=c.mesh.data, fsdp=c.mesh.fsdp)
+
+
+def _check_text(c) -> None:
+  """A model conditioned on generated captions (`config.text`, jdiff/configs/t2i_digits.py)."""
+  t = c.text
+  if t.captions != "digits":
+    raise ValueError(f"config.text.captions must be 'digits', got {t.captions!r}")
+  if t.width % t.heads:
+    raise ValueError(f"config.text.width={t.width} must be divisible by text.heads={t.heads}")
+  needs = dict(conditional=(c.conditional, True), objective=(c.objective, "ddpm"))
+  needs["model.arch"] = (c.model.arch, "unet")
+  for key, (value, want) in needs.items():
+    if value != want:
+      raise ValueError(f"config.text (captions) needs config.{key}={want!r}, got {value!r}")
+  for key, on in (
+    ("superres.factor", c.superres.factor),
+    ("flow.reflow_pairs", c.flow.reflow_pairs),
+    ("distill", c.get("distill") is not None),
+  ):
+    if on:
+      raise ValueError(f"config.text (captions) does not combine with config.{key}")
+  try:
+    captions.caption_table(max_length=t.max_length)
+    s = c.sample
+    for p in (*s.get("prompts", ()), s.get("negative_prompt", "")):
+      captions.tokenize(p, max_length=t.max_length)
+  except ValueError as e:
+    raise ValueError(f"config.text / config.sample.prompts: {e}") from None
+  if s.get("prompts_file") and not os.path.isfile(s.prompts_file):
+    raise ValueError(f"config.sample.prompts_file: no file {s.prompts_file!r}")
 
 
 def _check_model(c) -> None:

@@ -27,11 +27,16 @@ Array = jax.Array
 PyTree = Any
 
 
-def drop_labels(rng: Array, labels: Array, *, rate: float, null_label: int) -> Array:
-  """Replaces each label by `null_label` with probability `rate` (classifier-free guidance)."""
+def drop_labels(rng: Array, labels: Array, *, rate: float, null_label) -> Array:
+  """Replaces each label by `null_label` with probability `rate` (classifier-free guidance).
+
+  labels: [B] class labels (null_label an int) or [B, ...] rows, e.g. token ids [B, L]
+  (null_label a row of shape labels.shape[1:], the empty prompt); one draw per example.
+  """
   if not rate:
     return labels
-  drop = jax.random.bernoulli(rng, rate, labels.shape)
+  drop = jax.random.bernoulli(rng, rate, labels.shape[:1])
+  drop = drop.reshape(drop.shape + (1,) * (labels.ndim - 1))
   return jnp.where(drop, jnp.asarray(null_label, labels.dtype), labels)
 
 
@@ -129,6 +134,7 @@ def make_train_step(
   grad_shardings: Any = None,
   reflow: bool = False,
   cond_fn: Callable | None = None,
+  label_fn: Callable | None = None,
   **loss_kwargs,
 ) -> Callable:
   """Returns the pure `train_step(state, batch, schedule, rng) -> (state, metrics)`.
@@ -158,7 +164,8 @@ def make_train_step(
     ema_decay: EMA decay (DDPM: 0.9999).
     ema_warmup: use min(decay, (1 + step) / (10 + step)).
     label_dropout: probability of replacing a label by `null_label` (CFG training).
-    null_label: the model's reserved unconditional label; None for unconditional models.
+    null_label: the model's reserved unconditional label (or null row, e.g. the empty
+      prompt's token ids [L]); None for unconditional models.
     grad_accum_steps: k, the number of microbatches per update (B must be divisible by k).
       The discrete (ddpm) objective only: a process draws its own noise levels.
     micro_sharding: optional sharding each microbatch is constrained to (the batch's).
@@ -168,7 +175,9 @@ def make_train_step(
       process sigma_data and uncertainty.
     cond_fn: optional `cond_fn(images, rng) -> cond` for image-conditioned models (e.g.
       `conditioning.make_superres_cond_fn`); its rng is folded from the step's.
-    **loss_kwargs: prediction, weighting, min_snr_gamma, learn_sigma, vlb_weight.
+    label_fn: optional `label_fn(labels [B], rng) -> cond [B, ...]` turning the batch's
+      labels into the model's condition before the drops (e.g. captions drawn per example:
+      `jdiff.data.captions.caption_ids`); its rng is folded from the step's.
 
   Returns:
     train_step(state, batch {'image': [B, H, W, C], 'label': [B]}, schedule, rng).
@@ -272,7 +281,10 @@ def make_train_step(
     label_rng, loss_rng = jax.random.split(rng)
     cond = None
     if null_label is not None:
-      cond = drop_labels(label_rng, batch["label"], rate=label_dropout, null_label=null_label)
+      labels = batch["label"]
+      if label_fn is not None:
+        labels = label_fn(labels, jax.random.fold_in(label_rng, 2))
+      cond = drop_labels(label_rng, labels, rate=label_dropout, null_label=null_label)
     if cond_fn is not None:
       cond = cond_fn(batch["image"], jax.random.fold_in(label_rng, 1))
 
@@ -297,16 +309,24 @@ def make_train_step(
 
 
 def make_eval_step(
-  module, *, conditional: bool = False, cond_fn: Callable | None = None, **loss_kwargs
+  module,
+  *,
+  conditional: bool = False,
+  cond_fn: Callable | None = None,
+  label_fn: Callable | None = None,
+  **loss_kwargs,
 ) -> Callable:
   """Returns `eval_step(params, batch, schedule, rng) -> {'loss_sum', 'count'}`.
 
   Padded examples (batch['mask'] == 0) are excluded, so sums over an epoch are exact.
+  `cond_fn` and `label_fn` as `make_train_step`'s.
   """
   loss_fn = make_loss_fn(module, **loss_kwargs)
 
   def eval_step(params, batch: dict, schedule: Schedule, rng: Array):
     cond = batch["label"] if conditional else None
+    if conditional and label_fn is not None:
+      cond = label_fn(cond, jax.random.fold_in(rng, 2))
     if cond_fn is not None:
       cond = cond_fn(batch["image"], jax.random.fold_in(rng, 1))
     per_ex = loss_fn(params, schedule, batch["image"], cond, rng, train=False)
