@@ -152,8 +152,8 @@ def metrics(workdir: str) -> list[dict]:
 @pytest.mark.e2e
 def test_readme_workflows(tmp_path, digits_dir):
   commands = readme_commands()
-  assert len(commands) == 12, commands  # 7 workflows; a changed README updates this test
-  assert [len(c) for c in chains(commands)] == [4, 2, 3, 3], chains(commands)
+  assert len(commands) == 14, commands  # 8 workflows; a changed README updates this test
+  assert [len(c) for c in chains(commands)] == [4, 2, 5, 3], chains(commands)
   logs = run_workflows(str(tmp_path), digits_dir)
   runs = tmp_path / "runs"
 
@@ -184,6 +184,14 @@ def test_readme_workflows(tmp_path, digits_dir):
   row = metrics(str(ae))[-1]  # eval_autoencoder: every held-out digit, a finite PSNR
   assert row["step"] == 3 and row["eval/examples"] == 200.0 and np.isfinite(row["eval/psnr"])
   assert (runs / "ldm_digits" / "samples" / "grid_0000003.png").exists()
+
+  # Text to image on the same latents: the prompts cycle over the samples, in order.
+  t2i = runs / "t2i_digits" / "samples"
+  assert (t2i / "grid_0000006.png").exists()
+  (t2i_npz,) = [f for f in os.listdir(t2i) if f.startswith("samples_") and f.endswith(".npz")]
+  f = np.load(t2i / t2i_npz)
+  assert f["images"].shape == (8, 16, 16, 1) and np.all(np.isfinite(f["images"]))
+  assert list(f["prompts"][:4]) == ["the digit 3", "a handwritten seven", "nine", "the digit 3"]
 
   # Multi-host: two processes, one checkpoint with both processes' data-iterator states, the
   # same parameters in both; process 0 alone logs progress and writes metrics.

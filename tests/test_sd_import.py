@@ -5,6 +5,8 @@ whole tiny `StableDiffusionPipeline` gives the same image (jdiff.pretrained.stab
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -201,3 +203,83 @@ def test_hub_name_fetches_the_pipeline_files_and_offline_is_one_line(monkeypatch
   assert asked == dict(repo="owner/sd-x", patterns=list(HUB_FILES))
   assert {"model_index.json", "text_encoder/model.safetensors", "vae/config.json"} <= set(HUB_FILES)
   assert not any("safety_checker" in f or f.endswith(".bin") for f in HUB_FILES)
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def _caption_folder(root, n=6):
+  """n random 20x16 RGB PNGs with captions beside them (centre-cropped to 16x16 on reading)."""
+  from PIL import Image
+
+  folder = root / "pairs"
+  folder.mkdir()
+  rng = np.random.RandomState(0)
+  captions = [f"the digit {w}" for w in ("seven", "one", "two", "seven", "nine", "six")][:n]
+  for i, text in enumerate(captions):
+    Image.fromarray(rng.randint(0, 256, (16, 20, 3), np.uint8)).save(folder / f"img{i}.png")
+    (folder / f"img{i}.txt").write_text(text + "\n")
+  return folder, captions
+
+
+def test_finetune_on_a_caption_folder_encodes_like_diffusers_and_trains_the_unet(sd_dir, tmp_path):
+  """The folder's latents and contexts are diffusers' (VAE mode x scaling, CLIP last hidden
+  state); only the U-Net trains; the fine-tuned workdir samples prompts."""
+  from conftest import run_python
+
+  from jdiff.configs import sd_finetune
+  from jdiff.data import caption_folder
+  from jdiff.runs.setup import Setup
+
+  folder, captions = _caption_folder(tmp_path)
+  overrides = {
+    "pretrained.path": str(sd_dir), "text.folder": str(folder), "model.conv_impl": "xla",
+    "train.num_steps": 2, "train.batch_size": 2, "train.log_every": 1,
+    "sample.num_steps": 2, "sample.num_samples": 4, "sample.batch_size": 4,
+  }  # fmt: skip
+  c = sd_finetune.get_config()
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    c[section][field] = value
+  pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(sd_dir), safety_checker=None)
+  with Setup(c, str(tmp_path / "probe"), kind="diffusion") as setup:
+    src = setup.prepared_source
+    assert setup.image_shape == (8, 8, 4) and setup.pixel_shape == (16, 16, 3)
+    null = setup.null_label
+  images, _ = caption_folder.read_caption_folder(str(folder), image_size=16)
+  x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
+  ids = pipe.tokenizer(
+    [*captions, ""], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+  ).input_ids
+  with torch.no_grad():
+    z = pipe.vae.encode(x).latent_dist.mode() * pipe.vae.config.scaling_factor
+    ctx = pipe.text_encoder(ids)[0].numpy()
+  np.testing.assert_allclose(src.latents, z.permute(0, 2, 3, 1).numpy(), atol=1e-4)
+  np.testing.assert_allclose(src.labels, ctx[:-1], atol=1e-4)
+  np.testing.assert_allclose(null, ctx[-1], atol=1e-4)
+
+  wd = str(tmp_path / "ft")
+  args = ["--config=jdiff/configs/sd_finetune.py", f"--workdir={wd}"]
+  args += [f"--config.{k}={v}" for k, v in overrides.items()]
+  run_python(["-m", "experiments.main", *args])
+  import orbax.checkpoint as ocp
+
+  state = ocp.PyTreeCheckpointer().restore(f"{wd}/checkpoints/2/state")
+  from jdiff.pretrained.stable_diffusion import load_stable_diffusion
+
+  sd = load_stable_diffusion(str(sd_dir), conv_impl="xla")
+  want = jax.tree.structure(sd.unet.params)
+  assert jax.tree.structure(jax.tree.map(np.asarray, state["params"])) == want  # the U-Net only
+  moved = [
+    np.abs(np.asarray(a) - np.asarray(b)).max()
+    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(sd.unet.params))
+  ]
+  assert max(moved) > 0
+  prompts = "('the digit seven', 'six')"
+  run_python(
+    ["-m", "experiments.main", *args, "--mode=sample", f"--config.sample.prompts={prompts}"]
+  )
+  (npz,) = [f for f in os.listdir(f"{wd}/samples") if f.endswith(".npz")]
+  f = np.load(f"{wd}/samples/{npz}")
+  assert f["images"].shape == (4, 16, 16, 3) and np.all(np.isfinite(f["images"]))
+  assert list(f["prompts"]) == ["the digit seven", "six"] * 2

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from jdiff.configs import ae_digits, default, digits, edm_digits, flow_digits, tiny
+from jdiff.configs import ae_digits, default, digits, edm_digits, flow_digits, t2i_digits, tiny
 from jdiff.runs import diffusion
 from jdiff.runs.validate import resolve, sampler_of, validate
 
@@ -113,7 +113,36 @@ def test_bad_autoencoder_value(key, value, message):
     validate(_set(ae_digits.get_config(), **{key: value}))
 
 
-@pytest.mark.parametrize("get_config", [default, digits, tiny, edm_digits, flow_digits, ae_digits])
+@pytest.mark.parametrize(
+  "key,value,message",
+  [
+    ("objective", "edm", "config.text (captions) needs config.objective='ddpm', got 'edm'"),
+    ("text.captions", "coco", "config.text.captions must be 'digits' or 'folder', got 'coco'"),
+    ("text.heads", 3, "config.text.width=64 must be divisible by text.heads=3"),
+    ("text.max_length", 6, "config.text.max_length=6 is shorter than the longest caption (8"),
+    ("text.num_layers", 0, "config.text.num_layers must be an integer >= 1, got 0"),
+    ("sample.prompts", ("a purple seven",), "word(s) ['purple'] are not in the caption vocabulary"),
+    ("sample.negative_prompt", "blurry zebra", "word(s) ['zebra'] are not in"),
+    ("sample.prompts_file", "/nope/prompts.txt", "config.sample.prompts_file: no file"),
+    ("superres.factor", 2, "config.text (captions) does not combine with config.superres.factor"),
+    ("text.captions", "folder", "config.text.captions='folder' fine-tunes config.pretrained.path"),
+  ],
+)
+def test_bad_text_value(key, value, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    validate(_set(t2i_digits.get_config(), **{key: value}))
+
+
+def test_text_needs_a_conditional_model():
+  c = _set(t2i_digits.get_config(), conditional=False, **{"sample.guidance_scale": 1.0})
+  c.train.label_dropout = 0.0
+  with pytest.raises(ValueError, match=re.escape("needs config.conditional=True, got False")):
+    validate(c)
+
+
+@pytest.mark.parametrize(
+  "get_config", [default, digits, tiny, edm_digits, flow_digits, ae_digits, t2i_digits]
+)
 def test_shipped_configs_are_valid(get_config):
   validate(get_config.get_config())
 
@@ -169,3 +198,11 @@ def test_missing_inception_weights_stop_before_training(tmp_path):
   assert not (tmp_path / "w" / "checkpoints").exists()
   validate(_set(c, **{"eval.quality_samples": 0}))  # nothing scored: nothing needed
   validate(_set(c, **{"eval.quality_samples": 10, "eval.feature_net": "digits"}))
+
+
+def test_caption_folder_must_exist():
+  from jdiff.configs import sd_finetune
+
+  c = _set(sd_finetune.get_config(), **{"pretrained.path": "/m", "text.folder": "/nope"})
+  with pytest.raises(ValueError, match=re.escape("config.text.folder='/nope' is not a directory")):
+    validate(c)

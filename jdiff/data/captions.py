@@ -38,7 +38,7 @@ TEMPLATES = (
   "a picture of a handwritten {digit}",
 )
 PROMPT_TEMPLATE = 2  # "a handwritten seven": the prompt of a label when none is given
-MAX_LENGTH = 10  # BOS + the longest caption (7 words) + EOS, padded
+MAX_LENGTH = 10  # BOS + up to 8 words + EOS (the longest caption has 6 words)
 
 _FILLER = sorted(
   {w for t in TEMPLATES for w in re.findall(r"[a-z]+", t.format(word="", digit="", article=""))}
@@ -71,13 +71,11 @@ def tokenize(text: str, *, max_length: int = MAX_LENGTH) -> np.ndarray:
   unknown = [w for w in words if w not in _IDS]
   if unknown:
     raise ValueError(
-      f"prompt {text!r}: word(s) {unknown} are not in the caption vocabulary "
-      f"{sorted(VOCAB[3:])}"
+      f"prompt {text!r}: word(s) {unknown} are not in the caption vocabulary {sorted(VOCAB[3:])}"
     )
   if len(words) > max_length - 2:
     raise ValueError(
-      f"prompt {text!r} has {len(words)} words; at most {max_length - 2} fit in "
-      f"{max_length} tokens"
+      f"prompt {text!r} has {len(words)} words; at most {max_length - 2} fit in {max_length} tokens"
     )
   ids = [BOS, *(_IDS[w] for w in words), EOS]
   return np.asarray(ids + [PAD] * (max_length - len(ids)), np.int32)
@@ -91,6 +89,13 @@ def tokenize_all(texts, *, max_length: int = MAX_LENGTH) -> np.ndarray:
 def null_ids(max_length: int = MAX_LENGTH) -> np.ndarray:
   """int32 [max_length]: the empty prompt, the unconditional input of guidance."""
   return tokenize("", max_length=max_length)
+
+
+def longest_caption(num_classes: int = 10) -> int:
+  """Tokens of the longest caption, BOS and EOS included (the least `max_length`)."""
+  return 2 + max(
+    len(words_of(caption(k, t))) for k in range(num_classes) for t in range(len(TEMPLATES))
+  )
 
 
 def caption_table(num_classes: int = 10, *, max_length: int = MAX_LENGTH) -> np.ndarray:

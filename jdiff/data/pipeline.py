@@ -54,6 +54,12 @@ def audio_to_float(audio, image_size: int | None) -> np.ndarray:
   return (audio.astype(np.float32) / np.float32(32768))[:, None]
 
 
+def _label(label) -> np.ndarray:
+  """A class label as int32 []; a float condition row (a caption's context) unchanged."""
+  label = np.asarray(label)
+  return label if label.ndim and label.dtype.kind == "f" else label.astype(np.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Preprocess(grain.MapTransform):
   """Example dict -> {'image': float32 [H, W, C] in [-1, 1], 'label': int32 []}.
@@ -74,7 +80,7 @@ class _Preprocess(grain.MapTransform):
       # Already model-ready values (e.g. precomputed autoencoder latents): pass through.
       out = {"image": image}
       if "label" in element:
-        out["label"] = np.asarray(element["label"], np.int32)
+        out["label"] = _label(element["label"])
       return out
     if image.dtype != np.uint8 or image.ndim != 3:
       raise ValueError(
@@ -84,7 +90,7 @@ class _Preprocess(grain.MapTransform):
       image = _center_crop_resize(image, self.image_size)
     out = {"image": image.astype(np.float32) * np.float32(2 / 255) - np.float32(1)}
     if "label" in element:
-      out["label"] = np.asarray(element["label"], np.int32)
+      out["label"] = _label(element["label"])
     return out
 
 

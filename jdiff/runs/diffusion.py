@@ -242,9 +242,12 @@ def _use_prompts(setup: Setup) -> list[str]:
   s = setup.config.sample
   if setup.cond_table is None or not (s.get("prompts") or s.get("prompts_file")):
     return []
-  prompts, length = prompts_of(s), setup.config.text.max_length
-  setup.cond_table = captions.tokenize_all(prompts, max_length=length)
-  setup.null_label = captions.tokenize(s.negative_prompt, max_length=length)
+  prompts, encode = prompts_of(s), setup.encode_text
+  if encode is None:  # the digit captions' word tokenizer
+    length = setup.config.text.max_length
+    encode = lambda p: captions.tokenize_all(p, max_length=length)  # noqa: E731
+  setup.cond_table = encode(prompts)
+  setup.null_label = encode([s.negative_prompt])[0]
   logging.info("sampling %d prompt(s), negative prompt %r", len(prompts), s.negative_prompt)
   return prompts
 

@@ -257,7 +257,9 @@ def _edit_images(setup: Setup, params, images: np.ndarray, rng):
   labels_of = lambda b: (
     None
     if setup.null_label is None
-    else jnp.broadcast_to(jnp.asarray(setup.null_label, jnp.int32), (b, *np.shape(setup.null_label)))
+    else jnp.broadcast_to(
+      jnp.asarray(setup.null_label, jnp.int32), (b, *np.shape(setup.null_label))
+    )
   )
   if e.task == "img2img":
     fn = jax.jit(sample_fn(setup, strength=e.strength))

@@ -372,7 +372,14 @@ def quality(setup: Setup, params, num: int, rng, *, writer: MetricWriter, step: 
 
 
 def _extra(r: dict) -> str:
-  keys = ("precision", "recall", "kid", "label_accuracy", "pitch_accuracy", "heldout_pitch_accuracy")
+  keys = (
+    "precision",
+    "recall",
+    "kid",
+    "label_accuracy",
+    "pitch_accuracy",
+    "heldout_pitch_accuracy",
+  )
   parts = [f"  {k} {r[k]:.4f}" for k in keys if k in r]
   if "heldout_fd" in r:
     parts.append(f"  (real held-out data: FD {r['heldout_fd']:.4f}, IS {r['heldout_is']:.4f})")

@@ -68,6 +68,8 @@ def attach(setup) -> None:
 
   c = setup.config
   p = c.pretrained
+  if setup.reads_data:  # the data must fit the imported model
+    setup.pixel_shape = setup.image_shape = tuple(setup.meta.image_shape)
   if c.latent.autoencoder_workdir:
     raise PretrainedError("config.pretrained imports pixel-space U-Nets: unset config.latent")
   model = load_pretrained(

@@ -22,7 +22,7 @@ from absl import logging
 
 from jdiff.data import pipeline, sources
 from jdiff.data.latents import latent_shape_of
-from jdiff.runs import objectives, stage1, stored_config
+from jdiff.runs import objectives, sd_finetune, stage1, stored_config
 from jdiff.runs import pretrained as pretrained_run
 from jdiff.runs.builders import build_autoencoder, build_model, text_conditioning
 from jdiff.runs.validate import kind_of, resolve, validate
@@ -148,7 +148,8 @@ class Setup:
     self.data_dir = config.data.data_dir or None
     self.image_size = config.data.image_size or None
     self.codec = None
-    self.caption_fn = self.cond_table = None  # a text model's captions and label prompts
+    # A text model's captions, label prompts, prompt encoder; a prepared (encoded) source.
+    self.caption_fn = self.cond_table = self.encode_text = self.prepared_source = None
     self.pretrained = None  # a jdiff.pretrained.Pretrained with config.pretrained.path
     if "mesh" in config:
       self.mesh = sharding.make_mesh_2d(data=config.mesh.data, fsdp=config.mesh.fsdp)
@@ -215,10 +216,8 @@ class Setup:
       self.codec = stage1.load_codec(
         c.latent.autoencoder_workdir, scale_factor=c.latent.scale_factor
       )
-    if pretrained_run.enabled(c):
-      if self.reads_data:  # the data must fit the imported model
-        self.pixel_shape = self.image_shape = tuple(self.meta.image_shape)
-      pretrained_run.attach(self)  # module, schedule, params, shape, classes, config copy
+    if pretrained_run.enabled(c):  # module, schedule, params, shapes, classes, config copy
+      (sd_finetune.attach if sd_finetune.enabled(c) else pretrained_run.attach)(self)
       return
     self.pixel_shape, classes = self._dataset(writer)
     self.image_shape = self.pixel_shape
@@ -268,6 +267,8 @@ class Setup:
 
   def source(self, split: str):
     """The dataset name, or for latent diffusion the encoded split (a random-access source)."""
+    if self.prepared_source is not None:  # e.g. a caption folder's latents and contexts
+      return self.prepared_source
     if (
       self.kind == "diffusion"
       and self.config.flow.reflow_pairs
@@ -343,8 +344,8 @@ class Setup:
     if self.kind == "diffusion":
       cond_ch = getattr(self.module, "image_cond_channels", 0)
       cond = jnp.zeros((*x.shape[:-1], cond_ch), jnp.float32) if cond_ch else None
-      if self.cond_table is not None:  # a text model: token ids [1, L]
-        cond = jnp.zeros((1, self.cond_table.shape[1]), jnp.int32)
+      if self.cond_table is not None:  # a text model: token ids [1, L] or a context
+        cond = jnp.zeros((1, *self.cond_table.shape[1:]), self.cond_table.dtype)
       return functools.partial(
         init_train_state,
         self.module,

@@ -241,10 +241,19 @@ def _check_diffusion(config) -> None:
 
 
 def _check_text(c) -> None:
-  """A model conditioned on generated captions (`config.text`, jdiff/configs/t2i_digits.py)."""
+  """A text-conditioned model: generated digit captions (`config.text`, t2i_digits.py) or an
+  imported SD pipeline fine-tuned on a caption folder (sd_finetune.py)."""
   t = c.text
-  if t.captions != "digits":
-    raise ValueError(f"config.text.captions must be 'digits', got {t.captions!r}")
+  if t.captions not in ("digits", "folder"):
+    raise ValueError(f"config.text.captions must be 'digits' or 'folder', got {t.captions!r}")
+  if t.captions == "folder":
+    if not c.get("pretrained") or not c.pretrained.path:
+      raise ValueError("config.text.captions='folder' fine-tunes config.pretrained.path: set it")
+    if not os.path.isdir(t.folder):
+      raise ValueError(f"config.text.folder={t.folder!r} is not a directory")
+    if not c.conditional:
+      raise ValueError("config.text (captions) needs config.conditional=True, got False")
+    return
   if t.width % t.heads:
     raise ValueError(f"config.text.width={t.width} must be divisible by text.heads={t.heads}")
   needs = dict(conditional=(c.conditional, True), objective=(c.objective, "ddpm"))
@@ -259,8 +268,13 @@ def _check_text(c) -> None:
   ):
     if on:
       raise ValueError(f"config.text (captions) does not combine with config.{key}")
+  need = captions.longest_caption()
+  if t.max_length < need:
+    raise ValueError(
+      f"config.text.max_length={t.max_length} is shorter than the longest caption ({need} "
+      "tokens with BOS and EOS)"
+    )
   try:
-    captions.caption_table(max_length=t.max_length)
     s = c.sample
     for p in (*s.get("prompts", ()), s.get("negative_prompt", "")):
       captions.tokenize(p, max_length=t.max_length)
