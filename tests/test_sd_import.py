@@ -222,6 +222,7 @@ def _caption_folder(root, n=6):
   return folder, captions
 
 
+@pytest.mark.e2e
 def test_finetune_on_a_caption_folder_encodes_like_diffusers_and_trains_the_unet(sd_dir, tmp_path):
   """The folder's latents and contexts are diffusers' (VAE mode x scaling, CLIP last hidden
   state); only the U-Net trains; the fine-tuned workdir samples prompts."""

@@ -225,8 +225,10 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   if jax.process_index() != 0:
     return out + ".npz"
   out = unique_stem(out, (".npz", ".png"))  # the two files take one suffix together
-  extra = {"prompts": np.asarray([prompts[i % len(prompts)] for i in range(len(images))])}
-  npz = save_npz(out + ".npz", images=images, step=np.int64(step), **(extra if prompts else {}))
+  extra = {}
+  if prompts:  # the prompt of each sample
+    extra["prompts"] = np.asarray([prompts[i % len(prompts)] for i in range(len(images))])
+  npz = save_npz(out + ".npz", images=images, step=np.int64(step), **extra)
   with MetricWriter(setup.workdir) as writer:
     # the first grid_size in the PNG; signals [N, L, C]: every one as a WAV file too
     png = audio.save_grid(setup.config, out + ".png", images, writer=writer, step=step)
