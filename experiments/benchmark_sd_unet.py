@@ -49,6 +49,7 @@ def main():
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--reps", type=int, default=3)
   ap.add_argument("--conv_impl", default="auto")
+  ap.add_argument("--attention_impls", default="xla,chunked", help="jdiff sides, comma-separated")
   ap.add_argument("--ch", type=int, default=320, help="base width (SD 1.5: 320; 32: a smoke test)")
   args = ap.parse_args()
   import diffusers  # pylint: disable=g-import-not-at-top
@@ -77,19 +78,29 @@ def main():
     with torch.no_grad():
       return model(xt, tt, ct).sample
 
-  apply = jax.jit(lambda p, x, t, c: pt.module.apply({"params": p}, x, t, c, train=False))
   xj, tj, cj = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t), jnp.asarray(ctx)
-  jax_fwd = lambda: apply(pt.params, xj, tj, cj).block_until_ready()  # noqa: E731
-  ref, out = torch_fwd().numpy(), np.asarray(jax_fwd()).transpose(0, 3, 1, 2)
-  err = float(np.abs(out - ref).max() / np.abs(ref).max())
   s_torch = _median_seconds(torch_fwd, args.reps)
-  s_jax = _median_seconds(jax_fwd, args.reps)
+  ref = torch_fwd().numpy()
+  results = {}
+  for impl in args.attention_impls.split(","):
+    module = pt.module.clone(attention_impl=impl)
+    apply = jax.jit(lambda p, x, t, c, m=module: m.apply({"params": p}, x, t, c, train=False))
+    jax_fwd = lambda a=apply: a(pt.params, xj, tj, cj).block_until_ready()  # noqa: E731
+    t0 = time.perf_counter()
+    out = np.asarray(jax_fwd()).transpose(0, 3, 1, 2)
+    compile_s = time.perf_counter() - t0
+    err = float(np.abs(out - ref).max() / np.abs(ref).max())
+    results[impl] = (_median_seconds(jax_fwd, args.reps), compile_s, err)
   peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   print(f"SD 1.5-layout U-Net: {n_params / 1e6:.0f}M parameters, batch {args.batch}, 64x64 latents")
   print(f"torch {torch.__version__} threads {torch.get_num_threads()}, jax {jax.__version__}")
   print(f"diffusers  {s_torch:.2f} s/forward  {args.batch / s_torch:.3f} images/s")
-  print(f"jdiff      {s_jax:.2f} s/forward  {args.batch / s_jax:.3f} images/s")
-  print(f"jdiff / diffusers throughput: {s_torch / s_jax:.2f}x  (max rel. diff {err:.1e})")
+  for impl, (s_jax, compile_s, err) in results.items():
+    print(
+      f"jdiff attention_impl={impl}: {s_jax:.2f} s/forward  {args.batch / s_jax:.3f} images/s  "
+      f"(first call {compile_s:.1f} s)  jdiff / diffusers: {s_torch / s_jax:.2f}x  "
+      f"(max rel. diff {err:.1e})"
+    )
   print(f"jdiff import {load_s:.1f} s; peak RSS {peak_gib:.1f} GiB (both models in one process)")
 
 

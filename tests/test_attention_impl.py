@@ -45,3 +45,24 @@ def test_cudnn_on_cpu_falls_back_with_one_warning(monkeypatch):
   assert len(warnings) == 1 and "attention_impl=cudnn refused" in warnings[0], warnings
   with pytest.raises(ValueError, match="config.model.attention_impl must be one of"):
     attention.resolve_attention_impl("flash", jnp.float32)
+
+
+@pytest.mark.parametrize("n", [attention.CHUNK + 37, 3 * attention.CHUNK])
+def test_chunked_equals_xla_with_and_without_a_key_mask(n):
+  kq, kk, kv, km = jax.random.split(jax.random.key(2), 4)
+  q = jax.random.normal(kq, (2, n, 2, 8))
+  k, v = jax.random.normal(kk, (2, 77, 2, 8)), jax.random.normal(kv, (2, 77, 2, 8))
+  mask = jax.random.bernoulli(km, 0.7, (2, 77)).at[:, 0].set(True)
+  for m in (None, mask):
+    ref = attention.dot_product_attention(q, k, v, impl="xla", mask=m)
+    out = jax.jit(
+      lambda q, k, v, m=m: attention.dot_product_attention(q, k, v, impl="chunked", mask=m)
+    )(q, k, v)
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, atol=1e-6, rtol=1e-6)
+  # At or below one chunk it is XLA's call itself.
+  small = q[:, : attention.CHUNK]
+  np.testing.assert_array_equal(
+    attention.dot_product_attention(small, k, v, impl="chunked"),
+    attention.dot_product_attention(small, k, v, impl="xla"),
+  )
