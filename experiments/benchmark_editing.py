@@ -3,7 +3,7 @@
 Inpainting: held-out digits (test split, 16x16) with the centre 8x8 masked, completed by the
 trained digits model (README's main job) with DDIM eta = 1 (ancestral); the error is the
 MSE to the true pixels inside the mask. Quality: the digits sample-quality metric of
-`--mode=fid` (issue 13), through its public functions: the cached digits classifier's
+`--mode=fid`, through its public functions: the cached digits classifier's
 features (`jdiff.runs.feature_nets.load_feature_net`) of the completed images give a Frechet
 distance to the same features of the true held-out digits (FD vs truth), and to the
 reference statistics of the 1,597 training digits that `--mode=fid` uses (FD vs train,

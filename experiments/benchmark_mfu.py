@@ -20,7 +20,7 @@ With ``--profile_dir=DIR`` each model's timing is followed by 3 traced steps and
 top kernels, categories and device-busy share (``experiments/trace_summary.py``): the
 MFU and its diagnosis in the same call.
 
-Goal (issue 15): >= 45 % MFU in bf16 on one GPU. Not measured on the CPU machine.
+Goal: >= 45 % MFU in bf16 on one GPU. Not measured on the CPU machine.
 """
 
 from __future__ import annotations

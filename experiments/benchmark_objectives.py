@@ -5,7 +5,7 @@
 Part 1: the default digits U-Net (16x16) trained with each objective for the same number of
 steps (same network, same batch, one forward/backward per step: the same wall-clock budget up to
 noise; the measured training time is reported), then sampled at several NFE with each
-objective's samplers. Quality: the digits sample-quality metric of `--mode=fid` (issue 13):
+objective's samplers. Quality: the digits sample-quality metric of `--mode=fid`:
 the Frechet distance (FD) and Inception-Score-like IS of the cached digits classifier's
 features / class probabilities (`jdiff.runs.feature_nets`), against the same cached reference
 statistics of the 1,597 training digits (`jdiff.runs.fid.load_or_compute_reference`), with

@@ -165,7 +165,7 @@ def test_thresholding_exact_on_a_point_mass(name):
   q = 0.9
   s = np.maximum(np.quantile(np.abs(target).reshape(2, -1), q, axis=1), 1.0)[:, None, None, None]
   want = {"clip": np.clip(target, -1.0, 1.0), "dynamic": np.clip(target, -s, s) / s}
-  # unipc too: its grid ends at sigma_min, and its last step lands on D (issue 23.6).
+  # unipc too: its grid ends at sigma_min, and its last step lands on D.
   # The learned-variance case also checks that only the eps half reaches the sampler.
   for kind, learn_sigma, kw in (
     ("clip", False, dict(clip_x0=1.0)),

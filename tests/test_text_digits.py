@@ -185,7 +185,7 @@ def test_a_briefly_trained_text_unet_follows_its_prompts_in_any_phrasing():
     )
   )  # fmt: skip
   rng = np.random.RandomState(0)
-  for i in range(300):
+  for _ in range(300):
     labels = rng.randint(0, 2, 64).astype(np.int32)
     x = (0.8 - 1.6 * labels)[:, None, None, None] + 0.1 * rng.randn(64, 4, 4, 1)
     batch = {"image": jnp.asarray(x, jnp.float32), "label": jnp.asarray(labels)}

@@ -147,7 +147,7 @@ def test_shipped_configs_are_valid(get_config):
   validate(get_config.get_config())
 
 
-# ----------------------------------------------------------------------------- issue 23.8
+# ----------------------------------------------------------------------------- the sampler choice
 
 
 @pytest.mark.parametrize(
@@ -184,7 +184,7 @@ def test_edm_samples_with_the_default_sampler(digits_dir, tmp_path):
   assert images.shape == (2, 16, 16, 1) and np.all(np.isfinite(images))
 
 
-# ----------------------------------------------------------------------------- issue 23.12
+# ----------------------------------------------------------------------------- files a config names
 
 
 def test_missing_inception_weights_stop_before_training(tmp_path):

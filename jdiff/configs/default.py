@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.remat = False
   # auto (Winograd for float32 on CPU, native elsewhere) | xla | winograd
   c.model.conv_impl = "auto"
-  # accel (issue 25): the attention kernel, xla | cudnn | auto (cudnn on a GPU in bf16)
+  # the attention kernel: xla | chunked (query blocks) | cudnn | auto (cudnn on a GPU in bf16)
   c.model.attention_impl = "xla"
   c.model.norm_impl = "flax"  # flax | colsum (the same GroupNorm by column sums; GPU: unmeasured)
   c.model.arch = "unet"  # unet | dit (the DiT's shape is config.dit)
