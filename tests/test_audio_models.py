@@ -145,3 +145,28 @@ def test_config_builds_the_1d_networks_and_rejects_a_resize():
   c.data.image_size = 16
   with pytest.raises(ValueError, match="config.data.image_size=0"):
     validate.validate(c)
+
+
+@pytest.mark.parametrize("arch", ["unet1d", "diffwave"])
+def test_edm_preconditioning_on_1d_networks(arch):
+  """objective='edm' wraps a 1-D network: D = c_skip x + c_out F(c_in x, c_noise), with the
+  coefficients broadcast over [B, L, C] (they were broadcast as images, [B, 1, 1, 1])."""
+  from jdiff.configs import audio_notes
+  from jdiff.models.edm import edm_coefs
+  from jdiff.runs.builders import build_model
+
+  c = audio_notes.get_config()
+  c.objective, c.model.arch = "edm", arch
+  c.model.ch, c.model.ch_mult, c.model.attn_resolutions = 8, (1, 2), (16,)
+  c.model.num_groups, c.diffwave.residual_channels, c.diffwave.layers = 4, 8, 3
+  net = build_model(c, num_classes=12, channels=1)
+  x = jax.random.normal(jax.random.key(0), (2, 32, 1)) * 0.3
+  sigma, y = jnp.array([0.05, 3.0]), jnp.array([1, 12])
+  params = _random_params(net, x, sigma, y)
+  d = net.apply({"params": params}, x, sigma, y, train=False)
+  assert d.shape == x.shape
+  c_skip, c_out, c_in, c_noise = (a[:, None, None] for a in edm_coefs(sigma, net.sigma_data))
+  f = net.net.apply(
+    {"params": params["net"]}, c_in * x, c_noise[:, 0, 0] * net.c_noise_scale, y, train=False
+  )
+  np.testing.assert_allclose(d, c_skip * x + c_out * f, rtol=1e-5, atol=1e-6)

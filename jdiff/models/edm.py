@@ -76,7 +76,7 @@ class EDMPrecond(nn.Module):
   def __call__(self, x: Array, sigma: Array, y: Array | None = None, *, train: bool) -> Array:
     sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (x.shape[0],))
     c_skip, c_out, c_in, c_noise = edm_coefs(sigma, self.sigma_data)
-    b = lambda c: c[:, None, None, None]
+    b = lambda c: c.reshape(c.shape + (1,) * (x.ndim - 1))  # [B] over images or signals
     f = self.net(
       (b(c_in) * x).astype(x.dtype), c_noise * self.c_noise_scale, y, train=train
     ).astype(jnp.float32)
