@@ -58,7 +58,8 @@ def test_audio_notes_train_then_sample_writes_wavs(tmp_path):
   with np.load(npz) as z:
     samples = z["images"]
   assert samples.shape == (4, 2048, 1) and np.isfinite(samples).all()
-  assert np.abs(samples).max() <= 1.0  # clip_x0 = 1: the samplers' last x0 is clipped
+  # clip_x0 = 1: the last x0 is clipped; Heun's last step lands on it up to float rounding.
+  assert np.abs(samples).max() <= 1.0 + 1e-5
   for i, row in enumerate(samples):
     wav, rate = audio_io.read_wav(npz[: -len(".npz")] + f"_{i:03d}.wav")
     assert rate == 8000

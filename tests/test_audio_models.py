@@ -137,10 +137,11 @@ def test_config_builds_the_1d_networks_and_rejects_a_resize():
 
   c = audio_notes.get_config()
   validate.validate(c)
-  net = build_model(c, num_classes=12, channels=1)
+  assert c.objective == "edm"  # the network inside EDM's preconditioning
+  net = build_model(c, num_classes=12, channels=1).net
   assert isinstance(net, UNet1D) and net.num_classes == 12 and net.ch == c.model.ch
   c.model.arch = "diffwave"
-  net = build_model(c, num_classes=12, channels=1)
+  net = build_model(c, num_classes=12, channels=1).net
   assert isinstance(net, DiffWave) and net.layers == c.diffwave.layers and net.null_label == 12
   c.data.image_size = 16
   with pytest.raises(ValueError, match="config.data.image_size=0"):

@@ -22,11 +22,17 @@ def get_config():
   c.model.attn_resolutions = (64,)
   c.model.num_groups = 8
   c.model.conv_impl = "xla"
+  # EDM (preconditioning, log-normal sigma, Heun on the Karras grid) with the notes' scale:
+  # after 1,200 steps its pitch accuracy is 0.885, DDPM-eps's 0.18 after 600 (BENCHMARKS).
+  c.objective = "edm"
+  c.edm.sigma_data = 0.25  # the notes' RMS level (peaks 0.5-0.8 under the envelopes)
+  c.sample.sampler = "heun"
+  c.sample.spacing = "karras"
   c.optim.lr = 1e-3
-  c.train.num_steps = 1500
+  c.train.num_steps = 1200
   c.train.batch_size = 32
-  c.train.ckpt_every = 500
-  c.sample.num_steps = 50
+  c.train.ckpt_every = 600
+  c.sample.num_steps = 18  # Heun: 35 network calls
   c.sample.guidance_scale = 2.0
   c.sample.num_samples = 24
   c.sample.grid_size = 24
