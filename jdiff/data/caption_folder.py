@@ -20,6 +20,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from jdiff.data.pipeline import _center_crop_resize as center_crop_resize
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA = "metadata.jsonl"
 
@@ -79,13 +81,7 @@ def load_image(path: str, size: int) -> np.ndarray:
       im = im.convert("RGB")
   except OSError as e:
     raise ValueError(f"cannot read image {path!r}: {e}") from None
-  w, h = im.size
-  side = min(w, h)
-  left, top = (w - side) // 2, (h - side) // 2
-  im = im.crop((left, top, left + side, top + side))
-  if side != size:
-    im = im.resize((size, size), Image.BICUBIC)
-  return np.asarray(im, np.uint8)
+  return center_crop_resize(np.asarray(im, np.uint8), size)
 
 
 def read_caption_folder(folder: str, *, image_size: int) -> tuple[np.ndarray, list[str]]:

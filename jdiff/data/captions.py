@@ -121,8 +121,3 @@ def caption_ids(table: Array, labels: Array, rng: Array) -> Array:
   table = jnp.asarray(table)
   template = jax.random.randint(rng, labels.shape, 0, table.shape[0])
   return table[template, labels]
-
-
-def prompt_ids(table: Array, labels: Array) -> Array:
-  """int32 [B, L]: the prompt of each label when none is given ("a handwritten seven")."""
-  return jnp.asarray(table)[PROMPT_TEMPLATE, labels]

@@ -346,8 +346,9 @@ def quality(setup: Setup, params, num: int, rng, *, writer: MetricWriter, step: 
     setup.workdir, "quality", f"stats_{s.sampler}{s.num_steps}_n{num}_step{step}.npz"
   )
   results = summarize(col, ref, cfg.eval.pr_k, save=stats_path)
-  if col.label_accuracy() is not None:  # a conditional model: samples that are their class
-    results["label_accuracy"] = col.label_accuracy()
+  accuracy = col.label_accuracy()  # a conditional model: samples that are their class
+  if accuracy is not None:
+    results["label_accuracy"] = accuracy
   if len(setup.pixel_shape) == 2:  # 1-D signals: the same rows again, for their FFT pitch
     results.update(audio.pitch_scores(setup, generate.generate(setup, params, num, rng)))
   results["sec"] = time.perf_counter() - t0
