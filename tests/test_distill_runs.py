@@ -24,7 +24,7 @@ import pytest
 from jdiff import continuous, schedules
 from jdiff.configs import distill_digits
 from jdiff.distill.sampling import denoiser_consistency_fn
-from jdiff.runs import distilled, validate
+from jdiff.runs import distilled, validate, validate_modes
 from jdiff.samplers import editing
 from jdiff.samplers.grids import timestep_grid
 from jdiff.samplers.registry import make_sample_fn
@@ -136,18 +136,26 @@ def _config(teacher, **kw):
 
 
 def test_distill_config_errors_name_the_key(tmp_path):
+  from jdiff.runs import distill  # pylint: disable=g-import-not-at-top
+
+  # The teacher is read by --mode=distill only: the student's other modes do without it.
+  validate.validate(_config(tmp_path / "nowhere"))
   with pytest.raises(ValueError, match=r"config.distill.teacher_workdir='.*nowhere' is not a"):
-    validate.validate(_config(tmp_path / "nowhere"))
+    distill.distill(_config(tmp_path / "nowhere"), str(tmp_path / "student"))
+  assert not (tmp_path / "student").exists()
   ok, edm = tmp_path / "ok", tmp_path / "edm"
   for workdir, objective in ((ok, "ddpm"), (edm, "edm")):
     workdir.mkdir()
     (workdir / "config.json").write_text(json.dumps({"objective": objective}))
   with pytest.raises(ValueError, match=r"teacher_workdir='.*ok' has no checkpoint"):
-    validate.validate(_config(ok))
+    validate_modes.check_teacher(_config(ok))
   for workdir in (ok, edm):
     (workdir / "checkpoints" / "6").mkdir(parents=True)
   with pytest.raises(ValueError, match=r"teacher_workdir=.* holds a teacher of objective 'edm'"):
-    validate.validate(_config(edm))
+    validate_modes.check_teacher(_config(edm))
+  validate_modes.check_teacher(_config(ok))
+  with pytest.raises(ValueError, match=r"config.objective='flow': distill.method='progressive'"):
+    validate.validate(_config(ok, objective="flow"))
   validate.validate(_config(ok))
   with pytest.raises(ValueError, match=r"config.distill.steps must be a power of two.*got 6"):
     validate.validate(_config(ok, **{"distill.steps": 6}))

@@ -39,6 +39,7 @@ from jdiff.runs import distilled, stored_config
 from jdiff.runs.diffusion import SampleGrids, log_checksum
 from jdiff.runs.setup import Setup, run_training
 from jdiff.runs.train import MeanLogger, TrainMode, train
+from jdiff.runs.validate_modes import check_teacher
 from jdiff.training import sharding
 from jdiff.training.checkpoint import Checkpointer
 from jdiff.training.lock import lock_if_free
@@ -49,7 +50,12 @@ KIND = "diffusion"
 
 
 def distill(config: ml_collections.ConfigDict, workdir: str) -> TrainState | None:
-  """Runs `config.distill.method` into `workdir`; returns the last run's final state."""
+  """Runs `config.distill.method` into `workdir`; returns the last run's final state.
+
+  Raises:
+    ValueError: `config.distill.teacher_workdir` is not a DDPM workdir with a checkpoint.
+  """
+  check_teacher(config)  # before anything is written
   if config.distill.method != "progressive":
     return run_training(config, workdir, KIND, _train)
   state, teacher, n = None, config.distill.teacher_workdir, config.distill.steps

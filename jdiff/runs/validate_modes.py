@@ -58,11 +58,10 @@ def check_text2image(config) -> None:
 # ----------------------------------------------------------------------------- distill
 
 
-def check_distill(c) -> None:
-  """`--mode=distill`'s section: the method, the teacher workdir and what the method needs."""
-  d, pow2 = c.distill, lambda n: isinstance(n, int) and n >= 1 and not n & (n - 1)
-  if d.method not in distilled.METHODS:
-    raise ValueError(f"config.distill.method must be one of {distilled.METHODS}, got {d.method!r}")
+def check_teacher(c) -> None:
+  """`--mode=distill`'s teacher: a DDPM training workdir with a checkpoint (the other modes
+  of a distilled workdir sample the student alone and do not read it)."""
+  d = c.distill
   path = os.path.join(d.teacher_workdir, "config.json")
   if not d.teacher_workdir or not os.path.isfile(path):
     raise ValueError(
@@ -75,11 +74,22 @@ def check_distill(c) -> None:
     )
   with open(path) as f:
     objective = json.load(f).get("objective", "ddpm")
-  if objective != "ddpm" or c.objective != "ddpm":
+  if objective != "ddpm":
     raise ValueError(
       f"config.distill.teacher_workdir={d.teacher_workdir!r} holds a teacher of objective "
-      f"{objective!r} (config.objective={c.objective!r}); distill.method={d.method!r} distils "
-      "a DDPM teacher into a student of the same objective 'ddpm'"
+      f"{objective!r}; distill.method={d.method!r} distils a DDPM teacher"
+    )
+
+
+def check_distill(c) -> None:
+  """The distill section: the method and what it needs (the teacher: `check_teacher`)."""
+  d, pow2 = c.distill, lambda n: isinstance(n, int) and n >= 1 and not n & (n - 1)
+  if d.method not in distilled.METHODS:
+    raise ValueError(f"config.distill.method must be one of {distilled.METHODS}, got {d.method!r}")
+  if c.objective != "ddpm":
+    raise ValueError(
+      f"config.objective={c.objective!r}: distill.method={d.method!r} distils a DDPM teacher "
+      "into a student of the same objective 'ddpm'"
     )
   for key in ("steps", "final_steps", "round_steps"):
     if not (pow2(d[key]) or (key == "round_steps" and d[key] == 0)):
