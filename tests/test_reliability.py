@@ -446,6 +446,9 @@ def test_changed_config_on_resume(tmp_path, reference, digits_dir, caplog):
   message = str(err.value)
   assert "config.model.ch: 8 → 16" in message and "config.conditional: false → true" in message
   assert "num_steps" not in message
+  # What the network's output means binds read-only modes too (a v model sampled as eps).
+  with pytest.raises(stored_config.ConfigChangedError, match="config.diffusion.prediction"):
+    Setup(config(digits_dir, **{"diffusion.prediction": "v"}), wd)
   after = digests(wd)
   assert after | {".lock": None} == before  # nothing written but the lock file
   with caplog.at_level(logging.INFO), Setup(config(digits_dir, **{"train.num_steps": 9}), wd):

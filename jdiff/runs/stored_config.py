@@ -4,6 +4,7 @@ The rule for what may change between runs on one workdir: a key is *unsafe* when
 checkpoint depends on it, i.e. when it shapes the saved state (the architecture and the
 optimiser's state layout) or defines the training stream that the saved iterator position
 indexes (dataset, resolution, augmentation, split, seed, global batch, the latent codec).
+So is the meaning of the network's output (objective, prediction kind).
 `UNSAFE` lists them: a section name stands for every key under it. Changing an unsafe key
 is an error listing every changed unsafe key as `old → new`; every other key (steps,
 learning rate, logging, checkpointing, sampling, evaluation, diffusion loss options, ...) is
@@ -25,6 +26,9 @@ from jdiff.training.writers import write_json
 CONFIG_FILE = "config.json"
 
 UNSAFE = (
+  # what the saved network's output means (sampled as another kind, it is silently wrong)
+  "objective",
+  "diffusion.prediction",
   # shapes of the saved state
   "model",
   "autoencoder",
