@@ -89,6 +89,40 @@ def test_pd_target_is_two_exact_teacher_steps(num_steps, i, prediction):
   np.testing.assert_allclose(one, want_next, rtol=2e-5, atol=2e-5)
 
 
+def test_pd_target_with_clipping_is_two_clipped_teacher_steps():
+  # With clip_x0 the target is two steps of the teacher as its DDIM sampler runs with
+  # sample.clip_x0: x0_hat clipped to [-c, c], eps_hat recomputed from it. A teacher whose
+  # x0_hat leaves [-1, 1] (z of std 3) is where it matters; float64 NumPy reference.
+  sched, c, t, h = schedules.cosine(1000), 1.0, 499.0, 125.0
+  z = 3.0 * np.asarray(jax.random.normal(jax.random.PRNGKey(1), (4, 5)), np.float64)
+
+  def ddim_clipped(z, t, t_next):
+    ab, ab_n = _ab64(sched, t), _ab64(sched, t_next)
+    a, s, a_n, s_n = math.sqrt(ab), math.sqrt(1 - ab), math.sqrt(ab_n), math.sqrt(1 - ab_n)
+    x0 = np.clip(MU + a * S**2 * (z - a * MU) / (a**2 * S**2 + s**2), -c, c)
+    return a_n * x0 + s_n * (z - a * x0) / s
+
+  z_mid = ddim_clipped(z, t, t - h)
+  want_next = ddim_clipped(z_mid, t - h, t - 2 * h)
+  tb = jnp.full((4,), t, jnp.float32)
+  _, got = distill.pd_target(
+    sched, _teacher(sched, "v"), jnp.asarray(z, jnp.float32), tb, num_steps=4, prediction="v",
+    clip_x0=c,
+  )  # fmt: skip
+  np.testing.assert_allclose(got, want_next, rtol=2e-5, atol=2e-5)
+  _, unclipped = distill.pd_target(
+    sched, _teacher(sched, "v"), jnp.asarray(z, jnp.float32), tb, num_steps=4, prediction="v"
+  )
+  assert np.max(np.abs(np.asarray(unclipped) - want_next)) > 1e-2  # the clip was active
+  # The same two steps through jdiff's DDIM sampler with clipping.
+  den = make_denoiser(sched, _teacher(sched, "v"), space="vp", prediction="v", clip_x0=c)
+  grid = jnp.asarray([t, t - h, t - 2 * h], jnp.float32)
+  x = jnp.asarray(z, jnp.float32)
+  for a, b in zip(grid[:-1], grid[1:], strict=True):
+    x, _ = ddim_step(den, x, a, b, jnp.zeros_like(x))
+  np.testing.assert_allclose(got, x, rtol=2e-5, atol=2e-5)
+
+
 def test_exact_student_ddim_sample_equals_teacher_at_twice_the_steps():
   # A student that outputs the PD target (x0-prediction) sampled with jdiff's DDIM on its own
   # N-step grid reproduces the teacher's DDIM on the 2N-step grid, end to end.

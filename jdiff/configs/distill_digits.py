@@ -20,9 +20,9 @@ def get_config(base: str = "digits"):
   c.distill = d = ml_collections.ConfigDict()
   d.method = "progressive"  # progressive | consistency | consistency_training
   d.teacher_workdir = "runs/digits"
-  # Progressive distillation [PD]: the teacher's DDIM steps, halved every round (a run of
-  # train.num_steps steps into <workdir>/steps_<N>) down to final_steps.
-  d.steps = 64
+  # Progressive distillation [PD]: the teacher's DDIM steps, halved every round (a run into
+  # <workdir>/steps_<N>; the rounds share train.num_steps equally) down to final_steps.
+  d.steps = 16
   d.final_steps = 1
   d.round_steps = 0  # set per round by --mode=distill (0: the top-level run)
   d.pd_weighting = "truncated_snr"  # truncated_snr | snr_plus_one ([PD] Sec. 4)
@@ -37,6 +37,10 @@ def get_config(base: str = "digits"):
   d.loss_weighting = "ict"  # ict (1 / (sigma_{i+1} - sigma_i)) | uniform ([CM])
   d.level_sampling = "uniform"  # uniform ([CM]) | log_normal ([iCT])
   d.target = "online"  # online: theta^- = sg(theta) ([iCT]) | ema: the run's EMA ([CM])
+  # The student predicts v ([PD] Sec. 4: an eps student cannot take large steps, its x0_hat =
+  # (z - sigma eps) / alpha blows up as alpha -> 0); it starts from the eps teacher's weights.
+  # The teacher is run as it samples, its x0_hat clipped to sample.clip_x0.
+  c.diffusion.prediction = "v"
   c.optim.lr = 1e-4
   c.optim.warmup_steps = 0
   c.optim.schedule = "constant"
@@ -44,8 +48,8 @@ def get_config(base: str = "digits"):
   c.sample.num_steps = 2  # the consistency sampler's steps (PD students: their own N)
   c.eval.quality_samples = 0
   if base == "digits":
-    c.train.num_steps = 300  # per PD round; the whole run for the consistency methods
-    c.train.ckpt_every = 100
+    c.train.num_steps = 2000  # the whole distillation (PD: 500 per round)
+    c.train.ckpt_every = 250
   else:  # tiny: 8 teacher steps halved to 2, on its 50-step schedule
     d.steps, d.final_steps, d.s1 = 8, 2, 40
   c.lock()

@@ -73,10 +73,15 @@ def _coefs(schedule: Schedule, t: Array, x: Array) -> tuple[Array, Array]:
   return continuous.vp_coefs(continuous.t_to_sigma(schedule, t), x)
 
 
-def _ddim(schedule, model_fn, z, t, t_next, cond, prediction):
-  """One deterministic DDIM step z_t -> z_{t_next} at fractional t [B] ([DDIM] eq. 12)."""
+def _ddim(schedule, model_fn, z, t, t_next, cond, prediction, clip_x0):
+  """One deterministic DDIM step z_t -> z_{t_next} at fractional t [B] ([DDIM] eq. 12); with
+  `clip_x0`, x0_hat is clipped to [-c, c] and eps_hat recomputed from it (the sampler's way)."""
   sig = continuous.t_to_sigma(schedule, t)
   x0, eps = continuous.to_x0_eps_sigma(sig, z, model_fn(z, t, cond), prediction=prediction)
+  if clip_x0 is not None:
+    x0 = diffusion.threshold_x0(x0, clip_x0=clip_x0)
+    a, s = _coefs(schedule, t, z)
+    eps = (z - a * x0) / s
   a_next, s_next = _coefs(schedule, t_next, z)
   return a_next * x0 + s_next * eps
 
@@ -90,6 +95,7 @@ def pd_target(
   num_steps: int,
   cond: Array | None = None,
   prediction: str = "eps",
+  clip_x0: float | None = None,
 ) -> tuple[Array, Array]:
   """The [PD] Alg. 2 target: the x~ that makes one student DDIM step land on two teacher steps.
 
@@ -105,6 +111,9 @@ def pd_target(
     num_steps: N, the student's step count (a power of two).
     cond: conditioning passed to the teacher.
     prediction: the teacher's prediction kind: 'eps', 'x0' or 'v'.
+    clip_x0: clip the teacher's x0_hat to [-c, c] in both steps (None: off), as its DDIM
+      sampler does with `sample.clip_x0`: an eps teacher's x0_hat = (z - sigma eps) / alpha
+      is far out of range near t = T, where alpha -> 0.
 
   Returns:
     (x~ [B, ...] float32, z_{t''} [B, ...] float32: the teacher's two-step result).
@@ -119,8 +128,8 @@ def pd_target(
   t = jnp.asarray(t, jnp.float32)
   half = 0.5 * schedule.num_steps / n
   t_mid, t_next = t - half, t - 2.0 * half
-  z_mid = _ddim(schedule, teacher_fn, z, t, t_mid, cond, prediction)
-  z_next = _ddim(schedule, teacher_fn, z_mid, t_mid, t_next, cond, prediction)
+  z_mid = _ddim(schedule, teacher_fn, z, t, t_mid, cond, prediction, clip_x0)
+  z_next = _ddim(schedule, teacher_fn, z_mid, t_mid, t_next, cond, prediction, clip_x0)
   a, s = _coefs(schedule, t, z)
   a_next, s_next = _coefs(schedule, t_next, z)
   ratio = s_next / s
@@ -139,6 +148,7 @@ def pd_loss(
   student_prediction: str = "v",
   teacher_prediction: str = "eps",
   weighting: str = "truncated_snr",
+  clip_x0: float | None = None,
 ) -> Array:
   """Per-example progressive-distillation loss ([PD] Alg. 2), float32 [B].
 
@@ -160,6 +170,7 @@ def pd_loss(
     cond: conditioning passed to both models.
     student_prediction, teacher_prediction: 'eps', 'x0' or 'v'.
     weighting: one of WEIGHTINGS.
+    clip_x0: the teacher's x0_hat clipping (`pd_target`).
 
   Returns:
     float32 [B].
@@ -175,8 +186,9 @@ def pd_loss(
   a, s = _coefs(schedule, t, x)
   z_t = a * x + s * jax.random.normal(n_rng, x.shape, jnp.float32)
   target, _ = pd_target(
-    schedule, teacher_fn, z_t, t, num_steps=n, cond=cond, prediction=teacher_prediction
-  )
+    schedule, teacher_fn, z_t, t, num_steps=n, cond=cond, prediction=teacher_prediction,
+    clip_x0=clip_x0,
+  )  # fmt: skip
   target = jax.lax.stop_gradient(target)
   sig = continuous.t_to_sigma(schedule, t)
   pred = student_fn(z_t.astype(x0.dtype), t, cond)

@@ -23,6 +23,7 @@ References:
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import jax
@@ -74,11 +75,14 @@ def distill(config: ml_collections.ConfigDict, workdir: str) -> TrainState | Non
 
 
 def round_config(config, teacher_workdir: str, num_steps: int):
-  """The config of the PD round whose student takes `num_steps` steps."""
+  """The config of the PD round whose student takes `num_steps` steps: `train.num_steps`
+  (the whole distillation's) shared equally by the rounds, steps / 2 down to final_steps."""
   c = config.copy_and_resolve_references()
+  rounds = int(math.log2(config.distill.steps // config.distill.final_steps))
   with c.unlocked():
     c.distill.teacher_workdir = os.path.abspath(teacher_workdir)
     c.distill.round_steps = num_steps
+    c.train.num_steps = config.train.num_steps // rounds
   c.lock()
   return c
 
@@ -118,6 +122,8 @@ def make_loss(setup: Setup, teacher_prediction: str):
   cfg, module, schedule = setup.config, setup.module, setup.schedule
   d, prediction = cfg.distill, cfg.diffusion.prediction
   net = lambda p: make_model_fn(module, p, train=False)  # noqa: E731
+  # The teacher as it samples: its x0_hat clipped to the data range (sample.clip_x0).
+  clip_x0 = cfg.sample.clip_x0 if cfg.sample.clip_x0 > 0 else None
   if d.method == "progressive":
 
     def pd(params, target_params, teacher_params, x0, rng, step):
@@ -125,12 +131,14 @@ def make_loss(setup: Setup, teacher_prediction: str):
       return progressive.pd_loss(
         schedule, net(params), net(teacher_params), x0, rng, num_steps=d.round_steps,
         student_prediction=prediction, teacher_prediction=teacher_prediction,
-        weighting=d.pd_weighting,
+        weighting=d.pd_weighting, clip_x0=clip_x0,
       )  # fmt: skip
 
     return pd
   sigma_min = float(schedule.sigma_min_max()[0])
-  denoiser = lambda p, pred: continuous.make_denoiser(schedule, net(p), prediction=pred)  # noqa: E731
+
+  def denoiser(p, pred, clip=None):
+    return continuous.make_denoiser(schedule, net(p), prediction=pred, clip_x0=clip)
 
   def f_apply(params, x, sigma):
     f = denoiser_consistency_fn(
@@ -144,7 +152,8 @@ def make_loss(setup: Setup, teacher_prediction: str):
   def cm(params, target_params, teacher_params, x0, rng, step):
     if d.method == "consistency":
       return consistency.consistency_distillation_loss(
-        f_apply, params, target_params, denoiser(teacher_params, teacher_prediction), x0, rng,
+        f_apply, params, target_params, denoiser(teacher_params, teacher_prediction, clip_x0),
+        x0, rng,
         num_levels=d.num_levels, solver=d.solver, **levels,
       )  # fmt: skip
     return consistency.consistency_training_loss(

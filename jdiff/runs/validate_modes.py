@@ -97,6 +97,12 @@ def check_distill(c) -> None:
         f"config.distill.{key} must be a power of two (progressive distillation halves the "
         f"step count every round), got {d[key]!r}"
       )
+  rounds = (d.steps // d.final_steps).bit_length() - 1
+  if d.method == "progressive" and d.steps > d.final_steps and c.train.num_steps < rounds:
+    raise ValueError(
+      f"config.train.num_steps={c.train.num_steps}: progressive distillation from "
+      f"{d.steps} to {d.final_steps} steps shares them among {rounds} rounds; need >= {rounds}"
+    )
   if d.method == "progressive" and not d.final_steps < d.steps <= c.diffusion.num_steps // 2:
     raise ValueError(
       f"config.distill: need final_steps < steps <= diffusion.num_steps / 2, got final_steps="
