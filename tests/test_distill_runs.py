@@ -157,6 +157,8 @@ def test_distill_config_errors_name_the_key(tmp_path):
   with pytest.raises(ValueError, match=r"config.objective='flow': distill.method='progressive'"):
     validate.validate(_config(ok, objective="flow"))
   validate.validate(_config(ok))
+  with pytest.raises(ValueError, match=r"config.train.num_steps=1: .* among 2 rounds; need >= 2"):
+    validate.validate(_config(ok, **{"train.num_steps": 1}))
   with pytest.raises(ValueError, match=r"config.distill.steps must be a power of two.*got 6"):
     validate.validate(_config(ok, **{"distill.steps": 6}))
   with pytest.raises(ValueError, match=r"config.distill.method must be one of"):
