@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments.benchmark_sd_unet import median_seconds
+
 DANCE = dict(
   in_channels=1,
   out_channels=1,
@@ -36,17 +38,6 @@ DANCE = dict(
   block_out_channels=(32, 32, 64),
   time_embedding_dim=16,
 )
-
-
-def _median(step, reps: int) -> float:
-  step()
-  step()  # warm-up (jdiff: compilation)
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
 
 
 def main():
@@ -105,8 +96,8 @@ def main():
   t0 = time.perf_counter()
   jdiff_step()
   compile_s = time.perf_counter() - t0
-  s_torch = _median(torch_step, args.reps)
-  s_jax = _median(jdiff_step, args.reps)
+  s_torch = median_seconds(torch_step, args.reps, warmup=2)
+  s_jax = median_seconds(jdiff_step, args.reps, warmup=2)
   print(f"Dance UNet1D: {n_params / 1e6:.2f}M parameters, batch {b} x {n} samples, Adam")
   print(f"torch {torch.__version__} threads {torch.get_num_threads()}, jax {jax.__version__}")
   print(f"diffusers  {s_torch:.3f} s/step  {b / s_torch:.1f} samples/s")

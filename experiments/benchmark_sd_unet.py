@@ -34,8 +34,10 @@ SD15 = dict(
 )
 
 
-def _median_seconds(fn, reps: int) -> float:
-  fn()  # warm-up (jdiff: compilation)
+def median_seconds(fn, reps: int, warmup: int = 1) -> float:
+  """The median wall time of `reps` calls of `fn` after `warmup` calls (jdiff: compilation)."""
+  for _ in range(warmup):
+    fn()
   times = []
   for _ in range(reps):
     t0 = time.perf_counter()
@@ -79,7 +81,7 @@ def main():
       return model(xt, tt, ct).sample
 
   xj, tj, cj = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t), jnp.asarray(ctx)
-  s_torch = _median_seconds(torch_fwd, args.reps)
+  s_torch = median_seconds(torch_fwd, args.reps)
   ref = torch_fwd().numpy()
   results = {}
   for impl in args.attention_impls.split(","):
@@ -90,7 +92,7 @@ def main():
     out = np.asarray(jax_fwd()).transpose(0, 3, 1, 2)
     compile_s = time.perf_counter() - t0
     err = float(np.abs(out - ref).max() / np.abs(ref).max())
-    results[impl] = (_median_seconds(jax_fwd, args.reps), compile_s, err)
+    results[impl] = (median_seconds(jax_fwd, args.reps), compile_s, err)
   peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   print(f"SD 1.5-layout U-Net: {n_params / 1e6:.0f}M parameters, batch {args.batch}, 64x64 latents")
   print(f"torch {torch.__version__} threads {torch.get_num_threads()}, jax {jax.__version__}")
