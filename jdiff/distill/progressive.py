@@ -80,7 +80,7 @@ def _ddim(schedule, model_fn, z, t, t_next, cond, prediction, clip_x0):
   x0, eps = continuous.to_x0_eps_sigma(sig, z, model_fn(z, t, cond), prediction=prediction)
   if clip_x0 is not None:
     x0 = diffusion.threshold_x0(x0, clip_x0=clip_x0)
-    a, s = _coefs(schedule, t, z)
+    a, s = continuous.vp_coefs(sig, z)
     eps = (z - a * x0) / s
   a_next, s_next = _coefs(schedule, t_next, z)
   return a_next * x0 + s_next * eps

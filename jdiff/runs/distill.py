@@ -23,7 +23,6 @@ References:
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import jax
@@ -78,7 +77,7 @@ def round_config(config, teacher_workdir: str, num_steps: int):
   """The config of the PD round whose student takes `num_steps` steps: `train.num_steps`
   (the whole distillation's) shared equally by the rounds, steps / 2 down to final_steps."""
   c = config.copy_and_resolve_references()
-  rounds = int(math.log2(config.distill.steps // config.distill.final_steps))
+  rounds = distilled.pd_rounds(config.distill)
   with c.unlocked():
     c.distill.teacher_workdir = os.path.abspath(teacher_workdir)
     c.distill.round_steps = num_steps

@@ -36,6 +36,11 @@ CHOICES = {  # the distill section's named options (`jdiff.distill`'s names)
 }
 
 
+def pd_rounds(distill) -> int:
+  """The progressive rounds of a distill section: log2(steps / final_steps) (powers of two)."""
+  return (distill.steps // distill.final_steps).bit_length() - 1
+
+
 def read_record(workdir: str) -> dict | None:
   """The workdir's record, or None for a workdir that is not distilled."""
   path = os.path.join(workdir, RECORD_FILE)

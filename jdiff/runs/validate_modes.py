@@ -97,7 +97,7 @@ def check_distill(c) -> None:
         f"config.distill.{key} must be a power of two (progressive distillation halves the "
         f"step count every round), got {d[key]!r}"
       )
-  rounds = (d.steps // d.final_steps).bit_length() - 1
+  rounds = distilled.pd_rounds(d)
   if d.method == "progressive" and d.steps > d.final_steps and c.train.num_steps < rounds:
     raise ValueError(
       f"config.train.num_steps={c.train.num_steps}: progressive distillation from "
