@@ -19,7 +19,7 @@ import os
 
 from absl import app, flags
 
-from experiments.benchmark_distill import fid, run_main
+from experiments.commands import fid, run_main
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "/tmp/bench_recipe", "Where the runs and logs go.")
