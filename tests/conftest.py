@@ -59,6 +59,38 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
   signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+# The files that take longest (BENCHMARKS.md, "Test suite"), longest first. Under pytest-xdist
+# (`-n 2 --dist loadfile`) a file is a unit of work and the queue is taken in collection order:
+# the long files go first and the many short ones fill in behind them, instead of a long file
+# starting last and running alone at the end (xdist's own reordering, by number of tests per
+# file, puts the one-test README chains last; it is switched off in pytest_configure).
+LONG_FILES = (
+  "test_readme.py",
+  "test_reliability.py",
+  "test_scale.py",
+  "test_training.py",
+  "test_samplers_trained.py",
+  "test_collectives.py",
+  "test_sd_import.py",
+  "test_pretrained.py",
+  "test_distill_runs.py",
+  "test_text_digits.py",
+  "test_autoencoder.py",
+  "test_fid.py",
+)
+
+
+def pytest_configure(config):
+  if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order below
+    config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+  """The long files first (a stable sort: each file's tests keep their order)."""
+  rank = {name: i for i, name in enumerate(LONG_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))
+
+
 def xla_flags(devices: int, *, fast_compile: bool = True) -> str:
   """XLA_FLAGS for a subprocess with `devices` fake CPU devices (and the suite's fast compile,
   unless the process computes more than it compiles: `fast_compile=False`)."""

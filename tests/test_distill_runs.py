@@ -103,6 +103,8 @@ def test_pd_student_samples_ddim_on_its_own_grid(tmp_path):
   distilled.write_record(str(tmp_path), {"method": "progressive", "num_steps": 4})
   kw = distilled.sample_overrides(str(tmp_path), SCH, "ddim")
   np.testing.assert_array_equal(kw["grid"], timestep_grid(64, 4, spacing="trailing"))
+  resolved = validate.resolve(_config(tmp_path), str(tmp_path))  # names its files ddim4
+  assert (resolved.sample.sampler, resolved.sample.num_steps) == ("ddim", 4)
   x_T = jax.random.normal(jax.random.key(5), (32, 2, 2, 1))
   own = make_sample_fn(GaussianEps(), SCH, sampler="ddim", clip_x0=None, **kw)
   plain = make_sample_fn(GaussianEps(), SCH, sampler="ddim", num_steps=4, clip_x0=None)
@@ -167,18 +169,26 @@ def test_distill_config_errors_name_the_key(tmp_path):
     validate.validate(_config(ok, **{"distill.solver": "rk4"}))
   assert validate.sampler_of(_config(ok, **{"distill.method": "consistency"})) == "consistency"
   assert validate.sampler_of(_config(ok)) == "ddim"
+  # 'auto' follows the workdir's record: a consistency student sampled with the PD config.
+  distilled.write_record(str(ok), {"method": "consistency_training"})
+  assert validate.sampler_of(_config(ok), str(ok)) == "consistency"
+  assert validate.sampler_of(_config(ok), str(edm)) == "ddim"
+  (edm / distilled.RECORD_FILE).write_text("{not json")
+  with pytest.raises(ValueError, match=r"distilled.json: damaged distillation record"):
+    validate.sampler_of(_config(ok), str(edm))
 
 
 # ----------------------------------------------------------------------------- the chain
 
 
 @pytest.mark.e2e
-def test_teacher_distill_resume_sample_fid(tiny_run, tmp_path):
-  """The chain on the tiny teacher (the `tiny_run` workdir), in process: --mode=distill runs
-  one progressive round (4 -> 2 steps) into <workdir>/steps_0002, an ordinary workdir with its
+def test_teacher_distill_then_resume_is_bit_equal(tiny_run, tmp_path):
+  """On the tiny teacher (the `tiny_run` workdir), in process: --mode=distill runs one
+  progressive round (4 -> 2 steps) into <workdir>/steps_0002, an ordinary workdir with its
   record and sample grid; a copy without its step-6 checkpoint resumes from step 3 and ends
-  bit-equal; --mode=sample and --mode=fid then sample it through its record (DDIM on its grid)."""
-  from jdiff.runs import diffusion, distill, fid  # pylint: disable=g-import-not-at-top
+  bit-equal. (The CLI chain teacher -> distil -> sample -> fid: the README workflow, run by
+  tests/test_readme.py.)"""
+  from jdiff.runs import distill  # pylint: disable=g-import-not-at-top
   from jdiff.runs.diffusion import params_checksum  # pylint: disable=g-import-not-at-top
 
   over = {
@@ -187,10 +197,6 @@ def test_teacher_distill_resume_sample_fid(tiny_run, tmp_path):
     "distill.final_steps": 2,
     "sample.grid_size": 4,
     "sample.batch_size": 8,
-    "eval.num_samples": 16,
-    "eval.is_splits": 2,
-    "eval.pr_samples": 0,
-    "eval.classifier_steps": 60,
   }
   c = _config(tiny_run.workdir, **over)
   c.lock()
@@ -209,7 +215,3 @@ def test_teacher_distill_resume_sample_fid(tiny_run, tmp_path):
   assert params_checksum(state2.params) == params_checksum(state.params)
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(state2.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  npz = diffusion.sample(c, round_dir)
-  assert "samples_ddim" in npz and np.load(npz)["images"].shape == (8, 16, 16, 1)
-  results = fid.fid(c, round_dir)
-  assert np.isfinite(results["fd"]) and results["num_samples"] >= 16

@@ -47,7 +47,13 @@ def read_record(workdir: str) -> dict | None:
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    return json.load(f)
+    try:
+      record = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: damaged distillation record ({e}); restore or delete it") from e
+  if not isinstance(record, dict) or "method" not in record:
+    raise ValueError(f"{path}: damaged distillation record (no 'method'); restore or delete it")
+  return record
 
 
 def write_record(workdir: str, record: dict) -> None:
@@ -56,9 +62,13 @@ def write_record(workdir: str, record: dict) -> None:
     write_json(os.path.join(workdir, RECORD_FILE), record)
 
 
-def auto_sampler(config) -> str | None:
-  """The sampler 'auto' means for a distill config (None: the objective's own)."""
+def auto_sampler(config, workdir: str | None = None) -> str | None:
+  """The sampler 'auto' means for a consistency model: a distill config of a consistency
+  method, or a workdir whose record holds one (None: the objective's own sampler)."""
   d = config.get("distill")
+  record = read_record(workdir) if workdir else None
+  if record is not None and record["method"] in CONSISTENCY_METHODS:
+    return "consistency"
   if d is not None and d.method in CONSISTENCY_METHODS:
     return "consistency"
   return None
@@ -79,7 +89,13 @@ def sample_overrides(workdir: str, schedule, sampler: str) -> dict:
       f"{record['method']!r}); sample it with config.sample.sampler='consistency' (or 'auto' "
       f"with the distill config), not {sampler!r}"
     )
-  if record["method"] == "progressive" and sampler == "ddim":
-    n = int(record["num_steps"])
-    return dict(grid=student_grid(schedule.num_steps, n), num_steps=n)
-  return {}
+  n = student_steps(workdir, sampler)
+  return {} if n is None else dict(grid=student_grid(schedule.num_steps, n), num_steps=n)
+
+
+def student_steps(workdir: str | None, sampler: str) -> int | None:
+  """The DDIM step count of a progressive student (its record's), else None."""
+  record = read_record(workdir) if workdir else None
+  if record is not None and record["method"] == "progressive" and sampler == "ddim":
+    return int(record["num_steps"])
+  return None

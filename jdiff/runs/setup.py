@@ -130,7 +130,7 @@ class Setup:
         f"of kind {self.kind!r}: run it with {MODES[self.kind]}"
       )
     validate(config)  # first: a bad value stops the run before anything is touched
-    self.config, self.workdir = resolve(config), os.path.abspath(workdir)
+    self.config, self.workdir = resolve(config, workdir), os.path.abspath(workdir)
     self.reads_data = reads_data
     self._meta = None
     self.lock = WorkdirLock(self.workdir) if writer and jax.process_index() == 0 else None

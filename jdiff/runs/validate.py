@@ -5,8 +5,7 @@ for both kinds of config: diffusion (jdiff/configs/default.py and its variants) 
 autoencoder configs (those with an `autoencoder` section, e.g. ae_digits.py). It reads no
 file but the ones the config names (Inception weights) and builds nothing; `jdiff.runs.setup.
 Setup` calls it first, so a bad value stops a run before the dataset, the mesh or the
-workdir's lock are touched. The `sample.sampler` 'auto' (the objective's own sampler) is
-resolved by `resolve` before the sampler rules apply.
+workdir's lock are touched. `resolve` settles the sampler 'auto' and a distilled workdir's own.
 """
 
 from __future__ import annotations
@@ -100,23 +99,29 @@ def kind_of(config) -> str:
   return "autoencoder" if "autoencoder" in config else "diffusion"
 
 
-def sampler_of(config) -> str:
-  """`config.sample.sampler`, with 'auto' resolved to the objective's own sampler."""
+def sampler_of(config, workdir: str | None = None) -> str:
+  """`config.sample.sampler`, with 'auto' resolved: 'consistency' for a consistency model
+  (the distill config's method, or `workdir`'s record), else the objective's own sampler."""
   s = config.sample.sampler
   if s != "auto":
     return s
-  return distilled.auto_sampler(config) or objectives.default_sampler(
+  return distilled.auto_sampler(config, workdir) or objectives.default_sampler(
     config.get("objective", "ddpm")
   )
 
 
-def resolve(config):
-  """`config` with `sample.sampler` 'auto' resolved (a locked copy; `config` if none)."""
-  if kind_of(config) != "diffusion" or config.sample.sampler != "auto":
+def resolve(config, workdir: str | None = None):
+  """`config` as it samples `workdir`: `sample.sampler` 'auto' resolved, and a progressive
+  student's own step count in `sample.num_steps` (a locked copy; `config` if nothing changes)."""
+  if kind_of(config) != "diffusion":
+    return config
+  sampler = sampler_of(config, workdir)
+  steps = distilled.student_steps(workdir, sampler) or config.sample.num_steps
+  if (sampler, steps) == (config.sample.sampler, config.sample.num_steps):
     return config
   c = config.copy_and_resolve_references()
   with c.unlocked():
-    c.sample.sampler = sampler_of(config)
+    c.sample.sampler, c.sample.num_steps = sampler, steps
   c.lock()
   return c
 
