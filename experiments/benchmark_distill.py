@@ -49,7 +49,7 @@ def main(argv):
     rows.append((name, steps, r))
     print(
       f"| {name} | {steps} | {r['fd']:.2f} | {r['is_']:.2f} | {r['precision']:.3f} | "
-      f"{r['recall']:.3f} | {r['wall']:.0f} |",
+      f"{r['recall']:.3f} | {r['wall'] or float('nan'):.0f} |",
       flush=True,
     )
 

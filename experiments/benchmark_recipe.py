@@ -27,6 +27,8 @@ flags.DEFINE_list("seeds", ["0", "1"], "Training seeds (config.seed).")
 flags.DEFINE_list("objectives", ["ddpm", "flow", "edm"], "Objectives to compare.")
 flags.DEFINE_list("reuse", [], "objective:seed=workdir of runs already trained.")
 flags.DEFINE_integer("num_samples", 2000, "Samples per fid row.")
+flags.DEFINE_list("samplers", [], "objective:sampler:steps:nfe rows instead of SAMPLERS' (e.g. "
+                  "the first seed's best per objective for the second seed).")  # fmt: skip
 
 CONFIGS = {
   "ddpm": "jdiff/configs/digits.py",
@@ -47,6 +49,12 @@ def main(argv):
   reuse = dict(r.split("=", 1) for r in FLAGS.reuse)
   times_path = os.path.join(FLAGS.out, "times.json")
   times = json.load(open(times_path)) if os.path.exists(times_path) else {}
+  samplers = SAMPLERS
+  if FLAGS.samplers:
+    samplers = {}
+    for row in FLAGS.samplers:
+      objective, sampler, steps, nfe = row.split(":")
+      samplers.setdefault(objective, []).append((sampler, int(steps), int(nfe)))
   rows = []
   for seed in FLAGS.seeds:
     for objective in FLAGS.objectives:
@@ -58,7 +66,7 @@ def main(argv):
         times[name], _ = run_main(args, os.path.join(FLAGS.out, f"{objective}_seed{seed}.log"))
         with open(times_path, "w") as f:
           json.dump(times, f)
-      for sampler, steps, nfe in SAMPLERS[objective]:
+      for sampler, steps, nfe in samplers.get(objective, []):
         log = os.path.join(FLAGS.out, f"{objective}_seed{seed}_{sampler}{steps}.log")
         r = fid(CONFIGS[objective], workdir, sampler, steps, log, FLAGS.num_samples)
         rows.append(dict(objective=objective, seed=seed, sampler=sampler, nfe=nfe, **r))
@@ -67,7 +75,7 @@ def main(argv):
           f"{r['precision']:.3f} | {r['recall']:.3f} | {times.get(name, float('nan')):.0f} |",
           flush=True,
         )
-      with open(os.path.join(FLAGS.out, "results.json"), "w") as f:
+      with open(os.path.join(FLAGS.out, f"results_{','.join(FLAGS.seeds)}.json"), "w") as f:
         json.dump({"times": times, "rows": rows}, f, indent=1)
 
 

@@ -5,6 +5,7 @@ No flags here: benchmark scripts with their own flags import these helpers.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -29,11 +30,21 @@ def run_main(args: list[str], log: str) -> tuple[float, str]:
 
 def fid(config: str, workdir: str, sampler: str, steps: int, log: str, num_samples: int) -> dict:
   """`--mode=fid` of `workdir` with `sampler` in `steps` steps: FD, IS, precision, recall,
-  the held-out data's FD and the command's wall time."""
+  the held-out data's FD and the command's wall time (None when read back from an existing
+  `log` of a finished run instead of running again)."""
+  if os.path.exists(log):
+    with open(log, encoding="utf-8") as f:
+      out = f.read()
+    if _QUALITY.search(out):
+      return _row(out, None, log)
   args = [f"--config={config}", f"--workdir={workdir}", "--mode=fid"]
   args += [f"--config.sample.sampler={sampler}", f"--config.sample.num_steps={steps}"]
   args += [f"--config.eval.num_samples={num_samples}"]
   wall, out = run_main(args, log)
+  return _row(out, wall, log)
+
+
+def _row(out: str, wall: float | None, log: str) -> dict:
   m = _QUALITY.findall(out)
   if not m:
     raise RuntimeError(f"no quality line in {log}")
