@@ -163,8 +163,14 @@ def test_auto_sampler_follows_the_objective(objective, sampler):
   assert c.sample.sampler == "auto"  # resolve copies
 
 
-def test_main_job_still_samples_ddim():
-  assert resolve(digits.get_config()).sample.sampler == "ddim"
+def test_main_job_samples_with_its_recipe():
+  """digits.py: DPM-Solver++(2M) SDE in 10 steps (BENCHMARKS.md, "The main job's recipe");
+  the objective's own sampler ('auto') is still DDIM."""
+  c = resolve(digits.get_config())
+  assert (c.sample.sampler, c.sample.num_steps) == ("dpmpp_2m_sde", 10)
+  with c.unlocked():
+    c.sample.sampler = "auto"
+  assert resolve(c).sample.sampler == "ddim"
 
 
 def test_edm_samples_with_the_default_sampler(digits_dir, tmp_path):

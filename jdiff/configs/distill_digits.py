@@ -45,6 +45,7 @@ def get_config(base: str = "digits"):
   c.optim.warmup_steps = 0
   c.optim.schedule = "constant"
   c.ema_decay = 0.99
+  c.sample.sampler = "auto"  # PD students: DDIM on their own grid; consistency: [CM] Alg. 1
   c.sample.num_steps = 2  # the consistency sampler's steps (PD students: their own N)
   c.eval.quality_samples = 0
   if base == "digits":
