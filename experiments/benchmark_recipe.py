@@ -68,7 +68,8 @@ def main(argv):
           json.dump(times, f)
       for sampler, steps, nfe in samplers.get(objective, []):
         log = os.path.join(FLAGS.out, f"{objective}_seed{seed}_{sampler}{steps}.log")
-        r = fid(CONFIGS[objective], workdir, sampler, steps, log, FLAGS.num_samples)
+        seed_arg = [f"--config.seed={seed}"]  # the seed binds the workdir
+        r = fid(CONFIGS[objective], workdir, sampler, steps, log, FLAGS.num_samples, seed_arg)
         rows.append(dict(objective=objective, seed=seed, sampler=sampler, nfe=nfe, **r))
         print(
           f"| {objective} | {seed} | {sampler} | {nfe} | {r['fd']:.2f} | {r['is_']:.2f} | "

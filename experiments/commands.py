@@ -28,7 +28,9 @@ def run_main(args: list[str], log: str) -> tuple[float, str]:
   return wall, proc.stdout + proc.stderr
 
 
-def fid(config: str, workdir: str, sampler: str, steps: int, log: str, num_samples: int) -> dict:
+def fid(
+  config: str, workdir: str, sampler: str, steps: int, log: str, num_samples: int, extra=()
+) -> dict:
   """`--mode=fid` of `workdir` with `sampler` in `steps` steps: FD, IS, precision, recall,
   the held-out data's FD and the command's wall time (None when read back from an existing
   `log` of a finished run instead of running again)."""
@@ -39,7 +41,7 @@ def fid(config: str, workdir: str, sampler: str, steps: int, log: str, num_sampl
       return _row(out, None, log)
   args = [f"--config={config}", f"--workdir={workdir}", "--mode=fid"]
   args += [f"--config.sample.sampler={sampler}", f"--config.sample.num_steps={steps}"]
-  args += [f"--config.eval.num_samples={num_samples}"]
+  args += [f"--config.eval.num_samples={num_samples}", *extra]
   wall, out = run_main(args, log)
   return _row(out, wall, log)
 
