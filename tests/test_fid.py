@@ -92,7 +92,9 @@ def test_score_npz_and_reference(trained, digits_dir, tmp_path):
   adm = str(tmp_path / "VIRTUAL_heldout.npz")
   np.savez(adm, arr_0=u8, mu=np.zeros(128), sigma=np.eye(128), mu_s=np.zeros(9), sigma_s=np.eye(9))
   same = fid.fid(_config(digits_dir, **{"eval.samples_npz": npz, "eval.ref_stats": adm}), trained)
-  assert abs(same["fd"]) < 1e-6 * got["fd"], (same["fd"], got["fd"])
+  # The FD of a rank-deficient covariance (20 images, 128 features) against itself is the
+  # sqrt of eigenvalue noise, ~1e-6 here; scoring the file's mu=0, sigma=I instead gives ~1e2.
+  assert abs(same["fd"]) < 1e-5 * got["fd"], (same["fd"], got["fd"])
   ref_path = fid.fid_ref(c, trained)
   held = metrics.reference.heldout_scores(ref_path)
   np.testing.assert_allclose(got["fd"], held["heldout_fd"], rtol=1e-4)
