@@ -62,11 +62,10 @@ def write_record(workdir: str, record: dict) -> None:
     write_json(os.path.join(workdir, RECORD_FILE), record)
 
 
-def auto_sampler(config, workdir: str | None = None) -> str | None:
+def auto_sampler(config, record: dict | None = None) -> str | None:
   """The sampler 'auto' means for a consistency model: a distill config of a consistency
-  method, or a workdir whose record holds one (None: the objective's own sampler)."""
+  method, or a workdir `record` (`read_record`) of one (None: the objective's own sampler)."""
   d = config.get("distill")
-  record = read_record(workdir) if workdir else None
   if record is not None and record["method"] in CONSISTENCY_METHODS:
     return "consistency"
   if d is not None and d.method in CONSISTENCY_METHODS:
@@ -89,13 +88,12 @@ def sample_overrides(workdir: str, schedule, sampler: str) -> dict:
       f"{record['method']!r}); sample it with config.sample.sampler='consistency' (or 'auto' "
       f"with the distill config), not {sampler!r}"
     )
-  n = student_steps(workdir, sampler)
+  n = student_steps(record, sampler)
   return {} if n is None else dict(grid=student_grid(schedule.num_steps, n), num_steps=n)
 
 
-def student_steps(workdir: str | None, sampler: str) -> int | None:
-  """The DDIM step count of a progressive student (its record's), else None."""
-  record = read_record(workdir) if workdir else None
+def student_steps(record: dict | None, sampler: str) -> int | None:
+  """The DDIM step count of a progressive student (its `record`'s), else None."""
   if record is not None and record["method"] == "progressive" and sampler == "ddim":
     return int(record["num_steps"])
   return None

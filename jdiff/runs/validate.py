@@ -102,10 +102,14 @@ def kind_of(config) -> str:
 def sampler_of(config, workdir: str | None = None) -> str:
   """`config.sample.sampler`, with 'auto' resolved: 'consistency' for a consistency model
   (the distill config's method, or `workdir`'s record), else the objective's own sampler."""
+  return _sampler(config, distilled.read_record(workdir) if workdir else None)
+
+
+def _sampler(config, record: dict | None) -> str:
   s = config.sample.sampler
   if s != "auto":
     return s
-  return distilled.auto_sampler(config, workdir) or objectives.default_sampler(
+  return distilled.auto_sampler(config, record) or objectives.default_sampler(
     config.get("objective", "ddpm")
   )
 
@@ -115,8 +119,9 @@ def resolve(config, workdir: str | None = None):
   student's own step count in `sample.num_steps` (a locked copy; `config` if nothing changes)."""
   if kind_of(config) != "diffusion":
     return config
-  sampler = sampler_of(config, workdir)
-  steps = distilled.student_steps(workdir, sampler) or config.sample.num_steps
+  record = distilled.read_record(workdir) if workdir else None  # read once
+  sampler = _sampler(config, record)
+  steps = distilled.student_steps(record, sampler) or config.sample.num_steps
   if (sampler, steps) == (config.sample.sampler, config.sample.num_steps):
     return config
   c = config.copy_and_resolve_references()
