@@ -2,8 +2,9 @@
 
 Every test asserts the outcome, not only the exit code: parameters bit-identical to an
 uninterrupted run, the step restored, the single last error line, and the checkpoint files
-that must stay byte-identical. One reference run (6 steps, a checkpoint at every step) is
-shared by all tests; each test works on its own copy (RELIABILITY.md lists the outcomes).
+that must stay byte-identical. One reference run (the session's `tiny_run`: 6 steps, a
+checkpoint at every step) is shared by all tests; each test works on its own copy
+(RELIABILITY.md lists the outcomes).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, main_args, run_python, xla_flags
+from conftest import REPO, TINY_RUN, main_args, run_python, xla_flags
 
 from jdiff.configs import tiny
 from jdiff.runs import stored_config
@@ -34,8 +35,8 @@ from jdiff.training import integrity
 from jdiff.training.checkpoint import Checkpointer
 from jdiff.training.loop import train_loop
 
-# The reference run: 6 steps, a checkpoint and a metrics row at every step, all kept.
-RUN = {"train.ckpt_every": 1, "train.log_every": 1, "train.keep_checkpoints": 10}
+# The reference run's overrides: a checkpoint and a metrics row at every step, all kept.
+RUN = TINY_RUN
 STEPS = 6
 
 
@@ -110,11 +111,9 @@ def wait_for_rows(workdir: str, proc: subprocess.Popen, n: int, timeout: float =
 
 
 @pytest.fixture(scope="session")
-def reference(tmp_path_factory, digits_dir) -> str:
-  """An uninterrupted CLI run: checkpoints 1..6, metrics rows 1..6."""
-  wd = str(tmp_path_factory.mktemp("reliability") / "reference")
-  run_python(main_args("train", wd, digits_dir, **RUN))
-  return wd
+def reference(tiny_run) -> str:
+  """An uninterrupted CLI run: checkpoints 1..6, metrics rows 1..6 (read-only: copy it)."""
+  return tiny_run.workdir
 
 
 @pytest.fixture(scope="session")
@@ -124,9 +123,10 @@ def abstract(tmp_path_factory, digits_dir):
 
 
 @pytest.fixture(scope="session")
-def reference_states(reference, abstract) -> dict:
-  """{step: state} of the reference run, restored from its pristine checkpoints."""
-  with Checkpointer(ckpt_dir(reference)) as ckpt:
+def reference_states(reference, abstract, tmp_path_factory) -> dict:
+  """{step: state} of the reference run, restored from (a copy of) its pristine checkpoints."""
+  wd = copy_of(reference, tmp_path_factory.mktemp("reference_states"))
+  with Checkpointer(ckpt_dir(wd)) as ckpt:
     return {s: ckpt.restore(abstract, step=s) for s in range(1, STEPS + 1)}
 
 
@@ -771,6 +771,9 @@ def test_sample_files_take_one_suffix(tmp_path, reference, digits_dir):
   os.remove(first)
   second = diffusion.sample(config(digits_dir), wd)
   assert second == stem + "-1.npz"
+  assert diffusion.sample(config(digits_dir), wd) == stem + "-2.npz"  # never overwrites
+  os.remove(stem + "-2.npz")
+  os.remove(stem + "-2.png")
   assert sorted(os.listdir(os.path.dirname(stem))) == sorted(
     [os.path.basename(p) for p in (stem + ".png", stem + "-1.npz", stem + "-1.png")]
     + [n for n in os.listdir(os.path.dirname(stem)) if n.startswith("grid_")]

@@ -62,8 +62,9 @@ def test_bad_scale_config(tmp_path, digits_dir, key, value, message):
 
 # ----------------------------------------------------------------------------- one step, 8 devices
 
-# One Adam step from the same state on the same batch: a 1-device reference, FSDP on
-# (2 data x 4 fsdp), FSDP with 2-step accumulation, and bf16 compute with bf16 moments.
+# One Adam step from the same state on the same batch: a 1-device reference, data-parallel
+# on 8 devices, FSDP on (2 data x 4 fsdp), FSDP with 2-step accumulation, and bf16 compute
+# with bf16 moments.
 # Tolerances: the paths differ only in the order of float32 sums (batch and gradient
 # reductions over devices and microbatches, ~1e-7 relative). Adam's first update is
 # g / (|g| + eps), which jumps at g = 0 for a tiny eps; with optim.eps = 1e-3 it is
@@ -97,19 +98,22 @@ def run(mesh, *, k=1, optimizer=None, module=None):
   step = jax.jit(fn, in_shardings=(st_sh, data_sh, sharding.replicated(mesh),
                  sharding.replicated(mesh)), out_shardings=(st_sh, sharding.replicated(mesh)))
   state = jax.device_put(st0, st_sh)
-  state, m = step(state, sharding.to_global(batch, mesh), setup.schedule, setup.keys.train)
+  global_batch = sharding.to_global(batch, mesh)
+  assert len(global_batch["image"].sharding.device_set) == mesh.size
+  state, m = step(state, global_batch, setup.schedule, setup.keys.train)
   return state, float(m["loss"]), float(m["grad_norm"])
 
 one = run(sharding.make_mesh_2d(jax.devices()[:1]))
+data = run(sharding.make_mesh_2d(data=8, fsdp=1))
 mesh = sharding.make_mesh_2d(data=2, fsdp=4)
 fsdp = run(mesh)
 accum = run(mesh, k=2)
-print("LOSS", one[1], fsdp[1], accum[1], "GNORM", one[2], fsdp[2], accum[2])
+print("LOSS", one[1], data[1], fsdp[1], accum[1], "GNORM", one[2], data[2], fsdp[2], accum[2])
 ref = jax.device_get(one[0].params)
 moved = max(float(np.max(np.abs(a - b))) for a, b in
             zip(jax.tree.leaves(ref), jax.tree.leaves(state0.params)))
 assert moved > 100 * 1e-6, moved
-for name, (st, loss, gnorm) in {"fsdp": fsdp, "accum": accum}.items():
+for name, (st, loss, gnorm) in {"data": data, "fsdp": fsdp, "accum": accum}.items():
   np.testing.assert_allclose(loss, one[1], rtol=1e-5, err_msg=name)
   np.testing.assert_allclose(gnorm, one[2], rtol=1e-5, err_msg=name)
   for a, b in zip(jax.tree.leaves(jax.device_get(st.params)), jax.tree.leaves(ref)):
