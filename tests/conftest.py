@@ -71,7 +71,7 @@ def _known_to_jaxlib(flags: tuple[str, ...]) -> tuple[str, ...]:
   found = set()
   for lib in (p for p in libs if os.path.getsize(p) > 10_000_000):
     with open(lib, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-      found |= {f for f, name in names.items() if f not in found and m.find(name) >= 0}
+      found |= {f for f, name in names.items() if m.find(name) >= 0}
   return tuple(f for f in flags if f in found)
 
 

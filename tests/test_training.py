@@ -7,7 +7,6 @@ import os
 import re
 import struct
 
-import jax
 import numpy as np
 import pytest
 from conftest import main_args, run_python
@@ -37,11 +36,6 @@ def read_metrics(workdir):
 def restore_state(workdir, config):
   with Setup(config, workdir) as setup:
     return setup.checkpointer.restore(setup.abstract_state())
-
-
-def assert_trees_equal(a, b):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 # ----------------------------------------------------------------------------- whole loop
@@ -92,8 +86,6 @@ def tensorboard_tags(logdir: str) -> set[str]:
       pos += 12 + length + 4
   return tags
 
-
-# ----------------------------------------------------------------------------- sharding
 
 # ----------------------------------------------------------------------------- bad input
 

@@ -99,16 +99,14 @@ def kind_of(config) -> str:
   return "autoencoder" if "autoencoder" in config else "diffusion"
 
 
-def sampler_of(config, workdir: str | None = None) -> str:
+def sampler_of(config, workdir: str | None = None, *, record: dict | None = None) -> str:
   """`config.sample.sampler`, with 'auto' resolved: 'consistency' for a consistency model
-  (the distill config's method, or `workdir`'s record), else the objective's own sampler."""
-  return _sampler(config, distilled.read_record(workdir) if workdir else None)
-
-
-def _sampler(config, record: dict | None) -> str:
-  s = config.sample.sampler
-  if s != "auto":
-    return s
+  (the distill config's method, or the record of `workdir`, or `record` when read already),
+  else the objective's own sampler."""
+  if config.sample.sampler != "auto":
+    return config.sample.sampler
+  if record is None and workdir:
+    record = distilled.read_record(workdir)
   return distilled.auto_sampler(config, record) or objectives.default_sampler(
     config.get("objective", "ddpm")
   )
@@ -120,7 +118,7 @@ def resolve(config, workdir: str | None = None):
   if kind_of(config) != "diffusion":
     return config
   record = distilled.read_record(workdir) if workdir else None  # read once
-  sampler = _sampler(config, record)
+  sampler = sampler_of(config, record=record)
   steps = distilled.student_steps(record, sampler) or config.sample.num_steps
   if (sampler, steps) == (config.sample.sampler, config.sample.num_steps):
     return config
