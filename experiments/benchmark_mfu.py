@@ -26,6 +26,7 @@ Goal: >= 45 % MFU in bf16 on one GPU. Not measured on the CPU machine.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import statistics
 import time
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 from experiments import benchmark_memory, trace_summary
 from jdiff.models.dit import make_dit
 from jdiff.schedules import get_schedule
-from jdiff.training import loop, sharding
+from jdiff.training import prng, sharding
 from jdiff.training.optim import make_optimizer
 from jdiff.training.state import init_train_state, param_count
 from jdiff.training.step import make_train_step
@@ -47,12 +48,19 @@ BATCH = {"ddpm_cifar10": 128, "adm_imagenet64": 32, "dit_b2": 256, "dit_xl2": 64
 DIT = {"dit_b2": "B/2", "dit_xl2": "XL/2"}
 
 
-def build(name: str, dtype: str):
-  """(module, image shape) of a U-Net preset of benchmark_memory or a DiT preset."""
+def build(name: str, dtype: str, attention_impl: str = "xla", norm_impl: str = "flax"):
+  """(module, image shape) of a U-Net preset of benchmark_memory or a DiT preset (DiT has
+  no GroupNorm: `norm_impl` applies to the U-Nets only)."""
   if name in DIT:
-    module = make_dit(DIT[name], num_classes=1000, learn_sigma=True, dtype=jnp.dtype(dtype))
+    module = make_dit(
+      DIT[name],
+      num_classes=1000,
+      learn_sigma=True,
+      dtype=jnp.dtype(dtype),
+      attention_impl=attention_impl,
+    )
     return module, (32, 32, 4)
-  return benchmark_memory.build(name, dtype)
+  return benchmark_memory.build(name, dtype, attention_impl=attention_impl, norm_impl=norm_impl)
 
 
 def _peak(kind: str, override: float) -> float:
@@ -100,13 +108,44 @@ def time_steps(step, state, n: int, *, blocked: bool):
   return state, statistics.median(times) if blocked else (time.perf_counter() - t_all) / n
 
 
-def bench(name: str, args) -> dict:
-  module, image_shape = build(name, args.dtype)
+VARIANT_KEYS = {
+  "attn": "attention_impl",
+  "norm": "norm_impl",
+  "prng": "prng_impl",
+  "batch": "batch",
+  "mu": "mu_dtype",
+  "accum": "grad_accum_steps",
+}
+
+
+def parse_variants(spec: str, args) -> list[dict]:
+  """`--variants` "base|attn=cudnn|norm=colsum,prng=rbg" -> one settings dict per variant:
+  the command line's settings with the variant's on top ("base": none changed)."""
+  base = {v: getattr(args, v) for v in VARIANT_KEYS.values()}
+  out = []
+  for item in filter(None, (x.strip() for x in spec.split("|"))):
+    settings, label = dict(base), item
+    for kv in item.split(","):
+      if kv == "base":
+        continue
+      key, sep, value = kv.partition("=")
+      if not sep or key not in VARIANT_KEYS:
+        raise SystemExit(f"--variants: bad setting {kv!r} in {item!r}; keys: {list(VARIANT_KEYS)}")
+      field = VARIANT_KEYS[key]
+      settings[field] = int(value) if field in ("batch", "grad_accum_steps") else value
+    out.append(dict(settings, label=label))
+  return out
+
+
+def prepare(name: str, v: dict, args) -> dict:
+  """Builds variant `v` of model `name`: its state, batch and lowered step (not compiled)."""
+  module, image_shape = build(name, args.dtype, v["attention_impl"], v["norm_impl"])
   n = jax.device_count()
   mesh = sharding.make_mesh_2d(fsdp=n if args.fsdp else 1)
-  optimizer = make_optimizer(lr=1e-4, mu_dtype=args.mu_dtype)
+  optimizer = make_optimizer(lr=1e-4, mu_dtype=v["mu_dtype"])
   conditional = module.num_classes is not None
   key = jax.random.key(0)
+  step_key = prng.base_key(0, v["prng_impl"])
   sample = jnp.zeros((1, *image_shape))
 
   def init(k):
@@ -117,7 +156,7 @@ def bench(name: str, args) -> dict:
   shapes = jax.eval_shape(init, key)
   state_sh = sharding.fsdp_shardings(shapes, mesh)
   data_sh, repl = sharding.data_sharding(mesh), sharding.replicated(mesh)
-  b = (args.batch or BATCH[name]) * n
+  b = (v["batch"] or BATCH[name]) * n
   if args.count_only:  # abstract inputs: compile for this backend, run nothing
     state = jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh
@@ -150,10 +189,35 @@ def bench(name: str, args) -> dict:
       donate_argnums=(0,),
     )
 
-  t0 = time.perf_counter()
-  compiled = jitted(args.grad_accum_steps).lower(state, batch, schedule, key).compile()
-  compile_s = time.perf_counter() - t0
-  flops = model_flops(jitted, args.grad_accum_steps, compiled, state, batch, schedule, key)
+  call = (state, batch, schedule, step_key)
+  k = v["grad_accum_steps"]
+  return dict(
+    name=name, v=v, b=b, shapes=shapes, call=call, jitted=jitted, lowered=jitted(k).lower(*call)
+  )
+
+
+def attention_used(hlo_text: str) -> str:
+  """'cudnn' when the compiled program calls cuDNN's fused attention, else 'xla'."""
+  return "cudnn" if "__cudnn$fmha" in hlo_text else "xla"
+
+
+def compile_all(prepared: list[dict], threads: int) -> None:
+  """Compiles every prepared step, `threads` at a time (XLA compiles outside the GIL)."""
+
+  def one(p):
+    t0 = time.perf_counter()
+    p["compiled"] = p.pop("lowered").compile()
+    p["compile_s"] = time.perf_counter() - t0
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+    list(pool.map(one, prepared))
+
+
+def measure(p: dict, args, profile: bool) -> dict:
+  """Times (and with `profile`, traces) one compiled variant -> its table row."""
+  name, v, b, compiled = p["name"], p["v"], p["b"], p["compiled"]
+  k = v["grad_accum_steps"]
+  flops = model_flops(p["jitted"], k, compiled, *p["call"])
   if args.count_only:
     print(
       f"{name}: batch {b}, {flops:.6e} FLOPs per step (XLA cost analysis, "
@@ -161,38 +225,52 @@ def bench(name: str, args) -> dict:
       flush=True,
     )
     return {}
-  if args.flops:  # a count from another backend (GPU cost analysis may skip cuDNN calls)
-    xla_flops, flops = flops, args.flops[name]
-    print(f"{name}: XLA here counts {xla_flops:.4e} FLOPs per step; MFU uses {flops:.4e}")
+  if name in args.flops:  # a count from another backend (GPU cost analysis may skip cuDNN
+    # calls), given at the model's default batch and scaled linearly to this one
+    xla_flops = flops
+    flops = args.flops[name] * b / (BATCH[name] * jax.device_count())
+    print(f"{name} [{v['label']}]: XLA here counts {xla_flops:.4e} FLOPs; MFU uses {flops:.4e}")
+  state, batch, schedule, key = p.pop("call")
+  run = lambda st: compiled(st, batch, schedule, key)  # noqa: E731
   for _ in range(args.warmup):
-    state, m = compiled(state, batch, schedule, key)
+    state, m = run(state)
   jax.block_until_ready(state)
-  run = lambda st: compiled(st, batch, schedule, key)
   state, blocked = time_steps(run, state, args.steps, blocked=True)
   state, dt = time_steps(run, state, args.steps, blocked=False)
-  if args.profile_dir:  # a few more steps under the profiler, then where their time went
+  busy = float("nan")
+  if profile:  # a few more steps under the profiler, then where their time went
     trace_dir = os.path.join(args.profile_dir, name)
-    loop.start_trace(trace_dir)
+    options = jax.profiler.ProfileOptions()  # XLA ops only, as jdiff.training.loop traces
+    options.python_tracer_level = 0  # (not imported: it needs grain, absent on GPU images)
+    jax.profiler.start_trace(trace_dir, profiler_options=options)
     for _ in range(3):
-      state, m = compiled(state, batch, schedule, key)
+      state, m = run(state)
     jax.block_until_ready((state, m))
     jax.profiler.stop_trace()
-    loaded = trace_summary.load_events(trace_summary.newest_trace(trace_dir))
-    op_names = trace_summary.hlo_op_names(compiled.as_text())
-    summary = trace_summary.summarize(trace_summary.op_events(*loaded), op_names)
-    print(f"{name}, 3 profiled steps:\n{trace_summary.format_summary(summary, 15)}", flush=True)
+    trace = trace_summary.newest_trace(trace_dir)
+    events = trace_summary.op_events(*trace_summary.load_events(trace))
+    summary = trace_summary.summarize(events, trace_summary.hlo_op_names(compiled.as_text()))
+    busy = summary["busy"]
+    print(
+      f"{name} [{v['label']}], 3 profiled steps:\n{trace_summary.format_summary(summary, 20)}",
+      flush=True,
+    )
+  del state
   # cost_analysis of an SPMD program counts one device's FLOPs.
   peak = _peak(jax.devices()[0].device_kind, args.peak_tflops)
   return dict(
     model=name,
-    params=param_count(shapes.params),
+    variant=v["label"],
+    params=param_count(p["shapes"].params),
     batch=b,
-    compile_s=compile_s,
+    compile_s=p["compile_s"],
     blocked_ms=blocked * 1e3,
     step_ms=dt * 1e3,
     img_s=b / dt,
     tflops=flops / dt / 1e12,
     mfu=flops / dt / peak,
+    busy=busy,
+    attention=attention_used(compiled.as_text()),
   )
 
 
@@ -203,6 +281,18 @@ def main():
   p.add_argument("--mu_dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--batch", type=int, default=0, help="per device (0: the model's default)")
   p.add_argument("--grad_accum_steps", type=int, default=1)
+  p.add_argument("--attention_impl", default="xla", help="auto | xla | cudnn | chunked")
+  p.add_argument("--norm_impl", default="flax", help="flax | colsum (U-Nets' GroupNorm)")
+  p.add_argument("--prng_impl", default="threefry", help="threefry | rbg | unsafe_rbg")
+  p.add_argument(
+    "--variants",
+    default="base",
+    help="'|'-separated variants of the settings above, measured for every model, e.g. "
+    "'base|attn=cudnn|norm=colsum|prng=rbg|batch=512,mu=bfloat16' (keys: "
+    + ", ".join(VARIANT_KEYS)
+    + ")",
+  )
+  p.add_argument("--compile_threads", type=int, default=4, help="variants compiled at once")
   p.add_argument("--fsdp", action="store_true", help="shard the state over all devices")
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--warmup", type=int, default=3)
@@ -210,7 +300,8 @@ def main():
   p.add_argument(
     "--profile_dir",
     default="",
-    help="also trace 3 steps of each model into DIR/<model> and print their top ops",
+    help="also trace 3 steps of each model's first variant into DIR/<model> and print "
+    "their top ops and the device's busy share",
   )
   p.add_argument(
     "--count_only",
@@ -220,27 +311,37 @@ def main():
   p.add_argument(
     "--flops",
     default="",
-    help="NAME=FLOPS,... per-step counts to use for MFU instead of this backend's",
+    help="NAME=FLOPS,... per-step counts at the model's default batch to use for MFU "
+    "instead of this backend's (scaled linearly with the batch)",
   )
   args = p.parse_args()
   args.flops = {
     k: float(v) for k, v in (kv.split("=") for kv in filter(None, args.flops.split(",")))
   }
-  print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, {args.dtype}")
-  print(
-    "| model | params | batch | compile s | blocked ms | pipelined ms | img/s | TFLOP/s/dev | MFU |"
+  variants = parse_variants(args.variants, args)
+  kind = jax.devices()[0].device_kind
+  print(f"{jax.device_count()} x {kind}, {args.dtype}, jax {jax.__version__}")
+  header = (
+    "| model | variant | attention used | params | batch | compile s | blocked ms "
+    "| pipelined ms | img/s | TFLOP/s/dev | MFU | busy |"
   )
-  print("|---|---|---|---|---|---|---|---|---|")
-  for name in args.models.split(","):
-    r = bench(name, args)
-    if not r:
-      continue
-    print(
-      f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['compile_s']:.1f} | "
-      f"{r['blocked_ms']:.1f} | {r['step_ms']:.1f} | {r['img_s']:.0f} | {r['tflops']:.1f} | "
-      f"{100 * r['mfu']:.1f} % |",
-      flush=True,
-    )
+  rows = []
+  for name in args.models.split(","):  # one model at a time: its variants compile together
+    prepared = [prepare(name, v, args) for v in variants]
+    compile_all(prepared, args.compile_threads)
+    for i, prep in enumerate(prepared):
+      r = measure(prep, args, profile=bool(args.profile_dir) and i == 0)
+      if r:
+        busy = "-" if r["busy"] != r["busy"] else f"{100 * r['busy']:.0f} %"
+        rows.append(
+          f"| {r['model']} | {r['variant']} | {r['attention']} | {r['params'] / 1e6:.1f}M | "
+          f"{r['batch']} | {r['compile_s']:.1f} | {r['blocked_ms']:.1f} | {r['step_ms']:.1f} | "
+          f"{r['img_s']:.0f} | {r['tflops']:.1f} | {100 * r['mfu']:.1f} % | {busy} |"
+        )
+        print(rows[-1], flush=True)
+    del prepared
+  if rows:
+    print("\n".join((header, "|---" * 12 + "|", *rows)), flush=True)
 
 
 if __name__ == "__main__":
