@@ -103,7 +103,7 @@ def test_pd_student_samples_ddim_on_its_own_grid(tmp_path):
   distilled.write_record(str(tmp_path), {"method": "progressive", "num_steps": 4})
   kw = distilled.sample_overrides(str(tmp_path), SCH, "ddim")
   np.testing.assert_array_equal(kw["grid"], timestep_grid(64, 4, spacing="trailing"))
-  resolved = validate.resolve(_config(tmp_path), str(tmp_path))  # names its files ddim4
+  resolved = distilled.resolve(_config(tmp_path), str(tmp_path))  # names its files ddim4
   assert (resolved.sample.sampler, resolved.sample.num_steps) == ("ddim", 4)
   x_T = jax.random.normal(jax.random.key(5), (32, 2, 2, 1))
   own = make_sample_fn(GaussianEps(), SCH, sampler="ddim", clip_x0=None, **kw)
@@ -167,15 +167,15 @@ def test_distill_config_errors_name_the_key(tmp_path):
     validate.validate(_config(ok, **{"distill.method": "magic"}))
   with pytest.raises(ValueError, match=r"config.distill.solver must be one of"):
     validate.validate(_config(ok, **{"distill.solver": "rk4"}))
-  assert validate.sampler_of(_config(ok, **{"distill.method": "consistency"})) == "consistency"
-  assert validate.sampler_of(_config(ok)) == "ddim"
+  assert distilled.sampler_of(_config(ok, **{"distill.method": "consistency"})) == "consistency"
+  assert distilled.sampler_of(_config(ok)) == "ddim"
   # 'auto' follows the workdir's record: a consistency student sampled with the PD config.
   distilled.write_record(str(ok), {"method": "consistency_training"})
-  assert validate.sampler_of(_config(ok), str(ok)) == "consistency"
-  assert validate.sampler_of(_config(ok), str(edm)) == "ddim"
+  assert distilled.sampler_of(_config(ok), str(ok)) == "consistency"
+  assert distilled.sampler_of(_config(ok), str(edm)) == "ddim"
   (edm / distilled.RECORD_FILE).write_text("{not json")
   with pytest.raises(ValueError, match=r"distilled.json: damaged distillation record"):
-    validate.sampler_of(_config(ok), str(edm))
+    distilled.sampler_of(_config(ok), str(edm))
 
 
 # ----------------------------------------------------------------------------- the chain

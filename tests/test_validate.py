@@ -9,7 +9,8 @@ import pytest
 
 from jdiff.configs import ae_digits, default, digits, edm_digits, flow_digits, t2i_digits, tiny
 from jdiff.runs import diffusion
-from jdiff.runs.validate import resolve, sampler_of, validate
+from jdiff.runs.distilled import resolve, sampler_of
+from jdiff.runs.validate import validate
 
 
 def _set(c, **overrides):

@@ -10,7 +10,7 @@ workdir samples as what it is:
   consistency(_training) [CM] Alg. 1 (`sample.sampler='consistency'`, 'auto' with a
                         config that has a `distill` section); another sampler is an error.
 
-A leaf of runs/: it imports no mode.
+`resolve` gives a config as it samples a workdir. A leaf of runs/: it imports no mode.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import os
 import jax
 
 from jdiff.distill.progressive import student_grid
+from jdiff.runs import objectives
 from jdiff.training.writers import write_json
 
 RECORD_FILE = "distilled.json"
@@ -97,3 +98,31 @@ def student_steps(record: dict | None, sampler: str) -> int | None:
   if record is not None and record["method"] == "progressive" and sampler == "ddim":
     return int(record["num_steps"])
   return None
+
+
+def sampler_of(config, workdir: str | None = None, *, record: dict | None = None) -> str:
+  """`config.sample.sampler`, with 'auto' resolved: 'consistency' for a consistency model
+  (the distill config's method, or the record of `workdir`, or `record` when read already),
+  else the objective's own sampler."""
+  if config.sample.sampler != "auto":
+    return config.sample.sampler
+  if record is None and workdir:
+    record = read_record(workdir)
+  return auto_sampler(config, record) or objectives.default_sampler(config.get("objective", "ddpm"))
+
+
+def resolve(config, workdir: str | None = None):
+  """`config` as it samples `workdir`: `sample.sampler` 'auto' resolved, and a progressive
+  student's own step count in `sample.num_steps` (a locked copy; `config` if nothing changes)."""
+  if "autoencoder" in config:  # a stage-1 config samples nothing
+    return config
+  record = read_record(workdir) if workdir else None  # read once
+  sampler = sampler_of(config, record=record)
+  steps = student_steps(record, sampler) or config.sample.num_steps
+  if (sampler, steps) == (config.sample.sampler, config.sample.num_steps):
+    return config
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    c.sample.sampler, c.sample.num_steps = sampler, steps
+  c.lock()
+  return c

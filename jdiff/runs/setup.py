@@ -25,7 +25,8 @@ from jdiff.data.latents import latent_shape_of
 from jdiff.runs import objectives, sd_finetune, stage1, stored_config
 from jdiff.runs import pretrained as pretrained_run
 from jdiff.runs.builders import build_autoencoder, build_model, text_conditioning
-from jdiff.runs.validate import kind_of, resolve, validate
+from jdiff.runs.distilled import resolve
+from jdiff.runs.validate import kind_of, validate
 from jdiff.runs.validate import validate as validate_config  # noqa: F401 (its former name)
 from jdiff.schedules import get_schedule
 from jdiff.training import sharding

@@ -5,7 +5,7 @@ for both kinds of config: diffusion (jdiff/configs/default.py and its variants) 
 autoencoder configs (those with an `autoencoder` section, e.g. ae_digits.py). It reads no
 file but the ones the config names (Inception weights) and builds nothing; `jdiff.runs.setup.
 Setup` calls it first, so a bad value stops a run before the dataset, the mesh or the
-workdir's lock are touched. `resolve` settles the sampler 'auto' and a distilled workdir's own.
+workdir's lock are touched (`distilled.resolve` then settles the sampler 'auto').
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from jdiff.models.guidance_schedules import SCALE_SCHEDULES
 from jdiff.models.layers import DTYPES, NORM_IMPLS
 from jdiff.ops.attention import ATTENTION_IMPLS
 from jdiff.ops.winograd import CONV_IMPLS
-from jdiff.runs import distilled, feature_nets, objectives
+from jdiff.runs import feature_nets, objectives
+from jdiff.runs.distilled import sampler_of
 from jdiff.runs.validate_modes import check_distill, check_text2image  # noqa: F401
 from jdiff.samplers.registry import FLOW_SAMPLERS, resolve_options
 from jdiff.schedules import get_schedule
@@ -97,36 +98,6 @@ _MISSING = object()
 def kind_of(config) -> str:
   """'autoencoder' for a stage-1 config (it has an `autoencoder` section), else 'diffusion'."""
   return "autoencoder" if "autoencoder" in config else "diffusion"
-
-
-def sampler_of(config, workdir: str | None = None, *, record: dict | None = None) -> str:
-  """`config.sample.sampler`, with 'auto' resolved: 'consistency' for a consistency model
-  (the distill config's method, or the record of `workdir`, or `record` when read already),
-  else the objective's own sampler."""
-  if config.sample.sampler != "auto":
-    return config.sample.sampler
-  if record is None and workdir:
-    record = distilled.read_record(workdir)
-  return distilled.auto_sampler(config, record) or objectives.default_sampler(
-    config.get("objective", "ddpm")
-  )
-
-
-def resolve(config, workdir: str | None = None):
-  """`config` as it samples `workdir`: `sample.sampler` 'auto' resolved, and a progressive
-  student's own step count in `sample.num_steps` (a locked copy; `config` if nothing changes)."""
-  if kind_of(config) != "diffusion":
-    return config
-  record = distilled.read_record(workdir) if workdir else None  # read once
-  sampler = sampler_of(config, record=record)
-  steps = distilled.student_steps(record, sampler) or config.sample.num_steps
-  if (sampler, steps) == (config.sample.sampler, config.sample.num_steps):
-    return config
-  c = config.copy_and_resolve_references()
-  with c.unlocked():
-    c.sample.sampler, c.sample.num_steps = sampler, steps
-  c.lock()
-  return c
 
 
 def validate(config) -> None:
