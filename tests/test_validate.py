@@ -53,6 +53,7 @@ BAD = [
   ("model.conv_impl", "fft", "config.model.conv_impl must be one of"),
   ("model.attention_impl", "flash", "config.model.attention_impl must be one of"),
   ("model.norm_impl", "fused", "config.model.norm_impl must be one of"),
+  ("train.prng_impl", "philox", "config.train.prng_impl must be one of"),
   ("diffusion.schedule", "quadratic", "config.diffusion.schedule: unknown schedule 'quadratic'"),
   ("diffusion.variance", "learned_range", "learn_sigma=True goes with"),
   # the sampler

@@ -52,6 +52,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.log_every = 100
   c.train.ckpt_every = 500
   c.train.keep_checkpoints = 3
+  # The generator of the training stream (dropout masks, timesteps, noise): threefry (the same
+  # numbers on every backend, device count and sharding) | rbg | unsafe_rbg (cheaper bits on
+  # GPU/TPU, reproducible only on the same backend; jdiff/training/prng.py).
+  c.train.prng_impl = "threefry"
   # Restore a checkpoint whose checksum record is missing or unreadable, unverified.
   c.train.allow_unverified_checkpoints = False
 

@@ -77,6 +77,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.allow_unverified_checkpoints = False
   c.train.label_dropout = 0.0  # classifier-free guidance training (conditional only)
   c.train.grad_accum_steps = 1  # k microbatches of batch_size / k per update (lax.scan)
+  # The generator of the training stream (dropout masks, timesteps, noise): threefry (the same
+  # numbers on every backend, device count and sharding) | rbg | unsafe_rbg (cheaper bits on
+  # GPU/TPU, reproducible only on the same backend; jdiff/training/prng.py).
+  c.train.prng_impl = "threefry"
   # Multi-process runs agree on a SIGTERM every N steps (one small collective), unless JAX's
   # preemption service is running (jax.distributed), which needs no collective at all.
   c.train.preemption_check_every = 10

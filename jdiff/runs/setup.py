@@ -165,7 +165,7 @@ class Setup:
       self.module = build_autoencoder(config, self.image_shape)
       self.latent_shape = latent_shape_of(self.module, self.image_shape)
     self.optimizer = make_optimizer(total_steps=config.train.num_steps, **config.optim)
-    self.keys = run_keys(config.seed)
+    self.keys = run_keys(config.seed, config.train.get("prng_impl", "threefry"))
     # Last: nothing after it can fail, so an error above leaves nothing open.
     guard = self.lock.verified if self.lock else None  # re-checked before saves and moves
     self.checkpointer = Checkpointer(

@@ -27,6 +27,7 @@ from jdiff.samplers.registry import FLOW_SAMPLERS, resolve_options
 from jdiff.schedules import get_schedule
 from jdiff.training import sharding
 from jdiff.training.optim import make_optimizer
+from jdiff.training.prng import PRNG_IMPLS
 
 KINDS = ("diffusion", "autoencoder")
 SECTIONS = {
@@ -109,6 +110,8 @@ def validate(config) -> None:
   if not isinstance(config.seed, int) or not 0 <= config.seed < 2**32:
     raise ValueError(f"config.seed must be an int in [0, 2**32), got {config.seed!r}")
   check_ranges(config)
+  if (impl := config.train.get("prng_impl", "threefry")) not in PRNG_IMPLS:
+    raise ValueError(f"config.train.prng_impl must be one of {tuple(PRNG_IMPLS)}, got {impl!r}")
   try:  # optax transforms only: the optimiser's own checks (names, lr schedule vs steps)
     make_optimizer(total_steps=config.train.num_steps, **config.optim)
   except ValueError as e:

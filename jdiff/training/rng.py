@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import jax
 
+from jdiff.training import prng
+
 Array = jax.Array
 
 
@@ -35,7 +37,8 @@ class RunKeys(NamedTuple):
     train: the training stream (dropout, timesteps, noise, label drops; the step is
       folded in by the train step). It is `split(key(seed), 3)[0]`, not a named stream,
       because it has always been derived that way: changing it would change every
-      trained model and every recorded result (the main job's checksum included).
+      trained model and every recorded result (the main job's checksum included). With
+      `prng_impl` 'rbg' or 'unsafe_rbg' it is the same split of that generator's key.
     init: parameter init key. It uses the 'rbg' PRNG, whose init of every kernel
       compiles far faster on a CPU than threefry's.
   """
@@ -49,9 +52,12 @@ class RunKeys(NamedTuple):
     return stream(self.base, name)
 
 
-def run_keys(seed: int) -> RunKeys:
-  """The `RunKeys` of `seed` (an int)."""
+def run_keys(seed: int, prng_impl: str = "threefry") -> RunKeys:
+  """The `RunKeys` of `seed` (an int); `prng_impl` (`jdiff.training.prng`) draws the
+  training stream only: sampling, evaluation and init streams stay the same."""
   base = jax.random.key(seed)
   return RunKeys(
-    base=base, train=jax.random.split(base, 3)[0], init=jax.random.key(seed, impl="rbg")
+    base=base,
+    train=jax.random.split(prng.base_key(seed, prng_impl), 3)[0],
+    init=jax.random.key(seed, impl="rbg"),
   )
