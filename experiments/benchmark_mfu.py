@@ -48,9 +48,15 @@ BATCH = {"ddpm_cifar10": 128, "adm_imagenet64": 32, "dit_b2": 256, "dit_xl2": 64
 DIT = {"dit_b2": "B/2", "dit_xl2": "XL/2"}
 
 
-def build(name: str, dtype: str, attention_impl: str = "xla", norm_impl: str = "flax"):
+def build(
+  name: str,
+  dtype: str,
+  attention_impl: str = "xla",
+  norm_impl: str = "flax",
+  residual_dtype: str = "float32",
+):
   """(module, image shape) of a U-Net preset of benchmark_memory or a DiT preset (DiT has
-  no GroupNorm: `norm_impl` applies to the U-Nets only)."""
+  no GroupNorm: `norm_impl` applies to the U-Nets only, `residual_dtype` to DiT only)."""
   if name in DIT:
     module = make_dit(
       DIT[name],
@@ -58,6 +64,7 @@ def build(name: str, dtype: str, attention_impl: str = "xla", norm_impl: str = "
       learn_sigma=True,
       dtype=jnp.dtype(dtype),
       attention_impl=attention_impl,
+      residual_dtype=jnp.dtype(residual_dtype),
     )
     return module, (32, 32, 4)
   return benchmark_memory.build(name, dtype, attention_impl=attention_impl, norm_impl=norm_impl)
@@ -115,6 +122,7 @@ VARIANT_KEYS = {
   "batch": "batch",
   "mu": "mu_dtype",
   "accum": "grad_accum_steps",
+  "res": "residual_dtype",
 }
 
 
@@ -139,7 +147,9 @@ def parse_variants(spec: str, args) -> list[dict]:
 
 def prepare(name: str, v: dict, args) -> dict:
   """Builds variant `v` of model `name`: its state, batch and lowered step (not compiled)."""
-  module, image_shape = build(name, args.dtype, v["attention_impl"], v["norm_impl"])
+  module, image_shape = build(
+    name, args.dtype, v["attention_impl"], v["norm_impl"], v["residual_dtype"]
+  )
   n = jax.device_count()
   mesh = sharding.make_mesh_2d(fsdp=n if args.fsdp else 1)
   optimizer = make_optimizer(lr=1e-4, mu_dtype=v["mu_dtype"])
@@ -284,6 +294,7 @@ def main():
   p.add_argument("--attention_impl", default="xla", help="auto | xla | cudnn | chunked")
   p.add_argument("--norm_impl", default="flax", help="flax | colsum (U-Nets' GroupNorm)")
   p.add_argument("--prng_impl", default="threefry", help="threefry | rbg | unsafe_rbg")
+  p.add_argument("--residual_dtype", default="float32", help="DiT's residual stream")
   p.add_argument(
     "--variants",
     default="base",

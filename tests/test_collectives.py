@@ -216,3 +216,26 @@ def test_benchmark_times_blocked_and_pipelined_steps():
     jax.block_until_ready = real
   assert float(state) == 10 and blocked > 0 and piped > 0
   assert n_blocked == 6 and len(waits) - n_blocked == 1
+
+
+def test_benchmark_variants_change_one_setting_each():
+  """--variants: each '|' item is the command line's settings with its own on top; a bad key
+  is one line naming it; the attention actually compiled is read from the program."""
+  import argparse  # noqa: PLC0415
+
+  import pytest  # noqa: PLC0415
+
+  from experiments import benchmark_mfu  # noqa: PLC0415
+
+  args = argparse.Namespace(
+    attention_impl="xla", norm_impl="flax", prng_impl="threefry", batch=0,
+    mu_dtype="float32", grad_accum_steps=1, residual_dtype="float32",
+  )  # fmt: skip
+  base, cudnn, both = benchmark_mfu.parse_variants("base|attn=cudnn|norm=colsum,batch=512", args)
+  assert base == {**vars(args), "label": "base"}
+  assert cudnn == {**vars(args), "attention_impl": "cudnn", "label": "attn=cudnn"}
+  assert both["norm_impl"] == "colsum" and both["batch"] == 512 and both["prng_impl"] == "threefry"
+  with pytest.raises(SystemExit, match="'flash=1'"):
+    benchmark_mfu.parse_variants("base|flash=1", args)
+  assert benchmark_mfu.attention_used('custom_call_target="__cudnn$fmhaSoftmax"') == "cudnn"
+  assert benchmark_mfu.attention_used("dot(...), exponential(...)") == "xla"

@@ -54,6 +54,8 @@ BAD = [
   ("model.attention_impl", "flash", "config.model.attention_impl must be one of"),
   ("model.norm_impl", "fused", "config.model.norm_impl must be one of"),
   ("train.prng_impl", "philox", "config.train.prng_impl must be one of"),
+  ("model.residual_dtype", "float16", "config.model.residual_dtype must be one of"),
+  ("model.residual_dtype", "bfloat16", "applies to model.arch='dit' only"),
   ("diffusion.schedule", "quadratic", "config.diffusion.schedule: unknown schedule 'quadratic'"),
   ("diffusion.variance", "learned_range", "learn_sigma=True goes with"),
   # the sampler

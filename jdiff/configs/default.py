@@ -39,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   # the attention kernel: xla | chunked (query blocks) | cudnn | auto (cudnn on a GPU in bf16)
   c.model.attention_impl = "xla"
   c.model.norm_impl = "flax"  # flax | colsum (the same GroupNorm by column sums; GPU: unmeasured)
+  c.model.residual_dtype = "float32"  # DiT's residual stream: float32 | bfloat16
   c.model.arch = "unet"  # unet | dit (the DiT's shape is config.dit)
 
   c.diffusion = ml_collections.ConfigDict()

@@ -103,6 +103,7 @@ class DiTBlock(nn.Module):
   mlp_norm_eps: float = 1e-5
   dtype: Dtype = jnp.float32
   attention_impl: str = "xla"
+  residual_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, c: Array) -> Array:
@@ -122,11 +123,12 @@ class DiTBlock(nn.Module):
     qkv = jnp.einsum("bnc,ctd->bntd", h, kernel) + bias
     q, k, v = (qkv[:, :, i].reshape(b, n, self.num_heads, d // self.num_heads) for i in range(3))
     a = dot_product_attention(q, k, v, impl=self.attention_impl).reshape(b, n, d)
-    x = x + gate1[:, None] * dense(d, "attn_out")(a).astype(jnp.float32)
+    r = self.residual_dtype  # the stream's dtype; the gated branch is computed in float32
+    x = x + (gate1[:, None] * dense(d, "attn_out")(a).astype(jnp.float32)).astype(r)
     h = nn.LayerNorm(epsilon=self.mlp_norm_eps, use_scale=False, use_bias=False, name="norm2")(x)
     h = _modulate(h, shift2, scale2).astype(self.dtype)
     h = nn.gelu(dense(int(d * self.mlp_ratio), "fc1")(h), approximate=True)
-    return x + gate2[:, None] * dense(d, "fc2")(h).astype(jnp.float32)
+    return x + (gate2[:, None] * dense(d, "fc2")(h).astype(jnp.float32)).astype(r)
 
 
 class DiT(nn.Module):
@@ -143,8 +145,10 @@ class DiT(nn.Module):
     learn_sigma: double the output channels (prediction, then variance).
     mlp_norm_eps: eps of each block's second LayerNorm (diffusers 1e-5, original DiT 1e-6).
     freq_shift: the timestep sinusoid's frequency shift (diffusers 1, original DiT 0).
-    dtype: compute dtype (the residual stream and norms stay float32).
+    dtype: compute dtype (the norms' statistics and the adaLN modulation stay float32).
     attention_impl: "xla" (default), "cudnn" or "auto" (`jdiff.ops.attention`).
+    residual_dtype: the blocks' residual stream: float32 (default) or bfloat16 (half its
+      memory traffic; each branch is still added in float32 and rounded once).
   """
 
   patch_size: int = 2
@@ -159,6 +163,7 @@ class DiT(nn.Module):
   freq_shift: float = 1.0
   dtype: Dtype = jnp.float32
   attention_impl: str = "xla"
+  residual_dtype: Dtype = jnp.float32
 
   @property
   def null_label(self) -> int | None:
@@ -186,6 +191,7 @@ class DiT(nn.Module):
     if self.num_classes is not None:
       y = jnp.full((b,), self.num_classes, jnp.int32) if y is None else y
       c = c + nn.Embed(self.num_classes + 1, d, embedding_init=std, name="label")(y)
+    tok = tok.astype(self.residual_dtype)
     for i in range(self.depth):
       tok = DiTBlock(
         d,
@@ -194,8 +200,10 @@ class DiT(nn.Module):
         self.mlp_norm_eps,
         self.dtype,
         attention_impl=self.attention_impl,
+        residual_dtype=self.residual_dtype,
         name=f"block{i}",
       )(tok, c)
+    tok = tok.astype(jnp.float32)
     shift, scale = jnp.split(
       nn.Dense(2 * d, kernel_init=_zeros, name="final_adaLN")(nn.silu(c)), 2, -1
     )

@@ -24,6 +24,7 @@ def build_model(config, *, num_classes: int | None, channels: int) -> UNet:
   `config.text` section, a `TextUNet`: the U-Net cross-attending to its own text encoder."""
   kwargs = dict(config.model)  # checked by jdiff.runs.validate
   kwargs.pop("arch", None)
+  kwargs.pop("residual_dtype", None)  # DiT's (objectives.build_network reads it)
   dtype = kwargs.pop("dtype", "float32")
   kwargs["num_classes"] = num_classes if config.conditional else None
   kwargs["out_channels"] = channels

@@ -80,6 +80,7 @@ def build_network(config, base_kwargs: dict, *, dtype):
   """
   from jdiff.models.dit import DiT, make_dit  # pylint: disable=g-import-not-at-top
   from jdiff.models.edm import EDMPrecond  # pylint: disable=g-import-not-at-top
+  from jdiff.models.layers import DTYPES  # pylint: disable=g-import-not-at-top
   from jdiff.models.unet import UNet  # pylint: disable=g-import-not-at-top
 
   common = dict(
@@ -91,6 +92,7 @@ def build_network(config, base_kwargs: dict, *, dtype):
   )
   if config.model.arch == "dit":
     d = config.dit
+    common["residual_dtype"] = DTYPES[config.model.get("residual_dtype", "float32")]
     if d.preset:
       net = make_dit(d.preset, mlp_ratio=d.mlp_ratio, **common)
     else:

@@ -282,6 +282,10 @@ def _check_model(c) -> None:
   for key, allowed in (("attention_impl", ATTENTION_IMPLS), ("norm_impl", NORM_IMPLS)):
     if c.model.get(key, allowed[0] if key == "norm_impl" else "xla") not in allowed:
       raise ValueError(f"config.model.{key} must be one of {allowed}, got {c.model[key]!r}")
+  if (r := c.model.get("residual_dtype", "float32")) not in DTYPES:
+    raise ValueError(f"config.model.residual_dtype must be one of {sorted(DTYPES)}, got {r!r}")
+  if r != "float32" and c.model.get("arch", "unet") != "dit":
+    raise ValueError(f"config.model.residual_dtype={r!r} applies to model.arch='dit' only")
 
 
 def check_sample(sample_cfg, *, latent: bool, objective: str = "ddpm") -> None:
