@@ -1,25 +1,31 @@
 """Checksums of a checkpoint: what `Checkpointer` records at save time and verifies on restore.
 
-The record is `{"version", "arrays": {name: {"shape", "dtype", "crc32" | "shards"}},
+The record (version 2) is `{"version", "arrays": {name: {"shape", "dtype", "hash"}},
 "data": {process index: crc32}}`:
 
 - every array leaf of the saved state, named by its path ('params/conv_in/kernel'), with
-  the CRC-32 of its bytes as this host holds them. A replicated (or fully addressable)
-  array is hashed whole; an array sharded over several processes records the CRC-32 of
-  each shard that this process writes (replica 0), keyed by the shard's index, and a
-  restore verifies the shards that it holds at the same index;
+  a 32-bit hash of its bits computed on the device (`tree_hashes`): the sum mod 2**32 of
+  fmix32(word XOR (flat index x 0x9E3779B9)) over its 32-bit words (16- and 8-bit elements
+  are widened). fmix32 (MurmurHash3's finaliser) is a bijection, so any change of one word
+  changes the hash; the index term makes the same words in another order hash otherwise;
+  other changes go unnoticed with probability about 2**-32. A sum
+  does not depend on the order of its terms: the hash is the same whatever the mesh or
+  process count the array is sharded over, so every process verifies every array, also
+  when it restores onto another mesh. Only one uint32 per leaf leaves the device: a save
+  no longer copies the state to the host and hashes it there (the stall the version-1
+  record cost: BENCHMARKS.md, "Checkpoint save stall");
 - the data iterator's state of every process: the CRC-32 of the exact text that grain's
   checkpoint handler writes (`process_<i>-of-<n>.json`), gathered from all processes.
 
-CRC-32 detects every error burst up to 32 bits (a 4-byte flip) and all but 2**-32 of the
-others; it is a guard against torn writes and bit rot, not against tampering. Hashing runs
-on the host over the bytes that orbax is about to write, so its cost is one extra pass
-over the state at each save (milliseconds for the configs here).
+Version-1 records (`"crc32"` of the bytes as the host held them, or `"shards"` per shard of
+an array sharded over processes) still verify. Both are guards against torn writes and bit
+rot, not against tampering.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import gc
 import json
 import logging
@@ -31,9 +37,12 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
-VERSION = 1
+VERSION = 2
+GOLDEN = 0x9E3779B9  # odd, so index -> index * GOLDEN mod 2**32 is one-to-one
 CHECKSUMS = "jdiff_checksums"  # key of the record in the step's custom metadata
 METADATA_FILE = "_CHECKPOINT_METADATA"  # orbax's step metadata, which holds the record
 
@@ -76,18 +85,73 @@ def _shard_crcs(x: jax.Array) -> dict[str, int]:
   }
 
 
+def _fmix32(h: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser: a bijection of uint32 that mixes every bit."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def _words(x: jax.Array) -> jax.Array:
+  """x's bits as uint32: 32-bit elements bitcast, 16- and 8-bit ones widened, 64-bit ones
+  split in two (a trailing axis), keys as their key data."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  size = jnp.dtype(x.dtype).itemsize
+  if size in (4, 8):
+    return lax.bitcast_convert_type(x, jnp.uint32)
+  return lax.bitcast_convert_type(x, {2: jnp.uint16, 1: jnp.uint8}[size]).astype(jnp.uint32)
+
+
+def _leaf_hash(x: jax.Array) -> jax.Array:
+  w = _words(x)
+  index = jnp.zeros(w.shape, jnp.uint32)  # the row-major flat index, without a reshape
+  stride = 1
+  for axis in reversed(range(w.ndim)):
+    index = index + lax.broadcasted_iota(jnp.uint32, w.shape, axis) * jnp.uint32(stride % 2**32)
+    stride *= w.shape[axis]
+  return jnp.sum(_fmix32(w ^ (index * jnp.uint32(GOLDEN))), dtype=jnp.uint32)
+
+
+@functools.cache
+def _hash_fn(out_sharding):
+  kw = {} if out_sharding is None else {"out_shardings": out_sharding}
+  return jax.jit(lambda leaves: [_leaf_hash(x) for x in leaves], **kw)
+
+
+def tree_hashes(tree: Any) -> dict[str, int]:
+  """{leaf name: the 32-bit hash of its bits} of `tree`, computed where the leaves live (one
+  program for the whole tree; on a multi-process mesh a collective every process calls)."""
+  named = jax.tree_util.tree_flatten_with_path(tree)[0]
+  leaves = [x if isinstance(x, jax.Array) else jnp.asarray(x) for _, x in named]
+  mesh_sharding = next(
+    (x.sharding for x in leaves if isinstance(x.sharding, jax.sharding.NamedSharding)), None
+  )
+  out = None
+  if mesh_sharding is not None:  # replicated, so that every process can read it
+    out = jax.sharding.NamedSharding(mesh_sharding.mesh, jax.sharding.PartitionSpec())
+  hashes = _hash_fn(out)(leaves)
+  return {
+    leaf_name(path): int(np.asarray(h.addressable_data(0)))
+    for (path, _), h in zip(named, hashes, strict=True)
+  }
+
+
 def array_checksums(tree: Any) -> dict[str, dict]:
-  """{leaf name: {"shape", "dtype", "crc32"} or {"shape", "dtype", "shards"}} of `tree`."""
-  out = {}
-  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    entry = {"shape": [int(d) for d in np.shape(x)], "dtype": str(np.dtype(x.dtype))}
-    value = _host_value(x)
-    if value is None:
-      entry["shards"] = _shard_crcs(x)
-    else:
-      entry["crc32"] = _crc(value)
-    out[leaf_name(path)] = entry
-  return out
+  """{leaf name: {"shape", "dtype", "hash"}} of `tree` (`tree_hashes`)."""
+  hashes = tree_hashes(tree)
+  return {
+    leaf_name(path): {
+      "shape": [int(d) for d in np.shape(x)],
+      "dtype": str(np.dtype(x.dtype)),
+      "hash": hashes[leaf_name(path)],
+    }
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def iterator_text(data_iter) -> str:
@@ -149,12 +213,17 @@ def check_shapes(record: dict, target: Any, *, where: str) -> None:
 def verify_arrays(record: dict, restored: Any) -> str | None:
   """None if every restored leaf matches its recorded checksum, else what differs."""
   arrays = record["arrays"]
+  hashes = None
   for path, x in jax.tree_util.tree_flatten_with_path(restored)[0]:
     name = leaf_name(path)
     saved = arrays.get(name)
     if saved is None:
       return f"no checksum recorded for {name}"
-    if "crc32" in saved:
+    if "hash" in saved:
+      hashes = tree_hashes(restored) if hashes is None else hashes  # one program, once
+      if hashes[name] != saved["hash"]:
+        return f"checksum mismatch in {name}"
+    elif "crc32" in saved:  # a version-1 record
       value = _host_value(x)
       if value is None:  # saved whole, restored sharded over processes: not comparable here
         continue
