@@ -41,7 +41,8 @@ def train_state(name: str):
   """A train state of benchmark_memory's preset `name`, every array filled (values do not
   matter to the timings; nothing is initialised or compiled for the model)."""
   module, shape = benchmark_memory.build(name, "float32")
-  init = lambda k: init_train_state(module, make_optimizer(lr=1e-4), k, jnp.zeros((1, *shape)))  # noqa: E731
+  opt, x = make_optimizer(lr=1e-4), jnp.zeros((1, *shape))
+  init = lambda k: init_train_state(module, opt, k, x, num_classes=module.num_classes)  # noqa: E731
   shapes = jax.eval_shape(init, jax.random.key(0))
   leaves, tree = jax.tree.flatten(shapes)
   filled = [
