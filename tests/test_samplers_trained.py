@@ -45,7 +45,7 @@ TRAIN = {
   "train.ckpt_every": 300,
   "train.log_every": 100,
 }
-N, N_REF = 128, 256
+N, N_REF = 64, 256
 STEPS = 20
 MC_K = 5.0
 # Discretisation / model allowance on (mean, std, saturated fraction, mean-image RMS).
