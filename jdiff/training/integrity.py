@@ -127,9 +127,15 @@ def tree_hashes(tree: Any) -> dict[str, int]:
   """{leaf name: the 32-bit hash of its bits} of `tree`, computed where the leaves live (one
   program for the whole tree; on a multi-process mesh a collective every process calls)."""
   named = jax.tree_util.tree_flatten_with_path(tree)[0]
-  leaves = [x if isinstance(x, jax.Array) else jnp.asarray(x) for _, x in named]
+  # Host values (numpy, Python scalars) enter as numpy: jit replicates them on any mesh.
+  leaves = [x if isinstance(x, jax.Array) else np.asarray(x) for _, x in named]
   mesh_sharding = next(
-    (x.sharding for x in leaves if isinstance(x.sharding, jax.sharding.NamedSharding)), None
+    (
+      x.sharding
+      for x in leaves
+      if isinstance(x, jax.Array) and isinstance(x.sharding, jax.sharding.NamedSharding)
+    ),
+    None,
   )
   out = None
   if mesh_sharding is not None:  # replicated, so that every process can read it
