@@ -9,9 +9,17 @@ time x the device's bf16 dense peak x devices). The peak is taken from --peak_tf
 from a table of known GPUs by `device_kind` (H100/H200 SXM: 989 TFLOP/s dense bf16, A100:
 312).
 
-Usage (a GPU session, one call)::
+Usage (a GPU session, one call; `experiments/gpu_benchmarks.sh` runs the whole set)::
 
   .venv/bin/python -m experiments.benchmark_mfu --models=ddpm_cifar10,adm_imagenet64,dit_b2
+  .venv/bin/python -m experiments.benchmark_mfu --models=dit_b2 \
+      --variants="base|attn=cudnn|prng=rbg|res=bfloat16|attn=cudnn,prng=rbg,res=bfloat16"
+
+`--variants` measures settings one at a time against the command line's: each `|` item
+overrides some of attn (attention_impl), norm (norm_impl), prng (prng_impl), res (DiT's
+residual_dtype), batch, mu (Adam's moment dtype) and accum (grad_accum_steps). The variants of
+a model compile together in threads, then run one by one; the table names the attention that
+was actually compiled (cuDNN's fused kernel or XLA's).
 
 `dit_b2` / `dit_xl2` are DiT-B/2 and XL/2 on 32 x 32 x 4 latents (1000 classes, learned
 sigma), a transformer for comparison with the convolutional U-Nets.
