@@ -14,7 +14,11 @@
 # GPU images without grain (jdiff.training imports it): carry its wheels and install them first,
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 #   export PYTHONPATH=/tmp/site
-# with .whl/ holding grain 0.2.18, array-record 0.8.6 and portpicker for the image's Python.
+# with .whl/ holding grain 0.2.18, array-record 0.8.6 and portpicker for the image's Python
+# (3.12), fetched where pip reaches the index and ignored by git:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#     -d .whl grain==0.2.18 array-record==0.8.6 portpicker
 set -euo pipefail
 log=${1:-gpu_benchmarks.log}
 models=${2:-dit_b2 ddpm_cifar10 adm_imagenet64}
