@@ -216,3 +216,23 @@ def test_caption_folder_must_exist():
   c = _set(sd_finetune.get_config(), **{"pretrained.path": "/m", "text.folder": "/nope"})
   with pytest.raises(ValueError, match=re.escape("config.text.folder='/nope' is not a directory")):
     validate(c)
+
+
+def test_a_workdir_from_before_a_new_option_still_resumes(tmp_path):
+  """A stored config without a key added since reads it at the library default: left at the
+  default it changes nothing; set otherwise it is an unsafe change like any other."""
+  import json  # noqa: PLC0415
+
+  from jdiff.configs import tiny  # noqa: PLC0415
+  from jdiff.runs import stored_config  # noqa: PLC0415
+
+  config = tiny.get_config()
+  old = stored_config.flatten(config)
+  del old["model.residual_dtype"], old["train.prng_impl"]  # keys the old library lacked
+  (tmp_path / stored_config.CONFIG_FILE).write_text(json.dumps(old))
+  (tmp_path / "checkpoints" / "3").mkdir(parents=True)
+  stored_config.check_or_store(config, str(tmp_path), write=False)  # no error
+  with config.unlocked():
+    config.model.residual_dtype = "bfloat16"
+  with pytest.raises(stored_config.ConfigChangedError, match='residual_dtype: "float32" → "bf'):
+    stored_config.check_or_store(config, str(tmp_path), write=False)

@@ -10,10 +10,15 @@ is an error listing every changed unsafe key as `old → new`; every other key (
 learning rate, logging, checkpointing, sampling, evaluation, diffusion loss options, ...) is
 read afresh at every start and its changes are logged. `data.data_dir` is a location, not
 content, and is safe.
+
+A key that the stored config lacks (a workdir created before the key existed) reads as its
+value in `jdiff/configs/default.py`, the value the code then used: a new option left at its
+default changes nothing, and set otherwise it is a change like any other.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -71,6 +76,13 @@ def is_unsafe(key: str) -> bool:
   return any(key == u or key.startswith(f"{u}.") for u in UNSAFE)
 
 
+@functools.cache
+def _defaults() -> dict[str, Any]:
+  from jdiff.configs import default  # pylint: disable=g-import-not-at-top
+
+  return flatten(default.get_config())
+
+
 def changed_keys(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
   """{key: (old, new)} of every key whose value differs (a missing key reads as absent)."""
   missing = "<absent>"
@@ -117,7 +129,8 @@ def check_or_store(config, workdir: str, *, write: bool) -> None:
     return
   with open(path, encoding="utf-8") as f:
     stored = json.load(f)
-  changes = changed_keys(stored, current)
+  added = {k: v for k, v in _defaults().items() if k in current and k not in stored}
+  changes = changed_keys({**added, **stored}, current)
   unsafe = {k: v for k, v in changes.items() if is_unsafe(k)}
   if unsafe:
     raise ConfigChangedError(
