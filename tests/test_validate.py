@@ -232,6 +232,11 @@ def test_a_workdir_from_before_a_new_option_still_resumes(tmp_path):
   (tmp_path / stored_config.CONFIG_FILE).write_text(json.dumps(old))
   (tmp_path / "checkpoints" / "3").mkdir(parents=True)
   stored_config.check_or_store(config, str(tmp_path), write=False)  # no error
+  # A distillation's teacher check reads the same way.
+  assert (
+    stored_config.read(str(tmp_path), old | {"model.residual_dtype": 0})["model.residual_dtype"]
+    == "float32"
+  )
   with config.unlocked():
     config.model.residual_dtype = "bfloat16"
   with pytest.raises(stored_config.ConfigChangedError, match='residual_dtype: "float32" → "bf'):

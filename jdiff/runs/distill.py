@@ -22,7 +22,6 @@ References:
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -93,9 +92,8 @@ def load_teacher(setup: Setup, workdir: str):
     ValueError: the teacher's network or schedule differs from the student's (names the key).
     FileNotFoundError: the teacher has no checkpoint.
   """
-  with open(os.path.join(workdir, stored_config.CONFIG_FILE), encoding="utf-8") as f:
-    stored = json.load(f)  # flat: {'model.ch': 32, ...}
   mine = stored_config.flatten(setup.config)
+  stored = stored_config.read(workdir, mine)  # flat: {'model.ch': 32, ...}
   for key in sorted(mine):
     same = ("model.", "diffusion.schedule", "diffusion.num_steps", "diffusion.zero_terminal_snr")
     if key.startswith(same + ("conditional",)) and stored.get(key) != mine[key]:

@@ -83,6 +83,15 @@ def _defaults() -> dict[str, Any]:
   return flatten(default.get_config())
 
 
+def read(workdir: str, current: dict[str, Any]) -> dict[str, Any]:
+  """The workdir's stored config, flat, with each key of `current` (flat) that it lacks read
+  as its `default.py` value (see the module docstring)."""
+  with open(os.path.join(os.path.abspath(workdir), CONFIG_FILE), encoding="utf-8") as f:
+    stored = json.load(f)
+  added = {k: v for k, v in _defaults().items() if k in current and k not in stored}
+  return {**added, **stored}
+
+
 def changed_keys(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
   """{key: (old, new)} of every key whose value differs (a missing key reads as absent)."""
   missing = "<absent>"
@@ -127,10 +136,7 @@ def check_or_store(config, workdir: str, *, write: bool) -> None:
     if write and jax.process_index() == 0:
       write_json(path, current)
     return
-  with open(path, encoding="utf-8") as f:
-    stored = json.load(f)
-  added = {k: v for k, v in _defaults().items() if k in current and k not in stored}
-  changes = changed_keys({**added, **stored}, current)
+  changes = changed_keys(read(workdir, current), current)
   unsafe = {k: v for k, v in changes.items() if is_unsafe(k)}
   if unsafe:
     raise ConfigChangedError(
