@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import benchmark_memory
+from experiments.benchmark_sd_unet import median_seconds
 from jdiff.training import integrity
 from jdiff.training.checkpoint import Checkpointer
 from jdiff.training.optim import make_optimizer
@@ -63,15 +64,6 @@ def host_crc_record(state) -> dict:
   return out
 
 
-def _median_seconds(fn, runs: int) -> float:
-  times = []
-  for _ in range(runs):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--models", default="ddpm_cifar10,adm_imagenet64")
@@ -86,9 +78,9 @@ def main():
     mb = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes")) / 2**20
     integrity.make_record(state), host_crc_record(state)  # warm-up (the hash compiles once)
     dev, host = [], []
-    for _ in range(args.runs):  # interleaved, so that load drifts hit both alike
-      dev.append(_median_seconds(lambda s=state: integrity.make_record(s), 1))
-      host.append(_median_seconds(lambda s=state: host_crc_record(s), 1))
+    for _ in range(args.runs):  # interleaved one call at a time, so load drifts hit both alike
+      dev.append(median_seconds(lambda s=state: integrity.make_record(s), 1, warmup=0))
+      host.append(median_seconds(lambda s=state: host_crc_record(s), 1, warmup=0))
     save_ms = "-"
     if args.save:
       root = tempfile.mkdtemp(prefix="jdiff_ckpt_bench_")
