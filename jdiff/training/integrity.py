@@ -123,10 +123,9 @@ def _hash_fn(out_sharding):
   return jax.jit(lambda leaves: [_leaf_hash(x) for x in leaves], **kw)
 
 
-def tree_hashes(tree: Any) -> dict[str, int]:
-  """{leaf name: the 32-bit hash of its bits} of `tree`, computed where the leaves live (one
-  program for the whole tree; on a multi-process mesh a collective every process calls)."""
-  named = jax.tree_util.tree_flatten_with_path(tree)[0]
+def _hashes(named: list) -> list[int]:
+  """The hash of each leaf of `named` (`tree_flatten_with_path`'s leaves), computed where the
+  leaves live (one program for all; on a multi-process mesh a collective every process calls)."""
   # Host values (numpy, Python scalars) enter as numpy: jit replicates them on any mesh.
   leaves = [x if isinstance(x, jax.Array) else np.asarray(x) for _, x in named]
   mesh_sharding = next(
@@ -140,23 +139,25 @@ def tree_hashes(tree: Any) -> dict[str, int]:
   out = None
   if mesh_sharding is not None:  # replicated, so that every process can read it
     out = jax.sharding.NamedSharding(mesh_sharding.mesh, jax.sharding.PartitionSpec())
-  hashes = _hash_fn(out)(leaves)
-  return {
-    leaf_name(path): int(np.asarray(h.addressable_data(0)))
-    for (path, _), h in zip(named, hashes, strict=True)
-  }
+  return [int(np.asarray(h.addressable_data(0))) for h in _hash_fn(out)(leaves)]
+
+
+def tree_hashes(tree: Any) -> dict[str, int]:
+  """{leaf name: the 32-bit hash of its bits} of `tree` (`_hashes`)."""
+  named = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {leaf_name(path): h for (path, _), h in zip(named, _hashes(named), strict=True)}
 
 
 def array_checksums(tree: Any) -> dict[str, dict]:
-  """{leaf name: {"shape", "dtype", "hash"}} of `tree` (`tree_hashes`)."""
-  hashes = tree_hashes(tree)
+  """{leaf name: {"shape", "dtype", "hash"}} of `tree`."""
+  named = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {
     leaf_name(path): {
       "shape": [int(d) for d in np.shape(x)],
       "dtype": str(np.dtype(x.dtype)),
-      "hash": hashes[leaf_name(path)],
+      "hash": h,
     }
-    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    for (path, x), h in zip(named, _hashes(named), strict=True)
   }
 
 
