@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from experiments import benchmark_memory, trace_summary
 from jdiff.models.dit import make_dit
 from jdiff.schedules import get_schedule
-from jdiff.training import prng, sharding
+from jdiff.training import loop, prng, sharding
 from jdiff.training.optim import make_optimizer
 from jdiff.training.state import init_train_state, param_count
 from jdiff.training.step import make_train_step
@@ -249,6 +249,7 @@ def measure(p: dict, args, profile: bool) -> dict:
     flops = args.flops[name] * b / (BATCH[name] * jax.device_count())
     print(f"{name} [{v['label']}]: XLA here counts {xla_flops:.4e} FLOPs; MFU uses {flops:.4e}")
   state, batch, schedule, key = p.pop("call")
+  hlo = compiled.as_text()
   run = lambda st: compiled(st, batch, schedule, key)  # noqa: E731
   for _ in range(args.warmup):
     state, m = run(state)
@@ -258,16 +259,14 @@ def measure(p: dict, args, profile: bool) -> dict:
   busy = float("nan")
   if profile:  # a few more steps under the profiler, then where their time went
     trace_dir = os.path.join(args.profile_dir, name)
-    options = jax.profiler.ProfileOptions()  # XLA ops only, as jdiff.training.loop traces
-    options.python_tracer_level = 0  # (not imported: it needs grain, absent on GPU images)
-    jax.profiler.start_trace(trace_dir, profiler_options=options)
+    loop.start_trace(trace_dir)
     for _ in range(3):
       state, m = run(state)
     jax.block_until_ready((state, m))
     jax.profiler.stop_trace()
     trace = trace_summary.newest_trace(trace_dir)
     events = trace_summary.op_events(*trace_summary.load_events(trace))
-    summary = trace_summary.summarize(events, trace_summary.hlo_op_names(compiled.as_text()))
+    summary = trace_summary.summarize(events, trace_summary.hlo_op_names(hlo))
     busy = summary["busy"]
     print(
       f"{name} [{v['label']}], 3 profiled steps:\n{trace_summary.format_summary(summary, 20)}",
@@ -288,7 +287,7 @@ def measure(p: dict, args, profile: bool) -> dict:
     tflops=flops / dt / 1e12,
     mfu=flops / dt / peak,
     busy=busy,
-    attention=attention_used(compiled.as_text()),
+    attention=attention_used(hlo),
   )
 
 
