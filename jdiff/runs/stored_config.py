@@ -26,6 +26,7 @@ from typing import Any
 import jax
 from absl import logging
 
+from jdiff.configs import default
 from jdiff.training.writers import write_json
 
 CONFIG_FILE = "config.json"
@@ -78,8 +79,6 @@ def is_unsafe(key: str) -> bool:
 
 @functools.cache
 def _defaults() -> dict[str, Any]:
-  from jdiff.configs import default  # pylint: disable=g-import-not-at-top
-
   return flatten(default.get_config())
 
 
