@@ -87,6 +87,19 @@ def test_records_and_verification():
   assert integrity.verify_arrays(json.loads(json.dumps(record)), tree) is None
 
 
+def test_typed_prng_keys_are_recorded_by_their_key_data():
+  key = jax.random.key(3)
+  record = integrity.make_record({"key": key})
+  assert record["arrays"]["key"] == {
+    "shape": [],
+    "dtype": "key<fry>",
+    "hash": numpy_hash(np.asarray(jax.random.key_data(key))),
+  }
+  integrity.check_shapes(record, {"key": jax.random.key(0)}, where="step 1")
+  assert integrity.verify_arrays(record, {"key": key}) is None
+  assert integrity.verify_arrays(record, {"key": jax.random.key(4)}) == "checksum mismatch in key"
+
+
 def test_version_1_records_still_verify():
   tree = _tree()
   crc = lambda x: zlib.crc32(np.ascontiguousarray(np.asarray(x)).reshape(-1).view(np.uint8))  # noqa: E731

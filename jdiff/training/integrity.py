@@ -107,6 +107,14 @@ def _words(x: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(x, {2: jnp.uint16, 1: jnp.uint8}[size]).astype(jnp.uint32)
 
 
+def dtype_name(dtype) -> str:
+  """The recorded name of a leaf's dtype: numpy's name, or jax's for typed PRNG keys
+  ('key<fry>'), which numpy cannot interpret."""
+  if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    return str(dtype)
+  return str(np.dtype(dtype))
+
+
 def _leaf_hash(x: jax.Array) -> jax.Array:
   w = _words(x)
   index = jnp.zeros(w.shape, jnp.uint32)  # the row-major flat index, without a reshape
@@ -120,12 +128,17 @@ def _leaf_hash(x: jax.Array) -> jax.Array:
 @functools.cache
 def _hash_fn(out_sharding):
   kw = {} if out_sharding is None else {"out_shardings": out_sharding}
-  return jax.jit(lambda leaves: [_leaf_hash(x) for x in leaves], **kw)
+  return jax.jit(_leaf_hash, **kw)
 
 
 def _hashes(named: list) -> list[int]:
   """The hash of each leaf of `named` (`tree_flatten_with_path`'s leaves), computed where the
-  leaves live (one program for all; on a multi-process mesh a collective every process calls)."""
+  leaves live (on a multi-process mesh a collective every process calls, in the same order).
+
+  One small program per leaf signature (shape, dtype, sharding), dispatched leaf after leaf and
+  read back together: the first save compiles a few programs instead of one with thousands of
+  operations (the tiny U-Net's train state: 5.3 s -> under 1 s on the CPU), and later saves
+  reuse them."""
   # Host values (numpy, Python scalars) enter as numpy: jit replicates them on any mesh.
   leaves = [x if isinstance(x, jax.Array) else np.asarray(x) for _, x in named]
   mesh_sharding = next(
@@ -139,7 +152,9 @@ def _hashes(named: list) -> list[int]:
   out = None
   if mesh_sharding is not None:  # replicated, so that every process can read it
     out = jax.sharding.NamedSharding(mesh_sharding.mesh, jax.sharding.PartitionSpec())
-  return [int(np.asarray(h.addressable_data(0))) for h in _hash_fn(out)(leaves)]
+  hash_fn = _hash_fn(out)
+  local = [hash_fn(x).addressable_data(0) for x in leaves]
+  return [int(h) for h in jax.device_get(local)]
 
 
 def tree_hashes(tree: Any) -> dict[str, int]:
@@ -154,7 +169,7 @@ def array_checksums(tree: Any) -> dict[str, dict]:
   return {
     leaf_name(path): {
       "shape": [int(d) for d in np.shape(x)],
-      "dtype": str(np.dtype(x.dtype)),
+      "dtype": dtype_name(x.dtype),
       "hash": h,
     }
     for (path, x), h in zip(named, _hashes(named), strict=True)
@@ -209,10 +224,10 @@ def check_shapes(record: dict, target: Any, *, where: str) -> None:
         "the config builds"
       )
     saved, shape = arrays[name], [int(d) for d in np.shape(t)]
-    if saved["shape"] != shape or saved["dtype"] != str(np.dtype(t.dtype)):
+    if saved["shape"] != shape or saved["dtype"] != dtype_name(t.dtype):
       raise ShapeMismatchError(
         f"{where} holds {name} as {saved['dtype']}{tuple(saved['shape'])}, the config builds "
-        f"{np.dtype(t.dtype)}{tuple(shape)}: the model config differs from the one the "
+        f"{dtype_name(t.dtype)}{tuple(shape)}: the model config differs from the one the "
         "checkpoint was trained with"
       )
 
