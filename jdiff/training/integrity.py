@@ -126,19 +126,23 @@ def _leaf_hash(x: jax.Array) -> jax.Array:
 
 
 @functools.cache
-def _hash_fn(out_sharding):
+def _hash_fn(out_sharding, many: bool):
   kw = {} if out_sharding is None else {"out_shardings": out_sharding}
+  if many:
+    return jax.jit(lambda leaves: [_leaf_hash(x) for x in leaves], **kw)
   return jax.jit(_leaf_hash, **kw)
 
 
 def _hashes(named: list) -> list[int]:
   """The hash of each leaf of `named` (`tree_flatten_with_path`'s leaves), computed where the
-  leaves live (on a multi-process mesh a collective every process calls, in the same order).
+  leaves live (on a multi-process mesh a collective every process calls).
 
-  One small program per leaf signature (shape, dtype, sharding), dispatched leaf after leaf and
-  read back together: the first save compiles a few programs instead of one with thousands of
-  operations (the tiny U-Net's train state: 5.3 s -> under 1 s on the CPU), and later saves
-  reuse them."""
+  In one process: one small program per leaf signature (shape, dtype, sharding), dispatched
+  leaf after leaf and read back together, so that the first save compiles a few small
+  programs instead of one with thousands of operations (the tiny U-Net's train state: 5.3 s ->
+  under 1 s on the CPU). Across processes: one program for all leaves, since separate
+  collective programs dispatched asynchronously may run their cross-process collectives in
+  another order on each process and deadlock (seen with gloo on the CPU)."""
   # Host values (numpy, Python scalars) enter as numpy: jit replicates them on any mesh.
   leaves = [x if isinstance(x, jax.Array) else np.asarray(x) for _, x in named]
   mesh_sharding = next(
@@ -152,9 +156,11 @@ def _hashes(named: list) -> list[int]:
   out = None
   if mesh_sharding is not None:  # replicated, so that every process can read it
     out = jax.sharding.NamedSharding(mesh_sharding.mesh, jax.sharding.PartitionSpec())
-  hash_fn = _hash_fn(out)
-  local = [hash_fn(x).addressable_data(0) for x in leaves]
-  return [int(h) for h in jax.device_get(local)]
+  if jax.process_count() > 1:
+    hashes = _hash_fn(out, True)(leaves)
+  else:
+    hashes = [_hash_fn(out, False)(x) for x in leaves]
+  return [int(h) for h in jax.device_get([h.addressable_data(0) for h in hashes])]
 
 
 def tree_hashes(tree: Any) -> dict[str, int]:
