@@ -87,6 +87,14 @@ def test_records_and_verification():
   assert integrity.verify_arrays(json.loads(json.dumps(record)), tree) is None
 
 
+def test_one_program_for_all_leaves_gives_the_per_leaf_hashes():
+  """The multi-process path (one program) and the one-process path (a program per leaf)."""
+  leaves = list(_tree().values())
+  together = integrity._hash_fn(None, True)(leaves)
+  assert [int(h) for h in together] == [int(integrity._hash_fn(None, False)(x)) for x in leaves]
+  assert [int(h) for h in together] == [numpy_hash(np.asarray(x)) for x in leaves]
+
+
 def test_typed_prng_keys_are_recorded_by_their_key_data():
   key = jax.random.key(3)
   record = integrity.make_record({"key": key})

@@ -128,8 +128,9 @@ def _leaf_hash(x: jax.Array) -> jax.Array:
 @functools.cache
 def _hash_fn(out_sharding, many: bool):
   kw = {} if out_sharding is None else {"out_shardings": out_sharding}
-  if many:
-    return jax.jit(lambda leaves: [_leaf_hash(x) for x in leaves], **kw)
+  leaf_hash = jax.jit(_leaf_hash)
+  if many:  # one program; each leaf signature traced and lowered once, as a call
+    return jax.jit(lambda leaves: [leaf_hash(x) for x in leaves], **kw)
   return jax.jit(_leaf_hash, **kw)
 
 
@@ -139,8 +140,9 @@ def _hashes(named: list) -> list[int]:
 
   In one process: one small program per leaf signature (shape, dtype, sharding), dispatched
   leaf after leaf and read back together, so that the first save compiles a few small
-  programs instead of one with thousands of operations (the tiny U-Net's train state: 5.3 s ->
-  under 1 s on the CPU). Across processes: one program for all leaves, since separate
+  programs instead of one with thousands of operations (the tiny U-Net's train state, 579
+  leaves of 25 signatures: 0.95 s, then 40 ms a save, instead of 4.6 s, then 13 ms; AVX2 CPU).
+  Across processes: one program for all leaves (2.5 s to compile there), since separate
   collective programs dispatched asynchronously may run their cross-process collectives in
   another order on each process and deadlock (seen with gloo on the CPU)."""
   # Host values (numpy, Python scalars) enter as numpy: jit replicates them on any mesh.
