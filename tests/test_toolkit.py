@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import run_python
+
 from jdiff.training import optim, rng, writers
 from jdiff.training.checkpoint import Checkpointer
 
@@ -128,3 +130,21 @@ def test_metric_writer_closes_on_error(tmp_path):
   assert w._jsonl is None  # pylint: disable=protected-access
   with open(tmp_path / "metrics.jsonl", encoding="utf-8") as f:
     assert [json.loads(line) for line in f] == [{"step": 3, "train/loss": 0.5}]
+
+
+def test_metric_writer_writes_tensorboard_without_importing_torch(tmp_path):
+  """tensorboardX is imported with torch hidden (it would import it only to accept torch
+  tensors), and torch imports normally afterwards. In a fresh process: the suite's workers
+  import torch for their references."""
+  script = f"""
+import glob, sys
+from jdiff.training import writers
+with writers.MetricWriter({str(tmp_path)!r}) as w:
+  w.write_scalars(1, {{"train/loss": 0.5}})
+  w.write_text(1, "note", "hello")
+assert "torch" not in sys.modules, "tensorboardX imported torch"
+assert glob.glob({str(tmp_path / "tensorboard" / "events.out.tfevents.*")!r})
+import torch
+assert float(torch.ones(3).sum()) == 3.0
+"""
+  run_python(["-c", script])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Mapping
 
@@ -118,6 +119,25 @@ def save_npz(path: str, **arrays) -> str:
   return atomic_write(path, write)
 
 
+def _summary_writer_class():
+  """tensorboardX's `SummaryWriter`, imported without torch.
+
+  tensorboardX's writer imports torch when it is installed, only to accept torch tensors
+  (it falls back to numpy on an ImportError); jdiff writes numpy and floats. Where torch is
+  installed but not yet imported, it is hidden for this one import: importing torch costs 1.9 s
+  of every run's start-up (AVX2 CPU), and more processes start than train for long (sampling,
+  evaluation, the test suite's). Raises ImportError without tensorboardX."""
+  hide = "torch" not in sys.modules
+  if hide:
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    if hide and sys.modules.get("torch", 0) is None:
+      del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricWriter:
   """Writes scalars to `workdir/metrics.jsonl` and TensorBoard events (process 0 only).
 
@@ -136,9 +156,9 @@ class MetricWriter:
   def _open(self, purge_step: int | None = None) -> None:
     self._jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a", encoding="utf-8")
     try:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-
-      self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"), purge_step=purge_step)
+      self._tb = _summary_writer_class()(
+        os.path.join(self.workdir, "tensorboard"), purge_step=purge_step
+      )
     except ImportError:
       self._tb = None
 
