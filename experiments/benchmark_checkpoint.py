@@ -6,7 +6,8 @@ that window. This measures, on full train states (params, EMA, Adam moments) of 
 benchmark U-Nets, interleaved in one process, the median of --runs after a warm-up of:
 
   - `device hash`: `integrity.make_record` as jdiff saves it, a 32-bit hash per array
-    computed where the state lives; one uint32 per array comes back to the host;
+    computed where the state lives; one uint32 per array comes back to the host. `first`:
+    its first call in the process, which traces and compiles a program per array signature;
   - `host CRC-32`: the previous record, each array copied to the host and its bytes hashed
     with zlib's CRC-32 there (the peer, computed here as that record was);
   - `save()`: the whole call, record included, into a fresh directory (--save only: it writes
@@ -14,7 +15,7 @@ benchmark U-Nets, interleaved in one process, the median of --runs after a warm-
 
 Usage::
 
-  .venv/bin/python -m experiments.benchmark_checkpoint --models=ddpm_cifar10,adm_imagenet64
+  .venv/bin/python -m experiments.benchmark_checkpoint --models=tiny,ddpm_cifar10,adm_imagenet64
 """
 
 from __future__ import annotations
@@ -32,16 +33,26 @@ import numpy as np
 
 from experiments import benchmark_memory
 from experiments.benchmark_sd_unet import median_seconds
+from jdiff.models.unet import UNet
 from jdiff.training import integrity
 from jdiff.training.checkpoint import Checkpointer
 from jdiff.training.optim import make_optimizer
 from jdiff.training.state import init_train_state, param_count
 
 
+def build(name: str):
+  """(module, image shape): benchmark_memory's presets, and `tiny`, the test suite's U-Net
+  (jdiff/configs/tiny.py's model)."""
+  if name == "tiny":
+    kw = dict(ch=8, ch_mult=(1, 2), attn_resolutions=(8,), num_groups=4, conv_impl="xla")
+    return UNet(**kw), (16, 16, 1)
+  return benchmark_memory.build(name, "float32")
+
+
 def train_state(name: str):
-  """A train state of benchmark_memory's preset `name`, every array filled (values do not
-  matter to the timings; nothing is initialised or compiled for the model)."""
-  module, shape = benchmark_memory.build(name, "float32")
+  """A train state of model `name` (`build`), every array filled (values do not matter to the
+  timings; nothing is initialised or compiled for the model)."""
+  module, shape = build(name)
   opt, x = make_optimizer(lr=1e-4), jnp.zeros((1, *shape))
   init = lambda k: init_train_state(module, opt, k, x, num_classes=module.num_classes)  # noqa: E731
   shapes = jax.eval_shape(init, jax.random.key(0))
@@ -71,12 +82,14 @@ def main():
   p.add_argument("--save", action="store_true", help="also time Checkpointer.save()")
   args = p.parse_args()
   print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}")
-  print("| model | params | state MB | device hash ms | host CRC-32 ms | ratio | save() ms |")
-  print("|---|---|---|---|---|---|---|")
+  columns = "model | arrays | params | state MB | device hash ms (first) | host CRC-32 ms | ratio"
+  print(f"| {columns} | save() ms |")
+  print("|---|---|---|---|---|---|---|---|")
   for name in args.models.split(","):
     state, n_params = train_state(name)
     mb = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes")) / 2**20
-    integrity.make_record(state), host_crc_record(state)  # warm-up (the hash compiles once)
+    first = median_seconds(lambda s=state: integrity.make_record(s), 1, warmup=0)  # compiles
+    host_crc_record(state)  # warm-up
     dev, host = [], []
     for _ in range(args.runs):  # interleaved one call at a time, so load drifts hit both alike
       dev.append(median_seconds(lambda s=state: integrity.make_record(s), 1, warmup=0))
@@ -99,7 +112,8 @@ def main():
         shutil.rmtree(root, ignore_errors=True)
     d, h = statistics.median(dev), statistics.median(host)
     print(
-      f"| {name} | {n_params / 1e6:.1f}M | {mb:.0f} | {1e3 * d:.0f} | {1e3 * h:.0f} | "
+      f"| {name} | {len(jax.tree.leaves(state))} | {n_params / 1e6:.2f}M | {mb:.1f} | "
+      f"{1e3 * d:.0f} ({1e3 * first:.0f}) | {1e3 * h:.0f} | "
       f"{h / d:.2f}x | {save_ms} |",
       flush=True,
     )
