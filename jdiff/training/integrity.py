@@ -141,7 +141,8 @@ def _hashes(named: list) -> list[int]:
   In one process: one small program per leaf signature (shape, dtype, sharding), dispatched
   leaf after leaf and read back together, so that the first save compiles a few small
   programs instead of one with thousands of operations (the tiny U-Net's train state, 579
-  leaves of 25 signatures: 0.95 s, then 40 ms a save, instead of 4.6 s, then 13 ms; AVX2 CPU).
+  leaves of 25 signatures, the test suite's compile flags: 0.95 s, then 40 ms a save, instead of
+  4.6 s, then 13 ms; AVX2 CPU; BENCHMARKS.md, "Checkpoint save stall").
   Across processes: one program for all leaves (2.5 s to compile there), since separate
   collective programs dispatched asynchronously may run their cross-process collectives in
   another order on each process and deadlock (seen with gloo on the CPU)."""
