@@ -138,14 +138,15 @@ def _hashes(named: list) -> list[int]:
   """The hash of each leaf of `named` (`tree_flatten_with_path`'s leaves), computed where the
   leaves live (on a multi-process mesh a collective every process calls).
 
-  In one process: one small program per leaf signature (shape, dtype, sharding), dispatched
-  leaf after leaf and read back together, so that the first save compiles a few small
-  programs instead of one with thousands of operations (the tiny U-Net's train state, 579
-  leaves of 25 signatures, the test suite's compile flags: 0.95 s, then 40 ms a save, instead of
-  4.6 s, then 13 ms; AVX2 CPU; BENCHMARKS.md, "Checkpoint save stall").
-  Across processes: one program for all leaves (2.5 s to compile there), since separate
-  collective programs dispatched asynchronously may run their cross-process collectives in
-  another order on each process and deadlock (seen with gloo on the CPU)."""
+  On one device: one small program per leaf signature (shape, dtype), dispatched leaf after
+  leaf and read back together, so that the first save compiles a few small programs instead of
+  one with thousands of operations (the tiny U-Net's train state, 579 leaves of 25 signatures,
+  the test suite's compile flags: 0.95 s, then 40 ms a save, instead of 4.6 s, then 13 ms; AVX2
+  CPU; BENCHMARKS.md, "Checkpoint save stall"). On several devices: one program for all leaves
+  (each signature traced once, as a call: 2.5 s to compile there), since separate programs
+  whose collectives are dispatched asynchronously may enter them in another order on each
+  device and deadlock (seen on the CPU: between processes with gloo, and between the devices
+  of one process on a data x fsdp mesh)."""
   # Host values (numpy, Python scalars) enter as numpy: jit replicates them on any mesh.
   leaves = [x if isinstance(x, jax.Array) else np.asarray(x) for _, x in named]
   mesh_sharding = next(
@@ -159,7 +160,7 @@ def _hashes(named: list) -> list[int]:
   out = None
   if mesh_sharding is not None:  # replicated, so that every process can read it
     out = jax.sharding.NamedSharding(mesh_sharding.mesh, jax.sharding.PartitionSpec())
-  if jax.process_count() > 1:
+  if jax.device_count() > 1:
     hashes = _hash_fn(out, True)(leaves)
   else:
     hashes = [_hash_fn(out, False)(x) for x in leaves]
