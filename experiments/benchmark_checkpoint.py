@@ -33,7 +33,8 @@ import numpy as np
 
 from experiments import benchmark_memory
 from experiments.benchmark_sd_unet import median_seconds
-from jdiff.models.unet import UNet
+from jdiff.configs import tiny
+from jdiff.runs.builders import build_model
 from jdiff.training import integrity
 from jdiff.training.checkpoint import Checkpointer
 from jdiff.training.optim import make_optimizer
@@ -44,8 +45,9 @@ def build(name: str):
   """(module, image shape): benchmark_memory's presets, and `tiny`, the test suite's U-Net
   (jdiff/configs/tiny.py's model)."""
   if name == "tiny":
-    kw = dict(ch=8, ch_mult=(1, 2), attn_resolutions=(8,), num_groups=4, conv_impl="xla")
-    return UNet(**kw), (16, 16, 1)
+    config = tiny.get_config()
+    size = config.data.image_size
+    return build_model(config, num_classes=None, channels=1), (size, size, 1)
   return benchmark_memory.build(name, "float32")
 
 

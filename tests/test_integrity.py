@@ -88,7 +88,7 @@ def test_records_and_verification():
 
 
 def test_one_program_for_all_leaves_gives_the_per_leaf_hashes():
-  """The multi-process path (one program) and the one-process path (a program per leaf)."""
+  """The several-devices path (one program) and the one-device path (a program per leaf)."""
   leaves = list(_tree().values())
   together = integrity._hash_fn(None, True)(leaves)
   assert [int(h) for h in together] == [int(integrity._hash_fn(None, False)(x)) for x in leaves]

@@ -128,10 +128,10 @@ def _leaf_hash(x: jax.Array) -> jax.Array:
 @functools.cache
 def _hash_fn(out_sharding, many: bool):
   kw = {} if out_sharding is None else {"out_shardings": out_sharding}
-  leaf_hash = jax.jit(_leaf_hash)
-  if many:  # one program; each leaf signature traced and lowered once, as a call
-    return jax.jit(lambda leaves: [leaf_hash(x) for x in leaves], **kw)
-  return jax.jit(_leaf_hash, **kw)
+  if not many:
+    return jax.jit(_leaf_hash, **kw)
+  leaf_hash = jax.jit(_leaf_hash)  # one program; each leaf signature traced once, as a call
+  return jax.jit(lambda leaves: [leaf_hash(x) for x in leaves], **kw)
 
 
 def _hashes(named: list) -> list[int]:
